@@ -1,0 +1,1 @@
+"""Subcommands of the `unhype` CLI that belong to the core library."""

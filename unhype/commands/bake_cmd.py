@@ -1,0 +1,37 @@
+"""`unhype bake HYPERNET --prompt P -o LORA`: the LoRA for one prompt as a kohya LoRA file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bake", help="write the LoRA generated for a prompt as a kohya LoRA")
+    p.add_argument("hypernet", help="UnHype hypernetwork .safetensors")
+    p.add_argument("--prompt", required=True, help="prompt whose LoRA is baked")
+    p.add_argument("--strength", type=float, default=1.0, help="multiplier baked into lora_up")
+    p.add_argument("-o", "--output", required=True, help="output LoRA .safetensors")
+    p.add_argument("--text_encoder", default=None,
+                   help="diffusers pipeline folder (or text-encoder folder) of the base model; "
+                        "not needed for the toy family")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from unhype.bake import bake_lora, save_lora
+    from unhype.dynamic_lora import check_strength
+    from unhype.embedding import load_embedder
+    from unhype.fileformat import load_hypernet
+
+    strength = check_strength(args.strength)
+    loaded = load_hypernet(args.hypernet)
+    embedder = load_embedder(loaded.family, args.text_encoder)
+    embedding = embedder([args.prompt])
+    tensors, metadata = bake_lora(loaded, embedding, args.prompt, strength,
+                                  title=Path(args.output).stem)
+    save_lora(args.output, tensors, metadata)
+    norm = sum(float((t.float() ** 2).sum()) for k, t in tensors.items()
+               if k.endswith("lora_up.weight")) ** 0.5
+    print(f"wrote {args.output}: {len(tensors) // 3} layers, rank {loaded.meta.config.rank}, "
+          f"|lora_up| = {norm:.4g}, sshs_model_hash {metadata['sshs_model_hash'][:12]}")
+    return 0

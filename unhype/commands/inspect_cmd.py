@@ -1,0 +1,59 @@
+"""`unhype inspect FILE`: what a hypernetwork file holds, as text or JSON."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show a hypernetwork file's metadata")
+    p.add_argument("file", help="UnHype hypernetwork .safetensors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def describe(path) -> dict:
+    from unhype.fileformat import load_hypernet
+    from unhype.sizes import variant_size_table
+
+    loaded = load_hypernet(path)
+    meta, cfg = loaded.meta, loaded.meta.config
+    return {
+        "file": str(path), "size_bytes": loaded.path.stat().st_size,
+        "format_version": meta.format_version, "family": meta.family,
+        "embedding": meta.embedding, "variant": cfg.variant, "rank": cfg.rank,
+        "hidden": cfg.hidden, "hyper_steps": cfg.hyper_steps,
+        "parameters": loaded.hypernet.num_parameters(),
+        "targets": [{"name": t.name, "in_dim": t.in_dim, "out_dim": t.out_dim}
+                    for t in cfg.targets],
+        "concepts": meta.concepts, "training": meta.training, "created": meta.created,
+        "variant_sizes_sd1": variant_size_table(),
+    }
+
+
+def run(args) -> int:
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}  ({info['size_bytes'] / 1e6:.2f} MB, format v{info['format_version']})")
+    print(f"  family     {info['family']}")
+    print(f"  embedding  {info['embedding'].get('source')} ({info['embedding'].get('dim')}-d)")
+    print(f"  variant    {info['variant']}, rank {info['rank']}, hidden {info['hidden']}, "
+          f"T = {info['hyper_steps']}")
+    print(f"  params     {info['parameters']:,}")
+    print(f"  targets    {len(info['targets'])} layers, e.g. {info['targets'][0]['name']}")
+    for c in info["concepts"]:
+        syn = ", ".join(c.get("synonyms", [])) or "-"
+        print(f"  concept    erase {c.get('target')!r} -> anchor {c.get('anchor', '')!r} "
+              f"(synonyms: {syn})")
+    if info["training"]:
+        keys = ("mode", "max_train_steps", "learning_rate", "eta", "pretrained_model_name_or_path")
+        print("  training   " + ", ".join(f"{k}={info['training'][k]}" for k in keys
+                                          if k in info["training"]))
+    print(f"  created    {info['created']}")
+    print("  parameter counts of both variants, SD1 default preset (32 layers):")
+    for row in info["variant_sizes_sd1"]:
+        print(f"    rank {row['rank']}: per_layer {row['per_layer']:>12,}   shared "
+              f"{row['shared']:>10,}   ratio {row['ratio']:.1f}x")
+    return 0

@@ -1,0 +1,160 @@
+"""Apply generated LoRAs to a module tree, per batch row, through removable forward hooks.
+
+Given factors for K prompts (A [K, in, r], B [K, out, r] per layer) and a row map (batch row ->
+prompt index, -1 = base weights, e.g. the unconditional rows of classifier-free guidance), each
+row of a forward pass gets its own update in one batched computation:
+
+    y[row] += strength * (x[row] @ A[p]) @ B[p].T      for p = rows[row] >= 0
+
+Hooks sit on module instances, so any module whose weight is [out, in] works (nn.Linear, Forge's
+and ComfyUI's custom layers), and fused layers take a row slice of their output (FLUX qkv).
+Nothing touches a weight: removing the hooks restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from unhype.errors import UnHypeError
+from unhype.hypernet import LoraFactors
+from unhype.naming import HostPath
+
+
+@dataclass
+class _Binding:
+    name: str
+    module: nn.Module
+    out_slice: tuple[int, int] | None
+
+
+def resolve_modules(root: nn.Module, paths: dict[str, HostPath | str],
+                    dims: dict[str, tuple[int, int]] | None = None) -> dict[str, _Binding]:
+    """Find each target's module under `root`, checking its weight shape against `dims`."""
+    named = dict(root.named_modules())
+    bindings, missing, wrong = {}, [], []
+    for name, hp in paths.items():
+        hp = HostPath(hp) if isinstance(hp, str) else hp
+        module = named.get(hp.path)
+        if module is None:
+            missing.append(hp.path)
+            continue
+        weight = getattr(module, "weight", None)
+        if dims is not None and name in dims:
+            in_dim, out_dim = dims[name]
+            if weight is None or weight.dim() != 2:
+                wrong.append(f"{hp.path} has no 2-D weight")
+            else:
+                rows = weight.shape[0] if hp.out_slice is None else hp.out_slice[1] - hp.out_slice[0]
+                fits = hp.out_slice is None or hp.out_slice[1] <= weight.shape[0]
+                if weight.shape[1] != in_dim or rows != out_dim or not fits:
+                    wrong.append(f"{hp.path} is {tuple(weight.shape)}, expected "
+                                 f"[{out_dim}, {in_dim}]" + (f" rows {hp.out_slice}"
+                                                             if hp.out_slice else ""))
+        bindings[name] = _Binding(name, module, hp.out_slice)
+    if missing:
+        raise UnHypeError(f"{len(missing)} target layer(s) do not exist in this model "
+                          f"(wrong family or preset?), e.g. {missing[:3]}")
+    if wrong:
+        raise UnHypeError(f"{len(wrong)} target layer(s) have other shapes in this model "
+                          f"(mismatched model?): {wrong[:3]}")
+    return bindings
+
+
+def check_strength(strength) -> float:
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise UnHypeError(f"strength must be a number, got {strength!r}") from None
+    if not math.isfinite(value):
+        raise UnHypeError(f"strength must be finite, got {strength!r}")
+    return value
+
+
+class DynamicLoRA:
+    """Per-row LoRA hooks on a set of modules. Use as a context manager or call `remove()`."""
+
+    def __init__(self, bindings: dict[str, _Binding]):
+        self.bindings = bindings
+        self.factors: LoraFactors | None = None
+        self.rows: Tensor | None = None
+        self.strength = 1.0
+        self._cache: dict = {}
+        self._handles = [b.module.register_forward_hook(self._hook(b)) for b in bindings.values()]
+
+    @classmethod
+    def attach(cls, root: nn.Module, paths: dict[str, HostPath | str],
+               dims: dict[str, tuple[int, int]] | None = None) -> "DynamicLoRA":
+        return cls(resolve_modules(root, paths, dims))
+
+    def set(self, factors: LoraFactors, rows, strength: float = 1.0) -> "DynamicLoRA":
+        """Use `factors` (K prompts) for the next forwards; rows[i] = prompt of batch row i."""
+        absent = set(self.bindings) - set(factors)
+        if absent:
+            raise UnHypeError(f"factors lack {len(absent)} hooked layer(s), e.g. "
+                              f"{sorted(absent)[:2]}")
+        self.factors = factors
+        self.strength = check_strength(strength)
+        self.set_rows(rows)
+        return self
+
+    def set_rows(self, rows) -> None:
+        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+        k = next(iter(self.factors.values()))[0].shape[0] if self.factors else 0
+        if rows.numel() and (rows.max() >= k or rows.min() < -1):
+            raise UnHypeError(f"row map {rows.tolist()} points outside the {k} prompts given")
+        self.rows = rows
+        self._cache.clear()
+
+    def clear(self) -> None:
+        """Keep the hooks but run base weights (no factors)."""
+        self.factors, self.rows = None, None
+        self._cache.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    def __enter__(self) -> "DynamicLoRA":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _row_factors(self, name: str, device, dtype):
+        key = (name, device, dtype)
+        if key not in self._cache:
+            a, b = self.factors[name]
+            rows = self.rows.to(a.device)
+            keep = (rows >= 0).to(a.dtype) * self.strength
+            a_rows = a[rows.clamp(min=0)] * keep[:, None, None]
+            b_rows = b[rows.clamp(min=0)]
+            self._cache[key] = (a_rows.to(device, dtype), b_rows.to(device, dtype))
+        return self._cache[key]
+
+    def _hook(self, binding: _Binding):
+        def hook(module, args, output):
+            if self.factors is None or self.rows is None or not bool((self.rows >= 0).any()):
+                return None
+            x = args[0]
+            n = x.shape[0]
+            if n != self.rows.numel():
+                raise UnHypeError(f"layer {binding.name} got a batch of {n} rows but the row "
+                                  f"map has {self.rows.numel()}")
+            a_rows, b_rows = self._row_factors(binding.name, x.device, x.dtype)
+            if torch.is_grad_enabled():
+                self._cache.clear()  # training: factors change between calls, keep the graph
+            flat = x.reshape(n, -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, a_rows), b_rows.transpose(1, 2))
+            delta = delta.reshape(*output.shape[:-1], delta.shape[-1]).to(output.dtype)
+            if binding.out_slice is None:
+                return output + delta
+            start, stop = binding.out_slice
+            return torch.cat([output[..., :start], output[..., start:stop] + delta,
+                              output[..., stop:]], dim=-1)
+        return hook

@@ -1,0 +1,248 @@
+"""Hypernetwork `.safetensors` files: write atomically, read with validation and clear errors.
+
+The schema (documented in docs/format.md) lives in the safetensors header's ``__metadata__``
+(string values; structured ones are JSON). Nothing but safetensors is ever parsed: the header
+is checked by hand first so that truncated, corrupt, pickled or zipped files get a specific
+message before safetensors sees them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unhype import __version__
+from unhype.errors import UnHypeError
+from unhype.families import get_family
+from unhype.hypernet import HyperNetConfig, HyperNetwork, build_hypernet
+
+FORMAT_NAME = "unhype.hypernetwork"
+FORMAT_VERSION = 1
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class HypernetMeta:
+    family: str
+    embedding: dict  # {"source": ..., "dim": ...}
+    config: HyperNetConfig
+    concepts: list = field(default_factory=list)  # [{"target", "anchor", "synonyms", ...}]
+    training: dict = field(default_factory=dict)
+    created: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT_NAME,
+            "unhype.format_version": str(self.format_version),
+            "unhype.family": self.family,
+            "unhype.embedding": json.dumps(self.embedding),
+            "unhype.config": json.dumps(self.config.to_dict()),
+            "unhype.concepts": json.dumps(self.concepts),
+            "unhype.training": json.dumps(self.training),
+            "unhype.created": json.dumps(self.created),
+        }
+
+
+@dataclass
+class LoadedHypernet:
+    path: Path
+    hypernet: HyperNetwork
+    meta: HypernetMeta
+
+    @property
+    def family(self):
+        return get_family(self.meta.family)
+
+
+def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
+    """Write to a temp file in the target folder, then rename: never a half-written file."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UnHypeError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UnHypeError(f"output folder {folder} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_header(path) -> tuple[dict, dict]:
+    """(metadata, tensor infos) of a safetensors file, with a specific error for each defect."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnHypeError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:4] == b"PK\x03\x04":
+            raise UnHypeError(f"{path}: is a zip archive (a PyTorch .pt/.ckpt pickle?), not "
+                              "safetensors; UnHype loads only .safetensors")
+        if head[:1] == b"\x80":
+            raise UnHypeError(f"{path}: is a Python pickle, not safetensors; UnHype never "
+                              "loads pickles")
+        if len(head) < 8:
+            raise UnHypeError(f"{path}: truncated ({size} bytes), not a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise UnHypeError(f"{path}: truncated or not safetensors (header claims "
+                              f"{header_len} bytes, file has {size})")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnHypeError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise UnHypeError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        try:
+            start, stop = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} in header") from None
+        if stop > data_len:
+            raise UnHypeError(f"{path}: truncated (tensor {name!r} ends at byte {stop} of "
+                              f"{data_len} data bytes)")
+        count = 1
+        for d in shape:
+            count *= d
+        if dtype in _DTYPES and stop - start != count * _DTYPES[dtype]:
+            raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} (size mismatch)")
+    return metadata, header
+
+
+def _json_field(path, metadata, key):
+    if key not in metadata:
+        raise UnHypeError(f"{path}: metadata lacks {key!r}; not an UnHype hypernetwork?")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise UnHypeError(f"{path}: metadata {key!r} is not valid JSON") from None
+
+
+def read_meta(path) -> HypernetMeta:
+    """Metadata only (fast: reads the header, not the tensors)."""
+    metadata, _ = read_header(path)
+    return _parse_meta(path, metadata)
+
+
+def _parse_meta(path, metadata) -> HypernetMeta:
+    if metadata.get("format") != FORMAT_NAME:
+        kind = "a kohya LoRA" if any(k.startswith("ss_") for k in metadata) else "some other file"
+        raise UnHypeError(f"{path}: not an UnHype hypernetwork (looks like {kind}); "
+                          "a baked LoRA goes in a LoRA loader, not here")
+    try:
+        version = int(metadata.get("unhype.format_version", ""))
+    except ValueError:
+        raise UnHypeError(f"{path}: format version missing or not a number") from None
+    if version > FORMAT_VERSION:
+        raise UnHypeError(f"{path}: format version {version} is newer than this UnHype "
+                          f"understands ({FORMAT_VERSION}); update UnHype")
+    family_name = metadata.get("unhype.family")
+    family = get_family(family_name) if family_name else None
+    if family is None:
+        raise UnHypeError(f"{path}: metadata lacks 'unhype.family'")
+    embedding = _json_field(path, metadata, "unhype.embedding")
+    try:
+        config = HyperNetConfig.from_dict(_json_field(path, metadata, "unhype.config"))
+    except UnHypeError as exc:
+        raise UnHypeError(f"{path}: {exc}") from None
+    except (TypeError, KeyError) as exc:
+        raise UnHypeError(f"{path}: malformed hypernetwork config ({exc})") from None
+    if embedding.get("dim") != config.embed_dim:
+        raise UnHypeError(f"{path}: embedding dim {embedding.get('dim')} disagrees with the "
+                          f"network's input dim {config.embed_dim}")
+    if family.embedding.dim and embedding.get("dim") != family.embedding.dim:
+        raise UnHypeError(f"{path}: embedding dim {embedding.get('dim')} does not fit family "
+                          f"{family.name} ({family.embedding.source}, {family.embedding.dim})")
+    return HypernetMeta(
+        family=family.name, embedding=embedding, config=config,
+        concepts=json.loads(metadata.get("unhype.concepts", "[]")),
+        training=json.loads(metadata.get("unhype.training", "{}")),
+        created=json.loads(metadata.get("unhype.created", "{}")), format_version=version)
+
+
+def save_hypernet(path, hypernet: HyperNetwork, family: str, concepts=(), training=None,
+                  embedding: dict | None = None) -> Path:
+    fam = get_family(family)
+    embedding = embedding or {"source": fam.embedding.source, "dim": hypernet.config.embed_dim}
+    meta = HypernetMeta(
+        family=fam.name, embedding=embedding, config=hypernet.config, concepts=list(concepts),
+        training=dict(training or {}),
+        created={"by": f"unhype {__version__}",
+                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    state = {k: v.float() for k, v in hypernet.state_dict().items()}
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise UnHypeError(f"refusing to save {path}: NaN/Inf in {bad[:3]}")
+    atomic_save_safetensors(state, path, meta.to_metadata())
+    return Path(path)
+
+
+def load_hypernet(path, device="cpu") -> LoadedHypernet:
+    """Load and fully validate a hypernetwork file (shapes, dtypes, finiteness)."""
+    path = Path(path)
+    metadata, infos = read_header(path)
+    meta = _parse_meta(path, metadata)
+    hypernet = build_hypernet(meta.config)
+    expected = {k: tuple(v.shape) for k, v in hypernet.state_dict().items()}
+    missing = sorted(set(expected) - set(infos))
+    extra = sorted(set(infos) - set(expected))
+    if missing:
+        raise UnHypeError(f"{path}: missing tensor(s) {missing[:3]} ({len(missing)} in all)")
+    if extra:
+        raise UnHypeError(f"{path}: unexpected tensor(s) {extra[:3]} ({len(extra)} in all)")
+    for name, shape in expected.items():
+        if tuple(infos[name]["shape"]) != shape:
+            raise UnHypeError(f"{path}: tensor {name!r} has shape {infos[name]['shape']}, "
+                              f"expected {list(shape)}")
+        if infos[name]["dtype"] not in ("F32", "F16", "BF16"):
+            raise UnHypeError(f"{path}: tensor {name!r} has dtype {infos[name]['dtype']}, "
+                              "expected a float type")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors' own parse errors
+        raise UnHypeError(f"{path}: unreadable safetensors data ({exc})") from None
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise UnHypeError(f"{path}: NaN/Inf values in {bad[:3]}")
+    hypernet.load_state_dict({k: v.float() for k, v in state.items()})
+    hypernet.eval().requires_grad_(False)
+    return LoadedHypernet(path=path, hypernet=hypernet.to(device), meta=meta)
+
+
+def check_targets_in_model(loaded: LoadedHypernet, model, host: str = "diffusers"):
+    """Resolve the file's targets in `model` ('diffusers' or 'ldm' naming); clear error if not."""
+    from unhype.dynamic_lora import resolve_modules
+
+    paths = host_paths(loaded.meta, host)
+    dims = {t.name: (t.in_dim, t.out_dim) for t in loaded.meta.config.targets}
+    return resolve_modules(model, paths, dims)
+
+
+def host_paths(meta: HypernetMeta, host: str = "diffusers") -> dict:
+    """Canonical name -> HostPath in a host's naming, for every target of the file."""
+    from unhype.naming import host_path
+
+    family = get_family(meta.family)
+    return {t.name: host_path(family, t.path, host) for t in meta.config.targets}
