@@ -159,9 +159,12 @@ def _parse_meta(path, metadata) -> HypernetMeta:
         raise UnHypeError(f"{path}: format version {version} is newer than this UnHype "
                           f"understands ({FORMAT_VERSION}); update UnHype")
     family_name = metadata.get("unhype.family")
-    family = get_family(family_name) if family_name else None
-    if family is None:
+    if not family_name:
         raise UnHypeError(f"{path}: metadata lacks 'unhype.family'")
+    try:
+        family = get_family(family_name)
+    except UnHypeError as exc:
+        raise UnHypeError(f"{path}: {exc}") from None
     embedding = _json_field(path, metadata, "unhype.embedding")
     try:
         config = HyperNetConfig.from_dict(_json_field(path, metadata, "unhype.config"))

@@ -1,0 +1,43 @@
+"""Small builders shared by the core tests: tiny diffusers UNets and hypernetworks."""
+
+from __future__ import annotations
+
+import torch
+
+from unhype.families import get_family
+from unhype.hypernet import HyperNetConfig, build_hypernet
+
+
+def tiny_sd_unet_config(cross_attention_dim: int = 768, **extra) -> dict:
+    return {
+        "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": [32, 64], "attention_head_dim": 8, "norm_num_groups": 8,
+        "cross_attention_dim": cross_attention_dim,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], **extra,
+    }
+
+
+def tiny_sd_unet(seed: int = 0, **cfg):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_sd_unet_config(**cfg)).eval()
+
+
+def hypernet_for(model, family="sd1", variant="per_layer", rank=2, hidden=16, seed=0,
+                 perturb: float = 0.05, embed_dim: int | None = None):
+    """A hypernetwork on `model`'s targets whose B heads are non-zero (as after training)."""
+    fam = get_family(family)
+    targets = [t.as_dict() for t in fam.targets(model=model)]
+    cfg = HyperNetConfig(variant=variant, targets=targets,
+                         embed_dim=embed_dim or fam.embedding.dim, rank=rank, hidden=hidden,
+                         head_hidden=8, seed=seed)
+    net = build_hypernet(cfg)
+    if perturb:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(perturb * torch.randn(p.shape, generator=gen))
+    return net.eval()

@@ -1,0 +1,141 @@
+"""Per-row dynamic LoRA: equals merged weights row by row, cond-only rows, removal, dtypes."""
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import hypernet_for, tiny_sd_unet
+from unhype.dynamic_lora import DynamicLoRA
+from unhype.errors import UnHypeError
+from unhype.families import get_family
+from unhype.hypernet import delta_weight
+from unhype.naming import HostPath
+
+
+class WeightOnly(nn.Module):
+    """Not an nn.Linear (like Forge's / ComfyUI's layers): just an [out, in] weight."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+def reference(x, weight, bias, a, b, rows, strength):
+    out = []
+    for i, r in enumerate(rows):
+        w = weight + (strength * delta_weight(a[r], b[r]) if r >= 0 else 0)
+        out.append(x[i] @ w.T + (bias if bias is not None else 0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "weight_only"])
+def test_per_row_equals_merging_each_rows_delta(layer_kind):
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    layer = lin if layer_kind == "linear" else WeightOnly(lin.weight.detach().clone())
+    root = nn.Sequential(layer)
+    a, b = torch.randn(3, 8, 2), torch.randn(3, 6, 2)
+    x = torch.randn(5, 4, 8)
+    rows = [2, -1, 0, 1, -1]
+    before = layer.weight.detach().clone()
+    with DynamicLoRA.attach(root, {"l": "0"}, {"l": (8, 6)}) as lora:
+        lora.set({"l": (a, b)}, rows, strength=0.7)
+        y = root(x)
+    bias = lin.bias if layer_kind == "linear" else None
+    torch.testing.assert_close(y, reference(x, before, bias, a, b, rows, 0.7),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, before) and not layer._forward_hooks
+    torch.testing.assert_close(root(x), reference(x, before, bias, a, b, [-1] * 5, 0.0))
+
+
+def test_unet_two_prompts_cond_only_rows():
+    unet = tiny_sd_unet()
+    net = hypernet_for(unet, rank=2, perturb=0.1)
+    fam = get_family("sd1")
+    targets = fam.targets(model=unet)
+    factors = net(torch.randn(2, 768))
+    sample, t = torch.randn(4, 4, 8, 8), torch.tensor([10, 10, 10, 10])
+    ctx = torch.randn(4, 7, 768)
+    rows = [-1, -1, 0, 1]  # [uncond, uncond, prompt 0, prompt 1], as CFG batches them
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with torch.no_grad():
+        base = unet(sample, t, ctx).sample
+        paths = {tg.name: tg.path for tg in targets}
+        with DynamicLoRA.attach(unet, paths, {tg.name: (tg.in_dim, tg.out_dim)
+                                              for tg in targets}) as lora:
+            lora.set(factors, rows, strength=1.0)
+            dyn = unet(sample, t, ctx).sample
+        # reference: merge each prompt's delta into a copy of the weights
+        for row, prompt in ((2, 0), (3, 1)):
+            merged = tiny_sd_unet()
+            merged.load_state_dict(before)
+            mods = dict(merged.named_modules())
+            for tg in targets:
+                a, b = factors[tg.name]
+                mods[tg.path].weight += delta_weight(a[prompt], b[prompt])
+            ref = merged(sample[row:row + 1], t[:1], ctx[row:row + 1]).sample
+            torch.testing.assert_close(dyn[row:row + 1], ref, rtol=1e-3, atol=2e-4)
+    assert torch.equal(dyn[:2], base[:2])  # unconditional rows ran the base weights
+    assert (dyn[2:] - base[2:]).abs().max() > 1e-2  # the LoRA is far above tolerance
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_modules(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8).to(dtype)
+    a, b = torch.randn(1, 16, 1), torch.randn(1, 8, 1)
+    x = torch.randn(2, 3, 16).to(dtype)
+    with DynamicLoRA.attach(nn.Sequential(lin), {"l": "0"}) as lora:
+        lora.set({"l": (a, b)}, [0, -1])
+        y = lin(x)
+    assert y.dtype == dtype
+    ref = reference(x.float(), lin.weight.float(), lin.bias.float(), a, b, [0, -1], 1.0)
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_fused_layer_slice_only_touches_its_rows():
+    torch.manual_seed(0)
+    qkv = nn.Linear(4, 12)
+    a, b = torch.randn(1, 4, 1), torch.randn(1, 4, 1)
+    x = torch.randn(1, 2, 4)
+    base = qkv(x)
+    with DynamicLoRA.attach(nn.Sequential(qkv), {"v": HostPath("0", (8, 12))}, {"v": (4, 4)}) as lo:
+        lo.set({"v": (a, b)}, [0])
+        y = qkv(x)
+    assert torch.equal(y[..., :8], base[..., :8])
+    torch.testing.assert_close(y[..., 8:], base[..., 8:] + x @ a[0] @ b[0].T)
+
+
+def test_hooks_removed_after_exception_and_bad_values_refused():
+    lin = nn.Linear(4, 4)
+    root = nn.Sequential(lin)
+    a, b = torch.randn(1, 4, 1), torch.randn(1, 4, 1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with DynamicLoRA.attach(root, {"l": "0"}) as lora:
+            lora.set({"l": (a, b)}, [0])
+            raise RuntimeError("boom")
+    assert not lin._forward_hooks
+    with DynamicLoRA.attach(root, {"l": "0"}) as lora:
+        for bad in (float("nan"), float("inf"), "strong"):
+            with pytest.raises(UnHypeError, match="strength"):
+                lora.set({"l": (a, b)}, [0], strength=bad)
+        with pytest.raises(UnHypeError, match="outside"):
+            lora.set({"l": (a, b)}, [1])
+        lora.set({"l": (a, b)}, [0, 0])
+        with pytest.raises(UnHypeError, match="row map"):
+            lin(torch.randn(3, 4))
+    assert not lin._forward_hooks
+
+
+def test_gradients_flow_to_the_factors():
+    lin = nn.Linear(4, 3)
+    a = torch.randn(1, 4, 1, requires_grad=True)
+    b = torch.randn(1, 3, 1, requires_grad=True)
+    with DynamicLoRA.attach(nn.Sequential(lin), {"l": "0"}) as lora:
+        lora.set({"l": (a, b)}, [0])
+        lin(torch.randn(1, 4)).sum().backward()
+    assert a.grad is not None and b.grad.abs().sum() > 0

@@ -1,0 +1,212 @@
+"""Host-agnostic logic of the ComfyUI adapter: per-conditioning LoRAs inside one batched forward.
+
+ComfyUI's samplers batch several conditioning entries (positive prompts, area conds, the
+negative) into one UNet call and tell a ``model_function_wrapper`` only which chunk is
+conditional (``cond_or_uncond``) and the batched ``c_crossattn``. UnHype records, at Apply time,
+the cross-attention tensor of every positive conditioning row it generated a LoRA for; inside
+the wrapper each conditional row is matched against those tensors by value (ComfyUI pads shorter
+prompts by repeating tokens and repeats rows to the latent batch, so a row's first ``L`` tokens
+equal one recorded ``[L, D]`` row exactly). Matched rows get their prompt's LoRA, unconditional
+and unmatched rows run the base weights. Forward hooks are attached on entry of every call and
+removed in ``finally``: the model is never left changed.
+
+No ComfyUI import here; ``nodes/`` passes ComfyUI's objects in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from unhype.dynamic_lora import DynamicLoRA, check_strength, resolve_modules
+from unhype.errors import UnHypeError
+from unhype.fileformat import LoadedHypernet, host_paths
+from unhype.hypernet import LoraFactors, delta_weight
+
+log = logging.getLogger("unhype")
+
+UNCOND = 1  # ComfyUI's index of the negative branch in cond_or_uncond
+
+
+def pooled_rows(conditioning, embed_dim: int, source: str) -> list[Tensor]:
+    """The pooled embedding rows [k, D] of each conditioning entry, with clear errors."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise UnHypeError("UnHype Apply: the conditioning is empty; connect a CLIP Text Encode "
+                          "output")
+    out = []
+    for i, entry in enumerate(conditioning):
+        try:
+            cross, extra = entry[0], entry[1]
+        except (TypeError, IndexError, KeyError):
+            raise UnHypeError(f"UnHype Apply: conditioning entry {i} is not a "
+                              "[tensor, dict] pair") from None
+        if not isinstance(cross, Tensor) or cross.dim() != 3:
+            raise UnHypeError(f"UnHype Apply: conditioning entry {i} has no [batch, tokens, dim] "
+                              "cross-attention tensor")
+        pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+        if pooled is None:
+            raise UnHypeError(
+                f"UnHype Apply: conditioning entry {i} has no 'pooled_output'; this hypernetwork "
+                f"reads {source} ({embed_dim}-d) from it. Use a CLIP Text Encode output directly "
+                "(nodes such as ConditioningZeroOut or some custom encoders drop it)")
+        pooled = pooled.reshape(-1, pooled.shape[-1]) if pooled.dim() != 2 else pooled
+        if pooled.shape[-1] != embed_dim:
+            raise UnHypeError(
+                f"UnHype Apply: conditioning entry {i} has a {pooled.shape[-1]}-d pooled_output; "
+                f"this hypernetwork reads {source} ({embed_dim}-d): wrong CLIP or wrong file")
+        if pooled.shape[0] != cross.shape[0]:
+            if pooled.shape[0] == 1:
+                pooled = pooled.expand(cross.shape[0], -1)
+            else:
+                raise UnHypeError(f"UnHype Apply: conditioning entry {i} has {cross.shape[0]} "
+                                  f"cross-attention rows but {pooled.shape[0]} pooled rows")
+        if not torch.isfinite(pooled.float()).all():
+            raise UnHypeError(f"UnHype Apply: conditioning entry {i} has NaN/Inf in pooled_output")
+        out.append(pooled.float())
+    return out
+
+
+@torch.no_grad()
+def generate_factors(loaded: LoadedHypernet, embeddings: Tensor) -> LoraFactors:
+    """LoRA factors (on the CPU, fp32) for K embedding rows, at the inference hyper step T."""
+    device = next(loaded.hypernet.parameters()).device
+    factors = loaded.hypernet(embeddings.to(device))
+    return {k: (a.float().cpu(), b.float().cpu()) for k, (a, b) in factors.items()}
+
+
+class RowMatcher:
+    """Maps the conditional rows of a batched ComfyUI call to recorded prompt rows by value."""
+
+    def __init__(self, cross_rows: list[Tensor]):
+        # Group recorded rows [L, D] by token count L; keep the LoRA index of each.
+        groups: dict[int, list[tuple[int, Tensor]]] = {}
+        for index, row in enumerate(cross_rows):
+            groups.setdefault(row.shape[0], []).append((index, row.detach()))
+        self._groups = {n: (torch.tensor([i for i, _ in rows]), torch.stack([r for _, r in rows]))
+                        for n, rows in groups.items()}
+        self._on_device: dict = {}
+
+    def _group(self, n: int, device, dtype):
+        key = (n, device, dtype)
+        if key not in self._on_device:
+            idx, rows = self._groups[n]
+            self._on_device[key] = (idx.to(device), rows.to(device=device, dtype=dtype))
+        return self._on_device[key]
+
+    def match(self, context: Tensor) -> Tensor:
+        """[N, Lc, D] cross-attention rows -> [N] LoRA index (-1 where nothing matches)."""
+        n, length, dim = context.shape
+        result = torch.full((n,), -1, dtype=torch.long, device=context.device)
+        # Exact-length groups first: a shorter prompt can be a prefix of a padded longer one.
+        for tokens in sorted(self._groups, key=lambda t: (t != length, -t)):
+            if length % tokens:
+                continue
+            idx, rows = self._group(tokens, context.device, context.dtype)
+            if rows.shape[-1] != dim:
+                continue
+            todo = (result < 0).nonzero().flatten()
+            if not todo.numel():
+                break
+            prefix = context[todo, :tokens]
+            equal = (prefix[:, None] == rows[None]).flatten(2).all(-1)  # [todo, M]
+            hit = equal.any(1)
+            first = equal.float().argmax(1)
+            result[todo[hit]] = idx[first[hit]]
+        return result.cpu()
+
+
+@dataclass
+class ApplyPlan:
+    """What UnHype Apply hands to a sampler: factors per prompt row and how to find the rows."""
+
+    factors: LoraFactors
+    matcher: RowMatcher
+    strength: float
+    paths: dict  # canonical name -> HostPath under the diffusion model
+    dims: dict  # canonical name -> (in, out)
+    warned: set = field(default_factory=set)
+
+
+def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPlan:
+    strength = check_strength(strength)
+    meta = loaded.meta
+    pooled = pooled_rows(conditioning, meta.config.embed_dim, meta.embedding.get("source", "?"))
+    cross_rows = [row for entry in conditioning for row in entry[0]]
+    factors = generate_factors(loaded, torch.cat(pooled))
+    return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows), strength=strength,
+                     paths=host_paths(meta, "ldm"),
+                     dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets})
+
+
+def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
+    """Batch row -> LoRA index for one call: uncond chunks -1, cond rows matched by value."""
+    n = context.shape[0]
+    chunks = max(len(cond_or_uncond), 1)
+    if n % chunks:
+        raise UnHypeError(f"batch of {n} rows does not split into {chunks} conditioning chunks")
+    per = n // chunks
+    is_cond = torch.tensor([flag != UNCOND for flag in cond_or_uncond] or [True])
+    is_cond = is_cond.repeat_interleave(per)
+    rows = torch.full((n,), -1, dtype=torch.long)
+    if is_cond.any():
+        cond_idx = is_cond.nonzero().flatten()
+        rows[cond_idx] = plan.matcher.match(context[cond_idx.to(context.device)])
+        missed = int((rows[cond_idx] < 0).sum())
+        if missed and "unmatched" not in plan.warned:
+            plan.warned.add("unmatched")
+            log.warning("UnHype: %d conditional row(s) come from conditioning that did not pass "
+                        "through UnHype Apply (or was changed after it); they run without "
+                        "erasure", missed)
+    return rows
+
+
+class UnHypeWrapper:
+    """A ComfyUI ``model_function_wrapper``: hooks on entry, per-row LoRAs, removed in finally.
+
+    ``get_root`` returns the diffusion model (``model.model.diffusion_model``); ``inner`` is the
+    wrapper that was set before (chained, called with our hooks in place) or None.
+    """
+
+    def __init__(self, plan: ApplyPlan, get_root, inner=None):
+        self.plan, self.get_root, self.inner = plan, get_root, inner
+        self.calls = 0
+        self._bound = (None, None)  # (root module, bindings): resolved once per model
+
+    def _bindings(self):
+        root = self.get_root()
+        if self._bound[0] is not root:
+            self._bound = (root, resolve_modules(root, self.plan.paths, self.plan.dims))
+        return self._bound[1]
+
+    def to(self, device):  # ModelPatcher.model_patches_to calls this when it exists
+        if self.inner is not None and hasattr(self.inner, "to"):
+            self.inner = self.inner.to(device)
+        return self
+
+    def __call__(self, apply_model, args: dict):
+        c = args["c"]
+        context = c.get("c_crossattn")
+        run = (lambda: self.inner(apply_model, args)) if self.inner is not None else \
+            (lambda: apply_model(args["input"], args["timestep"], **c))
+        if context is None or self.plan.strength == 0.0:
+            return run()
+        rows = row_map(self.plan, context, args.get("cond_or_uncond") or
+                       c.get("transformer_options", {}).get("cond_or_uncond", []))
+        if not bool((rows >= 0).any()):
+            return run()
+        self.calls += 1
+        lora = DynamicLoRA(self._bindings())
+        try:
+            lora.set(self.plan.factors, rows, self.plan.strength)
+            return run()
+        finally:
+            lora.remove()
+
+
+def merged_deltas(plan: ApplyPlan, index: int = 0) -> dict[str, Tensor]:
+    """Canonical name -> strength * B A^T ([out, in]) of prompt row `index` (merge fallback)."""
+    return {name: plan.strength * delta_weight(a[index], b[index])
+            for name, (a, b) in plan.factors.items()}
