@@ -114,3 +114,40 @@ def test_ldm_paths_resolve_in_comfyuis_unet_on_meta(family):
     for t in fam.targets():
         module = modules[ldm_path(fam, t.path)]
         assert tuple(module.weight.shape) == (t.out_dim, t.in_dim)
+
+
+def test_flux_bfl_map_matches_diffusers_own_converter():
+    """Feed diffusers' BFL->diffusers converter a one-block BFL checkpoint whose rows are coded
+    (key id * 1e5 + row); each FLUX target must come out as exactly our (key, row slice)."""
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers as convert)
+
+    inner = 3072
+    rows_of = {"qkv": 3 * inner, "linear1": 7 * inner}
+    key_ids: dict[str, int] = {}
+
+    def coded(key):
+        key_ids.setdefault(key, len(key_ids) + 1)
+        rows = next((n for part, n in rows_of.items() if part in key), inner)
+        column = key_ids[key] * 1e5 + torch.arange(rows, dtype=torch.float64)
+        return column[:, None].expand(rows, 2) if key.endswith("weight") else column
+
+    checkpoint = {k: coded(k) for k in ("double_blocks.0.img_attn.qkv.weight",
+                                        "single_blocks.0.linear1.weight")}
+    while True:  # add whatever else the converter pops, until it runs through
+        try:
+            converted = convert(dict(checkpoint))
+            break
+        except KeyError as missing:
+            checkpoint[missing.args[0]] = coded(missing.args[0])
+    flux = get_family("flux")
+    paths = {t.path for t in flux.targets("attn_all") + flux.targets("attn_v_out_all")}
+    paths = {p for p in paths if p.startswith(("transformer_blocks.0.",
+                                               "single_transformer_blocks.0."))}
+    assert len(paths) == 11  # 8 double-block projections + single-block q, k, v
+    for path in paths:
+        hp = bfl_path(flux, path)
+        start, stop = hp.out_slice or (0, inner)
+        expected = key_ids[hp.path + ".weight"] * 1e5 + torch.arange(start, stop,
+                                                                        dtype=torch.float64)
+        assert torch.equal(converted[path + ".weight"][:, 0], expected), path
