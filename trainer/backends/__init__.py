@@ -1,0 +1,30 @@
+"""Backends: the frozen base model behind one interface (`trainer.backends.base.Backend`)."""
+
+from __future__ import annotations
+
+from unhype.errors import UnHypeError
+
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "toy")
+
+
+def load_backend(cfg):
+    """The backend for a validated TrainConfig (model path, family, precision, device)."""
+    family = cfg.model_family if cfg.model_family != "auto" else None
+    if family is not None and family not in TRAINABLE_FAMILIES:
+        raise UnHypeError(f"--model_family {family}: the trainer supports "
+                          f"{', '.join(TRAINABLE_FAMILIES)} (FLUX training is not built yet)")
+    path = cfg.pretrained_model_name_or_path
+    if not path:
+        raise UnHypeError("no model given: pass --pretrained_model_name_or_path (a diffusers "
+                          "folder, a single-file .safetensors with --model_config, or 'toy')")
+    if path == "toy" or family == "toy":
+        from trainer.backends.toy import ToyBackend
+
+        return ToyBackend(cfg.device, path if path != "toy" else None)
+    from trainer.backends.diffusers_sd import load_diffusers
+
+    backend = load_diffusers(path, family, cfg.model_config, cfg.device, cfg.mixed_precision,
+                             cfg.resolution)
+    if cfg.v_parameterization:
+        backend.set_prediction_type("v_prediction")
+    return backend

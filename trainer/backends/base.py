@@ -1,0 +1,163 @@
+"""The frozen base model as the trainer sees it: text conditioning, a denoiser call, DDIM + CFG.
+
+A backend wraps a diffusers-style UNet2DConditionModel and a DDIM scheduler. Subclasses only say
+how prompts become conditioning (`encode`), which vector the hypernetwork reads (`embed`) and how
+latents become images (`decode`); sampling and the denoiser call are shared. Outputs stay in the
+model's native prediction space (epsilon, v or x0 = "sample"): the ESD target is built there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from unhype.errors import UnHypeError
+
+
+@dataclass
+class Cond:
+    """Conditioning for N prompts: cross-attention states and extra UNet inputs (SDXL)."""
+
+    hidden: Tensor  # [N, L, C]
+    added: dict | None = None  # {"text_embeds": [N, P], "time_ids": [N, 6]} for SDXL
+
+    def index(self, idx) -> "Cond":
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.hidden.device)
+        added = None if self.added is None else {k: v[idx.to(v.device)] for k, v in self.added.items()}
+        return Cond(self.hidden[idx], added)
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        added = None
+        if conds[0].added is not None:
+            added = {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
+        return Cond(torch.cat([c.hidden for c in conds]), added)
+
+
+class Backend:
+    """Base model wrapper. Attributes set by subclasses: family, unet, scheduler, device, dtype."""
+
+    family = None
+    unet: nn.Module
+    scheduler = None
+    device = torch.device("cpu")
+    dtype = torch.float32
+    latent_shape: tuple[int, int, int] = (4, 8, 8)
+    default_guidance = 7.5
+    description = ""
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def embed(self, prompts: list[str]) -> Tensor:
+        """The hypernetwork's input: [N, D] fp32 (the family's embedding source)."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images [N, 3, H, W] in [0, 1] (for sample grids)."""
+        raise NotImplementedError
+
+    def default_retain_prompts(self, concepts) -> list[str] | None:
+        """Backends with a closed vocabulary (the toy) supply their own retain set."""
+        return None
+
+    # --- shared ------------------------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def set_prediction_type(self, kind: str) -> None:
+        if kind not in ("epsilon", "v_prediction", "sample"):
+            raise UnHypeError(f"unknown prediction type {kind!r}")
+        self.scheduler = type(self.scheduler).from_config(self.scheduler.config,
+                                                          prediction_type=kind)
+
+    def freeze(self) -> None:
+        for module in self.modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def modules(self) -> list[nn.Module]:
+        return [self.unet]
+
+    def predict(self, z: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The denoiser's native output for latents z [N, ...] at timesteps t [N]."""
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 0:
+            t = t.expand(z.shape[0])
+        kwargs = {}
+        if cond.added is not None:
+            kwargs["added_cond_kwargs"] = {k: v.to(self.device, self.dtype)
+                                           for k, v in cond.added.items()}
+        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=cond.hidden.to(self.dtype),
+                        **kwargs, return_dict=False)[0]
+        return out.float()
+
+    def make_scheduler(self, steps: int):
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def initial_noise(self, n: int, generator: torch.Generator) -> Tensor:
+        noise = torch.randn((n, *self.latent_shape), generator=generator)
+        return (noise * self.scheduler.init_noise_sigma).to(self.device)
+
+    def guided(self, z: Tensor, t, cond: Cond, uncond: Cond, guidance: float, lora=None,
+               rows: Tensor | None = None) -> Tensor:
+        """One CFG prediction: [uncond; cond] in one batch; `lora` only on the cond rows."""
+        n = z.shape[0]
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(n)
+        if guidance == 1.0:
+            if lora is not None:
+                lora.set_rows(rows)
+            return self.predict(z, t, cond)
+        if lora is not None:
+            lora.set_rows(torch.cat([torch.full((n,), -1, dtype=torch.long), rows]))
+        both = self.predict(torch.cat([z, z]), torch.cat([t, t]), Cond.cat([uncond, cond]))
+        out_u, out_c = both.chunk(2)
+        return out_u + guidance * (out_c - out_u)
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, uncond: Cond, generator: torch.Generator, steps: int,
+               guidance: float, stop: int | None = None, lora=None, rows=None,
+               record=None) -> Tensor:
+        """DDIM + CFG from pure noise; stop after `stop` of `steps` steps (None: to the end).
+
+        `record(z_t, t, cond_output)` is called before each step with the current latents and
+        the conditional branch's output (used to build the latent cache without extra passes).
+        """
+        n = cond.hidden.shape[0]
+        scheduler = self.make_scheduler(steps)
+        z = self.initial_noise(n, generator)
+        timesteps = scheduler.timesteps[: steps if stop is None else stop]
+        for t in timesteps:
+            z_in = scheduler.scale_model_input(z, t)
+            if record is not None and lora is None:
+                tt = t.reshape(1).expand(n).to(self.device)
+                both = self.predict(torch.cat([z_in, z_in]), torch.cat([tt, tt]),
+                                    Cond.cat([uncond, cond]))
+                out_u, out_c = both.chunk(2)
+                record(z_in, tt, out_c)
+                out = out_u + guidance * (out_c - out_u)
+            else:
+                out = self.guided(z_in, t, cond, uncond, guidance, lora, rows)
+            z = scheduler.step(out, t, z, return_dict=False)[0]
+        return z
+
+    def partial_sample(self, cond: Cond, uncond: Cond, generator: torch.Generator, steps: int,
+                       guidance: float) -> tuple[Tensor, Tensor]:
+        """ESD's z_t: stop DDIM at a random step; returns (z_t scaled for the model, t [N])."""
+        stop = int(torch.randint(0, steps, (1,), generator=generator))
+        z = self.sample(cond, uncond, generator, steps, guidance, stop=stop)
+        scheduler = self.make_scheduler(steps)
+        t = scheduler.timesteps[stop]
+        n = z.shape[0]
+        return scheduler.scale_model_input(z, t), t.reshape(1).expand(n).to(self.device)
+
+    def info(self) -> str:
+        return (f"{self.description} (family {self.family.name}, prediction "
+                f"{self.prediction_type}, dtype {str(self.dtype).replace('torch.', '')})")

@@ -1,0 +1,190 @@
+"""Stable Diffusion 1.x / 2.x / XL through diffusers: a pipeline folder or a single-file checkpoint.
+
+SD1/SD2: cross-attention reads the text encoder's last hidden state; the hypernetwork reads its
+pooled output (EOS token after the final layer norm, unprojected). SD2 768-v models predict v
+(the scheduler config says so; `--v_parameterization` forces it). SDXL: both encoders' penultimate
+hidden states concatenated, the bigG encoder's projected pooled vector as `text_embeds` (which is
+also what the hypernetwork reads) and the size/crop `time_ids`.
+
+Single-file checkpoints (A1111/ComfyUI `.safetensors`) load with diffusers `from_single_file`,
+offline, against a local diffusers config folder (`--model_config`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from trainer.backends.base import Backend, Cond
+from unhype.errors import UnHypeError
+from unhype.families import get_family
+
+
+def detect_family(unet_config: dict) -> str:
+    cross = unet_config.get("cross_attention_dim")
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if isinstance(cross, (list, tuple)):
+        cross = cross[0]
+    return {768: "sd1", 1024: "sd2"}.get(cross, "sd1" if cross and cross < 1024 else "sd2")
+
+
+def folder_family(path: Path) -> str:
+    config = path / "unet" / "config.json"
+    if not config.is_file():
+        raise UnHypeError(f"{path}: not a diffusers pipeline folder (unet/config.json missing)")
+    return detect_family(json.loads(config.read_text()))
+
+
+class DiffusersSD(Backend):
+    """SD1 / SD2 / SDXL from diffusers components (tokenizers, text encoders, unet, scheduler)."""
+
+    def __init__(self, family: str, unet, scheduler, tokenizers, text_encoders, vae=None,
+                 device="cpu", dtype=torch.float32, resolution: int | None = None,
+                 description: str = "diffusers model"):
+        from diffusers import DDIMScheduler
+
+        self.family = get_family(family)
+        self.device, self.dtype = torch.device(device), dtype
+        self.unet = unet.to(self.device, dtype)
+        self.tokenizers, self.text_encoders = list(tokenizers), [
+            te.to(self.device, dtype) for te in text_encoders]
+        self.vae = vae.to(self.device, dtype) if vae is not None else None
+        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.description = description
+        self.sdxl = self.family.name == "sdxl"
+        if self.sdxl and len(self.text_encoders) != 2:
+            raise UnHypeError("an SDXL model needs two text encoders (text_encoder, "
+                              "text_encoder_2)")
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        size = resolution or unet.config.sample_size * scale
+        self.image_size = size
+        self.latent_shape = (unet.config.in_channels, size // scale, size // scale)
+        self.freeze()
+
+    def modules(self):
+        return [self.unet, *self.text_encoders] + ([self.vae] if self.vae is not None else [])
+
+    def _tokens(self, tokenizer, prompts):
+        return tokenizer(list(prompts), padding="max_length", truncation=True,
+                         max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    @torch.no_grad()
+    def _run(self, prompts):
+        outs = []
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            outs.append(enc(self._tokens(tok, prompts), output_hidden_states=True))
+        return outs
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        outs = self._run(prompts)
+        if not self.sdxl:
+            return Cond(outs[0].last_hidden_state.float())
+        hidden = torch.cat([o.hidden_states[-2] for o in outs], dim=-1).float()
+        n = len(prompts)
+        size = self.image_size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        return Cond(hidden, {"text_embeds": outs[1].text_embeds.float(),
+                             "time_ids": time_ids.expand(n, 6).to(self.device)})
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        outs = self._run(prompts)
+        vec = outs[1].text_embeds if self.sdxl else outs[0].pooler_output
+        if vec.shape[-1] != self.family.embedding.dim:
+            raise UnHypeError(f"the text encoder gives {vec.shape[-1]}-d vectors; family "
+                              f"{self.family.name} reads {self.family.embedding.source} "
+                              f"({self.family.embedding.dim}-d). Wrong --model_family?")
+        return vec.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:  # no VAE (tiny test models): show the first three latent channels
+            x = latents[:, :3].float()
+            return ((x - x.amin()) / (x.amax() - x.amin() + 1e-8)).cpu()
+        scale = getattr(self.vae.config, "scaling_factor", 0.18215)
+        images = self.vae.decode(latents.to(self.dtype) / scale, return_dict=False)[0]
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def _dtype(mixed_precision: str):
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def load_diffusers(path: str, family: str | None, model_config: str | None, device: str,
+                   mixed_precision: str = "no", resolution: int | None = None) -> DiffusersSD:
+    """Load a diffusers pipeline folder or a single-file checkpoint (needs `model_config`)."""
+    src = Path(path)
+    dtype = _dtype(mixed_precision)
+    if src.is_dir():
+        detected = folder_family(src)
+        if family and family != detected:
+            raise UnHypeError(f"{src} holds an {detected} model (unet/config.json), but "
+                              f"--model_family {family} was given")
+        return _from_folder(src, detected, device, dtype, resolution)
+    if not src.is_file():
+        raise UnHypeError(f"--pretrained_model_name_or_path {path}: no such file or folder "
+                          "(give a diffusers pipeline folder or a single-file .safetensors; "
+                          "downloading from the Hugging Face hub is not supported here)")
+    if src.suffix.lower() not in (".safetensors",):
+        raise UnHypeError(f"{src}: only .safetensors checkpoints are loaded (no .ckpt/.pt "
+                          "pickles); convert it first")
+    if not model_config:
+        raise UnHypeError(
+            f"{src} is a single-file checkpoint; loading it offline needs --model_config "
+            "<local diffusers folder of the same architecture> (model_index.json, unet/, "
+            "text_encoder/, tokenizer/, scheduler/ configs; weights not needed), e.g. a copy "
+            "of stable-diffusion-v1-5, stable-diffusion-2-1 or stable-diffusion-xl-base-1.0")
+    cfg_dir = Path(model_config)
+    if not (cfg_dir / "model_index.json").is_file():
+        raise UnHypeError(f"--model_config {cfg_dir}: not a diffusers config folder "
+                          "(model_index.json missing)")
+    detected = folder_family(cfg_dir)
+    if family and family != detected:
+        raise UnHypeError(f"--model_config {cfg_dir} describes an {detected} model, but "
+                          f"--model_family {family} was given")
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if detected == "sdxl" else StableDiffusionPipeline
+    try:
+        pipe = cls.from_single_file(str(src), config=str(cfg_dir), local_files_only=True,
+                                    torch_dtype=dtype)
+    except Exception as exc:
+        raise UnHypeError(f"{src}: diffusers could not load it with --model_config {cfg_dir} "
+                          f"({type(exc).__name__}: {exc})") from None
+    return _from_pipe(pipe, detected, device, dtype, resolution, f"single file {src.name}")
+
+
+def _from_folder(src: Path, family: str, device, dtype, resolution):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
+        scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler")
+        tokenizers = [CLIPTokenizer.from_pretrained(src / "tokenizer")]
+        encoders = [CLIPTextModel.from_pretrained(src / "text_encoder", torch_dtype=dtype)]
+        if family == "sdxl":
+            tokenizers.append(CLIPTokenizer.from_pretrained(src / "tokenizer_2"))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                src / "text_encoder_2", torch_dtype=dtype))
+        vae = None
+        if (src / "vae" / "config.json").is_file():
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
+    except UnHypeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UnHypeError(f"{src}: incomplete diffusers folder ({exc})") from None
+    return DiffusersSD(family, unet, scheduler, tokenizers, encoders, vae, device, dtype,
+                       resolution, f"diffusers folder {src.name}")
+
+
+def _from_pipe(pipe, family, device, dtype, resolution, description):
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    return DiffusersSD(family, pipe.unet, pipe.scheduler, tokenizers, encoders, pipe.vae,
+                       device, dtype, resolution, description)

@@ -1,0 +1,125 @@
+"""Resumable training checkpoints: one safetensors file each, JSON in its header, no pickle.
+
+Tensors: the hypernetwork's state (`hypernet.*`), both Adam states (`optim.<name>.<param
+index>.<key>`) and the RNG states (`rng.*` as uint8). Header metadata: format tag, step, a
+fingerprint of everything that shapes the network (so `--resume` from another run's or a foreign
+file fails clearly), the optimisers' param groups and the JSON-able rest. Files are written
+atomically (temp file + rename); older ones beyond `keep` are deleted after the new one exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from unhype.errors import UnHypeError
+from unhype.fileformat import atomic_save_safetensors, read_header
+
+FORMAT = "unhype.train_checkpoint"
+_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+def fingerprint(hypernet_config: dict, extra: dict) -> str:
+    data = json.dumps({"net": hypernet_config, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def _optim_tensors(name: str, optimiser: torch.optim.Optimizer):
+    state = optimiser.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{name}.{pid}.{key}"] = value.detach().clone()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(folder: Path, step: int, hypernet, optimisers: dict, rng: dict,
+                    fp: str, info: dict, keep: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"hypernet.{k}": v.detach().float() for k, v in hypernet.state_dict().items()}
+    meta_optim = {}
+    for name, optimiser in optimisers.items():
+        t, m = _optim_tensors(name, optimiser)
+        tensors.update(t)
+        meta_optim[name] = m
+    for key, value in rng.items():
+        tensors[f"rng.{key}"] = value
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UnHypeError(f"refusing to checkpoint NaN/Inf values ({bad[:3]})")
+    metadata = {"format": FORMAT, "step": str(step), "fingerprint": fp,
+                "optimisers": json.dumps(meta_optim), "info": json.dumps(info, default=str)}
+    path = folder / f"step-{step:07d}.safetensors"
+    atomic_save_safetensors(tensors, path, metadata)
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(spec: str, default_folder: Path) -> Path:
+    """`--resume` value -> checkpoint file: a file, a checkpoints folder, an output folder."""
+    path = Path(spec)
+    if path.is_dir():
+        for folder in (path, path / "checkpoints"):
+            found = list_checkpoints(folder)
+            if found:
+                return found[-1]
+        raise UnHypeError(f"--resume {path}: no checkpoint (step-*.safetensors) in it")
+    if not path.is_file():
+        raise UnHypeError(f"--resume {path}: no such file or folder")
+    return path
+
+
+def load_checkpoint(path: Path, expected_fp: str):
+    """(step, tensors, metadata) of a checkpoint, after checking it belongs to this run."""
+    try:
+        metadata, _ = read_header(path)
+    except UnHypeError as exc:
+        raise UnHypeError(f"--resume: {exc}") from None
+    if metadata.get("format") != FORMAT:
+        what = "an UnHype hypernetwork (a finished result)" if metadata.get("format") == \
+            "unhype.hypernetwork" else "not an UnHype training checkpoint"
+        raise UnHypeError(f"--resume {path}: {what}; give a checkpoint from "
+                          "<output_dir>/checkpoints")
+    if metadata.get("fingerprint") != expected_fp:
+        raise UnHypeError(f"--resume {path}: the checkpoint comes from a run with another "
+                          "model, targets or network shape (fingerprint mismatch); resume "
+                          "with the same options it was made with")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return int(metadata["step"]), tensors, metadata
+
+
+def restore(tensors: dict, metadata: dict, hypernet, optimisers: dict) -> dict:
+    """Load network + optimiser states; returns the RNG tensors."""
+    net = {k[len("hypernet."):]: v for k, v in tensors.items() if k.startswith("hypernet.")}
+    hypernet.load_state_dict(net)
+    meta_optim = json.loads(metadata["optimisers"])
+    for name, optimiser in optimisers.items():
+        saved = meta_optim[name]
+        state: dict = {}
+        prefix = f"optim.{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                pid, field = key[len(prefix):].split(".", 1)
+                state.setdefault(int(pid), {})[field] = value
+        for key, value in saved["scalars"].items():
+            pid, field = key.split(".", 1)
+            state.setdefault(int(pid), {})[field] = value
+        optimiser.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    return {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}

@@ -1,0 +1,31 @@
+"""`unhype train`: the trainer's command line (kohya-style flags, `--config_file x.toml`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a hypernetwork that erases concepts (ESD + Hypernet Fields)",
+        description="Train an UnHype hypernetwork. Options come from --config_file (TOML) and "
+                    "the command line; flags win. Example: unhype train --config_file "
+                    "trainer/configs/toy_erase_circle.toml")
+    from trainer.config import add_arguments
+
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from trainer.config import resolve
+    from trainer.loop import prepare, train
+
+    cfg = resolve(args)
+    session = prepare(cfg)
+    code = train(session)
+    if code == 0 and cfg.eval:
+        from trainer.evaluate import evaluate_run
+
+        evaluate_run(session)
+    return code

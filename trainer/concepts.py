@@ -1,0 +1,240 @@
+"""Concepts to erase, their prompt templates, and the retained prompts.
+
+A concept: `target` (what to erase), `anchor` (what it should look like instead; "" is ESD's
+default, the unconditional prediction), `synonyms` (recorded in the file and used for evaluation;
+trained on only with `train_on_synonyms = true`) and `templates` (a built-in set name, a file, or a
+list of strings with one `{}`). Concept files: TOML (`[[concepts]]`), YAML (a list or
+`concepts:`), CSV (target,anchor,synonyms separated by `;`) or TXT (one target a line).
+
+Built-in template sets: objects, people, styles, nudity (trainer/data/templates_*.txt) and toy.
+Built-in retain sets: cifar100 (CIFAR-100 class names), captions (general captions), toy (the
+toy world's captions of other shapes). Retained prompts that name a target or synonym are dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unhype.errors import UnHypeError
+
+DATA = Path(__file__).parent / "data"
+TEMPLATE_SETS = ("objects", "people", "styles", "nudity", "toy")
+RETAIN_SETS = ("cifar100", "captions", "toy")
+DEFAULT_ANCHORS = {"people": "a person", "nudity": "a fully clothed person"}
+
+
+@dataclass
+class Concept:
+    target: str
+    anchor: str = ""
+    synonyms: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    template_set: str = "objects"
+    train_on_synonyms: bool = False
+
+    def prompts(self) -> list[tuple[str, str]]:
+        """(target prompt, anchor prompt) for every template (and trained synonym)."""
+        words = [self.target] + (self.synonyms if self.train_on_synonyms else [])
+        pairs = []
+        for word in words:
+            for tpl in self.templates:
+                pairs.append((fill(tpl, word), fill(tpl, self.anchor) if self.anchor else ""))
+        return pairs
+
+    def metadata(self) -> dict:
+        return {"target": self.target, "anchor": self.anchor, "synonyms": list(self.synonyms),
+                "template_set": self.template_set, "templates": len(self.templates),
+                "train_on_synonyms": self.train_on_synonyms}
+
+
+_ARTICLE = re.compile(r"\b([aA]) (?=[aeiouAEIOU])")
+
+
+def fill(template: str, word: str) -> str:
+    text = template.replace("{}", word).strip()
+    return _ARTICLE.sub(lambda m: m.group(1) + "n ", text)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty, non-comment lines of a TXT file, or the first column of a CSV."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnHypeError(f"{path}: cannot read it ({exc})") from None
+    if path.suffix.lower() == ".csv":
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip()]
+        if rows and rows[0][0].strip().lower() in ("prompt", "caption", "text", "target"):
+            rows = rows[1:]
+        return [r[0].strip() for r in rows]
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def template_set(name: str) -> list[str]:
+    if name == "toy":
+        from unhype.toy import data as toy
+
+        return sorted({t.replace("{shape}", "{}") for t in toy.SHAPE_TEMPLATES} |
+                      {t.replace("{shape}", "{}").replace("{colour}", c)
+                       for t in toy.FULL_TEMPLATES for c in toy.COLOURS})
+    if name in TEMPLATE_SETS:
+        return read_lines(DATA / f"templates_{name}.txt")
+    path = Path(name)
+    if path.is_file():
+        templates = read_lines(path)
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad or not templates:
+            raise UnHypeError(f"{path}: every template needs exactly one '{{}}' "
+                              f"(e.g. 'a photo of a {{}}'); bad: {bad[:3]}")
+        return templates
+    raise UnHypeError(f"template set {name!r}: not one of {TEMPLATE_SETS} and no such file")
+
+
+def _concept(entry, where: str, default_set: str, default_anchor: str | None) -> Concept:
+    if isinstance(entry, str):
+        entry = {"target": entry}
+    if not isinstance(entry, dict):
+        raise UnHypeError(f"{where}: a concept must be a table/mapping or a string, got "
+                          f"{type(entry).__name__}")
+    known = {"target", "anchor", "synonyms", "templates", "template_set", "train_on_synonyms"}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise UnHypeError(f"{where}: unknown concept key(s) {unknown}; known: {sorted(known)}")
+    target = str(entry.get("target") or "").strip()
+    if not target:
+        raise UnHypeError(f"{where}: a concept has no 'target'")
+    templates = entry.get("templates", entry.get("template_set", default_set))
+    if isinstance(templates, str):
+        set_name, templates = templates, template_set(templates)
+    elif isinstance(templates, list) and all(isinstance(t, str) for t in templates):
+        set_name = "custom"
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad or not templates:
+            raise UnHypeError(f"{where}: concept {target!r}: each template needs exactly one "
+                              f"'{{}}'; bad: {bad[:3]}")
+    else:
+        raise UnHypeError(f"{where}: concept {target!r}: 'templates' must be a set name, a file "
+                          "or a list of strings")
+    anchor = entry.get("anchor")
+    if anchor is None:
+        anchor = default_anchor if default_anchor is not None else DEFAULT_ANCHORS.get(set_name, "")
+    anchor = str(anchor).strip()
+    synonyms = entry.get("synonyms", [])
+    if isinstance(synonyms, str):
+        synonyms = [s.strip() for s in synonyms.split(";") if s.strip()]
+    if not isinstance(synonyms, list):
+        raise UnHypeError(f"{where}: concept {target!r}: 'synonyms' must be a list")
+    if _norm(target) == _norm(anchor):
+        raise UnHypeError(f"{where}: concept {target!r} equals its anchor; the anchor is what "
+                          "the concept should turn into (another concept, or '' for ESD's "
+                          "unconditional default)")
+    return Concept(target=target, anchor=anchor, synonyms=[str(s).strip() for s in synonyms],
+                   templates=templates, template_set=set_name,
+                   train_on_synonyms=bool(entry.get("train_on_synonyms", False)))
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def load_concept_file(path: Path) -> list:
+    if not path.is_file():
+        raise UnHypeError(f"concept file {path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnHypeError(f"concept file {path}: cannot read it ({exc})") from None
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".csv":
+            rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip()]
+            if rows and rows[0][0].strip().lower() == "target":
+                rows = rows[1:]
+            return [{"target": r[0], **({"anchor": r[1]} if len(r) > 1 else {}),
+                     **({"synonyms": r[2]} if len(r) > 2 else {})} for r in rows]
+        elif suffix == ".txt":
+            return read_lines(path)
+        else:
+            raise UnHypeError(f"concept file {path}: unknown type {suffix!r}; use .toml, "
+                              ".yaml, .csv or .txt")
+    except UnHypeError:
+        raise
+    except Exception as exc:  # parse errors of tomllib / yaml
+        raise UnHypeError(f"concept file {path}: unreadable ({type(exc).__name__}: "
+                          f"{exc})") from None
+    if isinstance(data, dict):
+        data = data.get("concepts")
+    if not isinstance(data, list):
+        raise UnHypeError(f"concept file {path}: expected a list of concepts (TOML: "
+                          "[[concepts]] tables; YAML: a list or 'concepts:')")
+    return data
+
+
+def resolve_concepts(cfg) -> list[Concept]:
+    """Concepts from the TOML's inline tables, a concept file, or comma-separated targets."""
+    default_set = cfg.template_set or ("toy" if cfg.model_family == "toy"
+                                       or cfg.pretrained_model_name_or_path == "toy"
+                                       else "objects")
+    if cfg.concept_entries is not None:
+        entries, where = cfg.concept_entries, f"--config_file {cfg.config_file}"
+    elif cfg.concepts and Path(cfg.concepts).suffix.lower() in (".toml", ".yaml", ".yml",
+                                                                 ".csv", ".txt"):
+        entries, where = load_concept_file(Path(cfg.concepts)), f"concept file {cfg.concepts}"
+    elif cfg.concepts:
+        entries = [c.strip() for c in cfg.concepts.split(",") if c.strip()]
+        where = "--concepts"
+    else:
+        entries, where = [], "options"
+    if not entries:
+        raise UnHypeError(f"{where}: no concepts to erase; pass --concepts 'dog' (or a concept "
+                          "file) or [[concepts]] tables in the config file")
+    concepts = [_concept(e, where, default_set, cfg.anchor) for e in entries]
+    seen = set()
+    for c in concepts:
+        if _norm(c.target) in seen:
+            raise UnHypeError(f"{where}: concept {c.target!r} is listed twice")
+        seen.add(_norm(c.target))
+    return concepts
+
+
+def resolve_retain(spec: str | None, concepts: list[Concept], backend=None) -> list[str]:
+    """Retained prompts, minus any that name a target or synonym."""
+    if spec is None:
+        spec = "toy" if backend is not None and backend.family.name == "toy" else \
+            "cifar100,captions"
+    prompts: list[str] = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        if item == "toy":
+            found = backend.default_retain_prompts(concepts) if backend is not None else None
+            if not found:
+                raise UnHypeError("retain set 'toy' needs the toy model")
+            prompts += found
+        elif item in RETAIN_SETS:
+            prompts += read_lines(DATA / f"retain_{item}.txt")
+        elif Path(item).is_file():
+            prompts += read_lines(Path(item))
+        else:
+            raise UnHypeError(f"--retain_prompts: {item!r} is not a built-in set "
+                              f"{RETAIN_SETS} and no such file")
+    words = [_norm(w) for c in concepts for w in [c.target, *c.synonyms]]
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")s?\b")
+    kept = list(dict.fromkeys(p for p in prompts if not pattern.search(_norm(p))))
+    if not kept:
+        raise UnHypeError("no retained prompts left after removing those naming a concept")
+    return kept
+
+
+def concept_table(concepts: list[Concept]) -> list[dict]:
+    return [c.metadata() for c in concepts]
+
+

@@ -1,0 +1,234 @@
+"""Training configuration: kohya-style flags, a TOML file (`--config_file`), flags win.
+
+Precedence: built-in defaults < TOML file < command-line flags. TOML tables are flattened (as
+sd-scripts does), except `concepts`, which may be an inline array of tables. Every option is
+declared once in OPTIONS; `validate()` checks values before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unhype.errors import UnHypeError
+
+# name, type, default, help. Names shared with kohya's sd-scripts keep kohya's spelling.
+OPTIONS: list[tuple[str, type, object, str]] = [
+    # model (kohya)
+    ("pretrained_model_name_or_path", str, None, "diffusers folder, single-file .safetensors "
+     "(with --model_config) or 'toy'"),
+    ("model_family", str, "auto", "auto | sd1 | sd2 | sdxl | toy"),
+    ("model_config", str, None, "local diffusers config folder for a single-file checkpoint"),
+    ("v_parameterization", bool, False, "the model predicts v (SD2 768-v), whatever its "
+     "scheduler config says"),
+    ("mixed_precision", str, "no", "no | fp16 | bf16: dtype of the frozen base model "
+     "(the hypernetwork always trains in fp32)"),
+    ("gradient_checkpointing", bool, False, "recompute UNet activations in backward"),
+    ("xformers", bool, False, "memory-efficient attention with xformers (if installed)"),
+    ("sdpa", bool, False, "PyTorch scaled-dot-product attention (the default)"),
+    ("device", str, "auto", "auto | cpu | cuda | cuda:N | mps"),
+    ("resolution", int, None, "training/sample image size in pixels (default: the model's)"),
+    # output (kohya)
+    ("output_dir", str, "output", "folder for the hypernetwork, checkpoints, logs, grids"),
+    ("output_name", str, "unhype", "file name stem of the hypernetwork"),
+    ("save_model_as", str, "safetensors", "only safetensors"),
+    ("save_every_n_steps", int, 0, "checkpoint every N steps (0: only at the end)"),
+    ("save_last_n_checkpoints", int, 2, "keep this many checkpoints"),
+    ("sample_every_n_steps", int, 0, "before/after sample grids every N steps (0: end only)"),
+    ("sample_prompts", str, None, "text file, one prompt a line, for the sample grids "
+     "(default: each concept's prompt, its synonyms and two retained prompts)"),
+    ("sample_steps", int, 25, "DDIM steps of the sample grids"),
+    ("sample_seeds", int, 2, "images per prompt in the sample grids"),
+    ("resume", str, None, "checkpoint file or checkpoints folder to continue from"),
+    ("logging_dir", str, None, "folder of the JSONL loss log (default: output_dir)"),
+    # network and optimisation (kohya names)
+    ("network_dim", int, 1, "LoRA rank r"),
+    ("network_alpha", float, None, "LoRA alpha; the hypernet's A is scaled by "
+     "network_alpha / network_dim (default: network_dim, i.e. 1)"),
+    ("network_hidden", int, None, "hypernetwork MLP width (default 100 per_layer, 256 shared)"),
+    ("network_head_hidden", int, 64, "shared variant: per-layer code width"),
+    ("learning_rate", float, 1e-4, "Adam lr of the removal optimiser"),
+    ("retain_learning_rate", float, None, "Adam lr of the retention optimiser (default: "
+     "learning_rate)"),
+    ("max_train_steps", int, 1000, "training steps"),
+    ("train_batch_size", int, 1, "target prompts per step"),
+    ("seed", int, 42, "seed of everything random (hypernet init, prompts, noise)"),
+    # UnHype's own
+    ("concepts", str, None, "concept file (TOML/YAML/CSV/TXT) or comma-separated targets"),
+    ("anchor", str, None, "anchor for targets given on the command line (default '')"),
+    ("template_set", str, None, "template set for command-line targets: objects | people | "
+     "styles | nudity | toy | a text file"),
+    ("retain_prompts", str, None, "retained prompts: builtin sets 'cifar100', 'captions', "
+     "'toy' (comma-separated) and/or text/CSV files (default: cifar100,captions; toy: toy)"),
+    ("retain_batch_size", int, 64, "retained prompts per retention step"),
+    ("retain_weight", float, 1.0, "multiplies the retention loss"),
+    ("eta", float, 1.0, "ESD guidance eta: target = e_anchor - eta (e_target - e_anchor)"),
+    ("hyper_steps", int, 300, "T, hyper steps of the Hypernet-Fields trajectory"),
+    ("fields_lambda", float, 1e-4, "lambda: one hyper step = one SGD step of this size"),
+    ("variant", str, "per_layer", "per_layer (the paper's) | shared (compact)"),
+    ("mode", str, "fields", "fields (the paper's Hypernet-Fields loss) | direct (ESD through "
+     "H at s = T)"),
+    ("target_preset", str, None, "target layers (sd: xattn_kv, xattn_all, attn_all)"),
+    ("ddim_steps", int, 50, "DDIM steps of the partial sampling that makes z_t"),
+    ("guidance_scale", float, None, "CFG scale of that sampling (default: model's, 7.5 SD)"),
+    ("latent_cache", int, 0, "0: sample z_t fresh every step (paper); N > 0: sample N full "
+     "trajectories per prompt once and reuse all their steps (same distribution, far cheaper)"),
+    ("log_every", int, 10, "loss-log and progress-bar interval"),
+    ("eval", bool, False, "toy only: measure erasure with the judge after training"),
+    ("eval_images", int, 24, "toy eval: images per class/synonym"),
+]
+
+BOOL_FLAGS = {name for name, typ, _, _ in OPTIONS if typ is bool}
+CHOICES = {
+    "model_family": ("auto", "sd1", "sd2", "sdxl", "toy", "flux"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "save_model_as": ("safetensors",),
+    "variant": ("per_layer", "shared"),
+    "mode": ("fields", "direct"),
+}
+
+
+@dataclass
+class TrainConfig:
+    values: dict = field(default_factory=dict)
+    concept_entries: list | None = None  # inline [[concepts]] from TOML
+    config_file: str | None = None
+
+    def __getattr__(self, name):
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict:
+        out = dict(self.values)
+        if self.concept_entries is not None:
+            out["concepts_inline"] = self.concept_entries
+        return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_file", help="TOML file of options (flags override it)")
+    for name, typ, default, text in OPTIONS:
+        shown = f"{text} [default: {default}]" if default not in (None, False) else text
+        if typ is bool:
+            parser.add_argument(f"--{name}", action="store_true", default=None, help=shown)
+        else:
+            parser.add_argument(f"--{name}", type=typ, default=None, help=shown)
+
+
+def _read_toml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UnHypeError(f"--config_file {p}: no such file")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UnHypeError(f"--config_file {p}: not valid TOML ({exc})") from None
+    flat = {}
+
+    def walk(table):
+        for key, value in table.items():
+            if isinstance(value, dict):
+                walk(value)
+            else:
+                flat[key] = value
+    walk({k: v for k, v in data.items() if k != "concepts" or not isinstance(v, list)})
+    if isinstance(data.get("concepts"), list):
+        flat["concepts"] = data["concepts"]
+    return flat
+
+
+def resolve(args: argparse.Namespace | dict) -> TrainConfig:
+    """Defaults < TOML (--config_file) < flags given on the command line; then validated."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    values = {name: default for name, _, default, _ in OPTIONS}
+    known = set(values)
+    concept_entries = None
+    config_file = given.get("config_file")
+    if config_file:
+        toml = _read_toml(config_file)
+        unknown = sorted(set(toml) - known)
+        if unknown:
+            raise UnHypeError(f"--config_file {config_file}: unknown option(s) {unknown}")
+        if isinstance(toml.get("concepts"), list):
+            entries = toml.pop("concepts")
+            concept_entries = [e if isinstance(e, dict) else {"target": e} for e in entries]
+        base = Path(config_file).parent
+        for key in ("concepts", "sample_prompts"):  # relative paths: relative to the TOML file
+            if isinstance(toml.get(key), str) and (base / toml[key]).exists():
+                toml[key] = str(base / toml[key])
+        values.update(toml)
+    for name in known:
+        if given.get(name) is not None:
+            values[name] = given[name]
+            if name == "concepts":
+                concept_entries = None
+    cfg = TrainConfig(values=values, concept_entries=concept_entries, config_file=config_file)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    v = cfg.values
+    types = {name: typ for name, typ, _, _ in OPTIONS}
+    problems = []
+    for name, typ in types.items():
+        value = v[name]
+        if value is None:
+            continue
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            v[name] = value = float(value)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            problems.append(f"{name} must be {typ.__name__}, got {value!r}")
+    for name, options in CHOICES.items():
+        if v[name] not in options:
+            problems.append(f"{name} must be one of {options}, got {v[name]!r}")
+    for name in ("network_dim", "max_train_steps", "train_batch_size", "hyper_steps",
+                 "ddim_steps", "retain_batch_size", "sample_steps", "sample_seeds", "log_every",
+                 "eval_images"):
+        if isinstance(v[name], int) and v[name] < 1:
+            problems.append(f"{name} must be >= 1, got {v[name]}")
+    for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache"):
+        if isinstance(v[name], int) and v[name] < 0:
+            problems.append(f"{name} must be >= 0, got {v[name]}")
+    for name in ("learning_rate", "retain_learning_rate", "fields_lambda"):
+        if isinstance(v[name], float) and not v[name] > 0:
+            problems.append(f"{name} must be > 0, got {v[name]}")
+    if problems:
+        raise UnHypeError("invalid training options: " + "; ".join(problems))
+    if v["retain_learning_rate"] is None:
+        v["retain_learning_rate"] = v["learning_rate"]
+    if v["network_alpha"] is None:
+        v["network_alpha"] = float(v["network_dim"])
+    if v["xformers"] and v["sdpa"]:
+        raise UnHypeError("--xformers and --sdpa exclude each other; pick one")
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """Create the output folder if needed; a clear error if it cannot be written."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnHypeError(f"--output_dir {out}: cannot create it ({exc.strerror})") from None
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise UnHypeError(f"--output_dir {out}: not a writable folder")
+    return out
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UnHypeError(f"--device {name}: CUDA is not available here")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+

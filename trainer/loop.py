@@ -1,0 +1,383 @@
+"""The training loop, top to bottom: `prepare` checks and loads everything, `train` runs it.
+
+One step (METHOD.md): draw B (concept, template) pairs; get z_t of the target prompt from the
+frozen base model (DDIM + CFG stopped at a random step, fresh or from the latent cache); the
+base model's predictions for target (e_p) and anchor (e_a) prompts; then
+  fields: s ~ U{0..T-1}; g = dL_esd/d(A, B) at H(e, s) (factors as leaves, LoRA on the UNet);
+          L_remove = ||H(e, s+1) - H(e, s) + lambda g||^2
+  direct: L_remove = L_esd with the LoRA H(e, T)
+and the removal Adam steps; then L_retain = ||H(e_r, s) - H(e_r, 0)||^2 on a batch of cached
+retained embeddings and the retention Adam steps. Every `prepare` check runs before step one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import losses
+from trainer.backends.base import Backend, Cond
+from trainer.concepts import Concept, concept_table, fill, resolve_concepts, resolve_retain
+from trainer.config import TrainConfig, check_output_dir, pick_device
+from unhype.dynamic_lora import DynamicLoRA
+from unhype.errors import UnHypeError
+from unhype.fileformat import save_hypernet
+from unhype.hypernet import HyperNetConfig, TargetSpec, build_hypernet, default_hidden
+
+EXIT_NAN = 3
+EXIT_INTERRUPTED = 130
+
+
+class NaNLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    backend: Backend
+    concepts: list[Concept]
+    hypernet: torch.nn.Module
+    lora: DynamicLoRA
+    items: list[tuple[int, str, str]]  # (concept index, target prompt, anchor prompt)
+    item_emb: torch.Tensor  # [I, D]
+    cond_t: Cond
+    cond_a: Cond
+    uncond: Cond
+    retain_prompts: list[str]
+    retain_emb: torch.Tensor  # [R, D]
+    out_dir: Path
+    fingerprint: str
+    guidance: float
+    start_step: int = 0
+    resume_from: Path | None = None
+    cache: dict | None = None
+    cache_index: dict | None = None
+    result_path: Path | None = None
+    log: list = field(default_factory=list)
+
+
+def say(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def prepare(cfg: TrainConfig, quiet: bool = False) -> Run:
+    """Everything that can fail on bad input fails here, before training starts."""
+    concepts = resolve_concepts(cfg)  # before loading any model: cheap errors first
+    out_dir = check_output_dir(cfg)
+    resume_path = ckpt.find_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
+    if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
+        raise UnHypeError(f"--sample_prompts {cfg.sample_prompts}: no such file")
+    cfg.values["device"] = pick_device(cfg.device)
+    from trainer.backends import load_backend
+
+    backend = load_backend(cfg)
+    family = backend.family
+    if cfg.model_family not in ("auto", family.name):
+        raise UnHypeError(f"--model_family {cfg.model_family} but the model is {family.name}")
+    targets = family.targets(cfg.target_preset, model=backend.unet)
+    _attention(cfg, backend)
+    retain = resolve_retain(cfg.retain_prompts, concepts, backend)
+    specs = [TargetSpec(t.name, t.module_type, t.in_dim, t.out_dim, t.path) for t in targets]
+    embed_dim = backend.embed([""]).shape[1]
+    net_cfg = HyperNetConfig(
+        variant=cfg.variant, targets=specs, embed_dim=embed_dim, rank=cfg.network_dim,
+        hidden=cfg.network_hidden or default_hidden(cfg.variant),
+        head_hidden=cfg.network_head_hidden, hyper_steps=cfg.hyper_steps,
+        alpha_base=cfg.network_alpha / cfg.network_dim, seed=cfg.seed)
+    hypernet = build_hypernet(net_cfg).to(backend.device)
+    lora = DynamicLoRA.attach(backend.unet, {t.name: t.path for t in targets},
+                              {t.name: (t.in_dim, t.out_dim) for t in targets})
+    items = [(i, p, a) for i, c in enumerate(concepts) for p, a in c.prompts()]
+    fp = ckpt.fingerprint(net_cfg.to_dict(), {
+        "family": family.name, "model": str(cfg.pretrained_model_name_or_path),
+        "concepts": [c.metadata() for c in concepts], "mode": cfg.mode,
+        "batch": cfg.train_batch_size, "seed": cfg.seed, "latent_cache": cfg.latent_cache})
+    start_step = 0
+    if resume_path is not None:  # check before any work; restored in train()
+        start_step, _, _ = ckpt.load_checkpoint(resume_path, fp)
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else backend.default_guidance
+    run = Run(cfg=cfg, backend=backend, concepts=concepts, hypernet=hypernet, lora=lora,
+              items=items, item_emb=backend.embed([p for _, p, _ in items]).to(backend.device),
+              cond_t=backend.encode([p for _, p, _ in items]),
+              cond_a=backend.encode([a for _, _, a in items]), uncond=backend.encode([""]),
+              retain_prompts=retain, retain_emb=_embed_chunks(backend, retain),
+              out_dir=out_dir, fingerprint=fp, guidance=guidance, start_step=start_step,
+              resume_from=resume_path)
+    if not quiet:
+        say(f"unhype train: {backend.info()}; {len(targets)} target layers "
+            f"({cfg.target_preset or family.default_preset}); hypernet {cfg.variant}, "
+            f"{hypernet.num_parameters():,} parameters, rank {cfg.network_dim}, T "
+            f"{cfg.hyper_steps}; mode {cfg.mode}; {len(concepts)} concept(s), {len(items)} "
+            f"prompts; {len(retain)} retained prompts")
+    return run
+
+
+def _embed_chunks(backend, prompts, chunk=256):
+    return torch.cat([backend.embed(prompts[i:i + chunk])
+                      for i in range(0, len(prompts), chunk)]).to(backend.device)
+
+
+def _attention(cfg, backend):
+    if cfg.xformers:
+        try:
+            import xformers  # noqa: F401
+            backend.unet.enable_xformers_memory_efficient_attention()
+        except ImportError:
+            say("unhype train: --xformers: xformers is not installed; using PyTorch SDPA "
+                "attention instead (pip install xformers to use it)")
+    if cfg.gradient_checkpointing:
+        backend.unet.enable_gradient_checkpointing()
+
+
+# --- z_t and the frozen model's predictions -----------------------------------------------------
+@torch.no_grad()
+def build_cache(run: Run) -> dict:
+    """`latent_cache` full trajectories per prompt; every DDIM step kept as (z_t, t, e_p, e_a)."""
+    cfg, b = run.cfg, run.backend
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    zs, ts, eps, eas, owners = [], [], [], [], []
+    n_items = len(run.items)
+    for rep in range(cfg.latent_cache):
+        for start in range(0, n_items, 64):
+            idx = torch.arange(start, min(start + 64, n_items))
+            cond_t, cond_a = run.cond_t.index(idx), run.cond_a.index(idx)
+            uncond = run.uncond.index(torch.zeros(len(idx), dtype=torch.long))
+
+            def record(z, t, out_c, idx=idx, cond_a=cond_a):
+                zs.append(z.cpu()), ts.append(t.cpu()), eps.append(out_c.cpu())
+                eas.append(b.predict(z, t, cond_a).cpu())
+                owners.append(idx)
+            b.sample(cond_t, uncond, gen, cfg.ddim_steps, run.guidance, record=record)
+    return {"z": torch.cat(zs), "t": torch.cat(ts), "e_p": torch.cat(eps),
+            "e_a": torch.cat(eas), "item": torch.cat(owners)}
+
+
+def draw_batch(run: Run, gen: torch.Generator):
+    """B training rows: item indices and (z_t, t, e_p, e_a) from the frozen model."""
+    cfg, b = run.cfg, run.backend
+    bs = cfg.train_batch_size
+    n_concepts = len(run.concepts)
+    per_concept = [[i for i, it in enumerate(run.items) if it[0] == c] for c in range(n_concepts)]
+    concept = torch.randint(0, n_concepts, (bs,), generator=gen).tolist()
+    pick = [per_concept[c][int(torch.randint(0, len(per_concept[c]), (1,), generator=gen))]
+            for c in concept]
+    items = torch.tensor(pick)
+    if run.cache is not None:
+        cache = run.cache
+        rows = []
+        for i in pick:
+            owned = run.cache_index[i]
+            rows.append(owned[int(torch.randint(0, len(owned), (1,), generator=gen))])
+        rows = torch.tensor(rows)
+        dev = b.device
+        return (items, cache["z"][rows].to(dev), cache["t"][rows].to(dev),
+                cache["e_p"][rows].to(dev), cache["e_a"][rows].to(dev))
+    with torch.no_grad():
+        uncond = run.uncond.index(torch.zeros(bs, dtype=torch.long))
+        cond_t = run.cond_t.index(items)
+        z, t = b.partial_sample(cond_t, uncond, gen, cfg.ddim_steps, run.guidance)
+        e_p = b.predict(z, t, cond_t)
+        e_a = b.predict(z, t, run.cond_a.index(items))
+    return items, z, t, e_p, e_a
+
+
+# --- one step ---------------------------------------------------------------------------------
+def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, dict]:
+    cfg, hn, lora = run.cfg, run.hypernet, run.lora
+    emb = run.item_emb[items]
+    cond = run.cond_t.index(items)
+    rows = torch.arange(len(items))
+    if cfg.mode == "direct":
+        lora.set(hn(emb), rows)
+        loss = losses.esd_loss_per_prompt(run.backend.predict(z, t, cond), e_p, e_a, cfg.eta)
+        lora.clear()
+        return loss.mean(), {"esd": float(loss.detach().mean())}
+    s = torch.randint(0, cfg.hyper_steps, (len(items),), generator=gen)
+    with torch.no_grad():
+        leaves = losses.factor_leaves(hn(emb, s))
+    lora.set(leaves, rows)
+    esd = losses.esd_loss_per_prompt(run.backend.predict(z, t, cond), e_p, e_a, cfg.eta)
+    grads = losses.factor_grads(esd.sum(), leaves)
+    lora.clear()
+    loss = losses.fields_loss(hn(emb, s + 1), hn(emb, s), grads, cfg.fields_lambda)
+    return loss, {"esd_s": float(esd.detach().mean()), "s_mean": float(s.float().mean())}
+
+
+def retain_loss(run: Run, gen) -> torch.Tensor:
+    cfg, hn = run.cfg, run.hypernet
+    n = len(run.retain_prompts)
+    idx = torch.randperm(n, generator=gen)[: min(cfg.retain_batch_size, n)]
+    emb = run.retain_emb[idx.to(run.retain_emb.device)]
+    if cfg.mode == "direct":
+        s = torch.full((len(idx),), cfg.hyper_steps)
+    else:
+        s = torch.randint(1, cfg.hyper_steps + 1, (len(idx),), generator=gen)
+    zero = torch.zeros(len(idx))
+    return cfg.retain_weight * losses.retention_loss(hn(emb, s), hn(emb, zero))
+
+
+@torch.no_grad()
+def monitor(run: Run, items, z, t, e_p, e_a) -> dict:
+    """ESD loss with the inference LoRA (s = T) and the update sizes: target vs retained."""
+    hn, lora = run.hypernet, run.lora
+    f_t = hn(run.item_emb[items])
+    lora.set(f_t, torch.arange(len(items)))
+    esd_t = losses.esd_loss_per_prompt(run.backend.predict(z, t, run.cond_t.index(items)),
+                                       e_p, e_a, run.cfg.eta)
+    lora.clear()
+    f_r = hn(run.retain_emb[: min(256, len(run.retain_emb))])
+    return {"esd_T": float(esd_t.mean()), "delta_target": float(losses.delta_norm(f_t).mean()),
+            "delta_retain": float(losses.delta_norm(f_r).mean())}
+
+
+def _finite(loss: torch.Tensor, what: str, step: int):
+    if not torch.isfinite(loss).all():
+        raise NaNLoss(f"{what} loss is {float(loss)} at step {step + 1}")
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def train(run: Run, progress: bool = True) -> int:
+    """Train; returns an exit code (0 done, 3 NaN, 130 interrupted). Writes all outputs."""
+    cfg, hn = run.cfg, run.hypernet
+    params = [p for p in hn.parameters() if p.requires_grad]
+    optimisers = {"remove": torch.optim.Adam(params, lr=cfg.learning_rate),
+                  "retain": torch.optim.Adam(params, lr=cfg.retain_learning_rate)}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt_dir = run.out_dir / "checkpoints"
+    log_path = Path(cfg.logging_dir or run.out_dir) / f"{cfg.output_name}-loss.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    step = 0
+    if run.resume_from is not None:
+        step, tensors, meta = ckpt.load_checkpoint(run.resume_from, run.fingerprint)
+        rng = ckpt.restore(tensors, meta, hn, optimisers)
+        gen.set_state(rng["gen"])
+        torch.set_rng_state(rng["torch"])
+        _truncate_log(log_path, step)
+        say(f"unhype train: resumed from {run.resume_from} at step {step}")
+    elif log_path.exists():
+        log_path.unlink()
+    if cfg.latent_cache and run.cache is None:
+        t0 = time.time()
+        run.cache = build_cache(run)
+        run.cache_index = {}
+        for row, item in enumerate(run.cache["item"].tolist()):
+            run.cache_index.setdefault(item, []).append(row)
+        say(f"unhype train: latent cache of {len(run.cache['t'])} (z_t, t) pairs built in "
+            f"{time.time() - t0:.0f} s")
+    sampler = None
+    if step < cfg.max_train_steps:
+        from trainer.samples import SampleGrids
+
+        sampler = SampleGrids(run)
+        sampler.before()
+
+    def checkpoint(at):
+        rng = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+        return ckpt.save_checkpoint(ckpt_dir, at, hn, optimisers, rng, run.fingerprint,
+                                    {"config": cfg.to_dict()}, keep=cfg.save_last_n_checkpoints)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_train_steps, initial=step, desc="unhype train",
+                   dynamic_ncols=True, file=sys.stderr)
+    last_good = ckpt.list_checkpoints(ckpt_dir)[-1] if ckpt.list_checkpoints(ckpt_dir) else None
+    t_start = time.time()
+    try:
+        with open(log_path, "a", encoding="utf-8") as log:
+            while step < cfg.max_train_steps:
+                items, z, t, e_p, e_a = draw_batch(run, gen)
+                l_remove, extra = removal_loss(run, items, z, t, e_p, e_a, gen)
+                _finite(l_remove, "removal", step)
+                optimisers["remove"].zero_grad(set_to_none=True)
+                l_remove.backward()
+                optimisers["remove"].step()
+                l_retain = retain_loss(run, gen)
+                _finite(l_retain, "retention", step)
+                optimisers["retain"].zero_grad(set_to_none=True)
+                l_retain.backward()
+                optimisers["retain"].step()
+                step += 1
+                if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+                    record = {"step": step, "remove": float(l_remove),
+                              "retain": float(l_retain), **extra,
+                              **monitor(run, items, z, t, e_p, e_a),
+                              "time": round(time.time() - t_start, 2)}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    run.log.append(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(remove=f"{float(l_remove):.3g}",
+                                    retain=f"{float(l_retain):.3g}", refresh=False)
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
+                        and step < cfg.max_train_steps:
+                    last_good = checkpoint(step)
+                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
+                        and step < cfg.max_train_steps:
+                    sampler.after(step)
+    except NaNLoss as exc:
+        if bar is not None:
+            bar.close()
+        where = f"the last good checkpoint is {last_good} (resume with --resume {last_good})" \
+            if last_good else "no checkpoint was saved yet (use --save_every_n_steps)"
+        say(f"unhype train: stopped: {exc}; nothing was written for this step; {where}. "
+            "Try a lower --learning_rate or --fields_lambda, or --mixed_precision no.")
+        return EXIT_NAN
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        path = checkpoint(step)
+        say(f"\nunhype train: interrupted at step {step}; saved {path}; continue with "
+            f"--resume {path}")
+        return EXIT_INTERRUPTED
+    if bar is not None:
+        bar.close()
+    final = checkpoint(step)
+    out_path = save_result(run, step)
+    if sampler is not None:
+        grids = sampler.after(step)
+        say(f"unhype train: sample grids: {', '.join(str(g) for g in grids)}")
+    say(f"unhype train: wrote {out_path} (checkpoint {final.name}); loss log {log_path}")
+    run.result_path = out_path
+    return 0
+
+
+def save_result(run: Run, step: int) -> Path:
+    cfg = run.cfg
+    path = run.out_dir / f"{cfg.output_name}.safetensors"
+    training = {k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}
+    training.update(steps_done=step, method="unhype", retained_prompts=len(run.retain_prompts),
+                    prediction_type=run.backend.prediction_type,
+                    esd_space=f"native model output ({run.backend.prediction_type})",
+                    final=run.log[-1] if run.log else {})
+    concepts = concept_table(run.concepts)
+    return save_hypernet(path, run.hypernet, run.backend.family.name, concepts=concepts,
+                         training=training)
+
+
+def _truncate_log(path: Path, step: int):
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def concept_prompts(concept: Concept) -> list[str]:
+    return [fill(concept.templates[0], concept.target)] + \
+        [fill(concept.templates[0], s) for s in concept.synonyms]
+
+
+
