@@ -23,8 +23,10 @@ class PromptEmbedder:
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if self.family.name == "toy":
             return self.text_encoder.encode_prompts(list(prompts))[1].float()
+        max_length = min(self.tokenizer.model_max_length,
+                         self.text_encoder.config.max_position_embeddings)
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+                                max_length=max_length, return_tensors="pt")
         out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))
         vec = out.text_embeds if self.family.name == "sdxl" else out.pooler_output
         if vec.shape[-1] != self.family.embedding.dim:

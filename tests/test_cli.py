@@ -1,0 +1,84 @@
+"""The `unhype` CLI: inspect (text and JSON) and bake from a text-encoder folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.helpers import hypernet_for, tiny_sd_unet
+from unhype.cli import main
+from unhype.fileformat import save_hypernet
+
+
+@pytest.fixture(scope="module")
+def hyper_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("h") / "erase_cat.safetensors"
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat", "anchor": "", "synonyms": ["kitten"]}],
+                  training={"mode": "fields", "max_train_steps": 7})
+    return path
+
+
+def tiny_text_encoder_folder(folder):
+    """A transformers CLIPTextModel (768-d, like SD1's) + a small BPE tokenizer, saved to disk."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": i + 26 for i, c in enumerate(letters)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=54, hidden_size=768, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         max_position_embeddings=77, bos_token_id=52,
+                                         eos_token_id=53, pad_token_id=53))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_inspect_text_and_json(hyper_file, capsys):
+    assert main(["inspect", str(hyper_file)]) == 0
+    text = capsys.readouterr().out
+    assert "family     sd1" in text and "erase 'cat'" in text and "kitten" in text
+    assert "rank 1: per_layer" in text and "rank 6: per_layer" in text
+    assert main(["inspect", "--json", str(hyper_file)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["variant"] == "shared" and info["rank"] == 1
+    assert info["training"]["max_train_steps"] == 7
+    sizes = {row["rank"]: row for row in info["variant_sizes_sd1"]}
+    assert sizes[1]["per_layer"] / sizes[1]["shared"] >= 10
+
+
+def test_bad_file_gives_exit_code_2_and_message(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04junk" * 4)
+    assert main(["inspect", str(bad)]) == 2
+    assert "pickle" in capsys.readouterr().err
+
+
+def test_bake_cli_writes_a_kohya_lora(tmp_path, hyper_file, capsys):
+    folder = tiny_text_encoder_folder(tmp_path / "te")
+    out = tmp_path / "cat_lora.safetensors"
+    assert main(["bake", str(hyper_file), "--prompt", "a cat", "--strength", "0.5",
+                 "-o", str(out), "--text_encoder", str(folder)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with safe_open(out, "pt") as fh:
+        assert fh.metadata()["ss_network_dim"] == "1"
+        assert any(k.endswith("lora_up.weight") for k in fh.keys())
+    assert main(["bake", str(hyper_file), "--prompt", "a cat", "-o", str(out)]) == 2
+    assert "--text_encoder" in capsys.readouterr().err
+    assert main(["bake", str(hyper_file), "--prompt", "x", "--strength", "nan",
+                 "-o", str(out), "--text_encoder", str(folder)]) == 2
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "unhype", "--help"], capture_output=True,
+                            text=True, check=True)
+    assert "inspect" in result.stdout and "bake" in result.stdout
