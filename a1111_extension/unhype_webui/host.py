@@ -1,0 +1,203 @@
+"""Everything UnHype reads from the running web UI (A1111 1.10 or Forge), in one place.
+
+Only these functions touch ``modules.*`` / Forge's ``backend``; the rest of the adapter works
+on plain tensors and modules. Forge is detected by ``modules_forge`` being importable, never by
+version strings; its objects are reached through ``sd_model.forge_objects``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+
+import torch
+
+from unhype.errors import UnHypeError
+
+log = logging.getLogger("unhype")
+
+
+def is_forge() -> bool:
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def diffusion_model(sd_model) -> torch.nn.Module:
+    """The LDM/SGM UNet: Forge ``forge_objects.unet.model.diffusion_model`` (backend/nn/unet.py
+    IntegratedUNet2DConditionModel), A1111 ``sd_model.model.diffusion_model`` (DiffusionWrapper
+    of ldm/sgm's UNetModel)."""
+    forge = getattr(sd_model, "forge_objects", None)
+    if forge is not None:
+        return forge.unet.model.diffusion_model
+    try:
+        return sd_model.model.diffusion_model
+    except AttributeError:
+        raise UnHypeError("UnHype: the loaded model has no LDM UNet (model.diffusion_model); "
+                          "only Stable Diffusion 1.x/2.x/XL checkpoints are supported") from None
+
+
+def autocast():
+    try:
+        from modules import devices
+    except ImportError:
+        return contextlib.nullcontext()
+    return devices.autocast()
+
+
+@torch.no_grad()
+def learned_conditioning(sd_model, texts: list[str]):
+    """``sd_model.get_learned_conditioning(texts)`` as the host computes p.c (same function)."""
+    with autocast():
+        c = sd_model.get_learned_conditioning(list(texts))
+    return c
+
+
+def crossattn(cond) -> torch.Tensor:
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+@torch.no_grad()
+def pooled_embeddings(sd_model, family: str, texts: list[str], cond=None) -> torch.Tensor:
+    """[N, D] fp32 embeddings the hypernetwork reads, from the host's own text encoders.
+
+    sdxl: clip_g pooled + projection = the first 1280 values of the conditioning ``vector``
+    (A1111 sgm GeneralConditioner / Forge sdxl.py both concatenate it first).
+    sd1/sd2: the text model's pooled output (EOS after the final layer norm, unprojected).
+    """
+    texts = list(texts)
+    if family == "sdxl":
+        cond = cond if cond is not None else learned_conditioning(sd_model, texts)
+        if not isinstance(cond, dict) or "vector" not in cond:
+            raise UnHypeError("UnHype: this SDXL model's conditioning has no 'vector'")
+        return cond["vector"][:, :1280].float().cpu()
+    if getattr(sd_model, "forge_objects", None) is not None:
+        return _forge_pooled(sd_model, texts)
+    return _a1111_pooled(sd_model, texts)
+
+
+def _forge_pooled(sd_model, texts):
+    # Forge (backend/text_processing/classic_engine.py): engine(texts) returns (z, pooled) when
+    # return_pooled is set; text_projection is False for SD1.5/SD2 engines -> unprojected.
+    engine = getattr(sd_model, "text_processing_engine", None)
+    if engine is None:
+        raise UnHypeError("UnHype: this Forge model has no text_processing_engine (not SD1/SD2)")
+    try:
+        from backend import memory_management
+
+        memory_management.load_model_gpu(sd_model.forge_objects.clip.patcher)
+    except ImportError:
+        pass
+    old = engine.return_pooled
+    engine.return_pooled = True
+    try:
+        with torch.inference_mode():
+            _, pooled = engine(texts)
+    finally:
+        engine.return_pooled = old
+    return pooled.float().cpu().clone()
+
+
+def _a1111_pooled(sd_model, texts):
+    # A1111 wraps ldm's FrozenCLIPEmbedder (SD1: .tokenizer, .transformer = transformers
+    # CLIPTextModel) or FrozenOpenCLIPEmbedder (SD2: .model = open_clip CLIP) in sd_hijack's
+    # FrozenCLIPEmbedderWithCustomWords / FrozenOpenCLIPEmbedderWithCustomWords (.wrapped).
+    ccm = sd_model.cond_stage_model
+    wrapped = getattr(ccm, "wrapped", ccm)
+    with autocast():
+        if hasattr(wrapped, "transformer") and hasattr(wrapped, "tokenizer"):
+            tok = wrapped.tokenizer(texts, truncation=True, max_length=77, padding="max_length",
+                                    return_tensors="pt")
+            device = next(wrapped.transformer.parameters()).device
+            out = wrapped.transformer(input_ids=tok["input_ids"].to(device))
+            return out.pooler_output.float().cpu()
+        if hasattr(wrapped, "model") and hasattr(wrapped.model, "ln_final"):
+            return _open_clip_pooled(wrapped.model, texts)
+    raise UnHypeError("UnHype: cannot find this model's CLIP text encoder for the embedding")
+
+
+def _open_clip_pooled(model, texts):
+    import open_clip
+
+    tokens = open_clip.tokenize(texts).to(model.positional_embedding.device)
+    x = model.token_embedding(tokens) + model.positional_embedding
+    batch_first = getattr(model.transformer, "batch_first", False)
+    if not batch_first:
+        x = x.permute(1, 0, 2)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    if not batch_first:
+        x = x.permute(1, 0, 2)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)].float().cpu()
+
+
+def prompt_schedules(prompts: list[str], steps: int) -> list[list[str]]:
+    """Every text each prompt's conditioning is computed from over `steps` (prompt editing
+    ``[a:b:n]``, alternation), with A1111's own parser; the prompt itself if it has none."""
+    try:
+        from modules import prompt_parser
+
+        schedules = prompt_parser.get_learned_conditioning_prompt_schedules(list(prompts),
+                                                                            max(1, int(steps)))
+    except ImportError:
+        return [[p] for p in prompts]
+    out = []
+    for prompt, sched in zip(prompts, schedules):
+        texts = []
+        for _, text in sched:
+            if text not in texts:
+                texts.append(text)
+        out.append(texts or [prompt])
+    return out
+
+
+def option(key: str, default=None):
+    try:
+        from modules import shared
+    except ImportError:
+        return default
+    value = getattr(shared.opts, key, None) if hasattr(shared, "opts") else None
+    return default if value in (None, "") else value
+
+
+def models_path() -> str:
+    try:
+        from modules import paths
+
+        return paths.models_path
+    except (ImportError, AttributeError):
+        return os.path.abspath("models")
+
+
+def unhype_dir() -> str:
+    return option("unhype_dir") or os.path.join(models_path(), "UnHype")
+
+
+def lora_dir() -> str:
+    custom = option("unhype_lora_dir")
+    if custom:
+        return custom
+    try:
+        from modules import shared
+
+        if getattr(shared.cmd_opts, "lora_dir", None):
+            return shared.cmd_opts.lora_dir
+    except (ImportError, AttributeError):
+        pass
+    return os.path.join(models_path(), "Lora")
+
+
+def current_model():
+    from modules import shared
+
+    return shared.sd_model
+
+
+def default_tag_strength() -> float:
+    try:
+        return float(option("extra_networks_default_multiplier", 1.0))
+    except (TypeError, ValueError):
+        return 1.0

@@ -1,0 +1,203 @@
+"""The generation-time logic of the script, free of gradio: read the panel and the prompt tags,
+write the infotext, and wrap ``p.sample`` so that hooks exist only while it runs.
+
+A1111 swallows (logs) exceptions raised in a script's ``process``/``process_batch``, which would
+let a generation run silently without erasure. Everything that can fail therefore runs inside
+the ``p.sample`` wrapper, whose exceptions reach the UI as an error message, and whose
+``finally`` removes every hook also on error or interrupt. ``p.sample`` is where the host runs
+the UNet (first pass and, for txt2img, the hires pass: A1111 1.10 / Forge
+``StableDiffusionProcessingTxt2Img.sample`` ends in ``sample_hr_pass``).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+from unhype import infotext
+from unhype.dynamic_lora import check_strength
+from unhype.errors import UnHypeError
+from unhype.prompt_tags import find_tags
+
+from unhype_webui import files, host
+from unhype_webui.session import MISMATCH_STOP, Active, Session, build_session
+
+log = logging.getLogger("unhype")
+_live: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+def remove_all() -> int:
+    """Take off hooks of any session still attached (safety net; returns how many)."""
+    n = 0
+    for session in list(_live):
+        if session.attached:
+            session.remove()
+            n += 1
+    return n
+
+
+@dataclass
+class PanelArgs:
+    enabled: bool = False
+    name: str | None = None
+    strength: float = 1.0
+    cond_only: bool = True
+
+    @classmethod
+    def from_args(cls, args) -> "PanelArgs":
+        args = list(args) + [None] * 4
+        enabled, name, strength, cond_only = args[:4]
+        return cls(bool(enabled), name or None, 1.0 if strength is None else strength,
+                   True if cond_only is None else bool(cond_only))
+
+
+@dataclass
+class RunState:
+    panel: PanelArgs
+    panel_entry: tuple | None = None  # (name, path, hash)
+    error: str | None = None
+    sessions: list = field(default_factory=list)
+    original_sample: object = None
+
+
+def batch_slice(p, values):
+    if not values:
+        return []
+    n, bs = getattr(p, "iteration", 0), getattr(p, "batch_size", 1) or 1
+    return list(values[n * bs:(n + 1) * bs])
+
+
+def process(p, *args) -> RunState:
+    """Script.process: read the panel, record the infotext, install the sample wrapper."""
+    remove_all()
+    state = RunState(PanelArgs.from_args(args))
+    panel = state.panel
+    if panel.enabled and panel.name:
+        try:
+            strength = check_strength(panel.strength)
+            name, path = files.resolve(panel.name)
+            file_hash = infotext.short_hash(path)
+            state.panel_entry = (name, path, file_hash)
+            p.extra_generation_params.update(
+                infotext.format_fields(name, file_hash, strength, panel.cond_only))
+        except UnHypeError as exc:
+            state.error = str(exc)
+    elif panel.enabled:
+        state.error = "UnHype is enabled but no hypernetwork is selected"
+    p.unhype_state = state
+    install_sample_wrapper(p)
+    return state
+
+
+def tag_actives(p, cond_only: bool) -> list[Active]:
+    """One Active per distinct (file, strength) in the batch's prompts, with its items."""
+    prompts = batch_slice(p, getattr(p, "all_prompts", None))
+    hr = batch_slice(p, getattr(p, "all_hr_prompts", None)) if getattr(p, "enable_hr",
+                                                                         False) else []
+    found: dict[tuple, Active] = {}
+    default = host.default_tag_strength()
+    for i, prompt in enumerate(prompts + hr):
+        item = i % max(1, len(prompts))
+        for tag in find_tags(prompt, default):
+            name, path = files.resolve(tag.name)
+            key = (path, tag.strength)
+            if key not in found:
+                found[key] = Active(name, infotext.short_hash(path), files.load(path),
+                                    tag.strength, cond_only, set())
+            found[key].items.add(item)
+    return list(found.values())
+
+
+def item_prompts(p, prompts) -> list[list[str]]:
+    prompts = list(prompts if prompts is not None else getattr(p, "prompts", []))
+    out = [[x] for x in prompts]
+    if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
+        for i, hp in enumerate(p.hr_prompts[:len(out)]):
+            if hp not in out[i]:
+                out[i].append(hp)
+    return out
+
+
+def steps_of(p) -> int:
+    steps = int(getattr(p, "steps", 20) or 20)
+    hr = int(getattr(p, "hr_second_pass_steps", 0) or 0)
+    return max(steps, hr)
+
+
+def prepare(p, prompts=None) -> Session | None:
+    state: RunState = p.unhype_state
+    if state.error:
+        raise UnHypeError(state.error)
+    actives = []
+    if state.panel_entry:
+        name, path, file_hash = state.panel_entry
+        actives.append(Active(name, file_hash, files.load(path),
+                              check_strength(state.panel.strength), state.panel.cond_only))
+    tags = tag_actives(p, state.panel.cond_only)
+    if tags:
+        p.extra_generation_params[infotext.FIELD_HASHES] = infotext.format_hashes(
+            sorted({(a.name, a.file_hash) for a in tags}))
+    actives += tags
+    if not actives:
+        return None
+    session = build_session(p.sd_model, actives, item_prompts(p, prompts), steps_of(p),
+                            host.option("unhype_on_family_mismatch", MISMATCH_STOP))
+    for warning in session.warnings:
+        if hasattr(p, "comment"):
+            p.comment(warning)
+    return session
+
+
+def install_sample_wrapper(p) -> None:
+    if getattr(p.sample, "_unhype_wrapper", False):
+        return
+    original = p.sample
+
+    def sample(*args, **kwargs):
+        session = prepare(p, kwargs.get("prompts"))
+        if session is None or not session.actives:
+            return original(*args, **kwargs)
+        _live.add(session)
+        p.unhype_state.sessions.append(session)
+        try:
+            session.attach()
+            return original(*args, **kwargs)
+        finally:
+            session.remove()
+
+    sample._unhype_wrapper = True
+    p.unhype_state.original_sample = original
+    p.sample = sample
+
+
+def postprocess(p) -> None:
+    """Script.postprocess: drop the wrapper and any hook still on (should be none)."""
+    state = getattr(p, "unhype_state", None)
+    if state is not None:
+        for session in state.sessions:
+            session.remove()
+        if getattr(p.__dict__.get("sample"), "_unhype_wrapper", False):
+            del p.sample
+    remove_all()
+
+
+def paste_values(params: dict, choices: dict[str, str]) -> dict:
+    """Panel values from pasted infotext (PNG Info, "send to txt2img"); None = leave as is.
+
+    The file is found by hash first (renamed files), then by name; an image made without
+    UnHype turns the panel off.
+    """
+    try:
+        entry = infotext.parse_fields(params)
+    except UnHypeError as exc:
+        log.warning("%s", exc)
+        entry = None
+    if entry is None:
+        return {"enabled": False, "name": None, "strength": None, "cond_only": None}
+    choice = infotext.find_file(choices, entry.name, entry.hash)
+    if choice is None:
+        log.warning("UnHype: pasted hypernetwork %s [%s] is not in %s", entry.name, entry.hash,
+                    host.unhype_dir())
+    return {"enabled": choice is not None, "name": choice, "strength": entry.strength,
+            "cond_only": entry.cond_only}

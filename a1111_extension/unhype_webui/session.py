@@ -1,0 +1,182 @@
+"""One sampling run with UnHype: prompts -> embeddings -> LoRA factors -> per-row hooks.
+
+`build_session` does all the work that can fail (files, family check, text encoding,
+hypernetwork) before anything is hooked; `Session.attach` adds forward hooks on the UNet's
+target modules (core DynamicLoRA) plus one forward pre-hook on the UNet that sets each call's
+row map from the rows' own cross-attention context (core CondBank). `Session.remove` takes them
+all off; the script calls it in a ``finally`` around ``p.sample``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from unhype.dynamic_lora import DynamicLoRA
+from unhype.errors import UnHypeError
+from unhype.fileformat import LoadedHypernet, host_paths
+from unhype.model_check import detect_family, family_problem
+from unhype.prompt_tags import plain_text, split_and
+from unhype.row_match import CondBank
+
+from unhype_webui import host
+
+log = logging.getLogger("unhype")
+MISMATCH_CONTINUE = "Generate without UnHype"
+MISMATCH_STOP = "Stop with an error"
+
+
+@dataclass
+class Active:
+    """One hypernetwork to apply: from the panel (items=None: every prompt) or from tags."""
+
+    name: str
+    file_hash: str
+    loaded: LoadedHypernet
+    strength: float
+    cond_only: bool = True
+    items: set[int] | None = None
+
+
+@dataclass
+class Session:
+    unet: torch.nn.Module
+    actives: list[Active]
+    bank: CondBank
+    factors: list[dict]
+    item_k: list[int]
+    warnings: list[str] = field(default_factory=list)
+    loras: list[DynamicLoRA] = field(default_factory=list)
+    _pre_handle: object = None
+    calls: int = 0
+
+    @property
+    def attached(self) -> bool:
+        return self._pre_handle is not None or bool(self.loras)
+
+    def attach(self) -> "Session":
+        try:
+            for active, factors in zip(self.actives, self.factors):
+                meta = active.loaded.meta
+                dims = {t.name: (t.in_dim, t.out_dim) for t in meta.config.targets}
+                lora = DynamicLoRA.attach(self.unet, host_paths(meta, "ldm"), dims)
+                self.loras.append(lora)
+                lora.set(factors, [-1], active.strength)
+            if self.loras:
+                self._pre_handle = self.unet.register_forward_pre_hook(self._pre_hook,
+                                                                       with_kwargs=True)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        if self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+        while self.loras:
+            self.loras.pop().remove()
+
+    def row_maps(self, context) -> dict[bool, list[int]]:
+        maps = {}
+        for active in self.actives:
+            if active.cond_only not in maps:
+                maps[active.cond_only] = self.bank.rows(context, self.item_k, active.cond_only)
+        return maps
+
+    def _pre_hook(self, module, args, kwargs):
+        context = kwargs.get("context")
+        if context is None and len(args) > 2:
+            context = args[2]
+        if context is None:
+            raise UnHypeError("UnHype: the UNet was called without a text context")
+        if isinstance(context, (list, tuple)):  # ldm's c_crossattn list form
+            context = torch.cat(list(context), dim=1)
+        maps = self.row_maps(context)
+        for active, lora in zip(self.actives, self.loras):
+            lora.set_rows(maps[active.cond_only])
+        self.calls += 1
+        return None
+
+
+def conditioning_texts(prompt: str, steps: int) -> list[str]:
+    """The texts one prompt's conditioning rows are computed from (AND parts x schedules)."""
+    parts = [text for text, _ in split_and(prompt)] or [prompt]
+    texts = []
+    for sched in host.prompt_schedules(parts, steps):
+        for t in sched:
+            if t not in texts:
+                texts.append(t)
+    return texts
+
+
+def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]],
+                  steps: int, on_mismatch: str = MISMATCH_STOP) -> Session:
+    """Everything needed to apply `actives` to a batch; item_prompts[i]: prompts of batch item
+    i (first pass and hires). Raises UnHypeError before touching the model."""
+    unet = host.diffusion_model(sd_model)
+    model_family = detect_family(unet)
+    warnings, usable = [], []
+    for active in actives:
+        problem = family_problem(active.loaded.meta.family, model_family, active.name)
+        if problem:
+            if on_mismatch == MISMATCH_CONTINUE:
+                warnings.append(problem)
+                log.warning(problem)
+                continue
+            raise UnHypeError(problem + f" (Settings > UnHype > '{MISMATCH_CONTINUE}' lets the "
+                              "generation continue without it)")
+        if active.strength != 0:
+            usable.append(active)
+    bank = CondBank()
+    if not usable:
+        return Session(unet, [], bank, [], [], warnings)
+
+    cond_texts, owners = [], []
+    for i, prompts in enumerate(item_prompts):
+        for prompt in prompts:
+            for text in conditioning_texts(prompt, steps):
+                if text not in cond_texts:
+                    cond_texts.append(text)
+                    owners.append(set())
+                owners[cond_texts.index(text)].add(i)
+    embed_texts, text_k = [], []
+    for text in cond_texts:
+        plain = plain_text(text)
+        if plain not in embed_texts:
+            embed_texts.append(plain)
+        text_k.append(embed_texts.index(plain))
+
+    cond = host.learned_conditioning(sd_model, cond_texts)
+    for j, row in enumerate(host.crossattn(cond)):
+        bank.add(row, text_k[j])
+    family = model_family
+    if family == "sdxl":
+        vectors = host.pooled_embeddings(sd_model, family, cond_texts, cond=cond)
+        first = [text_k.index(k) for k in range(len(embed_texts))]
+        emb = vectors[first]
+    else:
+        emb = host.pooled_embeddings(sd_model, family, embed_texts)
+    item_k = []
+    for i, prompts in enumerate(item_prompts):
+        first_text = conditioning_texts(prompts[0], steps)[0] if prompts else ""
+        item_k.append(text_k[cond_texts.index(first_text)] if first_text in cond_texts else -1)
+
+    factors = []
+    for active in usable:
+        want = active.loaded.meta.config.embed_dim
+        if emb.shape[1] != want:
+            raise UnHypeError(f"UnHype: {active.name} reads {want}-d embeddings, this model's "
+                              f"text encoder gives {emb.shape[1]}-d")
+        with torch.no_grad():
+            f = active.loaded.hypernet(emb.to(next(active.loaded.hypernet.parameters()).device))
+        if active.items is not None:  # a tag applies only to the prompts that carry it
+            keep = torch.zeros(len(embed_texts))
+            for j, owner in enumerate(owners):
+                if owner & active.items:
+                    keep[text_k[j]] = 1.0
+            f = {n: (a * keep.to(a)[:, None, None], b) for n, (a, b) in f.items()}
+        factors.append({n: (a.detach(), b.detach()) for n, (a, b) in f.items()})
+    return Session(unet, usable, bank, factors, item_k, warnings)

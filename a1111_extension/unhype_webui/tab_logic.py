@@ -1,0 +1,93 @@
+"""What the UnHype tab does, without gradio: list files, probe prompts, bake a LoRA.
+
+Probe and bake read embeddings with the loaded checkpoint's own text encoder (as generation
+does), so the file's family must match the loaded model.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+
+from unhype import infotext
+from unhype.bake import bake_lora, save_lora
+from unhype.errors import UnHypeError
+from unhype.model_check import detect_family, family_problem
+from unhype.probe import ROW_HEADERS, concept_texts, probe
+from unhype.prompt_tags import plain_text
+
+from unhype_webui import files, host
+
+FILE_HEADERS = ["name", "family", "erases", "variant", "rank", "layers", "hash", "size MB"]
+PROBE_HEADERS = ROW_HEADERS
+
+
+def file_rows(folder: str | None = None) -> list[list]:
+    rows = []
+    for name, path in files.list_files(folder).items():
+        size = round(os.path.getsize(path) / 2**20, 1)
+        try:
+            d = files.describe(path)
+            rows.append([name, d["family"], ", ".join(d["concepts"]) or "?", d["variant"],
+                         d["rank"], d["targets"], infotext.short_hash(path), size])
+        except UnHypeError as exc:
+            rows.append([name, "invalid", str(exc), "", "", "", "", size])
+    return rows
+
+
+def _embedder(loaded, sd_model):
+    problem = family_problem(loaded.meta.family, detect_family(host.diffusion_model(sd_model)),
+                             loaded.path.name)
+    if problem:
+        raise UnHypeError(problem)
+    family = loaded.meta.family
+
+    def embed(texts):
+        texts = [plain_text(t) for t in texts]
+        if family == "sdxl":
+            return host.pooled_embeddings(sd_model, family, texts,
+                                          cond=host.learned_conditioning(sd_model, texts))
+        return host.pooled_embeddings(sd_model, family, texts)
+    return embed
+
+
+def probe_ui(name, prompts_text, sd_model=None):
+    try:
+        if not name:
+            raise UnHypeError("choose a hypernetwork")
+        prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
+        if not prompts:
+            raise UnHypeError("write at least one prompt")
+        _, path = files.resolve(name)
+        loaded = files.load(path)
+        concepts = concept_texts(loaded.meta)
+        if not concepts:
+            raise UnHypeError(f"{name} lists no concepts in its metadata; nothing to compare")
+        results = probe(loaded.hypernet, _embedder(loaded, sd_model or host.current_model()),
+                        prompts, concepts)
+        fired = sum(1 for r in results if r.fired)
+        return [r.as_row() for r in results], f"{fired} of {len(results)} prompt(s) switch it on"
+    except UnHypeError as exc:
+        return [], f"**{html.escape(str(exc))}**"
+
+
+def bake_ui(name, prompt, strength, out_name, sd_model=None, out_dir=None) -> str:
+    try:
+        if not name:
+            raise UnHypeError("choose a hypernetwork")
+        if not (prompt or "").strip():
+            raise UnHypeError("write the prompt to bake the LoRA for")
+        _, path = files.resolve(name)
+        loaded = files.load(path)
+        emb = _embedder(loaded, sd_model or host.current_model())([prompt])[0]
+        stem = re.sub(r"[^\w.-]+", "_", (out_name or "").strip()) or \
+            f"unhype_{loaded.path.stem}_{re.sub(r'[^\w]+', '_', plain_text(prompt))[:40]}"
+        folder = out_dir or host.lora_dir()
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, stem + ".safetensors")
+        tensors, metadata = bake_lora(loaded, emb, prompt, float(strength), stem)
+        save_lora(target, tensors, metadata)
+        return f"saved `{html.escape(target)}`; use it as `<lora:{html.escape(stem)}:1>`"
+    except UnHypeError as exc:
+        return f"**{html.escape(str(exc))}**"

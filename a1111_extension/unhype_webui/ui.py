@@ -1,0 +1,124 @@
+"""Gradio UI: the script panel and the UnHype tab (files, probe, bake LoRA).
+
+Imported only when the host builds its UI (gradio 3.41 in A1111 1.10, gradio 4 in Forge; only
+components and ``gr.update`` common to both are used).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+
+import gradio as gr
+
+from unhype import infotext
+from unhype.errors import UnHypeError
+
+from unhype_webui import files, host, runner, tab_logic
+
+log = logging.getLogger("unhype")
+
+
+def _tool_button(value):
+    try:
+        from modules.ui_components import ToolButton
+
+        return ToolButton(value=value)
+    except ImportError:
+        return gr.Button(value=value)
+
+
+def _names():
+    return list(files.list_files())
+
+
+def describe_md(name):
+    if not name:
+        return ""
+    try:
+        _, path = files.resolve(name)
+        d = files.describe(path)
+    except UnHypeError as exc:
+        return f"**{html.escape(str(exc))}**"
+    concepts = ", ".join(d["concepts"]) or "?"
+    return (f"{d['family']} · rank {d['rank']} · {d['targets']} layers · erases: "
+            f"{html.escape(concepts)}")
+
+
+def panel(script, is_img2img):
+    names = _names()
+    with gr.Accordion("UnHype concept erasure", open=False,
+                      elem_id=script.elem_id("unhype_accordion")):
+        with gr.Row():
+            enabled = gr.Checkbox(False, label="Enable", elem_id=script.elem_id("unhype_enabled"))
+            cond_only = gr.Checkbox(True, label="Apply to conditional branch only (paper)",
+                                    elem_id=script.elem_id("unhype_cond_only"))
+        with gr.Row():
+            hypernet = gr.Dropdown(choices=names, value=names[0] if names else None,
+                                   label="Hypernetwork", elem_id=script.elem_id("unhype_file"))
+            refresh = _tool_button("\U0001f504")
+            strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
+                                 elem_id=script.elem_id("unhype_strength"))
+        info = gr.Markdown(describe_md(names[0]) if names else
+                           f"No hypernetworks in {html.escape(host.unhype_dir())}")
+
+    def do_refresh(current):
+        choices = _names()
+        return gr.update(choices=choices, value=current if current in choices else
+                         (choices[0] if choices else None))
+
+    refresh.click(fn=do_refresh, inputs=[hypernet], outputs=[hypernet])
+    hypernet.change(fn=describe_md, inputs=[hypernet], outputs=[info])
+
+    def pasted(key):
+        def get(params):
+            value = runner.paste_values(params, files.list_files())[key]
+            if key == "name":
+                return None if value is None else gr.update(value=value)
+            return value
+        return get
+
+    script.infotext_fields = [(enabled, pasted("enabled")), (hypernet, pasted("name")),
+                              (strength, pasted("strength")), (cond_only, pasted("cond_only"))]
+    script.paste_field_names = [infotext.FIELD_NAME, infotext.FIELD_STRENGTH,
+                                infotext.FIELD_COND_ONLY]
+    return [enabled, hypernet, strength, cond_only]
+
+
+def tab():
+    with gr.Blocks(analytics_enabled=False) as block:
+        gr.Markdown(f"Hypernetworks in `{html.escape(host.unhype_dir())}` "
+                    "(Settings > UnHype to change)")
+        with gr.Row():
+            refresh = gr.Button("Refresh list")
+        table = gr.Dataframe(headers=tab_logic.FILE_HEADERS, value=tab_logic.file_rows(),
+                             interactive=False, wrap=True)
+        names = _names()
+        with gr.Tab("Probe"):
+            p_file = gr.Dropdown(choices=names, value=names[0] if names else None,
+                                 label="Hypernetwork")
+            p_prompts = gr.Textbox(lines=4, label="Prompts (one per line)")
+            p_button = gr.Button("Probe", variant="primary")
+            p_table = gr.Dataframe(headers=tab_logic.PROBE_HEADERS, interactive=False)
+            p_status = gr.Markdown("")
+            p_button.click(fn=tab_logic.probe_ui, inputs=[p_file, p_prompts],
+                           outputs=[p_table, p_status])
+        with gr.Tab("Bake LoRA"):
+            b_file = gr.Dropdown(choices=names, value=names[0] if names else None,
+                                 label="Hypernetwork")
+            b_prompt = gr.Textbox(lines=2, label="Prompt the LoRA is generated for")
+            b_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength")
+            b_name = gr.Textbox(label="Output name (in the Lora folder)", value="")
+            b_button = gr.Button("Bake", variant="primary")
+            b_status = gr.Markdown("")
+            b_button.click(fn=tab_logic.bake_ui, inputs=[b_file, b_prompt, b_strength, b_name],
+                           outputs=[b_status])
+
+        def refresh_all():
+            choices = _names()
+            up = gr.update(choices=choices)
+            return tab_logic.file_rows(), up, up
+
+        refresh.click(fn=refresh_all, outputs=[table, p_file, b_file])
+    return [(block, "UnHype", "unhype")]

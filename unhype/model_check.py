@@ -1,0 +1,48 @@
+"""Is a loaded UNet the family a hypernetwork file was trained for?
+
+Read from the model itself (the cross-attention context width of its ``attn2.to_k`` layers and
+whether it takes a pooled ``vector``), so every host answers the same way without relying on
+host flags: 768 -> sd1, 1024 -> sd2, 2048 -> sdxl. Other widths (SDXL refiner 1280, SD3, ...)
+are "unknown" and refused.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from unhype.errors import UnHypeError
+
+CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def context_dim(unet: nn.Module) -> int | None:
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.dim() == 2:
+                return int(weight.shape[1])
+    return None
+
+
+def detect_family(unet: nn.Module) -> str:
+    """'sd1', 'sd2', 'sdxl' or 'unknown' for an LDM/SGM UNet (A1111/Forge/ComfyUI)."""
+    return CONTEXT_FAMILY.get(context_dim(unet), "unknown")
+
+
+def family_problem(file_family: str, model_family: str, file_name: str = "") -> str | None:
+    """A message for the UI when the file does not fit the model, else None."""
+    if file_family == model_family:
+        return None
+    what = f"{file_name} " if file_name else ""
+    if model_family == "unknown":
+        return (f"UnHype: hypernetwork {what}is for {file_family}, but the loaded model is not "
+                "a Stable Diffusion 1.x/2.x/XL UNet UnHype recognises; not applied")
+    return (f"UnHype: hypernetwork {what}is for {file_family}, but the loaded model is "
+            f"{model_family}; load a {file_family} checkpoint or pick a {model_family} "
+            "hypernetwork")
+
+
+def check_family(file_family: str, unet: nn.Module, file_name: str = "") -> None:
+    problem = family_problem(file_family, detect_family(unet), file_name)
+    if problem:
+        raise UnHypeError(problem)
