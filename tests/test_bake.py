@@ -131,3 +131,47 @@ def test_kohya_metadata_and_hash(tmp_path):
     assert kohya_hashes(tensors, metadata)[0] == meta["sshs_model_hash"]
     with pytest.raises(UnHypeError, match="strength"):
         bake_lora(loaded, torch.randn(768), "a cat", float("inf"))
+
+
+def test_flux_lora_loads_in_diffusers_and_matches_dynamic_lora(tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from unhype.families import get_family
+    from unhype.hypernet import HyperNetConfig, build_hypernet
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=768,
+        guidance_embeds=True, axes_dims_rope=[4, 6, 6]).eval()
+    targets = get_family("flux").targets(model=transformer)
+    assert len(targets) == 4  # to_v, to_out.0, add_v_proj (double) + to_v (single)
+    net = build_hypernet(HyperNetConfig(variant="shared", targets=[t.as_dict() for t in targets],
+                                        embed_dim=768, rank=2, hidden=16, head_hidden=8))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    save_hypernet(tmp_path / "h.safetensors", net, "flux")
+    loaded = load_hypernet(tmp_path / "h.safetensors")
+    emb = torch.randn(768)
+    tensors, metadata = bake_lora(loaded, emb, "x", 1.0)
+    assert metadata["ss_base_model_version"] == "flux1"
+    save_lora(tmp_path / "l.safetensors", tensors, metadata)
+    kwargs = dict(hidden_states=torch.randn(1, 16, 8), encoder_hidden_states=torch.randn(1, 4, 32),
+                  pooled_projections=torch.randn(1, 768), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3),
+                  guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        base = transformer(**kwargs).sample
+        with DynamicLoRA.attach(transformer, {t.name: t.path for t in targets}) as dyn:
+            dyn.set(loaded.hypernet(emb[None]), [0])
+            expected = transformer(**kwargs).sample
+        state, alphas = FluxPipeline.lora_state_dict(str(tmp_path / "l.safetensors"),
+                                                     return_alphas=True)
+        assert len(state) == 2 * len(targets)  # every layer converted, nothing dropped
+        FluxPipeline.load_lora_into_transformer(state, network_alphas=alphas,
+                                                transformer=transformer, adapter_name="u")
+        baked = transformer(**kwargs).sample
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(baked, expected, rtol=1e-4, atol=1e-5)
