@@ -1,0 +1,1 @@
+"""Evaluation: erasure metrics (MACE protocol) and the harness behind `unhype eval`."""
