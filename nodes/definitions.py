@@ -1,0 +1,255 @@
+"""The UnHype ComfyUI nodes: Loader, Apply, Bake LoRA, Inspect (thin; logic in unhype/)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import folder_paths
+import torch
+
+from unhype.bake import bake_lora, save_lora
+from unhype.comfy_apply import build_plan, pooled_rows
+from unhype.errors import UnHypeError
+from unhype.probe import ROW_HEADERS, concept_texts, probe
+
+from . import glue
+
+log = logging.getLogger("unhype")
+CATEGORY = "UnHype"
+TYPE = "UNHYPE"
+
+
+def _progress(total: int):
+    try:
+        import comfy.utils
+
+        return comfy.utils.ProgressBar(total)
+    except Exception:  # progress is cosmetic
+        return None
+
+
+def _step(bar):
+    if bar is not None:
+        bar.update(1)
+
+
+class UnHypeLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"hypernetwork": (folder_paths.get_filename_list(glue.FOLDER), {
+            "tooltip": "An UnHype hypernetwork (.safetensors) from models/unhype (or the "
+                       "'unhype' folders of extra_model_paths.yaml)."})}}
+
+    RETURN_TYPES = (TYPE,)
+    RETURN_NAMES = ("unhype",)
+    OUTPUT_TOOLTIPS = ("The validated hypernetwork, for UnHype Apply / Bake / Inspect.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads and validates an UnHype concept-erasure hypernetwork (cached by file)."
+
+    def load(self, hypernetwork):
+        path = folder_paths.get_full_path(glue.FOLDER, hypernetwork)
+        if path is None:
+            raise UnHypeError(f"UnHype Loader: {hypernetwork!r} is not in "
+                              f"{folder_paths.get_folder_paths(glue.FOLDER)}")
+        return (glue.load_cached(path),)
+
+    @classmethod
+    def IS_CHANGED(cls, hypernetwork):
+        path = folder_paths.get_full_path(glue.FOLDER, hypernetwork)
+        try:
+            st = os.stat(path)
+            return f"{st.st_mtime_ns}-{st.st_size}"
+        except (OSError, TypeError):
+            return float("nan")
+
+
+class UnHypeApply:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to erase concepts from."}),
+            "conditioning": ("CONDITIONING", {
+                "tooltip": "The POSITIVE conditioning (from CLIP Text Encode). Each entry gets "
+                           "the LoRA generated from its own pooled CLIP embedding; connect the "
+                           "CONDITIONING output to the sampler's positive input."}),
+            "unhype": (TYPE, {"tooltip": "The hypernetwork from UnHype Loader."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                   "tooltip": "Multiplies the generated LoRA (1 = as trained; "
+                                              "0 = off)."}),
+            "mode": (glue.MODES, {"default": "auto", "tooltip":
+                "auto: per-row on the positive only (as in the paper) when this ComfyUI "
+                "supports it. merge: bakes the first prompt's LoRA into the weights, which then "
+                "also changes the negative branch."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "STRING")
+    RETURN_NAMES = ("model", "conditioning", "info")
+    OUTPUT_TOOLTIPS = ("The model with UnHype applied (the input model is unchanged).",
+                       "The same conditioning; wire it to the sampler's positive input.",
+                       "How UnHype was applied (path, prompts, branches).")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Generates a concept-erasing LoRA for each positive prompt from its CLIP "
+                   "embedding and applies it to that prompt only; the negative runs the base "
+                   "model.")
+
+    def apply(self, model, conditioning, unhype, strength, mode="auto"):
+        glue.check_model(model, unhype)
+        plan = build_plan(unhype, conditioning, strength)
+        keys = glue.resolve_keys(model, plan)
+        path = glue.choose_path(model, mode)
+        prompts = next(iter(plan.factors.values()))[0].shape[0]
+        if path == glue.PATH_PER_ROW:
+            patched = glue.apply_per_row(model, plan)
+            info = (f"UnHype: {unhype.path.name} on {len(keys)} layers via {path}; "
+                    f"{prompts} prompt row(s), each with its own LoRA; the negative runs the "
+                    "base weights.")
+        else:
+            patched = glue.apply_merged(model, plan, keys)
+            info = (f"UnHype: {unhype.path.name} MERGED into {len(keys)} weights: it applies to "
+                    "BOTH the positive and the negative branch (not the paper's cond-only "
+                    "semantics)" + (f"; only the first of {prompts} prompt rows is used"
+                                    if prompts > 1 else "") + ".")
+            log.warning(info)
+        return {"ui": {"text": [info]}, "result": (patched, conditioning, info)}
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
+    return name[:80] or "unhype_lora"
+
+
+class UnHypeBakeLoRA:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unhype": (TYPE, {"tooltip": "The hypernetwork from UnHype Loader."}),
+            "conditioning": ("CONDITIONING", {
+                "tooltip": "The prompt to bake for (its pooled CLIP embedding; first row)."}),
+            "filename": ("STRING", {"default": "unhype_baked", "tooltip":
+                "File name in models/loras (.safetensors is added; existing files are not "
+                "overwritten unless 'overwrite' is on)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                   "tooltip": "Baked into the LoRA's up weights."}),
+            "overwrite": ("BOOLEAN", {"default": False,
+                                      "tooltip": "Replace an existing file of that name."}),
+        }, "optional": {
+            "prompt_note": ("STRING", {"default": "", "tooltip":
+                "The prompt text, stored in the LoRA's metadata (informational)."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_path",)
+    OUTPUT_TOOLTIPS = ("Where the kohya-format LoRA was written.",)
+    FUNCTION = "bake"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = ("Writes the LoRA the hypernetwork generates for one prompt into models/loras "
+                   "(kohya format), for the stock LoRA loader and other UIs. A static LoRA "
+                   "applies to every prompt and both CFG branches.")
+
+    def bake(self, unhype, conditioning, filename, strength, overwrite, prompt_note=""):
+        pooled = pooled_rows(conditioning, unhype.meta.config.embed_dim,
+                             unhype.meta.embedding.get("source", "?"))[0][0]
+        folders = folder_paths.get_folder_paths("loras")
+        if not folders:
+            raise UnHypeError("UnHype Bake LoRA: ComfyUI has no 'loras' models folder")
+        name = _safe_name(filename)
+        name = name if name.endswith(".safetensors") else name + ".safetensors"
+        path = os.path.join(folders[0], name)
+        if os.path.exists(path) and not overwrite:
+            raise UnHypeError(f"UnHype Bake LoRA: {path} exists; pick another name or turn on "
+                              "'overwrite'")
+        bar = _progress(2)
+        tensors, metadata = bake_lora(unhype, pooled, prompt_note, strength,
+                                      title=os.path.splitext(name)[0])
+        _step(bar)
+        os.makedirs(folders[0], exist_ok=True)
+        save_lora(path, tensors, metadata)
+        _step(bar)
+        return {"ui": {"text": [path]}, "result": (path,)}
+
+
+class UnHypeInspect:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unhype": (TYPE, {"tooltip": "The hypernetwork from UnHype Loader."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "Text encoder used to embed the prompts below and the "
+                                         "file's trained concepts (needed for firing strengths)."}),
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
+                "One prompt per line: how strongly does each one fire?"}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("The file's metadata and, per prompt, its LoRA strength.",)
+    FUNCTION = "inspect"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = ("Shows an UnHype file's metadata and, for given prompts, how strongly each one "
+                   "fires: the norm of its generated LoRA relative to the strongest trained "
+                   "concept.")
+
+    def inspect(self, unhype, clip=None, prompts=""):
+        lines = [describe_file(unhype)]
+        texts = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        if texts and clip is None:
+            lines.append("(connect a CLIP to measure the prompts)")
+        elif texts:
+            concepts = concept_texts(unhype.meta)
+            bar = _progress(len(texts) + len(concepts))
+
+            def embed(batch):
+                out = []
+                for text in batch:
+                    out.append(_encode_pooled(clip, text))
+                    _step(bar)
+                return torch.cat(out)
+
+            results = probe(unhype.hypernet, embed, texts, concepts)
+            lines.append("")
+            lines.append(" | ".join(ROW_HEADERS))
+            lines += [" | ".join(str(v) for v in r.as_row()) for r in results]
+        report = "\n".join(lines)
+        return {"ui": {"text": [report]}, "result": (report,)}
+
+
+def describe_file(loaded) -> str:
+    meta, cfg = loaded.meta, loaded.meta.config
+    erased = [c.get("target", "?") + (f" (anchor {c['anchor']!r})" if c.get("anchor") else "")
+              for c in meta.concepts if isinstance(c, dict)]
+    return "\n".join([
+        f"file: {loaded.path.name}",
+        f"family: {meta.family}; reads {meta.embedding.get('source')} "
+        f"({meta.embedding.get('dim')}-d)",
+        f"network: {cfg.variant}, rank {cfg.rank}, hidden {cfg.hidden}, T={cfg.hyper_steps}, "
+        f"{len(cfg.targets)} target layers, {loaded.hypernet.num_parameters(False):,} parameters",
+        f"erases: {'; '.join(erased) or '(no concepts recorded)'}",
+    ])
+
+
+def _encode_pooled(clip, text: str) -> torch.Tensor:
+    tokens = clip.tokenize(text)
+    _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    if pooled is None:
+        raise UnHypeError("UnHype Inspect: this CLIP gives no pooled output")
+    return pooled.reshape(1, -1).float()
+
+
+NODE_CLASS_MAPPINGS = {
+    "UnHypeLoader": UnHypeLoader,
+    "UnHypeApply": UnHypeApply,
+    "UnHypeBakeLoRA": UnHypeBakeLoRA,
+    "UnHypeInspect": UnHypeInspect,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "UnHypeLoader": "UnHype Loader",
+    "UnHypeApply": "UnHype Apply",
+    "UnHypeBakeLoRA": "UnHype Bake LoRA",
+    "UnHypeInspect": "UnHype Inspect",
+}

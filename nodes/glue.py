@@ -1,0 +1,166 @@
+"""ComfyUI glue: the models folder, file cache, family check, key resolution, path choice.
+
+Everything version-dependent is decided by feature detection on the objects ComfyUI hands us
+(never by version strings). The math lives in ``unhype.comfy_apply``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import folder_paths
+
+from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merged_deltas
+from unhype.dynamic_lora import resolve_modules
+from unhype.errors import UnHypeError
+from unhype.fileformat import LoadedHypernet, load_hypernet
+
+log = logging.getLogger("unhype")
+
+FOLDER = "unhype"  # models/unhype (not "hypernetworks": ComfyUI uses that for A1111 files)
+EXTENSIONS = {".safetensors"}
+
+PATH_PER_ROW = "per-row wrapper (positive only)"
+PATH_MERGE = "merged weights (positive AND negative)"
+MODES = ["auto", "per-row (positive only)", "merge into weights (both branches)"]
+
+
+def register_folder() -> list[str]:
+    """Register models/unhype, keeping paths users added in extra_model_paths.yaml."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    entry = folder_paths.folder_names_and_paths.get(FOLDER)
+    if entry is None or default not in entry[0]:
+        folder_paths.add_model_folder_path(FOLDER, default)
+    paths = list(folder_paths.folder_names_and_paths[FOLDER][0])
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError:  # read-only installs: the folder is optional
+        pass
+    return paths
+
+
+_CACHE: dict[str, tuple[tuple, LoadedHypernet]] = {}
+
+
+def load_cached(path: str) -> LoadedHypernet:
+    """Load and validate a file once per (path, mtime, size)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise UnHypeError(f"{path}: no such file") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _CACHE.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    loaded = load_hypernet(path)
+    _CACHE[path] = (stamp, loaded)
+    return loaded
+
+
+# ComfyUI model-config class names (and their subclasses, via the MRO) -> UnHype family.
+_FAMILY_BY_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SDXLRefiner": "sdxl_refiner",
+                     "Flux": "flux", "FluxSchnell": "flux"}
+_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def model_family(model) -> str | None:
+    """UnHype family of a ComfyUI MODEL (ModelPatcher), or None if unknown."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    for cls in type(config).__mro__ if config is not None else ():
+        if cls.__name__ in _FAMILY_BY_CONFIG:
+            return _FAMILY_BY_CONFIG[cls.__name__]
+    unet_config = getattr(config, "unet_config", None) or {}
+    return _FAMILY_BY_CONTEXT.get(unet_config.get("context_dim"))
+
+
+def diffusion_model(model):
+    inner = getattr(model, "model", None)
+    root = getattr(inner, "diffusion_model", None)
+    if root is None:
+        raise UnHypeError("UnHype: this MODEL has no diffusion_model (not a ComfyUI diffusion "
+                          "model patcher?)")
+    return root
+
+
+def check_model(model, loaded: LoadedHypernet) -> None:
+    """Refuse a file for another family, and one whose targets do not all exist in the model."""
+    family = model_family(model)
+    if family is None:
+        raise UnHypeError(f"UnHype: cannot tell the family of this model; "
+                          f"{loaded.path.name} is for {loaded.meta.family}")
+    if family != loaded.meta.family:
+        raise UnHypeError(f"UnHype: {loaded.path.name} was trained for {loaded.meta.family} but "
+                          f"the model is {family}; load a hypernetwork for this model family")
+
+
+def lora_key_map(model) -> dict[str, str]:
+    """ComfyUI's own LoRA key map (kohya/diffusers names -> state-dict keys) for the model."""
+    import comfy.lora
+
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def resolve_keys(model, plan: ApplyPlan) -> dict[str, str]:
+    """Canonical name -> ComfyUI weight key; every target must resolve (nothing ignored)."""
+    key_map = lora_key_map(model)
+    missing = [name for name in plan.factors if name not in key_map]
+    if missing:
+        raise UnHypeError(f"UnHype: {len(missing)} target layer(s) are unknown to ComfyUI's LoRA "
+                          f"key map for this model, e.g. {missing[:2]}")
+    keys = {name: key_map[name] for name in plan.factors}
+    # The module paths the hooks use must be the same layers ComfyUI's key map names.
+    for name, key in keys.items():
+        expected = "diffusion_model." + plan.paths[name].path + ".weight"
+        if plan.paths[name].out_slice is None and key != expected:
+            raise UnHypeError(f"UnHype: layer {name} maps to {key} in ComfyUI but to {expected} "
+                              "in UnHype's naming; refusing to guess")
+    return keys
+
+
+def has_wrapper_path(model) -> bool:
+    return hasattr(model, "set_model_unet_function_wrapper") and \
+        isinstance(getattr(model, "model_options", None), dict)
+
+
+def choose_path(model, mode: str) -> str:
+    if mode == MODES[2]:
+        return PATH_MERGE
+    if has_wrapper_path(model):
+        return PATH_PER_ROW
+    if mode == MODES[1]:
+        raise UnHypeError("UnHype: this ComfyUI has no model_function_wrapper; per-row "
+                          "application is unavailable (use 'auto' or 'merge')")
+    return PATH_MERGE
+
+
+class _ChainedWrapper(UnHypeWrapper):
+    """UnHypeWrapper that survives ModelPatcher.clone()'s deepcopy of model_options cheaply."""
+
+    def __deepcopy__(self, memo):
+        new = _ChainedWrapper(self.plan, self.get_root, copy.deepcopy(self.inner, memo))
+        new._bound = self._bound
+        return new
+
+
+def apply_per_row(model, plan: ApplyPlan):
+    patched = model.clone()
+    base = patched.model
+    resolve_modules(diffusion_model(patched), plan.paths, plan.dims)  # fail now, not mid-run
+    inner = patched.model_options.get("model_function_wrapper")
+    patched.set_model_unet_function_wrapper(
+        _ChainedWrapper(plan, lambda: base.diffusion_model, inner))
+    return patched
+
+
+def apply_merged(model, plan: ApplyPlan, keys: dict[str, str]):
+    patched = model.clone()
+    patches = {keys[name]: (delta,) for name, delta in merged_deltas(plan, 0).items()}
+    added = patched.add_patches(patches, 1.0)
+    if len(added) != len(patches):
+        raise UnHypeError(f"UnHype: ComfyUI accepted {len(added)} of {len(patches)} weight "
+                          "patches; refusing a partial erasure")
+    return patched

@@ -1,0 +1,377 @@
+"""UnHype Apply on a tiny SD1 ComfyUI model: per-row semantics, key resolution, restoration.
+
+Sampling runs through ComfyUI's own comfy.sample.sample (its batching of cond/uncond into one
+UNet call). A recording model_function_wrapper set *before* UnHype Apply is chained inside
+UnHype's wrapper, so it sees exactly the calls (input, c, output) that ran with the LoRA hooks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unhype.dynamic_lora import DynamicLoRA
+from unhype.errors import UnHypeError
+from unhype.fileformat import host_paths
+
+
+def encode(clip, text):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_parts):
+    clip = tiny_parts["clip"]
+    with torch.no_grad():
+        return {t: encode(clip, t) for t in ("a photo of a cat", "a red car on a road",
+                                             "blurry, low quality")}
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options
+        return self
+
+    def __call__(self, apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        self.calls.append({"input": args["input"].clone(), "timestep": args["timestep"].clone(),
+                           "c": {k: v for k, v in args["c"].items()},
+                           "cond_or_uncond": list(args["cond_or_uncond"]), "output": out.clone()})
+        return out
+
+
+def sample(model, positive, negative, steps=1, batch=1, cfg=5.0, callback=None):
+    import comfy.sample
+
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative,
+                               latent, callback=callback, disable_pbar=True, seed=0)
+
+
+def apply(pack, model, cond, loaded, strength=1.0, mode="auto"):
+    node = pack.nodes.definitions.UnHypeApply()
+    out = node.apply(model, cond, loaded, strength, mode)
+    return out["result"]
+
+
+def recorded(model):
+    rec = Recorder()
+    m = model.clone()
+    m.set_model_unet_function_wrapper(rec)
+    return m, rec
+
+
+def base_forward(model, call, rows=None, factors=None, strength=1.0, loaded=None):
+    """The tiny model's output for a recorded call, with our own DynamicLoRA or none."""
+    base = model.model
+    with torch.no_grad():
+        if rows is None:
+            return base.apply_model(call["input"], call["timestep"], **call["c"])
+        with DynamicLoRA.attach(base.diffusion_model, host_paths(loaded.meta, "ldm")) as lora:
+            lora.set(factors, rows, strength)
+            return base.apply_model(call["input"], call["timestep"], **call["c"])
+
+
+def factors_for(loaded, cond):
+    with torch.no_grad():
+        return loaded.hypernet(cond[0][1]["pooled_output"].float())
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    after = model.model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"weights changed: {changed[:3]}"
+    hooked = [n for n, m in model.model.named_modules() if m._forward_hooks]
+    assert not hooked, f"hooks left on {hooked[:3]}"
+
+
+# 1. positive rows see the LoRA, negative rows the base weights
+def test_positive_rows_get_the_lora_negative_rows_run_base(pack, tiny_parts, loaded, prompts):
+    model = tiny_parts["model"]
+    pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
+    rec_model, rec = recorded(model)
+    patched, cond_out, info = apply(pack, rec_model, pos, loaded)
+    assert "per-row" in info and cond_out is pos
+    sample(patched, cond_out, neg, steps=1)
+    call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)  # cond+uncond, one forward
+    flags = call["cond_or_uncond"]
+    cond_chunk, uncond_chunk = flags.index(0), flags.index(1)
+    out = call["output"].chunk(2)
+    base = base_forward(model, call).chunk(2)
+    assert torch.equal(out[uncond_chunk], base[uncond_chunk])  # negative: base weights exactly
+    assert (out[cond_chunk] - base[cond_chunk]).abs().max() > 1e-3  # positive: changed
+    rows = [0 if f == 0 else -1 for f in flags]
+    expected = base_forward(model, call, rows, factors_for(loaded, pos), 1.0, loaded).chunk(2)
+    torch.testing.assert_close(out[cond_chunk], expected[cond_chunk], rtol=1e-5, atol=1e-5)
+    # strength 0 is the base model; strength scales the update
+    patched0, _, _ = apply(pack, model, pos, loaded, strength=0.0)
+    wrapper = patched0.model_options["model_function_wrapper"]
+    args = {"input": call["input"], "timestep": call["timestep"], "c": call["c"],
+            "cond_or_uncond": flags}
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(model.model.apply_model, args),
+                                   torch.cat(base), rtol=0, atol=0)
+
+
+# 2. every target key resolves; nothing silently dropped
+def test_every_target_key_resolves_in_comfys_key_map(pack, tiny_parts, loaded, prompts):
+    import comfy.lora
+
+    glue = pack.nodes.glue
+    model = tiny_parts["model"]
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    names = [t.name for t in loaded.meta.config.targets]
+    assert len(names) == 32
+    assert all(n in key_map for n in names)
+    from unhype.comfy_apply import build_plan
+
+    plan = build_plan(loaded, prompts["a photo of a cat"], 1.0)
+    keys = glue.resolve_keys(model, plan)
+    assert len(set(keys.values())) == 32
+    sd = model.model.state_dict()
+    for name, key in keys.items():
+        t = next(t for t in loaded.meta.config.targets if t.name == name)
+        assert tuple(sd[key].shape) == (t.out_dim, t.in_dim)
+    merged, _, info = apply(pack, model, prompts["a photo of a cat"], loaded,
+                            mode="merge into weights (both branches)")
+    assert "BOTH" in info
+    assert sorted(merged.patches) == sorted(keys.values())  # all 32 accepted as patches
+
+
+def test_merge_path_matches_per_row_on_the_positive(pack, tiny_parts, loaded, prompts):
+    """The add_patches fallback changes the weights by exactly the per-row update."""
+    import comfy.model_management
+
+    model = tiny_parts["model"]
+    before = weights(model)
+    pos = prompts["a photo of a cat"]
+    merged, _, _ = apply(pack, model, pos, loaded, mode="merge into weights (both branches)")
+    per_row, _, _ = apply(pack, model, pos, loaded)
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([3.0])
+    ctx = pos[0][0]
+    args = {"input": x, "timestep": t, "c": {"c_crossattn": ctx, "transformer_options": {}},
+            "cond_or_uncond": [0]}
+    with torch.no_grad():
+        want = per_row.model_options["model_function_wrapper"](model.model.apply_model, args)
+        comfy.model_management.load_models_gpu([merged])
+        got = merged.model.apply_model(x, t, c_crossattn=ctx)
+        comfy.model_management.unload_all_models()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_untouched(model, before)
+
+
+# 3. bit-identical weights after sampling, after an exception, after an interrupt
+def test_model_is_bit_identical_after_sampling_error_and_interrupt(pack, tiny_parts, loaded,
+                                                                   prompts):
+    import comfy.model_management as mm
+
+    model = tiny_parts["model"]
+    before = weights(model)
+    pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
+    patched, _, _ = apply(pack, model, pos, loaded)
+    ref = sample(model, pos, neg, steps=2)
+    out = sample(patched, pos, neg, steps=2)
+    assert (out - ref).abs().max() > 1e-4
+    assert_untouched(model, before)
+    torch.testing.assert_close(sample(model, pos, neg, steps=2), ref, rtol=0, atol=0)
+
+    # an exception raised inside the UNet forward, while UnHype's hooks are attached
+    calls = {"n": 0}
+    target = model.model.diffusion_model.out
+
+    def boom(module, args):
+        calls["n"] += 1
+        hooked = [n for n, m in model.model.named_modules()
+                  if m._forward_hooks and "attn2" in n]
+        assert len(hooked) == 32  # the hooks really are attached during the forward
+        raise RuntimeError("boom inside the UNet")
+
+    handle = target.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            sample(patched, pos, neg, steps=2)
+    finally:
+        handle.remove()
+    assert calls["n"] == 1
+    assert_untouched(model, before)
+
+    # ComfyUI's interrupt raised inside the forward, and between steps (its callback path)
+    def interrupt_in_forward(module, args):
+        raise mm.InterruptProcessingException()
+
+    handle = target.register_forward_pre_hook(interrupt_in_forward)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(patched, pos, neg, steps=2)
+    finally:
+        handle.remove()
+    assert_untouched(model, before)
+
+    def interrupt_after_first_step(*args):
+        mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(patched, pos, neg, steps=3, callback=interrupt_after_first_step)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert_untouched(model, before)
+    torch.testing.assert_close(sample(model, pos, neg, steps=2), ref, rtol=0, atol=0)
+
+
+# 4. two prompts in one batch: two LoRAs, each as if applied alone
+def test_two_prompts_in_one_batch_match_each_applied_alone(pack, tiny_parts, loaded, prompts):
+    model = tiny_parts["model"]
+    cat, car = prompts["a photo of a cat"], prompts["a red car on a road"]
+    neg = prompts["blurry, low quality"]
+    both = cat + car  # ConditioningCombine: two entries
+    rec_model, rec = recorded(model)
+    patched, _, _ = apply(pack, rec_model, both, loaded)
+    sample(patched, both, neg, steps=1, batch=2)
+    call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 3)
+    assert call["input"].shape[0] == 6  # 3 chunks x latent batch 2, one forward
+    out = call["output"].chunk(3)
+    args = {"input": call["input"], "timestep": call["timestep"], "c": call["c"],
+            "cond_or_uncond": call["cond_or_uncond"]}
+    alone = {}
+    for name, cond in (("cat", cat), ("car", car)):
+        p, _, _ = apply(pack, model, cond, loaded)
+        with torch.no_grad():
+            alone[name] = p.model_options["model_function_wrapper"](
+                model.model.apply_model, args).chunk(3)
+    # which chunk is which prompt: compare the cross-attention rows
+    ctx = call["c"]["c_crossattn"].chunk(3)
+    base = base_forward(model, call).chunk(3)
+    seen = set()
+    for i, flag in enumerate(call["cond_or_uncond"]):
+        if flag == 1:
+            assert torch.equal(out[i], base[i])
+            continue
+        name = "cat" if torch.equal(ctx[i][0], cat[0][0][0]) else "car"
+        seen.add(name)
+        torch.testing.assert_close(out[i], alone[name][i], rtol=1e-5, atol=1e-5)
+        other = alone["car" if name == "cat" else "cat"][i]
+        assert (out[i] - other).abs().max() > 1e-4  # the other prompt's LoRA differs
+    assert seen == {"cat", "car"}
+
+
+def test_unmatched_positive_rows_run_base_with_a_warning(pack, tiny_parts, loaded, prompts,
+                                                          caplog):
+    model = tiny_parts["model"]
+    cat, car = prompts["a photo of a cat"], prompts["a red car on a road"]
+    patched, _, _ = apply(pack, model, cat, loaded)
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([3.0])
+    args = {"input": x, "timestep": t, "c": {"c_crossattn": car[0][0], "transformer_options": {}},
+            "cond_or_uncond": [0]}
+    with torch.no_grad(), caplog.at_level("WARNING", logger="unhype"):
+        got = patched.model_options["model_function_wrapper"](model.model.apply_model, args)
+        want = model.model.apply_model(x, t, c_crossattn=car[0][0])
+    assert torch.equal(got, want)
+    assert "did not pass through UnHype Apply" in caplog.text
+
+
+def test_padded_longer_prompt_is_matched(pack, tiny_parts, loaded, prompts):
+    """ComfyUI pads a 77-token cond to 154 by repetition when batching it with a longer one."""
+    model = tiny_parts["model"]
+    cat = prompts["a photo of a cat"]
+    patched, _, _ = apply(pack, model, cat, loaded)
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([3.0])
+    ctx = cat[0][0]
+    wrapper = patched.model_options["model_function_wrapper"]
+    with torch.no_grad():
+        short = wrapper(model.model.apply_model, {"input": x, "timestep": t, "cond_or_uncond": [0],
+                        "c": {"c_crossattn": ctx, "transformer_options": {}}})
+        padded = wrapper(model.model.apply_model, {"input": x, "timestep": t, "cond_or_uncond": [0],
+                         "c": {"c_crossattn": ctx.repeat(1, 2, 1), "transformer_options": {}}})
+        base = model.model.apply_model(x, t, c_crossattn=ctx.repeat(1, 2, 1))
+    assert (padded - base).abs().max() > 1e-4
+    torch.testing.assert_close(padded, short, rtol=1e-4, atol=1e-4)
+
+
+def test_chained_applies_and_clone_keep_working(pack, tiny_parts, loaded, prompts):
+    """ModelPatcher.clone() deep-copies model_options: the wrapper must survive it cheaply."""
+    model = tiny_parts["model"]
+    cat = prompts["a photo of a cat"]
+    patched, _, _ = apply(pack, model, cat, loaded)
+    clone = patched.clone()
+    w1 = patched.model_options["model_function_wrapper"]
+    w2 = clone.model_options["model_function_wrapper"]
+    assert w1 is not w2 and w1.plan is w2.plan
+    twice, _, _ = apply(pack, patched, cat, loaded, strength=0.5)
+    assert twice.model_options["model_function_wrapper"].inner is not None
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([3.0])
+    args = {"input": x, "timestep": t, "cond_or_uncond": [0],
+            "c": {"c_crossattn": cat[0][0], "transformer_options": {}}}
+    with torch.no_grad():
+        once15, _, _ = apply(pack, model, cat, loaded, strength=1.5)
+        want = once15.model_options["model_function_wrapper"](model.model.apply_model, args)
+        got = twice.model_options["model_function_wrapper"](model.model.apply_model, args)
+    # rank-r LoRA hooks add linearly in the projections: 1.0 + 0.5 == 1.5
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# 6. bad input -> clear node error, model untouched
+def test_wrong_family_file_is_refused(pack, tiny_parts, prompts, comfy_dirs, tmp_path):
+    import tiny
+    from diffusers import UNet2DConditionModel
+
+    from unhype.families import get_family
+    from unhype.fileformat import load_hypernet, save_hypernet
+    from unhype.hypernet import HyperNetConfig, build_hypernet
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{**tiny.TINY_DIFFUSERS_UNET, "cross_attention_dim": 1024})
+    targets = [t.as_dict() for t in get_family("sd2").targets(model=unet)]
+    net = build_hypernet(HyperNetConfig(variant="per_layer", targets=targets, embed_dim=1024,
+                                        rank=1, hidden=8))
+    path = save_hypernet(tmp_path / "sd2.safetensors", net, "sd2")
+    model = tiny_parts["model"]
+    options = dict(model.model_options)
+    with pytest.raises(UnHypeError, match="trained for sd2 but the model is sd1"):
+        apply(pack, model, prompts["a photo of a cat"], load_hypernet(path))
+    assert model.model_options == options and not model.patches
+
+
+def test_conditioning_without_pooled_output_is_refused(pack, tiny_parts, loaded, prompts):
+    model = tiny_parts["model"]
+    cond = prompts["a photo of a cat"]
+    no_pooled = [[cond[0][0], {}]]
+    options = dict(model.model_options)
+    with pytest.raises(UnHypeError, match="no 'pooled_output'"):
+        apply(pack, model, no_pooled, loaded)
+    wrong_dim = [[cond[0][0], {"pooled_output": torch.zeros(1, 1280)}]]
+    with pytest.raises(UnHypeError, match="1280-d pooled_output"):
+        apply(pack, model, wrong_dim, loaded)
+    with pytest.raises(UnHypeError, match="strength"):
+        apply(pack, model, cond, loaded, strength=float("nan"))
+    assert model.model_options == options and not model.patches
+
+
+def test_corrupt_and_foreign_files_are_refused_by_the_loader(pack, comfy_dirs, hyper_file):
+    import safetensors.torch
+
+    loader = pack.nodes.definitions.UnHypeLoader()
+    data = hyper_file.read_bytes()
+    (comfy_dirs["unhype"] / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    safetensors.torch.save_file({"x": torch.zeros(2)}, str(comfy_dirs["unhype"] /
+                                                          "foreign.safetensors"))
+    with pytest.raises(UnHypeError, match="truncated"):
+        loader.load("truncated.safetensors")
+    with pytest.raises(UnHypeError, match="not an UnHype hypernetwork"):
+        loader.load("foreign.safetensors")
+    with pytest.raises(UnHypeError, match="is not in"):
+        loader.load("missing.safetensors")
+    assert loader.load(hyper_file.name)[0] is loader.load(hyper_file.name)[0]  # cached
