@@ -187,8 +187,8 @@ def resolve_concepts(cfg) -> list[Concept]:
                                        else "objects")
     if cfg.concept_entries is not None:
         entries, where = cfg.concept_entries, f"--config_file {cfg.config_file}"
-    elif cfg.concepts and Path(cfg.concepts).suffix.lower() in (".toml", ".yaml", ".yml",
-                                                                 ".csv", ".txt"):
+    elif cfg.concepts and (Path(cfg.concepts).is_file() or Path(cfg.concepts).suffix.lower()
+                           in (".toml", ".yaml", ".yml", ".csv", ".txt")):
         entries, where = load_concept_file(Path(cfg.concepts)), f"concept file {cfg.concepts}"
     elif cfg.concepts:
         entries = [c.strip() for c in cfg.concepts.split(",") if c.strip()]

@@ -30,6 +30,8 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("xformers", bool, False, "memory-efficient attention with xformers (if installed)"),
     ("sdpa", bool, False, "PyTorch scaled-dot-product attention (the default)"),
     ("device", str, "auto", "auto | cpu | cuda | cuda:N | mps"),
+    ("cpu_threads", int, 0, "torch intra-op threads on CPU (0: torch's default; 1 avoids "
+     "stalls on a busy machine)"),
     ("resolution", int, None, "training/sample image size in pixels (default: the model's)"),
     # output (kohya)
     ("output_dir", str, "output", "folder for the hypernetwork, checkpoints, logs, grids"),

@@ -76,6 +76,8 @@ def prepare(cfg: TrainConfig, quiet: bool = False) -> Run:
     if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
         raise UnHypeError(f"--sample_prompts {cfg.sample_prompts}: no such file")
     cfg.values["device"] = pick_device(cfg.device)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     from trainer.backends import load_backend
 
     backend = load_backend(cfg)
@@ -308,8 +310,8 @@ def train(run: Run, progress: bool = True) -> int:
                 optimisers["retain"].step()
                 step += 1
                 if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-                    record = {"step": step, "remove": float(l_remove),
-                              "retain": float(l_retain), **extra,
+                    record = {"step": step, "remove": float(l_remove.detach()),
+                              "retain": float(l_retain.detach()), **extra,
                               **monitor(run, items, z, t, e_p, e_a),
                               "time": round(time.time() - t_start, 2)}
                     log.write(json.dumps(record) + "\n")

@@ -96,12 +96,13 @@ def read_header(path) -> tuple[dict, dict]:
         if head[:4] == b"PK\x03\x04":
             raise UnHypeError(f"{path}: is a zip archive (a PyTorch .pt/.ckpt pickle?), not "
                               "safetensors; UnHype loads only .safetensors")
-        if head[:1] == b"\x80":
+        # a pickle starts with 0x80; so does a valid header length of 128 mod 256: decide by fit
+        (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+        if head[:1] == b"\x80" and (header_len is None or 8 + header_len > size):
             raise UnHypeError(f"{path}: is a Python pickle, not safetensors; UnHype never "
                               "loads pickles")
         if len(head) < 8:
             raise UnHypeError(f"{path}: truncated ({size} bytes), not a safetensors file")
-        (header_len,) = struct.unpack("<Q", head)
         if header_len > _MAX_HEADER or 8 + header_len > size:
             raise UnHypeError(f"{path}: truncated or not safetensors (header claims "
                               f"{header_len} bytes, file has {size})")

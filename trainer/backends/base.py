@@ -145,7 +145,7 @@ class Backend:
                 out = out_u + guidance * (out_c - out_u)
             else:
                 out = self.guided(z_in, t, cond, uncond, guidance, lora, rows)
-            z = scheduler.step(out, t, z, return_dict=False)[0]
+            z = scheduler.step(out, t, z, use_clipped_model_output=True, return_dict=False)[0]
         return z
 
     def partial_sample(self, cond: Cond, uncond: Cond, generator: torch.Generator, steps: int,

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random diffusers pipeline folders and a fast training config."""
+
+import pytest
+import torch
+
+from trainer.backends.tiny import build_pipeline_folder
+
+# 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls (50x on conv).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    return build_pipeline_folder("sd1", tmp_path_factory.mktemp("tiny_sd1"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    return build_pipeline_folder("sd2", tmp_path_factory.mktemp("tiny_sd2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return build_pipeline_folder("sdxl", tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+def fast_options(model, out, **over):
+    """Options for a run of a few seconds on a tiny model."""
+    opts = dict(
+        pretrained_model_name_or_path=str(model), output_dir=str(out), output_name="erase",
+        max_train_steps=4, train_batch_size=2, retain_batch_size=8, ddim_steps=3,
+        sample_steps=2, sample_seeds=1, hyper_steps=10, fields_lambda=0.5, learning_rate=1e-3,
+        network_hidden=16, log_every=1, seed=7)
+    opts.update(over)
+    return opts
+
+
+INLINE_CONCEPTS = [{"target": "dog", "anchor": "cat", "synonyms": ["puppy"],
+                    "templates": ["a photo of a {}", "a {}"]}]

@@ -1,0 +1,136 @@
+"""Config precedence (defaults < TOML < flags), concept files, built-in sets, bad input."""
+
+import argparse
+
+import pytest
+
+from trainer import concepts as C
+from trainer.config import add_arguments, resolve
+from unhype.errors import UnHypeError
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_toml_overrides_defaults_and_flags_override_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\npretrained_model_name_or_path = "toy"\n'
+                    '[training]\nlearning_rate = 5e-4\nmax_train_steps = 77\nmode = "direct"\n'
+                    'network_dim = 4\n')
+    cfg = resolve(parse(["--config_file", str(toml), "--max_train_steps", "12"]))
+    assert cfg.max_train_steps == 12  # flag wins
+    assert cfg.learning_rate == 5e-4 and cfg.mode == "direct"  # TOML beats defaults
+    assert cfg.retain_learning_rate == 5e-4  # follows learning_rate when unset
+    assert cfg.network_alpha == 4.0  # default alpha = dim
+    assert cfg.eta == 1.0 and cfg.variant == "per_layer"  # defaults
+
+
+def test_toml_inline_concepts_and_relative_paths(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("concepts:\n  - target: owl\n    anchor: bird\n")
+    toml = tmp_path / "sub" / "run.toml"
+    toml.write_text('concepts = "c.yaml"\n')
+    cfg = resolve(parse(["--config_file", str(toml)]))
+    assert [c.target for c in C.resolve_concepts(cfg)] == ["owl"]
+    toml.write_text('[[concepts]]\ntarget = "cat"\nanchor = "dog"\nsynonyms = ["kitten"]\n'
+                    'templates = ["a photo of a {}"]\n')
+    found = C.resolve_concepts(resolve(parse(["--config_file", str(toml)])))
+    assert found[0].prompts() == [("a photo of a cat", "a photo of a dog")]
+    assert found[0].synonyms == ["kitten"]
+    # a flag replaces the TOML's concepts
+    found = C.resolve_concepts(resolve(parse(["--config_file", str(toml), "--concepts", "x,y"])))
+    assert [c.target for c in found] == ["x", "y"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--mode", "fieldz"], "mode must be one of"),
+    (["--network_dim", "0"], "network_dim must be >= 1"),
+    (["--save_model_as", "ckpt"], "save_model_as"),
+    (["--learning_rate", "-1"], "learning_rate must be > 0"),
+    (["--xformers", "--sdpa"], "exclude each other"),
+])
+def test_bad_options(argv, needle):
+    with pytest.raises(UnHypeError, match=needle):
+        resolve(parse(argv))
+
+
+def test_bad_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = = 3\n")
+    with pytest.raises(UnHypeError, match="not valid TOML"):
+        resolve(parse(["--config_file", str(bad)]))
+    bad.write_text("learning_rat = 3\n")
+    with pytest.raises(UnHypeError, match="unknown option"):
+        resolve(parse(["--config_file", str(bad)]))
+    with pytest.raises(UnHypeError, match="no such file"):
+        resolve(parse(["--config_file", str(tmp_path / "missing.toml")]))
+
+
+def test_builtin_sets():
+    assert len(C.template_set("objects")) == 31
+    assert len(C.template_set("people")) == 40
+    assert all(t.count("{}") == 1 for s in ("objects", "people", "styles", "nudity")
+               for t in C.template_set(s))
+    cifar = C.read_lines(C.DATA / "retain_cifar100.txt")
+    assert len(cifar) == 100 and "aquarium fish" in cifar
+    assert len(C.read_lines(C.DATA / "retain_captions.txt")) >= 200
+
+
+def _cfg(**values):
+    return resolve({"pretrained_model_name_or_path": "x", **values})
+
+
+def test_concept_files(tmp_path):
+    (tmp_path / "c.toml").write_text('[[concepts]]\ntarget = "Van Gogh"\ntemplate_set = '
+                                     '"styles"\n[[concepts]]\ntarget = "Tom Hanks"\n'
+                                     'templates = "people"\n')
+    found = C.resolve_concepts(_cfg(concepts=str(tmp_path / "c.toml")))
+    assert found[0].prompts()[0] == ("a painting in the style of Van Gogh", "")
+    assert found[1].anchor == "a person"  # people's default anchor
+    (tmp_path / "c.csv").write_text("target,anchor,synonyms\nairplane,,plane;jet\n")
+    found = C.resolve_concepts(_cfg(concepts=str(tmp_path / "c.csv")))
+    assert found[0].synonyms == ["plane", "jet"] and len(found[0].prompts()) == 31
+    (tmp_path / "c.txt").write_text("# erase these\nship\n\nbird\n")
+    assert [c.target for c in C.resolve_concepts(_cfg(concepts=str(tmp_path / "c.txt")))] == \
+        ["ship", "bird"]
+    assert C.resolve_concepts(_cfg(concepts="apple"))[0].prompts()[0][0] == "a photo of an apple"
+
+
+@pytest.mark.parametrize("content,suffix,needle", [
+    ("concepts = []\n", ".toml", "no concepts"),
+    ('[[concepts]]\ntarget = "cat"\nanchor = "Cat "\n', ".toml", "equals its anchor"),
+    ('[[concepts]]\ntarget = "cat"\n[[concepts]]\ntarget = "cat"\n', ".toml", "listed twice"),
+    ('[[concepts]]\ntarget = "cat"\ntemplates = ["no placeholder"]\n', ".toml", "exactly one"),
+    ('[[concepts]]\ntarget = "cat"\ncolour = 1\n', ".toml", "unknown concept key"),
+    ("concepts: [target: cat\n", ".yaml", "unreadable"),
+    ("x", ".json", "unknown type"),
+])
+def test_bad_concept_files(tmp_path, content, suffix, needle):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(content)
+    with pytest.raises(UnHypeError, match=needle):
+        C.resolve_concepts(_cfg(concepts=str(path)))
+
+
+def test_unreadable_and_missing_concept_file(tmp_path):
+    binary = tmp_path / "c.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UnHypeError, match="cannot read"):
+        C.resolve_concepts(_cfg(concepts=str(binary)))
+    with pytest.raises(UnHypeError, match="no such file"):
+        C.resolve_concepts(_cfg(concepts=str(tmp_path / "none.yaml")))
+    with pytest.raises(UnHypeError, match="no concepts"):
+        C.resolve_concepts(_cfg())
+
+
+def test_retain_set_drops_prompts_naming_a_concept():
+    found = C.resolve_concepts(_cfg(concepts="dog,cat"))
+    found[0].synonyms = ["puppy"]
+    retained = C.resolve_retain("cifar100,captions", found)
+    assert not [p for p in retained if "dog" in p or "cat " in p or p.endswith("cat")]
+    assert "aquarium fish" in retained and len(retained) > 250
+    with pytest.raises(UnHypeError, match="not a built-in set"):
+        C.resolve_retain("imagenet", found)

