@@ -1,0 +1,123 @@
+"""The pack as ComfyUI sees it: import under the folder name, Bake LoRA, Inspect, the UI surface."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unhype.errors import UnHypeError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LOADER = """
+import importlib.util, os, sys
+sys.path.insert(0, {comfy!r})
+import comfy.cli_args; comfy.cli_args.args.cpu = True
+import folder_paths, nodes
+folder_paths.models_dir = {models!r}
+name = {name!r}
+spec = importlib.util.spec_from_file_location(name, os.path.join({root!r}, "__init__.py"),
+                                              submodule_search_locations=[{root!r}])
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+import unhype.hypernet, unhype.fileformat
+print(sorted(module.NODE_CLASS_MAPPINGS), folder_paths.get_folder_paths("unhype"))
+"""
+
+
+@pytest.mark.parametrize("name", ["unhype", "/x/custom_nodes/unhype"],
+                         ids=["folder-name (2024 loader)", "path-name (current loader)"])
+def test_pack_loads_the_way_comfyui_loads_custom_nodes(name, tmp_path):
+    from comfy_path import comfyui_root
+
+    code = LOADER.format(comfy=str(comfyui_root()), models=str(tmp_path), name=name,
+                         root=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(tmp_path), env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['UnHypeApply', 'UnHypeBakeLoRA', 'UnHypeInspect', 'UnHypeLoader']" in out.stdout
+    assert str(tmp_path / "unhype") in out.stdout
+
+
+def test_root_init_is_inert_without_comfyui(tmp_path):
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('pkg', "
+            f"{str(ROOT / '__init__.py')!r}, submodule_search_locations=[{str(ROOT)!r}]); "
+            "m = importlib.util.module_from_spec(spec); sys.modules['pkg'] = m; "
+            "spec.loader.exec_module(m); import unhype; "
+            "print(m.NODE_CLASS_MAPPINGS, 'nodes' in sys.modules, 'comfy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(tmp_path), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "{} False False"
+
+
+def test_every_input_has_a_tooltip_and_nodes_sit_under_unhype(pack):
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY.startswith("UnHype")
+        assert name in pack.NODE_DISPLAY_NAME_MAPPINGS
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for inp, (kind, *opts) in spec.get(group, {}).items():
+                assert opts and opts[0].get("tooltip"), f"{name}.{inp} has no tooltip"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+
+
+def test_bake_writes_a_lora_comfys_loader_applies_like_the_per_row_path(
+        pack, tiny_parts, loaded, comfy_dirs):
+    import comfy.lora
+    import comfy.model_management
+    import comfy.utils
+
+    clip, model = tiny_parts["clip"], tiny_parts["model"]
+    with torch.no_grad():
+        cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"),
+                                               return_pooled=True)
+    conditioning = [[cond, {"pooled_output": pooled}]]
+    node = pack.nodes.definitions.UnHypeBakeLoRA()
+    path = node.bake(loaded, conditioning, "baked cat", 1.0, False, "a photo of a cat")["result"][0]
+    assert Path(path).parent == comfy_dirs["loras"] and Path(path).name == "baked_cat.safetensors"
+    with pytest.raises(UnHypeError, match="exists"):
+        node.bake(loaded, conditioning, "baked cat", 1.0, False)
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(sd, key_map)
+    assert len(patches) == 32  # every LoRA key was understood by ComfyUI's own loader
+    lora_model = model.clone()
+    assert len(lora_model.add_patches(patches, 1.0)) == 32
+    per_row = pack.nodes.definitions.UnHypeApply().apply(
+        model, conditioning, loaded, 1.0, "auto")["result"][0]
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([3.0])
+    args = {"input": x, "timestep": t, "cond_or_uncond": [0],
+            "c": {"c_crossattn": cond, "transformer_options": {}}}
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    with torch.no_grad():
+        want = per_row.model_options["model_function_wrapper"](model.model.apply_model, args)
+        comfy.model_management.load_models_gpu([lora_model])
+        got = lora_model.model.apply_model(x, t, c_crossattn=cond)
+        comfy.model_management.unload_all_models()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_inspect_reports_metadata_and_firing(pack, tiny_parts, loaded):
+    node = pack.nodes.definitions.UnHypeInspect()
+    report = node.inspect(loaded)["result"][0]
+    assert "family: sd1" in report and "32 target layers" in report
+    assert "a photo of a cat" in report  # the erased concept from the metadata
+    report = node.inspect(loaded, tiny_parts["clip"], "a photo of a cat\na red car")["result"][0]
+    lines = report.splitlines()
+    assert any(line.startswith("prompt | LoRA magnitude") for line in lines)
+    cat = next(line for line in lines if line.startswith("a photo of a cat |"))
+    car = next(line for line in lines if line.startswith("a red car |"))
+    # the concept's own prompt is exactly as strong as itself
+    assert cat.split(" | ")[4] == "1.0"
+    assert float(car.split(" | ")[1]) > 0
+    assert "connect a CLIP" in node.inspect(loaded, None, "x")["result"][0]
