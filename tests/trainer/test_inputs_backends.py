@@ -1,0 +1,129 @@
+"""Bad input fails before training starts; SD2 (v-prediction) and SDXL backends; single files."""
+
+import pytest
+import torch
+
+from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
+from trainer import loop
+from trainer.backends import load_backend
+from trainer.config import resolve
+from unhype.errors import UnHypeError
+from unhype.fileformat import atomic_save_safetensors, load_hypernet, read_header
+
+
+def cfg_for(model, out, inline=INLINE_CONCEPTS, **over):
+    cfg = resolve(fast_options(model, out, **over))
+    cfg.concept_entries = [dict(c) for c in inline] if inline is not None else None
+    return cfg
+
+
+def nothing_written(out):
+    return not (out / "checkpoints").exists() and not list(out.glob("*.jsonl")) and \
+        not list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("over,concepts,needle", [
+    ({"pretrained_model_name_or_path": "/no/such/model"}, INLINE_CONCEPTS, "no such file"),
+    ({"pretrained_model_name_or_path": ""}, INLINE_CONCEPTS, "no model given"),
+    ({"target_preset": "paper"}, INLINE_CONCEPTS, "has no target preset 'paper'"),
+    ({"model_family": "sdxl"}, INLINE_CONCEPTS, "holds an sd1 model"),
+    ({"model_family": "flux"}, INLINE_CONCEPTS, "FLUX training is not built"),
+    ({}, [], "no concepts"),
+    ({}, [{"target": "dog", "anchor": "dog"}], "equals its anchor"),
+    ({"retain_prompts": "nosuchset"}, INLINE_CONCEPTS, "not a built-in set"),
+])
+def test_bad_input_fails_before_training(tiny_sd1, tmp_path, over, concepts, needle):
+    cfg = cfg_for(tiny_sd1, tmp_path, concepts, **over)
+    with pytest.raises(UnHypeError, match=needle):
+        loop.prepare(cfg, quiet=True)
+    assert nothing_written(tmp_path)
+
+
+def test_unreadable_concept_file_and_unwritable_output(tiny_sd1, tmp_path):
+    bad = tmp_path / "concepts.yaml"
+    bad.write_bytes(b"\x00\xff\xfe not yaml")
+    cfg = cfg_for(tiny_sd1, tmp_path / "out", None, concepts=str(bad))
+    with pytest.raises(UnHypeError, match="concept file .* cannot read|unreadable"):
+        loop.prepare(cfg, quiet=True)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cfg = cfg_for(tiny_sd1, blocker / "sub")
+    with pytest.raises(UnHypeError, match="--output_dir .*cannot create"):
+        loop.prepare(cfg, quiet=True)
+
+
+def test_resume_from_foreign_or_other_run_file(tiny_sd1, tmp_path):
+    foreign = tmp_path / "lora.safetensors"
+    atomic_save_safetensors({"w": torch.zeros(2)}, foreign, {"ss_network_dim": "4"})
+    with pytest.raises(UnHypeError, match="not an UnHype training checkpoint"):
+        loop.prepare(cfg_for(tiny_sd1, tmp_path, resume=str(foreign)), quiet=True)
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04\x95" + b"\x00" * 40)
+    with pytest.raises(UnHypeError, match="pickle"):
+        loop.prepare(cfg_for(tiny_sd1, tmp_path, resume=str(pickle)), quiet=True)
+    with pytest.raises(UnHypeError, match="no checkpoint"):
+        loop.prepare(cfg_for(tiny_sd1, tmp_path, resume=str(tmp_path)), quiet=True)
+    # a checkpoint of a run with another network shape
+    first = tmp_path / "first"
+    assert loop.train(loop.prepare(cfg_for(tiny_sd1, first, max_train_steps=1), quiet=True),
+                      progress=False) == 0
+    with pytest.raises(UnHypeError, match="fingerprint mismatch"):
+        loop.prepare(cfg_for(tiny_sd1, tmp_path / "second", network_dim=3,
+                             resume=str(first / "checkpoints")), quiet=True)
+    with pytest.raises(UnHypeError, match="a finished result"):
+        loop.prepare(cfg_for(tiny_sd1, tmp_path / "third",
+                             resume=str(first / "erase.safetensors")), quiet=True)
+
+
+def test_header_length_128_mod_256_is_not_a_pickle(tmp_path):
+    for pad in range(0, 300, 7):  # some of these headers have a first byte of 0x80
+        path = tmp_path / f"t{pad}.safetensors"
+        atomic_save_safetensors({"w": torch.zeros(1)}, path, {"pad": "x" * pad})
+        assert read_header(path)[0]["pad"] == "x" * pad
+
+
+def test_sd2_v_prediction_backend(tiny_sd2, tmp_path):
+    cfg = cfg_for(tiny_sd2, tmp_path, max_train_steps=2)
+    session = loop.prepare(cfg, quiet=True)
+    assert session.backend.family.name == "sd2"
+    assert session.backend.prediction_type == "v_prediction"
+    assert session.item_emb.shape[1] == 1024
+    assert loop.train(session, progress=False) == 0
+    meta = load_hypernet(tmp_path / "erase.safetensors").meta
+    assert meta.family == "sd2" and meta.training["prediction_type"] == "v_prediction"
+
+
+def test_v_parameterization_flag(tiny_sd1, tmp_path):
+    backend = load_backend(resolve(fast_options(tiny_sd1, tmp_path, v_parameterization=True,
+                                                device="cpu")))
+    assert backend.prediction_type == "v_prediction"
+
+
+def test_sdxl_backend(tiny_sdxl, tmp_path):
+    cfg = cfg_for(tiny_sdxl, tmp_path, max_train_steps=2, train_batch_size=2)
+    session = loop.prepare(cfg, quiet=True)
+    b = session.backend
+    cond = b.encode(["a dog", "a cat"])
+    assert cond.hidden.shape[-1] == 2048  # both encoders' penultimate states
+    assert cond.added["text_embeds"].shape == (2, 1280)
+    assert cond.added["time_ids"].shape == (2, 6)
+    emb = b.embed(["a dog"])
+    assert emb.shape == (1, 1280) and torch.allclose(emb, cond.added["text_embeds"][:1], atol=1e-5)
+    assert loop.train(session, progress=False) == 0
+    meta = load_hypernet(tmp_path / "erase.safetensors").meta
+    assert meta.family == "sdxl" and meta.embedding["source"] == "clip_g_pooled_projected"
+    assert meta.config.targets[0].name.startswith("lora_unet_")
+
+
+def test_single_file_needs_a_local_config(tiny_sd1, tmp_path):
+    single = tmp_path / "model.safetensors"
+    atomic_save_safetensors({"model.diffusion_model.out.2.bias": torch.zeros(4)}, single, {})
+    with pytest.raises(UnHypeError, match="needs --model_config"):
+        load_backend(resolve(fast_options(single, tmp_path, device="cpu")))
+    with pytest.raises(UnHypeError, match="model_index.json missing"):
+        load_backend(resolve(fast_options(single, tmp_path, device="cpu",
+                                          model_config=str(tmp_path))))
+    with pytest.raises(UnHypeError, match="only .safetensors"):
+        ckpt = tmp_path / "model.ckpt"
+        ckpt.write_bytes(b"\x80\x02")
+        load_backend(resolve(fast_options(ckpt, tmp_path, device="cpu")))
