@@ -68,8 +68,10 @@ def say(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def prepare(cfg: TrainConfig, quiet: bool = False) -> Run:
-    """Everything that can fail on bad input fails here, before training starts."""
+def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = None) -> Run:
+    """Everything that can fail on bad input fails here, before training starts.
+
+    `backend` replaces loading the model from `pretrained_model_name_or_path` (benchmarks)."""
     concepts = resolve_concepts(cfg)  # before loading any model: cheap errors first
     out_dir = check_output_dir(cfg)
     resume_path = ckpt.find_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
@@ -78,9 +80,10 @@ def prepare(cfg: TrainConfig, quiet: bool = False) -> Run:
     cfg.values["device"] = pick_device(cfg.device)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    from trainer.backends import load_backend
+    if backend is None:
+        from trainer.backends import load_backend
 
-    backend = load_backend(cfg)
+        backend = load_backend(cfg)
     family = backend.family
     if cfg.model_family not in ("auto", family.name):
         raise UnHypeError(f"--model_family {cfg.model_family} but the model is {family.name}")
