@@ -23,6 +23,15 @@ def run(args) -> int:
 
     cfg = resolve(args)
     session = prepare(cfg)
+    if cfg.probe_lambda:
+        from trainer.calibrate import probe
+        from trainer.loop import build_cache, index_cache
+
+        if cfg.latent_cache:
+            session.cache = build_cache(session)
+            index_cache(session)
+        probe(session, [float(x) for x in cfg.probe_lambda.split(",")])
+        return 0
     code = train(session)
     if code == 0 and cfg.eval:
         from trainer.evaluate import evaluate_run

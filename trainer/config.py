@@ -78,6 +78,8 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("guidance_scale", float, None, "CFG scale of that sampling (default: model's, 7.5 SD)"),
     ("latent_cache", int, 0, "0: sample z_t fresh every step (paper); N > 0: sample N full "
      "trajectories per prompt once and reuse all their steps (same distribution, far cheaper)"),
+    ("probe_lambda", str, None, "comma-separated lambdas: run T plain SGD steps on one "
+     "concept's LoRA with each, print the ESD loss reached, and exit (choose fields_lambda)"),
     ("log_every", int, 10, "loss-log and progress-bar interval"),
     ("eval", bool, False, "toy only: measure erasure with the judge after training"),
     ("eval_images", int, 24, "toy eval: images per class/synonym"),

@@ -165,6 +165,12 @@ def build_cache(run: Run) -> dict:
             "e_a": torch.cat(eas), "item": torch.cat(owners)}
 
 
+def index_cache(run: Run) -> None:
+    run.cache_index = {}
+    for row, item in enumerate(run.cache["item"].tolist()):
+        run.cache_index.setdefault(item, []).append(row)
+
+
 def draw_batch(run: Run, gen: torch.Generator):
     """B training rows: item indices and (z_t, t, e_p, e_a) from the frozen model."""
     cfg, b = run.cfg, run.backend
@@ -272,9 +278,7 @@ def train(run: Run, progress: bool = True) -> int:
     if cfg.latent_cache and run.cache is None:
         t0 = time.time()
         run.cache = build_cache(run)
-        run.cache_index = {}
-        for row, item in enumerate(run.cache["item"].tolist()):
-            run.cache_index.setdefault(item, []).append(row)
+        index_cache(run)
         say(f"unhype train: latent cache of {len(run.cache['t'])} (z_t, t) pairs built in "
             f"{time.time() - t0:.0f} s")
     sampler = None

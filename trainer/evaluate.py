@@ -1,0 +1,185 @@
+"""Erasure measured on the toy world with its judge (MACE protocol, METHOD.md).
+
+Images are sampled with the toy's own sampler (DDIM + CFG), the hypernetwork's LoRA on the
+conditional rows only, and classified by the toy's judge CNN (trained on rendered ground truth,
+never on generated images). Acc_e: erased shapes prompted by name; Acc_s: the other shapes;
+Acc_g: erased shapes prompted by their synonyms (never trained on). Accuracies are class means.
+H_o from `unhype.evaluation.metrics`. The base model's predictions are cached on disk (keyed by
+prompts, seed, sampler settings and the toy weights) since every run compares against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unhype.errors import UnHypeError
+
+
+def erased_shapes(concepts) -> list[str]:
+    from unhype.toy import data
+
+    found = []
+    for c in concepts:
+        word = c["target"] if isinstance(c, dict) else c.target
+        match = [s for s, words in data.SYNONYMS.items() if word.lower() in words]
+        if not match:
+            raise UnHypeError(f"toy evaluation: {word!r} is not a toy shape or synonym "
+                              f"({', '.join(data.SHAPES)})")
+        found.append(match[0])
+    return found
+
+
+def prompt_sets(erased: list[str], per_class: int, seed: int = 1234):
+    """{'erased'|'others'|'synonyms': (prompts, shape index array)}."""
+    from unhype.toy import data
+
+    rng = np.random.default_rng(seed)
+    sets = {"erased": ([], []), "others": ([], []), "synonyms": ([], [])}
+
+    def add(kind, shape, word, k):
+        colour = data.COLOURS[(k + data.SHAPES.index(shape)) % len(data.COLOURS)]
+        tpl = data.FULL_TEMPLATES[rng.integers(len(data.FULL_TEMPLATES))]
+        sets[kind][0].append(data.fill(tpl, word, colour))
+        sets[kind][1].append(data.SHAPES.index(shape))
+    for shape in data.SHAPES:
+        kind = "erased" if shape in erased else "others"
+        for k in range(per_class):
+            add(kind, shape, shape, k)
+        if shape in erased:
+            synonyms = data.SYNONYMS[shape][1:]
+            for k in range(per_class):
+                add("synonyms", shape, synonyms[k % len(synonyms)], k)
+    return {k: (p, np.array(s)) for k, (p, s) in sets.items()}
+
+
+def _class_mean(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([(pred[truth == c] == c).mean() for c in np.unique(truth)]))
+
+
+def sample_judged(backend, prompts, seed, hypernet=None, lora=None, batch=128) -> np.ndarray:
+    """Judge's shape prediction for one image per prompt (same noise with or without LoRA)."""
+    from unhype.toy.judge import load_judge
+
+    toy = backend.toy
+    judge = _judge_cache.get("net") or _judge_cache.setdefault("net", load_judge())
+    preds = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        callback = None
+        if hypernet is not None:
+            with torch.no_grad():
+                lora.set(hypernet(backend.embed(chunk)), torch.arange(len(chunk)))
+
+            def callback(step, t, rows):
+                lora.set_rows(rows)  # -1 rows (unconditional) run the base weights
+        try:
+            images = toy.sample(chunk, seed=seed + i, before_unet_call=callback)
+        finally:
+            if lora is not None:
+                lora.clear()
+        preds.append(judge.classify(images)[0].cpu().numpy())
+    return np.concatenate(preds)
+
+
+_judge_cache: dict = {}
+
+
+def _weights_key() -> str:
+    from unhype.toy.model import weights_dir
+
+    parts = []
+    for sub in ("unet", "text_encoder"):
+        for f in sorted((weights_dir() / sub).glob("*.safetensors")):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return ";".join(parts)
+
+
+def base_predictions(backend, sets, seed) -> dict:
+    key = hashlib.sha256(json.dumps([_weights_key(), seed, {k: v[0] for k, v in sets.items()}])
+                         .encode()).hexdigest()[:20]
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unhype"
+    path = folder / f"toy-base-eval-{key}.json"
+    if path.is_file():
+        return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
+    preds = {k: sample_judged(backend, p, seed) for k, (p, _) in sets.items() if p}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v.tolist() for k, v in preds.items()}))
+    tmp.replace(path)
+    return preds
+
+
+def scores(preds: dict, sets: dict) -> dict:
+    from unhype.evaluation.metrics import h_o
+
+    acc = {k: _class_mean(preds[k], sets[k][1]) for k in sets if len(sets[k][0])}
+    out = {"acc_e": acc["erased"], "acc_s": acc["others"], "acc_g": acc["synonyms"]}
+    out["h_o"] = h_o(out["acc_e"], out["acc_s"], out["acc_g"])
+    return out
+
+
+def evaluate(backend, hypernet, lora, concepts, per_class: int = 24, seed: int = 777) -> dict:
+    erased = erased_shapes(concepts)
+    sets = prompt_sets(erased, per_class)
+    t0 = time.time()
+    base = scores(base_predictions(backend, sets, seed), sets)
+    preds = {k: sample_judged(backend, p, seed, hypernet, lora) for k, (p, _) in sets.items()}
+    after = scores(preds, sets)
+    after["acc_s_rel"] = after["acc_s"] / base["acc_s"] if base["acc_s"] else 0.0
+    return {"erased": erased, "per_class": per_class, "base": base, "unhype": after,
+            "passes": {"erased<=10%": after["acc_e"] <= 0.10,
+                       "others>=90% of base": after["acc_s_rel"] >= 0.90,
+                       "synonyms<=20%": after["acc_g"] <= 0.20},
+            "seconds": round(time.time() - t0, 1)}
+
+
+def format_metrics(m: dict) -> str:
+    b, u = m["base"], m["unhype"]
+    rows = [f"toy erasure of {', '.join(m['erased'])} ({m['per_class']} images per class)",
+            "| model | Acc_e (erased) | Acc_s (others) | Acc_g (synonyms) | H_o |",
+            "|---|---|---|---|---|",
+            f"| base | {b['acc_e']:.1%} | {b['acc_s']:.1%} | {b['acc_g']:.1%} | {b['h_o']:.1%} |",
+            f"| UnHype | {u['acc_e']:.1%} | {u['acc_s']:.1%} ({u['acc_s_rel']:.0%} of base) | "
+            f"{u['acc_g']:.1%} | {u['h_o']:.1%} |",
+            "targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}"
+                                    for k, v in m["passes"].items())]
+    return "\n".join(rows)
+
+
+def evaluate_run(run) -> dict:
+    """After `unhype train --eval` on the toy: metrics.json + a printed table."""
+    if run.backend.family.name != "toy":
+        raise UnHypeError("--eval measures erasure on the toy model only; for SD use "
+                          "`unhype eval` with open_clip")
+    metrics = evaluate(run.backend, run.hypernet, run.lora, run.concepts, run.cfg.eval_images)
+    path = run.out_dir / "metrics.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(path)
+    print(format_metrics(metrics))
+    print(f"unhype train: metrics written to {path}", file=sys.stderr)
+    return metrics
+
+
+def evaluate_file(path, per_class: int = 24, device: str = "cpu") -> dict:
+    """Metrics of a saved toy hypernetwork file."""
+    from trainer.backends.toy import ToyBackend
+    from unhype.dynamic_lora import DynamicLoRA
+    from unhype.fileformat import check_targets_in_model, load_hypernet
+
+    loaded = load_hypernet(path, device)
+    backend = ToyBackend(device)
+    lora = DynamicLoRA(check_targets_in_model(loaded, backend.unet))
+    try:
+        return evaluate(backend, loaded.hypernet, lora, loaded.meta.concepts, per_class)
+    finally:
+        lora.remove()
