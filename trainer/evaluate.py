@@ -69,7 +69,8 @@ def sample_judged(backend, prompts, seed, hypernet=None, lora=None, batch=128) -
     from unhype.toy.judge import load_judge
 
     toy = backend.toy
-    judge = _judge_cache.get("net") or _judge_cache.setdefault("net", load_judge())
+    key = str(backend.weights)
+    judge = _judge_cache.get(key) or _judge_cache.setdefault(key, load_judge(backend.weights))
     preds = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
@@ -92,19 +93,17 @@ def sample_judged(backend, prompts, seed, hypernet=None, lora=None, batch=128) -
 _judge_cache: dict = {}
 
 
-def _weights_key() -> str:
-    from unhype.toy.model import weights_dir
-
-    parts = []
-    for sub in ("unet", "text_encoder"):
-        for f in sorted((weights_dir() / sub).glob("*.safetensors")):
+def _weights_key(weights) -> str:
+    parts = [str(weights)]
+    for sub in ("unet", "text_encoder", "judge"):
+        for f in sorted((Path(weights) / sub).glob("*.safetensors")):
             st = f.stat()
             parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
     return ";".join(parts)
 
 
 def base_predictions(backend, sets, seed) -> dict:
-    key = hashlib.sha256(json.dumps([_weights_key(), seed, {k: v[0] for k, v in sets.items()}])
+    key = hashlib.sha256(json.dumps([_weights_key(backend.weights), seed, {k: v[0] for k, v in sets.items()}])
                          .encode()).hexdigest()[:20]
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unhype"
     path = folder / f"toy-base-eval-{key}.json"

@@ -87,6 +87,9 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     family = backend.family
     if cfg.model_family not in ("auto", family.name):
         raise UnHypeError(f"--model_family {cfg.model_family} but the model is {family.name}")
+    if cfg.eval and family.name != "toy":
+        raise UnHypeError("--eval measures erasure with the toy judge, so it needs the toy model "
+                          f"(this is {family.name})")
     targets = family.targets(cfg.target_preset, model=backend.unet)
     _attention(cfg, backend)
     retain = resolve_retain(cfg.retain_prompts, concepts, backend)
@@ -326,8 +329,8 @@ def train(run: Run, progress: bool = True) -> int:
                     run.log.append(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(remove=f"{float(l_remove):.3g}",
-                                    retain=f"{float(l_retain):.3g}", refresh=False)
+                    bar.set_postfix(remove=f"{float(l_remove.detach()):.3g}",
+                                    retain=f"{float(l_retain.detach()):.3g}", refresh=False)
                 if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
                         and step < cfg.max_train_steps:
                     last_good = checkpoint(step)

@@ -22,6 +22,7 @@ class ToyBackend(Backend):
         from unhype.toy import model as toy_model
 
         self.toy = toy_model.load_toy(device=device, weights=weights)
+        self.weights = weights or toy_model.weights_dir()
         self.family = get_family("toy")
         self.device, self.dtype = torch.device(device), torch.float32
         self.unet = self.toy.unet
