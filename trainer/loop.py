@@ -159,9 +159,12 @@ def build_cache(run: Run) -> dict:
             cond_t, cond_a = run.cond_t.index(idx), run.cond_a.index(idx)
             uncond = run.uncond.index(torch.zeros(len(idx), dtype=torch.long))
 
-            def record(z, t, out_c, idx=idx, cond_a=cond_a):
+            empty_anchor = all(run.items[i][2] == "" for i in idx.tolist())
+
+            def record(z, t, out_c, out_u, idx=idx, cond_a=cond_a, empty=empty_anchor):
                 zs.append(z.cpu()), ts.append(t.cpu()), eps.append(out_c.cpu())
-                eas.append(b.predict(z, t, cond_a).cpu())
+                # anchor "" is the unconditional prompt: its prediction was just computed
+                eas.append(out_u.cpu() if empty else b.predict(z, t, cond_a).cpu())
                 owners.append(idx)
             b.sample(cond_t, uncond, gen, cfg.ddim_steps, run.guidance, record=record)
     return {"z": torch.cat(zs), "t": torch.cat(ts), "e_p": torch.cat(eps),

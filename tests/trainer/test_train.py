@@ -148,3 +148,20 @@ def test_modes_variants_and_options_train(tiny_sd1, tmp_path, over):
     for key, value in over.items():
         assert meta.training[key] == value
     assert session.log[-1]["delta_target"] > 0
+
+
+@pytest.mark.parametrize("anchor", ["", "cat"])
+def test_latent_cache_holds_the_frozen_models_predictions(tiny_sd1, tmp_path, anchor):
+    cfg = make_cfg(tiny_sd1, tmp_path, latent_cache=1)
+    cfg.concept_entries = [{"target": "dog", "anchor": anchor, "templates": ["a {}"]}]
+    session = loop.prepare(cfg, quiet=True)
+    cache = loop.build_cache(session)
+    assert len(cache["t"]) == cfg.ddim_steps  # one prompt x one trajectory x every DDIM step
+    assert len(set(cache["t"].tolist())) == cfg.ddim_steps
+    b = session.backend
+    for row in (0, cfg.ddim_steps - 1):
+        z, t = cache["z"][row:row + 1], cache["t"][row:row + 1]
+        e_a = b.predict(z, t, session.cond_a.index([0]))
+        e_p = b.predict(z, t, session.cond_t.index([0]))
+        assert torch.allclose(cache["e_a"][row:row + 1], e_a, atol=1e-5)
+        assert torch.allclose(cache["e_p"][row:row + 1], e_p, atol=1e-5)

@@ -127,8 +127,8 @@ class Backend:
                record=None) -> Tensor:
         """DDIM + CFG from pure noise; stop after `stop` of `steps` steps (None: to the end).
 
-        `record(z_t, t, cond_output)` is called before each step with the current latents and
-        the conditional branch's output (used to build the latent cache without extra passes).
+        `record(z_t, t, cond_output, uncond_output)` is called before each step with the current
+        latents and both branches' outputs (the latent cache is built without extra passes).
         """
         n = cond.hidden.shape[0]
         scheduler = self.make_scheduler(steps)
@@ -141,7 +141,7 @@ class Backend:
                 both = self.predict(torch.cat([z_in, z_in]), torch.cat([tt, tt]),
                                     Cond.cat([uncond, cond]))
                 out_u, out_c = both.chunk(2)
-                record(z_in, tt, out_c)
+                record(z_in, tt, out_c, out_u)
                 out = out_u + guidance * (out_c - out_u)
             else:
                 out = self.guided(z_in, t, cond, uncond, guidance, lora, rows)
