@@ -40,7 +40,7 @@ class Active:
     items: set[int] | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     unet: torch.nn.Module
     actives: list[Active]

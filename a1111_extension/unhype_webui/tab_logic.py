@@ -81,8 +81,9 @@ def bake_ui(name, prompt, strength, out_name, sd_model=None, out_dir=None) -> st
         _, path = files.resolve(name)
         loaded = files.load(path)
         emb = _embedder(loaded, sd_model or host.current_model())([prompt])[0]
+        words = re.sub(r"[^\w]+", "_", plain_text(prompt))[:40]
         stem = re.sub(r"[^\w.-]+", "_", (out_name or "").strip()) or \
-            f"unhype_{loaded.path.stem}_{re.sub(r'[^\w]+', '_', plain_text(prompt))[:40]}"
+            f"unhype_{loaded.path.stem}_{words}"
         folder = out_dir or host.lora_dir()
         os.makedirs(folder, exist_ok=True)
         target = os.path.join(folder, stem + ".safetensors")

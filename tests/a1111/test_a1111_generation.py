@@ -1,0 +1,319 @@
+"""The extension inside a (stand-in) A1111 / Forge generation, on a real ldm-layout UNet.
+
+Every UNet call made while sampling is recorded; each row's output is then recomputed with a
+copy of the UNet whose weights have that row's prompt LoRA merged (W + s * B A^T), or with the
+base UNet for rows that must run it (unconditional rows). Rows must agree to float precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+
+import pytest
+import torch
+
+from unhype.errors import UnHypeError
+from unhype.fileformat import host_paths, load_hypernet, save_hypernet
+from unhype.hypernet import delta_weight
+from unhype.prompt_tags import plain_text
+
+pytestmark = pytest.mark.needs_unet
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+# --- fixtures --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd1():
+    import fake_models
+
+    return fake_models.A1111SD1()
+
+
+@pytest.fixture(scope="module")
+def sd1_net():
+    import fake_models
+    from tests.helpers import hypernet_for
+
+    return hypernet_for(fake_models.tiny_diffusers_twin(), family="sd1", rank=2, hidden=16,
+                        perturb=0.05)
+
+
+@pytest.fixture
+def hyper_file(webui_dirs, sd1_net):
+    path = webui_dirs["unhype"] / "erase_cat.safetensors"
+    save_hypernet(path, sd1_net, "sd1", concepts=[{"target": "cat", "anchor": ""}])
+    return path
+
+
+@pytest.fixture
+def script(webui_dirs):
+    from modules import scripts
+
+    loaded = scripts.load_scripts(str(ROOT), [str(ROOT / "scripts" / "unhype_a1111.py")])
+    return loaded[0]()
+
+
+def hooks_left(module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def run(sd_model, script, prompts, args=(True, "erase_cat", 1.0, True), **kw):
+    from modules.processing import StableDiffusionProcessingTxt2Img, process_images
+
+    p = StableDiffusionProcessingTxt2Img(sd_model=sd_model, prompt=list(prompts),
+                                         batch_size=len(prompts), negative_prompt="ugly",
+                                         scripts=[(script, list(args))], **kw)
+    return p, process_images(p)
+
+
+def merged(unet, loaded, emb, strength):
+    ref = copy.deepcopy(unet)
+    with torch.no_grad():
+        factors = loaded.hypernet(emb.reshape(1, -1))
+        for name, hp in host_paths(loaded.meta, "ldm").items():
+            a, b = factors[name]
+            ref.get_submodule(hp.path).weight += strength * delta_weight(a[0], b[0])
+    return ref
+
+
+def check_rows(p, unet, expected, refs):
+    """expected(call_index, row) -> key into refs (None: base UNet). Returns the largest
+    change the LoRA made to any row (so a test can insist it is not nothing)."""
+    assert p.unet_calls, "the sampler never called the UNet"
+    worst_lora = 0.0
+    for c, (x, t, ctx, out) in enumerate(p.unet_calls):
+        kw = {"context": ctx} if not isinstance(ctx, dict) else \
+            {"context": ctx["crossattn"], "y": ctx["vector"]}
+        keys = [expected(c, r) for r in range(x.shape[0])]
+        with torch.no_grad():
+            outs = {None: unet(x, t, **kw)}
+            for key in set(keys) - {None}:
+                outs[key] = refs[key](x, t, **kw)
+        for r, key in enumerate(keys):
+            want = outs[key][r]
+            worst_lora = max(worst_lora, float((want - outs[None][r]).abs().max()))
+            torch.testing.assert_close(out[r], want, atol=1e-5, rtol=1e-4,
+                                       msg=f"call {c} row {r} expected {key}")
+    return worst_lora
+
+
+def refs_for(sd_model, unet, path, texts, strength=1.0):
+    loaded = load_hypernet(path)
+    return {t: merged(unet, loaded, sd_model.pooled([plain_text(t)])[0], strength)
+            for t in texts}
+
+
+# --- loading ---------------------------------------------------------------------------
+@pytest.mark.parametrize("root, loader", [(".", "scripts/unhype_a1111.py"),
+                                          ("a1111_extension", "a1111_extension/scripts/unhype_script.py")])
+def test_loader_registers_script_callbacks_and_tag_again_after_reload(webui_dirs, root, loader):
+    from modules import extra_networks, script_callbacks, scripts
+
+    for _ in range(2):  # "Reload UI": callbacks cleared, script files run again
+        found = scripts.load_scripts(str((ROOT / root).resolve()), [str(ROOT / loader)])
+        assert [c.__name__ for c in found] == ["UnHypeScript"]
+        kinds = {k for k, v in script_callbacks.callback_map.items() if v}
+        assert {"callbacks_before_ui", "callbacks_ui_tabs", "callbacks_ui_settings",
+                "callbacks_model_loaded"} <= kinds
+        assert "unhype" in extra_networks.extra_network_registry
+    s = found[0]()
+    assert s.title() == "UnHype" and s.show(False) is scripts.AlwaysVisible
+    assert sys.modules["unhype_webui.script"].UnHypeScript is found[0]
+
+
+# --- per-row application ---------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["a1111", "a1111_split", "forge"])
+def test_each_prompt_gets_its_own_lora_on_cond_rows_only(sd1, hyper_file, script, layout):
+    prompts = ["a photo of a cat", "a (red:1.2) car on a road"]
+    unet = sd1.model.diffusion_model
+    p, res = run(sd1, script, prompts, layout=layout)
+    refs = refs_for(sd1, unet, hyper_file, prompts)
+    n = len(prompts)
+
+    def expected(c, r):
+        if layout == "forge":  # one call, uncond rows first
+            return None if r < n else prompts[r - n]
+        if layout == "a1111_split":  # two calls per step of batch_size rows each
+            r += (c % 2) * n
+        return prompts[r] if r < n else None
+
+    assert check_rows(p, unet, expected, refs) > 1e-3  # the LoRA really changes the output
+    assert hooks_left(unet) == 0
+    assert p.extra_generation_params["UnHype"].startswith("erase_cat [")
+    assert p.extra_generation_params["UnHype strength"] == "1"
+    assert len(p.unhype_state.sessions) == 1 and p.unhype_state.sessions[0].calls == len(p.unet_calls)
+    assert "sample" not in p.__dict__  # the wrapper is gone after postprocess
+
+
+def test_apply_to_all_rows_gives_uncond_rows_their_items_lora(sd1, hyper_file, script):
+    prompts = ["a cat", "a dog"]
+    unet = sd1.model.diffusion_model
+    p, _ = run(sd1, script, prompts, args=(True, "erase_cat", 0.8, False))
+    refs = refs_for(sd1, unet, hyper_file, prompts, 0.8)
+    check_rows(p, unet, lambda c, r: prompts[r % 2], refs)
+    assert p.extra_generation_params["UnHype cond only"] == "False"
+
+
+def test_and_parts_and_prompt_editing_use_each_rows_own_text(sd1, hyper_file, script):
+    prompts = ["a cat AND a red car", "[cat:dog:1] photo"]
+    unet = sd1.model.diffusion_model
+    p, _ = run(sd1, script, prompts, layout="a1111_split", steps=3)
+    texts = ["a cat", "a red car", "cat photo", "dog photo"]
+    refs = refs_for(sd1, unet, hyper_file, texts)
+    # a1111 layout: 3 cond rows (item 0 has two AND parts) + 2 uncond, in chunks of 2 rows
+    layout = lambda step: ["a cat", "a red car", "cat photo" if step <= 1 else "dog photo",  # noqa
+                           None, None]
+    check_rows(p, unet, lambda c, r: layout(c // 3)[(c % 3) * 2 + r], refs)
+
+
+def test_tags_apply_to_the_prompts_that_carry_them(sd1, hyper_file, script):
+    prompts = ["a cat <unhype:erase_cat:0.5>", "a cat"]
+    unet = sd1.model.diffusion_model
+    p, _ = run(sd1, script, prompts, args=(False, None, 1.0, True))
+    refs = refs_for(sd1, unet, hyper_file, ["a cat"], 0.5)
+    # identical text in both items: the rows cannot be told apart, both get the tag's LoRA
+    check_rows(p, unet, lambda c, r: "a cat" if r < 2 else None, refs)
+    p, _ = run(sd1, script, ["a cat <unhype:erase_cat:0.5>", "a dog"], args=(False, None, 1, True))
+    check_rows(p, unet, lambda c, r: "a cat" if r == 0 else None, refs)
+    assert p.extra_generation_params["UnHype hashes"].startswith("erase_cat: ")
+    assert [t.strength for t in p.unhype_tags] == [0.5]
+
+
+def test_hires_pass_uses_the_hires_prompt(sd1, hyper_file, script):
+    unet = sd1.model.diffusion_model
+    p, _ = run(sd1, script, ["a cat"], enable_hr=True, hr_prompt="a dog", steps=2)
+    refs = refs_for(sd1, unet, hyper_file, ["a cat", "a dog"])
+    check_rows(p, unet, lambda c, r: None if r else ("a cat" if c < 2 else "a dog"), refs)
+
+
+def test_forge_objects_and_pooled_from_its_text_engine(hyper_file, script, sd1):
+    import fake_models
+
+    forge = fake_models.ForgeSD1(unet=sd1.model.diffusion_model,
+                                 text=sd1.cond_stage_model.wrapped.transformer)
+    unet = forge.forge_objects.unet.model.diffusion_model
+    p, _ = run(forge, script, ["a cat", "a car"], layout="forge")
+    refs = refs_for(forge, unet, hyper_file, ["a cat", "a car"])
+    check_rows(p, unet, lambda c, r: None if r < 2 else ["a cat", "a car"][r - 2], refs)
+    assert forge.text_processing_engine.return_pooled is False  # restored
+    assert hooks_left(unet) == 0
+
+
+def test_sdxl_reads_clip_g_from_the_vector(webui_dirs, script):
+    import fake_models
+    from tests.helpers import hypernet_for
+
+    sdxl = fake_models.A1111SDXL()
+    net = hypernet_for(fake_models.tiny_diffusers_twin(2048), family="sdxl", rank=2, hidden=16,
+                       perturb=0.05)
+    path = webui_dirs["unhype"] / "xl.safetensors"
+    save_hypernet(path, net, "sdxl", concepts=[{"target": "cat"}])
+    unet = sdxl.model.diffusion_model
+    p, _ = run(sdxl, script, ["a cat", "a car"], args=(True, "xl", 1.0, True))
+    loaded = load_hypernet(path)
+    refs = {t: merged(unet, loaded, sdxl.pooled([t])[0], 1.0) for t in ("a cat", "a car")}
+    assert check_rows(p, unet, lambda c, r: ["a cat", "a car"][r] if r < 2 else None,
+                      refs) > 1e-4
+
+
+# --- refusals and failures -------------------------------------------------------------
+@pytest.fixture
+def sdxl_file(webui_dirs):
+    import fake_models
+    from tests.helpers import hypernet_for
+
+    net = hypernet_for(fake_models.tiny_diffusers_twin(2048), family="sdxl", rank=1, hidden=8)
+    path = webui_dirs["unhype"] / "xl_file.safetensors"
+    save_hypernet(path, net, "sdxl", concepts=[{"target": "cat"}])
+    return path
+
+
+def test_sdxl_file_on_sd1_model_is_refused_unless_settings_allow(sd1, sdxl_file, script):
+    from modules import shared
+
+    unet = sd1.model.diffusion_model
+    with pytest.raises(UnHypeError, match=r"is for sdxl, but the loaded model is sd1"):
+        run(sd1, script, ["a cat"], args=(True, "xl_file", 1.0, True))
+    assert hooks_left(unet) == 0
+    shared.opts.unhype_on_family_mismatch = "Generate without UnHype"
+    p, _ = run(sd1, script, ["a cat"], args=(True, "xl_file", 1.0, True))
+    check_rows(p, unet, lambda c, r: None, {})
+    assert any("is for sdxl" in c for c in p.comments)
+
+
+def test_missing_file_and_bad_tag_stop_the_generation_with_a_message(sd1, hyper_file, script):
+    with pytest.raises(UnHypeError, match="no hypernetwork named 'nope'"):
+        run(sd1, script, ["a cat"], args=(True, "nope", 1.0, True))
+    with pytest.raises(UnHypeError, match="not a number"):
+        run(sd1, script, ["a cat <unhype:erase_cat:lots>"], args=(False, None, 1.0, True))
+    with pytest.raises(UnHypeError, match="no hypernetwork is selected"):
+        run(sd1, script, ["a cat"], args=(True, None, 1.0, True))
+
+
+@pytest.mark.parametrize("fail_at", [0, 1])
+def test_nothing_stays_hooked_after_an_exception_in_sampling(sd1, hyper_file, script, fail_at):
+    from unhype_webui import runner
+
+    unet = sd1.model.diffusion_model
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run(sd1, script, ["a cat"], fail_at_call=fail_at)
+    assert hooks_left(unet) == 0
+    assert runner.remove_all() == 0
+    p, _ = run(sd1, script, ["a cat"])  # the next generation is normal
+    refs = refs_for(sd1, unet, hyper_file, ["a cat"])
+    check_rows(p, unet, lambda c, r: "a cat" if r == 0 else None, refs)
+
+
+# --- infotext --------------------------------------------------------------------------
+def test_infotext_round_trip_restores_the_panel(sd1, hyper_file, script):
+    from modules import infotext_utils
+
+    from unhype_webui import files, runner
+
+    p, res = run(sd1, script, ["a cat, on a mat"], args=(True, "erase_cat", 0.65, False))
+    params = infotext_utils.parse_generation_parameters(res.infotexts[0])
+    assert params["Prompt"].startswith("a cat, on a mat")
+    values = runner.paste_values(params, files.list_files())
+    assert values == {"enabled": True, "name": "erase_cat", "strength": 0.65, "cond_only": False}
+    hyper_file.rename(hyper_file.with_name("renamed.safetensors"))  # found again by hash
+    assert runner.paste_values(params, files.list_files())["name"] == "renamed"
+    p, res = run(sd1, script, ["a cat"], args=(False, None, 1.0, True))
+    params = infotext_utils.parse_generation_parameters(res.infotexts[0])
+    assert "UnHype" not in params
+    assert runner.paste_values(params, files.list_files())["enabled"] is False
+
+
+# --- tab and cards ---------------------------------------------------------------------
+def test_tab_lists_probes_and_bakes(sd1, hyper_file, webui_dirs):
+    from safetensors.torch import load_file
+
+    from unhype_webui import tab_logic
+
+    rows = tab_logic.file_rows()
+    assert rows[0][:3] == ["erase_cat", "sd1", "cat"]
+    table, status = tab_logic.probe_ui("erase_cat", "cat\na car on a road", sd_model=sd1)
+    assert table[0][0] == "cat" and table[0][2] == "cat" and table[0][4] == pytest.approx(1.0)
+    assert "prompt(s) switch it on" in status
+    msg = tab_logic.bake_ui("erase_cat", "a (cat:1.2)", 0.5, "baked", sd_model=sd1)
+    assert "baked.safetensors" in msg
+    lora = load_file(str(webui_dirs["lora"] / "baked.safetensors"))
+    loaded = load_hypernet(hyper_file)
+    with torch.no_grad():
+        a, b = next(iter(loaded.hypernet(sd1.pooled(["a cat"])).values()))
+    name = next(iter(loaded.hypernet.config.targets)).name
+    torch.testing.assert_close(lora[f"{name}.lora_up.weight"], 0.5 * b[0])
+    assert "**" in tab_logic.bake_ui("erase_cat", "", 1.0, "x", sd_model=sd1)
+
+
+def test_extra_networks_card_inserts_the_tag_and_shows_metadata(hyper_file, script):
+    from modules import script_callbacks, ui_extra_networks
+
+    ui_extra_networks.pages.clear()
+    script_callbacks.before_ui_callback()
+    page = ui_extra_networks.pages[0]
+    item = next(page.list_items())
+    assert item["name"] == "erase_cat"
+    assert item["prompt"] == '"<unhype:erase_cat:" + opts.extra_networks_default_multiplier + ">"'
+    assert item["metadata"]["unhype.family"] == "sd1"

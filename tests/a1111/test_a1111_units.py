@@ -1,0 +1,117 @@
+"""Host-agnostic pieces the extension stands on: tags, plain text, infotext fields, row
+matching by conditioning, family detection, probe."""
+
+import pytest
+import torch
+
+from unhype import infotext
+from unhype.errors import UnHypeError
+from unhype.model_check import detect_family, family_problem
+from unhype.probe import gram, probe
+from unhype.prompt_tags import Tag, find_tags, parse_tag_items, plain_text, split_and, strip_tags
+from unhype.row_match import CondBank
+
+
+# --- tags ------------------------------------------------------------------------------
+def test_tags_found_with_and_without_strength():
+    prompt = "a <unhype:nudity v1:0.5> photo <UNHYPE:sub/dir.x> of <lora:other:1> a cat"
+    assert find_tags(prompt) == [Tag("nudity v1", 0.5), Tag("sub/dir.x", 1.0)]
+    assert find_tags("<unhype:a:>", default=0.7) == [Tag("a", 0.7)]
+    assert find_tags("<unhype:a:-1.5e0>") == [Tag("a", -1.5)]
+    assert strip_tags(prompt) == "a  photo  of <lora:other:1> a cat"
+    assert strip_tags(prompt, all_networks=True) == "a  photo  of  a cat"
+
+
+@pytest.mark.parametrize("items, message", [
+    (["a", "strong"], "not a number"), (["a", "nan"], "finite"), ([""], "without a"),
+    (["a", "1", "2"], "3 fields")])
+def test_bad_tags_name_the_problem(items, message):
+    with pytest.raises(UnHypeError, match=message):
+        parse_tag_items(items)
+
+
+def test_plain_text_drops_emphasis_break_and_tags():
+    assert plain_text("a (red:1.3) ((car)), [blue] sky BREAK night <lora:x:1>") == \
+        "a red car, blue sky night"
+    assert plain_text(r"a \(literal\) bracket") == "a (literal) bracket"
+
+
+def test_split_and_weights_like_a1111():
+    assert split_and("a cat :1.2 AND a dog") == [("a cat", 1.2), ("a dog", 1.0)]
+    assert split_and("ANDROID robot") == [("ANDROID robot", 1.0)]
+
+
+# --- infotext --------------------------------------------------------------------------
+def test_infotext_fields_and_parse(tmp_path):
+    f = tmp_path / "h.safetensors"
+    f.write_bytes(b"x" * 100)
+    h = infotext.short_hash(f)
+    assert len(h) == 12
+    fields = infotext.format_fields("h", h, 0.75, cond_only=False)
+    assert fields == {"UnHype": f"h [{h}]", "UnHype strength": "0.75", "UnHype cond only": "False"}
+    entry = infotext.parse_fields(fields)
+    assert (entry.name, entry.hash, entry.strength, entry.cond_only) == ("h", h, 0.75, False)
+    assert infotext.parse_fields({"Steps": "20"}) is None
+    with pytest.raises(UnHypeError, match="strength"):
+        infotext.parse_fields({"UnHype": "h", "UnHype strength": "lots"})
+    renamed = tmp_path / "renamed.safetensors"
+    f.rename(renamed)
+    assert infotext.find_file({"renamed": str(renamed)}, "h", h) == "renamed"
+    assert infotext.find_file({"renamed": str(renamed)}, "h", None) is None
+    assert infotext.parse_hashes(infotext.format_hashes([("a", "12"), ("b:c", "34")])) == \
+        {"a": "12", "bc": "34"}
+
+
+# --- rows by conditioning --------------------------------------------------------------
+def test_cond_bank_matches_rows_by_content_despite_padding_and_fp16():
+    torch.manual_seed(0)
+    a, b, neg = torch.randn(77, 8), torch.randn(154, 8), torch.randn(77, 8)
+    bank = CondBank()
+    bank.add(a, 0)
+    bank.add(b[None], 1)
+    padded_a = torch.cat([a, a])  # Forge/ComfyUI repeat shorter rows to the longest
+    ctx = torch.stack([padded_a, b, torch.cat([neg, neg])]).half().float()
+    assert bank.match(ctx) == [0, 1, -1]
+    assert bank.rows(ctx, item_rows=[0, 1], cond_only=False) == [0, 1, 0]
+    near = a + 0.05 * a.norm() / a.numel() ** 0.5  # 5% off: another prompt, not a match
+    assert bank.match(near[None]) == [-1]
+    with pytest.raises(UnHypeError, match="batch, tokens, dim"):
+        bank.match(a)
+
+
+# --- family ----------------------------------------------------------------------------
+def test_family_detection_from_context_width():
+    from torch import nn
+
+    def unet(width):
+        m = nn.Module()
+        m.add_module("input_blocks", nn.ModuleDict({"attn2": nn.ModuleDict(
+            {"to_k": nn.Linear(width, 8, bias=False)})}))
+        return m
+
+    assert [detect_family(unet(w)) for w in (768, 1024, 2048, 1280)] == \
+        ["sd1", "sd2", "sdxl", "unknown"]
+    assert family_problem("sd1", "sd1") is None
+    msg = family_problem("sdxl", "sd1", "x.safetensors")
+    assert "is for sdxl" in msg and "model is sd1" in msg
+
+
+# --- probe -----------------------------------------------------------------------------
+def test_probe_scores_concept_prompts_and_gram_matches_dense():
+    from tests.helpers import hypernet_for, tiny_sd_unet
+
+    net = hypernet_for(tiny_sd_unet(), rank=2, perturb=0.05)
+    table = {"cat": torch.randn(768), "kitten": None, "car": torch.randn(768)}
+    table["kitten"] = table["cat"] + 0.01 * torch.randn(768)
+    embed = lambda texts: torch.stack([table[t] for t in texts])  # noqa: E731
+    res = probe(net, embed, ["cat", "kitten", "car"], ["cat"])
+    assert res[0].concepts[0].relative == pytest.approx(1.0)
+    assert res[0].concepts[0].cosine == pytest.approx(1.0, abs=1e-6)
+    assert res[1].fired == ["cat"]
+    with torch.no_grad():
+        f = net(embed(["cat", "car"]))
+    g = gram(f, f)
+    dense = sum((b[0] @ a[0].T * (b[1] @ a[1].T)).sum() for a, b in f.values())
+    assert float(g[0, 1]) == pytest.approx(float(dense), rel=1e-5)
+    with pytest.raises(UnHypeError, match="no prompt"):
+        probe(net, embed, [], ["cat"])

@@ -1,0 +1,47 @@
+"""modules/infotext_utils.py: quote / unquote (Forge L58-71) and the key-value part of
+parse_generation_parameters (re_param L18-19, L251-320: last line, unquote quoted values);
+create_infotext's parameter line is processing.py L792."""
+
+import json
+import re
+
+re_param_code = r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
+re_param = re.compile(re_param_code)
+
+
+def quote(text):
+    if ',' not in str(text) and '\n' not in str(text) and ':' not in str(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text):
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except Exception:
+        return text
+
+
+def generation_params_text(generation_params):
+    """processing.create_infotext L792."""
+    return ", ".join([k if k == v else f'{k}: {quote(v)}'
+                      for k, v in generation_params.items() if v is not None])
+
+
+def parse_generation_parameters(x):
+    res = {}
+    *lines, lastline = x.strip().split("\n")
+    if len(re_param.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ''
+    res["Prompt"] = "\n".join(lines).strip()
+    for k, v in re_param.findall(lastline):
+        try:
+            if v[0] == '"' and v[-1] == '"':
+                v = unquote(v)
+            res[k] = v
+        except Exception:
+            pass
+    return res

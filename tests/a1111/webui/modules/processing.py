@@ -1,0 +1,203 @@
+"""modules/processing.py + modules/sd_samplers_cfg_denoiser.py, reduced to what decides how
+UnHype must behave: the order of script calls in process_images_inner (Forge L907-1022,
+L1140-1156; A1111 1.10 the same), ``p.sample(conditioning, unconditional_conditioning, seeds,
+subseeds, subseed_strength, prompts)`` (L381/L1342) running the first pass and, for txt2img,
+the hires pass inside it (L1428 sample_hr_pass), and the ways the UNet is batched:
+
+* ``a1111``: CFGDenoiser.forward with batch_cond_uncond: one call on cat([cond rows, one per
+  AND part of each item] + [uncond rows]) (A1111 sd_samplers_cfg_denoiser.py, x_in / cond_in);
+* ``a1111_split``: batch_cond_uncond off: calls on chunks of batch_size rows of that layout,
+  which can mix cond and uncond rows when AND gives an item several cond rows;
+* ``forge``: backend/sampling/sampling_function.py calc_cond_uncond_batch: entries
+  concatenated in its own order (uncond first here), a single call.
+
+As in the real process_images, an exception in sampling skips ``postprocess``.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from modules import extra_networks, infotext_utils, prompt_parser
+
+
+def _split_and(prompt):
+    import re
+    parts = []
+    for chunk in re.split(r"\bAND\b", prompt):
+        m = re.match(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", chunk)
+        parts.append((m[1], float(m[2]) if m[2] else 1.0))
+    return parts
+
+
+@dataclass(repr=False)
+class StableDiffusionProcessingTxt2Img:
+    sd_model: object = None
+    prompt: object = ""
+    negative_prompt: str = ""
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 2
+    cfg_scale: float = 7.0
+    seed: int = 1
+    width: int = 64
+    height: int = 64
+    enable_hr: bool = False
+    hr_prompt: str = ""
+    hr_second_pass_steps: int = 0
+    layout: str = "a1111"
+    script_args: list = field(default_factory=list)
+    scripts: list = field(default_factory=list)
+    fail_at_call: int = -1  # raise inside the UNet loop at this call (error / interrupt)
+
+    def __post_init__(self):
+        self.extra_generation_params = {}
+        self.comments = {}
+        self.unet_calls = []
+        self.iteration = 0
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    # --- conditioning -------------------------------------------------------------------
+    def _conds(self, prompts, steps):
+        """[(item, weight, [(end_step, cond [L, D] or dict)])] like get_multicond_learned_
+        conditioning + reconstruct_multicond_batch."""
+        parts = [(i, text, w) for i, pr in enumerate(prompts) for text, w in _split_and(pr)]
+        scheds = prompt_parser.get_learned_conditioning_prompt_schedules(
+            [t for _, t, _ in parts], steps)
+        texts = [t for s in scheds for _, t in s]
+        conds = self.sd_model.get_learned_conditioning(texts)
+        out, k = [], 0
+        for (i, _, w), sched in zip(parts, scheds):
+            entries = []
+            for end, _ in sched:
+                entries.append((end, _row(conds, k)))
+                k += 1
+            out.append((i, w, entries))
+        return out
+
+    def setup_conds(self):
+        self.c = self._conds(self.prompts, self.steps)
+        self.uc = self._conds(self.negative_prompts, self.steps)
+
+    # --- sampling ----------------------------------------------------------------------
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,
+               prompts):
+        gen = torch.Generator().manual_seed(self.seed + self.iteration)
+        x = torch.randn(len(prompts), 4, 4, 4, generator=gen)
+        x = self._run(x, conditioning, unconditional_conditioning, self.steps)
+        if self.enable_hr:  # sample_hr_pass: hires conds, then the second pass
+            steps = self.hr_second_pass_steps or self.steps
+            hr_c = self._conds(self.hr_prompts, steps)
+            x = self._run(x, hr_c, unconditional_conditioning, steps)
+        return x
+
+    def _run(self, x, c, uc, steps):
+        unet = self.sd_model.unet_for_sampling()
+        for step in range(steps):
+            cond_rows = [(i, _at(entries, step)) for i, _, entries in c]
+            uncond_rows = [_at(entries, step) for _, _, entries in uc]
+            xs = torch.cat([x[i:i + 1] for i, _ in cond_rows])
+            cond = _stack([r for _, r in cond_rows])
+            uncond = _stack(uncond_rows)
+            if self.layout == "forge":
+                x_in, cond_in = torch.cat([x, xs]), _cat([uncond, cond])
+            else:
+                x_in, cond_in = torch.cat([xs, x]), _cat([cond, uncond])
+            t = torch.full((x_in.shape[0],), 999.0 - 300 * step)
+            if self.layout == "a1111_split":
+                bs = len(x)
+                out = torch.cat([self._call(unet, x_in[a:a + bs], t[a:a + bs], _sub(cond_in, a, a + bs))
+                                 for a in range(0, x_in.shape[0], bs)])
+            else:
+                out = self._call(unet, x_in, t, cond_in)
+            x = x - 0.01 * out[-len(x):] if self.layout != "forge" else x - 0.01 * out[:len(x)]
+        return x
+
+    def _call(self, unet, x_in, t, cond_in):
+        if len(self.unet_calls) == self.fail_at_call:
+            raise RuntimeError("simulated failure inside sampling")
+        if isinstance(cond_in, dict):
+            out = unet(x_in, t, context=cond_in["crossattn"], y=cond_in["vector"])
+        else:
+            out = unet(x_in, t, context=cond_in)
+        self.unet_calls.append((x_in.detach().clone(), t.clone(), _clone(cond_in),
+                                out.detach().clone()))
+        return out
+
+
+def _row(conds, k):
+    if isinstance(conds, dict):
+        return {key: v[k] for key, v in conds.items()}
+    return conds[k]
+
+
+def _at(entries, step):
+    for end, cond in entries:
+        if step <= end:
+            return cond
+    return entries[-1][1]
+
+
+def _stack(rows):
+    """Per-row conds ([L, D] or {crossattn: [L, D], vector: [V]}) -> a batch."""
+    if isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack(rows)
+
+
+def _cat(batches):
+    if isinstance(batches[0], dict):
+        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    return torch.cat(batches)
+
+
+def _sub(cond, a, b):
+    return {k: v[a:b] for k, v in cond.items()} if isinstance(cond, dict) else cond[a:b]
+
+
+def _clone(cond):
+    return {k: v.clone() for k, v in cond.items()} if isinstance(cond, dict) else cond.clone()
+
+
+@dataclass
+class Processed:
+    infotexts: list
+    images: object
+
+
+def create_infotext(p, index):
+    params = {"Steps": p.steps, "Sampler": "Euler", "CFG scale": p.cfg_scale,
+              "Seed": p.seed + index, "Size": f"{p.width}x{p.height}",
+              **p.extra_generation_params}
+    neg = f"\nNegative prompt: {p.all_negative_prompts[index]}" if p.negative_prompt else ""
+    return f"{p.all_prompts[index]}{neg}\n{infotext_utils.generation_params_text(params)}"
+
+
+def process_images(p):
+    n_all = p.batch_size * p.n_iter
+    p.all_prompts = list(p.prompt) if isinstance(p.prompt, list) else [p.prompt] * n_all
+    p.all_negative_prompts = [p.negative_prompt] * n_all
+    p.all_hr_prompts = [p.hr_prompt or x for x in p.all_prompts]
+    for script, args in p.scripts:
+        script.process(p, *args)
+    images = []
+    for n in range(p.n_iter):
+        p.iteration = n
+        sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+        p.prompts = p.all_prompts[sl]
+        p.negative_prompts = p.all_negative_prompts[sl]
+        p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
+        if p.enable_hr:
+            p.hr_prompts, _ = extra_networks.parse_prompts(p.all_hr_prompts[sl])
+        extra_networks.activate(p, p.extra_network_data)
+        for script, args in p.scripts:
+            script.process_batch(p, *args, batch_number=n, prompts=p.prompts)
+        p.setup_conds()
+        images.append(p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=None,
+                               subseeds=None, subseed_strength=0, prompts=p.prompts))
+    res = Processed([create_infotext(p, i) for i in range(n_all)], torch.cat(images))
+    for script, args in p.scripts:
+        script.postprocess(p, res, *args)
+    return res
