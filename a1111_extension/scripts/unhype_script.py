@@ -3,7 +3,7 @@
 import os
 import sys
 
-_ext = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ext = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # through a link
 _repo = os.path.dirname(_ext)
 for _path in ([_repo] if os.path.isdir(os.path.join(_repo, "unhype")) else []) + [_ext]:
     if _path not in sys.path:
