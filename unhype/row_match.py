@@ -20,7 +20,7 @@ from unhype.errors import UnHypeError
 class CondBank:
     """Known conditional rows: cross-attention conditioning -> prompt index."""
 
-    def __init__(self, tolerance: float = 1e-2):
+    def __init__(self, tolerance: float = 3e-2):
         self.tolerance = tolerance
         self._entries: list[tuple[Tensor, int]] = []
         self._on: dict = {}

@@ -101,15 +101,18 @@ class Session:
         return None
 
 
-def conditioning_texts(prompt: str, steps: int) -> list[str]:
-    """The texts one prompt's conditioning rows are computed from (AND parts x schedules)."""
+def conditioning_groups(prompt: str, steps: int) -> list[list[str]]:
+    """The texts one prompt's conditioning rows are computed from: per AND part, its schedule
+    (prompt editing) texts. The host encodes each group in one call (prompt_parser.
+    get_learned_conditioning, Forge L158 / A1111 1.10: one get_learned_conditioning per
+    prompt of its schedule texts), and emphasis normalisation depends on the call's batch, so
+    UnHype encodes the same groups to get the same tensors."""
     parts = [text for text, _ in split_and(prompt)] or [prompt]
-    texts = []
-    for sched in host.prompt_schedules(parts, steps):
-        for t in sched:
-            if t not in texts:
-                texts.append(t)
-    return texts
+    return [list(dict.fromkeys(sched)) for sched in host.prompt_schedules(parts, steps)]
+
+
+def conditioning_texts(prompt: str, steps: int) -> list[str]:
+    return list(dict.fromkeys(t for group in conditioning_groups(prompt, steps) for t in group))
 
 
 def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]],
@@ -134,14 +137,17 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
     if not usable:
         return Session(unet, [], bank, [], [], warnings)
 
-    cond_texts, owners = [], []
+    cond_texts, owners, groups = [], [], []
     for i, prompts in enumerate(item_prompts):
         for prompt in prompts:
-            for text in conditioning_texts(prompt, steps):
-                if text not in cond_texts:
-                    cond_texts.append(text)
-                    owners.append(set())
-                owners[cond_texts.index(text)].add(i)
+            for group in conditioning_groups(prompt, steps):
+                if group not in groups:
+                    groups.append(group)
+                for text in group:
+                    if text not in cond_texts:
+                        cond_texts.append(text)
+                        owners.append(set())
+                    owners[cond_texts.index(text)].add(i)
     embed_texts, text_k = [], []
     for text in cond_texts:
         plain = plain_text(text)
@@ -149,16 +155,18 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
             embed_texts.append(plain)
         text_k.append(embed_texts.index(plain))
 
-    cond = host.learned_conditioning(sd_model, cond_texts)
-    for j, row in enumerate(host.crossattn(cond)):
-        bank.add(row, text_k[j])
-    family = model_family
-    if family == "sdxl":
-        vectors = host.pooled_embeddings(sd_model, family, cond_texts, cond=cond)
-        first = [text_k.index(k) for k in range(len(embed_texts))]
-        emb = vectors[first]
+    vectors = {}
+    for group in groups:
+        cond = host.learned_conditioning(sd_model, group)
+        for text, row in zip(group, host.crossattn(cond)):
+            bank.add(row, text_k[cond_texts.index(text)])
+        if model_family == "sdxl":
+            for text, vec in zip(group, host.pooled_embeddings(sd_model, "sdxl", group, cond)):
+                vectors.setdefault(text_k[cond_texts.index(text)], vec)
+    if model_family == "sdxl":
+        emb = torch.stack([vectors[k] for k in range(len(embed_texts))])
     else:
-        emb = host.pooled_embeddings(sd_model, family, embed_texts)
+        emb = host.pooled_embeddings(sd_model, model_family, embed_texts)
     item_k = []
     for i, prompts in enumerate(item_prompts):
         first_text = conditioning_texts(prompts[0], steps)[0] if prompts else ""

@@ -92,6 +92,16 @@ class TinyTextModel(nn.Module):
         return SimpleNamespace(last_hidden_state=z, pooler_output=pooled)
 
 
+def emphasis_original(z, texts):
+    """A1111's "Original" emphasis (sd_emphasis.EmphasisOriginal.after_transformers): weighted
+    rows, then rescaled to the mean of the whole call's batch, so a text's conditioning
+    depends on the other texts encoded with it. Here: rows of texts with "(" weigh 1.2."""
+    mult = torch.tensor([1.2 if "(" in t else 1.0 for t in texts])[:, None, None]
+    original_mean = z.mean()
+    z = z * mult
+    return z * (original_mean / z.mean())
+
+
 def tokens(tokenizer, texts):
     return tokenizer(list(texts), truncation=True, max_length=77, padding="max_length",
                      return_tensors="pt")["input_ids"]
@@ -108,7 +118,8 @@ class A1111SD1:
 
     def get_learned_conditioning(self, texts):
         w = self.cond_stage_model.wrapped
-        return w.transformer(input_ids=tokens(w.tokenizer, texts)).last_hidden_state
+        z = w.transformer(input_ids=tokens(w.tokenizer, texts)).last_hidden_state
+        return emphasis_original(z, texts)
 
     def unet_for_sampling(self):
         return self.model.diffusion_model

@@ -157,13 +157,13 @@ def test_apply_to_all_rows_gives_uncond_rows_their_items_lora(sd1, hyper_file, s
 
 
 def test_and_parts_and_prompt_editing_use_each_rows_own_text(sd1, hyper_file, script):
-    prompts = ["a cat AND a red car", "[cat:dog:1] photo"]
+    prompts = ["a cat AND a red car", "[(cat:1.3):dog:1] photo"]
     unet = sd1.model.diffusion_model
     p, _ = run(sd1, script, prompts, layout="a1111_split", steps=3)
-    texts = ["a cat", "a red car", "cat photo", "dog photo"]
+    texts = ["a cat", "a red car", "(cat:1.3) photo", "dog photo"]
     refs = refs_for(sd1, unet, hyper_file, texts)
     # a1111 layout: 3 cond rows (item 0 has two AND parts) + 2 uncond, in chunks of 2 rows
-    layout = lambda step: ["a cat", "a red car", "cat photo" if step <= 1 else "dog photo",  # noqa
+    layout = lambda step: ["a cat", "a red car", "(cat:1.3) photo" if step <= 1 else "dog photo",  # noqa
                            None, None]
     check_rows(p, unet, lambda c, r: layout(c // 3)[(c % 3) * 2 + r], refs)
 

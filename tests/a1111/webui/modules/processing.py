@@ -61,20 +61,17 @@ class StableDiffusionProcessingTxt2Img:
 
     # --- conditioning -------------------------------------------------------------------
     def _conds(self, prompts, steps):
-        """[(item, weight, [(end_step, cond [L, D] or dict)])] like get_multicond_learned_
-        conditioning + reconstruct_multicond_batch."""
-        parts = [(i, text, w) for i, pr in enumerate(prompts) for text, w in _split_and(pr)]
-        scheds = prompt_parser.get_learned_conditioning_prompt_schedules(
-            [t for _, t, _ in parts], steps)
-        texts = [t for s in scheds for _, t in s]
-        conds = self.sd_model.get_learned_conditioning(texts)
-        out, k = [], 0
-        for (i, _, w), sched in zip(parts, scheds):
-            entries = []
-            for end, _ in sched:
-                entries.append((end, _row(conds, k)))
-                k += 1
-            out.append((i, w, entries))
+        """[(item, weight, [(end_step, cond [L, D] or dict)])] like prompt_parser.
+        get_multicond_learned_conditioning (Forge L253) + reconstruct_multicond_batch (L337);
+        as get_learned_conditioning (L158-200), each AND part's schedule texts are encoded
+        together in one model call."""
+        out = []
+        for i, prompt in enumerate(prompts):
+            for text, weight in _split_and(prompt):
+                sched = prompt_parser.get_learned_conditioning_prompt_schedules([text], steps)[0]
+                conds = self.sd_model.get_learned_conditioning([t for _, t in sched])
+                out.append((i, weight, [(end, _row(conds, k)) for k, (end, _) in
+                                        enumerate(sched)]))
         return out
 
     def setup_conds(self):

@@ -1,10 +1,12 @@
 """modules/prompt_parser.py get_learned_conditioning_prompt_schedules (Forge L28, A1111 1.10
 same signature). The real one parses with lark; this stand-in knows ``[a:b:when]`` only
-(when: a step number or a fraction of the steps), which is what the tests use."""
+(when: a step number or a fraction of the steps; parts may hold (emphasis:w) groups),
+which is what the tests use."""
 
 import re
 
-_EDIT = re.compile(r"\[([^\[\]:]*):([^\[\]:]*):\s*([0-9.]+)\s*\]")
+_PART = r"((?:\([^()]*\)|[^\[\]:()])*)"  # text, or a whole (emphasis:1.2) group
+_EDIT = re.compile(r"\[" + _PART + ":" + _PART + r":\s*([0-9.]+)\s*\]")
 
 
 def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None,
