@@ -127,3 +127,24 @@ def test_single_file_needs_a_local_config(tiny_sd1, tmp_path):
         ckpt = tmp_path / "model.ckpt"
         ckpt.write_bytes(b"\x80\x02")
         load_backend(resolve(fast_options(ckpt, tmp_path, device="cpu")))
+
+
+def test_xformers_missing_is_said_clearly(tiny_sd1, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed here")
+    except ImportError:
+        pass
+    loop.prepare(cfg_for(tiny_sd1, tmp_path, xformers=True), quiet=True)
+    assert "xformers is not installed; using PyTorch SDPA" in capsys.readouterr().err
+
+
+def test_probe_lambda_reports_sgd_outcome(tiny_sd1, tmp_path):
+    from trainer.calibrate import probe
+
+    session = loop.prepare(cfg_for(tiny_sd1, tmp_path, hyper_steps=3), quiet=True)
+    rows = probe(session, [1e-6, 50.0])
+    assert rows[0]["esd_before"] == rows[1]["esd_before"]
+    assert abs(rows[0]["esd_after"] - rows[0]["esd_before"]) < 1e-3 * rows[0]["esd_before"]
+    assert rows[1]["delta_norm"] > rows[0]["delta_norm"] > 0
