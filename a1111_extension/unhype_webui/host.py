@@ -33,6 +33,9 @@ def diffusion_model(sd_model) -> torch.nn.Module:
     forge = getattr(sd_model, "forge_objects", None)
     if forge is not None:
         return forge.unet.model.diffusion_model
+    if is_forge():
+        raise UnHypeError("UnHype: this Forge model has no forge_objects.unet; only Stable "
+                          "Diffusion 1.x/2.x/XL checkpoints are supported")
     try:
         return sd_model.model.diffusion_model
     except AttributeError:

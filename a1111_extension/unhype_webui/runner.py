@@ -182,7 +182,7 @@ def postprocess(p) -> None:
     remove_all()
 
 
-def paste_values(params: dict, choices: dict[str, str]) -> dict:
+def paste_values(params: dict, choices: dict[str, str], warn: bool = False) -> dict:
     """Panel values from pasted infotext (PNG Info, "send to txt2img"); None = leave as is.
 
     The file is found by hash first (renamed files), then by name; an image made without
@@ -196,7 +196,7 @@ def paste_values(params: dict, choices: dict[str, str]) -> dict:
     if entry is None:
         return {"enabled": False, "name": None, "strength": None, "cond_only": None}
     choice = infotext.find_file(choices, entry.name, entry.hash)
-    if choice is None:
+    if choice is None and warn:
         log.warning("UnHype: pasted hypernetwork %s [%s] is not in %s", entry.name, entry.hash,
                     host.unhype_dir())
     return {"enabled": choice is not None, "name": choice, "strength": entry.strength,

@@ -73,7 +73,7 @@ def panel(script, is_img2img):
 
     def pasted(key):
         def get(params):
-            value = runner.paste_values(params, files.list_files())[key]
+            value = runner.paste_values(params, files.list_files(), warn=key == "enabled")[key]
             if key == "name":
                 return None if value is None else gr.update(value=value)
             return value
