@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 from torch import nn
 
 from unhype.errors import UnHypeError
+from unhype.toy.model import TOY_TEXT_DIM  # cheap: constants only until a function runs
 
 APPLY_COND_ONLY = "cond_only"  # SD-style CFG: the unconditional branch runs the base weights
 APPLY_ALL = "all"  # guidance-distilled single pass (FLUX)
@@ -200,8 +201,8 @@ register_family(Family(
 register_family(Family(
     name="toy", description="UnHype's embedded toy text-to-image model (unhype/toy)",
     model_class="UNet2DConditionModel", config=_toy_config,
-    embedding=EmbeddingSpec("toy_clip_pooled", 0, "the toy CLIP text model, EOS token after "
-                            "the final layer norm (dim: see unhype.toy)"),
+    embedding=EmbeddingSpec("toy_clip_pooled", TOY_TEXT_DIM, "the toy CLIP text model, EOS "
+                            "token after the final layer norm (unhype.toy.model)"),
     presets=SD_PRESETS, default_preset="xattn_kv", apply_to=APPLY_COND_ONLY,
     base_model_version="unhype_toy", modelspec_architecture="unhype-toy/lora"))
 

@@ -1,0 +1,242 @@
+"""The toy CLIP: a tiny text tower and image tower trained contrastively on the toy data.
+
+The text tower is a transformers `CLIPTextModel` with the standard CLIP BPE tokenizer (built
+from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`, full 49408-token vocabulary, so any
+English prompt tokenizes), loaded and used exactly as Stable Diffusion's: the denoiser attends
+to `last_hidden_state` and the hypernetwork reads `pooler_output` (EOS token after the final
+layer norm). The image tower (`CLIPVisionModelWithProjection`) and the text projection are kept
+for zero-shot judging.
+
+Layout under a weights folder: `tokenizer/`, `text_encoder/` (fp16 on disk), `image_encoder/`,
+`clip_head.safetensors` (text projection and logit scale).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unhype.toy import data
+
+MAX_LENGTH = 16
+TEXT_DIM = 64
+PROJECTION_DIM = 64
+BOS, EOS = 49406, 49407
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer(out_dir: Path):
+    """Write a `CLIPTokenizer` folder equal to OpenAI CLIP's, from open_clip's BPE merges."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    units = list(_bytes_to_unicode().values())
+    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges] + \
+        ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), "utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=MAX_LENGTH,
+                                  pad_token="<|endoftext|>")
+        save_atomic(tokenizer, out_dir)
+    return tokenizer
+
+
+def save_atomic(obj, out_dir: Path, **kwargs) -> None:
+    """`obj.save_pretrained` into a temp folder next to `out_dir`, then swap it in."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    obj.save_pretrained(tmp, **kwargs)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        for p in sorted(old.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, out_dir)
+
+
+def clip_config():
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM,
+                          num_hidden_layers=3, num_attention_heads=4,
+                          max_position_embeddings=MAX_LENGTH, projection_dim=PROJECTION_DIM,
+                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=data.RESOLUTION, patch_size=4,
+                              num_channels=3, projection_dim=PROJECTION_DIM)
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                      projection_dim=PROJECTION_DIM)
+
+
+def pixel_input(images: torch.Tensor) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] -> the image tower's input."""
+    return images * 2 - 1
+
+
+def _match_matrix(cap_shape, cap_colour, img_shape, img_colour) -> torch.Tensor:
+    """[captions, images] 1 where the caption describes the image (a missing word matches all)."""
+    s = (cap_shape[:, None] < 0) | (cap_shape[:, None] == img_shape[None])
+    c = (cap_colour[:, None] < 0) | (cap_colour[:, None] == img_colour[None])
+    return (s & c).float()
+
+
+def train_clip(tokenizer, seed: int, steps: int = 700, batch: int = 256, progress=None,
+               model=None, freeze_text: bool = False, lr: float = 2e-3):
+    """Contrastive training with multi-positive targets (many captions fit many images).
+
+    With `freeze_text` only the image tower and the projections learn: the denoiser is trained
+    on the text tower's outputs, so the image tower can be improved without retraining it.
+    """
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = model if model is not None else CLIPModel(clip_config())
+    model.text_model.requires_grad_(not freeze_text)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.1)
+    bank, bank_s, bank_c = data.render_batch(8192, rng)
+    bank = torch.from_numpy(bank)
+    token_cache: dict[str, list[int]] = {}
+    model.train()
+    for step in range(steps):
+        idx = rng.integers(len(bank), size=batch)
+        images = bank[idx] + 0.03 * torch.randn(batch, 3, data.RESOLUTION, data.RESOLUTION)
+        cap_s, cap_c, texts = [], [], []
+        for s, c in zip(bank_s[idx], bank_c[idx]):
+            kind = rng.choice(list(data.CAPTION_KIND_P), p=list(data.CAPTION_KIND_P.values()))
+            cap_s.append(s if kind != "colour" else -1)
+            cap_c.append(c if kind != "shape" else -1)
+            texts.append(data.caption(data.SHAPES[s] if kind != "colour" else None,
+                                      data.COLOURS[c] if kind != "shape" else None, rng))
+        missing = [t for t in texts if t not in token_cache]
+        if missing:
+            ids = tokenizer(missing, padding="max_length", truncation=True).input_ids
+            token_cache.update(zip(missing, ids))
+        input_ids = torch.tensor([token_cache[t] for t in texts])
+        out = model(input_ids=input_ids, pixel_values=pixel_input(images))
+        match = _match_matrix(torch.tensor(cap_s), torch.tensor(cap_c),
+                              torch.from_numpy(bank_s[idx]), torch.from_numpy(bank_c[idx]))
+        logits = out.logits_per_text
+        loss_t = -(match / match.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+        loss_i = -(match / match.sum(0, keepdim=True) * F.log_softmax(logits, 0)).sum(0).mean()
+        loss = (loss_t + loss_i) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step, loss.item())
+    model.eval()
+    return model
+
+
+def save_clip(model, out_dir: Path, text: bool = True) -> None:
+    """Split a trained `CLIPModel` into the text_encoder / image_encoder / head layout."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    if text:
+        encoder = CLIPTextModel(model.config.text_config)
+        getattr(encoder, "text_model", encoder).load_state_dict(model.text_model.state_dict())
+        save_atomic(encoder.half(), out_dir / "text_encoder")
+    vision = CLIPVisionModelWithProjection(model.config.vision_config)
+    getattr(vision, "vision_model", vision).load_state_dict(model.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    save_atomic(vision, out_dir / "image_encoder")
+    head = {"text_projection.weight": model.text_projection.weight.detach().contiguous(),
+            "logit_scale": model.logit_scale.detach().reshape(1).contiguous()}
+    tmp = out_dir / ".clip_head.safetensors.tmp"
+    save_file(head, str(tmp))
+    os.replace(tmp, out_dir / "clip_head.safetensors")
+
+
+def load_clip_model(weights: Path):
+    """The full `CLIPModel` reassembled from the saved towers (e.g. to train it further)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+    model = CLIPModel(clip_config())
+    text = load_text_encoder(weights)
+    model.text_model.load_state_dict(getattr(text, "text_model", text).state_dict())
+    vision = CLIPVisionModelWithProjection.from_pretrained(Path(weights) / "image_encoder")
+    model.vision_model.load_state_dict(getattr(vision, "vision_model", vision).state_dict())
+    model.visual_projection.load_state_dict(vision.visual_projection.state_dict())
+    head = load_file(str(Path(weights) / "clip_head.safetensors"))
+    with torch.no_grad():
+        model.text_projection.weight.copy_(head["text_projection.weight"])
+        model.logit_scale.copy_(head["logit_scale"][0])
+    return model
+
+
+def load_tokenizer(weights: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(Path(weights) / "tokenizer")
+
+
+def load_text_encoder(weights: Path, device="cpu"):
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel.from_pretrained(Path(weights) / "text_encoder", torch_dtype=torch.float32)
+    return model.to(device).eval().requires_grad_(False)
+
+
+class ToyClipParts:
+    """The toy CLIP's two towers as the three callables `judge.zero_shot_classify` takes."""
+
+    def __init__(self, weights: Path, device="cpu"):
+        from safetensors.torch import load_file
+        from transformers import CLIPVisionModelWithProjection
+
+        self.device = device
+        self.tokenizer_hf = load_tokenizer(weights)
+        self.text = load_text_encoder(weights, device)
+        self.vision = CLIPVisionModelWithProjection.from_pretrained(
+            Path(weights) / "image_encoder").to(device).eval().requires_grad_(False)
+        head = load_file(str(Path(weights) / "clip_head.safetensors"))
+        self.text_projection = head["text_projection.weight"].float().to(device)
+        self.logit_scale = float(head["logit_scale"].exp())
+
+    def tokenizer(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer_hf(prompts, padding="max_length", truncation=True,
+                                 return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def text_encoder(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.text(input_ids=tokens.to(self.device)).pooler_output
+        return pooled @ self.text_projection.T
+
+    @torch.no_grad()
+    def image_encoder(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values=pixel_input(images.to(self.device))).image_embeds
