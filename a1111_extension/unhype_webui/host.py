@@ -137,7 +137,7 @@ def _open_clip_pooled(model, texts):
     return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)].float().cpu()
 
 
-def prompt_schedules(prompts: list[str], steps: int) -> list[list[str]]:
+def prompt_schedules(prompts: list[str], steps: int, dedupe: bool = True) -> list[list[str]]:
     """Every text each prompt's conditioning is computed from over `steps` (prompt editing
     ``[a:b:n]``, alternation), with A1111's own parser; the prompt itself if it has none."""
     try:
@@ -151,7 +151,7 @@ def prompt_schedules(prompts: list[str], steps: int) -> list[list[str]]:
     for prompt, sched in zip(prompts, schedules):
         texts = []
         for _, text in sched:
-            if text not in texts:
+            if not dedupe or text not in texts:
                 texts.append(text)
         out.append(texts or [prompt])
     return out

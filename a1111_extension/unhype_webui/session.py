@@ -108,7 +108,7 @@ def conditioning_groups(prompt: str, steps: int) -> list[list[str]]:
     prompt of its schedule texts), and emphasis normalisation depends on the call's batch, so
     UnHype encodes the same groups to get the same tensors."""
     parts = [text for text, _ in split_and(prompt)] or [prompt]
-    return [list(dict.fromkeys(sched)) for sched in host.prompt_schedules(parts, steps)]
+    return [list(sched) for sched in host.prompt_schedules(parts, steps, dedupe=False)]
 
 
 def conditioning_texts(prompt: str, steps: int) -> list[str]:
