@@ -143,10 +143,23 @@ def prepare(p, prompts=None) -> Session | None:
         return None
     session = build_session(p.sd_model, actives, item_prompts(p, prompts), steps_of(p),
                             host.option("unhype_on_family_mismatch", MISMATCH_STOP))
+    if session.actives:
+        session.warnings += other_model_warnings(p)
     for warning in session.warnings:
         if hasattr(p, "comment"):
             p.comment(warning)
     return session
+
+
+def other_model_warnings(p) -> list[str]:
+    """Steps that run on another checkpoint (SDXL refiner, hires checkpoint) are not hooked."""
+    out = []
+    for attr, what in (("refiner_checkpoint", "the refiner steps"),
+                       ("hr_checkpoint_name", "the hires pass")):
+        value = getattr(p, attr, None)
+        if value and str(value) not in ("None", "Use same checkpoint"):
+            out.append(f"UnHype: {what} run on another checkpoint ({value}) without UnHype")
+    return out
 
 
 def install_sample_wrapper(p) -> None:

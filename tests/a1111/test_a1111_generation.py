@@ -317,3 +317,15 @@ def test_extra_networks_card_inserts_the_tag_and_shows_metadata(hyper_file, scri
     assert item["name"] == "erase_cat"
     assert item["prompt"] == '"<unhype:erase_cat:" + opts.extra_networks_default_multiplier + ">"'
     assert item["metadata"]["unhype.family"] == "sd1"
+
+
+def test_steps_on_another_checkpoint_are_reported(sd1, hyper_file, script):
+    from modules.processing import StableDiffusionProcessingTxt2Img, process_images
+
+    p = StableDiffusionProcessingTxt2Img(sd_model=sd1, prompt=["a cat"], batch_size=1,
+                                         scripts=[(script, [True, "erase_cat", 1.0, True])])
+    p.refiner_checkpoint = "sdxl_refiner.safetensors"
+    p.hr_checkpoint_name = "Use same checkpoint"
+    process_images(p)
+    assert list(p.comments) == ["UnHype: the refiner steps run on another checkpoint "
+                                "(sdxl_refiner.safetensors) without UnHype"]
