@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import OrderedDict
 
@@ -11,7 +10,6 @@ from unhype.fileformat import LoadedHypernet, load_hypernet, read_header, read_m
 
 from unhype_webui import host
 
-log = logging.getLogger("unhype")
 _loaded: "OrderedDict[tuple, LoadedHypernet]" = OrderedDict()
 
 

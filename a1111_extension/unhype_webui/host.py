@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import os
 
 import torch
 
 from unhype.errors import UnHypeError
-
-log = logging.getLogger("unhype")
 
 
 def is_forge() -> bool:

@@ -7,8 +7,6 @@ components and ``gr.update`` common to both are used).
 from __future__ import annotations
 
 import html
-import logging
-import os
 
 import gradio as gr
 
@@ -16,8 +14,6 @@ from unhype import infotext
 from unhype.errors import UnHypeError
 
 from unhype_webui import files, host, runner, tab_logic
-
-log = logging.getLogger("unhype")
 
 
 def _tool_button(value):

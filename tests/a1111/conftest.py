@@ -4,7 +4,6 @@ copy. Skipped with the reason when that ComfyUI is not available."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

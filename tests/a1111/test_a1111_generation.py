@@ -8,7 +8,6 @@ base UNet for rows that must run it (unconditional rows). Rows must agree to flo
 from __future__ import annotations
 
 import copy
-import importlib
 import sys
 
 import pytest

@@ -2,7 +2,6 @@
 (L186-): __init__(title), find_preview/find_description/search_terms_from_path/get_sort_keys/
 read_user_metadata used by create_item."""
 
-import json
 import os
 
 pages = []
