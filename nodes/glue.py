@@ -6,7 +6,6 @@ Everything version-dependent is decided by feature detection on the objects Comf
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 
@@ -163,22 +162,13 @@ def choose_path(model, mode: str) -> str:
     return PATH_MERGE
 
 
-class _ChainedWrapper(UnHypeWrapper):
-    """UnHypeWrapper that survives ModelPatcher.clone()'s deepcopy of model_options cheaply."""
-
-    def __deepcopy__(self, memo):
-        new = _ChainedWrapper(self.plan, self.get_root, copy.deepcopy(self.inner, memo))
-        new._bound = self._bound
-        return new
-
-
 def apply_per_row(model, plan: ApplyPlan):
     patched = model.clone()
     base = patched.model
     resolve_modules(diffusion_model(patched), plan.paths, plan.dims)  # fail now, not mid-run
     inner = patched.model_options.get("model_function_wrapper")
     patched.set_model_unet_function_wrapper(
-        _ChainedWrapper(plan, lambda: base.diffusion_model, inner))
+        UnHypeWrapper(plan, lambda: base.diffusion_model, inner))
     return patched
 
 

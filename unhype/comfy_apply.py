@@ -181,9 +181,21 @@ class UnHypeWrapper:
             self._bound = (root, resolve_modules(root, self.plan.paths, self.plan.dims))
         return self._bound[1]
 
-    def to(self, device):  # ModelPatcher.model_patches_to calls this when it exists
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options: share the plan and the model, never
+        # copy them (the bound modules are the UNet itself)
+        import copy
+
+        new = type(self)(self.plan, self.get_root, copy.deepcopy(self.inner, memo))
+        new._bound = self._bound
+        return new
+
+    def to(self, device):  # ModelPatcher.model_patches_to calls this when the model loads
         if self.inner is not None and hasattr(self.inner, "to"):
             self.inner = self.inner.to(device)
+        if isinstance(device, (str, torch.device)):  # keep the factors beside the weights
+            self.plan.factors = {k: (a.to(device), b.to(device))
+                                 for k, (a, b) in self.plan.factors.items()}
         return self
 
     def __call__(self, apply_model, args: dict):
