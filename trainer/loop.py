@@ -92,6 +92,9 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
                           f"(this is {family.name})")
     targets = family.targets(cfg.target_preset, model=backend.unet)
     _attention(cfg, backend)
+    for c in concepts:  # e.g. the toy knows its shapes' synonyms (evaluation only)
+        if not c.synonyms:
+            c.synonyms = backend.default_synonyms(c.target)
     retain = resolve_retain(cfg.retain_prompts, concepts, backend)
     specs = [TargetSpec(t.name, t.module_type, t.in_dim, t.out_dim, t.path) for t in targets]
     embed_dim = backend.embed([""]).shape[1]
@@ -250,8 +253,12 @@ def monitor(run: Run, items, z, t, e_p, e_a) -> dict:
     esd_t = losses.esd_loss_per_prompt(run.backend.predict(z, t, run.cond_t.index(items)),
                                        e_p, e_a, run.cfg.eta)
     lora.clear()
+    esd_0 = losses.esd_loss_per_prompt(run.backend.predict(z, t, run.cond_t.index(items)),
+                                       e_p, e_a, run.cfg.eta)
     f_r = hn(run.retain_emb[: min(256, len(run.retain_emb))])
-    return {"esd_T": float(esd_t.mean()), "delta_target": float(losses.delta_norm(f_t).mean()),
+    return {"esd_T": float(esd_t.mean()), "esd_base": float(esd_0.mean()),
+            "esd_T_rel": float(esd_t.mean() / esd_0.mean().clamp(min=1e-12)),
+            "delta_target": float(losses.delta_norm(f_t).mean()),
             "delta_retain": float(losses.delta_norm(f_r).mean())}
 
 

@@ -61,6 +61,10 @@ class Backend:
         """Latents -> images [N, 3, H, W] in [0, 1] (for sample grids)."""
         raise NotImplementedError
 
+    def default_synonyms(self, target: str) -> list[str]:
+        """Synonyms a backend knows for a target (the toy's vocabulary); [] otherwise."""
+        return []
+
     def default_retain_prompts(self, concepts) -> list[str] | None:
         """Backends with a closed vocabulary (the toy) supply their own retain set."""
         return None

@@ -1,4 +1,6 @@
-"""The embedded toy world (`unhype.toy`): tiny CLIP text tower + tiny x0-predicting UNet, 16x16.
+"""The embedded toy world (`unhype.toy`): tiny CLIP text tower + tiny x0-predicting UNet.
+
+The UNet works on the toy's fixed linear latent (16x16 RGB pixel-unshuffled to 12x8x8).
 
 The UNet predicts x0 (`prediction_type="sample"`), so the ESD target is built on x0 predictions:
 x0_n = x0_a - eta (x0_p - x0_a), linear like the epsilon form. Sampling follows the toy's own
@@ -27,8 +29,8 @@ class ToyBackend(Backend):
         self.device, self.dtype = torch.device(device), torch.float32
         self.unet = self.toy.unet
         self.scheduler = DDIMScheduler.from_config(self.toy.scheduler.config)
-        self.latent_shape = (self.unet.config.in_channels, toy_model.RESOLUTION,
-                             toy_model.RESOLUTION)
+        size = self.unet.config.sample_size
+        self.latent_shape = (self.unet.config.in_channels, size, size)
         self.default_guidance = toy_model.DEFAULT_GUIDANCE
         self.default_steps = toy_model.DEFAULT_STEPS
         self.freeze()
@@ -43,7 +45,12 @@ class ToyBackend(Backend):
         return self.toy.encode_prompts(list(prompts))[1].float()
 
     def decode(self, latents):
-        return ((latents.float() + 1) / 2).clamp(0, 1).cpu()
+        return self.toy.decode_latents(latents.float()).cpu()
+
+    def default_synonyms(self, target):
+        from unhype.toy import data
+
+        return list(data.SYNONYMS.get(target.strip().lower(), [])[1:])
 
     def default_retain_prompts(self, concepts):
         return retain_prompts([c.target for c in concepts] +
