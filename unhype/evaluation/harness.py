@@ -1,0 +1,214 @@
+"""The evaluation harness: generate seeded images for the MACE prompt sets with each method, classify
+them, and score Acc_e / Acc_s / Acc_g / H_o (and H_c, CLIP score).
+
+Generators hide the model: `ToyGenerator` (the toy's own sampler, `ToyModel.sample`) and
+`BackendGenerator` (any trainer backend: SD1/SD2/SDXL diffusers models, DDIM + CFG). Both run
+the UNet on `[uncond rows; cond rows]` and tell the method the row map before every call, so a
+method's LoRA reaches the conditional rows only. The k-th batch of every prompt set is sampled
+with seed `seed + k * batch_size` whatever the method: each method sees the same noise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+from unhype.errors import UnHypeError
+from unhype.evaluation.methods import Method
+from unhype.evaluation.metrics import accuracy, h_c, h_o
+from unhype.evaluation.prompts import PromptSet, build_sets
+
+
+class _NegativeContext(nn.Module):
+    """Wraps a UNet: the first n rows (the unconditional half) attend to `negative` instead."""
+
+    def __init__(self, unet: nn.Module, negative: Tensor):
+        super().__init__()
+        self.unet, self.negative = unet, negative
+
+    def forward(self, sample, t, encoder_hidden_states, **kwargs):
+        n = self.negative.shape[0]
+        ctx = encoder_hidden_states.clone()
+        if ctx.shape[0] == 2 * n:
+            ctx[:n] = self.negative.to(ctx)
+        return self.unet(sample, t, encoder_hidden_states=ctx, **kwargs)
+
+
+class ToyGenerator:
+    """The toy model (unhype.toy.model.ToyModel) behind the harness interface."""
+
+    family = "toy"
+
+    def __init__(self, toy, steps: int | None = None, guidance: float | None = None):
+        from unhype.toy import model as toy_model
+
+        self.toy = toy
+        self.steps = steps or toy_model.DEFAULT_STEPS
+        self.guidance = guidance if guidance is not None else toy_model.DEFAULT_GUIDANCE
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.toy.unet
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        hidden, pooled = self.toy.encode_prompts(list(prompts))
+        return hidden.float(), pooled.float()
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seed: int, method: Method,
+               hidden: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+        if hidden is None:
+            hidden, pooled = self.encode(prompts)
+        negative = method.begin(hidden, pooled)
+        unet = _NegativeContext(self.unet, negative) if negative is not None else None
+        try:
+            return self.toy.sample(list(prompts), seed=seed, steps=self.steps,
+                                   guidance=self.guidance, unet=unet, hidden_states=hidden,
+                                   before_unet_call=lambda i, t, rows: method.rows(rows))
+        finally:
+            method.end()
+
+    # --- for the embedding attack (differentiable single denoising step) ---------------------
+    def to_latents(self, images: Tensor) -> Tensor:
+        return self.toy.encode_images(images)
+
+    def add_noise(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return self.toy.scheduler.add_noise(z0, noise, t)
+
+    def predict_x0(self, z_t: Tensor, t: Tensor, hidden: Tensor) -> Tensor:
+        """The cond-row prediction (x0 for the toy), gradients on."""
+        return self.unet(z_t, t, encoder_hidden_states=hidden).sample
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.toy.scheduler.config.num_train_timesteps
+
+
+class _RowsShim:
+    """What trainer backends call (`set_rows`) forwarded to a method."""
+
+    def __init__(self, method: Method):
+        self.method = method
+
+    def set_rows(self, rows):
+        self.method.rows(rows)
+
+
+class BackendGenerator:
+    """A trainer backend (trainer.backends.*: diffusers SD1/SD2/SDXL) behind the harness interface."""
+
+    def __init__(self, backend, steps: int = 30, guidance: float | None = None):
+        self.backend = backend
+        self.family = backend.family.name
+        self.steps = steps
+        self.guidance = guidance if guidance is not None else backend.default_guidance
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.backend.unet
+
+    def encode(self, prompts):
+        return self.backend.encode(list(prompts)).hidden.float(), self.backend.embed(list(prompts))
+
+    @torch.no_grad()
+    def sample(self, prompts, seed, method, hidden=None, pooled=None):
+        b = self.backend
+        cond = b.encode(list(prompts))
+        if hidden is not None:
+            cond.hidden = hidden
+        pooled = pooled if pooled is not None else b.embed(list(prompts))
+        n = len(prompts)
+        uncond = b.encode([""]).index(torch.zeros(n, dtype=torch.long))
+        negative = method.begin(cond.hidden.float(), pooled)
+        if negative is not None:
+            uncond.hidden = negative.to(uncond.hidden)
+        gen = torch.Generator().manual_seed(int(seed))
+        try:
+            z = b.sample(cond, uncond, gen, self.steps, self.guidance, lora=_RowsShim(method),
+                         rows=torch.arange(n))
+        finally:
+            method.end()
+        return b.decode(z)
+
+
+def generate(generator, method: Method, prompts: list[str], seed: int, batch_size: int,
+             bar=None) -> Tensor:
+    """Images [N, 3, H, W] in [0, 1] for `prompts` with `method` (already attached)."""
+    if batch_size < 1:
+        raise UnHypeError(f"batch size must be >= 1, got {batch_size}")
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        out.append(generator.sample(chunk, seed + start, method).float().cpu())
+        if bar is not None:
+            bar.update(len(chunk))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
+    """Acc_e / Acc_s / Acc_g and H_o (H_c for people) from class predictions per set."""
+    acc = {}
+    for key, name in (("erased", "acc_e"), ("others", "acc_s"), ("synonyms", "acc_g")):
+        if sets[key]:
+            acc[name] = accuracy(preds[key].tolist(), [c for _, c in sets[key]])
+        else:
+            acc[name] = None
+    out = dict(acc)
+    out["h_o"] = h_o(acc["acc_e"], acc["acc_s"], acc["acc_g"]) if acc["acc_g"] is not None else None
+    out["h_c"] = h_c(acc["acc_e"], acc["acc_s"])
+    if kind == "people":
+        out["h_o"] = None
+    return out
+
+
+def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str], classifier,
+             per_class: int = 10, seed: int = 1234, batch_size: int = 32, clip_scorer=None,
+             keep_images: int = 8, progress: bool = True, extras=()) -> dict:
+    """Run every method on the same prompt sets; returns {"sets": ..., "methods": {name: row}}.
+
+    Each row: the scores, `clip_score` (mean over the other-class prompts, when `clip_scorer`
+    has `clip_score`), seconds, and `images` (the first `keep_images` per set, for grids).
+    `extras`: callables (images, prompts, sets) -> dict of extra numbers (NudeNet, FID)."""
+    sets = build_sets(ps, erased, per_class)
+    total = sum(len(v) for v in sets.values()) * len(methods)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="unhype eval", unit="img", file=sys.stderr,
+                   dynamic_ncols=True)
+    results = {}
+    try:
+        for method in methods:
+            t0 = time.time()
+            method.attach(generator.unet)
+            images = {}
+            try:
+                for key, items in sets.items():
+                    prompts = [p for p, _ in items]
+                    images[key] = generate(generator, method, prompts, seed, batch_size, bar)
+            finally:
+                method.detach()
+            preds = {k: classifier.predict(v) if len(v) else torch.empty(0, dtype=torch.long)
+                     for k, v in images.items()}
+            row = score(preds, sets, ps.kind)
+            if clip_scorer is not None and hasattr(clip_scorer, "clip_score"):
+                row["clip_score"] = float(clip_scorer.clip_score(
+                    images["others"], [p for p, _ in sets["others"]]).mean())
+            for extra in extras:
+                row.update(extra(images, sets))
+            row["seconds"] = round(time.time() - t0, 1)
+            row["settings"] = method.settings()
+            row["images"] = {k: v[:keep_images] for k, v in images.items()}
+            row["prompts"] = {k: [p for p, _ in sets[k][:keep_images]] for k in sets}
+            results[method.name] = row
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"sets": {k: [p for p, _ in v] for k, v in sets.items()},
+            "erased": [ps.class_names[i] for i in sorted({ps.index(w) for w in erased})],
+            "classifier": getattr(classifier, "description", type(classifier).__name__),
+            "per_class": per_class, "seed": seed, "methods": results}
