@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "unhype.commands.bake_cmd",
     "unhype.toy.cli",
     "trainer.cli",
+    "unhype.evaluation.cli",
 )
 
 

@@ -1,0 +1,185 @@
+"""Evaluation units on known inputs: prompt sets, scores, zero-shot CLIP, UCE, SPM gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from unhype.errors import UnHypeError
+from unhype.evaluation.harness import _NegativeContext, score
+from unhype.evaluation.prompts import build_sets, load_prompt_set
+from unhype.evaluation.report import table
+from unhype.evaluation.zero_shot import ZeroShotCLIP
+
+
+def test_builtin_prompt_sets_match_the_toy_vocabulary():
+    from unhype.toy import data
+
+    ps = load_prompt_set("toy")
+    assert ps.class_names == list(data.SHAPES)
+    assert all(ps.classes[s] == data.SYNONYMS[s] for s in data.SHAPES)
+    cifar = load_prompt_set("cifar10")
+    assert len(cifar.classes) == 10 and all(len(w) == 4 for w in cifar.classes.values())
+
+
+def test_build_sets_counts_labels_and_determinism():
+    ps = load_prompt_set("toy")
+    sets = build_sets(ps, ["disk", "square"], per_class=3)  # a synonym names its class
+    assert len(sets["erased"]) == 6 and len(sets["others"]) == 24 and len(sets["synonyms"]) == 6
+    assert {c for _, c in sets["erased"]} == {0, 1}
+    assert all("circle" not in p and "square" not in p for p, _ in sets["synonyms"])
+    assert all(any(w in p for w in ps.classes[ps.class_names[c]][1:]) for p, c in sets["synonyms"])
+    assert sets == build_sets(ps, ["circle", "square"], per_class=3)
+    assert "an orange" in " ".join(p for p, _ in sets["others"])
+
+
+def test_prompt_set_errors(tmp_path):
+    ps = load_prompt_set("toy")
+    with pytest.raises(UnHypeError, match="not a class or synonym"):
+        build_sets(ps, ["unicorn"], 2)
+    with pytest.raises(UnHypeError, match="every class is erased"):
+        build_sets(ps, ps.class_names, 2)
+    with pytest.raises(UnHypeError, match="no such file"):
+        load_prompt_set(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('templates = ["no placeholder"]\n[classes]\na = ["a"]\nb = ["b"]\n')
+    with pytest.raises(UnHypeError, match="exactly one"):
+        load_prompt_set(str(bad))
+
+
+def test_score_known_h_o():
+    ps = load_prompt_set("toy")
+    sets = build_sets(ps, ["circle"], per_class=2)
+    perfect = {"erased": torch.tensor([5, 5]), "synonyms": torch.tensor([3, 3]),
+               "others": torch.tensor([c for _, c in sets["others"]])}
+    s = score(perfect, sets)
+    assert (s["acc_e"], s["acc_s"], s["acc_g"]) == (0.0, 1.0, 0.0) and s["h_o"] == pytest.approx(1)
+    half = {"erased": torch.tensor([0, 5]), "synonyms": torch.tensor([0, 5]),
+            "others": torch.tensor([c if i % 2 else 0 for i, (_, c) in
+                                    enumerate(sets["others"])])}
+    s = score(half, sets)
+    assert s["acc_e"] == 0.5 and s["acc_g"] == 0.5 and s["acc_s"] == 0.5
+    assert s["h_o"] == pytest.approx(0.5) and s["h_c"] == pytest.approx(0.5)
+    md = table({"base model": {"h_o": 0.25, "acc_e": 1.0}, "x": {"h_o": 0.5, "acc_e": 0.0}},
+               reference="base model")
+    assert "| x | 0.0 | 50.0 | 2.00 |" in md
+
+
+class _Lookup:
+    """Fake CLIP: image i -> one-hot of its mean colour channel; texts by keyword."""
+
+    def image(self, images):
+        return torch.nn.functional.one_hot(images.mean((2, 3)).argmax(1), 3).float()
+
+    def tok(self, prompts):
+        return prompts
+
+    def text(self, prompts):
+        keys = ["red", "green", "blue"]
+        return torch.stack([torch.nn.functional.one_hot(torch.tensor(
+            [k in p for k in keys].index(True)), 3).float() for p in prompts])
+
+
+def test_zero_shot_predicts_and_scores():
+    f = _Lookup()
+    clf = ZeroShotCLIP(f.image, f.text, f.tok, ["r", "g", "b"],
+                       [["red"], ["a green", "green thing"], ["blue"]])
+    images = torch.zeros(3, 3, 4, 4)
+    images[0, 2], images[1, 0], images[2, 1] = 1, 1, 1
+    assert clf.predict(images).tolist() == [2, 0, 1]
+    scores = clf.clip_score(images, ["blue", "red", "blue"])
+    assert scores.tolist() == pytest.approx([100.0, 100.0, 0.0])
+
+
+def test_open_clip_path_from_config_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    import open_clip
+    from unhype.evaluation.zero_shot import load_classifier, load_open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
+                                           "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4,
+                        "layers": 1}}
+    path = tmp_path / "tiny-clip-test.json"
+    path.write_text(json.dumps(cfg))
+    enc_i, enc_t, tok = load_open_clip(str(path))
+    model = open_clip.create_model("tiny-clip-test")
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    clf = load_classifier(str(path), ["a", "b"], [["a cat"], ["a dog"]], str(weights))
+    images = torch.rand(3, 3, 20, 24)
+    assert clf.predict(images).shape == (3,) and clf.clip_score(images, ["x"] * 3).shape == (3,)
+    # the same weights, loaded through our path, give open_clip's own embeddings
+    with torch.no_grad():
+        ref = model.eval().encode_text(tok(["a cat"]))
+    assert torch.allclose(clf.text_encoder(clf.tokenizer(["a cat"])), ref, atol=1e-5)
+    assert enc_t(tok(["a cat"])).shape == (1, 16)
+    with pytest.raises(UnHypeError, match="no pickle"):
+        load_open_clip(str(path), str(tmp_path / "w.bin"))
+    with pytest.raises(UnHypeError, match="not an open_clip model"):
+        load_open_clip("no-such-model")
+
+
+def test_uce_closed_form_maps_erased_contexts_and_restores():
+    from unhype.baselines.uce import UCEMethod, uce_deltas
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_k = nn.Linear(4, 3, bias=False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mid = nn.Module()
+            self.mid.transformer_blocks = nn.ModuleList([nn.Module()])
+            self.mid.transformer_blocks[0].attn2 = Block()
+
+    torch.manual_seed(0)
+    net = Net()
+    w0 = net.mid.transformer_blocks[0].attn2.to_k.weight.detach().clone()
+    ce, ca, cp = torch.randn(1, 4), torch.randn(1, 4), torch.randn(1, 4)
+    table_ = {"e": ce, "a": ca, "p": cp}
+
+    def encode(prompts):  # one token per prompt; mask [BOS, word, EOS] -> slice from index 1
+        h = torch.stack([torch.cat([torch.zeros(1, 4), table_[p]]) for p in prompts])
+        return h, torch.ones(len(prompts), 3, dtype=torch.long)
+
+    deltas = uce_deltas(net, encode, ["e"], ["a"], ["p"], lam=1e-4, preserve_scale=1.0)
+    path = "mid.transformer_blocks.0.attn2.to_k"
+    w1 = w0 + deltas[path]
+    assert torch.allclose(w1 @ ce[0], w0 @ ca[0], atol=1e-2)  # erased -> anchor's value
+    assert torch.allclose(w1 @ cp[0], w0 @ cp[0], atol=1e-2)  # preserved unchanged
+    method = UCEMethod(deltas).attach(net)
+    assert torch.allclose(net.mid.transformer_blocks[0].attn2.to_k.weight, w1)
+    method.detach()
+    assert torch.equal(net.mid.transformer_blocks[0].attn2.to_k.weight, w0)
+
+
+def test_similarity_gate_opens_on_concepts_only():
+    from unhype.baselines.esd import SimilarityGate
+
+    torch.manual_seed(0)
+    concept = torch.randn(1, 16) + 0.05 * torch.randn(10, 16)
+    retain = torch.randn(50, 16)
+    gate = SimilarityGate(concept, retain)
+    assert gate(concept).min() > 0.9
+    assert gate(retain).median() < 0.1
+
+
+def test_negative_context_replaces_the_unconditional_half():
+    seen = {}
+
+    class Spy(nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            seen["ctx"] = encoder_hidden_states
+            return x
+
+    neg = torch.full((2, 3, 4), 7.0)
+    ctx = torch.zeros(4, 3, 4)
+    _NegativeContext(Spy(), neg)(torch.zeros(4), 0, encoder_hidden_states=ctx)
+    assert (seen["ctx"][:2] == 7).all() and (seen["ctx"][2:] == 0).all() and (ctx == 0).all()

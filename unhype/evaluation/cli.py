@@ -1,0 +1,141 @@
+"""`unhype eval`: measure erasure (MACE protocol: Acc_e, Acc_s, Acc_g, H_o; H_c; CLIP score) of
+hypernetwork files and baselines on the toy model or a Stable Diffusion model.
+
+    unhype eval --hypernet runs/toy_demo/erase_circle.safetensors          # toy: toy CLIP judge
+    unhype eval --hypernet erase_ship.safetensors --model /models/sd15 \\
+        --prompt_set cifar10 --classifier ViT-B-32 --clip_weights open_clip_b32.safetensors
+    unhype eval --model toy --erase circle --baselines uce,negative_prompt,esd_x
+
+Writes results.json, results.md and one image grid per method to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="measure erasure: Acc_e/Acc_s/Acc_g, H_o, H_c, CLIP "
+                              "score of hypernetworks and baselines",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hypernet", action="append", default=[], metavar="FILE",
+                   help="UnHype hypernetwork file (repeat to compare several)")
+    p.add_argument("--model", default=None, help="'toy' (default for toy files) or a diffusers "
+                   "folder / single-file checkpoint (with --model_config)")
+    p.add_argument("--model_config", default=None, help="diffusers config folder for a "
+                   "single-file checkpoint")
+    p.add_argument("--toy_weights", default=None, help="toy weights folder (default: committed)")
+    p.add_argument("--erase", default=None, help="comma-separated erased classes (default: the "
+                   "hypernetworks' concept targets)")
+    p.add_argument("--prompt_set", default=None, help="built-in name (toy, cifar10, "
+                   "celebrities_example) or a TOML file (default: toy / cifar10)")
+    p.add_argument("--per_class", type=int, default=10, help="images per class and set")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (toy 20, SD 30)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (model default)")
+    p.add_argument("--strength", type=float, default=1.0, help="hypernetwork LoRA strength")
+    p.add_argument("--classifier", default=None, help="'toy' (toy CLIP, zero-shot), 'judge' "
+                   "(toy CNN) or an open_clip model name / config .json (default toy / ViT-B-32)")
+    p.add_argument("--clip_weights", default=None, help="open_clip weights: a local .safetensors "
+                   "or a pretrained tag such as 'openai' (needs network)")
+    p.add_argument("--baselines", default="", help="comma-separated: negative_prompt, uce, "
+                   "esd_x, esd_u, spm")
+    p.add_argument("--baseline_steps", type=int, default=300, help="training steps of esd_x/u, spm")
+    p.add_argument("--no_base", action="store_true", help="skip the base model row")
+    p.add_argument("--nudenet", action="store_true", help="count NudeNet exposed-part "
+                   "detections at 0.6 (needs the nudenet package)")
+    p.add_argument("--fid_reference", default=None, help="folder of reference images: FID of "
+                   "the other-class images (needs clean-fid)")
+    p.add_argument("--keep_images", type=int, default=8, help="images per set in the grids")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="eval_out", help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from unhype.errors import UnHypeError
+    from unhype.evaluation import extras as extras_mod
+    from unhype.evaluation.harness import evaluate
+    from unhype.evaluation.methods import Method, UnHypeMethod
+    from unhype.evaluation.prompts import load_prompt_set
+    from unhype.evaluation.report import table, write_report
+    from unhype.evaluation.zero_shot import load_classifier
+    from unhype.fileformat import load_hypernet, read_meta
+
+    if args.per_class < 1 or args.batch_size < 1:
+        raise UnHypeError("--per_class and --batch_size must be >= 1")
+    metas = [read_meta(p) for p in args.hypernet]  # cheap checks before any model loads
+    families = {m.family for m in metas}
+    if len(families) > 1:
+        raise UnHypeError(f"the hypernetworks are for different families: {sorted(families)}")
+    model = args.model or ("toy" if not metas or families == {"toy"} else None)
+    if model is None:
+        raise UnHypeError(f"--model is needed for {families.pop()} hypernetworks (a diffusers "
+                          "folder or a single-file checkpoint)")
+    toy = model == "toy"
+    if metas and toy != (families == {"toy"}):
+        raise UnHypeError(f"the hypernetworks are for {sorted(families)} but --model is {model}")
+    erase = [w.strip() for w in args.erase.split(",")] if args.erase else \
+        list(dict.fromkeys(c["target"] for m in metas for c in m.concepts))
+    if not erase:
+        raise UnHypeError("nothing to erase: give --erase or a --hypernet with concepts")
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    ps = load_prompt_set(args.prompt_set or ("toy" if toy else "cifar10"))
+    erased = [ps.class_names[i] for i in sorted({ps.index(w) for w in erase})]
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+    backend, generator = load_model(model, args)
+    classifier = load_classifier(args.classifier or ("toy" if toy else "ViT-B-32"),
+                                 ps.class_names, ps.class_prompts(), args.clip_weights,
+                                 args.device, args.toy_weights)
+    notes = [f"classifier: {classifier.description}"]
+    methods = [] if args.no_base else [Method()]
+    for path in args.hypernet:
+        loaded = load_hypernet(path, args.device)
+        methods.append(UnHypeMethod.from_loaded(loaded, args.strength,
+                                                f"UnHype {loaded.meta.config.variant} ({path})"))
+    if baselines:
+        from unhype.baselines.registry import build
+
+        for name in baselines:
+            methods.append(build(name, generator, backend, erased, ps, args.baseline_steps,
+                                 args.seed, progress=True))
+    if not methods:
+        raise UnHypeError("no method to evaluate (give --hypernet or --baselines, or drop --no_base)")
+    extras = []
+    for fn, note in (extras_mod.nudenet_extra() if args.nudenet else (None, None),
+                     extras_mod.fid_extra(args.fid_reference)):
+        if note:
+            notes.append(note)
+        if fn is not None:
+            extras.append(fn)
+    result = evaluate(generator, methods, ps, erased, classifier, args.per_class, args.seed,
+                      args.batch_size, clip_scorer=classifier, keep_images=args.keep_images,
+                      extras=extras)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    paths = write_report(result, args.out, settings, notes)
+    print(table(result["methods"], reference=None if args.no_base else "base model"))
+    print(f"unhype eval: wrote {paths['json']}, {paths['md']} and "
+          f"{sum(1 for k in paths if k.startswith('grid'))} grids", file=sys.stderr)
+    return 0
+
+
+def load_model(model: str, args):
+    """(trainer backend, harness generator) for 'toy' or a diffusers model."""
+    from trainer.backends import load_backend
+    from trainer.config import resolve
+    from unhype.evaluation.harness import BackendGenerator, ToyGenerator
+
+    if model == "toy":
+        from trainer.backends.toy import ToyBackend
+
+        backend = ToyBackend(args.device, args.toy_weights)
+        return backend, ToyGenerator(backend.toy, args.steps, args.guidance)
+    cfg = resolve({"pretrained_model_name_or_path": model, "model_config": args.model_config,
+                   "device": args.device})
+    backend = load_backend(cfg)
+    return backend, BackendGenerator(backend, args.steps or 30, args.guidance)
