@@ -1,0 +1,43 @@
+"""The trainer on the embedded toy model (skipped until the toy weights are built)."""
+
+import pytest
+import torch
+
+from trainer import evaluate, loop
+from trainer.config import resolve
+from unhype.fileformat import load_hypernet
+from unhype.toy.model import weights_dir
+
+pytestmark = pytest.mark.skipif(not (weights_dir() / "unet" / "config.json").is_file(),
+                                reason="toy weights not built (unhype toy build)")
+
+
+def test_toy_run_writes_hypernet_grid_and_metrics(tmp_path):
+    cfg = resolve({"config_file": "trainer/configs/toy_demo.toml", "output_dir": str(tmp_path),
+                   "max_train_steps": 3, "ddim_steps": 3, "sample_steps": 2, "sample_seeds": 1,
+                   "train_batch_size": 2, "retain_batch_size": 16, "log_every": 1})
+    cfg.concept_entries = [{"target": "circle", "templates": ["a red {}", "a {}"]}]
+    session = loop.prepare(cfg, quiet=True)
+    assert session.backend.prediction_type == "sample"
+    assert session.concepts[0].synonyms == ["disk", "round shape", "dot"]
+    assert not [p for p in session.retain_prompts if "circle" in p or "disk" in p]
+    assert loop.train(session, progress=False) == 0
+    loaded = load_hypernet(tmp_path / "erase_circle.safetensors")
+    assert loaded.meta.family == "toy" and loaded.meta.concepts[0]["synonyms"][0] == "disk"
+    assert loaded.meta.training["esd_space"].startswith("native model output (sample)")
+    grid = list((tmp_path / "samples").glob("circle-step*.png"))
+    assert grid
+    images = session.backend.decode(torch.zeros(2, *session.backend.latent_shape))
+    assert images.shape == (2, 3, 16, 16)
+    metrics = evaluate.evaluate(session.backend, session.hypernet, session.lora,
+                                session.concepts, per_class=1)
+    for side in ("base", "unhype"):
+        assert all(0.0 <= metrics[side][k] <= 1.0 for k in ("acc_e", "acc_s", "acc_g", "h_o"))
+    assert metrics["erased"] == ["circle"]
+
+
+def test_toy_prompt_sets_cover_classes():
+    sets = evaluate.prompt_sets(["circle", "star"], per_class=3)
+    assert len(sets["erased"][0]) == 6 and len(sets["synonyms"][0]) == 6
+    assert len(sets["others"][0]) == 8 * 3
+    assert not [p for p in sets["synonyms"][0] if "circle" in p or " star" in p]
