@@ -1,0 +1,283 @@
+"""UnHype against its peers on the toy world, in one harness, and `docs/results.md` written from it.
+
+Settings (MACE protocol, METHOD.md): single-concept erasure of each of `--targets` (averaged) and
+multi-concept erasure of `--multi` classes by one model. Methods: the base model, the negative
+prompt, UCE (closed form), ESD-x and ESD-u (static LoRAs, ESD loss), SPM-style (gated rank-1,
+ESD loss + anchoring) and UnHype (`--variants`, trained in-process by the trainer with the toy
+demo config). Every trained method gets the same concepts, templates, z_t cache, seed and number
+of steps. Images are classified by the toy judge CNN (`--classifier toy` for the toy CLIP).
+
+    python benchmarks/compare_methods.py                 # defaults: see --help (<= ~30 min)
+    python benchmarks/compare_methods.py --variants all --per-class 20 --steps 600
+
+Results of each (setting, method) are cached under --out, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ALL_VARIANTS = ("per_layer/fields", "per_layer/direct", "shared/fields", "shared/direct")
+BASELINES = ("negative_prompt", "uce", "esd_x", "esd_u", "spm")
+
+
+def say(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def train_unhype(backend, concepts, variant, mode, steps, seed, out_dir):
+    """The trainer's own loop on the toy demo config; returns an UnHypeMethod."""
+    from trainer.config import resolve
+    from trainer.loop import index_cache, prepare, train
+    from unhype.baselines.esd import latent_cache
+    from unhype.evaluation.methods import UnHypeMethod
+
+    cfg = resolve({"config_file": str(ROOT / "trainer/configs/toy_demo.toml"),
+                   "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
+                   "variant": variant, "mode": mode, "max_train_steps": steps, "seed": seed,
+                   "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
+                   "save_every_n_steps": 0, "cpu_threads": 0})
+    run = prepare(cfg, quiet=True, backend=backend)
+    run.cache = latent_cache(run)
+    index_cache(run)
+    code = train(run, progress=False)
+    run.lora.remove()
+    if code:
+        raise RuntimeError(f"unhype train exited with {code}")
+    targets = backend.family.targets(cfg.target_preset, model=backend.unet)
+    run.hypernet.eval()
+    return UnHypeMethod(run.hypernet, {t.name: t.path for t in targets},
+                        {t.name: (t.in_dim, t.out_dim) for t in targets},
+                        name=f"UnHype {variant}/{mode}")
+
+
+def method_rows(args, backend, gen, ps, clf, concepts, tag):
+    """{method name: scores} for one setting, each (setting, method) cached on disk."""
+    from unhype.baselines.registry import build
+    from unhype.evaluation.harness import evaluate
+    from unhype.evaluation.methods import Method
+
+    rows = {}
+    plan = [("base", None)] + [(b, None) for b in args.baselines] + \
+        [("unhype", v) for v in args.variants]
+    for kind, variant in plan:
+        key = kind if variant is None else f"unhype-{variant.replace('/', '-')}"
+        cache = args.out / tag / f"{key}.json"
+        if cache.is_file() and not args.force:
+            row = json.loads(cache.read_text())
+            rows[row["name"]] = row
+            continue
+        t0 = time.time()
+        if kind == "base":
+            method = Method()
+        elif kind == "unhype":
+            v, mode = variant.split("/")
+            method = train_unhype(backend, concepts, v, mode, args.steps, args.seed,
+                                  args.out / tag / key)
+        else:
+            method = build(kind, gen, backend, concepts, ps, args.steps, args.seed)
+        train_s = time.time() - t0
+        res = evaluate(gen, [method], ps, concepts, clf, args.per_class, args.eval_seed,
+                       args.batch_size, progress=False, keep_images=0)
+        row = {k: v for k, v in res["methods"][method.name].items()
+               if k not in ("images", "prompts")}
+        row.update(name=method.name, train_seconds=round(train_s, 1))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=1))
+        os.replace(tmp, cache)
+        rows[method.name] = row
+        say(f"  {tag:34s} {method.name:26s} H_o {fmt(row['h_o'])}  "
+            f"(train {train_s:.0f} s, eval {row['seconds']:.0f} s)")
+    return rows
+
+
+def fmt(v):
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def mean_rows(per_target: list[dict]) -> dict:
+    out = {}
+    for name in per_target[0]:
+        rows = [r[name] for r in per_target if name in r]
+        out[name] = {k: sum(r[k] for r in rows) / len(rows)
+                     for k in ("acc_e", "acc_s", "acc_g", "h_o") if rows[0].get(k) is not None}
+        out[name]["train_seconds"] = sum(r.get("train_seconds", 0) for r in rows)
+        out[name]["seconds"] = sum(r.get("seconds", 0) for r in rows)
+    return out
+
+
+def table(single: dict, multi: dict | None) -> str:
+    base_s = single["base model"]["acc_s"]
+    unhype = [n for n in single if n.startswith("UnHype")]
+    best = max(unhype, key=lambda n: single[n]["h_o"]) if unhype else None
+    head = ["method", "1 concept: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o"]
+    if best:
+        head.append(f"H_o / {best}")
+    if multi:
+        head += ["multi: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o"]
+        if best:
+            head.append("H_o / UnHype")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in single.items():
+        cells = [name, fmt(r["acc_e"]), f"{fmt(r['acc_s'])} ({r['acc_s'] / base_s:.0%})",
+                 fmt(r["acc_g"]), fmt(r["h_o"])]
+        if best:
+            cells.append(f"{r['h_o'] / single[best]['h_o']:.2f}" if single[best]["h_o"] else "n/a")
+        if multi:
+            m = multi.get(name)
+            if m:
+                mb = multi["base model"]["acc_s"]
+                cells += [fmt(m["acc_e"]), f"{fmt(m['acc_s'])} ({m['acc_s'] / mb:.0%})",
+                          fmt(m["acc_g"]), fmt(m["h_o"])]
+                if best:
+                    ref = multi.get(best, {}).get("h_o")
+                    cells.append(f"{m['h_o'] / ref:.2f}" if ref else "n/a")
+            else:
+                cells += ["n/a"] * (5 if best else 4)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(single, multi) -> list[str]:
+    out = []
+    unhype = [n for n in single if n.startswith("UnHype")]
+    others = [n for n in single if not n.startswith("UnHype") and n != "base model"]
+    for n in unhype:
+        beats = all(single[n]["h_o"] > single[o]["h_o"] for o in others)
+        out.append(f"{n}: single-concept H_o {fmt(single[n]['h_o'])} "
+                   f"({'>=' if single[n]['h_o'] >= 0.95 else '<'} 95), "
+                   f"{'above' if beats else 'NOT above'} every baseline")
+        if multi and n in multi:
+            out.append(f"{n}: multi-concept H_o {fmt(multi[n]['h_o'])} "
+                       f"({'>=' if multi[n]['h_o'] >= 0.90 else '<'} 90)")
+    return out
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + (" (with uncommitted changes)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def write_docs(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="circle,square,triangle",
+                    help="single-concept targets (averaged)")
+    ap.add_argument("--multi", default="circle,triangle,cross,star,crescent",
+                    help="classes erased together by one model ('' to skip)")
+    ap.add_argument("--variants", default="per_layer/fields",
+                    help=f"UnHype variant/mode list or 'all' ({', '.join(ALL_VARIANTS)})")
+    ap.add_argument("--baselines", default=",".join(BASELINES))
+    ap.add_argument("--steps", type=int, default=300, help="training steps of every trained method")
+    ap.add_argument("--per-class", dest="per_class", type=int, default=10,
+                    help="images per class and set")
+    ap.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    ap.add_argument("--classifier", default="judge", help="judge (toy CNN) or toy (toy CLIP)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--eval-seed", dest="eval_seed", type=int, default=1234)
+    ap.add_argument("--toy-weights", dest="toy_weights", default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/compare")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs/results.md",
+                    help="markdown written from this run ('' to skip)")
+    ap.add_argument("--force", action="store_true", help="ignore cached (setting, method) rows")
+    args = ap.parse_args(argv)
+    args.variants = list(ALL_VARIANTS) if args.variants == "all" else \
+        [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    multi = [t.strip() for t in args.multi.split(",") if t.strip()]
+
+    import torch
+
+    from trainer.backends.toy import ToyBackend
+    from unhype.evaluation.harness import ToyGenerator
+    from unhype.evaluation.prompts import load_prompt_set
+    from unhype.evaluation.zero_shot import load_classifier
+    from unhype.toy.model import set_threads
+
+    threads = set_threads()
+    t_start = time.time()
+    backend = ToyBackend("cpu", args.toy_weights)
+    gen = ToyGenerator(backend.toy)
+    ps = load_prompt_set("toy")
+    clf = load_classifier(args.classifier, ps.class_names, ps.class_prompts(),
+                          toy_weights=args.toy_weights)
+    say(f"compare_methods: {len(targets)} single targets, multi {multi}, variants "
+        f"{args.variants}, {args.steps} steps, {args.per_class} images/class, torch threads "
+        f"{threads}, classifier {clf.description}")
+    per_target = [method_rows(args, backend, gen, ps, clf, [t], f"single-{t}") for t in targets]
+    single = mean_rows(per_target)
+    multi_rows = method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}") \
+        if multi else None
+    text = table(single, multi_rows)
+    minutes = (time.time() - t_start) / 60
+    print(text)
+    for g in goals(single, multi_rows):
+        print("- " + g)
+    summary = {"single_mean": single, "single": dict(zip(targets, per_target)),
+               "multi": multi_rows, "multi_concepts": multi, "settings": {
+                   k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "commit": commit(), "minutes": round(minutes, 1), "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if str(args.docs):
+        write_docs(args.docs, docs_text(text, single, per_target, targets, multi, multi_rows,
+                                        args, minutes, clf.description))
+        say(f"compare_methods: wrote {args.docs}")
+
+
+def docs_text(text, single, per_target, targets, multi, multi_rows, args, minutes, clf):
+    lines = [
+        "# Results: UnHype and baselines on the toy world",
+        "",
+        "Written by `python benchmarks/compare_methods.py` (never by hand); rerun it to update.",
+        "",
+        f"- commit: `{commit()}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"run time {minutes:.0f} min on CPU",
+        f"- protocol (MACE, METHOD.md): Acc_e = erased classes prompted by name, Acc_s = the "
+        f"other classes, Acc_g = the erased classes prompted by synonyms (never trained on); "
+        f"H_o = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); classifier: {clf}; "
+        f"{args.per_class} images per class and set, eval seed {args.eval_seed}",
+        f"- single concept: mean over {', '.join(targets)}; multi-concept: "
+        f"{', '.join(multi) or 'skipped'} erased by one model",
+        f"- every trained method: {args.steps} steps, seed {args.seed}, the trainer's concepts "
+        f"(toy templates x colours), latent cache and ESD-with-anchor target (anchor '', "
+        f"eta 1); UnHype uses trainer/configs/toy_demo.toml otherwise",
+        f"- settings: `{json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, sort_keys=True)}`",
+        "", text, "", "Goals (issue 7):", ""]
+    lines += ["- " + g for g in goals(single, multi_rows)]
+    lines += ["", "## Per target", "", "| target | method | Acc_e | Acc_s | Acc_g | H_o | "
+              "train s | eval s |", "|---|---|---|---|---|---|---|---|"]
+    for t, rows in zip(targets, per_target):
+        for name, r in rows.items():
+            lines.append(f"| {t} | {name} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
+                         f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {r.get('train_seconds', 0):.0f} | "
+                         f"{r.get('seconds', 0):.0f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
