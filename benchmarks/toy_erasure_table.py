@@ -30,7 +30,7 @@ def run_one(concepts: str, variant: str, mode: str, out: Path, args) -> dict | N
            "--eval_images", str(args.per_class), "--save_every_n_steps", "0"]
     if args.steps:
         cmd += ["--max_train_steps", str(args.steps)]
-    for extra in args.extra:
+    for extra in args.extra + (args.direct_extra if mode == "direct" else []):
         cmd += extra.split("=", 1) if "=" in extra else [extra]
     t = time.time()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -59,22 +59,34 @@ def main():
     ap.add_argument("--force", action="store_true", help="rerun cells that have metrics")
     ap.add_argument("--extra", action="append", default=[],
                     help="extra flag for every run, e.g. --extra=--fields_lambda=2")
+    ap.add_argument("--direct-extra", action="append", default=[
+        "--learning_rate=1e-3", "--retain_learning_rate=1e-3", "--hyper_steps=300"],
+        help="extra flags for direct-mode runs (default: lr 1e-3 for both optimisers)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     args = ap.parse_args()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    jobs = []
+    for variant in args.variants.split(","):
+        for mode in args.modes.split(","):
+            for s in shapes:
+                jobs.append((s, variant, mode, args.out / f"{variant}-{mode}-{s}"))
+            if not args.no_multi:
+                jobs.append((",".join(shapes), variant, mode, args.out / f"{variant}-{mode}-multi"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = dict(zip([j[3] for j in jobs],
+                           pool.map(lambda j: run_one(*j, args), jobs)))
     table = []
     for variant in args.variants.split(","):
         for mode in args.modes.split(","):
-            single = [m for s in shapes if (m := run_one(s, variant, mode, args.out /
-                                                          f"{variant}-{mode}-{s}", args))]
+            single = [m for s in shapes if (m := results[args.out / f"{variant}-{mode}-{s}"])]
             if single:
                 table.append((f"1 concept (mean of {len(single)}: {', '.join(shapes)})",
                               variant, mode, single))
-            if not args.no_multi:
-                multi = run_one(",".join(shapes), variant, mode,
-                                args.out / f"{variant}-{mode}-multi", args)
-                if multi:
-                    table.append((f"{len(shapes)} concepts in one hypernet", variant, mode,
-                                  [multi]))
+            multi = results.get(args.out / f"{variant}-{mode}-multi")
+            if multi:
+                table.append((f"{len(shapes)} concepts in one hypernet", variant, mode, [multi]))
     lines = ["| setting | variant | mode | Acc_e (erased) | Acc_s (others, % of base) | "
              "Acc_g (synonyms) | H_o | base Acc_e / Acc_s / Acc_g / H_o |",
              "|---|---|---|---|---|---|---|---|"]
