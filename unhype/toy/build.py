@@ -83,7 +83,7 @@ def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             unet = train.train_unet(tokenizer, text_encoder, seed, steps=unet_steps,
                                     batch=UNET_BATCH, progress=tick)
-        clip.save_atomic(unet, out_dir / "unet")
+        clip.save_atomic(unet.half(), out_dir / "unet")  # fp16 on disk, loaded as fp32
         clip.save_atomic(DDIMScheduler(**model.scheduler_config()), out_dir / "scheduler")
         summary["unet_minutes"] = (time.time() - t) / 60
 

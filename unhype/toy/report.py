@@ -157,9 +157,10 @@ def write_markdown(path: Path, results: dict) -> None:
         "- Text encoder: transformers `CLIPTextModel` (64 wide, 3 layers, 16 tokens, full CLIP BPE"
         " vocabulary), trained contrastively with a small ViT image tower. The hypernetwork reads"
         " `pooler_output` (64-d); the UNet attends to `last_hidden_state`.",
-        "- Denoiser: diffusers `UNet2DConditionModel` (see `toy_unet_config()`), x0-prediction,"
-        " cosine schedule, 10% caption dropout, EMA; sampled with DDIM + classifier-free guidance,"
-        " guided x0 clamped to [-1, 1] each step.",
+        "- Denoiser: diffusers `UNet2DConditionModel` (see `toy_unet_config()`) on a fixed"
+        " lossless linear latent (the image pixel-unshuffled into 2x2 patches, 12x8x8), cross-"
+        "attention at 8x8, 4x4 and 2x2; x0-prediction, cosine schedule, 10% caption dropout, EMA;"
+        " sampled with DDIM + classifier-free guidance, guided x0 clamped to [-1, 1] each step.",
         "- Judge: a CNN trained only on rendered ground truth; zero-shot CLIP with the toy image"
         " tower via `judge.zero_shot_classify`.",
         "",

@@ -64,8 +64,11 @@ class CaptionSampler:
 
 def train_unet(tokenizer, text_encoder, seed: int, steps: int = 2400, batch: int = 32,
                lr: float = 2e-3, dropout: float = 0.1, ema_decay: float = 0.999,
-               progress=None, unet=None):
-    """Train the toy UNet; returns the EMA copy (the one to ship)."""
+               progress=None, unet=None, high_noise_from: int = 0):
+    """Train the toy UNet (from scratch or from `unet`); returns the EMA copy (the one to ship).
+
+    `high_noise_from` > 0 draws half the timesteps from [high_noise_from, T) instead of [0, T).
+    """
     import copy
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -79,6 +82,7 @@ def train_unet(tokenizer, text_encoder, seed: int, steps: int = 2400, batch: int
     empty = encode_table(tokenizer, text_encoder, [""])[0]
     sampler = CaptionSampler(cap_s, cap_c)
     noise_sched = DDPMScheduler(**toy_model.scheduler_config())
+    n_timesteps = noise_sched.config.num_train_timesteps
     if unet is None:
         unet = UNet2DConditionModel(**toy_model.toy_unet_config())
     unet.train()
@@ -96,7 +100,10 @@ def train_unet(tokenizer, text_encoder, seed: int, steps: int = 2400, batch: int
         drop = torch.from_numpy(rng.random(batch) < dropout)
         context = torch.where(drop[:, None, None], empty, context)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,))
+        t = torch.randint(0, n_timesteps, (batch,))
+        if high_noise_from:  # shapes are decided at high noise: draw more of those timesteps
+            high = torch.randint(high_noise_from, n_timesteps, (batch,))
+            t = torch.where(torch.rand(batch) < 0.5, high, t)
         xt = noise_sched.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, x0)
