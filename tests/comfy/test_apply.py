@@ -298,6 +298,11 @@ def test_padded_longer_prompt_is_matched(pack, tiny_parts, loaded, prompts):
         base = model.model.apply_model(x, t, c_crossattn=ctx.repeat(1, 2, 1))
     assert (padded - base).abs().max() > 1e-4
     torch.testing.assert_close(padded, short, rtol=1e-4, atol=1e-4)
+    # a half-precision context (fp16 UNets) still matches; an uncond chunk never does
+    from unhype.comfy_apply import row_map
+
+    both = torch.cat([ctx, ctx]).half()
+    assert row_map(wrapper.plan, both, [0, 1]).tolist() == [0, -1]
 
 
 def test_chained_applies_and_clone_keep_working(pack, tiny_parts, loaded, prompts):
@@ -309,6 +314,11 @@ def test_chained_applies_and_clone_keep_working(pack, tiny_parts, loaded, prompt
     w1 = patched.model_options["model_function_wrapper"]
     w2 = clone.model_options["model_function_wrapper"]
     assert w1 is not w2 and w1.plan is w2.plan
+    # ModelPatcher moves patches to the load device and casts them to the model dtype
+    patched.model_patches_to(torch.device("cpu"))
+    patched.model_patches_to(torch.float16)
+    assert patched.model_options["model_function_wrapper"] is w1
+    assert next(iter(w1.plan.factors.values()))[0].dtype == torch.float32
     twice, _, _ = apply(pack, patched, cat, loaded, strength=0.5)
     assert twice.model_options["model_function_wrapper"].inner is not None
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([3.0])
