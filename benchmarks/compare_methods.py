@@ -45,7 +45,7 @@ def train_unhype(backend, concepts, variant, mode, steps, seed, out_dir):
                    "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
                    "variant": variant, "mode": mode, "max_train_steps": steps, "seed": seed,
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
-                   "save_every_n_steps": 0, "cpu_threads": 0})
+                   "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
     index_cache(run)
@@ -58,6 +58,24 @@ def train_unhype(backend, concepts, variant, mode, steps, seed, out_dir):
     return UnHypeMethod(run.hypernet, {t.name: t.path for t in targets},
                         {t.name: (t.in_dim, t.out_dim) for t in targets},
                         name=f"UnHype {variant}/{mode}")
+
+
+def trained_file(args, variant, mode, concepts):
+    """An UnHype file already trained for this setting (--unhype-dir, toy_erasure_table layout:
+    <dir>/<variant>-<mode>-<target or multi>/hypernet.safetensors) whose concepts match."""
+    from unhype.evaluation.methods import UnHypeMethod
+    from unhype.fileformat import load_hypernet, read_meta
+
+    if not args.unhype_dir:
+        return None
+    name = concepts[0] if len(concepts) == 1 else "multi"
+    path = Path(args.unhype_dir) / f"{variant}-{mode}-{name}" / "hypernet.safetensors"
+    if not path.is_file() or [c["target"] for c in read_meta(path).concepts] != list(concepts):
+        return None
+    loaded = load_hypernet(path)
+    steps = loaded.meta.training.get("steps_done")
+    say(f"  using {path} ({steps} steps)")
+    return UnHypeMethod.from_loaded(loaded, name=f"UnHype {variant}/{mode}")
 
 
 def method_rows(args, backend, gen, ps, clf, concepts, tag):
@@ -81,8 +99,9 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
             method = Method()
         elif kind == "unhype":
             v, mode = variant.split("/")
-            method = train_unhype(backend, concepts, v, mode, args.steps, args.seed,
-                                  args.out / tag / key)
+            method = trained_file(args, v, mode, concepts) or \
+                train_unhype(backend, concepts, v, mode, args.steps, args.seed,
+                             args.out / tag / key)
         else:
             method = build(kind, gen, backend, concepts, ps, args.steps, args.seed)
         train_s = time.time() - t0
@@ -201,6 +220,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "runs/compare")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs/results.md",
                     help="markdown written from this run ('' to skip)")
+    ap.add_argument("--unhype-dir", dest="unhype_dir", default=None,
+                    help="use hypernetworks already trained there (benchmarks/toy_erasure_table.py "
+                    "layout) where concepts match, instead of training them")
     ap.add_argument("--force", action="store_true", help="ignore cached (setting, method) rows")
     args = ap.parse_args(argv)
     args.variants = list(ALL_VARIANTS) if args.variants == "all" else \

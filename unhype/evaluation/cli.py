@@ -36,8 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (toy 20, SD 30)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (model default)")
     p.add_argument("--strength", type=float, default=1.0, help="hypernetwork LoRA strength")
-    p.add_argument("--classifier", default=None, help="'toy' (toy CLIP, zero-shot), 'judge' "
-                   "(toy CNN) or an open_clip model name / config .json (default toy / ViT-B-32)")
+    p.add_argument("--classifier", default=None, help="'judge' (the toy's CNN, trained on "
+                   "rendered ground truth; default on the toy), 'toy' (toy CLIP, zero-shot) or "
+                   "an open_clip model name / config .json (default ViT-B-32)")
     p.add_argument("--clip_weights", default=None, help="open_clip weights: a local .safetensors "
                    "or a pretrained tag such as 'openai' (needs network)")
     p.add_argument("--baselines", default="", help="comma-separated: negative_prompt, uce, "
@@ -89,10 +90,17 @@ def run(args) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
     backend, generator = load_model(model, args)
-    classifier = load_classifier(args.classifier or ("toy" if toy else "ViT-B-32"),
+    classifier = load_classifier(args.classifier or ("judge" if toy else "ViT-B-32"),
                                  ps.class_names, ps.class_prompts(), args.clip_weights,
                                  args.device, args.toy_weights)
     notes = [f"classifier: {classifier.description}"]
+    scorer = classifier if hasattr(classifier, "clip_score") else None
+    if scorer is None and toy:
+        try:  # CLIP score from the toy CLIP even when the judge classifies
+            scorer = load_classifier("toy", ps.class_names, ps.class_prompts(),
+                                     device=args.device, toy_weights=args.toy_weights)
+        except UnHypeError as exc:
+            notes.append(f"CLIP score not measured: {exc}")
     methods = [] if args.no_base else [Method()]
     for path in args.hypernet:
         loaded = load_hypernet(path, args.device)
@@ -114,7 +122,7 @@ def run(args) -> int:
         if fn is not None:
             extras.append(fn)
     result = evaluate(generator, methods, ps, erased, classifier, args.per_class, args.seed,
-                      args.batch_size, clip_scorer=classifier, keep_images=args.keep_images,
+                      args.batch_size, clip_scorer=scorer, keep_images=args.keep_images,
                       extras=extras)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     paths = write_report(result, args.out, settings, notes)

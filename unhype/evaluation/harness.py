@@ -5,7 +5,8 @@ Generators hide the model: `ToyGenerator` (the toy's own sampler, `ToyModel.samp
 `BackendGenerator` (any trainer backend: SD1/SD2/SDXL diffusers models, DDIM + CFG). Both run
 the UNet on `[uncond rows; cond rows]` and tell the method the row map before every call, so a
 method's LoRA reaches the conditional rows only. The k-th batch of every prompt set is sampled
-with seed `seed + k * batch_size` whatever the method: each method sees the same noise.
+with seed `seed + k * batch_size` whatever the method (the three sets are generated as one list,
+erased + others + synonyms): each method sees the same noise.
 """
 
 from __future__ import annotations
@@ -185,13 +186,16 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
         for method in methods:
             t0 = time.time()
             method.attach(generator.unet)
-            images = {}
+            # one list for all three sets: full batches, the same noise for every method
+            prompts = [p for items in sets.values() for p, _ in items]
             try:
-                for key, items in sets.items():
-                    prompts = [p for p, _ in items]
-                    images[key] = generate(generator, method, prompts, seed, batch_size, bar)
+                all_images = generate(generator, method, prompts, seed, batch_size, bar)
             finally:
                 method.detach()
+            images, start = {}, 0
+            for key, items in sets.items():
+                images[key] = all_images[start:start + len(items)]
+                start += len(items)
             preds = {k: classifier.predict(v) if len(v) else torch.empty(0, dtype=torch.long)
                      for k, v in images.items()}
             row = score(preds, sets, ps.kind)
