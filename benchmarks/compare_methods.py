@@ -223,6 +223,9 @@ def main(argv=None):
     ap.add_argument("--unhype-dir", dest="unhype_dir", default=None,
                     help="use hypernetworks already trained there (benchmarks/toy_erasure_table.py "
                     "layout) where concepts match, instead of training them")
+    ap.add_argument("--only", choices=("single", "multi"), default=None,
+                    help="compute one setting's rows into the cache and stop (to split a run "
+                    "over processes); a run without it then prints and writes everything")
     ap.add_argument("--force", action="store_true", help="ignore cached (setting, method) rows")
     args = ap.parse_args(argv)
     args.variants = list(ALL_VARIANTS) if args.variants == "all" else \
@@ -249,7 +252,12 @@ def main(argv=None):
     say(f"compare_methods: {len(targets)} single targets, multi {multi}, variants "
         f"{args.variants}, {args.steps} steps, {args.per_class} images/class, torch threads "
         f"{threads}, classifier {clf.description}")
+    if args.only == "multi":  # fill the cache only; a later full run assembles the table
+        method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}")
+        return
     per_target = [method_rows(args, backend, gen, ps, clf, [t], f"single-{t}") for t in targets]
+    if args.only == "single":
+        return
     single = mean_rows(per_target)
     multi_rows = method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}") \
         if multi else None

@@ -92,14 +92,16 @@ class UCEMethod(Method):
 
 
 def uce(generator, concepts: list[str], preserve: list[str], templates=("{}",),
-        anchor: str = "", lam: float = 0.1) -> UCEMethod:
+        anchor: str = "", lam: float = 0.1, preserve_scale: float | None = None) -> UCEMethod:
     """UCE on a harness generator (its tokenizer + text encoder give the contexts)."""
     erase = [t.replace("{}", c) for c in concepts for t in templates]
     anchors = [t.replace("{}", anchor) if anchor else "" for c in concepts for t in templates]
     keep = [t.replace("{}", p) for p in preserve for t in templates]
-    deltas = uce_deltas(generator.unet, token_encoder(generator), erase, anchors, keep, lam)
+    deltas = uce_deltas(generator.unet, token_encoder(generator), erase, anchors, keep, lam,
+                        preserve_scale=preserve_scale)
     return UCEMethod(deltas, {"erase_prompts": len(erase), "preserve_prompts": len(keep),
-                              "lam": lam, "layers": len(deltas)})
+                              "lam": lam, "preserve_scale": preserve_scale,
+                              "layers": len(deltas)})
 
 
 def token_encoder(generator):
