@@ -13,14 +13,19 @@ pytestmark = pytest.mark.skipif(not (weights_dir() / "unet" / "config.json").is_
 
 
 def test_toy_run_writes_hypernet_grid_and_metrics(tmp_path):
+    retain = tmp_path / "retain.txt"
+    retain.write_text("a red square\na blue star\nsomething green\n")
     cfg = resolve({"config_file": "trainer/configs/toy_demo.toml", "output_dir": str(tmp_path),
+                   "retain_prompts": str(retain),
                    "max_train_steps": 3, "ddim_steps": 3, "sample_steps": 2, "sample_seeds": 1,
                    "train_batch_size": 2, "retain_batch_size": 16, "log_every": 1})
     cfg.concept_entries = [{"target": "circle", "templates": ["a red {}", "a {}"]}]
     session = loop.prepare(cfg, quiet=True)
     assert session.backend.prediction_type == "sample"
     assert session.concepts[0].synonyms == ["disk", "round shape", "dot"]
-    assert not [p for p in session.retain_prompts if "circle" in p or "disk" in p]
+    toy_retain = session.backend.default_retain_prompts(session.concepts)
+    assert len(toy_retain) > 1000
+    assert not [p for p in toy_retain if "circle" in p or "disk" in p or "dot" in p]
     assert loop.train(session, progress=False) == 0
     loaded = load_hypernet(tmp_path / "erase_circle.safetensors")
     assert loaded.meta.family == "toy" and loaded.meta.concepts[0]["synonyms"][0] == "disk"
@@ -40,4 +45,5 @@ def test_toy_prompt_sets_cover_classes():
     sets = evaluate.prompt_sets(["circle", "star"], per_class=3)
     assert len(sets["erased"][0]) == 6 and len(sets["synonyms"][0]) == 6
     assert len(sets["others"][0]) == 8 * 3
-    assert not [p for p in sets["synonyms"][0] if "circle" in p or " star" in p]
+    assert not [p for p in sets["synonyms"][0] if "circle" in p]
+    assert sorted(set(sets["synonyms"][1].tolist())) == [0, 6]  # circle, star
