@@ -24,6 +24,8 @@ def run_one(concepts: str, variant: str, mode: str, out: Path, args) -> dict | N
     metrics = out / "metrics.json"
     if metrics.is_file() and not args.force:
         return json.loads(metrics.read_text())
+    if args.report_only:
+        return None
     cmd = [sys.executable, "-m", "unhype", "train", "--config_file",
            str(ROOT / "trainer/configs/toy_demo.toml"), "--concepts", concepts, "--variant",
            variant, "--mode", mode, "--output_dir", str(out), "--output_name", "hypernet",
@@ -60,9 +62,11 @@ def main():
     ap.add_argument("--extra", action="append", default=[],
                     help="extra flag for every run, e.g. --extra=--fields_lambda=2")
     ap.add_argument("--direct-extra", action="append", default=[
-        "--learning_rate=1e-3", "--retain_learning_rate=1e-3", "--hyper_steps=300"],
+        "--learning_rate=1e-3", "--retain_learning_rate=1e-3"],
         help="extra flags for direct-mode runs (default: lr 1e-3 for both optimisers)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only tabulate the runs that already have metrics")
     args = ap.parse_args()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     jobs = []
@@ -80,14 +84,17 @@ def main():
     table = []
     for variant in args.variants.split(","):
         for mode in args.modes.split(","):
-            single = [m for s in shapes if (m := results[args.out / f"{variant}-{mode}-{s}"])]
+            found = [s for s in shapes if results[args.out / f"{variant}-{mode}-{s}"]]
+            single = [results[args.out / f"{variant}-{mode}-{s}"] for s in found]
             if single:
-                table.append((f"1 concept (mean of {len(single)}: {', '.join(shapes)})",
+                table.append((f"1 concept (mean of {len(single)}: {', '.join(found)})",
                               variant, mode, single))
             multi = results.get(args.out / f"{variant}-{mode}-multi")
             if multi:
                 table.append((f"{len(shapes)} concepts in one hypernet", variant, mode, [multi]))
-    lines = ["| setting | variant | mode | Acc_e (erased) | Acc_s (others, % of base) | "
+    lines = [f"toy world, judge-measured, {args.per_class} images per class and prompt set; "
+             f"flags: {' '.join(args.extra) or '(config defaults)'}", "",
+             "| setting | variant | mode | Acc_e (erased) | Acc_s (others, % of base) | "
              "Acc_g (synonyms) | H_o | base Acc_e / Acc_s / Acc_g / H_o |",
              "|---|---|---|---|---|---|---|---|"]
     for name, variant, mode, rows in table:
