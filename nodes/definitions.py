@@ -111,8 +111,9 @@ class UnHypeApply:
         elif path == glue.PATH_PER_ROW:
             patched = glue.apply_per_row(model, plan)
             info = (f"UnHype: {unhype.path.name} on {len(keys)} layers via {path}; "
-                    f"{prompts} prompt row(s), each with its own LoRA; the negative runs the "
-                    "base weights.")
+                    f"{prompts} prompt row(s), each with its own LoRA; " +
+                    ("every row of this conditioning gets it (guidance-distilled family)."
+                     if plan.apply_to == "all" else "the negative runs the base weights."))
         else:
             patched = glue.apply_merged(model, plan, keys)
             info = (f"UnHype: {unhype.path.name} MERGED into {len(keys)} weights: it applies to "

@@ -115,8 +115,16 @@ def resolve_keys(model, plan: ApplyPlan) -> dict[str, str]:
     keys = {name: key_map[name] for name in plan.factors}
     # The module paths the hooks use must be the same layers ComfyUI's key map names.
     for name, key in keys.items():
-        expected = "diffusion_model." + plan.paths[name].path + ".weight"
-        if plan.paths[name].out_slice is None and key != expected:
+        hp = plan.paths[name]
+        expected = "diffusion_model." + hp.path + ".weight"
+        if hp.out_slice is not None:  # FLUX fused layer: ComfyUI gives (key, (dim, start, len))
+            start, stop = hp.out_slice
+            if not isinstance(key, tuple) or key[0] != expected or \
+                    tuple(key[1][:3]) != (0, start, stop - start):
+                raise UnHypeError(f"UnHype: layer {name} maps to {key} in ComfyUI but to "
+                                  f"{expected} rows {hp.out_slice} in UnHype's naming; "
+                                  "refusing to guess")
+        elif key != expected:
             raise UnHypeError(f"UnHype: layer {name} maps to {key} in ComfyUI but to {expected} "
                               "in UnHype's naming; refusing to guess")
     return keys

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from unhype.dynamic_lora import DynamicLoRA, check_strength, resolve_modules
 from unhype.errors import UnHypeError
+from unhype.families import APPLY_ALL, get_family
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.hypernet import LoraFactors, delta_weight
 
@@ -127,6 +128,7 @@ class ApplyPlan:
     strength: float
     paths: dict  # canonical name -> HostPath under the diffusion model
     dims: dict  # canonical name -> (in, out)
+    apply_to: str = "cond_only"  # the family's rule: "all" also matches unconditional chunks
     warned: set = field(default_factory=set)
 
 
@@ -138,7 +140,8 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
     factors = generate_factors(loaded, torch.cat(pooled))
     return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows), strength=strength,
                      paths=host_paths(meta, "ldm"),
-                     dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets})
+                     dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets},
+                     apply_to=get_family(meta.family).apply_to)
 
 
 def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
@@ -151,9 +154,15 @@ def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
     is_cond = torch.tensor([flag != UNCOND for flag in cond_or_uncond] or [True])
     is_cond = is_cond.repeat_interleave(per)
     rows = torch.full((n,), -1, dtype=torch.long)
-    if is_cond.any():
+    if plan.apply_to == APPLY_ALL:
+        # guidance-distilled (FLUX): no CFG semantics to keep; any row that came through
+        # UnHype Apply gets its LoRA wherever ComfyUI batched it
+        rows[:] = plan.matcher.match(context)
+    elif is_cond.any():
         cond_idx = is_cond.nonzero().flatten()
         rows[cond_idx] = plan.matcher.match(context[cond_idx.to(context.device)])
+    if is_cond.any():
+        cond_idx = is_cond.nonzero().flatten()
         missed = int((rows[cond_idx] < 0).sum())
         if missed and "unmatched" not in plan.warned:
             plan.warned.add("unmatched")

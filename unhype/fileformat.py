@@ -249,4 +249,4 @@ def host_paths(meta: HypernetMeta, host: str = "diffusers") -> dict:
     from unhype.naming import host_path
 
     family = get_family(meta.family)
-    return {t.name: host_path(family, t.path, host) for t in meta.config.targets}
+    return {t.name: host_path(family, t.path, host, t.out_dim) for t in meta.config.targets}

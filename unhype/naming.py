@@ -71,9 +71,12 @@ _QKV = {"to_q": 0, "to_k": 1, "to_v": 2}
 _ADD_QKV = {"add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2}
 
 
-def bfl_path(family, diffusers_path: str) -> HostPath:
-    """BFL/ComfyUI FLUX path (under ``diffusion_model.``), with the row slice of fused layers."""
-    h = flux_inner_dim(family)
+def bfl_path(family, diffusers_path: str, inner_dim: int | None = None) -> HostPath:
+    """BFL/ComfyUI FLUX path (under ``diffusion_model.``), with the row slice of fused layers.
+
+    ``inner_dim`` (heads * head dim) defaults to the reference architecture's; pass the q/k/v
+    target's out_dim for another size (a test-sized FLUX)."""
+    h = inner_dim or flux_inner_dim(family)
     if m := _FLUX_DOUBLE.match(diffusers_path):
         n, rest = m[1], m[2]
         if rest.startswith("attn."):
@@ -96,12 +99,16 @@ def bfl_path(family, diffusers_path: str) -> HostPath:
     raise UnHypeError(f"no BFL mapping for FLUX layer {diffusers_path!r}")
 
 
-def host_path(family, diffusers_path: str, host: str) -> HostPath:
-    """Module path of a target in a host's model: 'diffusers', 'ldm' (ComfyUI/A1111 UNet)."""
+def host_path(family, diffusers_path: str, host: str, out_dim: int | None = None) -> HostPath:
+    """Module path of a target in a host's model: 'diffusers', 'ldm' (ComfyUI/A1111 UNet).
+
+    ``out_dim``: the target's output width; for FLUX q/k/v it sizes the fused-layer slice."""
     if host == "diffusers":
         return HostPath(diffusers_path)
     if host == "ldm":
         if family.name == "flux":
-            return bfl_path(family, diffusers_path)
+            op = diffusers_path.rsplit(".", 1)[-1]
+            sliced = op in _QKV or op in _ADD_QKV
+            return bfl_path(family, diffusers_path, out_dim if sliced else None)
         return HostPath(ldm_path(family, diffusers_path))
     raise UnHypeError(f"unknown host naming {host!r}")

@@ -1,0 +1,262 @@
+"""UnHype Apply and baked LoRAs on a tiny ComfyUI FLUX (comfy.ldm.flux): fused-layer row slices.
+
+Needs a ComfyUI with FLUX (set COMFYUI_PATH to a current checkout); the 2024-03 ComfyUI that CI
+installs has no comfy.ldm.flux and every test here is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from unhype.errors import UnHypeError
+from unhype.fileformat import host_paths
+from unhype.hypernet import delta_weight
+
+torch.set_num_threads(1)
+
+
+def _has_flux() -> bool:
+    try:
+        return importlib.util.find_spec("comfy.ldm.flux") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_flux(), reason="this ComfyUI has no comfy.ldm.flux "
+                                "(predates FLUX); set COMFYUI_PATH to a current ComfyUI")
+
+HIDDEN, HEADS, CONTEXT, TOKENS = 64, 4, 32, 8
+TINY_FLUX = {  # what comfy.model_detection produces for FLUX, with tiny widths
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+    "vec_in_dim": 768, "context_in_dim": CONTEXT, "hidden_size": HIDDEN, "mlp_ratio": 2.0,
+    "num_heads": HEADS, "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6],
+    "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def tiny_flux_model(seed=0):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from tiny import _randomize
+
+    config = comfy.supported_models.Flux(dict(TINY_FLUX))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    _randomize(base.diffusion_model, seed)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, comfy.model_management.get_torch_device(),
+                                            torch.device("cpu"))
+
+
+def tiny_diffusers_flux():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+            attention_head_dim=HIDDEN // HEADS, num_attention_heads=HEADS,
+            joint_attention_dim=CONTEXT, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))
+
+
+def flux_hypernet(path, preset=None, seed=0):
+    from unhype.families import get_family
+    from unhype.fileformat import save_hypernet
+    from unhype.hypernet import HyperNetConfig, build_hypernet
+
+    targets = [t.as_dict() for t in get_family("flux").targets(preset, model=tiny_diffusers_flux())]
+    net = build_hypernet(HyperNetConfig(variant="per_layer", targets=targets, embed_dim=768,
+                                        rank=2, hidden=16, seed=seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save_hypernet(path, net.eval(), "flux", concepts=[
+        {"target": "a photo of a cat", "anchor": "a photo", "synonyms": []}],
+        training={"note": "random test network"})
+
+
+def cond(seed, guidance=3.5):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, TOKENS, CONTEXT, generator=gen),
+             {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": guidance}]]
+
+
+@pytest.fixture(scope="module")
+def flux_model():
+    return tiny_flux_model()
+
+
+@pytest.fixture(scope="module")
+def flux_loaded(pack, comfy_dirs):
+    path = flux_hypernet(comfy_dirs["unhype"] / "tiny_flux.safetensors")
+    return pack.nodes.glue.load_cached(str(path))
+
+
+@pytest.fixture(scope="module")
+def flux_wide(pack, comfy_dirs):  # every q/k/v slice kind, single blocks included
+    path = flux_hypernet(comfy_dirs["unhype"] / "tiny_flux_wide.safetensors", "attn_all", 3)
+    return pack.nodes.glue.load_cached(str(path))
+
+
+def apply(pack, model, conditioning, loaded, strength=1.0, mode="auto"):
+    return pack.nodes.definitions.UnHypeApply().apply(model, conditioning, loaded, strength,
+                                                      mode)["result"]
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    after = model.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"weights changed: {changed[:3]}"
+    hooked = [n for n, m in model.model.named_modules() if m._forward_hooks]
+    assert not hooked, f"hooks left on {hooked[:3]}"
+
+
+def merged_forward(model, loaded, conditioning, x, t, strength=1.0, index=0):
+    """The base FLUX with each target's slice delta merged into a copy of its fused weight."""
+    import copy
+
+    pooled = torch.cat([e[1]["pooled_output"] for e in conditioning]).float()
+    with torch.no_grad():
+        factors = loaded.hypernet(pooled)
+    root = copy.deepcopy(model.model)
+    named = dict(root.diffusion_model.named_modules())
+    with torch.no_grad():
+        for name, hp in host_paths(loaded.meta, "ldm").items():
+            a, b = factors[name]
+            delta = strength * delta_weight(a[index], b[index])
+            w = named[hp.path].weight
+            rows = slice(*hp.out_slice) if hp.out_slice else slice(None)
+            w[rows] += delta.to(w.dtype)
+        c = conditioning[0]
+        return root.apply_model(x, t, c_crossattn=c[0], y=c[1]["pooled_output"],
+                                guidance=torch.full((x.shape[0],), c[1]["guidance"]))
+
+
+def sample(model, positive, negative, steps=1, cfg=1.0):
+    import comfy.sample
+
+    latent = torch.zeros(1, 16, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative,
+                               latent, disable_pbar=True, seed=0)
+
+
+def test_targets_resolve_to_slices_in_comfys_key_map(pack, flux_model, flux_wide):
+    import comfy.lora
+    from unhype.comfy_apply import build_plan
+
+    plan = build_plan(flux_wide, cond(1), 1.0)
+    keys = pack.nodes.glue.resolve_keys(flux_model, plan)
+    key_map = comfy.lora.model_lora_keys_unet(flux_model.model, {})
+    assert len(keys) == len(flux_wide.meta.config.targets) == 2 * 8 + 2 * 3
+    sliced = [k for k in keys.values() if isinstance(k, tuple)]
+    assert len(sliced) == 18
+    assert keys["lora_transformer_transformer_blocks_1_attn_to_v"] == \
+        ("diffusion_model.double_blocks.1.img_attn.qkv.weight", (0, 2 * HIDDEN, HIDDEN))
+    assert keys["lora_transformer_single_transformer_blocks_0_attn_to_k"] == \
+        ("diffusion_model.single_blocks.0.linear1.weight", (0, HIDDEN, HIDDEN))
+    assert all(key_map[n] == k for n, k in keys.items())
+
+
+def test_per_row_equals_slice_delta_merged_into_fused_weight(pack, flux_model, flux_loaded,
+                                                             flux_wide):
+    model = flux_model
+    before = weights(model)
+    x, t = torch.randn(1, 16, 8, 8), torch.tensor([0.7])
+    for loaded in (flux_loaded, flux_wide):
+        c = cond(2)
+        patched, out_cond, info = apply(pack, model, c, loaded)
+        assert "per-row" in info and "every row" in info and out_cond is c
+        args = {"input": x, "timestep": t, "cond_or_uncond": [0],
+                "c": {"c_crossattn": c[0][0], "y": c[0][1]["pooled_output"],
+                      "guidance": torch.tensor([3.5]), "transformer_options": {}}}
+        with torch.no_grad():
+            got = patched.model_options["model_function_wrapper"](model.model.apply_model, args)
+            base = model.model.apply_model(x, t, **args["c"])
+        want = merged_forward(model, loaded, c, x, t)
+        assert (got - base).abs().max() > 1e-3
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # a second prompt in the same batch gets its own LoRA; unknown rows run the base
+        c2 = cond(3)
+        both = [c[0], c2[0]]
+        patched2, _, _ = apply(pack, model, both, loaded)
+        stray = torch.randn(1, TOKENS, CONTEXT)
+        args2 = {"input": x.repeat(3, 1, 1, 1), "timestep": t.repeat(3), "cond_or_uncond": [0],
+                 "c": {"c_crossattn": torch.cat([c2[0][0], stray, c[0][0]]),
+                       "y": torch.cat([c2[0][1]["pooled_output"], torch.zeros(1, 768),
+                                       c[0][1]["pooled_output"]]),
+                       "guidance": torch.full((3,), 3.5), "transformer_options": {}}}
+        with torch.no_grad():
+            out = patched2.model_options["model_function_wrapper"](model.model.apply_model,
+                                                                   args2)
+            base3 = model.model.apply_model(args2["input"], args2["timestep"], **args2["c"])
+        torch.testing.assert_close(out[2:], got, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[0:1], merged_forward(model, loaded, c2, x, t),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[1:2], base3[1:2], rtol=0, atol=0)
+    assert_untouched(model, before)
+
+
+def test_weights_bit_identical_after_sampling_and_exception(pack, flux_model, flux_wide):
+    model = flux_model
+    before = weights(model)
+    c = cond(4)
+    patched, _, _ = apply(pack, model, c, flux_wide)
+    ref = sample(model, c, c)
+    out = sample(patched, c, c)
+    assert (out - ref).abs().max() > 1e-5
+    assert_untouched(model, before)
+    torch.testing.assert_close(sample(model, c, c), ref, rtol=0, atol=0)
+
+    target = model.model.diffusion_model.final_layer
+    seen = {}
+
+    def boom(module, args):
+        seen["hooked"] = sum(1 for m in model.model.modules() if m._forward_hooks)
+        raise RuntimeError("boom inside FLUX")
+
+    handle = target.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            sample(patched, c, c)
+    finally:
+        handle.remove()
+    assert seen["hooked"] == len({hp.path for hp in host_paths(flux_wide.meta,
+                                                                     "ldm").values()})
+    assert_untouched(model, before)
+
+
+def test_merge_path_patches_the_fused_slices(pack, flux_model, flux_wide):
+    import comfy.model_management
+
+    model = flux_model
+    before = weights(model)
+    c = cond(5)
+    merged, _, info = apply(pack, model, c, flux_wide, mode="merge into weights (both branches)")
+    assert "MERGED" in info
+    x, t = torch.randn(1, 16, 8, 8), torch.tensor([0.4])
+    with torch.no_grad():
+        comfy.model_management.load_models_gpu([merged])
+        got = merged.model.apply_model(x, t, c_crossattn=c[0][0], y=c[0][1]["pooled_output"],
+                                       guidance=torch.tensor([3.5]))
+        comfy.model_management.unload_all_models()
+    torch.testing.assert_close(got, merged_forward(model, flux_wide, c, x, t),
+                               rtol=1e-4, atol=1e-5)
+    assert_untouched(model, before)
+
+
+def test_wrong_family_refused_both_ways(pack, flux_model, tiny_parts, loaded, flux_loaded):
+    with pytest.raises(UnHypeError, match="trained for sd1 but the model is flux"):
+        apply(pack, flux_model, cond(6), loaded)
+    sd_cond = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]
+    with pytest.raises(UnHypeError, match="trained for flux but the model is sd1"):
+        apply(pack, tiny_parts["model"], sd_cond, flux_loaded)
