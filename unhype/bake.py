@@ -3,6 +3,12 @@
 kohya layout per target: ``{name}.lora_down.weight`` [r, in] = A^T, ``{name}.lora_up.weight``
 [out, r] = strength * B, ``{name}.alpha`` = r (so kohya's alpha / rank scale is 1), plus the
 ``ss_*``/``sshs_*`` training metadata and ``modelspec.*`` keys that loaders and UIs read.
+
+Formats: ``kohya`` (the canonical names; for FLUX the diffusers-path ``lora_transformer_*`` form
+that ComfyUI's key map and diffusers' loader read) and, for FLUX only, ``kohya_bfl``: kohya
+sd-scripts' BFL names (``lora_unet_double_blocks_0_img_attn_qkv``) on the fused layers, each
+q/k/v slice's ``lora_up`` zero-padded to the fused rows and the slices of one layer stacked
+along the rank (for loaders that only know BFL names, e.g. Forge).
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ from safetensors.torch import save
 
 from unhype import __version__
 from unhype.dynamic_lora import check_strength
-from unhype.fileformat import LoadedHypernet, atomic_save_safetensors
+from unhype.errors import UnHypeError
+from unhype.fileformat import LoadedHypernet, atomic_save_safetensors, host_paths
+
+FORMATS = ("kohya", "kohya_bfl")
+FLUX_MLP_RATIO = 4  # FLUX.1: single_blocks.N.linear1 rows = 3 h (q, k, v) + 4 h (MLP)
 
 
 def lora_state_dict(factors, strength: float = 1.0, index: int = 0) -> dict[str, torch.Tensor]:
@@ -29,6 +39,50 @@ def lora_state_dict(factors, strength: float = 1.0, index: int = 0) -> dict[str,
         state[f"{name}.lora_down.weight"] = a[index].T.contiguous().float()
         state[f"{name}.lora_up.weight"] = (b[index] * strength).contiguous().float()
         state[f"{name}.alpha"] = torch.tensor(float(rank))
+    return state
+
+
+def fused_rows(path: str, inner: int) -> int:
+    """Output rows of a BFL fused layer, from the width h of one of its q/k/v slices."""
+    if path.endswith(".linear1"):
+        return (3 + FLUX_MLP_RATIO) * inner
+    return 3 * inner
+
+
+def bfl_state_dict(loaded: LoadedHypernet, factors, strength: float = 1.0,
+                   index: int = 0) -> dict[str, torch.Tensor]:
+    """kohya sd-scripts FLUX tensors on BFL's fused layers (``lora_unet_`` + BFL path)."""
+    if loaded.meta.family != "flux":
+        raise UnHypeError(f"{loaded.path.name}: the kohya_bfl format is for FLUX files; this one "
+                          f"is {loaded.meta.family}")
+    strength = check_strength(strength)
+    by_layer: dict[str, list] = {}
+    for name, hp in host_paths(loaded.meta, "ldm").items():
+        by_layer.setdefault(hp.path, []).append((hp.out_slice, factors[name]))
+    state = {}
+    for path, parts in by_layer.items():
+        downs, ups, rank = [], [], 0
+        for out_slice, (a, b) in parts:
+            a, b = a[index].float(), b[index].float() * strength
+            downs.append(a.T)
+            ups.append((out_slice, b))
+            rank += a.shape[-1]
+        sliced = [s for s, _ in ups if s is not None]
+        if sliced and len(sliced) != len(ups):
+            raise UnHypeError(f"{loaded.path.name}: {path} has both sliced and whole targets")
+        if sliced:
+            inner = sliced[0][1] - sliced[0][0]
+            up = torch.zeros(fused_rows(path, inner), rank)
+            col = 0
+            for (start, stop), b in ups:
+                up[start:stop, col:col + b.shape[1]] = b
+                col += b.shape[1]
+        else:
+            up = torch.cat([b for _, b in ups], dim=1) if len(ups) > 1 else ups[0][1]
+        key = "lora_unet_" + path.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = torch.cat(downs).contiguous()
+        state[f"{key}.lora_up.weight"] = up.contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(rank))
     return state
 
 
@@ -72,11 +126,15 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
 
 
 def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
-              strength: float = 1.0, title: str | None = None) -> tuple[dict, dict]:
+              strength: float = 1.0, title: str | None = None,
+              fmt: str = "kohya") -> tuple[dict, dict]:
     """(kohya tensors, metadata) of the LoRA the hypernetwork generates for one embedding."""
+    if fmt not in FORMATS:
+        raise UnHypeError(f"unknown LoRA format {fmt!r}; choose one of {list(FORMATS)}")
     with torch.no_grad():
         factors = loaded.hypernet(embedding.reshape(1, -1))
-    tensors = lora_state_dict(factors, strength)
+    tensors = lora_state_dict(factors, strength) if fmt == "kohya" else \
+        bfl_state_dict(loaded, factors, strength)
     metadata = lora_metadata(loaded, prompt, strength, title or f"unhype_{loaded.path.stem}")
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     return tensors, metadata

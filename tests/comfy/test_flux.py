@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not _has_flux(), reason="this ComfyUI has no com
 HIDDEN, HEADS, CONTEXT, TOKENS = 64, 4, 32, 8
 TINY_FLUX = {  # what comfy.model_detection produces for FLUX, with tiny widths
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
-    "vec_in_dim": 768, "context_in_dim": CONTEXT, "hidden_size": HIDDEN, "mlp_ratio": 2.0,
+    "vec_in_dim": 768, "context_in_dim": CONTEXT, "hidden_size": HIDDEN, "mlp_ratio": 4.0,
     "num_heads": HEADS, "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6],
     "theta": 10000, "qkv_bias": True, "guidance_embed": True,
 }
@@ -260,3 +260,71 @@ def test_wrong_family_refused_both_ways(pack, flux_model, tiny_parts, loaded, fl
     sd_cond = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]
     with pytest.raises(UnHypeError, match="trained for flux but the model is sd1"):
         apply(pack, tiny_parts["model"], sd_cond, flux_loaded)
+
+
+def baked(loaded, seed=7, fmt=None):
+    from unhype.bake import bake_lora
+
+    emb = torch.randn(768, generator=torch.Generator().manual_seed(seed))
+    kw = {} if fmt is None else {"fmt": fmt}
+    tensors, _ = bake_lora(loaded, emb, "a photo of a cat", 0.8, **kw)
+    with torch.no_grad():
+        factors = loaded.hypernet(emb[None])
+    return tensors, factors
+
+
+def comfy_lora_patched_weights(model, tensors, caplog):
+    """ComfyUI's own path for a LoRA file: key map -> load_lora -> add_patches -> patched model."""
+    import logging
+
+    import comfy.lora
+    import comfy.model_management
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        patches = comfy.lora.load_lora(tensors, key_map)
+    dropped = [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage()]
+    patched = model.clone()
+    added = patched.add_patches(patches, 1.0)
+    comfy.model_management.load_models_gpu([patched])
+    try:
+        got = {k: v.detach().clone() for k, v in patched.model.state_dict().items()}
+    finally:
+        comfy.model_management.unload_all_models()
+    return dropped, patches, added, got
+
+
+@pytest.mark.parametrize("fmt", [None, "kohya_bfl"])
+def test_baked_flux_lora_fully_consumed_by_comfyui(flux_model, flux_wide, caplog, fmt):
+    model = flux_model
+    before = weights(model)
+    if fmt is not None:
+        from unhype import bake
+
+        if "kohya_bfl" not in getattr(bake, "FORMATS", ()):
+            pytest.skip("no kohya_bfl bake format")
+    tensors, factors = baked(flux_wide, fmt=fmt)
+    dropped, patches, added, got = comfy_lora_patched_weights(model, tensors, caplog)
+    assert not dropped, dropped[:3]
+    assert len(added) == len(patches)
+    paths = host_paths(flux_wide.meta, "ldm")
+    want = {k: v.clone() for k, v in before.items()}
+    for name, hp in paths.items():
+        a, b = factors[name]
+        key = "diffusion_model." + hp.path + ".weight"
+        rows = slice(*hp.out_slice) if hp.out_slice else slice(None)
+        want[key][rows] += 0.8 * delta_weight(a[0], b[0])
+    changed = {k for k in before if not torch.equal(before[k], got[k])}
+    assert changed == {"diffusion_model." + hp.path + ".weight" for hp in paths.values()}
+    for k in changed:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert_untouched(model, before)
+    # the check sees ComfyUI's drop: a key it does not know is reported
+    import comfy.lora
+
+    extra = dict(tensors)
+    extra["lora_unet_not_a_layer.lora_up.weight"] = torch.zeros(4, 2)
+    caplog.clear()
+    comfy.lora.load_lora(extra, comfy.lora.model_lora_keys_unet(model.model, {}))
+    assert any("lora_unet_not_a_layer" in r.getMessage() for r in caplog.records)

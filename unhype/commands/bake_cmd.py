@@ -11,6 +11,10 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="prompt whose LoRA is baked")
     p.add_argument("--strength", type=float, default=1.0, help="multiplier baked into lora_up")
     p.add_argument("-o", "--output", required=True, help="output LoRA .safetensors")
+    p.add_argument("--format", default="kohya", choices=["kohya", "kohya_bfl"],
+                   help="kohya: canonical names (FLUX: lora_transformer_*, read by ComfyUI and "
+                        "diffusers); kohya_bfl (FLUX only): sd-scripts' BFL fused-layer names "
+                        "lora_unet_double_blocks_N_img_attn_qkv (ComfyUI, Forge)")
     p.add_argument("--text_encoder", default=None,
                    help="diffusers pipeline folder (or text-encoder folder) of the base model; "
                         "not needed for the toy family")
@@ -28,10 +32,10 @@ def run(args) -> int:
     embedder = load_embedder(loaded.family, args.text_encoder)
     embedding = embedder([args.prompt])
     tensors, metadata = bake_lora(loaded, embedding, args.prompt, strength,
-                                  title=Path(args.output).stem)
+                                  title=Path(args.output).stem, fmt=args.format)
     save_lora(args.output, tensors, metadata)
     norm = sum(float((t.float() ** 2).sum()) for k, t in tensors.items()
                if k.endswith("lora_up.weight")) ** 0.5
-    print(f"wrote {args.output}: {len(tensors) // 3} layers, rank {loaded.meta.config.rank}, "
+    print(f"wrote {args.output} ({args.format}): {len(tensors) // 3} layers, rank {loaded.meta.config.rank}, "
           f"|lora_up| = {norm:.4g}, sshs_model_hash {metadata['sshs_model_hash'][:12]}")
     return 0
