@@ -38,12 +38,16 @@ TINY_FLUX = {  # what comfy.model_detection produces for FLUX, with tiny widths
 
 
 def tiny_flux_model(seed=0):
+    return tiny_flux_model_with(seed)
+
+
+def tiny_flux_model_with(seed=0, **changes):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
     from tiny import _randomize
 
-    config = comfy.supported_models.Flux(dict(TINY_FLUX))
+    config = comfy.supported_models.Flux({**TINY_FLUX, **changes})
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     _randomize(base.diffusion_model, seed)
@@ -328,3 +332,78 @@ def test_baked_flux_lora_fully_consumed_by_comfyui(flux_model, flux_wide, caplog
     caplog.clear()
     comfy.lora.load_lora(extra, comfy.lora.model_lora_keys_unet(model.model, {}))
     assert any("lora_unet_not_a_layer" in r.getMessage() for r in caplog.records)
+
+
+def test_flux_workflow_ui_and_api_agree_and_run_in_comfys_executor(pack, tiny_parts, flux_loaded,
+                                                                   comfy_dirs, monkeypatch):
+    import json
+    import shutil
+
+    import comfy.sd
+    import comfy.taesd.taesd
+    import execution
+    import nodes
+
+    from test_workflows import ROOT, StubServer, ui_to_api, validate
+    from tiny import _randomize
+    from unhype import comfy_apply
+
+    nodes.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)
+    ui = json.loads((ROOT / "workflows" / "unhype_flux.json").read_text())
+    api = json.loads((ROOT / "workflows" / "unhype_flux_api.json").read_text())
+    assert ui_to_api(ui, nodes.NODE_CLASS_MAPPINGS) == \
+        {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert json.loads((ROOT / "example_workflows" / "unhype_flux.json").read_text()) == ui
+    sampler = next(v for v in api.values() if v["class_type"] == "KSampler")
+    assert sampler["inputs"]["cfg"] == 1.0  # guidance-distilled: one pass
+    assert api[sampler["inputs"]["positive"][0]]["class_type"] == "UnHypeApply"
+    assert api[sampler["inputs"]["model"][0]]["class_type"] == "UnHypeApply"
+    assert api["2"]["inputs"]["type"] == "flux"
+
+    # run it on a tiny FLUX (context width of the tiny CLIP) with a 16-channel TAESD
+    model = tiny_flux_model_with(context_in_dim=768)
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    _randomize(taesd, 3)
+    vae = comfy.sd.VAE(sd=taesd.state_dict())
+    prompt = json.loads(json.dumps(api))
+    for node in prompt.values():
+        node.pop("_meta", None)
+        cls, inputs = node["class_type"], node["inputs"]
+        if cls == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        if cls == "KSampler":
+            inputs.update(steps=2)
+        if cls == "UnHypeLoader":
+            shutil.copy(flux_loaded.path, comfy_dirs["unhype"] / inputs["hypernetwork"])
+    monkeypatch.setattr(nodes.UNETLoader, "load_unet", lambda self, *a, **k: (model,))
+    monkeypatch.setattr(nodes.DualCLIPLoader, "load_clip",
+                        lambda self, *a, **k: (tiny_parts["clip"],))
+    monkeypatch.setattr(nodes.VAELoader, "load_vae", lambda self, *a, **k: (vae,))
+    for kind, name in (("diffusion_models", "flux1-dev.safetensors"),
+                       ("text_encoders", "t5xxl_fp16.safetensors"),
+                       ("text_encoders", "clip_l.safetensors"), ("vae", "ae.safetensors")):
+        folder = comfy_dirs["checkpoints"].parent / kind
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes(b"")
+        monkeypatch.setitem(__import__("folder_paths").folder_names_and_paths, kind,
+                            ([str(folder)], {".safetensors"}))
+    calls = []
+    original = comfy_apply.UnHypeWrapper.__call__
+
+    def counting(self, apply_model, args):
+        calls.append((list(args["cond_or_uncond"]), self.calls))
+        out = original(self, apply_model, args)
+        calls[-1] = (calls[-1][0], self.calls - calls[-1][1])
+        return out
+
+    monkeypatch.setattr(comfy_apply.UnHypeWrapper, "__call__", counting)
+    before = weights(model)
+    valid = validate(prompt)
+    assert valid[0], valid[1:]
+    executor = execution.PromptExecutor(StubServer())
+    executor.execute(prompt, "test-flux", {}, valid[2])
+    errors = [m for m in executor.status_messages if m[0] == "execution_error"]
+    assert executor.success, errors
+    assert calls == [([0], 1), ([0], 1)]  # cfg 1: one conditional pass per step, LoRA on
+    assert list(comfy_dirs["output"].glob("UnHype_flux_*.png"))
+    assert_untouched(model, before)
