@@ -2,8 +2,9 @@
 
 Read from the model itself (the cross-attention context width of its ``attn2.to_k`` layers and
 whether it takes a pooled ``vector``), so every host answers the same way without relying on
-host flags: 768 -> sd1, 1024 -> sd2, 2048 -> sdxl. Other widths (SDXL refiner 1280, SD3, ...)
-are "unknown" and refused.
+host flags: 768 -> sd1, 1024 -> sd2, 2048 -> sdxl; a BFL-layout transformer (``double_blocks``
+with a fused ``img_attn.qkv``) is flux. Other widths (SDXL refiner 1280, SD3, ...) are "unknown"
+and refused.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ def context_dim(unet: nn.Module) -> int | None:
     return None
 
 
+def is_flux(model: nn.Module) -> bool:
+    """A BFL-layout FLUX transformer (ComfyUI comfy.ldm.flux, Forge backend/nn/flux.py)."""
+    blocks = getattr(model, "double_blocks", None)
+    return blocks is not None and hasattr(model, "single_blocks") and len(blocks) > 0 and \
+        hasattr(getattr(blocks[0], "img_attn", None), "qkv")
+
+
 def detect_family(unet: nn.Module) -> str:
-    """'sd1', 'sd2', 'sdxl' or 'unknown' for an LDM/SGM UNet (A1111/Forge/ComfyUI)."""
+    """'sd1', 'sd2', 'sdxl', 'flux' or 'unknown' for a host's denoiser (A1111/Forge/ComfyUI)."""
+    if is_flux(unet):
+        return "flux"
     return CONTEXT_FAMILY.get(context_dim(unet), "unknown")
 
 

@@ -26,6 +26,19 @@ from unhype_webui import host
 log = logging.getLogger("unhype")
 MISMATCH_CONTINUE = "Generate without UnHype"
 MISMATCH_STOP = "Stop with an error"
+FLUX_NOT_HERE = ("UnHype: FLUX is not supported in the A1111/Forge extension ({what}); use "
+                 "ComfyUI (workflows/unhype_flux.json), or bake a static LoRA with `unhype bake "
+                 "--format kohya_bfl` and load it as an ordinary LoRA in Forge; not applied")
+
+
+def host_family_problem(file_family: str, model_family: str, file_name: str = "") -> str | None:
+    """family_problem, with FLUX (model or file) refused by name: this extension hooks LDM UNets
+    only."""
+    if "flux" in (file_family, model_family):
+        what = (f"{file_name or 'the hypernetwork'} is for {file_family}, the loaded model is "
+                f"{model_family}")
+        return FLUX_NOT_HERE.format(what=what)
+    return family_problem(file_family, model_family, file_name)
 
 
 @dataclass
@@ -123,7 +136,7 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
     model_family = detect_family(unet)
     warnings, usable = [], []
     for active in actives:
-        problem = family_problem(active.loaded.meta.family, model_family, active.name)
+        problem = host_family_problem(active.loaded.meta.family, model_family, active.name)
         if problem:
             if on_mismatch == MISMATCH_CONTINUE:
                 warnings.append(problem)

@@ -13,11 +13,12 @@ import re
 from unhype import infotext
 from unhype.bake import bake_lora, save_lora
 from unhype.errors import UnHypeError
-from unhype.model_check import detect_family, family_problem
+from unhype.model_check import detect_family
 from unhype.probe import ROW_HEADERS, concept_texts, probe
 from unhype.prompt_tags import plain_text
 
 from unhype_webui import files, host
+from unhype_webui.session import host_family_problem
 
 FILE_HEADERS = ["name", "family", "erases", "variant", "rank", "layers", "hash", "size MB"]
 PROBE_HEADERS = ROW_HEADERS
@@ -37,8 +38,8 @@ def file_rows(folder: str | None = None) -> list[list]:
 
 
 def _embedder(loaded, sd_model):
-    problem = family_problem(loaded.meta.family, detect_family(host.diffusion_model(sd_model)),
-                             loaded.path.name)
+    problem = host_family_problem(loaded.meta.family,
+                                  detect_family(host.diffusion_model(sd_model)), loaded.path.name)
     if problem:
         raise UnHypeError(problem)
     family = loaded.meta.family
