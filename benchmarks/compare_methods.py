@@ -94,6 +94,9 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
             row = json.loads(cache.read_text())
             rows[row["name"]] = row
             continue
+        if args.cached_only:
+            say(f"  {tag}: no cached row for {key} (--cached-only): shown as n/a")
+            continue
         t0 = time.time()
         if kind == "base":
             method = Method()
@@ -130,6 +133,7 @@ def mean_rows(per_target: list[dict]) -> dict:
         rows = [r[name] for r in per_target if name in r]
         out[name] = {k: sum(r[k] for r in rows) / len(rows)
                      for k in ("acc_e", "acc_s", "acc_g", "h_o") if rows[0].get(k) is not None}
+        out[name]["n"] = len(rows)
         out[name]["train_seconds"] = sum(r.get("train_seconds", 0) for r in rows)
         out[name]["seconds"] = sum(r.get("seconds", 0) for r in rows)
     return out
@@ -147,8 +151,10 @@ def table(single: dict, multi: dict | None) -> str:
         if best:
             head.append("H_o / UnHype")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    total = max(r.get("n", 1) for r in single.values())
     for name, r in single.items():
-        cells = [name, fmt(r["acc_e"]), f"{fmt(r['acc_s'])} ({r['acc_s'] / base_s:.0%})",
+        label = name if r.get("n", total) == total else f"{name} ({r['n']} of {total} targets)"
+        cells = [label, fmt(r["acc_e"]), f"{fmt(r['acc_s'])} ({r['acc_s'] / base_s:.0%})",
                  fmt(r["acc_g"]), fmt(r["h_o"])]
         if best:
             cells.append(f"{r['h_o'] / single[best]['h_o']:.2f}" if single[best]["h_o"] else "n/a")
@@ -226,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=("single", "multi"), default=None,
                     help="compute one setting's rows into the cache and stop (to split a run "
                     "over processes); a run without it then prints and writes everything")
+    ap.add_argument("--cached-only", dest="cached_only", action="store_true",
+                    help="assemble the table from cached rows only (missing ones: n/a)")
     ap.add_argument("--force", action="store_true", help="ignore cached (setting, method) rows")
     args = ap.parse_args(argv)
     args.variants = list(ALL_VARIANTS) if args.variants == "all" else \

@@ -33,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--classifier", default="judge")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", dest="eval_seed", type=int, default=4321)
+    ap.add_argument("--unhype-file", dest="unhype_file", default=None,
+                    help="evaluate this trained hypernetwork instead of training one")
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
@@ -60,6 +62,14 @@ def main(argv=None):
     methods = [Method()]
     for b in [b.strip() for b in args.baselines.split(",") if b.strip()]:
         methods.append(build(b, gen, backend, [name], ps, args.steps, args.seed))
+    if args.unhype_file:
+        from unhype.evaluation.methods import UnHypeMethod
+        from unhype.fileformat import load_hypernet
+
+        loaded = load_hypernet(args.unhype_file)
+        methods.append(UnHypeMethod.from_loaded(loaded, name=f"UnHype {loaded.meta.config.variant}"
+                                                f" ({loaded.meta.training.get('steps_done')} steps)"))
+        args.variants = ""
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         variant, mode = v.split("/")
         methods.append(train_unhype(backend, [name], variant, mode, args.steps, args.seed,
