@@ -81,3 +81,38 @@ def test_bfl_format_refused_for_sd_files_and_unknown_formats(tmp_path):
         bake_lora(loaded, torch.randn(768), "x", fmt="kohya_bfl")
     with pytest.raises(UnHypeError, match="unknown LoRA format"):
         bake_lora(loaded, torch.randn(768), "x", fmt="peft")
+
+
+def test_full_size_bfl_lora_is_read_by_diffusers_kohya_flux_converter(tmp_path):
+    """diffusers' FluxPipeline.lora_state_dict converts sd-scripts FLUX LoRAs with FLUX.1's
+    sizes hard-coded (3072 / 12288), so this runs on the full-size targets (rank 1: small)."""
+    from diffusers import FluxPipeline
+
+    from unhype.bake import save_lora
+    from unhype.families import get_family
+
+    targets = get_family("flux").targets()
+    net = build_hypernet(HyperNetConfig(variant="per_layer", targets=[t.as_dict() for t in targets],
+                                        embed_dim=768, rank=1, hidden=2, seed=0))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_hypernet(tmp_path / "h.safetensors", net.eval(), "flux")
+    loaded = load_hypernet(tmp_path / "h.safetensors")
+    emb = torch.randn(768, generator=torch.Generator().manual_seed(2))
+    tensors, meta = bake_lora(loaded, emb, "a cat", 0.7, fmt="kohya_bfl")
+    save_lora(tmp_path / "l.safetensors", tensors, meta)
+    with torch.no_grad():
+        factors = loaded.hypernet(emb[None])
+    state = FluxPipeline.lora_state_dict(str(tmp_path / "l.safetensors"))
+    x = torch.randn(3072, 4, generator=torch.Generator().manual_seed(3))  # probe: B (A x)
+    products = {k[:-len(".lora_A.weight")]: state[k.replace("lora_A", "lora_B")] @ (v @ x)
+                for k, v in state.items() if k.endswith(".lora_A.weight")}
+    ours = {"transformer." + t.path: t.name for t in targets}
+    assert set(ours) <= set(products)
+    for key, product in products.items():
+        if key in ours:
+            a, b = factors[ours[key]]
+            torch.testing.assert_close(product, 0.7 * b[0] @ (a[0].T @ x), rtol=1e-4, atol=1e-7)
+        else:  # the zero-padded slices (to_q, to_k, proj_mlp, ...) convert to zero updates
+            assert not product.any(), key
