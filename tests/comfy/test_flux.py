@@ -407,3 +407,40 @@ def test_flux_workflow_ui_and_api_agree_and_run_in_comfys_executor(pack, tiny_pa
     assert calls == [([0], 1), ([0], 1)]  # cfg 1: one conditional pass per step, LoRA on
     assert list(comfy_dirs["output"].glob("UnHype_flux_*.png"))
     assert_untouched(model, before)
+
+
+def test_full_size_flux_dev_targets_resolve_in_comfys_model_on_meta(pack, tmp_path):
+    """The real FLUX.1-dev ComfyUI model (meta device, the unet_config comfy.model_detection
+    gives it): family detected, all 95 targets found by ComfyUI's key map as (fused key, row
+    slice) and by the hooks, with the right shapes."""
+    import comfy.supported_models
+
+    from unhype.comfy_apply import build_plan
+    from unhype.dynamic_lora import resolve_modules
+    from unhype.families import get_family
+    from unhype.fileformat import load_hypernet, save_hypernet
+    from unhype.hypernet import HyperNetConfig, build_hypernet
+
+    dev = {**TINY_FLUX, "in_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+           "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+           "depth_single_blocks": 38, "axes_dim": [16, 56, 56]}
+    base = comfy.supported_models.Flux(dev).get_model({}, device="meta")
+
+    class Patcher:  # the parts of a ModelPatcher the checks read
+        model = base
+
+    fam = get_family("flux")
+    targets = [t.as_dict() for t in fam.targets()]
+    net = build_hypernet(HyperNetConfig(variant="shared", targets=targets, embed_dim=768, rank=1,
+                                        hidden=8, head_hidden=4))
+    loaded = load_hypernet(save_hypernet(tmp_path / "f.safetensors", net, "flux"))
+    glue = pack.nodes.glue
+    assert glue.model_family(Patcher) == "flux"
+    glue.check_model(Patcher, loaded)
+    cond = [[torch.zeros(1, 4, 4096), {"pooled_output": torch.zeros(1, 768)}]]
+    plan = build_plan(loaded, cond, 1.0)
+    keys = glue.resolve_keys(Patcher, plan)
+    assert len(keys) == len(targets) == 95
+    assert keys["lora_transformer_single_transformer_blocks_37_attn_to_v"] == \
+        ("diffusion_model.single_blocks.37.linear1.weight", (0, 6144, 3072))
+    assert len(resolve_modules(base.diffusion_model, plan.paths, plan.dims)) == 95
