@@ -444,3 +444,21 @@ def test_full_size_flux_dev_targets_resolve_in_comfys_model_on_meta(pack, tmp_pa
     assert keys["lora_transformer_single_transformer_blocks_37_attn_to_v"] == \
         ("diffusion_model.single_blocks.37.linear1.weight", (0, 6144, 3072))
     assert len(resolve_modules(base.diffusion_model, plan.paths, plan.dims)) == 95
+
+
+def test_comfy_hooks_path_matches_per_row_on_flux(pack, flux_model, flux_wide):
+    glue = pack.nodes.glue
+    if glue.comfy_hooks() is None:
+        pytest.skip("this ComfyUI has no comfy/hooks.py")
+    model = flux_model
+    before = weights(model)
+    c = cond(8)
+    per_row, _, _ = apply(pack, model, c, flux_wide)
+    hooked, hooked_cond, info = apply(pack, model, c, flux_wide,
+                                      mode="comfy hooks (positive only)")
+    assert "hooks" in info
+    want = sample(per_row, c, c, steps=2)
+    got = sample(hooked, hooked_cond, c, steps=2)
+    assert (want - sample(model, c, c, steps=2)).abs().max() > 1e-5
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_untouched(model, before)
