@@ -86,7 +86,7 @@ def test_zero_shot_clip_beats_chance():
                                            parts.image_encoder, parts.text_encoder,
                                            parts.tokenizer)
     assert probs.shape == (200, len(data.SHAPES))
-    assert (pred.numpy() == shapes).mean() >= 0.5
+    assert (pred.numpy() == shapes).mean() >= 0.9
 
 
 def test_sample_quality_on_committed_weights(toy, judge_net):
@@ -97,5 +97,5 @@ def test_sample_quality_on_committed_weights(toy, judge_net):
     ps, pc = judge_net.classify(images)
     shape_acc = float((ps.numpy() == shapes).mean())
     colour_acc = float((pc.numpy() == colours).mean())
-    assert shape_acc >= 0.5, shape_acc
+    assert shape_acc >= 0.8, shape_acc
     assert colour_acc >= 0.8, colour_acc

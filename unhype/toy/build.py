@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 # Step counts sized so the whole build fits in ~45 minutes on 2 shared CPU cores.
-CLIP_STEPS = 400  # joint text + image towers
+CLIP_STEPS = 500
 CLIP_BATCH = 128
-IMAGE_TOWER_STEPS = 600  # then the image tower alone, against the frozen text tower
-IMAGE_TOWER_BATCH = 256
 JUDGE_STEPS = 400
 UNET_STEPS = 2000
+UNET_STEPS_2 = 1500
 UNET_BATCH = 32
 
 
@@ -28,7 +27,8 @@ def _bar(total: int, desc: str):
 
 
 def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
-          clip_steps: int = CLIP_STEPS, judge_steps: int = JUDGE_STEPS,
+          unet_steps_2: int = UNET_STEPS_2, clip_steps: int = CLIP_STEPS,
+          judge_steps: int = JUDGE_STEPS,
           stages: tuple[str, ...] = ("clip", "judge", "unet")) -> dict:
     """Train and write the toy weights into `out_dir`; returns a summary (times, accuracies)."""
     from diffusers import DDIMScheduler
@@ -51,15 +51,6 @@ def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
             clip_model = clip.train_clip(tokenizer, seed, steps=clip_steps, batch=CLIP_BATCH,
                                          progress=tick)
         clip.save_clip(clip_model, out_dir)
-        clip_model = clip.load_clip_model(out_dir)  # the text tower as stored (fp16)
-        with _bar(IMAGE_TOWER_STEPS, "toy CLIP image tower") as bar:
-            def tick(step, loss):
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            clip_model = clip.train_clip(tokenizer, seed + 10, steps=IMAGE_TOWER_STEPS,
-                                         batch=IMAGE_TOWER_BATCH, progress=tick,
-                                         model=clip_model, freeze_text=True, lr=1e-3)
-        clip.save_clip(clip_model, out_dir, text=False)
         summary["clip_minutes"] = (time.time() - t) / 60
 
     if "judge" in stages:
@@ -77,12 +68,19 @@ def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
         t = time.time()
         tokenizer = clip.load_tokenizer(out_dir)
         text_encoder = clip.load_text_encoder(out_dir)
-        with _bar(unet_steps, "toy UNet") as bar:
-            def tick(step, loss, ema):
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            unet = train.train_unet(tokenizer, text_encoder, seed, steps=unet_steps,
-                                    batch=UNET_BATCH, progress=tick)
+        unet = None
+        # Two cosine cycles: the second restarts the learning rate and draws half its
+        # timesteps from the high-noise range where the shape is decided.
+        for phase, (steps, lr, high_noise_from) in enumerate(
+                ((unet_steps, 2e-3, 0), (unet_steps_2, 1.5e-3, 300))):
+            with _bar(steps, f"toy UNet {phase + 1}/2") as bar:
+                def tick(step, loss, ema):
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                unet = train.train_unet(tokenizer, text_encoder, seed + phase, steps=steps,
+                                        batch=UNET_BATCH, lr=lr, progress=tick,
+                                        high_noise_from=high_noise_from,
+                                        unet=unet.requires_grad_(True) if unet else None)
         clip.save_atomic(unet.half(), out_dir / "unet")  # fp16 on disk, loaded as fp32
         clip.save_atomic(DDIMScheduler(**model.scheduler_config()), out_dir / "scheduler")
         summary["unet_minutes"] = (time.time() - t) / 60

@@ -19,6 +19,23 @@ import torch
 from unhype.toy import data
 
 
+WEAK_SPOTS = [
+    "The committed UNet was warm-started from a UNet trained 2000 steps against an earlier text "
+    "encoder (a ViT image tower that never learned shapes, leaving shape words nearly collinear), "
+    "then trained against the final one; `unhype toy build` runs the same recipe from scratch "
+    "with the final text encoder, so it gives an equivalent model, not these exact bytes (float "
+    "results also vary with the thread count).",
+    "Training times were measured on 2 cores shared with other jobs (load average 5-15) and one "
+    "torch thread; an idle machine should be several times faster.",
+    "The judge CNN only saw rendered images; on blurry generated blobs it still has to pick a "
+    "class, so a borderline blob counts as whichever shape it resembles most.",
+    "Words outside the toy vocabulary tokenize (full CLIP BPE) but their embeddings are "
+    "untrained, so such prompts give arbitrary images; prompts over 16 tokens are truncated.",
+    "Shapes are drawn upright (+-12 degrees): the arrow always points right, the crescent opens "
+    "to the right.",
+]
+
+
 def prompt_set(kind: str, per_class: int,
                seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(prompts, shape index, colour index or -1) with `per_class` prompts per shape."""
@@ -108,6 +125,7 @@ def extras(toy, judge_net, clip_parts, weights: Path, sweep: bool = True) -> dic
                                          clip_parts.image_encoder, clip_parts.text_encoder,
                                          clip_parts.tokenizer)
     out["zero_shot_ground_truth"] = class_mean_accuracy(zs.numpy(), s)
+    out["pooled_cosine"] = pooled_separation(toy)
     out["sample_seconds"] = sampling_seconds(toy)
     a = toy.sample(["a red circle", "a blue star"], seed=3)
     out["deterministic"] = bool(torch.equal(a, toy.sample(["a red circle", "a blue star"], seed=3)))
@@ -116,14 +134,28 @@ def extras(toy, judge_net, clip_parts, weights: Path, sweep: bool = True) -> dic
         out["build"] = json.loads(build_json.read_text())
         out["build"].pop("judge_heldout_accuracy", None)
     if sweep:
-        prompts, s, c = prompt_set("canonical", 8, seed=1)
+        prompts, s, c = prompt_set("canonical", 4, seed=1)
         out["guidance_sweep"] = []
-        for g in (1.0, 1.5, 2.0, 3.0, 5.0):
+        for g in (1.0, 1.5, 2.0, 3.0, 5.0):  # 4 images per shape each
             ps, pc = judge_net.classify(sample_many(toy, prompts, 1, toy_default_steps(), g))
             out["guidance_sweep"].append({"guidance": g,
                                           "shape": class_mean_accuracy(ps.numpy(), s),
                                           "colour": class_mean_accuracy(pc.numpy(), c)})
     return out
+
+
+def pooled_separation(toy) -> dict:
+    """Cosine of pooled text embeddings ("a {word}"): between synonyms of one shape (should be
+    high) and between different shapes (should be clearly lower, or erasure cannot be specific)."""
+    words = [w for s in data.SHAPES for w in data.SYNONYMS[s]]
+    k = len(data.SYNONYMS[data.SHAPES[0]])
+    pooled = torch.nn.functional.normalize(toy.encode_prompts([f"a {w}" for w in words])[1], dim=-1)
+    sim = (pooled @ pooled.T).view(len(data.SHAPES), k, len(data.SHAPES), k)
+    same = torch.stack([sim[i, :, i, :][~torch.eye(k, dtype=torch.bool)].mean()
+                        for i in range(len(data.SHAPES))])
+    other = sim.mean((1, 3))[~torch.eye(len(data.SHAPES), dtype=torch.bool)]
+    return {"synonyms_mean": float(same.mean()), "other_shapes_mean": float(other.mean()),
+            "other_shapes_max": float(other.max())}
 
 
 def toy_default_steps() -> int:
@@ -155,14 +187,30 @@ def write_markdown(path: Path, results: dict) -> None:
         "## Models",
         "",
         "- Text encoder: transformers `CLIPTextModel` (64 wide, 3 layers, 16 tokens, full CLIP BPE"
-        " vocabulary), trained contrastively with a small ViT image tower. The hypernetwork reads"
-        " `pooler_output` (64-d); the UNet attends to `last_hidden_state`.",
+        " vocabulary), trained contrastively (multi-positive CLIP loss) with a small CNN image"
+        " tower. The hypernetwork reads `pooler_output` (64-d); the UNet attends to"
+        " `last_hidden_state`.",
         "- Denoiser: diffusers `UNet2DConditionModel` (see `toy_unet_config()`) on a fixed"
         " lossless linear latent (the image pixel-unshuffled into 2x2 patches, 12x8x8), cross-"
         "attention at 8x8, 4x4 and 2x2; x0-prediction, cosine schedule, 10% caption dropout, EMA;"
         " sampled with DDIM + classifier-free guidance, guided x0 clamped to [-1, 1] each step.",
         "- Judge: a CNN trained only on rendered ground truth; zero-shot CLIP with the toy image"
         " tower via `judge.zero_shot_classify`.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from unhype.toy.model import load_toy",
+        "toy = load_toy()  # tokenizer, text_encoder, unet, scheduler",
+        "hidden, pooled = toy.encode_prompts([\"a red circle\"])  # [N, 16, 64], [N, 64]",
+        "images = toy.sample([\"a red circle\"] * 4, seed=0)    # [N, 3, 16, 16] in [0, 1]",
+        "```",
+        "",
+        "Each sampling step runs the UNet once on `[N unconditional rows; N conditional rows]`;"
+        " `sample(..., before_unet_call=fn)` calls `fn(step_index, timestep, rows)` first, with"
+        " `rows[j]` the prompt index of batch row j or -1 for an unconditional row, so a caller can"
+        " put a LoRA on the conditional rows only. `toy.latent_shape` is (12, 8, 8);"
+        " `toy.decode_latents` / `toy.encode_images` convert to and from images.",
         "",
         "## Measured",
         "",
@@ -176,6 +224,11 @@ def write_markdown(path: Path, results: dict) -> None:
     if "zero_shot_ground_truth" in r:
         lines += [f"- Zero-shot toy CLIP on rendered images: shape "
                   f"{r['zero_shot_ground_truth']:.1%}."]
+    if "pooled_cosine" in r:
+        p = r["pooled_cosine"]
+        lines += [f"- Pooled text embeddings (cosine, \"a {{word}}\"): between synonyms of a shape "
+                  f"{p['synonyms_mean']:.2f}; between different shapes {p['other_shapes_mean']:.2f}"
+                  f" on average, {p['other_shapes_max']:.2f} at most."]
     if "sample_seconds" in r:
         lines += [f"- Sampling 16 images at the defaults: {r['sample_seconds']:.2f} s "
                   "(2 shared CPU cores)."]
@@ -199,7 +252,7 @@ def write_markdown(path: Path, results: dict) -> None:
             lines += ["", "Guidance sweep (canonical prompts, judge):", "",
                       "| guidance | shape | colour |", "|---|---|---|"]
         lines.append(f"| {extra['guidance']} | {extra['shape']:.1%} | {extra['colour']:.1%} |")
-    lines += ["", "## Weak spots", ""] + [f"- {w}" for w in r.get("weak", [])] + [""]
+    lines += ["", "## Weak spots", ""] + [f"- {w}" for w in r.get("weak", WEAK_SPOTS)] + [""]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
