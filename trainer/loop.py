@@ -24,7 +24,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import losses
 from trainer.backends.base import Backend, Cond
-from trainer.concepts import Concept, concept_table, fill, resolve_concepts, resolve_retain
+from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
 from trainer.config import TrainConfig, check_output_dir, pick_device
 from unhype.dynamic_lora import DynamicLoRA
 from unhype.errors import UnHypeError
@@ -395,11 +395,3 @@ def _truncate_log(path: Path, step: int):
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
-
-
-def concept_prompts(concept: Concept) -> list[str]:
-    return [fill(concept.templates[0], concept.target)] + \
-        [fill(concept.templates[0], s) for s in concept.synonyms]
-
-
-
