@@ -9,7 +9,7 @@ import re
 import folder_paths
 import torch
 
-from unhype.bake import bake_lora, save_lora
+from unhype.bake import FORMATS as BAKE_FORMATS, bake_lora, save_lora
 from unhype.comfy_apply import build_plan, pooled_rows
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, concept_texts, probe
@@ -146,6 +146,9 @@ class UnHypeBakeLoRA:
         }, "optional": {
             "prompt_note": ("STRING", {"default": "", "tooltip":
                 "The prompt text, stored in the LoRA's metadata (informational)."}),
+            "format": (list(BAKE_FORMATS), {"default": "kohya", "tooltip":
+                "kohya: canonical names (FLUX: lora_transformer_*, ComfyUI and diffusers). "
+                "kohya_bfl (FLUX only): sd-scripts' fused-layer names, for Forge too."}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -158,7 +161,8 @@ class UnHypeBakeLoRA:
                    "(kohya format), for the stock LoRA loader and other UIs. A static LoRA "
                    "applies to every prompt and both CFG branches.")
 
-    def bake(self, unhype, conditioning, filename, strength, overwrite, prompt_note=""):
+    def bake(self, unhype, conditioning, filename, strength, overwrite, prompt_note="",
+             format="kohya"):  # noqa: A002  (ComfyUI passes inputs by name)
         pooled = pooled_rows(conditioning, unhype.meta.config.embed_dim,
                              unhype.meta.embedding.get("source", "?"))[0][0]
         folders = folder_paths.get_folder_paths("loras")
@@ -172,7 +176,7 @@ class UnHypeBakeLoRA:
                               "'overwrite'")
         bar = _progress(2)
         tensors, metadata = bake_lora(unhype, pooled, prompt_note, strength,
-                                      title=os.path.splitext(name)[0])
+                                      title=os.path.splitext(name)[0], fmt=format)
         _step(bar)
         os.makedirs(folders[0], exist_ok=True)
         save_lora(path, tensors, metadata)

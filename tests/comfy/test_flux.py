@@ -462,3 +462,28 @@ def test_comfy_hooks_path_matches_per_row_on_flux(pack, flux_model, flux_wide):
     assert (want - sample(model, c, c, steps=2)).abs().max() > 1e-5
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert_untouched(model, before)
+
+
+def test_bake_node_writes_both_flux_forms_and_comfy_loads_them(pack, flux_model, flux_wide,
+                                                               loaded, comfy_dirs, caplog):
+    import comfy.utils
+
+    node = pack.nodes.definitions.UnHypeBakeLoRA()
+    c = cond(9)
+    before = weights(flux_model)
+    results = {}
+    for fmt in ("kohya", "kohya_bfl"):
+        path = node.bake(flux_wide, c, f"flux {fmt}", 1.0, True, "a cat", fmt)["result"][0]
+        tensors = comfy.utils.load_torch_file(path, safe_load=True)
+        prefix = "lora_transformer_" if fmt == "kohya" else "lora_unet_"
+        assert all(k.startswith(prefix) for k in tensors)
+        dropped, patches, added, got = comfy_lora_patched_weights(flux_model, tensors, caplog)
+        assert not dropped and len(added) == len(patches)
+        results[fmt] = got
+    for k in before:  # the two forms patch the model identically
+        torch.testing.assert_close(results["kohya"][k], results["kohya_bfl"][k],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(UnHypeError, match="kohya_bfl format is for FLUX"):
+        node.bake(loaded, [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]],
+                  "sd bfl", 1.0, True, "", "kohya_bfl")
+    assert not (comfy_dirs["loras"] / "sd_bfl.safetensors").exists()
