@@ -8,13 +8,12 @@ import torch
 
 def build_random_toy(path):
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPModel
 
     from unhype.toy import clip, judge, model
 
     clip.build_tokenizer(path / "tokenizer")
     torch.manual_seed(0)
-    clip.save_clip(CLIPModel(clip.clip_config()), path)
+    clip.save_clip(clip.ToyClip(), path)
     cfg = dict(model.toy_unet_config(), block_out_channels=[16, 16, 16])
     UNet2DConditionModel(**cfg).save_pretrained(path / "unet")
     DDIMScheduler(**model.scheduler_config()).save_pretrained(path / "scheduler")
