@@ -26,7 +26,9 @@ WEAK_SPOTS = [
     "with the final text encoder, so it gives an equivalent model, not these exact bytes (float "
     "results also vary with the thread count).",
     "Training times were measured on 2 cores shared with other jobs (load average 5-15) and one "
-    "torch thread; an idle machine should be several times faster.",
+    "torch thread, where the stages add up to ~90 minutes, twice the 45-minute goal. `unhype toy "
+    "build` itself was only smoke-tested end to end (a few steps per stage), not timed in full; "
+    "on an idle machine the steps should be several times faster, but that is not measured.",
     "The judge CNN only saw rendered images; on blurry generated blobs it still has to pick a "
     "class, so a borderline blob counts as whichever shape it resembles most.",
     "Words outside the toy vocabulary tokenize (full CLIP BPE) but their embeddings are "
@@ -236,7 +238,7 @@ def write_markdown(path: Path, results: dict) -> None:
         lines += [f"- Same seed, same images: {r['deterministic']}."]
     if "build" in r:
         b = r["build"]
-        lines += [f"- Build (`unhype toy build`, seed {b.get('seed')}): "
+        lines += [f"- Training time of these weights (seed {b.get('seed')}, see build.json): "
                   + ", ".join(f"{k.replace('_minutes', '')} {v:.1f} min" for k, v in b.items()
                               if k.endswith("_minutes")) + "."]
     lines += ["", "| prompts | images | shape (judge) | colour (judge) | shape (zero-shot CLIP) |",
