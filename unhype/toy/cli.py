@@ -56,8 +56,6 @@ def _build(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
     from unhype.toy import data, grid, judge, model
 
     model.set_threads()
@@ -81,8 +79,6 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     import json
-
-    import torch
 
     from unhype.toy import clip, judge, model, report
 
