@@ -232,6 +232,7 @@ def main(argv=None):
     ap.add_argument("--only", choices=("single", "multi"), default=None,
                     help="compute one setting's rows into the cache and stop (to split a run "
                     "over processes); a run without it then prints and writes everything")
+    ap.add_argument("--note", default="", help="a line for docs/results.md (e.g. which weights)")
     ap.add_argument("--cached-only", dest="cached_only", action="store_true",
                     help="assemble the table from cached rows only (missing ones: n/a)")
     ap.add_argument("--force", action="store_true", help="ignore cached (setting, method) rows")
@@ -304,6 +305,7 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         f"(toy templates x colours), latent cache and ESD-with-anchor target (anchor '', "
         f"eta 1); UnHype uses trainer/configs/toy_demo.toml otherwise",
         f"- settings: `{json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, sort_keys=True)}`",
+        *([f"- note: {args.note}"] if args.note else []),
         "", text, "", "Goals (issue 7):", ""]
     lines += ["- " + g for g in goals(single, multi_rows)]
     lines += ["", "## Per target", "", "| target | method | Acc_e | Acc_s | Acc_g | H_o | "
