@@ -102,20 +102,10 @@ def tiny_diffusers_unet():
 
 def tiny_hypernet(family: str = "sd1", rank: int = 2, seed: int = 0, perturb: float = 0.05):
     """A hypernetwork on the tiny UNet's attn2.to_k/to_v with non-zero B heads."""
-    from unhype.families import get_family
-    from unhype.hypernet import HyperNetConfig, build_hypernet
+    from tests.helpers import hypernet_for
 
-    fam = get_family(family)
-    targets = [t.as_dict() for t in fam.targets(model=tiny_diffusers_unet())]
-    cfg = HyperNetConfig(variant="per_layer", targets=targets, embed_dim=768, rank=rank,
-                         hidden=16, seed=seed)
-    net = build_hypernet(cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(perturb * torch.randn(p.shape, generator=gen))
-    return net.eval()
+    return hypernet_for(tiny_diffusers_unet(), family=family, rank=rank, seed=seed,
+                        perturb=perturb, embed_dim=768)
 
 
 def save_tiny_hypernet(path, family: str = "sd1", **kw):
