@@ -29,16 +29,22 @@ def _bar(total: int, desc: str):
 def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
           unet_steps_2: int = UNET_STEPS_2, clip_steps: int = CLIP_STEPS,
           judge_steps: int = JUDGE_STEPS,
-          stages: tuple[str, ...] = ("clip", "judge", "unet")) -> dict:
+          stages: tuple[str, ...] = ("clip", "judge", "unet"),
+          threads: int | None = None) -> dict:
     """Train and write the toy weights into `out_dir`; returns a summary (times, accuracies)."""
     from diffusers import DDIMScheduler
 
     from unhype.toy import clip, judge, model, train
 
-    model.set_threads()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        model.set_threads()
+    summary: dict = {"seed": seed, "threads": torch.get_num_threads()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"seed": seed}
     start = time.time()
 
     if "clip" in stages:

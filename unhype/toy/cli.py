@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--stages", default="clip,judge,unet",
                    help="comma-separated subset of clip,judge,unet")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: 2, or 1 when the CPUs are already busy)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("sample", help="write a labelled grid of samples for a prompt")
@@ -45,7 +47,7 @@ def _build(args: argparse.Namespace) -> int:
     out = args.out or model.weights_dir()
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     summary = build.build(out, seed=args.seed, stages=stages,
-                          unet_steps=args.unet_steps or build.UNET_STEPS)
+                          unet_steps=args.unet_steps or build.UNET_STEPS, threads=args.threads)
     print(f"toy weights written to {out} in {summary['total_minutes']:.1f} min")
     if "judge_heldout_accuracy" in summary:
         s, c = summary["judge_heldout_accuracy"]
