@@ -20,7 +20,7 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     # model (kohya)
     ("pretrained_model_name_or_path", str, None, "diffusers folder, single-file .safetensors "
      "(with --model_config) or 'toy'"),
-    ("model_family", str, "auto", "auto | sd1 | sd2 | sdxl | toy"),
+    ("model_family", str, "auto", "auto | sd1 | sd2 | sdxl | flux | toy | toy_flux"),
     ("model_config", str, None, "local diffusers config folder for a single-file checkpoint"),
     ("v_parameterization", bool, False, "the model predicts v (SD2 768-v), whatever its "
      "scheduler config says"),
@@ -87,7 +87,7 @@ OPTIONS: list[tuple[str, type, object, str]] = [
 
 BOOL_FLAGS = {name for name, typ, _, _ in OPTIONS if typ is bool}
 CHOICES = {
-    "model_family": ("auto", "sd1", "sd2", "sdxl", "toy", "flux"),
+    "model_family": ("auto", "sd1", "sd2", "sdxl", "toy", "flux", "toy_flux"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "save_model_as": ("safetensors",),
     "variant": ("per_layer", "shared"),

@@ -207,6 +207,21 @@ register_family(Family(
     base_model_version="unhype_toy", modelspec_architecture="unhype-toy/lora"))
 
 
+register_family(Family(
+    name="toy_flux", description="UnHype's embedded toy flow model (unhype/toy/flow.py, a tiny "
+    "FluxTransformer2DModel with CFG)",
+    model_class="FluxTransformer2DModel", config=lambda: _toy_flow_config(),
+    embedding=FAMILIES["toy"].embedding, presets=FLUX_PRESETS, default_preset="paper",
+    apply_to=APPLY_COND_ONLY, base_model_version="unhype_toy_flux",
+    modelspec_architecture="unhype-toy-flux/lora"))
+
+
+def _toy_flow_config() -> dict:
+    from unhype.toy import flow
+
+    return flow.toy_flow_config()
+
+
 def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]

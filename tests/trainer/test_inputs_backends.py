@@ -27,7 +27,7 @@ def nothing_written(out):
     ({"pretrained_model_name_or_path": ""}, INLINE_CONCEPTS, "no model given"),
     ({"target_preset": "paper"}, INLINE_CONCEPTS, "has no target preset 'paper'"),
     ({"model_family": "sdxl"}, INLINE_CONCEPTS, "holds an sd1 model"),
-    ({"model_family": "flux"}, INLINE_CONCEPTS, "FLUX training is not built"),
+    ({"model_family": "flux"}, INLINE_CONCEPTS, "not a diffusers FLUX folder"),
     ({}, [], "no concepts"),
     ({}, [{"target": "dog", "anchor": "dog"}], "equals its anchor"),
     ({"retain_prompts": "nosuchset"}, INLINE_CONCEPTS, "not a built-in set"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from unhype.errors import UnHypeError
 
-TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "toy")
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "toy", "flux", "toy_flux")
 
 
 def load_backend(cfg):
@@ -12,7 +12,7 @@ def load_backend(cfg):
     family = cfg.model_family if cfg.model_family != "auto" else None
     if family is not None and family not in TRAINABLE_FAMILIES:
         raise UnHypeError(f"--model_family {family}: the trainer supports "
-                          f"{', '.join(TRAINABLE_FAMILIES)} (FLUX training is not built yet)")
+                          f"{', '.join(TRAINABLE_FAMILIES)}")
     path = cfg.pretrained_model_name_or_path
     if not path:
         raise UnHypeError("no model given: pass --pretrained_model_name_or_path (a diffusers "
@@ -21,6 +21,18 @@ def load_backend(cfg):
         from trainer.backends.toy import ToyBackend
 
         return ToyBackend(cfg.device, path if path != "toy" else None)
+    if path == "toy_flux" or family == "toy_flux":
+        from trainer.backends.toy_flux import ToyFluxBackend
+
+        return ToyFluxBackend(cfg.device, path if path != "toy_flux" else None,
+                              cfg.guidance_scale)
+    from trainer.backends import flux
+
+    if family == "flux" or flux.is_flux_model(path, cfg.model_config):
+        if cfg.v_parameterization:
+            raise UnHypeError("--v_parameterization: FLUX predicts the flow velocity")
+        return flux.load_flux(path, cfg.model_config, cfg.device, cfg.mixed_precision,
+                              cfg.resolution, cfg.guidance_scale)
     from trainer.backends.diffusers_sd import load_diffusers
 
     backend = load_diffusers(path, family, cfg.model_config, cfg.device, cfg.mixed_precision,
