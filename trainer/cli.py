@@ -16,12 +16,17 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    """`unhype train ...` and `accelerate launch -m unhype train ...`: the same code path."""
     from trainer.config import resolve
+    from trainer.distributed import make_accelerator
     from trainer.loop import prepare, train
 
     cfg = resolve(args)
-    session = prepare(cfg)
+    accelerator = make_accelerator(cfg)
+    session = prepare(cfg, quiet=not accelerator.is_main_process, accelerator=accelerator)
     if cfg.probe_lambda:
+        if not accelerator.is_main_process:  # a probe is one process's job
+            return 0
         from trainer.calibrate import probe
         from trainer.loop import build_cache, index_cache
 
@@ -31,8 +36,9 @@ def run(args) -> int:
         probe(session, [float(x) for x in cfg.probe_lambda.split(",")])
         return 0
     code = train(session)
-    if code == 0 and cfg.eval:
+    if code == 0 and cfg.eval and accelerator.is_main_process:
         from trainer.evaluate import evaluate_run
 
         evaluate_run(session)
+    accelerator.wait_for_everyone()
     return code

@@ -24,8 +24,10 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("model_config", str, None, "local diffusers config folder for a single-file checkpoint"),
     ("v_parameterization", bool, False, "the model predicts v (SD2 768-v), whatever its "
      "scheduler config says"),
-    ("mixed_precision", str, "no", "no | fp16 | bf16: dtype of the frozen base model "
-     "(the hypernetwork always trains in fp32)"),
+    ("mixed_precision", str, "no", "no | fp16 | bf16: dtype of the frozen base model, passed "
+     "to accelerate's Accelerator (the hypernetwork always trains in fp32)"),
+    ("gradient_accumulation_steps", int, 1, "accelerate's gradient accumulation: each "
+     "optimiser step averages this many batches of train_batch_size (and of retained prompts)"),
     ("gradient_checkpointing", bool, False, "recompute UNet activations in backward"),
     ("xformers", bool, False, "memory-efficient attention with xformers (if installed)"),
     ("sdpa", bool, False, "PyTorch scaled-dot-product attention (the default)"),
@@ -56,7 +58,8 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("retain_learning_rate", float, None, "Adam lr of the retention optimiser (default: "
      "learning_rate)"),
     ("max_train_steps", int, 1000, "training steps"),
-    ("train_batch_size", int, 1, "target prompts per step"),
+    ("train_batch_size", int, 1, "target prompts per step: the global batch, split evenly "
+     "over the processes of `accelerate launch`"),
     ("seed", int, 42, "seed of everything random (hypernet init, prompts, noise)"),
     # UnHype's own
     ("concepts", str, None, "concept file (TOML/YAML/CSV/TXT) or comma-separated targets"),
@@ -193,7 +196,7 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"{name} must be one of {options}, got {v[name]!r}")
     for name in ("network_dim", "max_train_steps", "train_batch_size", "hyper_steps",
                  "ddim_steps", "retain_batch_size", "sample_steps", "sample_seeds", "log_every",
-                 "eval_images"):
+                 "eval_images", "gradient_accumulation_steps"):
         if isinstance(v[name], int) and v[name] < 1:
             problems.append(f"{name} must be >= 1, got {v[name]}")
     for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache"):

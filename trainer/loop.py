@@ -8,11 +8,17 @@ base model's predictions for target (e_p) and anchor (e_a) prompts; then
   direct: L_remove = L_esd with the LoRA H(e, T)
 and the removal Adam steps; then L_retain = ||H(e_r, s) - H(e_r, 0)||^2 on a batch of cached
 retained embeddings and the retention Adam steps. Every `prepare` check runs before step one.
+
+Under `accelerate launch` (trainer/distributed.py) every process draws the same global batch and
+works on its share of the rows; gradients are averaged before each optimiser step; the latent
+cache and the retain embeddings are computed by the main process and broadcast; only the main
+process writes checkpoints, samples, logs and the result.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -22,10 +28,12 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import distributed as tdist
 from trainer import losses
 from trainer.backends.base import Backend, Cond
 from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
 from trainer.config import TrainConfig, check_output_dir, pick_device
+from unhype.distributed import Dist, split
 from unhype.dynamic_lora import DynamicLoRA
 from unhype.errors import UnHypeError
 from unhype.fileformat import save_hypernet
@@ -62,21 +70,39 @@ class Run:
     cache_index: dict | None = None
     result_path: Path | None = None
     log: list = field(default_factory=list)
+    accelerator: object = None  # accelerate.Accelerator; None until train() (or given)
+    rank: int = 0  # this process's share of every global batch: split(n, rank, world)
+    world: int = 1
+    noise_gen: torch.Generator | None = None  # per-process generator of fresh z_t noise
+    optimisers: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def say(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = None) -> Run:
+def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = None,
+            accelerator=None) -> Run:
     """Everything that can fail on bad input fails here, before training starts.
 
-    `backend` replaces loading the model from `pretrained_model_name_or_path` (benchmarks)."""
+    `backend` replaces loading the model from `pretrained_model_name_or_path` (benchmarks).
+    `accelerator` (trainer.distributed.make_accelerator): the process group of `accelerate
+    launch`; the retain embeddings are then computed by the main process and broadcast."""
+    dist = Dist(accelerator)
+    if accelerator is not None:
+        tdist.check_batch(cfg, dist.world)
     concepts = resolve_concepts(cfg)  # before loading any model: cheap errors first
     out_dir = check_output_dir(cfg)
     resume_path = ckpt.find_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
     if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
         raise UnHypeError(f"--sample_prompts {cfg.sample_prompts}: no such file")
+    if dist.world > 1:  # each process its own device (cuda:<local rank>, or the CPU)
+        device = accelerator.device
+        cfg.values["device"] = "cpu" if device.type == "cpu" else str(device)
     cfg.values["device"] = pick_device(cfg.device)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -119,10 +145,10 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
               items=items, item_emb=backend.embed([p for _, p, _ in items]).to(backend.device),
               cond_t=backend.encode([p for _, p, _ in items]),
               cond_a=backend.encode([a for _, _, a in items]), uncond=backend.encode([""]),
-              retain_prompts=retain, retain_emb=_embed_chunks(backend, retain),
+              retain_prompts=retain, retain_emb=_shared_retain_emb(dist, backend, retain),
               out_dir=out_dir, fingerprint=fp, guidance=guidance, start_step=start_step,
-              resume_from=resume_path)
-    if not quiet:
+              resume_from=resume_path, accelerator=accelerator)
+    if not quiet and dist.is_main:
         say(f"unhype train: {backend.info()}; {len(targets)} target layers "
             f"({cfg.target_preset or family.default_preset}); hypernet {cfg.variant}, "
             f"{hypernet.num_parameters():,} parameters, rank {cfg.network_dim}, T "
@@ -134,6 +160,14 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
 def _embed_chunks(backend, prompts, chunk=256):
     return torch.cat([backend.embed(prompts[i:i + chunk])
                       for i in range(0, len(prompts), chunk)]).to(backend.device)
+
+
+def _shared_retain_emb(dist: Dist, backend, prompts):
+    """The retain embeddings, computed once (main process) and broadcast to the others."""
+    if dist.world == 1:
+        return _embed_chunks(backend, prompts)
+    emb = {"emb": _embed_chunks(backend, prompts).cpu()} if dist.is_main else None
+    return dist.broadcast(emb, ["emb"])["emb"].to(backend.device)
 
 
 def _attention(cfg, backend):
@@ -180,10 +214,23 @@ def index_cache(run: Run) -> None:
         run.cache_index.setdefault(item, []).append(row)
 
 
+CACHE_KEYS = ["z", "t", "e_p", "e_a", "item"]
+
+
+def shared_cache(run: Run, dist: Dist) -> dict:
+    """The latent cache, built once by the main process (exactly as one process builds it)
+    and broadcast: every process holds the same cache whatever the process count."""
+    return dist.broadcast(build_cache(run) if dist.is_main else None, CACHE_KEYS)
+
+
 def draw_batch(run: Run, gen: torch.Generator):
-    """B training rows: item indices and (z_t, t, e_p, e_a) from the frozen model."""
+    """This process's rows of a global batch of B: item indices and (z_t, t, e_p, e_a).
+
+    The whole batch's composition is drawn from `gen` (the same stream in every process); fresh
+    z_t noise comes from `run.noise_gen` (per process) when set, else from `gen`."""
     cfg, b = run.cfg, run.backend
     bs = cfg.train_batch_size
+    mine = split(bs, run.rank, run.world)
     n_concepts = len(run.concepts)
     per_concept = [[i for i, it in enumerate(run.items) if it[0] == c] for c in range(n_concepts)]
     concept = torch.randint(0, n_concepts, (bs,), generator=gen).tolist()
@@ -196,14 +243,16 @@ def draw_batch(run: Run, gen: torch.Generator):
         for i in pick:
             owned = run.cache_index[i]
             rows.append(owned[int(torch.randint(0, len(owned), (1,), generator=gen))])
-        rows = torch.tensor(rows)
+        rows = torch.tensor(rows)[mine]
         dev = b.device
-        return (items, cache["z"][rows].to(dev), cache["t"][rows].to(dev),
+        return (items[mine], cache["z"][rows].to(dev), cache["t"][rows].to(dev),
                 cache["e_p"][rows].to(dev), cache["e_a"][rows].to(dev))
+    items = items[mine]
     with torch.no_grad():
-        uncond = run.uncond.index(torch.zeros(bs, dtype=torch.long))
+        uncond = run.uncond.index(torch.zeros(len(items), dtype=torch.long))
         cond_t = run.cond_t.index(items)
-        z, t = b.partial_sample(cond_t, uncond, gen, cfg.ddim_steps, run.guidance)
+        noise = run.noise_gen if run.noise_gen is not None else gen
+        z, t = b.partial_sample(cond_t, uncond, noise, cfg.ddim_steps, run.guidance)
         e_p = b.predict(z, t, cond_t)
         e_a = b.predict(z, t, run.cond_a.index(items))
     return items, z, t, e_p, e_a
@@ -220,7 +269,9 @@ def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, di
         loss = losses.esd_loss_per_prompt(run.backend.predict(z, t, cond), e_p, e_a, cfg.eta)
         lora.clear()
         return loss.mean(), {"esd": float(loss.detach().mean())}
-    s = torch.randint(0, cfg.hyper_steps, (len(items),), generator=gen)
+    # s for the whole global batch (one stream in every process), then this process's rows
+    s = torch.randint(0, cfg.hyper_steps, (cfg.train_batch_size,), generator=gen)
+    s = s[split(cfg.train_batch_size, run.rank, run.world)]
     with torch.no_grad():
         leaves = losses.factor_leaves(hn(emb, s))
     lora.set(leaves, rows)
@@ -232,16 +283,24 @@ def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, di
 
 
 def retain_loss(run: Run, gen) -> torch.Tensor:
+    """This process's part of the retention loss: averaged over processes, the global mean."""
     cfg, hn = run.cfg, run.hypernet
     n = len(run.retain_prompts)
     idx = torch.randperm(n, generator=gen)[: min(cfg.retain_batch_size, n)]
-    emb = run.retain_emb[idx.to(run.retain_emb.device)]
     if cfg.mode == "direct":
         s = torch.full((len(idx),), cfg.hyper_steps)
     else:
         s = torch.randint(1, cfg.hyper_steps + 1, (len(idx),), generator=gen)
+    mine = split(len(idx), run.rank, run.world)
+    n_all, idx, s = len(idx), idx[mine], s[mine]
+    if len(idx) == 0:  # fewer retained prompts than processes: nothing here, zero gradient
+        return sum(p.sum() for p in hn.parameters()) * 0.0
+    emb = run.retain_emb[idx.to(run.retain_emb.device)]
     zero = torch.zeros(len(idx))
-    return cfg.retain_weight * losses.retention_loss(hn(emb, s), hn(emb, zero))
+    loss = cfg.retain_weight * losses.retention_loss(hn(emb, s), hn(emb, zero))
+    if len(idx) * run.world != n_all:  # unequal shares: weigh so the mean is the global one
+        loss = loss * (len(idx) * run.world / n_all)
+    return loss
 
 
 @torch.no_grad()
@@ -262,40 +321,95 @@ def monitor(run: Run, items, z, t, e_p, e_a) -> dict:
             "delta_retain": float(losses.delta_norm(f_r).mean())}
 
 
-def _finite(loss: torch.Tensor, what: str, step: int):
-    if not torch.isfinite(loss).all():
-        raise NaNLoss(f"{what} loss is {float(loss)} at step {step + 1}")
+def _finite(value: float, what: str, step: int):
+    if not math.isfinite(value):
+        raise NaNLoss(f"{what} loss is {value} at step {step + 1}")
+
+
+def _mean_over_processes(run: Run, record: dict) -> dict:
+    """Logged numbers of this process's rows -> the global batch's (equal shares: the mean)."""
+    if run.world == 1:
+        return record
+    keys = list(record)
+    values = run.accelerator.reduce(torch.tensor([float(record[k]) for k in keys],
+                                                 dtype=torch.float64), "mean")
+    out = dict(zip(keys, values.tolist()))
+    if "esd_T_rel" in out:
+        out["esd_T_rel"] = out["esd_T"] / max(out["esd_base"], 1e-12)
+    return out
+
+
+def _phase(run: Run, name: str, step: int, compute, params) -> tuple[float, dict, object]:
+    """One optimiser's step: `gradient_accumulation_steps` batches, gradients averaged over
+    micro-batches (accelerate) and processes, then the step. Returns (loss, extras, batch)."""
+    accel, cfg = run.accelerator, run.cfg
+    k = cfg.gradient_accumulation_steps
+    optimiser = run.optimisers[name]
+    optimiser.zero_grad(set_to_none=True)
+    total, extras, batch = 0.0, {}, None
+    for micro in range(k):
+        with accel.accumulate():
+            run.noise_gen = tdist.process_generator(cfg.seed, step, micro, run.rank)
+            loss, extra, batch = compute()
+            value = float(loss.detach())
+            total += value / k
+            for key, v in extra.items():
+                extras[key] = extras.get(key, 0.0) + v / k
+            if math.isfinite(value):  # a bad loss is reported below, by every process at once
+                accel.backward(loss)
+    run.noise_gen = None
+    values = tdist.average_grads(accel, params, [total, *extras.values()])
+    total, extras = values[0], dict(zip(extras, values[1:]))
+    _finite(total, {"remove": "removal", "retain": "retention"}[name], step)
+    optimiser.step()
+    return total, extras, batch
 
 
 # --- the loop ---------------------------------------------------------------------------------
 def train(run: Run, progress: bool = True) -> int:
-    """Train; returns an exit code (0 done, 3 NaN, 130 interrupted). Writes all outputs."""
+    """Train; returns an exit code (0 done, 3 NaN, 130 interrupted). Writes all outputs (the
+    main process). Runs under `accelerate launch` as well: see trainer/distributed.py."""
     cfg, hn = run.cfg, run.hypernet
+    if run.accelerator is None:
+        run.accelerator = tdist.make_accelerator(cfg)
+    accel = run.accelerator
+    dist = Dist(accel)
+    tdist.check_batch(cfg, dist.world)
+    run.rank, run.world = dist.rank, dist.world
+    main = dist.is_main
     params = [p for p in hn.parameters() if p.requires_grad]
-    optimisers = {"remove": torch.optim.Adam(params, lr=cfg.learning_rate),
-                  "retain": torch.optim.Adam(params, lr=cfg.retain_learning_rate)}
-    gen = torch.Generator().manual_seed(cfg.seed)
+    removal, retention = accel.prepare(torch.optim.Adam(params, lr=cfg.learning_rate),
+                                       torch.optim.Adam(params, lr=cfg.retain_learning_rate))
+    optimisers = run.optimisers = {"remove": removal, "retain": retention}
+    gen = torch.Generator().manual_seed(cfg.seed)  # the global stream: the same in every process
     ckpt_dir = run.out_dir / "checkpoints"
     log_path = Path(cfg.logging_dir or run.out_dir) / f"{cfg.output_name}-loss.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     step = 0
     if run.resume_from is not None:
         step, tensors, meta = ckpt.load_checkpoint(run.resume_from, run.fingerprint)
         rng = ckpt.restore(tensors, meta, hn, optimisers)
         gen.set_state(rng["gen"])
         torch.set_rng_state(rng["torch"])
-        _truncate_log(log_path, step)
-        say(f"unhype train: resumed from {run.resume_from} at step {step}")
-    elif log_path.exists():
+        if main:
+            _truncate_log(log_path, step)
+            say(f"unhype train: resumed from {run.resume_from} at step {step}"
+                + (f" ({dist.world} processes)" if dist.world > 1 else ""))
+    elif main and log_path.exists():
         log_path.unlink()
+    if dist.rank > 0:  # per-process seeding of torch's global RNG (process 0 keeps the saved one)
+        torch.manual_seed(tdist.process_generator(cfg.seed, step, -1, dist.rank).initial_seed())
     if cfg.latent_cache and run.cache is None:
         t0 = time.time()
-        run.cache = build_cache(run)
+        run.cache = shared_cache(run, dist)
         index_cache(run)
-        say(f"unhype train: latent cache of {len(run.cache['t'])} (z_t, t) pairs built in "
-            f"{time.time() - t0:.0f} s")
+        if main:
+            say(f"unhype train: latent cache of {len(run.cache['t'])} (z_t, t) pairs built in "
+                f"{time.time() - t0:.0f} s" + (f", shared by {dist.world} processes"
+                                                 if dist.world > 1 else ""))
     sampler = None
-    if step < cfg.max_train_steps:
+    if main and step < cfg.max_train_steps:
         from trainer.samples import SampleGrids
 
         sampler = SampleGrids(run)
@@ -304,73 +418,82 @@ def train(run: Run, progress: bool = True) -> int:
     def checkpoint(at):
         rng = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
         return ckpt.save_checkpoint(ckpt_dir, at, hn, optimisers, rng, run.fingerprint,
-                                    {"config": cfg.to_dict()}, keep=cfg.save_last_n_checkpoints)
+                                    {"config": cfg.to_dict(), "processes": dist.world},
+                                    keep=cfg.save_last_n_checkpoints)
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_train_steps, initial=step, desc="unhype train",
                    dynamic_ncols=True, file=sys.stderr)
     last_good = ckpt.list_checkpoints(ckpt_dir)[-1] if ckpt.list_checkpoints(ckpt_dir) else None
     t_start = time.time()
+
+    def removal_step():
+        batch = draw_batch(run, gen)
+        loss, extra = removal_loss(run, *batch, gen)
+        return loss, extra, batch
+
+    def retention_step():
+        return retain_loss(run, gen), {}, None
+
+    log = open(log_path, "a", encoding="utf-8") if main else None
     try:
-        with open(log_path, "a", encoding="utf-8") as log:
-            while step < cfg.max_train_steps:
-                items, z, t, e_p, e_a = draw_batch(run, gen)
-                l_remove, extra = removal_loss(run, items, z, t, e_p, e_a, gen)
-                _finite(l_remove, "removal", step)
-                optimisers["remove"].zero_grad(set_to_none=True)
-                l_remove.backward()
-                optimisers["remove"].step()
-                l_retain = retain_loss(run, gen)
-                _finite(l_retain, "retention", step)
-                optimisers["retain"].zero_grad(set_to_none=True)
-                l_retain.backward()
-                optimisers["retain"].step()
-                step += 1
-                if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-                    record = {"step": step, "remove": float(l_remove.detach()),
-                              "retain": float(l_retain.detach()), **extra,
-                              **monitor(run, items, z, t, e_p, e_a),
-                              "time": round(time.time() - t_start, 2)}
+        while step < cfg.max_train_steps:
+            l_remove, extra, batch = _phase(run, "remove", step, removal_step, params)
+            l_retain, _, _ = _phase(run, "retain", step, retention_step, params)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+                seen = _mean_over_processes(run, {**extra, **monitor(run, *batch)})
+                record = {"step": step, "remove": l_remove, "retain": l_retain, **seen,
+                          "time": round(time.time() - t_start, 2)}
+                if main:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    run.log.append(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(remove=f"{float(l_remove.detach()):.3g}",
-                                    retain=f"{float(l_retain.detach()):.3g}", refresh=False)
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
-                        and step < cfg.max_train_steps:
-                    last_good = checkpoint(step)
-                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
-                        and step < cfg.max_train_steps:
-                    sampler.after(step)
+                run.log.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(remove=f"{l_remove:.3g}", retain=f"{l_retain:.3g}",
+                                refresh=False)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
+                    and step < cfg.max_train_steps and main:
+                last_good = checkpoint(step)
+            if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
+                    and step < cfg.max_train_steps and main:
+                sampler.after(step)
     except NaNLoss as exc:
         if bar is not None:
             bar.close()
         where = f"the last good checkpoint is {last_good} (resume with --resume {last_good})" \
             if last_good else "no checkpoint was saved yet (use --save_every_n_steps)"
-        say(f"unhype train: stopped: {exc}; nothing was written for this step; {where}. "
-            "Try a lower --learning_rate or --fields_lambda, or --mixed_precision no.")
+        if main:
+            say(f"unhype train: stopped: {exc}; nothing was written for this step; {where}. "
+                "Try a lower --learning_rate or --fields_lambda, or --mixed_precision no.")
         return EXIT_NAN
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        path = checkpoint(step)
-        say(f"\nunhype train: interrupted at step {step}; saved {path}; continue with "
-            f"--resume {path}")
+        if main:  # every process holds the same weights after each completed step
+            path = checkpoint(step)
+            say(f"\nunhype train: interrupted at step {step}; saved {path}; continue with "
+                f"--resume {path}")
         return EXIT_INTERRUPTED
+    finally:
+        if log is not None:
+            log.close()
     if bar is not None:
         bar.close()
-    final = checkpoint(step)
-    out_path = save_result(run, step)
-    if sampler is not None:
-        grids = sampler.after(step)
-        say(f"unhype train: sample grids: {', '.join(str(g) for g in grids)}")
-    say(f"unhype train: wrote {out_path} (checkpoint {final.name}); loss log {log_path}")
-    run.result_path = out_path
+    if main:
+        final = checkpoint(step)
+        out_path = save_result(run, step)
+        if sampler is not None:
+            grids = sampler.after(step)
+            say(f"unhype train: sample grids: {', '.join(str(g) for g in grids)}")
+        say(f"unhype train: wrote {out_path} (checkpoint {final.name}); loss log {log_path}")
+        run.result_path = out_path
+    dist.barrier()
+    run.result_path = run.out_dir / f"{cfg.output_name}.safetensors"
     return 0
 
 

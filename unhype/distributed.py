@@ -1,0 +1,89 @@
+"""The process group of `accelerate launch` as `unhype train` / `unhype eval` use it.
+
+`Dist` wraps an accelerate `Accelerator` or `PartialState` (or nothing: one process) and offers
+the three collectives the project needs: a sum over processes, a broadcast of named tensors from
+the main process (the latent cache, retain embeddings: computed once, shared, no pickle) and a
+barrier. With one process every call is a no-op that returns its input, so single-process runs
+take exactly the code path they always took.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# dtype codes for the broadcast header (every process must allocate the same buffers)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+           torch.int32, torch.uint8, torch.bool)
+_CHUNK = 1 << 26  # elements per broadcast call (bounds the device copy on NCCL)
+
+
+class Dist:
+    def __init__(self, state=None):
+        self.state = state
+        self.world = int(state.num_processes) if state is not None else 1
+        self.rank = int(state.process_index) if state is not None else 0
+        self.is_main = self.rank == 0
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective buffers must live: the GPU for NCCL, the CPU for gloo."""
+        if self.world > 1 and getattr(self.state, "backend", None) == "nccl":
+            return torch.device(self.state.device)
+        return torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Element-wise sum over processes (every process gets it), on the tensor's device."""
+        if self.world == 1:
+            return tensor
+        buf = tensor.detach().to(self.comm_device).contiguous().clone()
+        torch.distributed.all_reduce(buf, torch.distributed.ReduceOp.SUM)
+        return buf.to(tensor.device)
+
+    def max(self, tensor: Tensor) -> Tensor:
+        if self.world == 1:
+            return tensor
+        buf = tensor.detach().to(self.comm_device).contiguous().clone()
+        torch.distributed.all_reduce(buf, torch.distributed.ReduceOp.MAX)
+        return buf.to(tensor.device)
+
+    def broadcast(self, tensors: dict[str, Tensor] | None, names: list[str]) -> dict[str, Tensor]:
+        """The main process's `tensors` (others pass None) on every process, on the CPU."""
+        if self.world == 1:
+            return tensors
+        dev = self.comm_device
+        header = torch.zeros(1 + 10 * len(names), dtype=torch.long)
+        if self.is_main:
+            for i, name in enumerate(names):
+                t = tensors[name]
+                if t.dim() > 8:
+                    raise ValueError(f"broadcast: {name} has more than 8 dimensions")
+                header[1 + 10 * i: 1 + 10 * i + 2 + t.dim()] = torch.tensor(
+                    [_DTYPES.index(t.dtype), t.dim(), *t.shape])
+        header = header.to(dev)
+        torch.distributed.broadcast(header, src=0)
+        header = header.cpu()
+        out = {}
+        for i, name in enumerate(names):
+            code, ndim = int(header[1 + 10 * i]), int(header[2 + 10 * i])
+            shape = [int(x) for x in header[3 + 10 * i: 3 + 10 * i + ndim]]
+            if self.is_main:
+                flat = tensors[name].detach().cpu().contiguous().reshape(-1).clone()
+            else:
+                flat = torch.empty(int(torch.tensor(shape).prod()) if shape else 1,
+                                   dtype=_DTYPES[code])
+            for start in range(0, flat.numel(), _CHUNK):
+                part = flat[start:start + _CHUNK].to(dev)
+                torch.distributed.broadcast(part, src=0)
+                flat[start:start + _CHUNK] = part.cpu()
+            out[name] = flat.reshape(shape)
+        return out
+
+
+def split(n: int, rank: int, world: int) -> slice:
+    """Process `rank`'s contiguous share of n rows (sizes differ by at most one)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
