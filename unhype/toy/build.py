@@ -30,7 +30,7 @@ def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
           unet_steps_2: int = UNET_STEPS_2, clip_steps: int = CLIP_STEPS,
           judge_steps: int = JUDGE_STEPS,
           stages: tuple[str, ...] = ("clip", "judge", "unet"),
-          threads: int | None = None) -> dict:
+          threads: int | None = None, flow_steps: int | None = None) -> dict:
     """Train and write the toy weights into `out_dir`; returns a summary (times, accuracies)."""
     from diffusers import DDIMScheduler
 
@@ -91,7 +91,19 @@ def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
         clip.save_atomic(DDIMScheduler(**model.scheduler_config()), out_dir / "scheduler")
         summary["unet_minutes"] = (time.time() - t) / 60
 
+    if "flow" in stages:  # the toy flow model (unhype.toy.flow), on the text encoder above
+        from unhype.toy import flow
+
+        steps = flow_steps or flow.FLOW_STEPS
+        with _bar(steps, "toy flow") as bar:
+            def tick(step, loss, ema):
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            summary.update(flow.build_flow(out_dir, seed, steps=steps, progress=tick))
+
     summary["total_minutes"] = (time.time() - start) / 60
+    if not set(stages) - {"flow"}:
+        return summary  # flow alone: its record is flow/build.json, the main one is kept
     path = out_dir / "build.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     tmp = path.with_name(".build.json.tmp")

@@ -18,7 +18,9 @@ def register(subparsers) -> None:
                    "committed one, unhype/toy/weights)")
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--stages", default="clip,judge,unet",
-                   help="comma-separated subset of clip,judge,unet")
+                   help="comma-separated subset of clip,judge,unet,flow (flow: the toy flow "
+                   "model, unhype/toy/flow.py; not in the default)")
+    p.add_argument("--flow-steps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: 2, or 1 when the CPUs are already busy)")
     p.set_defaults(func=_build)
@@ -40,6 +42,18 @@ def register(subparsers) -> None:
     p.add_argument("--no-sweep", action="store_true", help="skip the guidance sweep")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("flow-report", help="measure the toy flow model (and erasure on it with "
+                       "--hypernet), write docs/toy_flow.md")
+    p.add_argument("--per-class", type=int, default=32)
+    p.add_argument("--hypernet", action="append", default=[],
+                   help="a hypernetwork trained on toy_flux (repeatable): erasure measured")
+    p.add_argument("--erase-per-class", type=int, default=24)
+    p.add_argument("--output", type=Path, default=Path("docs/toy_flow.md"))
+    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--no-sweep", action="store_true", help="skip the guidance sweep")
+    p.add_argument("--note", action="append", default=[], help="a line for the Notes section")
+    p.set_defaults(func=_flow_report)
+
 
 def _build(args: argparse.Namespace) -> int:
     from unhype.toy import build, model
@@ -47,7 +61,8 @@ def _build(args: argparse.Namespace) -> int:
     out = args.out or model.weights_dir()
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     summary = build.build(out, seed=args.seed, stages=stages,
-                          unet_steps=args.unet_steps or build.UNET_STEPS, threads=args.threads)
+                          unet_steps=args.unet_steps or build.UNET_STEPS, threads=args.threads,
+                          flow_steps=args.flow_steps)
     print(f"toy weights written to {out} in {summary['total_minutes']:.1f} min")
     if "judge_heldout_accuracy" in summary:
         s, c = summary["judge_heldout_accuracy"]
@@ -92,6 +107,19 @@ def _report(args: argparse.Namespace) -> int:
     results = report.measure(toy, net, per_class=args.per_class, clip_parts=parts)
     results.update(report.extras(toy, net, parts, weights, sweep=not args.no_sweep))
     report.write_markdown(args.output, results)
+    print(json.dumps(results, indent=2, default=str))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _flow_report(args: argparse.Namespace) -> int:
+    import json
+
+    from unhype.toy import flow_report, model
+
+    model.set_threads()
+    results = flow_report.run(args.per_class, args.hypernet, args.erase_per_class, args.output,
+                              args.weights, not args.no_sweep, args.note)
     print(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.output}")
     return 0
