@@ -140,7 +140,6 @@ class FluxBackend(Backend):
 
     def guided(self, z, t, cond: Cond, uncond: Cond, guidance: float, lora=None, rows=None):
         """Distilled: one pass with the guidance input (LoRA on every row). Otherwise CFG."""
-        n = z.shape[0]
         if self.distilled:
             if lora is not None:
                 lora.set_rows(rows)
@@ -162,6 +161,8 @@ class FluxBackend(Backend):
         the "uncond" output is the prediction for the empty prompt at the same guidance input
         (one extra pass, made only when recording: an empty anchor reuses it)."""
         n = cond.hidden.shape[0]
+        if record is not None and self.distilled:
+            self._check_guidance(guidance)
         scheduler = self.make_scheduler(steps)
         z = self.initial_noise(n, generator)
         for t in scheduler.timesteps[: steps if stop is None else stop]:
@@ -171,7 +172,6 @@ class FluxBackend(Backend):
                     out_c = self.predict(z, tt, cond)
                     out_u = self.predict(z, tt, uncond)
                     out = out_c
-                    self._check_guidance(guidance)
                 else:
                     both = self.predict(torch.cat([z, z]), torch.cat([tt, tt]),
                                         Cond.cat([uncond, cond]))

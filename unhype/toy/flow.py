@@ -248,6 +248,16 @@ def train_flow(tokenizer, text_encoder, seed: int, steps: int = FLOW_STEPS,
     return ema
 
 
+def text_encoder_digest(weights: Path | None = None) -> str:
+    """sha256 of the toy text encoder's weights: the flow model is only valid with the one it
+    was trained against (recorded in flow/build.json, checked by the tests)."""
+    import hashlib
+
+    path = Path(weights if weights is not None else weights_dir()) / "text_encoder" / \
+        "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def build_flow(out_dir: Path, seed: int = 0, steps: int = FLOW_STEPS, progress=None) -> dict:
     """Train the flow model against the text encoder in `out_dir`; write `out_dir/flow/`."""
     import json
@@ -266,7 +276,8 @@ def build_flow(out_dir: Path, seed: int = 0, steps: int = FLOW_STEPS, progress=N
     clip.save_atomic(ema.half(), folder / "transformer")  # fp16 on disk, loaded as fp32
     clip.save_atomic(FlowMatchEulerDiscreteScheduler(**scheduler_config()), folder / "scheduler")
     summary = {"flow_steps": steps, "flow_batch": FLOW_BATCH, "flow_seed": seed + 7,
-               "flow_minutes": (time.time() - t0) / 60, "threads": torch.get_num_threads()}
+               "flow_minutes": (time.time() - t0) / 60, "threads": torch.get_num_threads(),
+               "text_encoder_sha256": text_encoder_digest(out_dir)}
     tmp = folder / ".build.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, folder / "build.json")
