@@ -7,6 +7,10 @@ hypernetwork files and baselines on the toy model or a Stable Diffusion model.
     unhype eval --model toy --erase circle --baselines uce,negative_prompt,esd_x
 
 Writes results.json, results.md and one image grid per method to --out.
+
+`accelerate launch -m unhype eval ...` (or torchrun) shares the image generation between the
+processes (whole seeded batches each, so the images and the numbers are those of one process);
+the main process writes the outputs.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def run(args) -> int:
     ps = load_prompt_set(args.prompt_set or ("toy" if toy else "cifar10"))
     erased = [ps.class_names[i] for i in sorted({ps.index(w) for w in erase})]
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    dist = process_group(args)
 
     backend, generator = load_model(model, args)
     classifier = load_classifier(args.classifier or ("judge" if toy else "ViT-B-32"),
@@ -111,7 +116,7 @@ def run(args) -> int:
 
         for name in baselines:
             methods.append(build(name, generator, backend, erased, ps, args.baseline_steps,
-                                 args.seed, progress=True))
+                                 args.seed, progress=dist.is_main))
     if not methods:
         raise UnHypeError("no method to evaluate (give --hypernet or --baselines, or drop --no_base)")
     extras = []
@@ -123,13 +128,31 @@ def run(args) -> int:
             extras.append(fn)
     result = evaluate(generator, methods, ps, erased, classifier, args.per_class, args.seed,
                       args.batch_size, clip_scorer=scorer, keep_images=args.keep_images,
-                      extras=extras)
+                      extras=extras, dist=dist)
+    if not dist.is_main:
+        return 0
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     paths = write_report(result, args.out, settings, notes)
     print(table(result["methods"], reference=None if args.no_base else "base model"))
     print(f"unhype eval: wrote {paths['json']}, {paths['md']} and "
           f"{sum(1 for k in paths if k.startswith('grid'))} grids", file=sys.stderr)
     return 0
+
+
+def process_group(args):
+    """The processes of `accelerate launch` / torchrun (a single process: no group at all)."""
+    import os
+
+    from unhype.distributed import Dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")
+    if args.device.startswith("cuda"):
+        args.device = str(state.device)  # cuda:<local rank>
+    return Dist(state)
 
 
 def load_model(model: str, args):

@@ -7,6 +7,11 @@ the UNet on `[uncond rows; cond rows]` and tell the method the row map before ev
 method's LoRA reaches the conditional rows only. The k-th batch of every prompt set is sampled
 with seed `seed + k * batch_size` whatever the method (the three sets are generated as one list,
 erased + others + synonyms): each method sees the same noise.
+
+Under `accelerate launch` (`dist`, unhype.distributed.Dist) the batches are dealt round-robin to
+the processes (batch k to process k mod N), each keeping its seed `seed + k * batch_size`, and the
+images are gathered before scoring: every image, and so every number, is the one a single
+process makes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from unhype.distributed import Dist
 from unhype.errors import UnHypeError
 from unhype.evaluation.methods import Method
 from unhype.evaluation.metrics import accuracy, h_c, h_o
@@ -136,17 +142,38 @@ class BackendGenerator:
 
 
 def generate(generator, method: Method, prompts: list[str], seed: int, batch_size: int,
-             bar=None) -> Tensor:
-    """Images [N, 3, H, W] in [0, 1] for `prompts` with `method` (already attached)."""
+             bar=None, dist: Dist | None = None) -> Tensor:
+    """Images [N, 3, H, W] in [0, 1] for `prompts` with `method` (already attached).
+
+    With `dist` over N processes each makes every N-th batch (same seeds) and all get all."""
     if batch_size < 1:
         raise UnHypeError(f"batch size must be >= 1, got {batch_size}")
-    out = []
-    for start in range(0, len(prompts), batch_size):
+    dist = dist or Dist()
+    starts = list(range(0, len(prompts), batch_size))
+    out = {}
+    for start in starts[dist.rank::dist.world]:
         chunk = prompts[start:start + batch_size]
-        out.append(generator.sample(chunk, seed + start, method).float().cpu())
+        out[start] = generator.sample(chunk, seed + start, method).float().cpu()
         if bar is not None:
             bar.update(len(chunk))
-    return torch.cat(out) if out else torch.empty(0)
+    if dist.world == 1:
+        return torch.cat(list(out.values())) if out else torch.empty(0)
+    return _gather_batches(dist, out, len(prompts))
+
+
+def _gather_batches(dist: Dist, batches: dict[int, Tensor], n: int) -> Tensor:
+    """Every process's batches (start row -> images) in prompt order, on every process.
+
+    A sum of zero-filled buffers: each image comes from exactly one process, so the sum is
+    that image bit for bit."""
+    shape = torch.zeros(3, dtype=torch.long)
+    if batches:
+        shape[:] = torch.tensor(next(iter(batches.values())).shape[1:])
+    shape = dist.max(shape)  # a process without a batch learns the image shape
+    full = torch.zeros(n, *shape.tolist())
+    for start, images in batches.items():
+        full[start:start + len(images)] = images
+    return dist.sum(full) if n else torch.empty(0)
 
 
 def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
@@ -167,16 +194,22 @@ def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
 
 def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str], classifier,
              per_class: int = 10, seed: int = 1234, batch_size: int = 32, clip_scorer=None,
-             keep_images: int = 8, progress: bool = True, extras=()) -> dict:
+             keep_images: int = 8, progress: bool = True, extras=(), dist: Dist | None = None
+             ) -> dict:
     """Run every method on the same prompt sets; returns {"sets": ..., "methods": {name: row}}.
 
     Each row: the scores, `clip_score` (mean over the other-class prompts, when `clip_scorer`
     has `clip_score`), seconds, and `images` (the first `keep_images` per set, for grids).
-    `extras`: callables (images, prompts, sets) -> dict of extra numbers (NudeNet, FID)."""
+    `extras`: callables (images, prompts, sets) -> dict of extra numbers (NudeNet, FID).
+    `dist`: the processes of `accelerate launch` share the generation (see `generate`); the
+    gathered images are scored in every process, so every process returns the same numbers."""
+    dist = dist or Dist()
     sets = build_sets(ps, erased, per_class)
-    total = sum(len(v) for v in sets.values()) * len(methods)
+    n_prompts = sum(len(v) for v in sets.values())
+    starts = list(range(0, n_prompts, batch_size))[dist.rank::dist.world]
+    total = sum(len(range(s, min(s + batch_size, n_prompts))) for s in starts) * len(methods)
     bar = None
-    if progress:
+    if progress and dist.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="unhype eval", unit="img", file=sys.stderr,
@@ -189,7 +222,7 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
             # one list for all three sets: full batches, the same noise for every method
             prompts = [p for items in sets.values() for p, _ in items]
             try:
-                all_images = generate(generator, method, prompts, seed, batch_size, bar)
+                all_images = generate(generator, method, prompts, seed, batch_size, bar, dist)
             finally:
                 method.detach()
             images, start = {}, 0
@@ -215,4 +248,4 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
     return {"sets": {k: [p for p, _ in v] for k, v in sets.items()},
             "erased": [ps.class_names[i] for i in sorted({ps.index(w) for w in erased})],
             "classifier": getattr(classifier, "description", type(classifier).__name__),
-            "per_class": per_class, "seed": seed, "methods": results}
+            "per_class": per_class, "seed": seed, "processes": dist.world, "methods": results}
