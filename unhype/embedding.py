@@ -21,7 +21,7 @@ class PromptEmbedder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        if self.family.name == "toy":
+        if self.family.name in ("toy", "toy_flux"):  # the toy CLIP, shared by both toys
             return self.text_encoder.encode_prompts(list(prompts))[1].float()
         max_length = min(self.tokenizer.model_max_length,
                          self.text_encoder.config.max_position_embeddings)
@@ -38,7 +38,7 @@ class PromptEmbedder:
 
 def load_embedder(family, path: str | None = None, device="cpu") -> PromptEmbedder:
     """Text encoder for `family` from a diffusers pipeline folder or a text-encoder folder."""
-    if family.name == "toy":
+    if family.name in ("toy", "toy_flux"):
         from unhype.toy.model import load_toy
 
         return PromptEmbedder(family, None, load_toy(device=device))
