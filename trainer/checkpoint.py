@@ -5,6 +5,12 @@ index>.<key>`) and the RNG states (`rng.*` as uint8). Header metadata: format ta
 fingerprint of everything that shapes the network (so `--resume` from another run's or a foreign
 file fails clearly), the optimisers' param groups and the JSON-able rest. Files are written
 atomically (temp file + rename); older ones beyond `keep` are deleted after the new one exists.
+
+Nothing in a checkpoint depends on the number of processes that wrote it (`accelerate launch`):
+the network and Adam states are the same in every process, `rng.gen` is the one global
+generator every process shares, and per-process randomness is derived from (seed, step, process
+index) (trainer/distributed.py), so a checkpoint resumes with any process count. The count that
+wrote it is recorded in `info.processes`.
 """
 
 from __future__ import annotations
