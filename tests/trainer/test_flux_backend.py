@@ -131,3 +131,17 @@ def test_cfg_model_without_guidance_embedding(tmp_path):
                        quiet=True)
     assert not run.backend.distilled and run.guidance == 1.0
     assert loop.train(run, progress=False) == 0
+
+
+def test_flux_dev_example_config_prepares(tiny_flux, tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "trainer/configs/flux_dev_erase_nudity.toml"
+    cfg = resolve({"config_file": str(config), "pretrained_model_name_or_path": str(tiny_flux),
+                   "output_dir": str(tmp_path), "resolution": 16, "max_train_steps": 1,
+                   "network_hidden": 8})
+    run = loop.prepare(cfg, quiet=True)
+    assert run.backend.family.name == "flux" and run.guidance == 3.5
+    assert run.hypernet.config.rank == 4 and run.hypernet.config.hyper_steps == 300
+    assert run.concepts[0].anchor == "a fully clothed person"
+    assert next(run.backend.unet.parameters()).dtype == torch.bfloat16
