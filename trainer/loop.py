@@ -332,7 +332,8 @@ def _mean_over_processes(run: Run, record: dict) -> dict:
         return record
     keys = list(record)
     values = run.accelerator.reduce(torch.tensor([float(record[k]) for k in keys],
-                                                 dtype=torch.float64), "mean")
+                                                 dtype=torch.float64,
+                                                 device=run.accelerator.device), "mean")
     out = dict(zip(keys, values.tolist()))
     if "esd_T_rel" in out:
         out["esd_T_rel"] = out["esd_T"] / max(out["esd_base"], 1e-12)
@@ -491,8 +492,7 @@ def train(run: Run, progress: bool = True) -> int:
             grids = sampler.after(step)
             say(f"unhype train: sample grids: {', '.join(str(g) for g in grids)}")
         say(f"unhype train: wrote {out_path} (checkpoint {final.name}); loss log {log_path}")
-        run.result_path = out_path
-    dist.barrier()
+    dist.barrier()  # the result exists when any process returns
     run.result_path = run.out_dir / f"{cfg.output_name}.safetensors"
     return 0
 
