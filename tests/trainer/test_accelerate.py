@@ -1,6 +1,6 @@
 """`unhype train` under `accelerate launch` with 2 CPU processes on the toy world: the same
 hypernetwork as one process with the same global batch, only the main process writes, and a
-2-process checkpoint resumes in 1 process."""
+checkpoint resumes with another process count (2 -> 1, 1 -> 2)."""
 
 import json
 import shutil
@@ -120,6 +120,20 @@ def test_two_process_checkpoint_resumes_in_one_process(config, one_process, two_
     (out / "erase.safetensors").unlink()
     assert main(["train", "--config_file", str(config), "--output_dir", str(out),
                  "--resume", str(out / "checkpoints")]) == 0
+    diff = _max_diff(_tensors(one_process / "erase.safetensors"),
+                     _tensors(out / "erase.safetensors"))
+    assert diff < TOL, diff
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(config, one_process, tmp_path):
+    out = tmp_path / "resumed2"
+    shutil.copytree(one_process, out)
+    (out / "checkpoints" / "step-0000004.safetensors").unlink()
+    (out / "erase.safetensors").unlink()
+    done = launch(["train", "--config_file", str(config), "--output_dir", str(out),
+                   "--resume", str(out / "checkpoints")])
+    assert "at step 2 (2 processes)" in done.stderr
     diff = _max_diff(_tensors(one_process / "erase.safetensors"),
                      _tensors(out / "erase.safetensors"))
     assert diff < TOL, diff
