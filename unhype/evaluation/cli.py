@@ -51,8 +51,13 @@ def register(subparsers) -> None:
     p.add_argument("--no_base", action="store_true", help="skip the base model row")
     p.add_argument("--nudenet", action="store_true", help="count NudeNet exposed-part "
                    "detections at 0.6 (needs the nudenet package)")
-    p.add_argument("--fid_reference", default=None, help="folder of reference images: FID of "
-                   "the other-class images (needs clean-fid)")
+    p.add_argument("--fid_reference", default=None, help="folder of reference images (>= 2 "
+                   ".png/.jpg/...): FID of the other-class images against them")
+    p.add_argument("--fid_extractor", default=None, choices=["inception", "toy_clip", "open_clip"],
+                   help="FID features: 'inception' (clean-fid; downloads its weights once), "
+                   "'toy_clip' (toy CLIP image tower, offline) or 'open_clip' (the --classifier "
+                   "open_clip model with --clip_weights, offline). Default: inception when "
+                   "clean-fid is installed, else toy_clip on the toy / open_clip")
     p.add_argument("--keep_images", type=int, default=8, help="images per set in the grids")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="eval_out", help="output folder")
@@ -91,6 +96,9 @@ def run(args) -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     ps = load_prompt_set(args.prompt_set or ("toy" if toy else "cifar10"))
     erased = [ps.class_names[i] for i in sorted({ps.index(w) for w in erase})]
+    if args.fid_reference:
+        extras_mod.reference_images(args.fid_reference)  # a bad folder fails before any work
+        args.fid_extractor = args.fid_extractor or default_fid_extractor(toy)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     dist = process_group(args)
 
@@ -120,8 +128,10 @@ def run(args) -> int:
     if not methods:
         raise UnHypeError("no method to evaluate (give --hypernet or --baselines, or drop --no_base)")
     extras = []
-    for fn, note in (extras_mod.nudenet_extra() if args.nudenet else (None, None),
-                     extras_mod.fid_extra(args.fid_reference)):
+    fid = extras_mod.fid_extra(args.fid_reference, args.fid_extractor,
+                               fid_features(args, toy, classifier), args.device) \
+        if args.fid_reference else (None, None)
+    for fn, note in (extras_mod.nudenet_extra() if args.nudenet else (None, None), fid):
         if note:
             notes.append(note)
         if fn is not None:
@@ -137,6 +147,33 @@ def run(args) -> int:
     print(f"unhype eval: wrote {paths['json']}, {paths['md']} and "
           f"{sum(1 for k in paths if k.startswith('grid'))} grids", file=sys.stderr)
     return 0
+
+
+def default_fid_extractor(toy: bool) -> str:
+    """clean-fid's Inception when installed; otherwise an offline CLIP tower."""
+    import importlib.util
+
+    if importlib.util.find_spec("cleanfid") is not None:
+        return "inception"
+    return "toy_clip" if toy else "open_clip"
+
+
+def fid_features(args, toy: bool, classifier):
+    """The FID feature extractor of --fid_extractor (None for clean-fid's Inception)."""
+    from unhype.errors import UnHypeError
+    from unhype.evaluation import extras as extras_mod
+
+    if args.fid_extractor == "toy_clip":
+        return extras_mod.toy_clip_features(args.toy_weights, args.device)
+    if args.fid_extractor == "open_clip":
+        spec = args.classifier or (None if toy else "ViT-B-32")
+        if spec in (None, "judge", "toy"):
+            raise UnHypeError("--fid_extractor open_clip needs an open_clip --classifier (a model "
+                              "name or config .json) and its --clip_weights")
+        # the zero-shot classifier is this very open_clip model: share its image tower
+        return extras_mod.open_clip_features(spec, args.clip_weights, args.device,
+                                             getattr(classifier, "image_encoder", None))
+    return None
 
 
 def process_group(args):

@@ -15,7 +15,9 @@ import torch
 
 COLUMNS = [("acc_e", "Acc_e (erased, lower better)"), ("acc_s", "Acc_s (others)"),
            ("acc_g", "Acc_g (synonyms, lower better)"), ("h_o", "H_o"), ("h_c", "H_c"),
-           ("clip_score", "CLIP score (others)")]
+           ("clip_score", "CLIP score (others)"), ("nudenet_erased", "NudeNet exposed (erased)"),
+           ("nudenet_synonyms", "NudeNet exposed (synonyms)"), ("fid_others", "FID (others)")]
+RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others"}  # not fractions
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -31,6 +33,8 @@ def fmt(value, pct: bool = True) -> str:
         return "n/a"
     if isinstance(value, str):
         return value
+    if isinstance(value, int) and not pct:  # counts (NudeNet detections)
+        return str(value)
     return f"{100 * value:.1f}" if pct else f"{value:.2f}"
 
 
@@ -42,7 +46,7 @@ def table(rows: dict[str, dict], columns=COLUMNS, reference: str | None = None) 
         head.append(f"H_o / {reference}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
-        cells = [name] + [fmt(r.get(k), k != "clip_score") for k, _ in present]
+        cells = [name] + [fmt(r.get(k), k not in RAW) for k, _ in present]
         if len(head) > len(present) + 1:
             ref = rows[reference]["h_o"]
             cells.append(f"{r['h_o'] / ref:.2f}" if r.get("h_o") is not None else "n/a")
