@@ -103,7 +103,8 @@ def test_fid_toy_clip_same_class_small_other_class_large(tmp_path):
     assert measure({"others": torch.rand(1, 3, 16, 16)}, {})["fid_others"] is None
 
 
-def test_fid_open_clip_tower_from_local_safetensors(tmp_path):
+def _tiny_open_clip(tmp_path: Path) -> tuple[Path, Path]:
+    """(config .json, local .safetensors weights) of a tiny random open_clip model."""
     from safetensors.torch import save_file
 
     import open_clip
@@ -119,12 +120,58 @@ def test_fid_open_clip_tower_from_local_safetensors(tmp_path):
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in open_clip.create_model("tiny-clip-fid")
                .state_dict().items()}, str(weights))
+    return config, weights
+
+
+def test_fid_open_clip_tower_from_local_safetensors(tmp_path):
+    config, weights = _tiny_open_clip(tmp_path)
     features = extras.open_clip_features(str(config), str(weights))
     assert features.num_features == 16
     a = _folder(tmp_path, "a", _toy_images("circle", 24, 1))
     b = _folder(tmp_path, "b", _toy_images("square", 24, 2))
-    assert abs(extras.fid_folders(a, a, features)) < 1e-3
-    assert extras.fid_folders(a, b, features) > 0
+    self_fid, other = extras.fid_folders(a, a, features), extras.fid_folders(a, b, features)
+    print(f"open_clip (tiny, random) FID: self {self_fid:.3g}, circles/squares {other:.4g}")
+    assert abs(self_fid) < 1e-3 and other > 0
+
+
+def test_fid_clean_fid_default_path(tmp_path, monkeypatch):
+    """clean-fid (not installed in tests: it downloads Inception) called as its API expects;
+    a failure (no network) leaves fid_others None with the reason, not a crash."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    def compute_fid(fdir1, fdir2, **kw):
+        calls.append((fdir1, fdir2, kw, len(list(Path(fdir1).glob("*.png")))))
+        if len(calls) > 1:
+            raise OSError("no network")
+        return 12.5
+
+    module = types.ModuleType("cleanfid")
+    module.__spec__ = importlib.machinery.ModuleSpec("cleanfid", None)
+    module.fid = types.SimpleNamespace(compute_fid=compute_fid)
+    monkeypatch.setitem(sys.modules, "cleanfid", module)
+    ref = _folder(tmp_path, "ref", torch.rand(3, 3, 8, 8))
+    measure, note = extras.fid_extra(str(ref), "inception")
+    assert "clean-fid" in note
+    assert measure({"others": torch.rand(4, 3, 8, 8)}, {}) == {"fid_others": 12.5}
+    fdir1, fdir2, kw, n = calls[0]
+    assert fdir2 == str(ref) and n == 4
+    # keyword names of cleanfid.fid.compute_fid (clean-fid 0.1.35)
+    assert kw == {"mode": "clean", "num_workers": 0, "verbose": False,
+                  "device": torch.device("cpu")}
+    out = measure({"others": torch.rand(4, 3, 8, 8)}, {})
+    assert out["fid_others"] is None and "no network" in out["fid_error"]
+
+    from unhype.evaluation.cli import default_fid_extractor
+
+    assert default_fid_extractor(True) == "inception"
+    monkeypatch.delitem(sys.modules, "cleanfid")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert default_fid_extractor(True) == "toy_clip" and default_fid_extractor(False) == "open_clip"
+    assert extras.fid_extra(str(ref), "inception")[0] is None
 
 
 def test_fid_reference_errors(tmp_path):
@@ -169,3 +216,22 @@ def test_unhype_eval_with_nudenet_and_offline_fid(random_toy, tmp_path, capsys):
     assert main(bad) == 2
     assert "no such folder" in capsys.readouterr().err
     assert not (tmp_path / "eval2").exists()
+    i = args.index("toy_clip")
+    assert main(args[:i] + ["open_clip"] + args[i + 1:]) == 2  # the judge is no open_clip
+    assert "needs an open_clip --classifier" in capsys.readouterr().err
+
+
+def test_unhype_eval_fid_with_the_classifiers_open_clip_tower(random_toy, tmp_path, capsys):
+    from unhype.cli import main
+
+    config, weights = _tiny_open_clip(tmp_path)
+    ref = _folder(tmp_path, "ref", _toy_images("square", 8, 0))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "toy", "--erase", "circle", "--toy_weights", str(random_toy),
+                 "--per_class", "1", "--steps", "2", "--batch_size", "16",
+                 "--classifier", str(config), "--clip_weights", str(weights),
+                 "--fid_reference", str(ref), "--fid_extractor", "open_clip",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["methods"]["base model"]["fid_others"] > 0
+    assert any("open_clip" in n and "FID" in n for n in data["notes"])

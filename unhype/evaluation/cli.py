@@ -99,6 +99,8 @@ def run(args) -> int:
     if args.fid_reference:
         extras_mod.reference_images(args.fid_reference)  # a bad folder fails before any work
         args.fid_extractor = args.fid_extractor or default_fid_extractor(toy)
+        if args.fid_extractor == "open_clip":
+            fid_clip_model(args, toy)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     dist = process_group(args)
 
@@ -160,20 +162,26 @@ def default_fid_extractor(toy: bool) -> str:
 
 def fid_features(args, toy: bool, classifier):
     """The FID feature extractor of --fid_extractor (None for clean-fid's Inception)."""
-    from unhype.errors import UnHypeError
     from unhype.evaluation import extras as extras_mod
 
     if args.fid_extractor == "toy_clip":
         return extras_mod.toy_clip_features(args.toy_weights, args.device)
     if args.fid_extractor == "open_clip":
-        spec = args.classifier or (None if toy else "ViT-B-32")
-        if spec in (None, "judge", "toy"):
-            raise UnHypeError("--fid_extractor open_clip needs an open_clip --classifier (a model "
-                              "name or config .json) and its --clip_weights")
         # the zero-shot classifier is this very open_clip model: share its image tower
-        return extras_mod.open_clip_features(spec, args.clip_weights, args.device,
-                                             getattr(classifier, "image_encoder", None))
+        return extras_mod.open_clip_features(fid_clip_model(args, toy), args.clip_weights,
+                                             args.device, getattr(classifier, "image_encoder", None))
     return None
+
+
+def fid_clip_model(args, toy: bool) -> str:
+    """The open_clip model of `--fid_extractor open_clip`: the zero-shot --classifier's."""
+    from unhype.errors import UnHypeError
+
+    spec = args.classifier or (None if toy else "ViT-B-32")
+    if spec in (None, "judge", "toy"):
+        raise UnHypeError("--fid_extractor open_clip needs an open_clip --classifier (a model "
+                          "name or config .json) and its --clip_weights")
+    return spec
 
 
 def process_group(args):
