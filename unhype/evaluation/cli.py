@@ -5,6 +5,7 @@ hypernetwork files and baselines on the toy model or a Stable Diffusion model.
     unhype eval --hypernet erase_ship.safetensors --model /models/sd15 \\
         --prompt_set cifar10 --classifier ViT-B-32 --clip_weights open_clip_b32.safetensors
     unhype eval --model toy --erase circle --baselines uce,negative_prompt,esd_x
+    unhype eval --model toy --erase circle --nudenet --fid_reference refs/ --fid_extractor toy_clip
 
 Writes results.json, results.md and one image grid per method to --out.
 
