@@ -33,7 +33,7 @@ from unhype.toy.model import (LATENT_CHANNELS, LATENT_SIZE, TOY_TEXT_DIM, Before
                               decode_latents, encode_images, weights_dir)
 
 DEFAULT_STEPS = 12
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 5.0  # judge shape accuracy 90% at 3, 92% at 4, 93% at 5, 91% at 7
 FLOW_STEPS = 5000  # ~0.3 s/step on one CPU thread: ~25 min
 FLOW_BATCH = 64
 FLOW_LR = 1e-3

@@ -27,7 +27,7 @@ def base_quality(toy, judge_net, per_class: int, sweep: bool = True) -> dict:
     if sweep:
         prompts, s, c = report.prompt_set("canonical", 4, seed=1)
         out["guidance_sweep"] = []
-        for g in (1.0, 2.0, 3.0, 4.0, 5.0):
+        for g in (1.0, 2.0, 3.0, 4.0, 5.0, 7.0):
             ps, pc = judge_net.classify(report.sample_many(toy, prompts, 1, flow.DEFAULT_STEPS,
                                                            g))
             out["guidance_sweep"].append({
