@@ -131,7 +131,8 @@ def write_markdown(path: Path, r: dict) -> None:
               f"{b['deterministic']}."]
     for e in r.get("erasure", []):
         eb, eu, tr = e["base"], e["unhype"], e["training"]
-        lines += ["", f"## Erasure of {', '.join(e['erased'])} (trainer, FLUX backend)", "",
+        lines += ["", f"## Erasure of {', '.join(e['erased'])}: mode {tr['mode']} (trainer, "
+                  "FLUX backend)", "",
                   f"`{Path(e['file']).name}`: mode {tr['mode']}, {tr['variant']}, rank "
                   f"{tr['network_dim']}, {tr['max_train_steps']} steps x "
                   f"{tr['train_batch_size']} prompts, lr {tr['learning_rate']} / retain "
