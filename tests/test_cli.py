@@ -1,6 +1,7 @@
 """The `unhype` CLI: inspect (text and JSON) and bake from a text-encoder folder."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -52,6 +53,9 @@ def test_inspect_text_and_json(hyper_file, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["variant"] == "shared" and info["rank"] == 1
     assert info["training"]["max_train_steps"] == 7
+    with safe_open(str(hyper_file), "pt") as f:  # every stored tensor is a network parameter
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert info["parameters"] == stored > 0
     sizes = {row["rank"]: row for row in info["variant_sizes_sd1"]}
     assert sizes[1]["per_layer"] / sizes[1]["shared"] >= 10
 

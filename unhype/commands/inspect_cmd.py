@@ -23,7 +23,7 @@ def describe(path) -> dict:
         "format_version": meta.format_version, "family": meta.family,
         "embedding": meta.embedding, "variant": cfg.variant, "rank": cfg.rank,
         "hidden": cfg.hidden, "hyper_steps": cfg.hyper_steps,
-        "parameters": loaded.hypernet.num_parameters(),
+        "parameters": loaded.hypernet.num_parameters(trainable_only=False),  # loaded frozen
         "targets": [{"name": t.name, "in_dim": t.in_dim, "out_dim": t.out_dim}
                     for t in cfg.targets],
         "concepts": meta.concepts, "training": meta.training, "created": meta.created,
