@@ -221,6 +221,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     ap.add_argument("--classifier", default="judge", help="judge (toy CNN) or toy (toy CLIP)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 2, or 1 when the CPUs are already busy)")
     ap.add_argument("--eval-seed", dest="eval_seed", type=int, default=1234)
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/compare")
@@ -251,7 +253,9 @@ def main(argv=None):
     from unhype.evaluation.zero_shot import load_classifier
     from unhype.toy.model import set_threads
 
-    threads = set_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = args.threads or set_threads()
     t_start = time.time()
     backend = ToyBackend("cpu", args.toy_weights)
     gen = ToyGenerator(backend.toy)
