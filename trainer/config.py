@@ -122,7 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, typ, default, text in OPTIONS:
         shown = f"{text} [default: {default}]" if default not in (None, False) else text
         if typ is bool:
-            parser.add_argument(f"--{name}", action="store_true", default=None, help=shown)
+            # --flag / --no-flag: a flag can switch off what the config file switched on
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                                help=shown)
         else:
             parser.add_argument(f"--{name}", type=typ, default=None, help=shown)
 

@@ -26,6 +26,11 @@ def test_toml_overrides_defaults_and_flags_override_toml(tmp_path):
     assert cfg.retain_learning_rate == 5e-4  # follows learning_rate when unset
     assert cfg.network_alpha == 4.0  # default alpha = dim
     assert cfg.eta == 1.0 and cfg.variant == "per_layer"  # defaults
+    toml.write_text('[output]\neval = true\n[training]\ngradient_checkpointing = true\n')
+    assert resolve(parse(["--config_file", str(toml)])).eval is True
+    cfg = resolve(parse(["--config_file", str(toml), "--no-eval", "--xformers"]))
+    assert cfg.eval is False and cfg.xformers is True  # --no-X switches off the file's X
+    assert cfg.gradient_checkpointing is True
 
 
 def test_toml_inline_concepts_and_relative_paths(tmp_path):
