@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from unhype.toy.model import (LATENT_CHANNELS, LATENT_SIZE, TOY_TEXT_DIM, BeforeUnetCall,
-                              decode_latents, encode_images, weights_dir)
+                              ToyModel, decode_latents, encode_images, weights_dir)
 
 DEFAULT_STEPS = 12
 DEFAULT_GUIDANCE = 5.0  # judge shape accuracy 90% at 3, 92% at 4, 93% at 5, 91% at 7
@@ -112,13 +112,8 @@ class ToyFlow:
         """Packed [N, 16, 48] or unpacked [N, 12, 8, 8] latents -> images [N, 3, 16, 16]."""
         return decode_latents(unpack(latents) if latents.dim() == 3 else latents)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(last_hidden_state [N, 16, 64], pooler_output [N, 64]) of the toy text encoder."""
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)
-        out = self.text_encoder(input_ids=ids)
-        return out.last_hidden_state, out.pooler_output
+    # (last_hidden_state [N, 16, 64], pooler_output [N, 64]): the same text encoder, same call
+    encode_prompts = ToyModel.encode_prompts
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, steps: int = DEFAULT_STEPS,
@@ -181,17 +176,6 @@ def load_toy_flow(device: str = "cpu", weights: Optional[Path] = None) -> ToyFlo
 
 
 # --- training -----------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_table(tokenizer, text_encoder, texts: list[str], batch: int = 512):
-    hidden, pooled = [], []
-    for i in range(0, len(texts), batch):
-        ids = tokenizer(texts[i:i + batch], padding="max_length", truncation=True,
-                        return_tensors="pt").input_ids
-        out = text_encoder(input_ids=ids)
-        hidden.append(out.last_hidden_state), pooled.append(out.pooler_output)
-    return torch.cat(hidden), torch.cat(pooled)
-
-
 def train_flow(tokenizer, text_encoder, seed: int, steps: int = FLOW_STEPS,
                batch: int = FLOW_BATCH, lr: float = FLOW_LR, dropout: float = 0.1,
                ema_decay: float = 0.998, progress=None, transformer=None):
@@ -206,8 +190,8 @@ def train_flow(tokenizer, text_encoder, seed: int, steps: int = FLOW_STEPS,
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     texts, cap_s, cap_c = train.caption_table()
-    table_h, table_p = encode_table(tokenizer, text_encoder, texts)
-    empty_h, empty_p = encode_table(tokenizer, text_encoder, [""])
+    table_h, table_p = train.encode_captions(tokenizer, text_encoder, texts)
+    empty_h, empty_p = train.encode_captions(tokenizer, text_encoder, [""])
     sampler = train.CaptionSampler(cap_s, cap_c)
     model = transformer if transformer is not None else FluxTransformer2DModel(
         **toy_flow_config())

@@ -34,13 +34,19 @@ def caption_table():
 
 
 @torch.no_grad()
-def encode_table(tokenizer, text_encoder, texts: list[str], batch: int = 512) -> torch.Tensor:
-    out = []
+def encode_captions(tokenizer, text_encoder, texts: list[str], batch: int = 512):
+    """(last_hidden_state [N, L, D], pooler_output [N, D]) of `texts`, in batches."""
+    hidden, pooled = [], []
     for i in range(0, len(texts), batch):
         ids = tokenizer(texts[i:i + batch], padding="max_length", truncation=True,
                         return_tensors="pt").input_ids
-        out.append(text_encoder(input_ids=ids).last_hidden_state)
-    return torch.cat(out)
+        out = text_encoder(input_ids=ids)
+        hidden.append(out.last_hidden_state), pooled.append(out.pooler_output)
+    return torch.cat(hidden), torch.cat(pooled)
+
+
+def encode_table(tokenizer, text_encoder, texts: list[str], batch: int = 512) -> torch.Tensor:
+    return encode_captions(tokenizer, text_encoder, texts, batch)[0]
 
 
 class CaptionSampler:
