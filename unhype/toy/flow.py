@@ -18,8 +18,6 @@ Weights: `unhype/toy/weights/flow/` (transformer/ in fp16, scheduler/, build.jso
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,13 +193,7 @@ def train_flow(tokenizer, text_encoder, seed: int, steps: int = FLOW_STEPS,
     sampler = train.CaptionSampler(cap_s, cap_c)
     model = transformer if transformer is not None else FluxTransformer2DModel(
         **toy_flow_config())
-    model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, min(200, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+    opt = train.EmaOptimiser(model, lr, steps, lr_floor=0.05, ema_decay=ema_decay)
     ids = image_ids()
     txt_ids = torch.zeros(table_h.shape[1], 3)
     for step in range(steps):
@@ -220,16 +212,10 @@ def train_flow(tokenizer, text_encoder, seed: int, steps: int = FLOW_STEPS,
                      pooled_projections=pooled, txt_ids=txt_ids, img_ids=ids,
                      return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        opt.step(step, loss)
         if progress is not None:
-            progress(step, loss.item(), ema)
-    return ema
+            progress(step, loss.item(), opt.ema)
+    return opt.ema
 
 
 def text_encoder_digest(weights: Path | None = None) -> str:

@@ -68,6 +68,36 @@ class CaptionSampler:
         return int(rows[rng.integers(len(rows))])
 
 
+class EmaOptimiser:
+    """The toy models' optimisation: AdamW (weight decay 0.01), linear warmup over
+    min(200, steps / 10) steps then cosine down to `lr_floor` x lr, gradient norm clipped to 1,
+    and an EMA copy of the model (`.ema`, the one to ship; decay warms up to `ema_decay`).
+    Puts `model` in train mode."""
+
+    def __init__(self, model, lr: float, steps: int, lr_floor: float, ema_decay: float):
+        import copy
+
+        model.train()
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ema_params, self.params = list(self.ema.parameters()), list(model.parameters())
+        self.ema_decay = ema_decay
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01)
+        warmup = max(1, min(200, steps // 10))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda i: min(1.0, (i + 1) / warmup) * (
+                lr_floor + (1 - lr_floor) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        """Backward `loss`, one optimiser and scheduler step, then the EMA update."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        decay = min(self.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1 - decay)
+
+
 def train_unet(tokenizer, text_encoder, seed: int, steps: int = 2400, batch: int = 32,
                lr: float = 2e-3, dropout: float = 0.1, ema_decay: float = 0.999,
                progress=None, unet=None, high_noise_from: int = 0):
@@ -75,8 +105,6 @@ def train_unet(tokenizer, text_encoder, seed: int, steps: int = 2400, batch: int
 
     `high_noise_from` > 0 draws half the timesteps from [high_noise_from, T) instead of [0, T).
     """
-    import copy
-
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from unhype.toy import model as toy_model
@@ -91,13 +119,7 @@ def train_unet(tokenizer, text_encoder, seed: int, steps: int = 2400, batch: int
     n_timesteps = noise_sched.config.num_train_timesteps
     if unet is None:
         unet = UNet2DConditionModel(**toy_model.toy_unet_config())
-    unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    ema_params, params = list(ema.parameters()), list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, min(200, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+    opt = EmaOptimiser(unet, lr, steps, lr_floor=0.1, ema_decay=ema_decay)
     for step in range(steps):
         images, s_idx, c_idx = data.render_batch(batch, rng)
         x0 = toy_model.encode_images(torch.from_numpy(images))
@@ -113,13 +135,7 @@ def train_unet(tokenizer, text_encoder, seed: int, steps: int = 2400, batch: int
         xt = noise_sched.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        opt.step(step, loss)
         if progress is not None:
-            progress(step, loss.item(), ema)
-    return ema
+            progress(step, loss.item(), opt.ema)
+    return opt.ema
