@@ -38,17 +38,16 @@ class Dist:
 
     def sum(self, tensor: Tensor) -> Tensor:
         """Element-wise sum over processes (every process gets it), on the tensor's device."""
-        if self.world == 1:
-            return tensor
-        buf = tensor.detach().to(self.comm_device).contiguous().clone()
-        torch.distributed.all_reduce(buf, torch.distributed.ReduceOp.SUM)
-        return buf.to(tensor.device)
+        return self._all_reduce(tensor, "SUM")
 
     def max(self, tensor: Tensor) -> Tensor:
+        return self._all_reduce(tensor, "MAX")
+
+    def _all_reduce(self, tensor: Tensor, op: str) -> Tensor:
         if self.world == 1:
             return tensor
         buf = tensor.detach().to(self.comm_device).contiguous().clone()
-        torch.distributed.all_reduce(buf, torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(buf, getattr(torch.distributed.ReduceOp, op))
         return buf.to(tensor.device)
 
     def broadcast(self, tensors: dict[str, Tensor] | None, names: list[str]) -> dict[str, Tensor]:
