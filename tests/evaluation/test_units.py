@@ -50,6 +50,16 @@ def test_prompt_set_errors(tmp_path):
         load_prompt_set(str(bad))
 
 
+def test_batch_size_below_one_is_refused_before_any_work():
+    from unhype.evaluation.harness import evaluate, generate
+
+    ps = load_prompt_set("toy")
+    with pytest.raises(UnHypeError, match="batch size must be >= 1"):
+        evaluate(None, [], ps, ["circle"], None, batch_size=0, progress=False)
+    with pytest.raises(UnHypeError, match="batch size must be >= 1"):
+        generate(None, None, ["a circle"], 0, 0)
+
+
 def test_score_known_h_o():
     ps = load_prompt_set("toy")
     sets = build_sets(ps, ["circle"], per_class=2)

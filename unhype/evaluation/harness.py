@@ -146,12 +146,9 @@ def generate(generator, method: Method, prompts: list[str], seed: int, batch_siz
     """Images [N, 3, H, W] in [0, 1] for `prompts` with `method` (already attached).
 
     With `dist` over N processes each makes every N-th batch (same seeds) and all get all."""
-    if batch_size < 1:
-        raise UnHypeError(f"batch size must be >= 1, got {batch_size}")
     dist = dist or Dist()
-    starts = list(range(0, len(prompts), batch_size))
     out = {}
-    for start in starts[dist.rank::dist.world]:
+    for start in _my_starts(len(prompts), batch_size, dist):
         chunk = prompts[start:start + batch_size]
         out[start] = generator.sample(chunk, seed + start, method).float().cpu()
         if bar is not None:
@@ -159,6 +156,13 @@ def generate(generator, method: Method, prompts: list[str], seed: int, batch_siz
     if dist.world == 1:
         return torch.cat(list(out.values())) if out else torch.empty(0)
     return _gather_batches(dist, out, len(prompts))
+
+
+def _my_starts(n: int, batch_size: int, dist: Dist) -> list[int]:
+    """First rows of the batches of n prompts this process makes (batch k: process k mod N)."""
+    if batch_size < 1:
+        raise UnHypeError(f"batch size must be >= 1, got {batch_size}")
+    return list(range(0, n, batch_size))[dist.rank::dist.world]
 
 
 def _gather_batches(dist: Dist, batches: dict[int, Tensor], n: int) -> Tensor:
@@ -206,8 +210,8 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
     dist = dist or Dist()
     sets = build_sets(ps, erased, per_class)
     n_prompts = sum(len(v) for v in sets.values())
-    starts = list(range(0, n_prompts, batch_size))[dist.rank::dist.world]
-    total = sum(len(range(s, min(s + batch_size, n_prompts))) for s in starts) * len(methods)
+    total = sum(min(batch_size, n_prompts - s)
+                for s in _my_starts(n_prompts, batch_size, dist)) * len(methods)
     bar = None
     if progress and dist.is_main:
         from tqdm import tqdm
