@@ -133,12 +133,16 @@ def evaluate(backend, hypernet, lora, concepts, per_class: int = 24, seed: int =
     base = scores(base_predictions(backend, sets, seed), sets)
     preds = {k: sample_judged(backend, p, seed, hypernet, lora) for k, (p, _) in sets.items()}
     after = scores(preds, sets)
-    after["acc_s_rel"] = after["acc_s"] / base["acc_s"] if base["acc_s"] else 0.0
     return {"erased": erased, "per_class": per_class, "base": base, "unhype": after,
-            "passes": {"erased<=10%": after["acc_e"] <= 0.10,
-                       "others>=90% of base": after["acc_s_rel"] >= 0.90,
-                       "synonyms<=20%": after["acc_g"] <= 0.20},
-            "seconds": round(time.time() - t0, 1)}
+            "passes": bars(base, after), "seconds": round(time.time() - t0, 1)}
+
+
+def bars(base: dict, after: dict) -> dict:
+    """The toy erasure bars; adds `acc_s_rel` (Acc_s as a share of the base's) to `after`."""
+    after["acc_s_rel"] = after["acc_s"] / base["acc_s"] if base["acc_s"] else 0.0
+    return {"erased<=10%": after["acc_e"] <= 0.10,
+            "others>=90% of base": after["acc_s_rel"] >= 0.90,
+            "synonyms<=20%": after["acc_g"] <= 0.20}
 
 
 def format_metrics(m: dict) -> str:
