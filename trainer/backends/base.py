@@ -37,6 +37,13 @@ class Cond:
         return Cond(torch.cat([c.hidden for c in conds]), added)
 
 
+def latent_preview(latents: Tensor) -> Tensor:
+    """Images of a model without a VAE (tiny test models): the first three latent channels,
+    min-max scaled to [0, 1]."""
+    x = latents[:, :3].float()
+    return ((x - x.amin()) / (x.amax() - x.amin() + 1e-8)).cpu()
+
+
 class Backend:
     """Base model wrapper. Attributes set by subclasses: family, unet, scheduler, device, dtype."""
 

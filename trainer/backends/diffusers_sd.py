@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.backends.base import Backend, Cond
+from trainer.backends.base import Backend, Cond, latent_preview
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 
@@ -103,9 +103,8 @@ class DiffusersSD(Backend):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:  # no VAE (tiny test models): show the first three latent channels
-            x = latents[:, :3].float()
-            return ((x - x.amin()) / (x.amax() - x.amin() + 1e-8)).cpu()
+        if self.vae is None:
+            return latent_preview(latents)
         scale = getattr(self.vae.config, "scaling_factor", 0.18215)
         images = self.vae.decode(latents.to(self.dtype) / scale, return_dict=False)[0]
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()

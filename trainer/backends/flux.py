@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.backends.base import Backend, Cond
+from trainer.backends.base import Backend, Cond, latent_preview
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 
@@ -197,8 +197,7 @@ class FluxBackend(Backend):
         return z, t.reshape(1).expand(z.shape[0]).to(self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.unpack(latents.float())[:, :3]  # no VAE: the first three latent channels
-        return ((x - x.amin()) / (x.amax() - x.amin() + 1e-8)).cpu()
+        return latent_preview(self.unpack(latents.float()))
 
     def info(self) -> str:
         mode = (f"distilled guidance input {self.embedded_guidance:g}" if self.distilled
