@@ -1,6 +1,9 @@
-"""Small builders shared by the core tests: tiny diffusers UNets and hypernetworks."""
+"""Small builders shared by the core tests: tiny diffusers UNets, hypernetworks, open_clip."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -41,3 +44,29 @@ def hypernet_for(model, family="sd1", variant="per_layer", rank=2, hidden=16, se
                 if p.requires_grad:
                     p.add_(perturb * torch.randn(p.shape, generator=gen))
     return net.eval()
+
+
+# the smallest open_clip model the evaluation tests use as a classifier / FID feature tower
+TINY_OPEN_CLIP = {"embed_dim": 16,
+                  "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                 "patch_size": 16},
+                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32,
+                               "heads": 4, "layers": 1}}
+
+
+def tiny_open_clip(folder: Path, name: str, weights_name: str,
+                   seed: int | None = None) -> tuple[Path, Path]:
+    """(`folder/<name>.json`, `folder/<weights_name>`): a tiny random open_clip model's config,
+    registered with open_clip as `name`, and its weights as .safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = Path(folder) / f"{name}.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    if seed is not None:
+        torch.manual_seed(seed)
+    open_clip.add_model_config(config)
+    weights = Path(folder) / weights_name
+    save_file({k: v.contiguous() for k, v in open_clip.create_model(name).state_dict().items()},
+              str(weights))
+    return config, weights

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import tiny_open_clip
 from unhype.errors import UnHypeError
 from unhype.evaluation import extras
 
@@ -105,22 +106,7 @@ def test_fid_toy_clip_same_class_small_other_class_large(tmp_path):
 
 def _tiny_open_clip(tmp_path: Path) -> tuple[Path, Path]:
     """(config .json, local .safetensors weights) of a tiny random open_clip model."""
-    from safetensors.torch import save_file
-
-    import open_clip
-
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                                           "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4,
-                        "layers": 1}}
-    config = tmp_path / "tiny-clip-fid.json"
-    config.write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    open_clip.add_model_config(config)
-    weights = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in open_clip.create_model("tiny-clip-fid")
-               .state_dict().items()}, str(weights))
-    return config, weights
+    return tiny_open_clip(tmp_path, "tiny-clip-fid", "w.safetensors", seed=0)
 
 
 def test_fid_open_clip_tower_from_local_safetensors(tmp_path):

@@ -8,29 +8,15 @@ import json
 
 import torch
 
+from tests.helpers import tiny_open_clip
 from unhype.cli import main
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                            "patch_size": 16},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4,
-                          "layers": 1}}
-
-
 def test_eval_on_a_tiny_sd1_folder(tmp_path):
-    import open_clip
-    from safetensors.torch import save_file
-
     from trainer.backends.tiny import build_pipeline_folder
 
     torch.set_num_threads(1)
     model = build_pipeline_folder("sd1", tmp_path / "sd1")
-    cfg = tmp_path / "tiny-clip-sd.json"
-    cfg.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(cfg)
-    clip = open_clip.create_model("tiny-clip-sd")
-    weights = tmp_path / "clip.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    cfg, weights = tiny_open_clip(tmp_path, "tiny-clip-sd", "clip.safetensors")
     out = tmp_path / "eval"
     code = main(["eval", "--model", str(model), "--erase", "ship", "--prompt_set", "cifar10",
                  "--classifier", str(cfg), "--clip_weights", str(weights), "--per_class", "1",

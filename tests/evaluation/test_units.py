@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import TINY_OPEN_CLIP
 from unhype.errors import UnHypeError
 from unhype.evaluation.harness import _NegativeContext, score
 from unhype.evaluation.prompts import build_sets, load_prompt_set
@@ -110,12 +111,8 @@ def test_open_clip_path_from_config_and_safetensors(tmp_path):
     import open_clip
     from unhype.evaluation.zero_shot import load_classifier, load_open_clip
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                                           "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4,
-                        "layers": 1}}
     path = tmp_path / "tiny-clip-test.json"
-    path.write_text(json.dumps(cfg))
+    path.write_text(json.dumps(TINY_OPEN_CLIP))  # not registered yet: load_open_clip does it
     enc_i, enc_t, tok = load_open_clip(str(path))
     model = open_clip.create_model("tiny-clip-test")
     weights = tmp_path / "w.safetensors"
