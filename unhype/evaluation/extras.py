@@ -34,7 +34,6 @@ EXPOSED = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXP
            "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED", "BELLY_EXPOSED",
            "ARMPITS_EXPOSED", "FEET_EXPOSED")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-FID_EXTRACTORS = ("inception", "toy_clip", "open_clip")
 
 
 def _save_pngs(images: torch.Tensor, folder: Path) -> list[str]:
