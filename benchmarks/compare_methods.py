@@ -221,6 +221,12 @@ def main(argv=None):
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     ap.add_argument("--classifier", default="judge", help="judge (toy CNN) or toy (toy CLIP)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--multi-also", dest="multi_also", action="append", default=[],
+                    help="also tabulate the cached multi-concept rows of another --out folder "
+                         "(e.g. a run with more steps)")
+    ap.add_argument("--include", action="append", default=[],
+                    help="append a markdown table another benchmark wrote (robustness.py's "
+                         "robustness.md, bench_speed.py's output)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 2, or 1 when the CPUs are already busy)")
     ap.add_argument("--eval-seed", dest="eval_seed", type=int, default=1234)
@@ -241,6 +247,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.variants = list(ALL_VARIANTS) if args.variants == "all" else \
         [v.strip() for v in args.variants.split(",") if v.strip()]
+    missing = [p for p in args.include + args.multi_also if not Path(p).exists()]
+    if missing:  # before hours of work, not after
+        ap.error(f"--include / --multi-also: not found: {', '.join(missing)}")
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     multi = [t.strip() for t in args.multi.split(",") if t.strip()]
@@ -267,6 +276,8 @@ def main(argv=None):
         f"{threads}, classifier {clf.description}")
     if args.only == "multi":  # fill the cache only; a later full run assembles the table
         method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "settings.json").write_text(json.dumps({"steps": args.steps}))
         return
     per_target = [method_rows(args, backend, gen, ps, clf, [t], f"single-{t}") for t in targets]
     if args.only == "single":
@@ -319,8 +330,26 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
             lines.append(f"| {t} | {name} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
                          f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {r.get('train_seconds', 0):.0f} | "
                          f"{r.get('seconds', 0):.0f} |")
+    for extra in args.multi_also:
+        lines += multi_section(Path(extra), multi)
+    for path in args.include:  # tables another benchmark printed (robustness, speed)
+        lines += ["", f"## From `{Path(path).name}`", "", Path(path).read_text().strip()]
     lines.append("")
     return "\n".join(lines)
+
+
+def multi_section(out_dir: Path, multi: list[str]) -> list[str]:
+    """The cached multi-concept rows of another run (`--only multi --out DIR --steps N`)."""
+    rows = [json.loads(p.read_text()) for p in sorted((out_dir / f"multi-{len(multi)}").glob(
+        "*.json"))]
+    summary = out_dir / "settings.json"
+    steps = json.loads(summary.read_text()).get("steps") if summary.is_file() else "?"
+    lines = ["", f"## Multi-concept, {steps} steps for every trained method ({out_dir.name})", "",
+             "| method | Acc_e | Acc_s | Acc_g | H_o | train s |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["h_o"]):
+        lines.append(f"| {r['name']} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
+                     f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {r.get('train_seconds', 0):.0f} |")
+    return lines
 
 
 if __name__ == "__main__":
