@@ -175,3 +175,11 @@ def test_sd_gradient_checkpointing_and_bf16(tiny_sd1, tmp_path):
     assert loop.train(run, progress=False) == 0
     assert calls["n"] > 0
     assert torch.isfinite(torch.tensor([run.log[-1]["remove"], run.log[-1]["esd_T"]])).all()
+
+
+def test_embedding_of_the_wrong_width_is_refused(tiny_sd1, tmp_path):
+    backend = load_backend(resolve(fast_options(tiny_sd1, tmp_path, device="cpu")))
+    assert backend.embed(["a dog"]).shape == (1, 768)
+    assert backend.checked_embedding(torch.ones(2, 768, dtype=torch.float16)).dtype == torch.float32
+    with pytest.raises(UnHypeError, match="gives 1024-d vectors; family sd1 reads"):
+        backend.checked_embedding(torch.zeros(2, 1024))

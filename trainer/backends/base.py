@@ -64,6 +64,14 @@ class Backend:
         """The hypernetwork's input: [N, D] fp32 (the family's embedding source)."""
         raise NotImplementedError
 
+    def checked_embedding(self, vec: Tensor) -> Tensor:
+        """`vec` as fp32 if it has the family's embedding width, else a clear error."""
+        if vec.shape[-1] != self.family.embedding.dim:
+            raise UnHypeError(f"the text encoder gives {vec.shape[-1]}-d vectors; family "
+                              f"{self.family.name} reads {self.family.embedding.source} "
+                              f"({self.family.embedding.dim}-d). Wrong --model_family?")
+        return vec.float()
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images [N, 3, H, W] in [0, 1] (for sample grids)."""
         raise NotImplementedError

@@ -94,12 +94,7 @@ class DiffusersSD(Backend):
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
         outs = self._run(prompts)
-        vec = outs[1].text_embeds if self.sdxl else outs[0].pooler_output
-        if vec.shape[-1] != self.family.embedding.dim:
-            raise UnHypeError(f"the text encoder gives {vec.shape[-1]}-d vectors; family "
-                              f"{self.family.name} reads {self.family.embedding.source} "
-                              f"({self.family.embedding.dim}-d). Wrong --model_family?")
-        return vec.float()
+        return self.checked_embedding(outs[1].text_embeds if self.sdxl else outs[0].pooler_output)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

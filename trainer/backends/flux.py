@@ -248,11 +248,7 @@ class DiffusersFlux(FluxBackend):
     def embed(self, prompts: list[str]) -> torch.Tensor:
         with _quiet():
             vec = self.pipe._get_clip_prompt_embeds(list(prompts), device=self.device)
-        if vec.shape[-1] != self.family.embedding.dim:
-            raise UnHypeError(f"the CLIP text encoder gives {vec.shape[-1]}-d vectors; family "
-                              f"flux reads {self.family.embedding.source} "
-                              f"({self.family.embedding.dim}-d)")
-        return vec.float()
+        return self.checked_embedding(vec)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
