@@ -37,11 +37,8 @@ class ToyFluxBackend(FluxBackend):
     def _text(self, prompts):
         return self.toy.encode_prompts(prompts)
 
-    def embed(self, prompts):
-        return self.toy.encode_prompts(list(prompts))[1].float()
-
-    def decode(self, latents):
-        return self.toy.decode_latents(latents.float()).cpu()
-
+    # the same toy text encoder, decoder and vocabulary as the SD toy: one implementation
+    embed = ToyBackend.embed
+    decode = ToyBackend.decode
     default_synonyms = ToyBackend.default_synonyms
     default_retain_prompts = ToyBackend.default_retain_prompts
