@@ -33,8 +33,9 @@ def main(argv=None):
     ap.add_argument("--classifier", default="judge")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", dest="eval_seed", type=int, default=4321)
-    ap.add_argument("--unhype-file", dest="unhype_file", default=None,
-                    help="evaluate this trained hypernetwork instead of training one")
+    ap.add_argument("--unhype-file", dest="unhype_file", action="append", default=[],
+                    help="evaluate this trained hypernetwork instead of training one "
+                    "(repeatable: e.g. with and without adversarial gate training)")
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
@@ -62,13 +63,16 @@ def main(argv=None):
     methods = [Method()]
     for b in [b.strip() for b in args.baselines.split(",") if b.strip()]:
         methods.append(build(b, gen, backend, [name], ps, args.steps, args.seed))
-    if args.unhype_file:
+    for path in args.unhype_file:
         from unhype.evaluation.methods import UnHypeMethod
         from unhype.fileformat import load_hypernet
 
-        loaded = load_hypernet(args.unhype_file)
-        methods.append(UnHypeMethod.from_loaded(loaded, name=f"UnHype {loaded.meta.config.variant}"
-                                                f" ({loaded.meta.training.get('steps_done')} steps)"))
+        loaded = load_hypernet(path)
+        training = loaded.meta.training
+        adversarial = training.get("adversarial_eps") or 0
+        title = f"UnHype {loaded.meta.config.variant} ({training.get('steps_done')} steps" + \
+            (f", adversarial gate eps {adversarial:g})" if adversarial else ")")
+        methods.append(UnHypeMethod.from_loaded(loaded, name=title))
         args.variants = ""
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         variant, mode = v.split("/")

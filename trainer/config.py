@@ -81,6 +81,10 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("guidance_scale", float, None, "CFG scale of that sampling (default: model's, 7.5 SD)"),
     ("latent_cache", int, 0, "0: sample z_t fresh every step (paper); N > 0: sample N full "
      "trajectories per prompt once and reuse all their steps (same distribution, far cheaper)"),
+    ("adversarial_eps", float, 0.0, "adversarial gate training: the removal loss reads the "
+     "pooled embedding within this relative L2 distance of each target prompt that most "
+     "weakens the generated LoRA (0: off; trainer/adversary.py)"),
+    ("adversarial_steps", int, 3, "PGD steps of that search (hypernetwork only, no UNet pass)"),
     ("probe_lambda", str, None, "comma-separated lambdas: run T plain SGD steps on one "
      "concept's LoRA with each, print the ESD loss reached, and exit (choose fields_lambda)"),
     ("log_every", int, 10, "loss-log and progress-bar interval"),
@@ -198,7 +202,7 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"{name} must be one of {options}, got {v[name]!r}")
     for name in ("network_dim", "max_train_steps", "train_batch_size", "hyper_steps",
                  "ddim_steps", "retain_batch_size", "sample_steps", "sample_seeds", "log_every",
-                 "eval_images", "gradient_accumulation_steps"):
+                 "eval_images", "gradient_accumulation_steps", "adversarial_steps"):
         if isinstance(v[name], int) and v[name] < 1:
             problems.append(f"{name} must be >= 1, got {v[name]}")
     for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache"):
@@ -207,6 +211,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("learning_rate", "retain_learning_rate", "fields_lambda"):
         if isinstance(v[name], float) and not v[name] > 0:
             problems.append(f"{name} must be > 0, got {v[name]}")
+    if isinstance(v["adversarial_eps"], float) and not 0 <= v["adversarial_eps"] < 2:
+        problems.append(f"adversarial_eps must be in [0, 2), got {v['adversarial_eps']}")
     if problems:
         raise UnHypeError("invalid training options: " + "; ".join(problems))
     if v["retain_learning_rate"] is None:

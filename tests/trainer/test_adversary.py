@@ -1,0 +1,127 @@
+"""Adversarial gate training: the worst-case embedding search and its use in the trainer."""
+
+import pytest
+import torch
+
+from tests.trainer.test_train import run_training
+from trainer import loop
+from trainer.adversary import (ball_points, nearest_retained_distance, project, update_size_sq,
+                               worst_case_embedding)
+from trainer.config import resolve
+from trainer.losses import delta_norm
+from unhype.errors import UnHypeError
+from unhype.fileformat import load_hypernet
+from unhype.hypernet import HyperNetConfig, TargetSpec, build_hypernet
+
+
+def small_hypernet(seed=0):
+    torch.manual_seed(seed)
+    cfg = HyperNetConfig(variant="per_layer", embed_dim=8, hidden=32, hyper_steps=10, seed=seed,
+                         targets=[TargetSpec("lora_x", "attn2.to_k", 6, 5),
+                                  TargetSpec("lora_y", "attn2.to_v", 6, 4)])
+    return build_hypernet(cfg)
+
+
+def test_update_size_is_the_squared_norm_of_every_layers_update():
+    factors = {"x": (torch.randn(3, 6, 2), torch.randn(3, 5, 2)),
+               "y": (torch.randn(3, 4, 2), torch.randn(3, 7, 2))}
+    assert torch.allclose(update_size_sq(factors), delta_norm(factors) ** 2, rtol=1e-5)
+
+
+def test_project_and_ball_points_stay_in_the_ball():
+    norms = torch.tensor([[2.0], [0.5]])
+    delta = project(torch.randn(2, 8) * 10, norms, 0.3)
+    assert torch.all(delta.norm(dim=-1) <= 0.3 * norms[:, 0] + 1e-6)
+    small = torch.full((2, 8), 1e-3)
+    assert torch.equal(project(small, norms, 0.3), small)  # inside: unchanged
+    pts = ball_points(500, 8, torch.Generator().manual_seed(0))
+    assert pts.norm(dim=-1).max() <= 1 + 1e-6 and pts.norm(dim=-1).min() < 0.5
+
+
+def test_search_finds_a_weaker_update_inside_the_ball():
+    net = small_hypernet()
+    with torch.no_grad():  # a network that fires: B heads no longer zero
+        for head in net.heads_b:
+            head[-1].weight.normal_(0, 0.3)
+    emb = torch.randn(6, 8) * 4
+    adv = worst_case_embedding(net, emb, 0.5, 10, torch.zeros(6, 8))
+    dist = (adv - emb).norm(dim=-1) / emb.norm(dim=-1)
+    assert torch.all(dist <= 0.5 + 1e-5) and torch.all(dist > 0.1)
+    with torch.no_grad():
+        clean, worst = update_size_sq(net(emb)), update_size_sq(net(adv))
+    assert torch.all(worst < clean) and worst.mean() < 0.7 * clean.mean()
+    assert not any(p.grad is not None for p in net.parameters())  # the search trains nothing
+    assert torch.equal(worst_case_embedding(net, emb, 0.0, 10, torch.zeros(6, 8)), emb)
+
+
+def _train_gate(adversarial: bool, eps: float, steps: int = 300):
+    """A gate that fires (a fixed update W per layer) on a cluster of target embeddings and is
+    off (zero update) on retained ones at a relative distance of ~0.8, trained clean or on the
+    worst case of the eps-ball. Returns update sizes relative to the wanted one, ||W||^2."""
+    g = torch.Generator().manual_seed(1)
+    centre = torch.randn(8, generator=g)
+    centre = 4 * centre / centre.norm()
+    targets = centre + 0.2 * torch.randn(16, 8, generator=g)
+    away = torch.randn(64, 8, generator=g)
+    away = away / away.norm(dim=-1, keepdim=True)
+    retained = centre + 0.8 * 4 * away
+    net = small_hypernet()
+    wanted = [torch.randn(5, 6, generator=g) * 0.3, torch.randn(4, 6, generator=g) * 0.3]
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):
+        emb = targets
+        if adversarial:
+            emb = worst_case_embedding(net, targets, eps, 3, ball_points(16, 8, g))
+        on = sum((b @ a.transpose(1, 2) - w).pow(2).flatten(1).sum(1)
+                 for (a, b), w in zip(net(emb).values(), wanted))
+        off = update_size_sq(net(retained))
+        loss = on.mean() + off.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    worst = worst_case_embedding(net, targets, eps, 20, torch.zeros(16, 8))
+    with torch.no_grad():
+        ref = sum(w.pow(2).sum() for w in wanted)
+        return update_size_sq(net(targets)) / ref, update_size_sq(net(worst)) / ref, update_size_sq(net(retained)) / ref, \
+            nearest_retained_distance(targets, retained)
+
+
+def test_adversarial_training_keeps_the_gate_on_over_the_ball():
+    eps = 0.4
+    clean_p, clean_worst, clean_r, nearest = _train_gate(False, eps)
+    adv_p, adv_worst, adv_r, _ = _train_gate(True, eps)
+    assert nearest.min() > eps  # no retained embedding inside any ball: a robust gate exists
+    # both gates fire on the clean targets and stay off on the retained prompts
+    # (measured: clean targets 0.49 / 2.5 of the wanted size, retained 0.0003 / 0.011)
+    assert clean_p.mean() > 0.3 and adv_p.mean() > 0.3
+    assert clean_r.mean() < 0.05 and adv_r.mean() < 0.05
+    # the worst case of the ball switches the clean-trained gate off (0.03), not the
+    # adversarially trained one (0.39)
+    assert clean_worst.mean() < 0.1
+    assert adv_worst.mean() > 0.25 and adv_worst.mean() > 5 * clean_worst.mean()
+
+
+def test_trainer_reads_worst_case_embeddings(tiny_sd1, tmp_path, monkeypatch):
+    seen = []
+    real = loop.worst_case_embedding
+
+    def spy(hn, emb, eps, steps, start):
+        out = real(hn, emb, eps, steps, start)
+        seen.append(((out - emb).norm(dim=-1) / emb.norm(dim=-1), eps, steps))
+        return out
+    monkeypatch.setattr(loop, "worst_case_embedding", spy)
+    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=2, adversarial_eps=0.3,
+                           adversarial_steps=2)
+    assert code == 0 and len(seen) == 2
+    for dist, eps, steps in seen:
+        assert eps == 0.3 and steps == 2
+        assert torch.all(dist <= 0.3 + 1e-5) and torch.all(dist > 0)
+    assert load_hypernet(tmp_path / "erase.safetensors").meta.training["adversarial_eps"] == 0.3
+
+
+@pytest.mark.parametrize("over, text", [({"adversarial_eps": -0.1}, "adversarial_eps"),
+                                        ({"adversarial_eps": 2.5}, "adversarial_eps"),
+                                        ({"adversarial_steps": 0}, "adversarial_steps")])
+def test_bad_adversarial_options_are_refused(over, text):
+    with pytest.raises(UnHypeError, match=text):
+        resolve({"pretrained_model_name_or_path": "toy", **over})

@@ -1,0 +1,70 @@
+"""Adversarial gate training: train the hypernetwork on the worst pooled embedding near a target.
+
+UnHype's gate is its input: the pooled prompt embedding. An attacker who perturbs the prompt
+embedding (the UnlearnDiffAtk-like attack in `unhype.evaluation.attack`) can move that vector out
+of the region where the hypernetwork fires, and the erasure switches off. With
+`adversarial_eps > 0`, each removal batch first searches, per target prompt, the perturbation
+delta with ||delta|| <= eps ||e|| that makes the generated weight update smallest (normalised-
+gradient PGD through the hypernetwork alone: no UNet pass, cheap), and the removal loss reads
+e + delta. The hypernetwork so learns to fire over the whole eps-ball around each target prompt;
+retention still reads the clean retained prompts, so eps must stay below their distance to the
+targets (`unhype.probe`-style check: `nearest_retained_distance`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+
+def project(delta: Tensor, norms: Tensor, eps: float) -> Tensor:
+    """Rows of `delta` scaled into ||delta_i|| <= eps * norms_i."""
+    scale = (eps * norms / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+    return delta * scale
+
+
+def update_size_sq(factors) -> Tensor:
+    """[N] squared Frobenius norm of each prompt's full update, sum over layers of ||B A^T||^2,
+    as trace((B^T B)(A^T A)): r x r products, never the out x in matrix (and no sqrt, whose
+    gradient at B = 0 is not finite)."""
+    total = 0
+    for a, b in factors.values():
+        total = total + ((b.transpose(1, 2) @ b) * (a.transpose(1, 2) @ a)).flatten(1).sum(1)
+    return total
+
+
+def ball_points(n: int, dim: int, gen: torch.Generator) -> Tensor:
+    """[n, dim] random points of the unit ball (random direction, radius uniform in [0, 1])."""
+    direction = torch.randn((n, dim), generator=gen)
+    radius = torch.rand((n, 1), generator=gen)
+    return direction / direction.norm(dim=-1, keepdim=True) * radius
+
+
+def worst_case_embedding(hypernet, emb: Tensor, eps: float, steps: int, start: Tensor) -> Tensor:
+    """emb + delta, ||delta_i|| <= eps ||emb_i||, minimising the update size ||B A^T||^2 (s = T).
+
+    `start` ([N, dim] points of the unit ball, `ball_points`) is where the search begins, scaled
+    to each row's ball, so that a hypernetwork that does not fire yet (B = 0 at initialisation:
+    zero gradient) still sees perturbed inputs."""
+    if eps <= 0 or steps <= 0:
+        return emb
+    emb = emb.detach()
+    norms = emb.norm(dim=-1, keepdim=True)
+    delta = start.to(emb) * norms * eps
+    step_size = 2.5 * eps / steps
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        size = update_size_sq(hypernet(emb + delta)).sum()
+        grad, = torch.autograd.grad(size, delta)
+        with torch.no_grad():
+            unit = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            delta = project(delta - step_size * norms * unit, norms, eps)
+    return (emb + delta).detach()
+
+
+def nearest_retained_distance(target_emb: Tensor, retain_emb: Tensor) -> Tensor:
+    """[N] distance of each target prompt to its nearest retained prompt, relative to its norm:
+    an eps above the smallest of these puts retained prompts inside a ball the gate must fire on."""
+    return torch.cdist(target_emb.float(), retain_emb.float()).min(1).values / \
+        target_emb.float().norm(dim=-1)
