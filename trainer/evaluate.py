@@ -5,7 +5,8 @@ conditional rows only, and classified by the toy's judge CNN (trained on rendere
 never on generated images). Acc_e: erased shapes prompted by name; Acc_s: the other shapes;
 Acc_g: erased shapes prompted by their synonyms (never trained on). Accuracies are class means.
 H_o from `unhype.evaluation.metrics`. The base model's predictions are cached on disk (keyed by
-prompts, seed, sampler settings and the toy weights) since every run compares against them.
+prompts, seed, the model family and every weight file its backend reads) since every run
+compares against them.
 """
 
 from __future__ import annotations
@@ -93,18 +94,34 @@ def sample_judged(backend, prompts, seed, hypernet=None, lora=None, batch=128) -
 _judge_cache: dict = {}
 
 
-def _weights_key(weights) -> str:
-    parts = [str(weights)]
-    for sub in ("unet", "text_encoder", "judge"):
-        for f in sorted((Path(weights) / sub).glob("*.safetensors")):
+# folders (under the toy weights) each family samples and judges with; configs, tokenizer and
+# scheduler count too: they change the images as much as the weights do
+FAMILY_WEIGHTS = {"toy": ("unet", "scheduler", "tokenizer", "text_encoder", "judge"),
+                  "toy_flux": ("flow", "tokenizer", "text_encoder", "judge")}
+
+
+def _weights_key(family: str, weights) -> str:
+    """Family + every file (name, size, mtime) of the folders it reads; an unknown family
+    reads the whole weights folder."""
+    root = Path(weights)
+    folders = [root / sub for sub in FAMILY_WEIGHTS.get(family, ("",))]
+    parts = [family, str(weights)]
+    for folder in folders:
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
             st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+            parts.append(f"{f.relative_to(root).as_posix()}:{st.st_size}:{int(st.st_mtime)}")
     return ";".join(parts)
 
 
+def base_cache_key(backend, sets, seed) -> str:
+    """Cache key of the base model's predictions for these prompt sets."""
+    prompts = {k: v[0] for k, v in sets.items()}
+    blob = json.dumps([_weights_key(backend.family.name, backend.weights), seed, prompts])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
 def base_predictions(backend, sets, seed) -> dict:
-    key = hashlib.sha256(json.dumps([_weights_key(backend.weights), seed, {k: v[0] for k, v in sets.items()}])
-                         .encode()).hexdigest()[:20]
+    key = base_cache_key(backend, sets, seed)
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unhype"
     path = folder / f"toy-base-eval-{key}.json"
     if path.is_file():
