@@ -12,7 +12,6 @@ import datetime as _dt
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unhype import __version__
+from unhype.atomic import atomic_path
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 from unhype.hypernet import HyperNetConfig, HyperNetwork, build_hypernet
@@ -73,16 +73,9 @@ def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> No
         raise UnHypeError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise UnHypeError(f"output folder {folder} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_header(path) -> tuple[dict, dict]:

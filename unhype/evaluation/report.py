@@ -7,11 +7,12 @@ the table; a missing measurement is written as "n/a" with the reason in the note
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from unhype.atomic import atomic_write_text
 
 COLUMNS = [("acc_e", "Acc_e (erased, lower better)"), ("acc_s", "Acc_s (others)"),
            ("acc_g", "Acc_g (synonyms, lower better)"), ("h_o", "H_o"), ("h_c", "H_c"),
@@ -23,9 +24,7 @@ RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others"}  # not 
 def _atomic_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def fmt(value, pct: bool = True) -> str:

@@ -7,9 +7,10 @@ by stage with atomic replaces, so an interrupted build leaves the earlier stages
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from unhype.atomic import atomic_write_text
 
 # Step counts sized so the whole build fits in 45 minutes on 2 CPU cores: measured 42.1 min
 # end to end with --threads 1 (CLIP 2.2, judge 1.2, UNet 38.7) while other niced jobs ran.
@@ -107,7 +108,5 @@ def build(out_dir: Path, seed: int = 0, unet_steps: int = UNET_STEPS,
         return summary  # flow alone: its record is flow/build.json, the main one is kept
     path = out_dir / "build.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    tmp = path.with_name(".build.json.tmp")
-    tmp.write_text(json.dumps({**previous, **summary}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({**previous, **summary}, indent=2) + "\n")
     return summary

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unhype.atomic import atomic_path, atomic_write_text
 from unhype.toy import data
 
 MAX_LENGTH = 16
@@ -196,9 +197,7 @@ def save_clip(model: ToyClip, out_dir: Path) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
     _save_tensors({k: v for k, v in model.image.state_dict().items()},
                   image_dir / "model.safetensors")
-    tmp = image_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(model.image.config) + "\n")
-    os.replace(tmp, image_dir / "config.json")
+    atomic_write_text(image_dir / "config.json", json.dumps(model.image.config) + "\n")
     _save_tensors({"text_projection.weight": model.text_projection.weight,
                    "logit_scale": model.logit_scale.reshape(1)},
                   out_dir / "clip_head.safetensors")
@@ -207,9 +206,8 @@ def save_clip(model: ToyClip, out_dir: Path) -> None:
 def _save_tensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def load_tokenizer(weights: Path):

@@ -231,10 +231,10 @@ def text_encoder_digest(weights: Path | None = None) -> str:
 def build_flow(out_dir: Path, seed: int = 0, steps: int = FLOW_STEPS, progress=None) -> dict:
     """Train the flow model against the text encoder in `out_dir`; write `out_dir/flow/`."""
     import json
-    import os
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from unhype.atomic import atomic_write_text
     from unhype.toy import clip
 
     out_dir = Path(out_dir)
@@ -248,7 +248,5 @@ def build_flow(out_dir: Path, seed: int = 0, steps: int = FLOW_STEPS, progress=N
     summary = {"flow_steps": steps, "flow_batch": FLOW_BATCH, "flow_seed": seed + 7,
                "flow_minutes": (time.time() - t0) / 60, "threads": torch.get_num_threads(),
                "text_encoder_sha256": text_encoder_digest(out_dir)}
-    tmp = folder / ".build.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, folder / "build.json")
+    atomic_write_text(folder / "build.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -12,11 +12,12 @@ same seeds with and without the LoRA (cond rows only), and the same bars (erased
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from unhype.atomic import atomic_write_text
 
 
 def base_quality(toy, judge_net, per_class: int, sweep: bool = True) -> dict:
@@ -149,9 +150,7 @@ def write_markdown(path: Path, r: dict) -> None:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def run(per_class: int = 32, hypernets=(), erase_per_class: int = 24, output="docs/toy_flow.md",

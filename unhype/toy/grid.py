@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from unhype.atomic import atomic_path
 
 
 def make_grid(images: torch.Tensor, labels: list[str] | None = None, title: str | None = None,
@@ -35,6 +36,5 @@ def make_grid(images: torch.Tensor, labels: list[str] | None = None, title: str 
 def save_image_atomic(image, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

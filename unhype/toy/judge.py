@@ -9,7 +9,6 @@ evaluation uses with open_clip on real models; the toy CLIP provides the same th
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unhype.atomic import atomic_path, atomic_write_text
 from unhype.toy import data
 
 
@@ -101,13 +101,11 @@ def save_judge(net: JudgeNet, out_dir: Path) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, out_dir / "model.safetensors")
-    tmp = out_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps({**net.config, "shapes": list(data.SHAPES),
-                               "colours": list(data.COLOURS)}, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    atomic_write_text(out_dir / "config.json", json.dumps(
+        {**net.config, "shapes": list(data.SHAPES), "colours": list(data.COLOURS)},
+        indent=2) + "\n")
 
 
 def load_judge(weights: Path | None = None) -> JudgeNet:

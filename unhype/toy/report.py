@@ -9,13 +9,13 @@ classes.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from unhype.atomic import atomic_write_text
 from unhype.toy import data
 
 
@@ -259,6 +259,4 @@ def write_markdown(path: Path, results: dict) -> None:
     lines += ["", "## Weak spots", ""] + [f"- {w}" for w in r.get("weak", WEAK_SPOTS)] + [""]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))

@@ -1,0 +1,44 @@
+"""unhype/atomic.py: the target holds the old or the complete new content, never a temp file."""
+
+import pytest
+
+from unhype.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+
+
+def test_writes_replace_the_target_and_leave_only_it(tmp_path):
+    path = tmp_path / "report.md"
+    atomic_write_text(path, "first\n")
+    atomic_write_text(path, "second é\n")
+    assert path.read_text(encoding="utf-8") == "second é\n"
+    atomic_write_bytes(tmp_path / "blob.bin", b"\x00\x01")
+    assert (tmp_path / "blob.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "report.md"]
+
+
+def test_failed_write_keeps_the_old_content_and_no_temp_file(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(path) as tmp:
+            assert tmp.parent == tmp_path and tmp != path and not tmp.exists()
+            tmp.write_bytes(b"half a fi")  # the writer got this far, then failed
+            raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+def test_failed_text_write_before_any_byte_leaves_no_target(tmp_path):
+    path = tmp_path / "new.json"
+    with pytest.raises(TypeError):
+        atomic_write_text(path, None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_temp_paths_are_unique_per_write(tmp_path):
+    path = tmp_path / "x.txt"
+    with atomic_path(path) as a, atomic_path(path) as b:
+        assert a != b
+        a.write_text("a")
+        b.write_text("b")
+    assert path.read_text() == "a"  # the outer block finished last
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
