@@ -78,6 +78,19 @@ def trained_file(args, variant, mode, concepts):
     return UnHypeMethod.from_loaded(loaded, name=f"UnHype {variant}/{mode}")
 
 
+def with_counts(row: dict, per_class: int, n_erased: int, n_classes: int) -> dict:
+    """The row with the image counts behind its accuracies (rows cached before the harness
+    recorded them: derived from the prompt-set layout, prompts.build_sets), and its H_o
+    interval."""
+    from unhype.evaluation.metrics import h_o_interval
+
+    out = {"n_e": per_class * n_erased, "n_s": per_class * (n_classes - n_erased),
+           "n_g": per_class * n_erased, **row}
+    if out.get("acc_g") is not None:
+        out["h_o_ci"] = h_o_interval([out])
+    return out
+
+
 def method_rows(args, backend, gen, ps, clf, concepts, tag):
     """{method name: scores} for one setting, each (setting, method) cached on disk."""
     from unhype.baselines.registry import build
@@ -92,7 +105,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         cache = args.out / tag / f"{key}.json"
         if cache.is_file() and not args.force:
             row = json.loads(cache.read_text())
-            rows[row["name"]] = row
+            rows[row["name"]] = with_counts(row, args.per_class, len(concepts), len(ps.classes))
             continue
         if args.cached_only:
             say(f"  {tag}: no cached row for {key} (--cached-only): shown as n/a")
@@ -117,7 +130,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=1))
         os.replace(tmp, cache)
-        rows[method.name] = row
+        rows[method.name] = with_counts(row, args.per_class, len(concepts), len(ps.classes))
         say(f"  {tag:34s} {method.name:26s} H_o {fmt(row['h_o'])}  "
             f"(train {train_s:.0f} s, eval {row['seconds']:.0f} s)")
     return rows
@@ -127,12 +140,21 @@ def fmt(v):
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def fmt_ci(row: dict) -> str:
+    ci = row.get("h_o_ci")
+    return "n/a" if not ci else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
+
+
 def mean_rows(per_target: list[dict]) -> dict:
+    from unhype.evaluation.metrics import h_o_interval
+
     out = {}
     for name in per_target[0]:
         rows = [r[name] for r in per_target if name in r]
         out[name] = {k: sum(r[k] for r in rows) / len(rows)
                      for k in ("acc_e", "acc_s", "acc_g", "h_o") if rows[0].get(k) is not None}
+        if all(r.get("acc_g") is not None for r in rows):
+            out[name]["h_o_ci"] = h_o_interval(rows)
         out[name]["n"] = len(rows)
         out[name]["train_seconds"] = sum(r.get("train_seconds", 0) for r in rows)
         out[name]["seconds"] = sum(r.get("seconds", 0) for r in rows)
@@ -143,11 +165,11 @@ def table(single: dict, multi: dict | None) -> str:
     base_s = single["base model"]["acc_s"]
     unhype = [n for n in single if n.startswith("UnHype")]
     best = max(unhype, key=lambda n: single[n]["h_o"]) if unhype else None
-    head = ["method", "1 concept: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o"]
+    head = ["method", "1 concept: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o", "H_o 95% interval"]
     if best:
         head.append(f"H_o / {best}")
     if multi:
-        head += ["multi: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o"]
+        head += ["multi: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o", "H_o 95% interval"]
         if best:
             head.append("H_o / UnHype")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -155,7 +177,7 @@ def table(single: dict, multi: dict | None) -> str:
     for name, r in single.items():
         label = name if r.get("n", total) == total else f"{name} ({r['n']} of {total} targets)"
         cells = [label, fmt(r["acc_e"]), f"{fmt(r['acc_s'])} ({r['acc_s'] / base_s:.0%})",
-                 fmt(r["acc_g"]), fmt(r["h_o"])]
+                 fmt(r["acc_g"]), fmt(r["h_o"]), fmt_ci(r)]
         if best:
             cells.append(f"{r['h_o'] / single[best]['h_o']:.2f}" if single[best]["h_o"] else "n/a")
         if multi:
@@ -163,12 +185,12 @@ def table(single: dict, multi: dict | None) -> str:
             if m:
                 mb = multi["base model"]["acc_s"]
                 cells += [fmt(m["acc_e"]), f"{fmt(m['acc_s'])} ({m['acc_s'] / mb:.0%})",
-                          fmt(m["acc_g"]), fmt(m["h_o"])]
+                          fmt(m["acc_g"]), fmt(m["h_o"]), fmt_ci(m)]
                 if best:
                     ref = multi.get(best, {}).get("h_o")
                     cells.append(f"{m['h_o'] / ref:.2f}" if ref else "n/a")
             else:
-                cells += ["n/a"] * (5 if best else 4)
+                cells += ["n/a"] * (6 if best else 5)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -179,9 +201,14 @@ def goals(single, multi) -> list[str]:
     others = [n for n in single if not n.startswith("UnHype") and n != "base model"]
     for n in unhype:
         beats = all(single[n]["h_o"] > single[o]["h_o"] for o in others)
+        # told apart: UnHype's interval lies wholly above the baseline's
+        tied = [o for o in others if single[o].get("h_o_ci") and single[n].get("h_o_ci")
+                and single[n]["h_o_ci"][0] <= single[o]["h_o_ci"][1]]
         out.append(f"{n}: single-concept H_o {fmt(single[n]['h_o'])} "
                    f"({'>=' if single[n]['h_o'] >= 0.95 else '<'} 95), "
-                   f"{'above' if beats else 'NOT above'} every baseline")
+                   f"{'above' if beats else 'NOT above'} every baseline"
+                   + (f"; 95% intervals overlap with {', '.join(tied)}" if tied else
+                      "; intervals separate from every baseline"))
         if multi and n in multi:
             out.append(f"{n}: multi-concept H_o {fmt(multi[n]['h_o'])} "
                        f"({'>=' if multi[n]['h_o'] >= 0.90 else '<'} 90)")
@@ -269,6 +296,7 @@ def main(argv=None):
     backend = ToyBackend("cpu", args.toy_weights)
     gen = ToyGenerator(backend.toy)
     ps = load_prompt_set("toy")
+    args.n_classes = len(ps.classes)
     clf = load_classifier(args.classifier, ps.class_names, ps.class_prompts(),
                           toy_weights=args.toy_weights)
     say(f"compare_methods: {len(targets)} single targets, multi {multi}, variants "
@@ -277,7 +305,8 @@ def main(argv=None):
     if args.only == "multi":  # fill the cache only; a later full run assembles the table
         method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}")
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "settings.json").write_text(json.dumps({"steps": args.steps}))
+        (args.out / "settings.json").write_text(json.dumps({"steps": args.steps,
+                                                            "per_class": args.per_class}))
         return
     per_target = [method_rows(args, backend, gen, ps, clf, [t], f"single-{t}") for t in targets]
     if args.only == "single":
@@ -324,31 +353,35 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         "", text, "", "Goals (issue 7):", ""]
     lines += ["- " + g for g in goals(single, multi_rows)]
     lines += ["", "## Per target", "", "| target | method | Acc_e | Acc_s | Acc_g | H_o | "
-              "train s | eval s |", "|---|---|---|---|---|---|---|---|"]
+              "H_o 95% interval | train s | eval s |", "|---|---|---|---|---|---|---|---|---|"]
     for t, rows in zip(targets, per_target):
         for name, r in rows.items():
             lines.append(f"| {t} | {name} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
-                         f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {r.get('train_seconds', 0):.0f} | "
-                         f"{r.get('seconds', 0):.0f} |")
+                         f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {fmt_ci(r)} | "
+                         f"{r.get('train_seconds', 0):.0f} | {r.get('seconds', 0):.0f} |")
     for extra in args.multi_also:
-        lines += multi_section(Path(extra), multi)
+        lines += multi_section(Path(extra), multi, args.per_class, args.n_classes)
     for path in args.include:  # tables another benchmark printed (robustness, speed)
         lines += ["", f"## From `{Path(path).name}`", "", Path(path).read_text().strip()]
     lines.append("")
     return "\n".join(lines)
 
 
-def multi_section(out_dir: Path, multi: list[str]) -> list[str]:
+def multi_section(out_dir: Path, multi: list[str], per_class: int, n_classes: int) -> list[str]:
     """The cached multi-concept rows of another run (`--only multi --out DIR --steps N`)."""
-    rows = [json.loads(p.read_text()) for p in sorted((out_dir / f"multi-{len(multi)}").glob(
-        "*.json"))]
     summary = out_dir / "settings.json"
-    steps = json.loads(summary.read_text()).get("steps") if summary.is_file() else "?"
-    lines = ["", f"## Multi-concept, {steps} steps for every trained method ({out_dir.name})", "",
-             "| method | Acc_e | Acc_s | Acc_g | H_o | train s |", "|---|---|---|---|---|---|"]
+    settings = json.loads(summary.read_text()) if summary.is_file() else {}
+    per_class = settings.get("per_class", per_class)
+    rows = [with_counts(json.loads(p.read_text()), per_class, len(multi), n_classes)
+            for p in sorted((out_dir / f"multi-{len(multi)}").glob("*.json"))]
+    lines = ["", f"## Multi-concept, {settings.get('steps', '?')} steps for every trained method "
+             f"({out_dir.name})", "",
+             "| method | Acc_e | Acc_s | Acc_g | H_o | H_o 95% interval | train s |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["h_o"]):
         lines.append(f"| {r['name']} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
-                     f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {r.get('train_seconds', 0):.0f} |")
+                     f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {fmt_ci(r)} | "
+                     f"{r.get('train_seconds', 0):.0f} |")
     return lines
 
 

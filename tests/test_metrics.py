@@ -29,3 +29,40 @@ def test_bad_values_refused():
         h_o(1.2, 0.5, 0.1)
     with pytest.raises(UnHypeError, match="equal"):
         erasure_scores([], "circle", ["a"], ["a"], ["a"])
+
+
+def test_h_o_interval_covers_the_point_and_narrows_with_more_images():
+    from unhype.evaluation.metrics import h_o_interval
+
+    row = {"acc_e": 0.1, "acc_s": 0.9, "acc_g": 0.2}
+    point = h_o(0.1, 0.9, 0.2)
+    small = h_o_interval([{**row, "n_e": 10, "n_s": 90, "n_g": 10}])
+    large = h_o_interval([{**row, "n_e": 1000, "n_s": 9000, "n_g": 1000}])
+    assert small[0] < point < small[1] and large[0] < point < large[1]
+    assert large[1] - large[0] < 0.25 * (small[1] - small[0])
+    assert large[1] - large[0] < 0.05
+    assert h_o_interval([{**row, "n_e": 10, "n_s": 90, "n_g": 10}]) == small  # seeded
+
+
+def test_h_o_interval_is_not_a_point_at_zero_errors():
+    """0 of 10 erased images showing the concept does not prove a rate of 0: the interval of a
+    perfect score still reaches below 1, and below that of a perfect score on 100 images."""
+    from unhype.evaluation.metrics import h_o_interval
+
+    perfect = {"acc_e": 0.0, "acc_s": 1.0, "acc_g": 0.0}
+    lo10, hi10 = h_o_interval([{**perfect, "n_e": 10, "n_s": 90, "n_g": 10}])
+    lo100, _ = h_o_interval([{**perfect, "n_e": 100, "n_s": 900, "n_g": 100}])
+    assert hi10 == 1.0 and lo10 < 0.97 and lo10 < lo100  # contains the observed 1.0
+
+
+def test_h_o_interval_of_a_mean_over_settings():
+    from unhype.evaluation.metrics import h_o_interval
+
+    a = {"acc_e": 0.0, "acc_s": 1.0, "acc_g": 0.0, "n_e": 50, "n_s": 450, "n_g": 50}
+    b = {"acc_e": 0.5, "acc_s": 0.5, "acc_g": 0.5, "n_e": 50, "n_s": 450, "n_g": 50}
+    lo, hi = h_o_interval([a, b])
+    assert lo < (h_o(0, 1, 0) + h_o(0.5, 0.5, 0.5)) / 2 < hi
+    with pytest.raises(UnHypeError, match="n_e"):
+        h_o_interval([{**a, "n_e": 0}])
+    with pytest.raises(UnHypeError):
+        h_o_interval([])

@@ -182,13 +182,14 @@ def _gather_batches(dist: Dist, batches: dict[int, Tensor], n: int) -> Tensor:
 
 def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
     """Acc_e / Acc_s / Acc_g and H_o (H_c for people) from class predictions per set."""
-    acc = {}
+    acc, counts = {}, {}
     for key, name in (("erased", "acc_e"), ("others", "acc_s"), ("synonyms", "acc_g")):
         if sets[key]:
             acc[name] = accuracy(preds[key].tolist(), [c for _, c in sets[key]])
         else:
             acc[name] = None
-    out = dict(acc)
+        counts["n_" + name[-1]] = len(sets[key])  # images behind each accuracy
+    out = {**acc, **counts}
     out["h_o"] = h_o(acc["acc_e"], acc["acc_s"], acc["acc_g"]) if acc["acc_g"] is not None else None
     out["h_c"] = h_c(acc["acc_e"], acc["acc_s"])
     if kind == "people":
