@@ -36,19 +36,31 @@ def test_committed_weights_load_small_fp16(toy_flow):
     assert build["text_encoder_sha256"] == flow.text_encoder_digest()
 
 
-def test_sampling_is_deterministic_and_matches_the_trainer_backend(toy_flow):
+def test_sampling_is_deterministic_and_shared_with_the_trainer_backend(toy_flow, monkeypatch):
     from trainer.backends.toy_flux import ToyFluxBackend
+    from unhype import flow_latents
 
     prompts = ["a red circle", "a blue star"]
     a = toy_flow.sample(prompts, seed=3, steps=4)
     assert a.shape == (2, 3, 16, 16) and 0 <= float(a.min()) and float(a.max()) <= 1
     assert torch.equal(a, toy_flow.sample(prompts, seed=3, steps=4))
     assert not torch.equal(a, toy_flow.sample(prompts, seed=4, steps=4))
-    # the trainer's FLUX sampler (FlowMatch Euler + CFG on packed latents) is the same sampler
+    # both samplers run the one Euler loop of unhype/flow_latents.py, each with its own CFG
+    # batching, text encoding and decoding around it: they must give the same images
+    runs = []
+    euler = flow_latents.euler
+
+    def spy(z, scheduler, velocity, stop=None):
+        runs.append(len(scheduler.timesteps[:stop]))
+        return euler(z, scheduler, velocity, stop)
+
+    monkeypatch.setattr(flow_latents, "euler", spy)
+    assert torch.equal(toy_flow.sample(prompts, seed=3, steps=4), a)
     backend = ToyFluxBackend()
     gen = torch.Generator().manual_seed(3)
     z = backend.sample(backend.encode(prompts), backend.encode(["", ""]), gen, 4,
                        flow.DEFAULT_GUIDANCE)
+    assert runs == [4, 4]
     assert torch.allclose(backend.decode(z), a, atol=1e-4)
 
 

@@ -10,8 +10,8 @@ Guidance: a guidance-distilled transformer (`guidance_embeds`, FLUX.1-dev) runs 
 the guidance value as an input (default 3.5), and the LoRA is on that pass; a transformer
 without it (FLUX.1-schnell, the toy flow model) uses CFG with [uncond; cond] rows, LoRA on the
 cond rows. Text: T5 hidden states + CLIP-L pooled vector via `FluxPipeline.encode_prompt`; the
-hypernetwork reads the same CLIP-L pooled vector (family `flux`). Latents are packed with
-`FluxPipeline._pack_latents` and addressed with `_prepare_latent_image_ids`.
+hypernetwork reads the same CLIP-L pooled vector (family `flux`). Packing, image ids and the
+Euler sampler are `unhype.flow_latents`, shared with the toy flow model.
 
 `self.unet` is the transformer (the name the trainer loop uses for "the denoiser").
 """
@@ -19,15 +19,14 @@ hypernetwork reads the same CLIP-L pooled vector (family `flux`). Latents are pa
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trainer.backends.base import Backend, Cond, latent_preview
+from unhype import flow_latents
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 
@@ -63,24 +62,16 @@ class FluxBackend(Backend):
 
     # --- packing -----------------------------------------------------------------------------
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, H/2 * W/2, 4C] (diffusers' FluxPipeline._pack_latents)."""
-        from diffusers import FluxPipeline
-
-        n, c, h, w = latents.shape
-        return FluxPipeline._pack_latents(latents, n, c, h, w)
+        """[N, C, H, W] -> [N, H/2 * W/2, 4C]."""
+        return flow_latents.pack(latents)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
         _, h, w = self.latent_shape
-        # _unpack_latents takes pixel sizes and a VAE factor; factor 1 with (h, w) is exact
-        return FluxPipeline._unpack_latents(packed, h, w, 1)
+        return flow_latents.unpack(packed, h, w)
 
     def image_ids(self) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
         _, h, w = self.latent_shape
-        return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
+        return flow_latents.image_ids(h, w, self.device, self.dtype)
 
     # --- what subclasses provide -------------------------------------------------------------
     def _text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,23 +111,11 @@ class FluxBackend(Backend):
 
     def make_scheduler(self, steps: int):
         """FlowMatchEuler with FluxPipeline's sigmas (1 .. 1/steps) and resolution shift."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        scheduler = copy.deepcopy(self.scheduler)
-        cfg = scheduler.config
         _, h, w = self.latent_shape
-        mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256),
-                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                             cfg.get("max_shift", 1.15))
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        scheduler.set_timesteps(sigmas=sigmas, device=self.device,
-                                mu=mu if cfg.get("use_dynamic_shifting") else None)
-        scheduler.set_begin_index(0)
-        return scheduler
+        return flow_latents.make_scheduler(self.scheduler.config, steps, h, w, self.device)
 
     def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn((n, *self.latent_shape), generator=generator)
-        return self.pack(noise).to(self.device)
+        return flow_latents.initial_noise(n, self.latent_shape, generator, self.device)
 
     def guided(self, z, t, cond: Cond, uncond: Cond, guidance: float, lora=None, rows=None):
         """Distilled: one pass with the guidance input (LoRA on every row). Otherwise CFG."""
@@ -163,25 +142,25 @@ class FluxBackend(Backend):
         n = cond.hidden.shape[0]
         if record is not None and self.distilled:
             self._check_guidance(guidance)
-        scheduler = self.make_scheduler(steps)
-        z = self.initial_noise(n, generator)
-        for t in scheduler.timesteps[: steps if stop is None else stop]:
+
+        def velocity(i, t, z):
             tt = t.reshape(1).expand(n).to(self.device)
-            if record is not None and lora is None:
-                if self.distilled:
-                    out_c = self.predict(z, tt, cond)
-                    out_u = self.predict(z, tt, uncond)
-                    out = out_c
-                else:
-                    both = self.predict(torch.cat([z, z]), torch.cat([tt, tt]),
-                                        Cond.cat([uncond, cond]))
-                    out_u, out_c = both.chunk(2)
-                    out = out_u + guidance * (out_c - out_u)
-                record(z, tt, out_c, out_u)
+            if record is None or lora is not None:
+                return self.guided(z, tt, cond, uncond, guidance, lora, rows)
+            if self.distilled:
+                out_c = self.predict(z, tt, cond)
+                out_u = self.predict(z, tt, uncond)
+                out = out_c
             else:
-                out = self.guided(z, tt, cond, uncond, guidance, lora, rows)
-            z = scheduler.step(out, t, z, return_dict=False)[0]
-        return z
+                both = self.predict(torch.cat([z, z]), torch.cat([tt, tt]),
+                                    Cond.cat([uncond, cond]))
+                out_u, out_c = both.chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+            record(z, tt, out_c, out_u)
+            return out
+
+        scheduler = self.make_scheduler(steps)
+        return flow_latents.euler(self.initial_noise(n, generator), scheduler, velocity, stop)
 
     def _check_guidance(self, guidance: float):
         if float(guidance) != float(self.embedded_guidance):

@@ -10,7 +10,8 @@ uses CFG with the SD toy's batch contract, [uncond rows; cond rows] in one call 
 
 Flow convention (diffusers FlowMatch): z_sigma = (1 - sigma) x0 + sigma noise, the model
 predicts v = noise - x0 at timestep sigma (the transformer's input; 1000 sigma on the
-scheduler's scale), sampled with `FlowMatchEulerDiscreteScheduler` from sigma = 1.
+scheduler's scale), sampled with `FlowMatchEulerDiscreteScheduler` from sigma = 1. Packing and the
+Euler sampler are `unhype.flow_latents`, the same code as the trainer's FLUX backends.
 
 Weights: `unhype/toy/weights/flow/` (transformer/ in fp16, scheduler/, build.json); rebuild with
 `unhype toy build --stages flow`.
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unhype import flow_latents
 from unhype.toy.model import (LATENT_CHANNELS, LATENT_SIZE, TOY_TEXT_DIM, BeforeUnetCall,
                               ToyModel, decode_latents, encode_images, weights_dir)
 
@@ -56,34 +58,8 @@ def scheduler_config() -> dict:
     return {"num_train_timesteps": 1000, "shift": 2.0, "use_dynamic_shifting": False}
 
 
-def make_scheduler(config, steps: int, device="cpu"):
-    """A FlowMatchEuler scheduler set to FluxPipeline's sigmas (1 .. 1/steps), then shifted."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device)
-    scheduler.set_begin_index(0)
-    return scheduler
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    n, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, n, c, h, w)
-
-
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    return FluxPipeline._unpack_latents(packed, LATENT_SIZE, LATENT_SIZE, 1)
-
-
 def image_ids(device="cpu", dtype=torch.float32) -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    return FluxPipeline._prepare_latent_image_ids(1, LATENT_SIZE // 2, LATENT_SIZE // 2,
-                                                  device, dtype)
+    return flow_latents.image_ids(LATENT_SIZE, LATENT_SIZE, device, dtype)
 
 
 def velocity(transformer, z: torch.Tensor, sigma: torch.Tensor, hidden: torch.Tensor,
@@ -108,7 +84,9 @@ class ToyFlow:
     @staticmethod
     def decode_latents(latents: torch.Tensor) -> torch.Tensor:
         """Packed [N, 16, 48] or unpacked [N, 12, 8, 8] latents -> images [N, 3, 16, 16]."""
-        return decode_latents(unpack(latents) if latents.dim() == 3 else latents)
+        if latents.dim() == 3:
+            latents = flow_latents.unpack(latents, LATENT_SIZE, LATENT_SIZE)
+        return decode_latents(latents)
 
     # (last_hidden_state [N, 16, 64], pooler_output [N, 64]): the same text encoder, same call
     encode_prompts = ToyModel.encode_prompts
@@ -131,20 +109,22 @@ class ToyFlow:
         else:
             rows = list(range(n))
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        noise = torch.randn(n, *self.latent_shape, generator=generator)
-        z = pack(noise).to(self.device)
-        scheduler = make_scheduler(self.scheduler.config, steps, self.device)
-        for i, t in enumerate(scheduler.timesteps):
+        z = flow_latents.initial_noise(n, self.latent_shape, generator, self.device)
+        scheduler = flow_latents.make_scheduler(self.scheduler.config, steps, LATENT_SIZE,
+                                                LATENT_SIZE, self.device)
+
+        def guided_velocity(i, t, z):
             if before_unet_call is not None:
                 before_unet_call(i, int(t), rows)
             batch = torch.cat([z, z]) if guided else z
             sigma = (t / 1000).reshape(1).expand(len(batch)).to(self.device)
             v = velocity(model, batch, sigma, hidden, pooled)
-            if guided:
-                v_u, v_c = v.chunk(2)
-                v = v_u + guidance * (v_c - v_u)
-            z = scheduler.step(v, t, z, return_dict=False)[0]
-        return self.decode_latents(z).cpu()
+            if not guided:
+                return v
+            v_u, v_c = v.chunk(2)
+            return v_u + guidance * (v_c - v_u)
+
+        return self.decode_latents(flow_latents.euler(z, scheduler, guided_velocity)).cpu()
 
 
 def load_transformer(path: Path, device="cpu"):
@@ -198,7 +178,7 @@ def train_flow(tokenizer, text_encoder, seed: int, steps: int = FLOW_STEPS,
     txt_ids = torch.zeros(table_h.shape[1], 3)
     for step in range(steps):
         images, s_idx, c_idx = data.render_batch(batch, rng)
-        x0 = pack(encode_images(torch.from_numpy(images)))
+        x0 = flow_latents.pack(encode_images(torch.from_numpy(images)))
         rows = [sampler(s, c, rng) for s, c in zip(s_idx, c_idx)]
         hidden, pooled = table_h[rows], table_p[rows]
         drop = torch.from_numpy(rng.random(batch) < dropout)
