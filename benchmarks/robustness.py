@@ -72,6 +72,8 @@ def main(argv=None):
         adversarial = training.get("adversarial_eps") or 0
         title = f"UnHype {loaded.meta.config.variant} ({training.get('steps_done')} steps" + \
             (f", adversarial gate eps {adversarial:g})" if adversarial else ")")
+        if any(m.name == title for m in methods):  # two files alike: tell them apart
+            title += f" [{Path(path).parent.name}/{Path(path).name}]"
         methods.append(UnHypeMethod.from_loaded(loaded, name=title))
         args.variants = ""
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
