@@ -34,18 +34,33 @@ def say(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def train_unhype(backend, concepts, variant, mode, steps, seed, out_dir):
+def parse_variant(spec: str) -> tuple[str, str, float]:
+    """'per_layer/fields' or 'per_layer/direct+adv0.5' -> (variant, mode, adversarial_eps)."""
+    head, _, adv = spec.partition("+adv")
+    variant, mode = head.split("/")
+    return variant, mode, float(adv) if adv else 0.0
+
+
+def unhype_name(spec: str) -> str:
+    variant, mode, adv = parse_variant(spec)
+    return f"UnHype {variant}/{mode}" + (f" + adversarial gate {adv:g}" if adv else "")
+
+
+def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     """The trainer's own loop on the toy demo config; returns an UnHypeMethod."""
     from trainer.config import resolve
     from trainer.loop import index_cache, prepare, train
     from unhype.baselines.esd import latent_cache
     from unhype.evaluation.methods import UnHypeMethod
 
+    variant, mode, adv = parse_variant(spec)
+    over = {"learning_rate": 1e-3, "retain_learning_rate": 1e-3} if mode == "direct" else {}
     cfg = resolve({"config_file": str(ROOT / "trainer/configs/toy_demo.toml"),
                    "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
                    "variant": variant, "mode": mode, "max_train_steps": steps, "seed": seed,
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
-                   "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1})
+                   "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1,
+                   "adversarial_eps": adv, **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
     index_cache(run)
@@ -56,26 +71,31 @@ def train_unhype(backend, concepts, variant, mode, steps, seed, out_dir):
     targets = backend.family.targets(cfg.target_preset, model=backend.unet)
     run.hypernet.eval()
     return UnHypeMethod(run.hypernet, {t.name: t.path for t in targets},
-                        {t.name: (t.in_dim, t.out_dim) for t in targets},
-                        name=f"UnHype {variant}/{mode}")
+                        {t.name: (t.in_dim, t.out_dim) for t in targets}, name=unhype_name(spec))
 
 
-def trained_file(args, variant, mode, concepts):
+def trained_file(args, spec, concepts):
     """An UnHype file already trained for this setting (--unhype-dir, toy_erasure_table layout:
-    <dir>/<variant>-<mode>-<target or multi>/hypernet.safetensors) whose concepts match."""
+    <dir>/<variant>-<mode>[-adv<eps>]-<target or multi>/hypernet.safetensors) whose concepts and
+    adversarial eps match."""
     from unhype.evaluation.methods import UnHypeMethod
     from unhype.fileformat import load_hypernet, read_meta
 
     if not args.unhype_dir:
         return None
     name = concepts[0] if len(concepts) == 1 else "multi"
-    path = Path(args.unhype_dir) / f"{variant}-{mode}-{name}" / "hypernet.safetensors"
-    if not path.is_file() or [c["target"] for c in read_meta(path).concepts] != list(concepts):
+    path = Path(args.unhype_dir) / f"{spec.replace('/', '-').replace('+', '-')}-{name}" / \
+        "hypernet.safetensors"
+    if not path.is_file():
+        return None
+    meta = read_meta(path)
+    if [c["target"] for c in meta.concepts] != list(concepts) or \
+            (meta.training.get("adversarial_eps") or 0.0) != parse_variant(spec)[2]:
         return None
     loaded = load_hypernet(path)
     steps = loaded.meta.training.get("steps_done")
     say(f"  using {path} ({steps} steps)")
-    return UnHypeMethod.from_loaded(loaded, name=f"UnHype {variant}/{mode}")
+    return UnHypeMethod.from_loaded(loaded, name=unhype_name(spec))
 
 
 def with_counts(row: dict, per_class: int, n_erased: int, n_classes: int) -> dict:
@@ -101,7 +121,8 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
     plan = [("base", None)] + [(b, None) for b in args.baselines] + \
         [("unhype", v) for v in args.variants]
     for kind, variant in plan:
-        key = kind if variant is None else f"unhype-{variant.replace('/', '-')}"
+        key = kind if variant is None else \
+            f"unhype-{variant.replace('/', '-').replace('+', '-')}"
         cache = args.out / tag / f"{key}.json"
         if cache.is_file() and not args.force:
             row = json.loads(cache.read_text())
@@ -114,9 +135,8 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         if kind == "base":
             method = Method()
         elif kind == "unhype":
-            v, mode = variant.split("/")
-            method = trained_file(args, v, mode, concepts) or \
-                train_unhype(backend, concepts, v, mode, args.steps, args.seed,
+            method = trained_file(args, variant, concepts) or \
+                train_unhype(backend, concepts, variant, args.steps, args.seed,
                              args.out / tag / key)
         else:
             method = build(kind, gen, backend, concepts, ps, args.steps, args.seed)
@@ -240,7 +260,8 @@ def main(argv=None):
     ap.add_argument("--multi", default="circle,triangle,cross,star,crescent",
                     help="classes erased together by one model ('' to skip)")
     ap.add_argument("--variants", default="per_layer/fields",
-                    help=f"UnHype variant/mode list or 'all' ({', '.join(ALL_VARIANTS)})")
+                    help=f"UnHype variant/mode list or 'all' ({', '.join(ALL_VARIANTS)}); "
+                    "'+adv0.5' after one trains it with adversarial gate training at eps 0.5")
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--steps", type=int, default=300, help="training steps of every trained method")
     ap.add_argument("--per-class", dest="per_class", type=int, default=10,

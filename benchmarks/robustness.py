@@ -25,7 +25,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="circle")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--variants", default="per_layer/fields")
+    ap.add_argument("--variants", default="per_layer/fields",
+                    help="UnHype variants trained in-process, as compare_methods.py's")
     ap.add_argument("--baselines", default="negative_prompt,uce,esd_x,esd_u,spm")
     ap.add_argument("--eps", type=float, default=0.5, help="relative L2 bound per token")
     ap.add_argument("--attack-steps", dest="attack_steps", type=int, default=20)
@@ -77,9 +78,8 @@ def main(argv=None):
         methods.append(UnHypeMethod.from_loaded(loaded, name=title))
         args.variants = ""
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        variant, mode = v.split("/")
-        methods.append(train_unhype(backend, [name], variant, mode, args.steps, args.seed,
-                                    args.out / f"unhype-{variant}-{mode}"))
+        methods.append(train_unhype(backend, [name], v, args.steps, args.seed,
+                                    args.out / f"unhype-{v.replace('/', '-').replace('+', '-')}"))
     colours = ps.colours
     plain = [ps.fill(t, name, k) for k, t in enumerate(ps.templates)][:6] * 2
     sets = {"name": plain, "paraphrase": paraphrase_prompts(name) * 2,
