@@ -125,3 +125,15 @@ def test_trainer_reads_worst_case_embeddings(tiny_sd1, tmp_path, monkeypatch):
 def test_bad_adversarial_options_are_refused(over, text):
     with pytest.raises(UnHypeError, match=text):
         resolve({"pretrained_model_name_or_path": "toy", **over})
+
+
+def test_every_shipped_config_resolves_and_the_robust_one_trains_adversarially():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "trainer/configs").glob("*.toml"))
+    assert len(configs) >= 5
+    for path in configs:
+        resolve({"config_file": str(path)})  # no unknown keys, valid values
+    robust = resolve({"config_file": str(configs[0].parent / "toy_robust.toml")})
+    assert robust.adversarial_eps == 0.5 and robust.mode == "direct"
+    assert resolve({"config_file": str(configs[0].parent / "toy_demo.toml")}).adversarial_eps == 0
