@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from unhype.atomic import atomic_write_text  # noqa: E402  (after the path insert)
 
 ALL_VARIANTS = ("per_layer/fields", "per_layer/direct", "shared/fields", "shared/direct")
 BASELINES = ("negative_prompt", "uce", "esd_x", "esd_u", "spm")
@@ -147,9 +148,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
                if k not in ("images", "prompts")}
         row.update(name=method.name, train_seconds=round(train_s, 1))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=1))
-        os.replace(tmp, cache)
+        atomic_write_text(cache, json.dumps(row, indent=1))
         rows[method.name] = with_counts(row, args.per_class, len(concepts), len(ps.classes))
         say(f"  {tag:34s} {method.name:26s} H_o {fmt(row['h_o'])}  "
             f"(train {train_s:.0f} s, eval {row['seconds']:.0f} s)")
@@ -249,13 +248,6 @@ def commit() -> str:
         return "unknown"
 
 
-def write_docs(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="circle,square,triangle",
@@ -350,8 +342,9 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if str(args.docs):
-        write_docs(args.docs, docs_text(text, single, per_target, targets, multi, multi_rows,
-                                        args, minutes, clf.description))
+        args.docs.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.docs, docs_text(text, single, per_target, targets, multi,
+                                               multi_rows, args, minutes, clf.description))
         say(f"compare_methods: wrote {args.docs}")
 
 

@@ -22,7 +22,6 @@ def probe(run, lambdas: list[float], steps: int | None = None, seed: int = 0) ->
 
     def esd(factors, batch):
         items, z, t, e_p, e_a = batch
-        idx = torch.arange(len(items))
         lora.set(factors, torch.zeros(len(items), dtype=torch.long))  # one LoRA for all rows
         out = losses.esd_loss_per_prompt(b.predict(z, t, run.cond_t.index(items)), e_p, e_a,
                                           cfg.eta)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from trainer.adversary import ball_points, worst_case_embedding
 from trainer.backends.base import Backend, Cond
 from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
 from trainer.config import TrainConfig, check_output_dir, pick_device
+from unhype.atomic import atomic_write_text
 from unhype.distributed import Dist, split
 from unhype.dynamic_lora import DynamicLoRA
 from unhype.errors import UnHypeError
@@ -520,6 +520,4 @@ def _truncate_log(path: Path, step: int):
         return
     keep = [ln for ln in path.read_text().splitlines()
             if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
