@@ -53,19 +53,19 @@ def process_generator(seed: int, step: int, micro: int, rank: int) -> torch.Gene
     return torch.Generator().manual_seed(value)
 
 
-def average_grads(accelerator, params: list[torch.Tensor], scalars: list[float]) -> list[float]:
+def average_grads(dist, params: list[torch.Tensor], scalars: list[float]) -> list[float]:
     """Mean gradients (and the logged `scalars`) over processes; no-op for one process.
 
     A parameter without a gradient counts as zero; it stays without one only if no process has
     one (Adam skips it then, as with one process)."""
-    if accelerator.num_processes == 1:
+    if dist.world == 1:
         return list(scalars)
     device = params[0].device
     has = torch.tensor([float(p.grad is not None) for p in params], device=device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for p in params] + [has, torch.tensor(scalars, device=device,
                                                             dtype=has.dtype)])
-    flat = accelerator.reduce(flat, "mean")
+    flat = dist.mean(flat)
     offset = 0
     n_params = sum(p.numel() for p in params)
     flags = flat[n_params:n_params + len(params)]

@@ -81,6 +81,10 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dist(self) -> Dist:
+        return Dist(self.accelerator)
+
 
 def say(*args):
     print(*args, file=sys.stderr, flush=True)
@@ -336,9 +340,7 @@ def _mean_over_processes(run: Run, record: dict) -> dict:
     if run.world == 1:
         return record
     keys = list(record)
-    values = run.accelerator.reduce(torch.tensor([float(record[k]) for k in keys],
-                                                 dtype=torch.float64,
-                                                 device=run.accelerator.device), "mean")
+    values = run.dist.mean(torch.tensor([float(record[k]) for k in keys], dtype=torch.float64))
     out = dict(zip(keys, values.tolist()))
     if "esd_T_rel" in out:
         out["esd_T_rel"] = out["esd_T"] / max(out["esd_base"], 1e-12)
@@ -364,7 +366,7 @@ def _phase(run: Run, name: str, step: int, compute, params) -> tuple[float, dict
             if math.isfinite(value):  # a bad loss is reported below, by every process at once
                 accel.backward(loss)
     run.noise_gen = None
-    values = tdist.average_grads(accel, params, [total, *extras.values()])
+    values = tdist.average_grads(run.dist, params, [total, *extras.values()])
     total, extras = values[0], dict(zip(extras, values[1:]))
     _finite(total, {"remove": "removal", "retain": "retention"}[name], step)
     optimiser.step()

@@ -1,7 +1,7 @@
 """The process group of `accelerate launch` as `unhype train` / `unhype eval` use it.
 
 `Dist` wraps an accelerate `Accelerator` or `PartialState` (or nothing: one process) and offers
-the three collectives the project needs: a sum over processes, a broadcast of named tensors from
+the collectives the project needs: a sum (and mean, max) over processes, a broadcast of named tensors from
 the main process (the latent cache, retain embeddings: computed once, shared, no pickle) and a
 barrier. With one process every call is a no-op that returns its input, so single-process runs
 take exactly the code path they always took.
@@ -39,6 +39,10 @@ class Dist:
     def sum(self, tensor: Tensor) -> Tensor:
         """Element-wise sum over processes (every process gets it), on the tensor's device."""
         return self._all_reduce(tensor, "SUM")
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        """Element-wise mean over processes (every process gets it)."""
+        return self.sum(tensor) / self.world if self.world > 1 else tensor
 
     def max(self, tensor: Tensor) -> Tensor:
         return self._all_reduce(tensor, "MAX")
