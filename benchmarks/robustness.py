@@ -71,7 +71,8 @@ def main(argv=None):
         loaded = load_hypernet(path)
         training = loaded.meta.training
         adversarial = training.get("adversarial_eps") or 0
-        title = f"UnHype {loaded.meta.config.variant} ({training.get('steps_done')} steps" + \
+        title = f"UnHype {loaded.meta.config.variant}/{training.get('mode')} " \
+            f"({training.get('steps_done')} steps" + \
             (f", adversarial gate eps {adversarial:g})" if adversarial else ")")
         if any(m.name == title for m in methods):  # two files alike: tell them apart
             title += f" [{Path(path).parent.name}/{Path(path).name}]"
