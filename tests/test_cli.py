@@ -58,6 +58,16 @@ def test_inspect_text_and_json(hyper_file, capsys):
     assert info["parameters"] == stored > 0
     sizes = {row["rank"]: row for row in info["variant_sizes_sd1"]}
     assert sizes[1]["per_layer"] / sizes[1]["shared"] >= 10
+    assert "robustness" not in text  # trained without adversarial gate training
+
+
+def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
+    path = tmp_path / "robust.safetensors"
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}],
+                  training={"mode": "direct", "adversarial_eps": 0.5, "adversarial_steps": 3})
+    assert main(["inspect", str(path)]) == 0
+    assert "adversarial gate training, eps 0.5 (3 PGD steps)" in capsys.readouterr().out
 
 
 def test_bad_file_gives_exit_code_2_and_message(tmp_path, capsys):
