@@ -264,6 +264,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     ap.add_argument("--classifier", default="judge", help="judge (toy CNN) or toy (toy CLIP)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--single-also", dest="single_also", action="append", default=[],
+                    help="also tabulate the cached single-concept rows of another --out folder "
+                         "(e.g. a run with more steps; same --targets)")
     ap.add_argument("--multi-also", dest="multi_also", action="append", default=[],
                     help="also tabulate the cached multi-concept rows of another --out folder "
                          "(e.g. a run with more steps)")
@@ -290,7 +293,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.variants = list(ALL_VARIANTS) if args.variants == "all" else \
         [v.strip() for v in args.variants.split(",") if v.strip()]
-    missing = [p for p in args.include + args.multi_also if not Path(p).exists()]
+    missing = [p for p in args.include + args.multi_also + args.single_also
+               if not Path(p).exists()]
     if missing:  # before hours of work, not after
         ap.error(f"--include / --multi-also: not found: {', '.join(missing)}")
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
@@ -321,11 +325,14 @@ def main(argv=None):
     if args.only == "multi":  # fill the cache only; a later full run assembles the table
         method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}")
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "settings.json").write_text(json.dumps({"steps": args.steps,
-                                                            "per_class": args.per_class}))
+        atomic_write_text(args.out / "settings.json", json.dumps(
+            {"steps": args.steps, "per_class": args.per_class}))
         return
     per_target = [method_rows(args, backend, gen, ps, clf, [t], f"single-{t}") for t in targets]
     if args.only == "single":
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "settings.json", json.dumps(
+            {"steps": args.steps, "per_class": args.per_class}))
         return
     single = mean_rows(per_target)
     multi_rows = method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}") \
@@ -376,24 +383,59 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
             lines.append(f"| {t} | {name} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
                          f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {fmt_ci(r)} | "
                          f"{r.get('train_seconds', 0):.0f} | {r.get('seconds', 0):.0f} |")
+    for extra in args.single_also:
+        lines += single_section(Path(extra), targets, args.per_class, args.n_classes)
     for extra in args.multi_also:
-        lines += multi_section(Path(extra), multi, args.per_class, args.n_classes)
+        lines += multi_section(Path(extra), args.per_class, args.n_classes)
     for path in args.include:  # tables another benchmark printed (robustness, speed)
         lines += ["", f"## From `{Path(path).name}`", "", Path(path).read_text().strip()]
     lines.append("")
     return "\n".join(lines)
 
 
-def multi_section(out_dir: Path, multi: list[str], per_class: int, n_classes: int) -> list[str]:
-    """The cached multi-concept rows of another run (`--only multi --out DIR --steps N`)."""
-    settings = {}
-    if (out_dir / "settings.json").is_file():  # an --only multi run
-        settings = json.loads((out_dir / "settings.json").read_text())
-    elif (out_dir / "summary.json").is_file():  # a full run
-        settings = json.loads((out_dir / "summary.json").read_text())["settings"]
+def run_settings(out_dir: Path) -> dict:
+    """The settings another run recorded (`--only` runs: settings.json; full runs: summary)."""
+    if (out_dir / "settings.json").is_file():
+        return json.loads((out_dir / "settings.json").read_text())
+    if (out_dir / "summary.json").is_file():
+        return json.loads((out_dir / "summary.json").read_text())["settings"]
+    return {}
+
+
+def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes: int) -> list[str]:
+    """The cached single-concept rows of another run, averaged over `targets` (rows missing
+    for a target are left out of that method's mean and flagged in the table)."""
+    settings = run_settings(out_dir)
     per_class = settings.get("per_class", per_class)
-    rows = [with_counts(json.loads(p.read_text()), per_class, len(multi), n_classes)
-            for p in sorted((out_dir / f"multi-{len(multi)}").glob("*.json"))]
+    per_target = []
+    for t in targets:
+        rows = [with_counts(json.loads(p.read_text()), per_class, 1, n_classes)
+                for p in sorted((out_dir / f"single-{t}").glob("*.json"))]
+        per_target.append({r["name"]: r for r in rows})
+    names = [n for n in per_target[0] if all(n in rows for rows in per_target)]
+    if "base model" not in names:
+        return ["", f"## Single concept ({out_dir.name}): no complete rows"]
+    single = mean_rows([{n: rows[n] for n in names} for rows in per_target])
+    lines = ["", f"## Single concept, {settings.get('steps', '?')} steps for every trained method "
+             f"({out_dir.name})", "", table(single, None), "",
+             f"{per_class} images per class and set; methods without a row for every target "
+             f"left out."]
+    lines += ["- " + goal_line(single, n, "single-concept", 0.95) for n in single
+              if n.startswith("UnHype")]
+    return lines
+
+
+def multi_section(out_dir: Path, per_class: int, n_classes: int) -> list[str]:
+    """The cached multi-concept rows of another run (`--only multi --out DIR --steps N`); its
+    `multi-<k>` folder says how many classes were erased."""
+    settings = run_settings(out_dir)
+    per_class = settings.get("per_class", per_class)
+    folders = sorted(out_dir.glob("multi-*"))
+    if not folders:
+        return ["", f"## Multi-concept ({out_dir.name}): no rows"]
+    n_erased = int(folders[0].name.split("-")[1])
+    rows = [with_counts(json.loads(p.read_text()), per_class, n_erased, n_classes)
+            for p in sorted(folders[0].glob("*.json"))]
     lines = ["", f"## Multi-concept, {settings.get('steps', '?')} steps for every trained method "
              f"({out_dir.name})", "",
              "| method | Acc_e | Acc_s | Acc_g | H_o | H_o 95% interval | train s |",
