@@ -367,6 +367,9 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         f"other classes, Acc_g = the erased classes prompted by synonyms (never trained on); "
         f"H_o = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); classifier: {clf}; "
         f"{args.per_class} images per class and set, eval seed {args.eval_seed}",
+        "- H_o 95% interval: each accuracy drawn from its Jeffreys posterior given the image "
+        "counts, H_o per draw, averaged over targets (`unhype.evaluation.metrics.h_o_interval`);"
+        " two methods whose intervals overlap are not told apart by this many images",
         f"- single concept: mean over {', '.join(targets)}; multi-concept: "
         f"{', '.join(multi) or 'skipped'} erased by one model",
         f"- every trained method: {args.steps} steps, seed {args.seed}, the trainer's concepts "
