@@ -58,6 +58,10 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("retain_learning_rate", float, None, "Adam lr of the retention optimiser (default: "
      "learning_rate)"),
     ("max_train_steps", int, 1000, "training steps"),
+    ("lr_scheduler", str, "constant", "schedule of both learning rates (diffusers' "
+     "get_scheduler, kohya's names): constant | constant_with_warmup | linear | cosine | "
+     "cosine_with_restarts | polynomial"),
+    ("lr_warmup_steps", int, 0, "warm-up steps of the learning-rate schedule"),
     ("train_batch_size", int, 1, "target prompts per step: the global batch, split evenly "
      "over the processes of `accelerate launch`"),
     ("seed", int, 42, "seed of everything random (hypernet init, prompts, noise)"),
@@ -99,6 +103,8 @@ CHOICES = {
     "save_model_as": ("safetensors",),
     "variant": ("per_layer", "shared"),
     "mode": ("fields", "direct"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine",
+                     "cosine_with_restarts", "polynomial"),
 }
 
 
@@ -205,7 +211,7 @@ def validate(cfg: TrainConfig) -> None:
                  "eval_images", "gradient_accumulation_steps", "adversarial_steps"):
         if isinstance(v[name], int) and v[name] < 1:
             problems.append(f"{name} must be >= 1, got {v[name]}")
-    for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache"):
+    for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache", "lr_warmup_steps"):
         if isinstance(v[name], int) and v[name] < 0:
             problems.append(f"{name} must be >= 0, got {v[name]}")
     for name in ("learning_rate", "retain_learning_rate", "fields_lambda"):

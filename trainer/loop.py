@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class Run:
     world: int = 1
     noise_gen: torch.Generator | None = None  # per-process generator of fresh z_t noise
     optimisers: dict = field(default_factory=dict)
+    schedulers: dict = field(default_factory=dict)  # learning-rate schedules, one per optimiser
 
     @property
     def is_main(self) -> bool:
@@ -370,7 +372,29 @@ def _phase(run: Run, name: str, step: int, compute, params) -> tuple[float, dict
     total, extras = values[0], dict(zip(extras, values[1:]))
     _finite(total, {"remove": "removal", "retain": "retention"}[name], step)
     optimiser.step()
+    run.schedulers[name].step()
     return total, extras, batch
+
+
+def lr_schedules(cfg: TrainConfig, optimisers: dict, step: int = 0) -> dict:
+    """diffusers' schedule `lr_scheduler` for each optimiser, advanced to `step` (a resumed run
+    continues the schedule where it stopped; it is a function of the step alone)."""
+    from diffusers.optimization import get_scheduler
+
+    out = {}
+    for name, optimiser in optimisers.items():
+        inner = getattr(optimiser, "optimizer", optimiser)  # accelerate's wrapper
+        for group in inner.param_groups:  # the schedule's base: the configured rate
+            group["initial_lr"] = group["lr"] = (cfg.learning_rate if name == "remove"
+                                                 else cfg.retain_learning_rate)
+        schedule = get_scheduler(cfg.lr_scheduler, inner, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+        with warnings.catch_warnings():  # fast-forwarding without optimiser steps is the point
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            for _ in range(step):
+                schedule.step()
+        out[name] = schedule
+    return out
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -406,6 +430,7 @@ def train(run: Run, progress: bool = True) -> int:
                 + (f" ({dist.world} processes)" if dist.world > 1 else ""))
     elif main and log_path.exists():
         log_path.unlink()
+    run.schedulers = lr_schedules(cfg, optimisers, step)
     if dist.rank > 0:  # per-process seeding of torch's global RNG (process 0 keeps the saved one)
         torch.manual_seed(tdist.process_generator(cfg.seed, step, -1, dist.rank).initial_seed())
     if cfg.latent_cache and run.cache is None:

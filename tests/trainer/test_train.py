@@ -56,9 +56,11 @@ def test_output_file_loads_with_metadata(tiny_sd1, tmp_path):
     assert lines[-1]["delta_target"] > 0
 
 
-def test_resume_after_crash_equals_uninterrupted(tiny_sd1, tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_after_crash_equals_uninterrupted(tiny_sd1, tmp_path, monkeypatch, schedule):
     straight = tmp_path / "straight"
-    assert run_training(tiny_sd1, straight, save_every_n_steps=2)[0] == 0
+    assert run_training(tiny_sd1, straight, save_every_n_steps=2,
+                        lr_scheduler=schedule)[0] == 0
     crashed = tmp_path / "crashed"
     real = loop.draw_batch
     calls = {"n": 0}
@@ -71,14 +73,16 @@ def test_resume_after_crash_equals_uninterrupted(tiny_sd1, tmp_path, monkeypatch
 
     monkeypatch.setattr(loop, "draw_batch", dies_at_step_3)
     with pytest.raises(SystemExit):
-        run_training(tiny_sd1, crashed, save_every_n_steps=2)
+        run_training(tiny_sd1, crashed, save_every_n_steps=2, lr_scheduler=schedule)
     monkeypatch.setattr(loop, "draw_batch", real)
     assert [p.name for p in ckpt.list_checkpoints(crashed / "checkpoints")] == \
         ["step-0000002.safetensors"]
     assert not (crashed / "erase.safetensors").exists()
-    code, _ = run_training(tiny_sd1, crashed, save_every_n_steps=2,
-                           resume=str(crashed / "checkpoints"))
+    code, session = run_training(tiny_sd1, crashed, save_every_n_steps=2, lr_scheduler=schedule,
+                                 resume=str(crashed / "checkpoints"))
     assert code == 0
+    lr = session.optimisers["remove"].param_groups[0]["lr"]  # the schedule went on, not restarted
+    assert lr == pytest.approx(1e-3) if schedule == "constant" else lr == pytest.approx(0, abs=1e-12)
     a, b = net_state(straight), net_state(crashed)
     assert set(a) == set(b)
     for key in a:  # network and both Adam states, bit for bit
@@ -165,3 +169,24 @@ def test_latent_cache_holds_the_frozen_models_predictions(tiny_sd1, tmp_path, an
         e_p = b.predict(z, t, session.cond_t.index([0]))
         assert torch.allclose(cache["e_a"][row:row + 1], e_a, atol=1e-5)
         assert torch.allclose(cache["e_p"][row:row + 1], e_p, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule, warmup, at, factor", [
+    ("constant", 0, 7, 1.0), ("cosine", 0, 5, 0.5), ("cosine", 0, 10, 0.0),
+    ("linear", 2, 1, 0.5), ("linear", 2, 6, 0.5), ("constant_with_warmup", 4, 2, 0.5)])
+def test_lr_schedule_of_both_optimisers(schedule, warmup, at, factor):
+    cfg = resolve({"pretrained_model_name_or_path": "toy", "lr_scheduler": schedule,
+                   "lr_warmup_steps": warmup, "max_train_steps": 10, "learning_rate": 1e-3,
+                   "retain_learning_rate": 1e-4})
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimisers = {"remove": torch.optim.Adam([p], lr=5.0), "retain": torch.optim.Adam([p], lr=5.0)}
+    loop.lr_schedules(cfg, optimisers, step=at)
+    assert optimisers["remove"].param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
+    assert optimisers["retain"].param_groups[0]["lr"] == pytest.approx(1e-4 * factor)
+
+
+def test_unknown_lr_schedule_is_refused():
+    from unhype.errors import UnHypeError
+
+    with pytest.raises(UnHypeError, match="lr_scheduler"):
+        resolve({"pretrained_model_name_or_path": "toy", "lr_scheduler": "adafactor"})
