@@ -362,7 +362,8 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         "Written by `python benchmarks/compare_methods.py` (never by hand); rerun it to update.",
         "",
         f"- commit: `{commit()}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"run time {minutes:.0f} min on CPU",
+        + ("assembled from the cached rows of earlier runs (--cached-only)" if args.cached_only
+           else f"run time {minutes:.0f} min on CPU"),
         f"- protocol (MACE, METHOD.md): Acc_e = erased classes prompted by name, Acc_s = the "
         f"other classes, Acc_g = the erased classes prompted by synonyms (never trained on); "
         f"H_o = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); classifier: {clf}; "
@@ -371,7 +372,8 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         "counts, H_o per draw, averaged over targets (`unhype.evaluation.metrics.h_o_interval`);"
         " two methods whose intervals overlap are not told apart by this many images",
         f"- single concept: mean over {', '.join(targets)}; multi-concept: "
-        f"{', '.join(multi) or 'skipped'} erased by one model",
+        + (f"{', '.join(multi)} erased by one model" if multi else
+           "in the sections below (other runs)"),
         f"- every trained method: {args.steps} steps, seed {args.seed}, the trainer's concepts "
         f"(toy templates x colours), latent cache and ESD-with-anchor target (anchor '', "
         f"eta 1); UnHype uses trainer/configs/toy_demo.toml otherwise",
