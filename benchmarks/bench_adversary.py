@@ -12,22 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None):
@@ -40,6 +29,7 @@ def main(argv=None):
 
     from diffusers import UNet2DConditionModel
 
+    from benchmarks.bench_speed import timed
     from trainer.adversary import ball_points, worst_case_embedding
     from unhype.families import get_family
     from unhype.hypernet import HyperNetConfig, TargetSpec, build_hypernet, default_hidden
@@ -63,8 +53,8 @@ def main(argv=None):
             emb = torch.randn(8, family.embedding.dim) * 8
             start = ball_points(8, family.embedding.dim, torch.Generator().manual_seed(0))
             with torch.no_grad():
-                forward = median_seconds(lambda: net(emb), args.repeats)
-            search = median_seconds(
+                forward = timed(lambda: net(emb), args.repeats)
+            search = timed(
                 lambda: worst_case_embedding(net, emb, 0.5, args.steps, start), args.repeats)
             print(f"| {kind} | {variant} | {net.num_parameters():,} | {1e3 * forward:.1f} | "
                   f"{1e3 * search:.1f} | {search / forward:.1f} |", flush=True)

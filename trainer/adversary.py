@@ -16,12 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from unhype.evaluation.attack import project
 
-
-def project(delta: Tensor, norms: Tensor, eps: float) -> Tensor:
-    """Rows of `delta` scaled into ||delta_i|| <= eps * norms_i."""
-    scale = (eps * norms / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
-    return delta * scale
 
 
 def update_size_sq(factors) -> Tensor:
@@ -50,8 +46,8 @@ def worst_case_embedding(hypernet, emb: Tensor, eps: float, steps: int, start: T
     if eps <= 0 or steps <= 0:
         return emb
     emb = emb.detach()
-    norms = emb.norm(dim=-1, keepdim=True)
-    delta = start.to(emb) * norms * eps
+    norms = emb.norm(dim=-1)
+    delta = start.to(emb) * norms[:, None] * eps
     step_size = 2.5 * eps / steps
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -59,7 +55,7 @@ def worst_case_embedding(hypernet, emb: Tensor, eps: float, steps: int, start: T
         grad, = torch.autograd.grad(size, delta)
         with torch.no_grad():
             unit = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            delta = project(delta - step_size * norms * unit, norms, eps)
+            delta = project(delta - step_size * norms[:, None] * unit, norms, eps)
     return (emb + delta).detach()
 
 

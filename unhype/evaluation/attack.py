@@ -55,7 +55,9 @@ def eos_index(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     return (hidden - pooled[:, None]).norm(dim=-1).argmin(1)
 
 
-def _project(delta, norms, eps):
+def project(delta, norms, eps):
+    """Rows of `delta` (its last dimension) scaled into ||delta_i|| <= eps * norms_i; `norms`
+    has delta's shape without the last dimension. Also the trainer's (trainer/adversary.py)."""
     scale = (eps * norms / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
     return delta * scale.unsqueeze(-1)
 
@@ -96,7 +98,7 @@ def embedding_attack(gen, method, prompts: list[str], target_images: torch.Tenso
         with torch.no_grad():
             step = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             delta -= step_size * norms.unsqueeze(-1) * step
-            delta.copy_(_project(delta, norms, s.eps))
+            delta.copy_(project(delta, norms, s.eps))
     with torch.no_grad():
         h = hidden + delta
         return h.detach(), h[torch.arange(n), eos].detach()
