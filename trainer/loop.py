@@ -405,7 +405,7 @@ def train(run: Run, progress: bool = True) -> int:
     if run.accelerator is None:
         run.accelerator = tdist.make_accelerator(cfg)
     accel = run.accelerator
-    dist = Dist(accel)
+    dist = run.dist
     tdist.check_batch(cfg, dist.world)
     run.rank, run.world = dist.rank, dist.world
     main = dist.is_main
