@@ -35,16 +35,20 @@ def say(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def parse_variant(spec: str) -> tuple[str, str, float]:
-    """'per_layer/fields' or 'per_layer/direct+adv0.5' -> (variant, mode, adversarial_eps)."""
-    head, _, adv = spec.partition("+adv")
+def parse_variant(spec: str) -> tuple[str, str, float, str]:
+    """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+adv0.5+cosine' ->
+    (variant, mode, adversarial_eps, lr_scheduler)."""
+    head, *extras = spec.split("+")
     variant, mode = head.split("/")
-    return variant, mode, float(adv) if adv else 0.0
+    adv = next((float(e[3:]) for e in extras if e.startswith("adv")), 0.0)
+    schedule = next((e for e in extras if not e.startswith("adv")), "constant")
+    return variant, mode, adv, schedule
 
 
 def unhype_name(spec: str) -> str:
-    variant, mode, adv = parse_variant(spec)
-    return f"UnHype {variant}/{mode}" + (f" + adversarial gate {adv:g}" if adv else "")
+    variant, mode, adv, schedule = parse_variant(spec)
+    return f"UnHype {variant}/{mode}" + (f" + adversarial gate {adv:g}" if adv else "") + \
+        (f", {schedule} lr" if schedule != "constant" else "")
 
 
 def train_unhype(backend, concepts, spec, steps, seed, out_dir):
@@ -54,14 +58,14 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     from unhype.baselines.esd import latent_cache
     from unhype.evaluation.methods import UnHypeMethod
 
-    variant, mode, adv = parse_variant(spec)
+    variant, mode, adv, schedule = parse_variant(spec)
     over = {"learning_rate": 1e-3, "retain_learning_rate": 1e-3} if mode == "direct" else {}
     cfg = resolve({"config_file": str(ROOT / "trainer/configs/toy_demo.toml"),
                    "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
                    "variant": variant, "mode": mode, "max_train_steps": steps, "seed": seed,
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
                    "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1,
-                   "adversarial_eps": adv, **over})
+                   "adversarial_eps": adv, "lr_scheduler": schedule, **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
     index_cache(run)
@@ -91,7 +95,8 @@ def trained_file(args, spec, concepts):
         return None
     meta = read_meta(path)
     if [c["target"] for c in meta.concepts] != list(concepts) or \
-            (meta.training.get("adversarial_eps") or 0.0) != parse_variant(spec)[2]:
+            (meta.training.get("adversarial_eps") or 0.0) != parse_variant(spec)[2] or \
+            meta.training.get("lr_scheduler", "constant") != parse_variant(spec)[3]:
         return None
     loaded = load_hypernet(path)
     steps = loaded.meta.training.get("steps_done")
@@ -257,7 +262,8 @@ def main(argv=None):
                     help="classes erased together by one model ('' to skip)")
     ap.add_argument("--variants", default="per_layer/fields",
                     help=f"UnHype variant/mode list or 'all' ({', '.join(ALL_VARIANTS)}); "
-                    "'+adv0.5' after one trains it with adversarial gate training at eps 0.5")
+                    "'+adv0.5' after one trains it with adversarial gate training at eps 0.5, "
+                    "'+cosine' (or another --lr_scheduler name) with that learning-rate schedule")
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--steps", type=int, default=300, help="training steps of every trained method")
     ap.add_argument("--per-class", dest="per_class", type=int, default=10,
