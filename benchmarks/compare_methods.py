@@ -224,13 +224,17 @@ def goal_line(rows: dict, name: str, setting: str, bar: float) -> str:
     others = [o for o in rows if not o.startswith("UnHype") and o != "base model"]
     r = rows[name]
     beats = all(r["h_o"] > rows[o]["h_o"] for o in others)
-    # told apart: UnHype's interval lies wholly above the baseline's
-    tied = [o for o in others if rows[o].get("h_o_ci") and r.get("h_o_ci")
-            and r["h_o_ci"][0] <= rows[o]["h_o_ci"][1]]
+    # told apart: one interval lies wholly above the other
+    ci = {o: rows[o]["h_o_ci"] for o in others if rows[o].get("h_o_ci")} if r.get("h_o_ci") \
+        else {}
+    tied = [o for o, (lo, hi) in ci.items() if r["h_o_ci"][0] <= hi and lo <= r["h_o_ci"][1]]
+    below = [o for o, (lo, _) in ci.items() if lo > r["h_o_ci"][1]]
+    told = [f"95% intervals overlap with {', '.join(tied)}"] if tied else []
+    told += [f"its 95% interval lies wholly below {', '.join(below)}'s"] if below else []
     return (f"{name}: {setting} H_o {fmt(r['h_o'])} ({'>=' if r['h_o'] >= bar else '<'} "
-            f"{100 * bar:.0f}), {'above' if beats else 'NOT above'} every baseline"
-            + (f"; 95% intervals overlap with {', '.join(tied)}" if tied else
-               "; its 95% interval lies above every baseline's"))
+            f"{100 * bar:.0f}), {'above' if beats else 'NOT above'} every baseline; "
+            + ("; ".join(told) or ("its 95% interval lies above every baseline's" if ci
+                                   else "no intervals (image counts unknown)")))
 
 
 def goals(single, multi) -> list[str]:
