@@ -16,18 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trainer.losses import update_size_sq
 from unhype.evaluation.attack import project
-
-
-
-def update_size_sq(factors) -> Tensor:
-    """[N] squared Frobenius norm of each prompt's full update, sum over layers of ||B A^T||^2,
-    as trace((B^T B)(A^T A)): r x r products, never the out x in matrix (and no sqrt, whose
-    gradient at B = 0 is not finite)."""
-    total = 0
-    for a, b in factors.values():
-        total = total + ((b.transpose(1, 2) @ b) * (a.transpose(1, 2) @ a)).flatten(1).sum(1)
-    return total
 
 
 def ball_points(n: int, dim: int, gen: torch.Generator) -> Tensor:
