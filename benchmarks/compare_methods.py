@@ -45,6 +45,11 @@ def parse_variant(spec: str) -> tuple[str, str, float, str]:
     return variant, mode, adv, schedule
 
 
+def variant_key(spec: str) -> str:
+    """'per_layer/direct+adv0.5' -> 'per_layer-direct-adv0.5': the spec in file and folder names."""
+    return spec.replace("/", "-").replace("+", "-")
+
+
 def unhype_name(spec: str) -> str:
     variant, mode, adv, schedule = parse_variant(spec)
     return f"UnHype {variant}/{mode}" + (f" + adversarial gate {adv:g}" if adv else "") + \
@@ -89,14 +94,14 @@ def trained_file(args, spec, concepts):
     if not args.unhype_dir:
         return None
     name = concepts[0] if len(concepts) == 1 else "multi"
-    path = Path(args.unhype_dir) / f"{spec.replace('/', '-').replace('+', '-')}-{name}" / \
-        "hypernet.safetensors"
+    path = Path(args.unhype_dir) / f"{variant_key(spec)}-{name}" / "hypernet.safetensors"
     if not path.is_file():
         return None
     meta = read_meta(path)
+    _, _, adv, schedule = parse_variant(spec)
     if [c["target"] for c in meta.concepts] != list(concepts) or \
-            (meta.training.get("adversarial_eps") or 0.0) != parse_variant(spec)[2] or \
-            meta.training.get("lr_scheduler", "constant") != parse_variant(spec)[3]:
+            (meta.training.get("adversarial_eps") or 0.0) != adv or \
+            meta.training.get("lr_scheduler", "constant") != schedule:
         return None
     loaded = load_hypernet(path)
     steps = loaded.meta.training.get("steps_done")
@@ -127,8 +132,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
     plan = [("base", None)] + [(b, None) for b in args.baselines] + \
         [("unhype", v) for v in args.variants]
     for kind, variant in plan:
-        key = kind if variant is None else \
-            f"unhype-{variant.replace('/', '-').replace('+', '-')}"
+        key = kind if variant is None else f"unhype-{variant_key(variant)}"
         cache = args.out / tag / f"{key}.json"
         if cache.is_file() and not args.force:
             row = json.loads(cache.read_text())
@@ -307,7 +311,7 @@ def main(argv=None):
     missing = [p for p in args.include + args.multi_also + args.single_also
                if not Path(p).exists()]
     if missing:  # before hours of work, not after
-        ap.error(f"--include / --multi-also: not found: {', '.join(missing)}")
+        ap.error(f"--include / --single-also / --multi-also: not found: {', '.join(missing)}")
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     multi = [t.strip() for t in args.multi.split(",") if t.strip()]
@@ -335,15 +339,11 @@ def main(argv=None):
         f"{threads}, classifier {clf.description}")
     if args.only == "multi":  # fill the cache only; a later full run assembles the table
         method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}")
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "settings.json", json.dumps(
-            {"steps": args.steps, "per_class": args.per_class}))
+        record_settings(args)
         return
     per_target = [method_rows(args, backend, gen, ps, clf, [t], f"single-{t}") for t in targets]
     if args.only == "single":
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "settings.json", json.dumps(
-            {"steps": args.steps, "per_class": args.per_class}))
+        record_settings(args)
         return
     single = mean_rows(per_target)
     multi_rows = method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}") \
@@ -407,6 +407,13 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         lines += ["", f"## From `{Path(path).name}`", "", Path(path).read_text().strip()]
     lines.append("")
     return "\n".join(lines)
+
+
+def record_settings(args) -> None:
+    """What an `--only` run leaves for a later `--single-also` / `--multi-also` (run_settings)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "settings.json", json.dumps(
+        {"steps": args.steps, "per_class": args.per_class}))
 
 
 def run_settings(out_dir: Path) -> dict:

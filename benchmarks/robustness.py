@@ -41,7 +41,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
 
-    from benchmarks.compare_methods import train_unhype
+    from benchmarks.compare_methods import train_unhype, variant_key
     from trainer.backends.toy import ToyBackend
     from unhype.baselines.registry import build
     from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
@@ -80,7 +80,7 @@ def main(argv=None):
         args.variants = ""
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         methods.append(train_unhype(backend, [name], v, args.steps, args.seed,
-                                    args.out / f"unhype-{v.replace('/', '-').replace('+', '-')}"))
+                                    args.out / f"unhype-{variant_key(v)}"))
     colours = ps.colours
     plain = [ps.fill(t, name, k) for k, t in enumerate(ps.templates)][:6] * 2
     sets = {"name": plain, "paraphrase": paraphrase_prompts(name) * 2,
