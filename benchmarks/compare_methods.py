@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,14 +36,31 @@ def say(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def parse_variant(spec: str) -> tuple[str, str, float, str]:
-    """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+adv0.5+cosine' ->
-    (variant, mode, adversarial_eps, lr_scheduler)."""
+class Spec(NamedTuple):
+    variant: str
+    mode: str
+    adv: float = 0.0  # --adversarial_eps
+    schedule: str = "constant"  # --lr_scheduler
+    rank: int = 1  # --network_dim
+    fraction: float = 1.0  # --adversarial_fraction
+
+
+def parse_variant(spec: str) -> Spec:
+    """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
+    -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, else: lr schedule)."""
     head, *extras = spec.split("+")
     variant, mode = head.split("/")
-    adv = next((float(e[3:]) for e in extras if e.startswith("adv")), 0.0)
-    schedule = next((e for e in extras if not e.startswith("adv")), "constant")
-    return variant, mode, adv, schedule
+    out = Spec(variant, mode)
+    for e in extras:
+        if e.startswith("adv"):
+            out = out._replace(adv=float(e[3:]))
+        elif e.startswith("mix"):
+            out = out._replace(fraction=float(e[3:]))
+        elif e[:1] == "r" and e[1:].isdigit():
+            out = out._replace(rank=int(e[1:]))
+        else:
+            out = out._replace(schedule=e)
+    return out
 
 
 def variant_key(spec: str) -> str:
@@ -51,9 +69,11 @@ def variant_key(spec: str) -> str:
 
 
 def unhype_name(spec: str) -> str:
-    variant, mode, adv, schedule = parse_variant(spec)
-    return f"UnHype {variant}/{mode}" + (f" + adversarial gate {adv:g}" if adv else "") + \
-        (f", {schedule} lr" if schedule != "constant" else "")
+    v = parse_variant(spec)
+    return f"UnHype {v.variant}/{v.mode}" + (f" rank {v.rank}" if v.rank != 1 else "") + \
+        (f" + adversarial gate {v.adv:g}" if v.adv else "") + \
+        (f" on {v.fraction:.0%} of prompts" if v.adv and v.fraction < 1 else "") + \
+        (f", {v.schedule} lr" if v.schedule != "constant" else "")
 
 
 def train_unhype(backend, concepts, spec, steps, seed, out_dir):
@@ -63,14 +83,15 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     from unhype.baselines.esd import latent_cache
     from unhype.evaluation.methods import UnHypeMethod
 
-    variant, mode, adv, schedule = parse_variant(spec)
-    over = {"learning_rate": 1e-3, "retain_learning_rate": 1e-3} if mode == "direct" else {}
+    v = parse_variant(spec)
+    over = {"learning_rate": 1e-3, "retain_learning_rate": 1e-3} if v.mode == "direct" else {}
     cfg = resolve({"config_file": str(ROOT / "trainer/configs/toy_demo.toml"),
                    "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
-                   "variant": variant, "mode": mode, "max_train_steps": steps, "seed": seed,
+                   "variant": v.variant, "mode": v.mode, "max_train_steps": steps, "seed": seed,
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
                    "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1,
-                   "adversarial_eps": adv, "lr_scheduler": schedule, **over})
+                   "adversarial_eps": v.adv, "adversarial_fraction": v.fraction,
+                   "lr_scheduler": v.schedule, "network_dim": v.rank, **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
     index_cache(run)
@@ -98,10 +119,12 @@ def trained_file(args, spec, concepts):
     if not path.is_file():
         return None
     meta = read_meta(path)
-    _, _, adv, schedule = parse_variant(spec)
+    v = parse_variant(spec)
     if [c["target"] for c in meta.concepts] != list(concepts) or \
-            (meta.training.get("adversarial_eps") or 0.0) != adv or \
-            meta.training.get("lr_scheduler", "constant") != schedule:
+            (meta.training.get("adversarial_eps") or 0.0) != v.adv or \
+            meta.training.get("adversarial_fraction", 1.0) != v.fraction or \
+            meta.config.rank != v.rank or \
+            meta.training.get("lr_scheduler", "constant") != v.schedule:
         return None
     loaded = load_hypernet(path)
     steps = loaded.meta.training.get("steps_done")

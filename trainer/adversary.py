@@ -27,6 +27,16 @@ def ball_points(n: int, dim: int, gen: torch.Generator) -> Tensor:
     return direction / direction.norm(dim=-1, keepdim=True) * radius
 
 
+def adversarial_rows(n: int, fraction: float, gen: torch.Generator) -> Tensor:
+    """[n] bool: which rows of a removal batch read their worst case (round(fraction * n) of
+    them, at random); the others keep the clean embedding. fraction 1 draws nothing."""
+    rows = torch.ones(n, dtype=torch.bool)
+    if fraction < 1:
+        rows[:] = False
+        rows[torch.randperm(n, generator=gen)[: max(1, round(fraction * n))]] = True
+    return rows
+
+
 def worst_case_embedding(hypernet, emb: Tensor, eps: float, steps: int, start: Tensor) -> Tensor:
     """emb + delta, ||delta_i|| <= eps ||emb_i||, minimising the update size ||B A^T||^2 (s = T).
 
@@ -47,6 +57,20 @@ def worst_case_embedding(hypernet, emb: Tensor, eps: float, steps: int, start: T
             unit = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             delta = project(delta - step_size * norms[:, None] * unit, norms, eps)
     return (emb + delta).detach()
+
+
+def adversarial_batch(hypernet, emb: Tensor, eps: float, steps: int, fraction: float,
+                      gen: torch.Generator, n_global: int, mine: slice) -> Tensor:
+    """The removal batch's embeddings with `fraction` of its target prompts replaced by their
+    worst case. Start points and rows are drawn for the global batch of `n_global` (one stream
+    in every process); `emb` holds this process's rows (`mine`)."""
+    start = ball_points(n_global, emb.shape[1], gen)[mine]
+    hard = adversarial_rows(n_global, fraction, gen)[mine]
+    if not hard.any():
+        return emb
+    out = emb.clone()
+    out[hard] = worst_case_embedding(hypernet, emb[hard], eps, steps, start[hard])
+    return out
 
 
 def nearest_retained_distance(target_emb: Tensor, retain_emb: Tensor) -> Tensor:

@@ -89,6 +89,8 @@ OPTIONS: list[tuple[str, type, object, str]] = [
      "pooled embedding within this relative L2 distance of each target prompt that most "
      "weakens the generated LoRA (0: off; trainer/adversary.py)"),
     ("adversarial_steps", int, 3, "PGD steps of that search (hypernetwork only, no UNet pass)"),
+    ("adversarial_fraction", float, 1.0, "share of each removal batch's target prompts replaced "
+     "by their worst case; the rest stay clean, so the prompts themselves are still trained on"),
     ("probe_lambda", str, None, "comma-separated lambdas: run T plain SGD steps on one "
      "concept's LoRA with each, print the ESD loss reached, and exit (choose fields_lambda)"),
     ("log_every", int, 10, "loss-log and progress-bar interval"),
@@ -219,6 +221,9 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"{name} must be > 0, got {v[name]}")
     if isinstance(v["adversarial_eps"], float) and not 0 <= v["adversarial_eps"] < 2:
         problems.append(f"adversarial_eps must be in [0, 2), got {v['adversarial_eps']}")
+    if isinstance(v["adversarial_fraction"], float) and not 0 < v["adversarial_fraction"] <= 1:
+        problems.append(f"adversarial_fraction must be in (0, 1], got "
+                        f"{v['adversarial_fraction']}")
     if problems:
         raise UnHypeError("invalid training options: " + "; ".join(problems))
     if v["retain_learning_rate"] is None:

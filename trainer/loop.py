@@ -30,7 +30,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed as tdist
 from trainer import losses
-from trainer.adversary import ball_points, worst_case_embedding
+from trainer.adversary import adversarial_batch
 from trainer.backends.base import Backend, Cond
 from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
 from trainer.config import TrainConfig, check_output_dir, pick_device
@@ -269,10 +269,10 @@ def draw_batch(run: Run, gen: torch.Generator):
 def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, dict]:
     cfg, hn, lora = run.cfg, run.hypernet, run.lora
     emb = run.item_emb[items]
-    if cfg.adversarial_eps > 0:  # drawn for the global batch: one stream in every process
-        start = ball_points(cfg.train_batch_size, emb.shape[1], gen)
-        start = start[split(cfg.train_batch_size, run.rank, run.world)]
-        emb = worst_case_embedding(hn, emb, cfg.adversarial_eps, cfg.adversarial_steps, start)
+    if cfg.adversarial_eps > 0:
+        emb = adversarial_batch(hn, emb, cfg.adversarial_eps, cfg.adversarial_steps,
+                                cfg.adversarial_fraction, gen, cfg.train_batch_size,
+                                split(cfg.train_batch_size, run.rank, run.world))
     cond = run.cond_t.index(items)
     rows = torch.arange(len(items))
     if cfg.mode == "direct":

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tests.trainer.test_train import run_training
-from trainer import loop
-from trainer.adversary import ball_points, nearest_retained_distance, worst_case_embedding
+from trainer import adversary
+from trainer.adversary import (adversarial_batch, adversarial_rows, ball_points,
+                               nearest_retained_distance, worst_case_embedding)
 from trainer.config import resolve
 from trainer.losses import delta_norm, update_size_sq
 from unhype.errors import UnHypeError
@@ -105,13 +106,13 @@ def test_adversarial_training_keeps_the_gate_on_over_the_ball():
 
 def test_trainer_reads_worst_case_embeddings(tiny_sd1, tmp_path, monkeypatch):
     seen = []
-    real = loop.worst_case_embedding
+    real = adversary.worst_case_embedding
 
     def spy(hn, emb, eps, steps, start):
         out = real(hn, emb, eps, steps, start)
         seen.append(((out - emb).norm(dim=-1) / emb.norm(dim=-1), eps, steps))
         return out
-    monkeypatch.setattr(loop, "worst_case_embedding", spy)
+    monkeypatch.setattr(adversary, "worst_case_embedding", spy)
     code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=2, adversarial_eps=0.3,
                            adversarial_steps=2)
     assert code == 0 and len(seen) == 2
@@ -121,9 +122,54 @@ def test_trainer_reads_worst_case_embeddings(tiny_sd1, tmp_path, monkeypatch):
     assert load_hypernet(tmp_path / "erase.safetensors").meta.training["adversarial_eps"] == 0.3
 
 
+def test_adversarial_rows_pick_the_fraction_and_draw_nothing_at_one():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert adversarial_rows(8, 1.0, gen).all()
+    assert torch.equal(gen.get_state(), state)  # runs trained before the option: same stream
+    picks = [adversarial_rows(8, 0.5, gen) for _ in range(20)]
+    assert all(int(p.sum()) == 4 for p in picks)
+    assert len({tuple(p.tolist()) for p in picks}) > 1  # random rows, not always the same
+    assert int(adversarial_rows(8, 0.01, gen).sum()) == 1  # at least one row
+
+
+def test_a_fraction_keeps_the_other_target_prompts_clean():
+    net = small_hypernet()
+    with torch.no_grad():
+        for head in net.heads_b:
+            head[-1].weight.normal_(0, 0.3)
+    emb = torch.randn(8, 8) * 4
+    out = adversarial_batch(net, emb, 0.5, 3, 0.5, torch.Generator().manual_seed(1), 8,
+                            slice(0, 8))
+    moved = (out - emb).norm(dim=-1) / emb.norm(dim=-1)
+    assert int((moved == 0).sum()) == 4  # clean rows: the prompts themselves, bit for bit
+    assert torch.all(moved[moved > 0] <= 0.5 + 1e-5) and int((moved > 0).sum()) == 4
+    # two processes holding halves of the batch perturb exactly the rows one process does
+    halves = [adversarial_batch(net, emb[part], 0.5, 3, 0.5, torch.Generator().manual_seed(1),
+                                8, part) for part in (slice(0, 4), slice(4, 8))]
+    assert torch.allclose(torch.cat(halves), out, atol=1e-6)
+
+
+def test_the_trainer_searches_only_the_fraction(tiny_sd1, tmp_path, monkeypatch):
+    seen = []
+    real = adversary.worst_case_embedding
+
+    def spy(hn, emb, eps, steps, start):
+        seen.append(len(emb))
+        return real(hn, emb, eps, steps, start)
+    monkeypatch.setattr(adversary, "worst_case_embedding", spy)
+    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=2, adversarial_eps=0.3,
+                           adversarial_fraction=0.5, train_batch_size=4, mode="direct")
+    assert code == 0 and seen == [2, 2]  # half of each batch of 4
+    assert load_hypernet(tmp_path / "erase.safetensors").meta.training[
+        "adversarial_fraction"] == 0.5
+
+
 @pytest.mark.parametrize("over, text", [({"adversarial_eps": -0.1}, "adversarial_eps"),
                                         ({"adversarial_eps": 2.5}, "adversarial_eps"),
-                                        ({"adversarial_steps": 0}, "adversarial_steps")])
+                                        ({"adversarial_steps": 0}, "adversarial_steps"),
+                                        ({"adversarial_fraction": 0.0}, "adversarial_fraction"),
+                                        ({"adversarial_fraction": 1.5}, "adversarial_fraction")])
 def test_bad_adversarial_options_are_refused(over, text):
     with pytest.raises(UnHypeError, match=text):
         resolve({"pretrained_model_name_or_path": "toy", **over})
