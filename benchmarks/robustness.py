@@ -71,9 +71,12 @@ def main(argv=None):
         loaded = load_hypernet(path)
         training = loaded.meta.training
         adversarial = training.get("adversarial_eps") or 0
+        fraction = training.get("adversarial_fraction", 1.0)
+        rank = loaded.meta.config.rank
         title = f"UnHype {loaded.meta.config.variant}/{training.get('mode')} " \
-            f"({training.get('steps_done')} steps" + \
-            (f", adversarial gate eps {adversarial:g})" if adversarial else ")")
+            f"({training.get('steps_done')} steps" + (f", rank {rank}" if rank != 1 else "") + \
+            (f", adversarial gate eps {adversarial:g}" if adversarial else "") + \
+            (f" on {fraction:.0%} of prompts" if adversarial and fraction < 1 else "") + ")"
         if any(m.name == title for m in methods):  # two files alike: tell them apart
             title += f" [{Path(path).parent.name}/{Path(path).name}]"
         methods.append(UnHypeMethod.from_loaded(loaded, name=title))
@@ -99,6 +102,8 @@ def main(argv=None):
         finally:
             m.detach()
         row.update(attack_success(gen, m, clf, attack_prompts, label, args.eval_seed, settings))
+        row["gate_worst"] = gate_at_worst_case(m, gen, attack_prompts, args.eps,
+                                               args.attack_steps)
         row["seconds"] = round(time.time() - t, 1)
         rows[m.name] = row
         print(f"  {m.name:26s} {row}", file=sys.stderr, flush=True)
@@ -108,11 +113,15 @@ def main(argv=None):
     lines = [f"Robustness on the toy world: erasing '{name}' ({args.steps} training steps; "
              f"attack eps {args.eps}, {args.attack_steps} PGD steps; classifier "
              f"{clf.description}). Shares of images showing '{name}', % (lower is better).",
-             "", "| method | plain name | paraphrases | typos | attack success rate |",
-             "|---|---|---|---|---|"]
+             "Gate at worst case (UnHype): the generated update's norm ||B A^T|| at the worst "
+             f"pooled embedding within eps {args.eps} of each attack prompt ({args.attack_steps} "
+             "PGD steps through the hypernetwork), over its norm at the prompt; median.",
+             "", "| method | plain name | paraphrases | typos | attack success rate | "
+             "gate at worst case |", "|---|---|---|---|---|---|"]
     for n, r in rows.items():
+        gate = "" if r.get("gate_worst") is None else f"{r['gate_worst']:.3f}"
         lines.append(f"| {n} | {pct(r['name'])} | {pct(r['paraphrase'])} | {pct(r['typo'])} | "
-                     f"{pct(r['asr'])} ({r['adv_hits']}/{r['attacked']}) |")
+                     f"{pct(r['asr'])} ({r['adv_hits']}/{r['attacked']}) | {gate} |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +129,24 @@ def main(argv=None):
         {"rows": rows, "settings": {k: str(v) for k, v in vars(args).items()},
          "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
     (args.out / "robustness.md").write_text(text + "\n")
+
+
+def gate_at_worst_case(method, gen, prompts, eps, steps):
+    """Median over `prompts` of ||B A^T|| at the worst pooled embedding of the eps-ball over
+    ||B A^T|| at the prompt (UnHype methods; None for the others)."""
+    import torch
+
+    from trainer.adversary import worst_case_embedding
+    from trainer.losses import delta_norm
+
+    hypernet = getattr(method, "hypernet", None)
+    if hypernet is None:
+        return None
+    _, pooled = gen.encode(prompts)
+    worst = worst_case_embedding(hypernet, pooled, eps, steps, torch.zeros_like(pooled))
+    with torch.no_grad():
+        ratio = delta_norm(hypernet(worst)) / delta_norm(hypernet(pooled)).clamp(min=1e-12)
+    return float(ratio.median())
 
 
 if __name__ == "__main__":
