@@ -68,6 +68,12 @@ def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
                   training={"mode": "direct", "adversarial_eps": 0.5, "adversarial_steps": 3})
     assert main(["inspect", str(path)]) == 0
     assert "adversarial gate training, eps 0.5 (3 PGD steps)" in capsys.readouterr().out
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}],
+                  training={"mode": "direct", "adversarial_eps": 0.5, "adversarial_steps": 3,
+                            "adversarial_fraction": 0.5})
+    assert main(["inspect", str(path)]) == 0
+    assert "eps 0.5 (3 PGD steps, on 50% of target prompts)" in capsys.readouterr().out
 
 
 def test_bad_file_gives_exit_code_2_and_message(tmp_path, capsys):

@@ -51,9 +51,12 @@ def run(args) -> int:
         keys = ("mode", "max_train_steps", "learning_rate", "eta", "pretrained_model_name_or_path")
         print("  training   " + ", ".join(f"{k}={info['training'][k]}" for k in keys
                                           if k in info["training"]))
-        if info["training"].get("adversarial_eps"):  # says how hard the gate is to switch off
-            print(f"  robustness adversarial gate training, eps {info['training']['adversarial_eps']}"
-                  f" ({info['training'].get('adversarial_steps')} PGD steps)")
+        training = info["training"]
+        if training.get("adversarial_eps"):  # says how hard the gate is to switch off
+            fraction = training.get("adversarial_fraction", 1.0)
+            print(f"  robustness adversarial gate training, eps {training['adversarial_eps']}"
+                  f" ({training.get('adversarial_steps')} PGD steps"
+                  + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "") + ")")
     print(f"  created    {info['created']}")
     print("  parameter counts of both variants, SD1 default preset (32 layers):")
     for row in info["variant_sizes_sd1"]:
