@@ -427,7 +427,8 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
     for extra in args.multi_also:
         lines += multi_section(Path(extra), args.per_class, args.n_classes)
     for path in args.include:  # tables another benchmark printed (robustness, speed)
-        lines += ["", f"## From `{Path(path).name}`", "", Path(path).read_text().strip()]
+        where = f"{Path(path).parent.name}/{Path(path).name}"  # two robustness.md files differ
+        lines += ["", f"## From `{where}`", "", Path(path).read_text().strip()]
     lines.append("")
     return "\n".join(lines)
 
