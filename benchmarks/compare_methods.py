@@ -68,12 +68,23 @@ def variant_key(spec: str) -> str:
     return spec.replace("/", "-").replace("+", "-")
 
 
-def unhype_name(spec: str) -> str:
-    v = parse_variant(spec)
+def spec_of_file(meta) -> Spec:
+    """The Spec a trained hypernetwork file (its metadata) was trained with."""
+    t = meta.training
+    return Spec(meta.config.variant, t.get("mode"), t.get("adversarial_eps") or 0.0,
+                t.get("lr_scheduler", "constant"), meta.config.rank,
+                t.get("adversarial_fraction", 1.0))
+
+
+def describe(v: Spec) -> str:
     return f"UnHype {v.variant}/{v.mode}" + (f" rank {v.rank}" if v.rank != 1 else "") + \
         (f" + adversarial gate {v.adv:g}" if v.adv else "") + \
         (f" on {v.fraction:.0%} of prompts" if v.adv and v.fraction < 1 else "") + \
         (f", {v.schedule} lr" if v.schedule != "constant" else "")
+
+
+def unhype_name(spec: str) -> str:
+    return describe(parse_variant(spec))
 
 
 def train_unhype(backend, concepts, spec, steps, seed, out_dir):
@@ -119,12 +130,8 @@ def trained_file(args, spec, concepts):
     if not path.is_file():
         return None
     meta = read_meta(path)
-    v = parse_variant(spec)
     if [c["target"] for c in meta.concepts] != list(concepts) or \
-            (meta.training.get("adversarial_eps") or 0.0) != v.adv or \
-            meta.training.get("adversarial_fraction", 1.0) != v.fraction or \
-            meta.config.rank != v.rank or \
-            meta.training.get("lr_scheduler", "constant") != v.schedule:
+            spec_of_file(meta) != parse_variant(spec):
         return None
     loaded = load_hypernet(path)
     steps = loaded.meta.training.get("steps_done")

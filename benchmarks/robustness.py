@@ -41,7 +41,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
 
-    from benchmarks.compare_methods import train_unhype, variant_key
+    from benchmarks.compare_methods import describe, spec_of_file, train_unhype, variant_key
     from trainer.backends.toy import ToyBackend
     from unhype.baselines.registry import build
     from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
@@ -69,14 +69,8 @@ def main(argv=None):
         from unhype.fileformat import load_hypernet
 
         loaded = load_hypernet(path)
-        training = loaded.meta.training
-        adversarial = training.get("adversarial_eps") or 0
-        fraction = training.get("adversarial_fraction", 1.0)
-        rank = loaded.meta.config.rank
-        title = f"UnHype {loaded.meta.config.variant}/{training.get('mode')} " \
-            f"({training.get('steps_done')} steps" + (f", rank {rank}" if rank != 1 else "") + \
-            (f", adversarial gate eps {adversarial:g}" if adversarial else "") + \
-            (f" on {fraction:.0%} of prompts" if adversarial and fraction < 1 else "") + ")"
+        title = f"{describe(spec_of_file(loaded.meta))} " \
+            f"({loaded.meta.training.get('steps_done')} steps)"
         if any(m.name == title for m in methods):  # two files alike: tell them apart
             title += f" [{Path(path).parent.name}/{Path(path).name}]"
         methods.append(UnHypeMethod.from_loaded(loaded, name=title))

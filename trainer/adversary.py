@@ -30,10 +30,10 @@ def ball_points(n: int, dim: int, gen: torch.Generator) -> Tensor:
 def adversarial_rows(n: int, fraction: float, gen: torch.Generator) -> Tensor:
     """[n] bool: which rows of a removal batch read their worst case (round(fraction * n) of
     them, at random); the others keep the clean embedding. fraction 1 draws nothing."""
-    rows = torch.ones(n, dtype=torch.bool)
-    if fraction < 1:
-        rows[:] = False
-        rows[torch.randperm(n, generator=gen)[: max(1, round(fraction * n))]] = True
+    if fraction >= 1:
+        return torch.ones(n, dtype=torch.bool)
+    rows = torch.zeros(n, dtype=torch.bool)
+    rows[torch.randperm(n, generator=gen)[: max(1, round(fraction * n))]] = True
     return rows
 
 
