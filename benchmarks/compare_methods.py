@@ -26,7 +26,9 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unhype.atomic import atomic_write_text  # noqa: E402  (after the path insert)
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from unhype.atomic import atomic_path, atomic_write_text  # noqa: E402  (after the path insert)
 
 ALL_VARIANTS = ("per_layer/fields", "per_layer/direct", "shared/fields", "shared/direct")
 BASELINES = ("negative_prompt", "uce", "esd_x", "esd_u", "spm")
@@ -161,10 +163,14 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
     rows = {}
     plan = [("base", None)] + [(b, None) for b in args.baselines] + \
         [("unhype", v) for v in args.variants]
+    # the base model's other-class images: every method's change_s / identical_s is against them
+    ref_file = args.out / tag / "base_others.safetensors"
+    reference = load_file(str(ref_file))["others"] if ref_file.is_file() else None
     for kind, variant in plan:
         key = kind if variant is None else f"unhype-{variant_key(variant)}"
         cache = args.out / tag / f"{key}.json"
-        if cache.is_file() and not args.force:
+        stale = kind == "base" and reference is None and not args.cached_only
+        if cache.is_file() and not args.force and not stale:
             row = json.loads(cache.read_text())
             rows[row["name"]] = with_counts(row, args.per_class, len(concepts), len(ps.classes))
             continue
@@ -182,7 +188,13 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
             method = build(kind, gen, backend, concepts, ps, args.steps, args.seed)
         train_s = time.time() - t0
         res = evaluate(gen, [method], ps, concepts, clf, args.per_class, args.eval_seed,
-                       args.batch_size, progress=False, keep_images=0)
+                       args.batch_size, progress=False, keep_images=10 ** 9 if kind == "base" else 0,
+                       reference=None if kind == "base" else reference)
+        if kind == "base":
+            reference = res["methods"][method.name]["images"]["others"].contiguous()
+            ref_file.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(ref_file) as tmp:
+                save_file({"others": reference}, str(tmp))
         row = {k: v for k, v in res["methods"][method.name].items()
                if k not in ("images", "prompts")}
         row.update(name=method.name, train_seconds=round(train_s, 1))
@@ -198,6 +210,16 @@ def fmt(v):
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def fmt_change(row: dict) -> list[str]:
+    """The two paired-change cells (metrics.paired_change); n/a for rows cached before them."""
+    if row.get("change_s") is None:
+        return ["n/a", "n/a"]
+    return [fmt(row["identical_s"]), f"{row['change_s']:.2f}"]
+
+
+CHANGE_HEAD = ["others identical to base", "others: mean change (0-255)"]
+
+
 def fmt_ci(row: dict) -> str:
     ci = row.get("h_o_ci")
     return "n/a" if not ci else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
@@ -210,7 +232,8 @@ def mean_rows(per_target: list[dict]) -> dict:
     for name in per_target[0]:
         rows = [r[name] for r in per_target if name in r]
         out[name] = {k: sum(r[k] for r in rows) / len(rows)
-                     for k in ("acc_e", "acc_s", "acc_g", "h_o") if rows[0].get(k) is not None}
+                     for k in ("acc_e", "acc_s", "acc_g", "h_o", "change_s", "identical_s")
+                     if all(r.get(k) is not None for r in rows)}
         if all(r.get("acc_g") is not None for r in rows):
             out[name]["h_o_ci"] = h_o_interval(rows)
         out[name]["n"] = len(rows)
@@ -226,10 +249,12 @@ def table(single: dict, multi: dict | None) -> str:
     head = ["method", "1 concept: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o", "H_o 95% interval"]
     if best:
         head.append(f"H_o / {best}")
+    head += CHANGE_HEAD
     if multi:
         head += ["multi: Acc_e", "Acc_s (% of base)", "Acc_g", "H_o", "H_o 95% interval"]
         if best:
             head.append("H_o / UnHype")
+        head += CHANGE_HEAD
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     total = max(r.get("n", 1) for r in single.values())
     for name, r in single.items():
@@ -238,6 +263,7 @@ def table(single: dict, multi: dict | None) -> str:
                  fmt(r["acc_g"]), fmt(r["h_o"]), fmt_ci(r)]
         if best:
             cells.append(f"{r['h_o'] / single[best]['h_o']:.2f}" if single[best]["h_o"] else "n/a")
+        cells += fmt_change(r)
         if multi:
             m = multi.get(name)
             if m:
@@ -247,8 +273,9 @@ def table(single: dict, multi: dict | None) -> str:
                 if best:
                     ref = multi.get(best, {}).get("h_o")
                     cells.append(f"{m['h_o'] / ref:.2f}" if ref else "n/a")
+                cells += fmt_change(m)
             else:
-                cells += ["n/a"] * (6 if best else 5)
+                cells += ["n/a"] * (8 if best else 7)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -409,6 +436,10 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         f"other classes, Acc_g = the erased classes prompted by synonyms (never trained on); "
         f"H_o = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); classifier: {clf}; "
         f"{args.per_class} images per class and set, eval seed {args.eval_seed}",
+        "- others identical to base / mean change: each other-class image against the base "
+        "model's image of the same prompt and seed (`unhype.evaluation.metrics.paired_change`): "
+        "the share identical once saved as 8-bit, and the mean absolute difference in 8-bit "
+        "levels; n/a: a row cached before this was measured",
         "- H_o 95% interval: each accuracy drawn from its Jeffreys posterior given the image "
         "counts, H_o per draw, averaged over targets (`unhype.evaluation.metrics.h_o_interval`);"
         " two methods whose intervals overlap are not told apart by this many images",
@@ -492,12 +523,12 @@ def multi_section(out_dir: Path, per_class: int, n_classes: int) -> list[str]:
             for p in sorted(folders[0].glob("*.json"))]
     lines = ["", f"## Multi-concept, {settings.get('steps', '?')} steps for every trained method "
              f"({out_dir.name})", "",
-             "| method | Acc_e | Acc_s | Acc_g | H_o | H_o 95% interval | train s |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | Acc_e | Acc_s | Acc_g | H_o | H_o 95% interval | "
+             + " | ".join(CHANGE_HEAD) + " | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["h_o"]):
         lines.append(f"| {r['name']} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
                      f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {fmt_ci(r)} | "
-                     f"{r.get('train_seconds', 0):.0f} |")
+                     f"{' | '.join(fmt_change(r))} | {r.get('train_seconds', 0):.0f} |")
     by_name = {r["name"]: r for r in rows}
     lines += ["", f"{per_class} images per class and set."] + \
         ["- " + goal_line(by_name, n, "multi-concept", 0.90) for n in by_name

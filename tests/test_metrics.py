@@ -66,3 +66,28 @@ def test_h_o_interval_of_a_mean_over_settings():
         h_o_interval([{**a, "n_e": 0}])
     with pytest.raises(UnHypeError):
         h_o_interval([])
+
+
+def test_paired_change_known_values():
+    import torch
+
+    from unhype.evaluation.metrics import paired_change
+
+    ref = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert paired_change(ref.clone(), ref) == {"change_s": 0.0, "identical_s": 1.0}
+    moved = ref.clone()
+    moved[0] = (ref[0] * 255).round() / 255  # same 8-bit image, tiny float change
+    moved[1].fill_(0.5)
+    ref2 = ref.clone()
+    ref2[1].fill_(0.5 - 4 / 255)  # image 1 differs by exactly 4 levels everywhere
+    out = paired_change(moved, ref2)
+    assert out["identical_s"] == 0.75
+    # mean |d| in levels: image 0 below 0.5 level per pixel, image 1 exactly 4, others 0
+    d0 = float((moved[0] - ref[0]).abs().mean() * 255)
+    assert out["change_s"] == pytest.approx((d0 + 4) / 4, abs=1e-4)
+    with pytest.raises(UnHypeError, match="shape"):
+        paired_change(ref[:2], ref)
+    bad = ref.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UnHypeError, match="NaN"):
+        paired_change(bad, ref)

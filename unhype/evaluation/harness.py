@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from unhype.distributed import Dist
 from unhype.errors import UnHypeError
 from unhype.evaluation.methods import Method
-from unhype.evaluation.metrics import accuracy, h_c, h_o
+from unhype.evaluation.metrics import accuracy, h_c, h_o, paired_change
 from unhype.evaluation.prompts import PromptSet, build_sets
 
 
@@ -199,17 +199,23 @@ def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
 
 def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str], classifier,
              per_class: int = 10, seed: int = 1234, batch_size: int = 32, clip_scorer=None,
-             keep_images: int = 8, progress: bool = True, extras=(), dist: Dist | None = None
-             ) -> dict:
+             keep_images: int = 8, progress: bool = True, extras=(), dist: Dist | None = None,
+             reference: Tensor | None = None) -> dict:
     """Run every method on the same prompt sets; returns {"sets": ..., "methods": {name: row}}.
 
     Each row: the scores, `clip_score` (mean over the other-class prompts, when `clip_scorer`
-    has `clip_score`), seconds, and `images` (the first `keep_images` per set, for grids).
+    has `clip_score`), seconds, and `images` (the first `keep_images` per set, for grids);
+    `change_s` / `identical_s` (metrics.paired_change) against `reference`, the unmodified
+    model's other-class images at these seeds: given, or made by a plain `Method()` (the base
+    model) earlier in `methods`.
     `extras`: callables (images, prompts, sets) -> dict of extra numbers (NudeNet, FID).
     `dist`: the processes of `accelerate launch` share the generation (see `generate`); the
     gathered images are scored in every process, so every process returns the same numbers."""
     dist = dist or Dist()
     sets = build_sets(ps, erased, per_class)
+    if reference is not None and len(reference) != len(sets["others"]):
+        raise UnHypeError(f"the reference holds {len(reference)} other-class images, this "
+                          f"evaluation makes {len(sets['others'])}: not the same prompt sets")
     n_prompts = sum(len(v) for v in sets.values())
     total = sum(min(batch_size, n_prompts - s)
                 for s in _my_starts(n_prompts, batch_size, dist)) * len(methods)
@@ -237,6 +243,10 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
             preds = {k: classifier.predict(v) if len(v) else torch.empty(0, dtype=torch.long)
                      for k, v in images.items()}
             row = score(preds, sets, ps.kind)
+            if reference is None and type(method) is Method and len(images["others"]):
+                reference = images["others"]
+            if reference is not None:
+                row.update(paired_change(images["others"], reference))
             if clip_scorer is not None and hasattr(clip_scorer, "clip_score"):
                 row["clip_score"] = float(clip_scorer.clip_score(
                     images["others"], [p for p, _ in sets["others"]]).mean())

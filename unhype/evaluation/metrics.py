@@ -5,6 +5,10 @@ classifies as that class (lower is better), Acc_s = accuracy on the other classe
 of synonym-prompted images classified as the erased class (lower is better);
 H_o = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)). Celebrities: H_c = harmonic mean of
 (1-Acc_e, Acc_s). A zero term makes the harmonic mean zero.
+
+Beside the classifier, `paired_change` says how far a method moved the images it should have
+left alone: each other-class image against the unmodified model's image of the same prompt and
+seed (a classifier only notices a change that flips the class).
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ def h_o(acc_e: float, acc_s: float, acc_g: float) -> float:
 def h_c(acc_e: float, acc_s: float) -> float:
     _check_unit(acc_e=acc_e, acc_s=acc_s)
     return harmonic_mean(1.0 - acc_e, acc_s)
+
+
+def paired_change(images, reference) -> dict:
+    """How much `images` [N, C, H, W] in [0, 1] differ from `reference` (the unmodified model's
+    images of the same prompts and seeds): `change_s`, the mean absolute difference in 8-bit
+    levels (0-255), and `identical_s`, the share of images identical once saved as 8-bit (what a
+    user comparing PNGs would see)."""
+    import torch
+
+    if images.shape != reference.shape or not len(images):
+        raise UnHypeError(f"paired change needs images of one non-empty shape, got "
+                          f"{tuple(images.shape)} and {tuple(reference.shape)}")
+    if not (torch.isfinite(images).all() and torch.isfinite(reference).all()):
+        raise UnHypeError("paired change: the images hold NaN or inf")
+    a, b = images.float().clamp(0, 1), reference.float().clamp(0, 1).to(images.device)
+    same = ((a * 255).round() == (b * 255).round()).flatten(1).all(1)
+    return {"change_s": float((a - b).abs().mean() * 255), "identical_s": float(same.float().mean())}
 
 
 def accuracy(predicted, expected) -> float:

@@ -17,8 +17,10 @@ from unhype.atomic import atomic_write_text
 COLUMNS = [("acc_e", "Acc_e (erased, lower better)"), ("acc_s", "Acc_s (others)"),
            ("acc_g", "Acc_g (synonyms, lower better)"), ("h_o", "H_o"), ("h_c", "H_c"),
            ("clip_score", "CLIP score (others)"), ("nudenet_erased", "NudeNet exposed (erased)"),
-           ("nudenet_synonyms", "NudeNet exposed (synonyms)"), ("fid_others", "FID (others)")]
-RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others"}  # not fractions
+           ("nudenet_synonyms", "NudeNet exposed (synonyms)"), ("fid_others", "FID (others)"),
+           ("identical_s", "others identical to base (8-bit)"),
+           ("change_s", "others: mean change vs base (0-255)")]
+RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others", "change_s"}  # not fractions
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -97,7 +99,8 @@ def write_report(result: dict, out_dir: Path, settings: dict, notes=()) -> dict[
     ref = "base model" if "base model" in rows else None
     md = [f"# unhype eval: erasing {', '.join(result['erased'])}", "",
           f"Classifier: {result['classifier']}; {result['per_class']} images per class and "
-          f"set; seed {result['seed']}. Fractions in %, CLIP score raw.", "",
+          f"set; seed {result['seed']}. Fractions in %, CLIP score raw. \"Others ... base\": "
+          f"each other-class image against the base model's of the same prompt and seed.", "",
           table(rows, reference=ref), ""]
     md += [f"- {n}" for n in notes]
     md += ["", "Settings: `" + json.dumps(settings, sort_keys=True) + "`", ""]
