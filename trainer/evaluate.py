@@ -4,9 +4,10 @@ Images are sampled with the toy's own sampler (DDIM + CFG), the hypernetwork's L
 conditional rows only, and classified by the toy's judge CNN (trained on rendered ground truth,
 never on generated images). Acc_e: erased shapes prompted by name; Acc_s: the other shapes;
 Acc_g: erased shapes prompted by their synonyms (never trained on). Accuracies are class means.
-H_o from `unhype.evaluation.metrics`. The base model's predictions are cached on disk (keyed by
-prompts, seed, the model family and every weight file its backend reads) since every run
-compares against them.
+H_o from `unhype.evaluation.metrics`, and how far the other-shape images moved from the base
+model's (`paired_change`). The base model's predictions and other-shape images are cached on
+disk (keyed by prompts, seed, the model family and every weight file its backend reads) since
+every run compares against them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from unhype.errors import UnHypeError
+from unhype.evaluation.metrics import paired_change
 
 
 def erased_shapes(concepts) -> list[str]:
@@ -65,30 +67,39 @@ def _class_mean(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([(pred[truth == c] == c).mean() for c in np.unique(truth)]))
 
 
-def sample_judged(backend, prompts, seed, hypernet=None, lora=None, batch=128) -> np.ndarray:
-    """Judge's shape prediction for one image per prompt (same noise with or without LoRA)."""
-    from unhype.toy.judge import load_judge
-
+def sample_images(backend, prompts, seed, hypernet=None, lora=None, batch=128) -> torch.Tensor:
+    """One image per prompt [N, 3, H, W] in [0, 1] (the same noise with or without LoRA)."""
     toy = backend.toy
-    key = str(backend.weights)
-    judge = _judge_cache.get(key) or _judge_cache.setdefault(key, load_judge(backend.weights))
-    preds = []
+    out = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         callback = None
         if hypernet is not None:
             with torch.no_grad():
                 lora.set(hypernet(backend.embed(chunk)), torch.arange(len(chunk)))
-
-            def callback(step, t, rows):
-                lora.set_rows(rows)  # -1 rows (unconditional) run the base weights
+            # -1 rows (unconditional) run the base weights
+            callback = lambda step, t, rows: lora.set_rows(rows)  # noqa: E731
         try:
-            images = toy.sample(chunk, seed=seed + i, before_unet_call=callback)
+            out.append(toy.sample(chunk, seed=seed + i, before_unet_call=callback).float().cpu())
         finally:
             if lora is not None:
                 lora.clear()
-        preds.append(judge.classify(images)[0].cpu().numpy())
-    return np.concatenate(preds)
+    return torch.cat(out)
+
+
+def judge(backend, images: torch.Tensor) -> np.ndarray:
+    """The toy judge's shape prediction per image."""
+    from unhype.toy.judge import load_judge
+
+    key = str(backend.weights)
+    model = _judge_cache.get(key) or _judge_cache.setdefault(key, load_judge(backend.weights))
+    return np.concatenate([model.classify(images[i:i + 128])[0].cpu().numpy()
+                           for i in range(0, len(images), 128)])
+
+
+def sample_judged(backend, prompts, seed, hypernet=None, lora=None, batch=128) -> np.ndarray:
+    """Judge's shape prediction for one image per prompt (same noise with or without LoRA)."""
+    return judge(backend, sample_images(backend, prompts, seed, hypernet, lora, batch))
 
 
 _judge_cache: dict = {}
@@ -120,18 +131,26 @@ def base_cache_key(backend, sets, seed) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def base_predictions(backend, sets, seed) -> dict:
+def base_outputs(backend, sets, seed) -> tuple[dict, torch.Tensor]:
+    """The base model's predictions per set and its other-class images, cached on disk (JSON
+    and safetensors under one key: `base_cache_key`)."""
+    from safetensors.torch import load_file, save_file
+
+    from unhype.atomic import atomic_path, atomic_write_text
+
     key = base_cache_key(backend, sets, seed)
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unhype"
-    path = folder / f"toy-base-eval-{key}.json"
-    if path.is_file():
-        return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
-    preds = {k: sample_judged(backend, p, seed) for k, (p, _) in sets.items() if p}
+    path, images_path = folder / f"toy-base-eval-{key}.json", folder / f"toy-base-others-{key}.safetensors"
+    if path.is_file() and images_path.is_file():
+        preds = {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
+        return preds, load_file(str(images_path))["others"]
+    images = {k: sample_images(backend, p, seed) for k, (p, _) in sets.items() if p}
+    preds = {k: judge(backend, v) for k, v in images.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: v.tolist() for k, v in preds.items()}))
-    tmp.replace(path)
-    return preds
+    with atomic_path(images_path) as tmp:
+        save_file({"others": images["others"].contiguous()}, str(tmp))
+    atomic_write_text(path, json.dumps({k: v.tolist() for k, v in preds.items()}))
+    return preds, images["others"]
 
 
 def scores(preds: dict, sets: dict) -> dict:
@@ -147,9 +166,11 @@ def evaluate(backend, hypernet, lora, concepts, per_class: int = 24, seed: int =
     erased = erased_shapes(concepts)
     sets = prompt_sets(erased, per_class)
     t0 = time.time()
-    base = scores(base_predictions(backend, sets, seed), sets)
-    preds = {k: sample_judged(backend, p, seed, hypernet, lora) for k, (p, _) in sets.items()}
-    after = scores(preds, sets)
+    base_preds, base_others = base_outputs(backend, sets, seed)
+    base = scores(base_preds, sets)
+    images = {k: sample_images(backend, p, seed, hypernet, lora) for k, (p, _) in sets.items()}
+    after = scores({k: judge(backend, v) for k, v in images.items()}, sets)
+    after.update(paired_change(images["others"], base_others))
     return {"erased": erased, "per_class": per_class, "base": base, "unhype": after,
             "passes": bars(base, after), "seconds": round(time.time() - t0, 1)}
 
@@ -170,6 +191,9 @@ def format_metrics(m: dict) -> str:
             f"| base | {b['acc_e']:.1%} | {b['acc_s']:.1%} | {b['acc_g']:.1%} | {b['h_o']:.1%} |",
             f"| UnHype | {u['acc_e']:.1%} | {u['acc_s']:.1%} ({u['acc_s_rel']:.0%} of base) | "
             f"{u['acc_g']:.1%} | {u['h_o']:.1%} |",
+            f"other-shape images against the base model's (same prompt and seed): "
+            f"{u['identical_s']:.0%} identical as 8-bit, mean change {u['change_s']:.2f} of 255 "
+            f"levels",
             "targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}"
                                     for k, v in m["passes"].items())]
     return "\n".join(rows)
