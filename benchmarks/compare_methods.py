@@ -163,7 +163,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
     rows = {}
     plan = [("base", None)] + [(b, None) for b in args.baselines] + \
         [("unhype", v) for v in args.variants]
-    # the base model's other-class images: every method's change_s / identical_s is against them
+    # the base model's other-class images: every method's change_s / kept_s is against them
     ref_file = args.out / tag / "base_others.safetensors"
     reference = load_file(str(ref_file))["others"] if ref_file.is_file() else None
     for kind, variant in plan:
@@ -214,10 +214,10 @@ def fmt_change(row: dict) -> list[str]:
     """The two paired-change cells (metrics.paired_change); n/a for rows cached before them."""
     if row.get("change_s") is None:
         return ["n/a", "n/a"]
-    return [fmt(row["identical_s"]), f"{row['change_s']:.2f}"]
+    return [fmt(row["kept_s"]), f"{row['change_s']:.2f}"]
 
 
-CHANGE_HEAD = ["others identical to base", "others: mean change (0-255)"]
+CHANGE_HEAD = ["others within 1 level of base", "others: mean change (0-255)"]
 
 
 def fmt_ci(row: dict) -> str:
@@ -232,7 +232,7 @@ def mean_rows(per_target: list[dict]) -> dict:
     for name in per_target[0]:
         rows = [r[name] for r in per_target if name in r]
         out[name] = {k: sum(r[k] for r in rows) / len(rows)
-                     for k in ("acc_e", "acc_s", "acc_g", "h_o", "change_s", "identical_s")
+                     for k in ("acc_e", "acc_s", "acc_g", "h_o", "change_s", "kept_s")
                      if all(r.get(k) is not None for r in rows)}
         if all(r.get("acc_g") is not None for r in rows):
             out[name]["h_o_ci"] = h_o_interval(rows)
@@ -436,10 +436,10 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         f"other classes, Acc_g = the erased classes prompted by synonyms (never trained on); "
         f"H_o = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); classifier: {clf}; "
         f"{args.per_class} images per class and set, eval seed {args.eval_seed}",
-        "- others identical to base / mean change: each other-class image against the base "
+        "- others within 1 level of base / mean change: each other-class image against the base "
         "model's image of the same prompt and seed (`unhype.evaluation.metrics.paired_change`): "
-        "the share identical once saved as 8-bit, and the mean absolute difference in 8-bit "
-        "levels; n/a: a row cached before this was measured",
+        "the share in which no pixel, saved as 8-bit, moves by more than one level, and the mean "
+        "absolute difference in 8-bit levels; n/a: a row cached before this was measured",
         "- H_o 95% interval: each accuracy drawn from its Jeffreys posterior given the image "
         "counts, H_o per draw, averaged over targets (`unhype.evaluation.metrics.h_o_interval`);"
         " two methods whose intervals overlap are not told apart by this many images",

@@ -74,17 +74,19 @@ def test_paired_change_known_values():
     from unhype.evaluation.metrics import paired_change
 
     ref = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert paired_change(ref.clone(), ref) == {"change_s": 0.0, "identical_s": 1.0}
+    assert paired_change(ref.clone(), ref) == {"change_s": 0.0, "kept_s": 1.0}
     moved = ref.clone()
-    moved[0] = (ref[0] * 255).round() / 255  # same 8-bit image, tiny float change
+    moved[0] = (ref[0] + 0.9 / 255).clamp(0, 1)  # under a level: at most one 8-bit level away
     moved[1].fill_(0.5)
+    moved[2, 0, 3, 3] = (ref[2, 0, 3, 3] + 3 / 255).clamp(max=1)  # one pixel, three levels
     ref2 = ref.clone()
     ref2[1].fill_(0.5 - 4 / 255)  # image 1 differs by exactly 4 levels everywhere
     out = paired_change(moved, ref2)
-    assert out["identical_s"] == 0.75
-    # mean |d| in levels: image 0 below 0.5 level per pixel, image 1 exactly 4, others 0
-    d0 = float((moved[0] - ref[0]).abs().mean() * 255)
-    assert out["change_s"] == pytest.approx((d0 + 4) / 4, abs=1e-4)
+    assert out["kept_s"] == 0.5  # images 0 and 3; 2 has one pixel three levels away
+    # mean |d| in levels over all four images
+    d = [float((moved[i] - ref2[i]).abs().mean() * 255) for i in range(4)]
+    assert d[1] == pytest.approx(4, abs=1e-4) and d[3] == 0
+    assert out["change_s"] == pytest.approx(sum(d) / 4, abs=1e-4)
     with pytest.raises(UnHypeError, match="shape"):
         paired_change(ref[:2], ref)
     bad = ref.clone()

@@ -192,8 +192,8 @@ def format_metrics(m: dict) -> str:
             f"| UnHype | {u['acc_e']:.1%} | {u['acc_s']:.1%} ({u['acc_s_rel']:.0%} of base) | "
             f"{u['acc_g']:.1%} | {u['h_o']:.1%} |",
             f"other-shape images against the base model's (same prompt and seed): "
-            f"{u['identical_s']:.0%} identical as 8-bit, mean change {u['change_s']:.2f} of 255 "
-            f"levels",
+            f"{u['kept_s']:.0%} within 1 of 255 levels everywhere, mean change "
+            f"{u['change_s']:.2f} levels",
             "targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}"
                                     for k, v in m["passes"].items())]
     return "\n".join(rows)

@@ -38,9 +38,9 @@ def test_harness_runs_methods_and_restores_the_unet(random_toy, toy_backend, toy
         assert 0 <= row["acc_e"] <= 1 and 0 <= row["h_o"] <= 1 and row["clip_score"] >= 0
         assert row["images"]["erased"].shape == (1, 3, 16, 16)
     # other-class images against the base model's, same prompts and seeds
-    assert (rows["base model"]["change_s"], rows["base model"]["identical_s"]) == (0.0, 1.0)
+    assert (rows["base model"]["change_s"], rows["base model"]["kept_s"]) == (0.0, 1.0)
     neg = rows["negative prompt"]  # a new unconditional half moves every image
-    assert neg["change_s"] > 0 and neg["identical_s"] < 1
+    assert neg["change_s"] > 0 and neg["kept_s"] < 1
     assert all(torch.equal(v, before[k]) for k, v in gen.unet.state_dict().items())
     # seeded: the base model gives the same images twice; UnHype's LoRA changes the cond rows
     prompts = res["sets"]["erased"]
@@ -73,7 +73,7 @@ def test_given_reference_images_are_checked_and_used(random_toy, toy_backend):
     shifted = (others + 10 / 255).clamp(0, 1)
     row = evaluate(gen, [Method()], ps, ["circle"], clf, per_class=1, batch_size=4,
                    progress=False, reference=shifted)["methods"]["base model"]
-    assert row["identical_s"] < 1
+    assert row["kept_s"] < 1
     assert row["change_s"] == pytest.approx(float((shifted - others).abs().mean() * 255), abs=1e-3)
 
 
@@ -90,10 +90,10 @@ def test_unhype_eval_cli_with_every_baseline(random_toy, toy_hypernet_file, tmp_
     assert {"negative prompt", "UCE", "SPM (gated rank-1)"} <= set(names)
     assert any(n.startswith("ESD-x") for n in names) and any(n.startswith("ESD-u") for n in names)
     assert data["erased"] == ["circle"] and len(data["sets"]["synonyms"]) == 1
-    assert data["methods"]["base model"]["identical_s"] == 1.0
+    assert data["methods"]["base model"]["kept_s"] == 1.0
     assert data["methods"]["negative prompt"]["change_s"] > 0
     md = (out / "results.md").read_text()
-    assert "| base model |" in md and "others identical to base (8-bit)" in md
+    assert "| base model |" in md and "others within 1 level of base (8-bit)" in md
     assert len(list(out.glob("grid_*.png"))) == len(names)
     assert "H_o" in capsys.readouterr().out
 

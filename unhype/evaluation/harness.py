@@ -205,7 +205,7 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
 
     Each row: the scores, `clip_score` (mean over the other-class prompts, when `clip_scorer`
     has `clip_score`), seconds, and `images` (the first `keep_images` per set, for grids);
-    `change_s` / `identical_s` (metrics.paired_change) against `reference`, the unmodified
+    `change_s` / `kept_s` (metrics.paired_change) against `reference`, the unmodified
     model's other-class images at these seeds: given, or made by a plain `Method()` (the base
     model) earlier in `methods`.
     `extras`: callables (images, prompts, sets) -> dict of extra numbers (NudeNet, FID).

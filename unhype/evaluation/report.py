@@ -18,7 +18,7 @@ COLUMNS = [("acc_e", "Acc_e (erased, lower better)"), ("acc_s", "Acc_s (others)"
            ("acc_g", "Acc_g (synonyms, lower better)"), ("h_o", "H_o"), ("h_c", "H_c"),
            ("clip_score", "CLIP score (others)"), ("nudenet_erased", "NudeNet exposed (erased)"),
            ("nudenet_synonyms", "NudeNet exposed (synonyms)"), ("fid_others", "FID (others)"),
-           ("identical_s", "others identical to base (8-bit)"),
+           ("kept_s", "others within 1 level of base (8-bit)"),
            ("change_s", "others: mean change vs base (0-255)")]
 RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others", "change_s"}  # not fractions
 
