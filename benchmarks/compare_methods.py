@@ -187,10 +187,11 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         else:
             method = build(kind, gen, backend, concepts, ps, args.steps, args.seed)
         train_s = time.time() - t0
+        is_base = kind == "base"
         res = evaluate(gen, [method], ps, concepts, clf, args.per_class, args.eval_seed,
-                       args.batch_size, progress=False, keep_images=10 ** 9 if kind == "base" else 0,
-                       reference=None if kind == "base" else reference)
-        if kind == "base":
+                       args.batch_size, progress=False, keep_images=10 ** 9 if is_base else 0,
+                       reference=None if is_base else reference)
+        if is_base:
             reference = res["methods"][method.name]["images"]["others"].contiguous()
             ref_file.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(ref_file) as tmp:

@@ -140,7 +140,8 @@ def base_outputs(backend, sets, seed) -> tuple[dict, torch.Tensor]:
 
     key = base_cache_key(backend, sets, seed)
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unhype"
-    path, images_path = folder / f"toy-base-eval-{key}.json", folder / f"toy-base-others-{key}.safetensors"
+    path = folder / f"toy-base-eval-{key}.json"
+    images_path = folder / f"toy-base-others-{key}.safetensors"
     if path.is_file() and images_path.is_file():
         preds = {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
         return preds, load_file(str(images_path))["others"]

@@ -54,7 +54,8 @@ def paired_change(images, reference) -> dict:
         raise UnHypeError("paired change: the images hold NaN or inf")
     a, b = images.float().clamp(0, 1), reference.float().clamp(0, 1).to(images.device)
     levels = ((a * 255).round() - (b * 255).round()).abs().flatten(1).amax(1)
-    return {"change_s": float((a - b).abs().mean() * 255), "kept_s": float((levels <= 1).float().mean())}
+    return {"change_s": float((a - b).abs().mean() * 255),
+            "kept_s": float((levels <= 1).float().mean())}
 
 
 def accuracy(predicted, expected) -> float:

@@ -20,7 +20,8 @@ COLUMNS = [("acc_e", "Acc_e (erased, lower better)"), ("acc_s", "Acc_s (others)"
            ("nudenet_synonyms", "NudeNet exposed (synonyms)"), ("fid_others", "FID (others)"),
            ("kept_s", "others within 1 level of base (8-bit)"),
            ("change_s", "others: mean change vs base (0-255)")]
-RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others", "change_s"}  # not fractions
+# not fractions
+RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others", "change_s"}
 
 
 def _atomic_text(path: Path, text: str) -> None:
