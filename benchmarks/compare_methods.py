@@ -455,11 +455,13 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         "", text, "", "Goals (issue 7):", ""]
     lines += ["- " + g for g in goals(single, multi_rows)]
     lines += ["", "## Per target", "", "| target | method | Acc_e | Acc_s | Acc_g | H_o | "
-              "H_o 95% interval | train s | eval s |", "|---|---|---|---|---|---|---|---|---|"]
+              "H_o 95% interval | " + " | ".join(CHANGE_HEAD) + " | train s | eval s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, rows in zip(targets, per_target):
         for name, r in rows.items():
             lines.append(f"| {t} | {name} | {fmt(r['acc_e'])} | {fmt(r['acc_s'])} | "
                          f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {fmt_ci(r)} | "
+                         f"{' | '.join(fmt_change(r))} | "
                          f"{r.get('train_seconds', 0):.0f} | {r.get('seconds', 0):.0f} |")
     for extra in args.single_also:
         lines += single_section(Path(extra), targets, args.per_class, args.n_classes)
