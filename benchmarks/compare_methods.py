@@ -90,9 +90,10 @@ def unhype_name(spec: str) -> str:
 
 
 def train_unhype(backend, concepts, spec, steps, seed, out_dir):
-    """The trainer's own loop on the toy demo config; returns an UnHypeMethod."""
+    """The trainer's own loop on the toy demo config; returns an UnHypeMethod with the gate floor
+    the saved file gets (unhype/gate_floor.py)."""
     from trainer.config import resolve
-    from trainer.loop import index_cache, prepare, train
+    from trainer.loop import gate_reference, index_cache, prepare, train
     from unhype.baselines.esd import latent_cache
     from unhype.evaluation.methods import UnHypeMethod
 
@@ -115,7 +116,8 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     targets = backend.family.targets(cfg.target_preset, model=backend.unet)
     run.hypernet.eval()
     return UnHypeMethod(run.hypernet, {t.name: t.path for t in targets},
-                        {t.name: (t.in_dim, t.out_dim) for t in targets}, name=unhype_name(spec))
+                        {t.name: (t.in_dim, t.out_dim) for t in targets}, name=unhype_name(spec),
+                        gate_reference=gate_reference(run), floor=cfg.gate_floor)
 
 
 def trained_file(args, spec, concepts):

@@ -131,7 +131,7 @@ def gate_at_worst_case(method, gen, prompts, eps, steps):
     import torch
 
     from trainer.adversary import worst_case_embedding
-    from trainer.losses import delta_norm
+    from unhype.hypernet import delta_norm
 
     hypernet = getattr(method, "hypernet", None)
     if hypernet is None:

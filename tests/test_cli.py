@@ -73,7 +73,14 @@ def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
                   training={"mode": "direct", "adversarial_eps": 0.5, "adversarial_steps": 3,
                             "adversarial_fraction": 0.5})
     assert main(["inspect", str(path)]) == 0
-    assert "eps 0.5 (3 PGD steps, on 50% of target prompts)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "eps 0.5 (3 PGD steps, on 50% of target prompts)" in text
+    assert "gate floor none" in text
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}], training={"mode": "direct", "gate_reference": 42.5})
+    assert main(["inspect", str(path)]) == 0
+    assert "under 3% of 42.5 (the concepts' median ||dW||) get none, full from 6%" in \
+        capsys.readouterr().out
 
 
 def test_bad_file_gives_exit_code_2_and_message(tmp_path, capsys):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainer.losses import update_size_sq
+from unhype.hypernet import update_size_sq
 from unhype.evaluation.attack import project
 
 

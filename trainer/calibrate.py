@@ -12,6 +12,7 @@ import torch
 
 from trainer import losses
 from trainer.loop import draw_batch, say
+from unhype.hypernet import delta_norm
 
 
 def probe(run, lambdas: list[float], steps: int | None = None, seed: int = 0) -> list[dict]:
@@ -44,7 +45,7 @@ def probe(run, lambdas: list[float], steps: int | None = None, seed: int = 0) ->
                      for (k, (a, bb)), (ga, gb) in zip(theta.items(), grads.values())}
         with torch.no_grad():
             after = float(torch.cat([esd(theta, h) for h in held]).mean())
-            size = float(losses.delta_norm(theta)[0])
+            size = float(delta_norm(theta)[0])
         rows.append({"lambda": lam, "esd_before": base, "esd_after": after, "delta_norm": size})
         say(f"lambda {lam:g}: ESD loss {base:.4g} -> {after:.4g} after {steps} SGD steps "
             f"(|dW| {size:.3g})")

@@ -91,6 +91,9 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("adversarial_steps", int, 3, "PGD steps of that search (hypernetwork only, no UNet pass)"),
     ("adversarial_fraction", float, 1.0, "share of each removal batch's target prompts replaced "
      "by their worst case; the rest stay clean, so the prompts themselves are still trained on"),
+    ("gate_floor", float, 0.03, "stored in the file: hosts give a prompt whose update is under "
+     "this fraction of the concepts' own none, full from twice that (unhype/gate_floor.py; 0: "
+     "off). fields mode leaves unrelated prompts ~13% on the toy: raise it there"),
     ("probe_lambda", str, None, "comma-separated lambdas: run T plain SGD steps on one "
      "concept's LoRA with each, print the ESD loss reached, and exit (choose fields_lambda)"),
     ("log_every", int, 10, "loss-log and progress-bar interval"),
@@ -224,6 +227,8 @@ def validate(cfg: TrainConfig) -> None:
     if isinstance(v["adversarial_fraction"], float) and not 0 < v["adversarial_fraction"] <= 1:
         problems.append(f"adversarial_fraction must be in (0, 1], got "
                         f"{v['adversarial_fraction']}")
+    if isinstance(v["gate_floor"], float) and not 0 <= v["gate_floor"] < 0.5:
+        problems.append(f"gate_floor must be in [0, 0.5), got {v['gate_floor']}")
     if problems:
         raise UnHypeError("invalid training options: " + "; ".join(problems))
     if v["retain_learning_rate"] is None:

@@ -205,7 +205,15 @@ def evaluate_run(run) -> dict:
     if run.backend.family.name != "toy":
         raise UnHypeError("--eval measures erasure on the toy model only; for SD use "
                           "`unhype eval` with open_clip")
-    metrics = evaluate(run.backend, run.hypernet, run.lora, run.concepts, run.cfg.eval_images)
+    from trainer.loop import gate_reference
+    from unhype.gate_floor import apply_floor
+
+    ref = gate_reference(run)  # as the saved file will apply it
+
+    def hypernet(emb):
+        return apply_floor(run.hypernet(emb), ref, run.cfg.gate_floor)
+
+    metrics = evaluate(run.backend, hypernet, run.lora, run.concepts, run.cfg.eval_images)
     path = run.out_dir / "metrics.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=1))
@@ -225,6 +233,6 @@ def evaluate_file(path, per_class: int = 24, device: str = "cpu") -> dict:
     backend = ToyBackend(device)
     lora = DynamicLoRA(check_targets_in_model(loaded, backend.unet))
     try:
-        return evaluate(backend, loaded.hypernet, lora, loaded.meta.concepts, per_class)
+        return evaluate(backend, loaded.generate, lora, loaded.meta.concepts, per_class)
     finally:
         lora.remove()

@@ -39,7 +39,8 @@ from unhype.distributed import Dist, split
 from unhype.dynamic_lora import DynamicLoRA
 from unhype.errors import UnHypeError
 from unhype.fileformat import save_hypernet
-from unhype.hypernet import HyperNetConfig, TargetSpec, build_hypernet, default_hidden
+from unhype.hypernet import (HyperNetConfig, TargetSpec, build_hypernet, default_hidden,
+                             delta_norm)
 
 EXIT_NAN = 3
 EXIT_INTERRUPTED = 130
@@ -328,8 +329,8 @@ def monitor(run: Run, items, z, t, e_p, e_a) -> dict:
     f_r = hn(run.retain_emb[: min(256, len(run.retain_emb))])
     return {"esd_T": float(esd_t.mean()), "esd_base": float(esd_0.mean()),
             "esd_T_rel": float(esd_t.mean() / esd_0.mean().clamp(min=1e-12)),
-            "delta_target": float(losses.delta_norm(f_t).mean()),
-            "delta_retain": float(losses.delta_norm(f_r).mean())}
+            "delta_target": float(delta_norm(f_t).mean()),
+            "delta_retain": float(delta_norm(f_r).mean())}
 
 
 def _finite(value: float, what: str, step: int):
@@ -537,9 +538,23 @@ def save_result(run: Run, step: int) -> Path:
                     prediction_type=run.backend.prediction_type,
                     esd_space=f"native model output ({run.backend.prediction_type})",
                     final=run.log[-1] if run.log else {})
+    ref = gate_reference(run)
+    if ref is not None:
+        training["gate_reference"] = ref
     concepts = concept_table(run.concepts)
     return save_hypernet(path, run.hypernet, run.backend.family.name, concepts=concepts,
                          training=training)
+
+
+def gate_reference(run: Run) -> float | None:
+    """What the gate floor of the saved file is relative to (unhype.gate_floor): the smallest,
+    over the concepts, median update norm of the concept's training prompts; None while the
+    update is still exactly zero."""
+    from unhype.gate_floor import reference_norm
+
+    groups = [[p for p, _ in c.prompts()] for c in run.concepts]
+    ref = reference_norm(run.hypernet, run.backend.embed, groups)
+    return ref if ref > 0 and math.isfinite(ref) else None
 
 
 def _truncate_log(path: Path, step: int):

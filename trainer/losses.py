@@ -67,16 +67,3 @@ def retention_parts(factors_s: LoraFactors, factors_0: LoraFactors) -> dict[str,
     return {"retain_a": float(a.mean()), "retain_b": float(b.mean())}
 
 
-def update_size_sq(factors: LoraFactors) -> Tensor:
-    """[N] squared Frobenius norm of each prompt's full update, sum over layers of ||B A^T||^2,
-    as trace((B^T B)(A^T A)): r x r products, never the out x in matrix (and no sqrt, whose
-    gradient at B = 0 is not finite: trainer/adversary.py differentiates this)."""
-    total = 0
-    for a, b in factors.values():
-        total = total + ((b.transpose(1, 2) @ b) * (a.transpose(1, 2) @ a)).flatten(1).sum(1)
-    return total
-
-
-def delta_norm(factors: LoraFactors) -> Tensor:
-    """[N] Frobenius norm of the full weight update of each prompt (all layers)."""
-    return update_size_sq(factors).clamp(min=0).sqrt()

@@ -132,7 +132,7 @@ def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
     if fmt not in FORMATS:
         raise UnHypeError(f"unknown LoRA format {fmt!r}; choose one of {list(FORMATS)}")
     with torch.no_grad():
-        factors = loaded.hypernet(embedding.reshape(1, -1))
+        factors = loaded.generate(embedding.reshape(1, -1))
     tensors = lora_state_dict(factors, strength) if fmt == "kohya" else \
         bfl_state_dict(loaded, factors, strength)
     metadata = lora_metadata(loaded, prompt, strength, title or f"unhype_{loaded.path.stem}")

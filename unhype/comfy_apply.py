@@ -74,7 +74,7 @@ def pooled_rows(conditioning, embed_dim: int, source: str) -> list[Tensor]:
 def generate_factors(loaded: LoadedHypernet, embeddings: Tensor) -> LoraFactors:
     """LoRA factors (on the CPU, fp32) for K embedding rows, at the inference hyper step T."""
     device = next(loaded.hypernet.parameters()).device
-    factors = loaded.hypernet(embeddings.to(device))
+    factors = loaded.generate(embeddings.to(device))
     return {k: (a.float().cpu(), b.float().cpu()) for k, (a, b) in factors.items()}
 
 

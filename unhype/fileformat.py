@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -63,6 +64,37 @@ class LoadedHypernet:
     @property
     def family(self):
         return get_family(self.meta.family)
+
+    @property
+    def gate_reference(self) -> float | None:
+        """The concept-strength update norm the gate floor is relative to (unhype.gate_floor);
+        None for files trained before it was stored."""
+        ref = self.meta.training.get("gate_reference")
+        if ref is None:
+            return None
+        if isinstance(ref, bool) or not isinstance(ref, (int, float)) or \
+                not (math.isfinite(ref) and ref > 0):
+            raise UnHypeError(f"{self.path}: training.gate_reference must be a positive number, "
+                              f"got {ref!r}")
+        return float(ref)
+
+    @property
+    def gate_floor(self) -> float:
+        """The floor the file was trained to be used with (`--gate_floor`; default 0.03)."""
+        from unhype.gate_floor import DEFAULT_FLOOR, check_floor
+
+        try:
+            return check_floor(self.meta.training.get("gate_floor", DEFAULT_FLOOR))
+        except UnHypeError as exc:
+            raise UnHypeError(f"{self.path}: training.{exc}") from None
+
+    def generate(self, embeddings: torch.Tensor, floor: float | None = None):
+        """LoRA factors for pooled embeddings [N, D], with the gate floor applied (`floor`:
+        a fraction of `gate_reference`; None = the file's `gate_floor`, 0 = off)."""
+        from unhype.gate_floor import apply_floor, check_floor
+
+        f = self.gate_floor if floor is None else check_floor(floor)
+        return apply_floor(self.hypernet(embeddings), self.gate_reference, f)
 
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
@@ -225,7 +257,9 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
         raise UnHypeError(f"{path}: NaN/Inf values in {bad[:3]}")
     hypernet.load_state_dict({k: v.float() for k, v in state.items()})
     hypernet.eval().requires_grad_(False)
-    return LoadedHypernet(path=path, hypernet=hypernet.to(device), meta=meta)
+    loaded = LoadedHypernet(path=path, hypernet=hypernet.to(device), meta=meta)
+    loaded.gate_reference, loaded.gate_floor  # malformed values fail here, not at a prompt
+    return loaded
 
 
 def check_targets_in_model(loaded: LoadedHypernet, model, host: str = "diffusers"):

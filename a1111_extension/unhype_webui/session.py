@@ -192,7 +192,7 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
             raise UnHypeError(f"UnHype: {active.name} reads {want}-d embeddings, this model's "
                               f"text encoder gives {emb.shape[1]}-d")
         with torch.no_grad():
-            f = active.loaded.hypernet(emb.to(next(active.loaded.hypernet.parameters()).device))
+            f = active.loaded.generate(emb.to(next(active.loaded.hypernet.parameters()).device))
         if active.items is not None:  # a tag applies only to the prompts that carry it
             keep = torch.zeros(len(embed_texts))
             for j, owner in enumerate(owners):

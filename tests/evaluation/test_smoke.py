@@ -77,6 +77,30 @@ def test_given_reference_images_are_checked_and_used(random_toy, toy_backend):
     assert row["change_s"] == pytest.approx(float((shifted - others).abs().mean() * 255), abs=1e-3)
 
 
+def test_gate_floor_leaves_unrelated_images_bit_identical(random_toy, toy_backend,
+                                                           toy_hypernet_file):
+    from unhype.evaluation.harness import ToyGenerator, evaluate
+    from unhype.evaluation.methods import Method, UnHypeMethod
+    from unhype.evaluation.prompts import load_prompt_set
+    from unhype.evaluation.zero_shot import load_classifier
+    from unhype.fileformat import load_hypernet
+
+    gen = ToyGenerator(toy_backend.toy, steps=2)
+    ps = load_prompt_set("toy")
+    clf = load_classifier("toy", ps.class_names, ps.class_prompts(), toy_weights=random_toy)
+    loaded = load_hypernet(toy_hypernet_file)
+    raw = UnHypeMethod.from_loaded(loaded, name="raw")  # no reference stored: no floor
+    # every prompt's update far under 3% of this reference: the floor switches all off
+    floored = UnHypeMethod(loaded.hypernet, raw.paths, raw.dims, name="floored",
+                           gate_reference=1e9, floor=0.03)
+    rows = evaluate(gen, [Method(), raw, floored], ps, ["circle"], clf, per_class=1,
+                    batch_size=4, progress=False)["methods"]
+    assert rows["raw"]["kept_s"] < 1 or rows["raw"]["change_s"] > 0
+    assert (rows["floored"]["kept_s"], rows["floored"]["change_s"]) == (1.0, 0.0)
+    assert rows["floored"]["settings"]["gate_floor"] == 0.03
+    assert raw.settings()["gate_floor"] is None
+
+
 def test_unhype_eval_cli_with_every_baseline(random_toy, toy_hypernet_file, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", "--hypernet", str(toy_hypernet_file), "--toy_weights", str(random_toy),
@@ -104,4 +128,7 @@ def test_unhype_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "--model", "toy", "--erase", "unicorn", "--prompt_set", "toy",
                  "--out", str(tmp_path)]) == 2
     assert "not a class or synonym" in capsys.readouterr().err
+    assert main(["eval", "--model", "toy", "--erase", "circle", "--gate_floor", "0.7",
+                 "--out", str(tmp_path)]) == 2
+    assert "gate floor must be in [0, 0.5)" in capsys.readouterr().err
     assert main(["eval", "--hypernet", str(tmp_path / "none.safetensors")]) == 2

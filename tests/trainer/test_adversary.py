@@ -8,7 +8,7 @@ from trainer import adversary
 from trainer.adversary import (adversarial_batch, adversarial_rows, ball_points,
                                nearest_retained_distance, worst_case_embedding)
 from trainer.config import resolve
-from trainer.losses import delta_norm, update_size_sq
+from unhype.hypernet import delta_norm, update_size_sq
 from unhype.errors import UnHypeError
 from unhype.evaluation.attack import project
 from unhype.fileformat import load_hypernet

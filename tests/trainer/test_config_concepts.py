@@ -56,6 +56,8 @@ def test_toml_inline_concepts_and_relative_paths(tmp_path):
     (["--save_model_as", "ckpt"], "save_model_as"),
     (["--learning_rate", "-1"], "learning_rate must be > 0"),
     (["--xformers", "--sdpa"], "exclude each other"),
+    (["--gate_floor", "0.5"], r"gate_floor must be in \[0, 0.5\)"),
+    (["--gate_floor", "-0.1"], r"gate_floor must be in \[0, 0.5\)"),
 ])
 def test_bad_options(argv, needle):
     with pytest.raises(UnHypeError, match=needle):

@@ -30,6 +30,8 @@ def test_toy_run_writes_hypernet_grid_and_metrics(tmp_path):
     loaded = load_hypernet(tmp_path / "erase_circle.safetensors")
     assert loaded.meta.family == "toy" and loaded.meta.concepts[0]["synonyms"][0] == "disk"
     assert loaded.meta.training["esd_space"].startswith("native model output (sample)")
+    assert loaded.gate_reference == pytest.approx(loop.gate_reference(session), rel=1e-5)
+    assert loaded.gate_reference > 0
     grid = list((tmp_path / "samples").glob("circle-step*.png"))
     assert grid
     images = session.backend.decode(torch.zeros(2, *session.backend.latent_shape))

@@ -57,6 +57,15 @@ def run(args) -> int:
             print(f"  robustness adversarial gate training, eps {training['adversarial_eps']}"
                   f" ({training.get('adversarial_steps')} PGD steps"
                   + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "") + ")")
+    ref = info["training"].get("gate_reference") if info["training"] else None
+    if ref:
+        from unhype.gate_floor import DEFAULT_FLOOR
+
+        floor = info["training"].get("gate_floor", DEFAULT_FLOOR)
+        print(f"  gate floor prompts whose update is under {floor:.0%} of {ref:.4g} (the "
+              f"concepts' median ||dW||) get none, full from {2 * floor:.0%}")
+    else:
+        print("  gate floor none (the file stores no gate reference: trained before it existed)")
     print(f"  created    {info['created']}")
     print("  parameter counts of both variants, SD1 default preset (32 layers):")
     for row in info["variant_sizes_sd1"]:

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (toy 20, SD 30)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (model default)")
     p.add_argument("--strength", type=float, default=1.0, help="hypernetwork LoRA strength")
+    p.add_argument("--gate_floor", type=float, default=None, help="prompts whose update is "
+                   "below this fraction of the concept's get none (unhype.gate_floor; default "
+                   "0.03 for files that store a gate reference, 0 = off)")
     p.add_argument("--classifier", default=None, help="'judge' (the toy's CNN, trained on "
                    "rendered ground truth; default on the toy), 'toy' (toy CLIP, zero-shot) or "
                    "an open_clip model name / config .json (default ViT-B-32)")
@@ -79,6 +82,10 @@ def run(args) -> int:
 
     if args.per_class < 1 or args.batch_size < 1:
         raise UnHypeError("--per_class and --batch_size must be >= 1")
+    if args.gate_floor is not None:
+        from unhype.gate_floor import check_floor
+
+        check_floor(args.gate_floor)
     metas = [read_meta(p) for p in args.hypernet]  # cheap checks before any model loads
     families = {m.family for m in metas}
     if len(families) > 1:
@@ -121,7 +128,8 @@ def run(args) -> int:
     for path in args.hypernet:
         loaded = load_hypernet(path, args.device)
         methods.append(UnHypeMethod.from_loaded(loaded, args.strength,
-                                                f"UnHype {loaded.meta.config.variant} ({path})"))
+                                                f"UnHype {loaded.meta.config.variant} ({path})",
+                                                args.gate_floor))
     if baselines:
         from unhype.baselines.registry import build
 

@@ -71,28 +71,36 @@ class LoraMethod(Method):
 
 
 class UnHypeMethod(LoraMethod):
-    """A hypernetwork: LoRA factors generated from each prompt's pooled embedding (s = T)."""
+    """A hypernetwork: LoRA factors generated from each prompt's pooled embedding (s = T), with
+    the gate floor (unhype.gate_floor) where a reference is known."""
 
     def __init__(self, hypernet: nn.Module, paths: dict, dims: dict, strength: float = 1.0,
-                 name: str = "UnHype"):
+                 name: str = "UnHype", gate_reference: float | None = None, floor: float = 0.0):
         super().__init__(paths, dims, strength)
         self.hypernet, self.name = hypernet, name
+        self.gate_reference, self.floor = gate_reference, floor
 
     @classmethod
-    def from_loaded(cls, loaded, strength: float = 1.0, name: str | None = None) -> "UnHypeMethod":
+    def from_loaded(cls, loaded, strength: float = 1.0, name: str | None = None,
+                    floor: float | None = None) -> "UnHypeMethod":
         from unhype.fileformat import host_paths
+        from unhype.gate_floor import check_floor
 
         cfg = loaded.meta.config
         paths = {k: hp for k, hp in host_paths(loaded.meta, "diffusers").items()}
         dims = {t.name: (t.in_dim, t.out_dim) for t in cfg.targets}
         return cls(loaded.hypernet, paths, dims, strength,
-                   name or f"UnHype ({cfg.variant}, {loaded.meta.training.get('mode', '?')})")
+                   name or f"UnHype ({cfg.variant}, {loaded.meta.training.get('mode', '?')})",
+                   loaded.gate_reference, loaded.gate_floor if floor is None else check_floor(floor))
 
     def factors(self, hidden, pooled):
-        return self.hypernet(pooled.float())
+        from unhype.gate_floor import apply_floor
+
+        return apply_floor(self.hypernet(pooled.float()), self.gate_reference, self.floor)
 
     def settings(self):
-        return {"strength": self.strength}
+        return {"strength": self.strength,
+                "gate_floor": self.floor if self.gate_reference is not None else None}
 
 
 class FactorBank(nn.Module):

@@ -59,7 +59,7 @@ def erasure(path, per_class: int = 24, seed: int = 777, weights=None) -> dict:
     try:
         base = ev.scores({k: ev.sample_judged(backend, p, seed) for k, (p, _) in sets.items()},
                          sets)
-        after = ev.scores({k: ev.sample_judged(backend, p, seed, loaded.hypernet, lora)
+        after = ev.scores({k: ev.sample_judged(backend, p, seed, loaded.generate, lora)
                            for k, (p, _) in sets.items()}, sets)
     finally:
         lora.remove()

@@ -1,0 +1,112 @@
+"""The gate floor: prompts under the floor get exactly no update, the concept's own stay as
+generated, files without a reference behave as before, bad values are refused."""
+
+import pytest
+import torch
+
+from tests.helpers import hypernet_for, tiny_sd_unet
+from unhype.errors import UnHypeError
+from unhype.fileformat import load_hypernet, save_hypernet
+from unhype.gate_floor import apply_floor, check_floor, floor_scale, reference_norm
+from unhype.hypernet import delta_norm
+
+
+def factors_with_norms(norms):
+    """One layer, rank 1: prompt i's update B A^T has Frobenius norm norms[i]."""
+    n = len(norms)
+    a = torch.zeros(n, 4, 1)
+    a[:, 0, 0] = 1.0
+    b = torch.zeros(n, 3, 1)
+    b[:, 0, 0] = torch.tensor(norms)
+    return {"layer": (a, b)}
+
+
+def test_floor_scale_ramp():
+    norms = torch.tensor([0.0, 0.2, 0.29, 0.45, 0.6, 10.0])
+    assert floor_scale(norms, 10.0, 0.03).tolist() == pytest.approx([0, 0, 0, 0.5, 1, 1],
+                                                                    abs=1e-6)
+    assert floor_scale(norms, 10.0, 0.0).tolist() == [1.0] * 6
+    with pytest.raises(UnHypeError, match="positive"):
+        floor_scale(norms, 0.0, 0.03)
+
+
+def test_apply_floor_zeroes_weak_prompts_and_keeps_strong_ones_exactly():
+    f = factors_with_norms([0.1, 0.45, 10.0, 12.5])
+    out = apply_floor(f, 10.0, 0.03)
+    assert delta_norm(out).tolist() == pytest.approx([0.0, 0.225, 10.0, 12.5])
+    a, b = out["layer"]
+    assert torch.equal(a[2:], f["layer"][0][2:]) and torch.equal(b, f["layer"][1])
+    assert apply_floor(f, None, 0.03) is f  # no reference: as generated
+    assert apply_floor(f, 10.0, 0.0) is f
+
+
+def test_bad_floors_are_refused():
+    for bad in (-0.01, 0.5, float("nan"), "x", None):
+        with pytest.raises(UnHypeError, match="gate floor"):
+            check_floor(bad)
+    assert check_floor("0.05") == 0.05
+
+
+def test_reference_is_the_weakest_concepts_median():
+    def embed(prompts):
+        return torch.tensor([[float(p)] for p in prompts])
+
+    def hypernet(emb):
+        return factors_with_norms(emb[:, 0].tolist())
+
+    assert reference_norm(hypernet, embed, [["1", "2", "9"], ["4", "5", "6"]]) == 2.0
+    with pytest.raises(UnHypeError, match="no concept prompts"):
+        reference_norm(hypernet, embed, [[]])
+
+
+def test_loaded_file_applies_its_floor(tmp_path):
+    net = hypernet_for(tiny_sd_unet(), rank=1)
+    emb = torch.randn(5, 768, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        norms = delta_norm(net(emb))
+    old = tmp_path / "old.safetensors"
+    save_hypernet(old, net, "sd1", concepts=[{"target": "cat"}], training={"mode": "direct"})
+    loaded = load_hypernet(old)
+    assert loaded.gate_reference is None  # trained before the reference existed: unchanged
+    assert torch.equal(delta_norm(loaded.generate(emb)), delta_norm(net(emb)))
+
+    # a reference that puts prompt 0 under the floor and the strongest prompt above 2f
+    ref = float(norms[0]) / 0.02
+    new = tmp_path / "new.safetensors"
+    save_hypernet(new, net, "sd1", concepts=[{"target": "cat"}],
+                  training={"mode": "direct", "gate_reference": ref})
+    loaded = load_hypernet(new)
+    got = delta_norm(loaded.generate(emb))
+    assert got[0] == 0
+    want = norms * floor_scale(norms, ref, 0.03)
+    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    assert torch.equal(delta_norm(loaded.generate(emb, floor=0)), delta_norm(net(emb)))
+
+    for bad in ("big", -1.0, float("inf")):
+        save_hypernet(new, net, "sd1", training={"gate_reference": bad})
+        with pytest.raises(UnHypeError, match="gate_reference must be a positive number"):
+            load_hypernet(new)
+    # the floor the file was trained with is the hosts' default
+    save_hypernet(new, net, "sd1", training={"gate_reference": ref, "gate_floor": 0.1})
+    loaded = load_hypernet(new)
+    assert loaded.gate_floor == 0.1
+    assert torch.equal(delta_norm(loaded.generate(emb)), delta_norm(loaded.generate(emb, 0.1)))
+    save_hypernet(new, net, "sd1", training={"gate_reference": ref, "gate_floor": 0.9})
+    with pytest.raises(UnHypeError, match=r"training.gate floor must be in \[0, 0.5\)"):
+        load_hypernet(new)
+
+
+def test_comfy_factors_and_baked_lora_follow_the_floor(tmp_path):
+    from unhype.bake import bake_lora
+    from unhype.comfy_apply import generate_factors
+
+    net = hypernet_for(tiny_sd_unet(), rank=1)
+    emb = torch.randn(2, 768, generator=torch.Generator().manual_seed(4))
+    path = tmp_path / "h.safetensors"
+    save_hypernet(path, net, "sd1", concepts=[{"target": "cat"}],
+                  training={"gate_reference": float(delta_norm(net(emb)).max()) * 100})
+    loaded = load_hypernet(path)  # both prompts under 1% of the reference: no update
+    assert float(delta_norm(generate_factors(loaded, emb)).max()) == 0.0
+    tensors, _ = bake_lora(loaded, emb[0], "a dog")
+    downs = [t for k, t in tensors.items() if "lora_down" in k]
+    assert downs and all(float(t.abs().max()) == 0 for t in downs)  # B A^T = 0

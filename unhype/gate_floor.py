@@ -1,0 +1,72 @@
+"""The gate floor: a prompt that barely switches the hypernetwork on gets exactly no update.
+
+A trained hypernetwork leaves unrelated prompts a small update: 0.3-2% of a concept's in
+`direct` mode with the adversarial gate, ~13% in `fields` mode (docs/training.md). It moves
+their images by a fraction of a level to a few levels, which no classifier notices but a user
+comparing renders does. The trainer stores `gate_reference` in the file: over the concepts, the
+smallest median ||dW|| = ||B A^T|| (all layers) of a concept's own training prompts. With a
+floor f, a prompt whose update is rel = ||dW|| / gate_reference is scaled by
+clamp((rel - f) / f, 0, 1): nothing below f, untouched from 2f up, linear between, so a prompt
+near the floor fades rather than switching on and off. Files without `gate_reference` (trained
+before it existed) are left as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from unhype.errors import UnHypeError
+from unhype.hypernet import LoraFactors, delta_norm
+
+DEFAULT_FLOOR = 0.03
+
+
+def check_floor(value) -> float:
+    """A floor is a fraction of the reference update in [0, 0.5): from 2f the update is untouched,
+    so a floor of 0.5 or more would weaken the concept's own prompts."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UnHypeError(f"gate floor must be a number, got {value!r}") from None
+    if not (math.isfinite(f) and 0.0 <= f < 0.5):
+        raise UnHypeError(f"gate floor must be in [0, 0.5) (a fraction of the concept's own "
+                          f"update), got {value!r}")
+    return f
+
+
+def reference_norm(hypernet: Callable[[Tensor], LoraFactors], embed: Callable[[list], Tensor],
+                   prompt_groups: list[list[str]]) -> float:
+    """The smallest, over groups (one per concept), of the median update norm of its prompts."""
+    medians = []
+    with torch.no_grad():
+        for prompts in prompt_groups:
+            if prompts:
+                medians.append(float(delta_norm(hypernet(embed(list(prompts)).float())).median()))
+    if not medians:
+        raise UnHypeError("gate reference: no concept prompts")
+    return min(medians)
+
+
+def floor_scale(norms: Tensor, reference: float, floor: float) -> Tensor:
+    """[N] factor per prompt: 0 below floor x reference, 1 from twice that, linear between."""
+    if floor <= 0:
+        return torch.ones_like(norms)
+    if not (math.isfinite(reference) and reference > 0):
+        raise UnHypeError(f"gate reference must be a positive number, got {reference!r}")
+    rel = norms / reference
+    return ((rel - floor) / floor).clamp(0, 1)
+
+
+def apply_floor(factors: LoraFactors, reference: float | None, floor: float) -> LoraFactors:
+    """The factors with each prompt's A scaled by `floor_scale` (B A^T scales with it); returned
+    as they are when there is no reference or the floor is 0."""
+    if reference is None or floor <= 0:
+        return factors
+    scale = floor_scale(delta_norm(factors).float(), reference, floor)
+    if bool((scale == 1).all()):
+        return factors
+    return {name: (a * scale.view(-1, 1, 1).to(a), b) for name, (a, b) in factors.items()}
