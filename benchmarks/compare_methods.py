@@ -287,6 +287,9 @@ def goal_line(rows: dict, name: str, setting: str, bar: float) -> str:
     """'<UnHype row>: <setting> H_o x (>= bar), above every baseline; intervals ...'."""
     others = [o for o in rows if not o.startswith("UnHype") and o != "base model"]
     r = rows[name]
+    if not others:  # a run of UnHype rows only: nothing to be above
+        return (f"{name}: {setting} H_o {fmt(r['h_o'])} ({'>=' if r['h_o'] >= bar else '<'} "
+                f"{100 * bar:.0f}); no baseline rows in this run")
     beats = all(r["h_o"] > rows[o]["h_o"] for o in others)
     # told apart: one interval lies wholly above the other
     ci = {o: rows[o]["h_o_ci"] for o in others if rows[o].get("h_o_ci")} if r.get("h_o_ci") \
