@@ -10,7 +10,7 @@ import folder_paths
 import torch
 
 from unhype.bake import FORMATS as BAKE_FORMATS, bake_lora, save_lora
-from unhype.comfy_apply import build_plan, pooled_rows
+from unhype.comfy_apply import build_plan, pooled_rows, rows_under_floor
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, concept_texts, probe
 
@@ -121,6 +121,10 @@ class UnHypeApply:
                     "semantics)" + (f"; only the first of {prompts} prompt rows is used"
                                     if prompts > 1 else "") + ".")
             log.warning(info)
+        off = rows_under_floor(plan)
+        if off:  # the hypernetwork did not recognise these prompts: nothing is erased there
+            info += (f" {off} of {prompts} prompt row(s) under the file's gate floor: they run "
+                     "the base weights.")
         return {"ui": {"text": [info]}, "result": (patched, conditioning, info)}
 
 

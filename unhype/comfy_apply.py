@@ -25,7 +25,7 @@ from unhype.dynamic_lora import DynamicLoRA, check_strength, resolve_modules
 from unhype.errors import UnHypeError
 from unhype.families import APPLY_ALL, get_family
 from unhype.fileformat import LoadedHypernet, host_paths
-from unhype.hypernet import LoraFactors, delta_weight
+from unhype.hypernet import LoraFactors, delta_norm, delta_weight
 
 log = logging.getLogger("unhype")
 
@@ -142,6 +142,11 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
                      paths=host_paths(meta, "ldm"),
                      dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets},
                      apply_to=get_family(meta.family).apply_to)
+
+
+def rows_under_floor(plan: ApplyPlan) -> int:
+    """Prompt rows whose update the gate floor switched off (they run the base weights)."""
+    return int((delta_norm(plan.factors) == 0).sum())
 
 
 def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:

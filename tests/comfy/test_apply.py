@@ -94,6 +94,24 @@ def assert_untouched(model, before):
     assert not hooked, f"hooks left on {hooked[:3]}"
 
 
+def test_rows_under_the_gate_floor_run_the_base_weights(pack, tiny_parts, loaded, prompts):
+    from dataclasses import replace
+
+    model = tiny_parts["model"]
+    # a reference so large that every prompt's update is under 3% of it
+    floored = replace(loaded, meta=replace(loaded.meta, training={**loaded.meta.training,
+                                                                  "gate_reference": 1e9}))
+    pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
+    rec_model, rec = recorded(model)
+    patched, cond_out, info = apply(pack, rec_model, pos, floored)
+    assert "1 of 1 prompt row(s) under the file's gate floor" in info
+    sample(patched, cond_out, neg, steps=1)
+    call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)
+    assert torch.equal(call["output"], base_forward(model, call))  # both halves: base weights
+    _, _, info = apply(pack, model, pos, loaded)  # no reference stored: no floor, no note
+    assert "gate floor" not in info
+
+
 # 1. positive rows see the LoRA, negative rows the base weights
 def test_positive_rows_get_the_lora_negative_rows_run_base(pack, tiny_parts, loaded, prompts):
     model = tiny_parts["model"]
