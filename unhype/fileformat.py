@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -69,14 +68,15 @@ class LoadedHypernet:
     def gate_reference(self) -> float | None:
         """The concept-strength update norm the gate floor is relative to (unhype.gate_floor);
         None for files trained before it was stored."""
+        from unhype.gate_floor import check_reference
+
         ref = self.meta.training.get("gate_reference")
         if ref is None:
             return None
-        if isinstance(ref, bool) or not isinstance(ref, (int, float)) or \
-                not (math.isfinite(ref) and ref > 0):
-            raise UnHypeError(f"{self.path}: training.gate_reference must be a positive number, "
-                              f"got {ref!r}")
-        return float(ref)
+        try:
+            return check_reference(ref)
+        except UnHypeError as exc:
+            raise UnHypeError(f"{self.path}: training.{exc}") from None
 
     @property
     def gate_floor(self) -> float:

@@ -38,6 +38,14 @@ def check_floor(value) -> float:
     return f
 
 
+def check_reference(value) -> float:
+    """A gate reference is a positive, finite update norm (a number, not a string or bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (math.isfinite(value) and value > 0):
+        raise UnHypeError(f"gate_reference must be a positive number, got {value!r}")
+    return float(value)
+
+
 def reference_norm(hypernet: Callable[[Tensor], LoraFactors], embed: Callable[[list], Tensor],
                    prompt_groups: list[list[str]]) -> float:
     """The smallest, over groups (one per concept), of the median update norm of its prompts."""
@@ -55,9 +63,7 @@ def floor_scale(norms: Tensor, reference: float, floor: float) -> Tensor:
     """[N] factor per prompt: 0 below floor x reference, 1 from twice that, linear between."""
     if floor <= 0:
         return torch.ones_like(norms)
-    if not (math.isfinite(reference) and reference > 0):
-        raise UnHypeError(f"gate reference must be a positive number, got {reference!r}")
-    rel = norms / reference
+    rel = norms / check_reference(reference)
     return ((rel - floor) / floor).clamp(0, 1)
 
 
