@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tests.helpers import hypernet_for, tiny_sd_unet
-from unhype.dynamic_lora import DynamicLoRA
+from unhype.dynamic_lora import DynamicLoRA, silent_prompts
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 from unhype.hypernet import delta_weight
@@ -139,3 +139,28 @@ def test_gradients_flow_to_the_factors():
         lora.set({"l": (a, b)}, [0])
         lin(torch.randn(1, 4)).sum().backward()
     assert a.grad is not None and b.grad.abs().sum() > 0
+
+
+def test_silent_prompts_are_skipped_with_the_same_output():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    root = nn.Sequential(lin)
+    a, b = torch.randn(3, 8, 2), torch.randn(3, 6, 2)
+    a[1] = 0  # prompt 1: the gate floor switched it off
+    x = torch.randn(4, 4, 8)
+    with DynamicLoRA.attach(root, {"l": "0"}, {"l": (8, 6)}) as lora:
+        lora.set({"l": (a, b)}, [0, 1, -1, 2], skip_silent=True)
+        assert lora.rows.tolist() == [0, -1, -1, 2]
+        y = root(x)
+        lora.set_rows([1, 1, 1, 1])  # later row maps are mapped too: nothing left to add
+        assert lora.rows.tolist() == [-1] * 4
+        y_silent = root(x)
+        lora.set({"l": (a, b)}, [0, 1, -1, 2])  # without the flag prompt 1 keeps its row
+        assert lora.rows.tolist() == [0, 1, -1, 2]
+    torch.testing.assert_close(y, reference(x, lin.weight, lin.bias, a, b, [0, 1, -1, 2], 1.0),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(y_silent, root(x))  # base layers, bit for bit
+    b[2] = 0  # a zero B silences a prompt too; one live layer keeps it
+    other = (torch.randn(3, 8, 2), torch.randn(3, 6, 2))
+    assert silent_prompts({"l": (a, b)}).tolist() == [False, True, True]
+    assert silent_prompts({"l": (a, b), "m": other}).tolist() == [False, False, False]

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from unhype.dynamic_lora import DynamicLoRA, check_strength, resolve_modules
+from unhype.dynamic_lora import DynamicLoRA, check_strength, resolve_modules, silent_prompts
 from unhype.errors import UnHypeError
 from unhype.families import APPLY_ALL, get_family
 from unhype.fileformat import LoadedHypernet, host_paths
-from unhype.hypernet import LoraFactors, delta_norm, delta_weight
+from unhype.hypernet import LoraFactors, delta_weight
 
 log = logging.getLogger("unhype")
 
@@ -129,6 +129,7 @@ class ApplyPlan:
     paths: dict  # canonical name -> HostPath under the diffusion model
     dims: dict  # canonical name -> (in, out)
     apply_to: str = "cond_only"  # the family's rule: "all" also matches unconditional chunks
+    silent: Tensor | None = None  # [K] bool: rows with a zero update (gate floor): base weights
     warned: set = field(default_factory=set)
 
 
@@ -141,12 +142,12 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
     return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows), strength=strength,
                      paths=host_paths(meta, "ldm"),
                      dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets},
-                     apply_to=get_family(meta.family).apply_to)
+                     apply_to=get_family(meta.family).apply_to, silent=silent_prompts(factors))
 
 
 def rows_under_floor(plan: ApplyPlan) -> int:
     """Prompt rows whose update the gate floor switched off (they run the base weights)."""
-    return int((delta_norm(plan.factors) == 0).sum())
+    return int(silent_prompts(plan.factors).sum())
 
 
 def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
@@ -174,6 +175,8 @@ def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
             log.warning("UnHype: %d conditional row(s) come from conditioning that did not pass "
                         "through UnHype Apply (or was changed after it); they run without "
                         "erasure", missed)
+    if plan.silent is not None:  # no hooks for rows the floor switched off
+        rows = torch.where(plan.silent[rows.clamp(min=0)], -1, rows)
     return rows
 
 

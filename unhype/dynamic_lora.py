@@ -6,6 +6,10 @@ row of a forward pass gets its own update in one batched computation:
 
     y[row] += strength * (x[row] @ A[p]) @ B[p].T      for p = rows[row] >= 0
 
+Prompts whose update is exactly zero in every layer (the gate floor switched them off,
+unhype.gate_floor) can be mapped to -1 with `skip_silent`, so a batch of only such rows runs the
+base layers without the extra matmuls; their output is the same either way.
+
 Hooks sit on module instances, so any module whose weight is [out, in] works (nn.Linear, Forge's
 and ComfyUI's custom layers), and fused layers take a row slice of their output (FLUX qkv).
 Nothing touches a weight: removing the hooks restores the model exactly.
@@ -64,6 +68,16 @@ def resolve_modules(root: nn.Module, paths: dict[str, HostPath | str],
     return bindings
 
 
+def silent_prompts(factors: LoraFactors) -> Tensor:
+    """[K] bool: prompts whose update B A^T is zero in every layer (A or B all zero)."""
+    silent = None
+    for a, b in factors.values():
+        a, b = a.detach().flatten(1), b.detach().flatten(1)
+        zero = (a.abs().amax(1) == 0) | (b.abs().amax(1) == 0)
+        silent = zero if silent is None else silent & zero.to(silent.device)
+    return silent.cpu() if silent is not None else torch.zeros(0, dtype=torch.bool)
+
+
 def check_strength(strength) -> float:
     try:
         value = float(strength)
@@ -82,6 +96,7 @@ class DynamicLoRA:
         self.factors: LoraFactors | None = None
         self.rows: Tensor | None = None
         self.strength = 1.0
+        self.silent: Tensor | None = None  # set by set(skip_silent=True)
         self._cache: dict = {}
         self._handles = [b.module.register_forward_hook(self._hook(b)) for b in bindings.values()]
 
@@ -90,14 +105,20 @@ class DynamicLoRA:
                dims: dict[str, tuple[int, int]] | None = None) -> "DynamicLoRA":
         return cls(resolve_modules(root, paths, dims))
 
-    def set(self, factors: LoraFactors, rows, strength: float = 1.0) -> "DynamicLoRA":
-        """Use `factors` (K prompts) for the next forwards; rows[i] = prompt of batch row i."""
+    def set(self, factors: LoraFactors, rows, strength: float = 1.0,
+            skip_silent: bool = False) -> "DynamicLoRA":
+        """Use `factors` (K prompts) for the next forwards; rows[i] = prompt of batch row i.
+
+        `skip_silent`: rows of prompts with a zero update (`silent_prompts`) become -1 in this
+        and every later row map. Inference only: in training a zero factor still has a
+        gradient."""
         absent = set(self.bindings) - set(factors)
         if absent:
             raise UnHypeError(f"factors lack {len(absent)} hooked layer(s), e.g. "
                               f"{sorted(absent)[:2]}")
         self.factors = factors
         self.strength = check_strength(strength)
+        self.silent = silent_prompts(factors) if skip_silent else None
         self.set_rows(rows)
         return self
 
@@ -106,12 +127,14 @@ class DynamicLoRA:
         k = next(iter(self.factors.values()))[0].shape[0] if self.factors else 0
         if rows.numel() and (rows.max() >= k or rows.min() < -1):
             raise UnHypeError(f"row map {rows.tolist()} points outside the {k} prompts given")
+        if self.silent is not None and rows.numel():
+            rows = torch.where(self.silent[rows.clamp(min=0)], -1, rows)
         self.rows = rows
         self._cache.clear()
 
     def clear(self) -> None:
         """Keep the hooks but run base weights (no factors)."""
-        self.factors, self.rows = None, None
+        self.factors, self.rows, self.silent = None, None, None
         self._cache.clear()
 
     def remove(self) -> None:

@@ -76,7 +76,7 @@ class Session:
                 dims = {t.name: (t.in_dim, t.out_dim) for t in meta.config.targets}
                 lora = DynamicLoRA.attach(self.unet, host_paths(meta, "ldm"), dims)
                 self.loras.append(lora)
-                lora.set(factors, [-1], active.strength)
+                lora.set(factors, [-1], active.strength, skip_silent=True)
             if self.loras:
                 self._pre_handle = self.unet.register_forward_pre_hook(self._pre_hook,
                                                                        with_kwargs=True)

@@ -108,6 +108,8 @@ def test_rows_under_the_gate_floor_run_the_base_weights(pack, tiny_parts, loaded
     sample(patched, cond_out, neg, steps=1)
     call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)
     assert torch.equal(call["output"], base_forward(model, call))  # both halves: base weights
+    # and no LoRA hooks at all: a floored prompt costs what the base model costs
+    assert patched.model_options["model_function_wrapper"].calls == 0
     _, _, info = apply(pack, model, pos, loaded)  # no reference stored: no floor, no note
     assert "gate floor" not in info
 

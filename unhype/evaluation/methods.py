@@ -60,7 +60,9 @@ class LoraMethod(Method):
             self.lora = None
 
     def begin(self, hidden, pooled):
-        self.lora.set(self.factors(hidden, pooled), torch.arange(len(pooled)), self.strength)
+        # sampling skips prompts with a zero update; the attack's gradient pass keeps them
+        self.lora.set(self.factors(hidden, pooled), torch.arange(len(pooled)), self.strength,
+                      skip_silent=not torch.is_grad_enabled())
         return None
 
     def rows(self, rows):
