@@ -227,8 +227,13 @@ def validate(cfg: TrainConfig) -> None:
     if isinstance(v["adversarial_fraction"], float) and not 0 < v["adversarial_fraction"] <= 1:
         problems.append(f"adversarial_fraction must be in (0, 1], got "
                         f"{v['adversarial_fraction']}")
-    if isinstance(v["gate_floor"], float) and not 0 <= v["gate_floor"] < 0.5:
-        problems.append(f"gate_floor must be in [0, 0.5), got {v['gate_floor']}")
+    if isinstance(v["gate_floor"], float):
+        from unhype.gate_floor import check_floor  # the bound the hosts apply
+
+        try:
+            check_floor(v["gate_floor"])
+        except UnHypeError as exc:
+            problems.append(str(exc).replace("gate floor", "gate_floor", 1))
     if problems:
         raise UnHypeError("invalid training options: " + "; ".join(problems))
     if v["retain_learning_rate"] is None:

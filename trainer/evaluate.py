@@ -205,10 +205,10 @@ def evaluate_run(run) -> dict:
     if run.backend.family.name != "toy":
         raise UnHypeError("--eval measures erasure on the toy model only; for SD use "
                           "`unhype eval` with open_clip")
-    from trainer.loop import gate_reference
+    from unhype.fileformat import read_meta
     from unhype.gate_floor import apply_floor
 
-    ref = gate_reference(run)  # as the saved file will apply it
+    ref = read_meta(run.result_path).training.get("gate_reference")  # as the file applies it
 
     def hypernet(emb):
         return apply_floor(run.hypernet(emb), ref, run.cfg.gate_floor)

@@ -18,7 +18,8 @@ def test_toy_run_writes_hypernet_grid_and_metrics(tmp_path):
     cfg = resolve({"config_file": "trainer/configs/toy_demo.toml", "output_dir": str(tmp_path),
                    "retain_prompts": str(retain),
                    "max_train_steps": 3, "ddim_steps": 3, "sample_steps": 2, "sample_seeds": 1,
-                   "train_batch_size": 2, "retain_batch_size": 16, "log_every": 1})
+                   "train_batch_size": 2, "retain_batch_size": 16, "log_every": 1,
+                   "eval_images": 1})
     cfg.concept_entries = [{"target": "circle", "templates": ["a red {}", "a {}"]}]
     session = loop.prepare(cfg, quiet=True)
     assert session.backend.prediction_type == "sample"
@@ -32,6 +33,9 @@ def test_toy_run_writes_hypernet_grid_and_metrics(tmp_path):
     assert loaded.meta.training["esd_space"].startswith("native model output (sample)")
     assert loaded.gate_reference == pytest.approx(loop.gate_reference(session), rel=1e-5)
     assert loaded.gate_reference > 0
+    # `unhype train --eval`: scored with the floor the written file applies
+    run_metrics = evaluate.evaluate_run(session)
+    assert (tmp_path / "metrics.json").is_file() and run_metrics["erased"] == ["circle"]
     grid = list((tmp_path / "samples").glob("circle-step*.png"))
     assert grid
     images = session.backend.decode(torch.zeros(2, *session.backend.latent_shape))
