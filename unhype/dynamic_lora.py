@@ -95,6 +95,7 @@ class DynamicLoRA:
         self.bindings = bindings
         self.factors: LoraFactors | None = None
         self.rows: Tensor | None = None
+        self._live = False  # any row with a LoRA: checked once per row map, not per layer
         self.strength = 1.0
         self.silent: Tensor | None = None  # set by set(skip_silent=True)
         self._cache: dict = {}
@@ -130,11 +131,13 @@ class DynamicLoRA:
         if self.silent is not None and rows.numel():
             rows = torch.where(self.silent[rows.clamp(min=0)], -1, rows)
         self.rows = rows
+        self._live = bool((rows >= 0).any())
         self._cache.clear()
 
     def clear(self) -> None:
         """Keep the hooks but run base weights (no factors)."""
         self.factors, self.rows, self.silent = None, None, None
+        self._live = False
         self._cache.clear()
 
     def remove(self) -> None:
@@ -162,7 +165,7 @@ class DynamicLoRA:
 
     def _hook(self, binding: _Binding):
         def hook(module, args, output):
-            if self.factors is None or self.rows is None or not bool((self.rows >= 0).any()):
+            if not self._live:
                 return None
             x = args[0]
             n = x.shape[0]
