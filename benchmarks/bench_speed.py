@@ -3,7 +3,9 @@ and merged paths, memory and file size per variant; the toy UNet and an SD1.5-si
 weights, CPU). All ratios come from one run on one machine.
 
 - generation: hypernet forward for 1 prompt (and 8), ms, per variant
-- per-row: UNet forward on [uncond; cond] rows with `DynamicLoRA` (cond rows only) vs without
+- per-row: UNet forward on [uncond; cond] rows with `DynamicLoRA` (cond rows only) vs without;
+  and for a prompt the gate floor switched off (zero factors): hooks adding zero vs skipped
+  (`skip_silent`, what the hosts do)
 - merged: W += B A^T for one prompt, forwards on the patched weights, W restored; the overhead is
   the merge + restore time spread over `--steps` sampling steps
 - memory: hypernet parameters, factors per prompt, process peak RSS; file: .safetensors size
@@ -14,6 +16,7 @@ weights, CPU). All ratios come from one run on one machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import tempfile
@@ -35,6 +38,24 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def timed_interleaved(cases: dict, repeats: int) -> dict:
+    """Median seconds of each case's `run()`, the cases interleaved round by round (after one
+    warm-up round), so a change in machine load hits every case alike: ratios between cases
+    are then fair where separately timed medians are not. A case is `run` or a context manager
+    factory and `run`: `(setup, run)`, with only `run` timed inside `with setup():`."""
+    cases = {k: v if isinstance(v, tuple) else (contextlib.nullcontext, v)
+             for k, v in cases.items()}
+    times = {k: [] for k in cases}
+    for round_ in range(repeats + 1):
+        for k, (setup, run) in cases.items():
+            with setup():
+                t = time.perf_counter()
+                run()
+                if round_:
+                    times[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def peak_rss_mb() -> float:
@@ -73,7 +94,6 @@ def bench_model(kind: str, args) -> list[dict]:
         with torch.no_grad():
             unet(x, t, encoder_hidden_states=ctx)
 
-    base_s = timed(forward, args.repeats)
     out = []
     for variant in args.variants:
         specs = [TargetSpec(tg.name, tg.module_type, tg.in_dim, tg.out_dim, tg.path)
@@ -91,13 +111,25 @@ def bench_model(kind: str, args) -> list[dict]:
             gen8 = timed(lambda: net(emb8), args.repeats * 3)
             factors = net(emb1)
         factor_bytes = sum(a.numel() + b.numel() for a, b in factors.values()) * 4
-        lora = DynamicLoRA.attach(unet, {tg.name: tg.path for tg in targets},
-                                  {tg.name: (tg.in_dim, tg.out_dim) for tg in targets})
-        try:
-            lora.set(factors, torch.tensor([-1] * n_prompts + list(range(n_prompts))))
-            rows_s = timed(forward, args.repeats)
-        finally:
-            lora.remove()
+        row_map = torch.tensor([-1] * n_prompts + list(range(n_prompts)))
+        # a prompt the gate floor switched off (zero A): hooks adding zero vs skipped
+        floored = {k: (torch.zeros_like(a), b) for k, (a, b) in factors.items()}
+
+        def with_lora(use, skip=False):  # hooks set up outside the timed forward
+            @contextlib.contextmanager
+            def setup():
+                with DynamicLoRA.attach(unet, {tg.name: tg.path for tg in targets},
+                                        {tg.name: (tg.in_dim, tg.out_dim)
+                                         for tg in targets}) as lora:
+                    lora.set(use, row_map, skip_silent=skip)
+                    yield
+            return setup, forward
+
+        # base, per-row, floored timed round by round: one load change hits all four alike
+        times = timed_interleaved({"base": forward, "rows": with_lora(factors),
+                               "floored_hooked": with_lora(floored),
+                               "floored_skipped": with_lora(floored, skip=True)}, args.repeats)
+        base_s = times["base"]
         named = dict(unet.named_modules())
 
         def merge_restore():
@@ -119,7 +151,9 @@ def bench_model(kind: str, args) -> list[dict]:
             "model": kind, "variant": variant, "targets": len(targets), "latent": latent,
             "unet_build_s": round(build_s, 1), "base_forward_ms": 1000 * base_s,
             "gen1_ms": 1000 * gen1, "gen8_ms": 1000 * gen8,
-            "per_row_ratio": rows_s / base_s,
+            "per_row_ratio": times["rows"] / base_s,
+            "floored_hooked_ratio": times["floored_hooked"] / base_s,
+            "floored_skipped_ratio": times["floored_skipped"] / base_s,
             "merged_ratio": (steps * base_s + merge_s) / (steps * base_s), "steps": steps,
             "merge_ms": 1000 * merge_s, "hypernet_params": net.num_parameters(),
             "factors_kb": factor_bytes / 1024, "file_mb": size / 2 ** 20,
@@ -155,13 +189,14 @@ def main(argv=None):
     print(f"UnHype speed and size on CPU ({torch.get_num_threads()} torch threads, rank "
           f"{args.rank}, 1 prompt = [uncond; cond] rows; median of {args.repeats}):\n")
     print("| model | variant | targets | LoRA gen 1 prompt (ms) | 8 prompts (ms) | UNet forward "
-          "(ms) | per-row time ratio | merged time ratio | hypernet params | factors/prompt "
-          "(KB) | file (MB) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(ms) | per-row time ratio | floored prompt: zero hooks / skipped | merged time ratio | "
+          "hypernet params | factors/prompt (KB) | file (MB) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} ({r['latent']}x{r['latent']} latent) | {r['variant']} | "
               f"{r['targets']} | {r['gen1_ms']:.2f} | {r['gen8_ms']:.2f} | "
               f"{r['base_forward_ms']:.0f} | {r['per_row_ratio']:.3f} | "
+              f"{r['floored_hooked_ratio']:.3f} / {r['floored_skipped_ratio']:.3f} | "
               f"{r['merged_ratio']:.3f} ({r['steps']} steps) | {r['hypernet_params']:,} | "
               f"{r['factors_kb']:.1f} | {r['file_mb']:.2f} | {r['peak_rss_mb']:.0f} |")
 

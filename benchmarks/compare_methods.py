@@ -47,10 +47,25 @@ class Spec(NamedTuple):
     fraction: float = 1.0  # --adversarial_fraction
 
 
+def split_strength(spec: str) -> tuple[str, float]:
+    """'spm@2', 'per_layer/direct+r4@2' -> (the method, 2.0): an inference strength after '@'
+    (the LoRA multiplier; 1 without). The trained weights are the same at every strength."""
+    head, _, strength = spec.partition("@")
+    try:
+        return head, float(strength) if strength else 1.0
+    except ValueError:
+        raise ValueError(f"{spec!r}: the strength after '@' is not a number") from None
+
+
+def with_strength(name: str, strength: float) -> str:
+    return name if strength == 1 else f"{name}, strength {strength:g}"
+
+
 def parse_variant(spec: str) -> Spec:
     """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
-    -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, else: lr schedule)."""
-    head, *extras = spec.split("+")
+    -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, else: lr schedule); an
+    '@strength' suffix is not part of the trained variant (split_strength)."""
+    head, *extras = split_strength(spec)[0].split("+")
     variant, mode = head.split("/")
     out = Spec(variant, mode)
     for e in extras:
@@ -66,8 +81,9 @@ def parse_variant(spec: str) -> Spec:
 
 
 def variant_key(spec: str) -> str:
-    """'per_layer/direct+adv0.5' -> 'per_layer-direct-adv0.5': the spec in file and folder names."""
-    return spec.replace("/", "-").replace("+", "-")
+    """'per_layer/direct+adv0.5' -> 'per_layer-direct-adv0.5', '...@2' -> '...-x2': the spec in
+    file and folder names."""
+    return spec.replace("/", "-").replace("+", "-").replace("@", "-x")
 
 
 def spec_of_file(meta) -> Spec:
@@ -86,7 +102,7 @@ def describe(v: Spec) -> str:
 
 
 def unhype_name(spec: str) -> str:
-    return describe(parse_variant(spec))
+    return with_strength(describe(parse_variant(spec)), split_strength(spec)[1])
 
 
 def train_unhype(backend, concepts, spec, steps, seed, out_dir):
@@ -116,7 +132,8 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     targets = backend.family.targets(cfg.target_preset, model=backend.unet)
     run.hypernet.eval()
     return UnHypeMethod(run.hypernet, {t.name: t.path for t in targets},
-                        {t.name: (t.in_dim, t.out_dim) for t in targets}, name=unhype_name(spec),
+                        {t.name: (t.in_dim, t.out_dim) for t in targets},
+                        split_strength(spec)[1], name=unhype_name(spec),
                         gate_reference=gate_reference(run), floor=cfg.gate_floor)
 
 
@@ -130,7 +147,8 @@ def trained_file(args, spec, concepts):
     if not args.unhype_dir:
         return None
     name = concepts[0] if len(concepts) == 1 else "multi"
-    path = Path(args.unhype_dir) / f"{variant_key(spec)}-{name}" / "hypernet.safetensors"
+    trained = variant_key(split_strength(spec)[0])
+    path = Path(args.unhype_dir) / f"{trained}-{name}" / "hypernet.safetensors"
     if not path.is_file():
         return None
     meta = read_meta(path)
@@ -140,7 +158,7 @@ def trained_file(args, spec, concepts):
     loaded = load_hypernet(path)
     steps = loaded.meta.training.get("steps_done")
     say(f"  using {path} ({steps} steps)")
-    return UnHypeMethod.from_loaded(loaded, name=unhype_name(spec))
+    return UnHypeMethod.from_loaded(loaded, split_strength(spec)[1], name=unhype_name(spec))
 
 
 def with_counts(row: dict, per_class: int, n_erased: int, n_classes: int) -> dict:
@@ -162,14 +180,14 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
     from unhype.evaluation.harness import evaluate
     from unhype.evaluation.methods import Method
 
-    rows = {}
+    rows, built = {}, {}  # built: baselines trained in this setting, reused at other strengths
     plan = [("base", None)] + [(b, None) for b in args.baselines] + \
         [("unhype", v) for v in args.variants]
     # the base model's other-class images: every method's change_s / kept_s is against them
     ref_file = args.out / tag / "base_others.safetensors"
     reference = load_file(str(ref_file))["others"] if ref_file.is_file() else None
     for kind, variant in plan:
-        key = kind if variant is None else f"unhype-{variant_key(variant)}"
+        key = variant_key(kind) if variant is None else f"unhype-{variant_key(variant)}"
         cache = args.out / tag / f"{key}.json"
         stale = kind == "base" and reference is None and not args.cached_only
         if cache.is_file() and not args.force and not stale:
@@ -187,7 +205,15 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
                 train_unhype(backend, concepts, variant, args.steps, args.seed,
                              args.out / tag / key)
         else:
-            method = build(kind, gen, backend, concepts, ps, args.steps, args.seed)
+            name, strength = split_strength(kind)
+            if name not in built:
+                built[name] = build(name, gen, backend, concepts, ps, args.steps, args.seed)
+            method = built[name]
+            if not hasattr(method, "strength") and strength != 1:
+                raise SystemExit(f"--baselines {kind}: {name} has no LoRA strength")
+            if hasattr(method, "strength"):
+                method.strength = strength
+                method.name = with_strength(method.name.split(", strength")[0], strength)
         train_s = time.time() - t0
         is_base = kind == "base"
         res = evaluate(gen, [method], ps, concepts, clf, args.per_class, args.eval_seed,
@@ -334,8 +360,10 @@ def main(argv=None):
     ap.add_argument("--variants", default="per_layer/fields",
                     help=f"UnHype variant/mode list or 'all' ({', '.join(ALL_VARIANTS)}); "
                     "'+adv0.5' after one trains it with adversarial gate training at eps 0.5, "
-                    "'+cosine' (or another --lr_scheduler name) with that learning-rate schedule")
-    ap.add_argument("--baselines", default=",".join(BASELINES))
+                    "'+cosine' (or another --lr_scheduler name) with that learning-rate schedule; "
+                    "'@2' at the end scores it at inference strength 2 (the same trained file)")
+    ap.add_argument("--baselines", default=",".join(BASELINES),
+                    help="comma-separated; 'spm@2': a LoRA baseline at inference strength 2")
     ap.add_argument("--steps", type=int, default=300, help="training steps of every trained method")
     ap.add_argument("--per-class", dest="per_class", type=int, default=10,
                     help="images per class and set")
@@ -376,6 +404,11 @@ def main(argv=None):
     if missing:  # before hours of work, not after
         ap.error(f"--include / --single-also / --multi-also: not found: {', '.join(missing)}")
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    try:
+        for spec in args.baselines + args.variants:
+            split_strength(spec)
+    except ValueError as exc:
+        ap.error(str(exc))
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     multi = [t.strip() for t in args.multi.split(",") if t.strip()]
 

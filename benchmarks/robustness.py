@@ -12,6 +12,7 @@ prompts whose base-model image shows the concept. Methods are built as in compar
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -27,7 +28,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variants", default="per_layer/fields",
                     help="UnHype variants trained in-process, as compare_methods.py's")
-    ap.add_argument("--baselines", default="negative_prompt,uce,esd_x,esd_u,spm")
+    ap.add_argument("--baselines", default="negative_prompt,uce,esd_x,esd_u,spm",
+                    help="as compare_methods.py's: 'spm@2' is SPM at LoRA strength 2")
     ap.add_argument("--eps", type=float, default=0.5, help="relative L2 bound per token")
     ap.add_argument("--attack-steps", dest="attack_steps", type=int, default=20)
     ap.add_argument("--attack-prompts", dest="attack_prompts", type=int, default=12)
@@ -37,11 +39,14 @@ def main(argv=None):
     ap.add_argument("--unhype-file", dest="unhype_file", action="append", default=[],
                     help="evaluate this trained hypernetwork instead of training one "
                     "(repeatable: e.g. with and without adversarial gate training)")
+    ap.add_argument("--strengths", default="1",
+                    help="comma-separated inference strengths for each --unhype-file")
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
 
-    from benchmarks.compare_methods import describe, spec_of_file, train_unhype, variant_key
+    from benchmarks.compare_methods import (describe, spec_of_file, split_strength, train_unhype,
+                                            variant_key, with_strength)
     from trainer.backends.toy import ToyBackend
     from unhype.baselines.registry import build
     from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
@@ -61,9 +66,17 @@ def main(argv=None):
     name = ps.class_names[label]
     clf = load_classifier(args.classifier, ps.class_names, ps.class_prompts(),
                           toy_weights=args.toy_weights)
-    methods = [Method()]
+    methods, built = [Method()], {}
     for b in [b.strip() for b in args.baselines.split(",") if b.strip()]:
-        methods.append(build(b, gen, backend, [name], ps, args.steps, args.seed))
+        kind, strength = split_strength(b)
+        if kind not in built:
+            built[kind] = build(kind, gen, backend, [name], ps, args.steps, args.seed)
+        method = copy.copy(built[kind])  # the same trained weights at another strength
+        if strength != 1:
+            if not hasattr(method, "strength"):
+                raise SystemExit(f"--baselines {b}: {kind} has no LoRA strength")
+            method.strength, method.name = strength, with_strength(method.name, strength)
+        methods.append(method)
     for path in args.unhype_file:
         from unhype.evaluation.methods import UnHypeMethod
         from unhype.fileformat import load_hypernet
@@ -71,9 +84,11 @@ def main(argv=None):
         loaded = load_hypernet(path)
         title = f"{describe(spec_of_file(loaded.meta))} " \
             f"({loaded.meta.training.get('steps_done')} steps)"
-        if any(m.name == title for m in methods):  # two files alike: tell them apart
+        if any(m.name.startswith(title) for m in methods):  # two files alike: tell them apart
             title += f" [{Path(path).parent.name}/{Path(path).name}]"
-        methods.append(UnHypeMethod.from_loaded(loaded, name=title))
+        for strength in [float(v) for v in args.strengths.split(",")]:
+            methods.append(UnHypeMethod.from_loaded(loaded, strength,
+                                                    name=with_strength(title, strength)))
         args.variants = ""
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         methods.append(train_unhype(backend, [name], v, args.steps, args.seed,
