@@ -322,8 +322,8 @@ def goal_line(rows: dict, name: str, setting: str, bar: float) -> str:
         else {}
     tied = [o for o, (lo, hi) in ci.items() if r["h_o_ci"][0] <= hi and lo <= r["h_o_ci"][1]]
     below = [o for o, (lo, _) in ci.items() if lo > r["h_o_ci"][1]]
-    told = [f"95% intervals overlap with {', '.join(tied)}"] if tied else []
-    told += [f"its 95% interval lies wholly below {', '.join(below)}'s"] if below else []
+    told = [f"95% intervals overlap with: {' / '.join(tied)}"] if tied else []
+    told += [f"its 95% interval lies wholly below that of: {' / '.join(below)}"] if below else []
     return (f"{name}: {setting} H_o {fmt(r['h_o'])} ({'>=' if r['h_o'] >= bar else '<'} "
             f"{100 * bar:.0f}), {'above' if beats else 'NOT above'} every baseline; "
             + ("; ".join(told) or ("its 95% interval lies above every baseline's" if ci
