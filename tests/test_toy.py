@@ -99,3 +99,18 @@ def test_sample_quality_on_committed_weights(toy, judge_net):
     colour_acc = float((pc.numpy() == colours).mean())
     assert shape_acc >= 0.8, shape_acc
     assert colour_acc >= 0.8, colour_acc
+
+
+def test_judge_confidence_is_high_on_clean_shapes_and_low_on_textures():
+    from unhype.evaluation.zero_shot import JudgeClassifier
+
+    clf = JudgeClassifier(list(data.SHAPES))
+    images, _, _ = data.render_batch(64, np.random.default_rng(5))
+    clean = clf.confidence(torch.from_numpy(images))
+    # a texture like the adversarial files' erased images: colour blobs, no shape
+    blobs = torch.rand(64, 3, data.RESOLUTION // 4, data.RESOLUTION // 4,
+                       generator=torch.Generator().manual_seed(0))
+    noise = clf.confidence(torch.nn.functional.interpolate(blobs, size=data.RESOLUTION,
+                                                           mode="bilinear"))
+    assert clean.shape == (64,) and clean.mean() > 0.95
+    assert noise.mean() < clean.mean() - 0.2

@@ -81,6 +81,15 @@ class JudgeClassifier:
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self._map[self.net.classify(images.float().cpu())[0]]
 
+    @torch.no_grad()
+    def confidence(self, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+        """[N] the judge's top shape probability: ~1 for a clean shape (base images: 0.998),
+        low for a texture or a broken picture."""
+        self.net.eval()
+        out = [self.net(images[i:i + batch].float().cpu())[0].softmax(1).max(1).values
+               for i in range(0, len(images), batch)]
+        return torch.cat(out) if out else torch.empty(0)
+
 
 def _resize_normalise(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """[0, 1] images -> CLIP input: bicubic resize of the short side, centre crop, normalise."""
