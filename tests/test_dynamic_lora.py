@@ -155,8 +155,13 @@ def test_silent_prompts_are_skipped_with_the_same_output():
         lora.set_rows([1, 1, 1, 1])  # later row maps are mapped too: nothing left to add
         assert lora.rows.tolist() == [-1] * 4
         y_silent = root(x)
-        lora.set({"l": (a, b)}, [0, 1, -1, 2])  # without the flag prompt 1 keeps its row
+        lora.set({"l": (a, b)}, [0, 1, -1, 2], skip_silent=False)  # prompt 1 keeps its row
         assert lora.rows.tolist() == [0, 1, -1, 2]
+        lora.set({"l": (a, b)}, [0, 1, -1, 2])  # default: skipped only with gradients off
+        assert lora.rows.tolist() == [0, 1, -1, 2]  # (gradients are on here)
+        with torch.no_grad():
+            lora.set({"l": (a, b)}, [0, 1, -1, 2])
+        assert lora.rows.tolist() == [0, -1, -1, 2]
     torch.testing.assert_close(y, reference(x, lin.weight, lin.bias, a, b, [0, 1, -1, 2], 1.0),
                                rtol=1e-5, atol=1e-5)
     assert torch.equal(y_silent, root(x))  # base layers, bit for bit

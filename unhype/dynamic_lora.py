@@ -107,18 +107,20 @@ class DynamicLoRA:
         return cls(resolve_modules(root, paths, dims))
 
     def set(self, factors: LoraFactors, rows, strength: float = 1.0,
-            skip_silent: bool = False) -> "DynamicLoRA":
+            skip_silent: bool | None = None) -> "DynamicLoRA":
         """Use `factors` (K prompts) for the next forwards; rows[i] = prompt of batch row i.
 
         `skip_silent`: rows of prompts with a zero update (`silent_prompts`) become -1 in this
-        and every later row map. Inference only: in training a zero factor still has a
-        gradient."""
+        and every later row map. Default: when gradients are off (sampling), since in training
+        a zero factor still has a gradient."""
         absent = set(self.bindings) - set(factors)
         if absent:
             raise UnHypeError(f"factors lack {len(absent)} hooked layer(s), e.g. "
                               f"{sorted(absent)[:2]}")
         self.factors = factors
         self.strength = check_strength(strength)
+        if skip_silent is None:
+            skip_silent = not torch.is_grad_enabled()
         self.silent = silent_prompts(factors) if skip_silent else None
         self.set_rows(rows)
         return self

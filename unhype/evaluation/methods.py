@@ -60,9 +60,7 @@ class LoraMethod(Method):
             self.lora = None
 
     def begin(self, hidden, pooled):
-        # sampling skips prompts with a zero update; the attack's gradient pass keeps them
-        self.lora.set(self.factors(hidden, pooled), torch.arange(len(pooled)), self.strength,
-                      skip_silent=not torch.is_grad_enabled())
+        self.lora.set(self.factors(hidden, pooled), torch.arange(len(pooled)), self.strength)
         return None
 
     def rows(self, rows):
