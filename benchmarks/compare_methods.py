@@ -16,6 +16,7 @@ Results of each (setting, method) are cached under --out, so an interrupted run 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -59,6 +60,16 @@ def split_strength(spec: str) -> tuple[str, float]:
 
 def with_strength(name: str, strength: float) -> str:
     return name if strength == 1 else f"{name}, strength {strength:g}"
+
+
+def at_strength(method, strength: float, spec: str):
+    """A copy of a built baseline at LoRA strength `strength` (the same trained weights)."""
+    out = copy.copy(method)
+    if strength != 1:
+        if not hasattr(out, "strength"):
+            raise SystemExit(f"--baselines {spec}: {out.name} has no LoRA strength")
+        out.strength, out.name = strength, with_strength(out.name, strength)
+    return out
 
 
 def parse_variant(spec: str) -> Spec:
@@ -208,12 +219,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
             name, strength = split_strength(kind)
             if name not in built:
                 built[name] = build(name, gen, backend, concepts, ps, args.steps, args.seed)
-            method = built[name]
-            if not hasattr(method, "strength") and strength != 1:
-                raise SystemExit(f"--baselines {kind}: {name} has no LoRA strength")
-            if hasattr(method, "strength"):
-                method.strength = strength
-                method.name = with_strength(method.name.split(", strength")[0], strength)
+            method = at_strength(built[name], strength, kind)
         train_s = time.time() - t0
         is_base = kind == "base"
         res = evaluate(gen, [method], ps, concepts, clf, args.per_class, args.eval_seed,

@@ -12,7 +12,6 @@ prompts whose base-model image shows the concept. Methods are built as in compar
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -45,8 +44,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
 
-    from benchmarks.compare_methods import (describe, spec_of_file, split_strength, train_unhype,
-                                            variant_key, with_strength)
+    from benchmarks.compare_methods import (at_strength, describe, spec_of_file, split_strength,
+                                            train_unhype, variant_key, with_strength)
     from trainer.backends.toy import ToyBackend
     from unhype.baselines.registry import build
     from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
@@ -71,12 +70,7 @@ def main(argv=None):
         kind, strength = split_strength(b)
         if kind not in built:
             built[kind] = build(kind, gen, backend, [name], ps, args.steps, args.seed)
-        method = copy.copy(built[kind])  # the same trained weights at another strength
-        if strength != 1:
-            if not hasattr(method, "strength"):
-                raise SystemExit(f"--baselines {b}: {kind} has no LoRA strength")
-            method.strength, method.name = strength, with_strength(method.name, strength)
-        methods.append(method)
+        methods.append(at_strength(built[kind], strength, b))
     for path in args.unhype_file:
         from unhype.evaluation.methods import UnHypeMethod
         from unhype.fileformat import load_hypernet

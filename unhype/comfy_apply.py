@@ -147,7 +147,7 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
 
 def rows_under_floor(plan: ApplyPlan) -> int:
     """Prompt rows whose update the gate floor switched off (they run the base weights)."""
-    return int(silent_prompts(plan.factors).sum())
+    return int(plan.silent.sum()) if plan.silent is not None else 0
 
 
 def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
@@ -229,7 +229,8 @@ class UnHypeWrapper:
         self.calls += 1
         lora = DynamicLoRA(self._bindings())
         try:
-            lora.set(self.plan.factors, rows, self.plan.strength)
+            # row_map already sent the silent rows to -1: no second scan of every layer per call
+            lora.set(self.plan.factors, rows, self.plan.strength, skip_silent=False)
             return run()
         finally:
             lora.remove()
