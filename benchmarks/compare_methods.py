@@ -46,6 +46,7 @@ class Spec(NamedTuple):
     schedule: str = "constant"  # --lr_scheduler
     rank: int = 1  # --network_dim
     fraction: float = 1.0  # --adversarial_fraction
+    eta: float = 1.0  # --eta (ESD guidance of the removal target)
 
 
 def split_strength(spec: str) -> tuple[str, float]:
@@ -74,7 +75,8 @@ def at_strength(method, strength: float, spec: str):
 
 def parse_variant(spec: str) -> Spec:
     """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
-    -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, else: lr schedule); an
+    -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, eta: ESD eta, else: lr
+    schedule); an
     '@strength' suffix is not part of the trained variant (split_strength)."""
     head, *extras = split_strength(spec)[0].split("+")
     variant, mode = head.split("/")
@@ -84,6 +86,8 @@ def parse_variant(spec: str) -> Spec:
             out = out._replace(adv=float(e[3:]))
         elif e.startswith("mix"):
             out = out._replace(fraction=float(e[3:]))
+        elif e.startswith("eta"):
+            out = out._replace(eta=float(e[3:]))
         elif e[:1] == "r" and e[1:].isdigit():
             out = out._replace(rank=int(e[1:]))
         else:
@@ -102,13 +106,14 @@ def spec_of_file(meta) -> Spec:
     t = meta.training
     return Spec(meta.config.variant, t.get("mode"), t.get("adversarial_eps") or 0.0,
                 t.get("lr_scheduler", "constant"), meta.config.rank,
-                t.get("adversarial_fraction", 1.0))
+                t.get("adversarial_fraction", 1.0), t.get("eta", 1.0))
 
 
 def describe(v: Spec) -> str:
     return f"UnHype {v.variant}/{v.mode}" + (f" rank {v.rank}" if v.rank != 1 else "") + \
         (f" + adversarial gate {v.adv:g}" if v.adv else "") + \
         (f" on {v.fraction:.0%} of prompts" if v.adv and v.fraction < 1 else "") + \
+        (f", eta {v.eta:g}" if v.eta != 1 else "") + \
         (f", {v.schedule} lr" if v.schedule != "constant" else "")
 
 
@@ -132,7 +137,7 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
                    "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1,
                    "adversarial_eps": v.adv, "adversarial_fraction": v.fraction,
-                   "lr_scheduler": v.schedule, "network_dim": v.rank, **over})
+                   "lr_scheduler": v.schedule, "network_dim": v.rank, "eta": v.eta, **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
     index_cache(run)
@@ -277,6 +282,17 @@ def mean_rows(per_target: list[dict]) -> dict:
     return out
 
 
+def ceiling(rows: dict, per_target: list[dict] | None = None) -> float | None:
+    """The H_o ceiling of a setting (metrics.h_o_ceiling) from its base-model row(s); over
+    several targets, the mean of each target's ceiling."""
+    from unhype.evaluation.metrics import h_o_ceiling
+
+    bases = [r["base model"] for r in per_target or [rows] if "base model" in r]
+    if not bases or any(b.get("acc_s") is None for b in bases):
+        return None
+    return sum(h_o_ceiling(b["acc_s"]) for b in bases) / len(bases)
+
+
 def table(single: dict, multi: dict | None) -> str:
     base_s = single["base model"]["acc_s"]
     unhype = [n for n in single if n.startswith("UnHype")]
@@ -315,8 +331,10 @@ def table(single: dict, multi: dict | None) -> str:
     return "\n".join(lines)
 
 
-def goal_line(rows: dict, name: str, setting: str, bar: float) -> str:
-    """'<UnHype row>: <setting> H_o x (>= bar), above every baseline; intervals ...'."""
+def goal_line(rows: dict, name: str, setting: str, bar: float, top: float | None = None) -> str:
+    """'<UnHype row>: <setting> H_o x (>= bar), above every baseline; intervals ...', and which
+    baselines sit at the ceiling `top` (h_o_ceiling), where nothing that leaves other images
+    alone can be above them."""
     others = [o for o in rows if not o.startswith("UnHype") and o != "base model"]
     r = rows[name]
     if not others:  # a run of UnHype rows only: nothing to be above
@@ -330,18 +348,23 @@ def goal_line(rows: dict, name: str, setting: str, bar: float) -> str:
     below = [o for o, (lo, _) in ci.items() if lo > r["h_o_ci"][1]]
     told = [f"95% intervals overlap with: {' / '.join(tied)}"] if tied else []
     told += [f"its 95% interval lies wholly below that of: {' / '.join(below)}"] if below else []
+    capped = [o for o in others if top is not None and rows[o]["h_o"] >= top - 1e-9]
+    told += [f"{' / '.join(capped)} at the ceiling H_o {fmt(top)} (full erasure, other classes "
+             f"as the base model draws them), which no method leaving other images alone can be "
+             f"above; this row is {100 * (top - r['h_o']):.1f} below it"] if capped else []
     return (f"{name}: {setting} H_o {fmt(r['h_o'])} ({'>=' if r['h_o'] >= bar else '<'} "
             f"{100 * bar:.0f}), {'above' if beats else 'NOT above'} every baseline; "
             + ("; ".join(told) or ("its 95% interval lies above every baseline's" if ci
                                    else "no intervals (image counts unknown)")))
 
 
-def goals(single, multi) -> list[str]:
+def goals(single, multi, per_target=None) -> list[str]:
     out = []
+    top_single, top_multi = ceiling(single, per_target), multi and ceiling(multi)
     for n in [n for n in single if n.startswith("UnHype")]:
-        out.append(goal_line(single, n, "single-concept", 0.95))
+        out.append(goal_line(single, n, "single-concept", 0.95, top_single))
         if multi and n in multi:
-            out.append(goal_line(multi, n, "multi-concept", 0.90))
+            out.append(goal_line(multi, n, "multi-concept", 0.90, top_multi))
     return out
 
 
@@ -453,7 +476,7 @@ def main(argv=None):
     text = table(single, multi_rows)
     minutes = (time.time() - t_start) / 60
     print(text)
-    for g in goals(single, multi_rows):
+    for g in goals(single, multi_rows, per_target):
         print("- " + g)
     summary = {"single_mean": single, "single": dict(zip(targets, per_target)),
                "multi": multi_rows, "multi_concepts": multi, "settings": {
@@ -497,7 +520,7 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         f"- settings: `{json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, sort_keys=True)}`",
         *([f"- note: {args.note}"] if args.note else []),
         "", text, "", "Goals (issue 7):", ""]
-    lines += ["- " + g for g in goals(single, multi_rows)]
+    lines += ["- " + g for g in goals(single, multi_rows, per_target)]
     lines += ["", "## Per target", "", "| target | method | Acc_e | Acc_s | Acc_g | H_o | "
               "H_o 95% interval | " + " | ".join(CHANGE_HEAD) + " | train s | eval s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -93,3 +93,46 @@ def test_paired_change_known_values():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(UnHypeError, match="NaN"):
         paired_change(bad, ref)
+
+
+def test_h_o_ceiling_is_full_erasure_at_the_base_models_specificity():
+    from unhype.evaluation.metrics import h_o_ceiling
+
+    # base Acc_s 0.984 (the toy benchmark's): 3 / (1 + 1/0.984 + 1)
+    assert h_o_ceiling(0.984) == pytest.approx(3 / (2 + 1 / 0.984))
+    assert h_o_ceiling(0.984) == pytest.approx(0.99461, abs=1e-5)
+    assert h_o_ceiling(1.0) == 1.0
+    # any miss on an erased or synonym image puts a method below it
+    assert h_o(0.02, 0.984, 0.0) < h_o_ceiling(0.984)
+
+
+def test_goal_lines_name_the_baselines_at_the_ceiling():
+    """compare_methods' goal line says when a baseline already sits at the ceiling, so "above
+    every baseline" cannot be reached by a method that leaves other images alone."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compare_methods import goals
+
+    def row(e, s, g):
+        return {"acc_e": e, "acc_s": s, "acc_g": g, "h_o": h_o(e, s, g)}
+
+    per_target = [{"base model": row(1.0, 0.98, 1.0), "SPM": row(0.0, 0.98, 0.0),
+                   "UnHype x": row(0.02, 0.98, 0.0)},
+                  {"base model": row(1.0, 0.96, 1.0), "SPM": row(0.04, 0.96, 0.0),
+                   "UnHype x": row(0.0, 0.96, 0.0)}]
+    single = {n: {k: sum(r[n][k] for r in per_target) / 2 for k in per_target[0][n]}
+              for n in per_target[0]}
+    (line,) = goals(single, None, per_target)
+    assert "NOT above every baseline" not in line and "above every baseline" in line
+    assert "ceiling" not in line  # SPM misses more: nobody sits at the ceiling
+    per_target[1]["SPM"] = row(0.0, 0.96, 0.0)
+    single["SPM"] = {k: (per_target[0]["SPM"][k] + per_target[1]["SPM"][k]) / 2
+                     for k in per_target[0]["SPM"]}
+    (line,) = goals(single, None, per_target)
+    top = (h_o(0, 0.98, 0) + h_o(0, 0.96, 0)) / 2
+    assert "NOT above every baseline" in line
+    assert f"SPM at the ceiling H_o {100 * top:.1f}" in line
+    gap = 100 * (top - single["UnHype x"]["h_o"])
+    assert f"this row is {gap:.1f} below it" in line

@@ -35,6 +35,14 @@ def h_o(acc_e: float, acc_s: float, acc_g: float) -> float:
     return harmonic_mean(1.0 - acc_e, acc_s, 1.0 - acc_g)
 
 
+def h_o_ceiling(base_acc_s: float) -> float:
+    """The H_o of a method that erases fully (Acc_e = Acc_g = 0) and leaves every other-class
+    image as the base model draws it (Acc_s = the base model's): the most a method that leaves
+    unrelated images alone can score. Only a method that changes other-class images, and so
+    happens to fix some the classifier got wrong, can be above it."""
+    return h_o(0.0, base_acc_s, 0.0)
+
+
 def h_c(acc_e: float, acc_s: float) -> float:
     _check_unit(acc_e=acc_e, acc_s=acc_s)
     return harmonic_mean(1.0 - acc_e, acc_s)
