@@ -238,3 +238,50 @@ def concept_table(concepts: list[Concept]) -> list[dict]:
     return [c.metadata() for c in concepts]
 
 
+def concepts_of_file(table: list[dict], concept_file: Path | None = None,
+                     where: str = "the file") -> list[Concept]:
+    """The concepts a hypernetwork was trained on, rebuilt from its metadata (`concept_table`):
+    a built-in template set (or a template file still on disk) gives the same prompts again;
+    custom templates need `concept_file`, the concept file the training read, whose targets and
+    template counts must match the metadata's."""
+    if not table:
+        raise UnHypeError(f"{where} lists no concepts: nothing to rebuild the prompts from")
+    if concept_file is not None:
+        entries = load_concept_file(Path(concept_file))
+        concepts = [_concept(e, f"concept file {concept_file}", "objects", None) for e in entries]
+        by_target = {_norm(c.target): c for c in concepts}
+        out = []
+        for entry in table:
+            c = by_target.get(_norm(str(entry.get("target", ""))))
+            if c is None:
+                raise UnHypeError(f"concept file {concept_file} has no concept "
+                                  f"{entry.get('target')!r}, which {where} was trained on")
+            out.append(_matching(c, entry, where))
+        return out
+    out = []
+    for entry in table:
+        set_name = entry.get("template_set")
+        if set_name == "custom" or not set_name:
+            raise UnHypeError(f"{where}: concept {entry.get('target')!r} was trained on custom "
+                              "templates, which the file does not store; pass --concepts, the "
+                              "concept file it was trained from")
+        concept = _concept({k: entry[k] for k in ("target", "anchor", "synonyms",
+                                                  "train_on_synonyms") if k in entry}
+                           | {"template_set": set_name}, where, set_name, None)
+        out.append(_matching(concept, entry, where))
+    return out
+
+
+def _matching(concept: Concept, entry: dict, where: str) -> Concept:
+    """`concept`, checked against its metadata entry: same template count and synonym use."""
+    if entry.get("templates") is not None and len(concept.templates) != entry["templates"]:
+        raise UnHypeError(f"{where}: concept {concept.target!r} was trained on "
+                          f"{entry['templates']} templates, its template set "
+                          f"{concept.template_set!r} now has {len(concept.templates)}; pass "
+                          "--concepts, the concept file it was trained from")
+    if "train_on_synonyms" in entry:
+        concept.train_on_synonyms = bool(entry["train_on_synonyms"])
+        concept.synonyms = list(entry.get("synonyms", concept.synonyms))
+    return concept
+
+

@@ -16,6 +16,7 @@ from unhype.errors import UnHypeError
 SUBCOMMAND_MODULES = (
     "unhype.commands.inspect_cmd",
     "unhype.commands.bake_cmd",
+    "unhype.commands.stamp_cmd",
     "unhype.toy.cli",
     "trainer.cli",
     "unhype.evaluation.cli",

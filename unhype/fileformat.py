@@ -262,6 +262,18 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
     return loaded
 
 
+def save_with_training(loaded: LoadedHypernet, path, **training) -> Path:
+    """`loaded`'s file with `training` keys added to (or replacing) its training metadata, written
+    atomically to `path` (which may be the file itself): the tensors as stored, bit for bit, and
+    every other metadata entry unchanged."""
+    metadata, _ = read_header(loaded.path)
+    state = load_file(str(loaded.path))
+    metadata = {**metadata, "unhype.training": json.dumps({**loaded.meta.training, **training},
+                                                          allow_nan=False)}
+    atomic_save_safetensors(state, path, metadata)
+    return Path(path)
+
+
 def check_targets_in_model(loaded: LoadedHypernet, model, host: str = "diffusers"):
     """Resolve the file's targets in `model` ('diffusers' or 'ldm' naming); clear error if not."""
     from unhype.dynamic_lora import resolve_modules

@@ -65,7 +65,8 @@ def run(args) -> int:
         print(f"  gate floor prompts whose update is under {floor:.0%} of {ref:.4g} (the "
               f"concepts' median ||dW||) get none, full from {2 * floor:.0%}")
     else:
-        print("  gate floor none (the file stores no gate reference: trained before it existed)")
+        print("  gate floor none (the file stores no gate reference: trained before it existed; "
+              "`unhype stamp-floor` adds it)")
     print(f"  created    {info['created']}")
     print("  parameter counts of both variants, SD1 default preset (32 layers):")
     for row in info["variant_sizes_sd1"]:

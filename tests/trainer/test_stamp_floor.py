@@ -1,0 +1,104 @@
+"""`unhype stamp-floor`: a file trained before the gate floor gets the reference the trainer would
+have stored, from a real (tiny) diffusers text encoder; weights and other metadata untouched."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
+from trainer import loop
+from trainer.config import resolve
+from unhype.cli import main
+from unhype.fileformat import load_hypernet, read_header
+
+
+def trained(model, out, concept_entries=None, **over):
+    cfg = resolve(fast_options(model, out, max_train_steps=3, **over))
+    if concept_entries is not None:
+        cfg.concept_entries = concept_entries
+    session = loop.prepare(cfg, quiet=True)
+    assert loop.train(session, progress=False) == 0
+    return out / "erase.safetensors", loop.gate_reference(session)
+
+
+def without_reference(path, out):
+    """A copy of `path` as the trainer wrote files before the gate floor existed."""
+    metadata, _ = read_header(path)
+    training = json.loads(metadata["unhype.training"])
+    del training["gate_reference"]
+    save_file(load_file(str(path)), str(out), {**metadata,
+                                               "unhype.training": json.dumps(training)})
+    assert load_hypernet(out).gate_reference is None
+    return out
+
+
+def test_stamp_gives_an_old_file_the_trainers_reference(tiny_sd1, tiny_sd2, tmp_path, capsys):
+    path, reference = trained(tiny_sd1, tmp_path / "run", concepts="dog,sailboat")
+    old = without_reference(path, tmp_path / "old.safetensors")
+    new = tmp_path / "new.safetensors"
+    assert main(["stamp-floor", str(old), "-o", str(new), "--text_encoder", str(tiny_sd1),
+                 "--gate_floor", "0.05"]) == 0
+    stamped = load_hypernet(new)
+    assert stamped.gate_reference == pytest.approx(reference, rel=1e-5)
+    assert stamped.gate_floor == 0.05
+    assert "gate_reference" in capsys.readouterr().out
+    # the weights bit for bit, every other metadata entry and training key as they were
+    before, after = load_file(str(old)), load_file(str(new))
+    assert before.keys() == after.keys()
+    assert all(before[k].equal(after[k]) for k in before)
+    meta_old, meta_new = read_header(old)[0], read_header(new)[0]
+    assert {k: v for k, v in meta_old.items() if k != "unhype.training"} == \
+        {k: v for k, v in meta_new.items() if k != "unhype.training"}
+    t_old, t_new = json.loads(meta_old["unhype.training"]), json.loads(meta_new["unhype.training"])
+    assert {k: t_new[k] for k in t_old if k != "gate_floor"} == \
+        {k: v for k, v in t_old.items() if k != "gate_floor"}
+    assert t_new["gate_reference_source"].startswith("unhype stamp-floor")
+
+    # a stamped file is left alone unless --force; the output may be the input itself
+    raw = new.read_bytes()
+    assert main(["stamp-floor", str(new), "-o", str(new), "--text_encoder",
+                 str(tiny_sd1)]) == 2
+    assert "already stores gate_reference" in capsys.readouterr().err
+    assert new.read_bytes() == raw
+    assert main(["stamp-floor", str(new), "-o", str(new), "--text_encoder", str(tiny_sd1),
+                 "--force"]) == 0
+    assert load_hypernet(new).gate_reference == pytest.approx(reference, rel=1e-5)
+
+    # the wrong base model (SD2: 1024-d), a missing output folder, a bad floor: an error, nothing written
+    for args, message in (
+            (["--text_encoder", str(tiny_sd2)], "gives 1024-d vectors"),
+            (["--text_encoder", str(tiny_sd1), "--gate_floor", "0.5"], "gate floor"),
+            ([], "needs --text_encoder")):
+        assert main(["stamp-floor", str(old), "-o", str(tmp_path / "x.safetensors"),
+                     *args]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["stamp-floor", str(old), "-o", str(tmp_path / "no" / "x.safetensors"),
+                 "--text_encoder", str(tiny_sd1)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*")) and load_hypernet(old).gate_reference is None
+
+
+def test_custom_templates_need_the_concept_file(tiny_sd1, tmp_path, capsys):
+    path, reference = trained(tiny_sd1, tmp_path / "run",
+                              concept_entries=[dict(c) for c in INLINE_CONCEPTS])
+    old = without_reference(path, tmp_path / "old.safetensors")
+    new = tmp_path / "new.safetensors"
+    base = ["stamp-floor", str(old), "-o", str(new), "--text_encoder", str(tiny_sd1)]
+    assert main(base) == 2
+    assert "custom templates" in capsys.readouterr().err and not new.exists()
+
+    other = tmp_path / "other.toml"
+    other.write_text('[[concepts]]\ntarget = "cat"\ntemplates = ["a {}"]\n')
+    assert main(base + ["--concepts", str(other)]) == 2
+    assert "no concept 'dog'" in capsys.readouterr().err
+    fewer = tmp_path / "fewer.toml"
+    fewer.write_text('[[concepts]]\ntarget = "dog"\ntemplates = ["a {}"]\n')
+    assert main(base + ["--concepts", str(fewer)]) == 2
+    assert "trained on 2 templates" in capsys.readouterr().err
+
+    same = tmp_path / "concepts.toml"
+    same.write_text('[[concepts]]\ntarget = "dog"\nanchor = "cat"\nsynonyms = ["puppy"]\n'
+                    'templates = ["a photo of a {}", "a {}"]\n')
+    assert main(base + ["--concepts", str(same)]) == 0
+    assert load_hypernet(new).gate_reference == pytest.approx(reference, rel=1e-5)

@@ -1,0 +1,62 @@
+"""`unhype stamp-floor HYPERNET -o OUT`: give a file trained before the gate floor its reference.
+
+The trainer stores `gate_reference` (unhype/gate_floor.py) in every file it writes; hosts apply
+the floor only where it is there. This computes it for an older file the way the trainer does,
+from the concepts' own training prompts (rebuilt from the file's metadata) and the base model's
+text encoder, and writes the file again with it: the weights bit for bit, atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("stamp-floor", help="store the gate-floor reference in a "
+                              "hypernetwork trained before it existed, so hosts apply the floor")
+    p.add_argument("hypernet", help="UnHype hypernetwork .safetensors")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .safetensors (may be the input file: it is replaced atomically)")
+    p.add_argument("--text_encoder", default=None,
+                   help="diffusers pipeline folder (or text-encoder folder) of the base model; "
+                        "not needed for the toy family")
+    p.add_argument("--concepts", default=None,
+                   help="the concept file the hypernetwork was trained from; needed only when "
+                        "it was trained on custom templates")
+    p.add_argument("--gate_floor", type=float, default=None,
+                   help="floor to store with it (default: the file's, else 0.03)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute a reference the file already has")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from trainer.concepts import concepts_of_file
+    from unhype.embedding import load_embedder
+    from unhype.errors import UnHypeError
+    from unhype.fileformat import load_hypernet, save_with_training
+    from unhype.gate_floor import check_floor, reference_norm
+
+    out = Path(args.output)
+    if not out.parent.is_dir():  # before the text encoder loads, not after
+        raise UnHypeError(f"output folder {out.parent} does not exist")
+    floor = None if args.gate_floor is None else check_floor(args.gate_floor)
+    loaded = load_hypernet(args.hypernet)
+    if loaded.gate_reference is not None and not args.force:
+        raise UnHypeError(f"{loaded.path} already stores gate_reference "
+                          f"{loaded.gate_reference:.6g}; --force recomputes it")
+    concepts = concepts_of_file(loaded.meta.concepts, args.concepts, where=str(loaded.path))
+    embedder = load_embedder(loaded.family, args.text_encoder)
+    groups = [[p for p, _ in c.prompts()] for c in concepts]
+    reference = reference_norm(loaded.hypernet, embedder, groups)
+    if not (reference > 0 and math.isfinite(reference)):
+        raise UnHypeError(f"{loaded.path}: the update is zero on its own concepts' prompts, so a "
+                          "floor has nothing to be relative to (an untrained file?)")
+    floor = loaded.gate_floor if floor is None else floor
+    save_with_training(loaded, out, gate_reference=reference, gate_floor=floor,
+                       gate_reference_source=f"unhype stamp-floor, "
+                       f"{sum(map(len, groups))} concept prompts")
+    print(f"wrote {out}: gate_reference {reference:.6g} (the smallest median update norm over "
+          f"{len(concepts)} concept(s)), gate_floor {floor:g}")
+    return 0
