@@ -47,6 +47,7 @@ class Spec(NamedTuple):
     rank: int = 1  # --network_dim
     fraction: float = 1.0  # --adversarial_fraction
     eta: float = 1.0  # --eta (ESD guidance of the removal target)
+    consistency: float = 0.0  # > 0: --adversarial_loss consistency at this --consistency_weight
 
 
 def split_strength(spec: str) -> tuple[str, float]:
@@ -75,8 +76,8 @@ def at_strength(method, strength: float, spec: str):
 
 def parse_variant(spec: str) -> Spec:
     """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
-    -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, eta: ESD eta, else: lr
-    schedule); an
+    -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, eta: ESD eta, cons[W]:
+    the consistency adversarial loss at weight W (1), else: lr schedule); an
     '@strength' suffix is not part of the trained variant (split_strength)."""
     head, *extras = split_strength(spec)[0].split("+")
     variant, mode = head.split("/")
@@ -88,6 +89,8 @@ def parse_variant(spec: str) -> Spec:
             out = out._replace(fraction=float(e[3:]))
         elif e.startswith("eta"):
             out = out._replace(eta=float(e[3:]))
+        elif e.startswith("cons"):
+            out = out._replace(consistency=float(e[4:] or 1))
         elif e[:1] == "r" and e[1:].isdigit():
             out = out._replace(rank=int(e[1:]))
         else:
@@ -106,13 +109,16 @@ def spec_of_file(meta) -> Spec:
     t = meta.training
     return Spec(meta.config.variant, t.get("mode"), t.get("adversarial_eps") or 0.0,
                 t.get("lr_scheduler", "constant"), meta.config.rank,
-                t.get("adversarial_fraction", 1.0), t.get("eta", 1.0))
+                t.get("adversarial_fraction", 1.0), t.get("eta", 1.0),
+                t.get("consistency_weight", 1.0)
+                if t.get("adversarial_loss") == "consistency" else 0.0)
 
 
 def describe(v: Spec) -> str:
     return f"UnHype {v.variant}/{v.mode}" + (f" rank {v.rank}" if v.rank != 1 else "") + \
         (f" + adversarial gate {v.adv:g}" if v.adv else "") + \
         (f" on {v.fraction:.0%} of prompts" if v.adv and v.fraction < 1 else "") + \
+        (f" (consistency loss, weight {v.consistency:g})" if v.adv and v.consistency else "") + \
         (f", eta {v.eta:g}" if v.eta != 1 else "") + \
         (f", {v.schedule} lr" if v.schedule != "constant" else "")
 
@@ -137,7 +143,9 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
                    "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1,
                    "adversarial_eps": v.adv, "adversarial_fraction": v.fraction,
-                   "lr_scheduler": v.schedule, "network_dim": v.rank, "eta": v.eta, **over})
+                   "lr_scheduler": v.schedule, "network_dim": v.rank, "eta": v.eta,
+                   "adversarial_loss": "consistency" if v.consistency else "removal",
+                   "consistency_weight": v.consistency or 1.0, **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
     index_cache(run)

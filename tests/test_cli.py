@@ -75,7 +75,13 @@ def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "eps 0.5 (3 PGD steps, on 50% of target prompts)" in text
-    assert "gate floor none" in text
+    assert "gate floor none" in text and "`unhype stamp-floor` adds it" in text
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}],
+                  training={"mode": "direct", "adversarial_eps": 0.5, "adversarial_steps": 3,
+                            "adversarial_loss": "consistency", "consistency_weight": 2.0})
+    assert main(["inspect", str(path)]) == 0
+    assert "eps 0.5 (3 PGD steps, consistency loss weight 2)" in capsys.readouterr().out
     save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
                   concepts=[{"target": "cat"}], training={"mode": "direct", "gate_reference": 42.5})
     assert main(["inspect", str(path)]) == 0

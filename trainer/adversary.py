@@ -9,6 +9,11 @@ gradient PGD through the hypernetwork alone: no UNet pass, cheap), and the remov
 e + delta. The hypernetwork so learns to fire over the whole eps-ball around each target prompt;
 retention still reads the clean retained prompts, so eps must stay below their distance to the
 targets (`unhype.probe`-style check: `nearest_retained_distance`).
+
+`adversarial_loss = "consistency"` trains the other way round (as TRADES does for classifiers):
+the removal loss reads the clean prompt, as without an adversary, and `consistency_loss` pulls
+the worst case's update to the clean prompt's (held fixed), so the update is trained to be the
+same over the ball rather than strong enough at its weakest point.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unhype.hypernet import update_size_sq
+from unhype.hypernet import LoraFactors, update_distance_sq, update_size_sq
 from unhype.evaluation.attack import project
 
 
@@ -71,6 +76,14 @@ def adversarial_batch(hypernet, emb: Tensor, eps: float, steps: int, fraction: f
     out = emb.clone()
     out[hard] = worst_case_embedding(hypernet, emb[hard], eps, steps, start[hard])
     return out
+
+
+def consistency_loss(worst: LoraFactors, clean: LoraFactors) -> Tensor:
+    """How far the worst cases' updates are from their clean prompts' (held fixed): the squared
+    distance over the squared size, both summed over the batch (a batch sum, not per-row ratios,
+    so a prompt whose update is still near zero cannot blow the term up)."""
+    clean = {k: (a.detach(), b.detach()) for k, (a, b) in clean.items()}
+    return update_distance_sq(worst, clean).sum() / update_size_sq(clean).sum().clamp(min=1e-12)
 
 
 def nearest_retained_distance(target_emb: Tensor, retain_emb: Tensor) -> Tensor:

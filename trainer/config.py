@@ -91,6 +91,11 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("adversarial_steps", int, 3, "PGD steps of that search (hypernetwork only, no UNet pass)"),
     ("adversarial_fraction", float, 1.0, "share of each removal batch's target prompts replaced "
      "by their worst case; the rest stay clean, so the prompts themselves are still trained on"),
+    ("adversarial_loss", str, "removal", "removal: the removal loss reads the worst case | "
+     "consistency: the removal loss reads the clean prompt and a second term pulls the worst "
+     "case's update to the clean prompt's (TRADES-style; trainer/adversary.py)"),
+    ("consistency_weight", float, 1.0, "weight of that consistency term (relative squared "
+     "distance of the worst case's update ||B A^T|| from the clean prompt's)"),
     ("gate_floor", float, 0.03, "stored in the file: hosts give a prompt whose update is under "
      "this fraction of the concepts' own none, full from twice that (unhype/gate_floor.py; 0: "
      "off). fields mode leaves unrelated prompts ~13% on the toy: raise it there"),
@@ -108,6 +113,7 @@ CHOICES = {
     "save_model_as": ("safetensors",),
     "variant": ("per_layer", "shared"),
     "mode": ("fields", "direct"),
+    "adversarial_loss": ("removal", "consistency"),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine",
                      "cosine_with_restarts", "polynomial"),
 }
@@ -219,7 +225,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache", "lr_warmup_steps"):
         if isinstance(v[name], int) and v[name] < 0:
             problems.append(f"{name} must be >= 0, got {v[name]}")
-    for name in ("learning_rate", "retain_learning_rate", "fields_lambda"):
+    for name in ("learning_rate", "retain_learning_rate", "fields_lambda", "consistency_weight"):
         if isinstance(v[name], float) and not v[name] > 0:
             problems.append(f"{name} must be > 0, got {v[name]}")
     if isinstance(v["adversarial_eps"], float) and not 0 <= v["adversarial_eps"] < 2:

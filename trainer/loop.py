@@ -30,7 +30,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed as tdist
 from trainer import losses
-from trainer.adversary import adversarial_batch
+from trainer.adversary import adversarial_batch, consistency_loss
 from trainer.backends.base import Backend, Cond
 from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
 from trainer.config import TrainConfig, check_output_dir, pick_device
@@ -268,12 +268,26 @@ def draw_batch(run: Run, gen: torch.Generator):
 
 # --- one step ---------------------------------------------------------------------------------
 def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, dict]:
-    cfg, hn, lora = run.cfg, run.hypernet, run.lora
+    cfg, hn = run.cfg, run.hypernet
     emb = run.item_emb[items]
+    consistency = None
     if cfg.adversarial_eps > 0:
-        emb = adversarial_batch(hn, emb, cfg.adversarial_eps, cfg.adversarial_steps,
-                                cfg.adversarial_fraction, gen, cfg.train_batch_size,
-                                split(cfg.train_batch_size, run.rank, run.world))
+        worst = adversarial_batch(hn, emb, cfg.adversarial_eps, cfg.adversarial_steps,
+                                  cfg.adversarial_fraction, gen, cfg.train_batch_size,
+                                  split(cfg.train_batch_size, run.rank, run.world))
+        if cfg.adversarial_loss == "consistency":  # the removal loss keeps the clean prompts
+            consistency = cfg.consistency_weight * consistency_loss(hn(worst), hn(emb))
+        else:
+            emb = worst
+    loss, logs = _removal_term(run, emb, items, z, t, e_p, e_a, gen)
+    if consistency is not None:
+        loss = loss + consistency
+        logs["consistency"] = float(consistency.detach())
+    return loss, logs
+
+
+def _removal_term(run: Run, emb, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, dict]:
+    cfg, hn, lora = run.cfg, run.hypernet, run.lora
     cond = run.cond_t.index(items)
     rows = torch.arange(len(items))
     if cfg.mode == "direct":

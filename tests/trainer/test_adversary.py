@@ -6,9 +6,10 @@ import torch
 from tests.trainer.test_train import run_training
 from trainer import adversary
 from trainer.adversary import (adversarial_batch, adversarial_rows, ball_points,
-                               nearest_retained_distance, worst_case_embedding)
+                               consistency_loss, nearest_retained_distance,
+                               worst_case_embedding)
 from trainer.config import resolve
-from unhype.hypernet import delta_norm, update_size_sq
+from unhype.hypernet import delta_norm, update_distance_sq, update_size_sq
 from unhype.errors import UnHypeError
 from unhype.evaluation.attack import project
 from unhype.fileformat import load_hypernet
@@ -29,6 +30,29 @@ def test_update_size_is_the_squared_norm_of_every_layers_update():
     full = sum((b @ a.transpose(1, 2)).pow(2).flatten(1).sum(1) for a, b in factors.values())
     assert torch.allclose(update_size_sq(factors), full, rtol=1e-5)
     assert torch.allclose(delta_norm(factors), full.sqrt(), rtol=1e-5)
+
+
+def test_update_distance_and_the_consistency_term():
+    g = torch.Generator().manual_seed(0)
+    f1 = {"x": (torch.randn(3, 6, 2, generator=g), torch.randn(3, 5, 2, generator=g)),
+          "y": (torch.randn(3, 4, 2, generator=g), torch.randn(3, 7, 2, generator=g))}
+    f2 = {k: (torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g))
+          for k, (a, b) in f1.items()}
+    full = sum((b1 @ a1.transpose(1, 2) - b2 @ a2.transpose(1, 2)).pow(2).flatten(1).sum(1)
+               for (a1, b1), (a2, b2) in zip(f1.values(), f2.values()))
+    assert torch.allclose(update_distance_sq(f1, f2), full, rtol=1e-4)
+    assert torch.allclose(update_distance_sq(f1, f1), torch.zeros(3), atol=1e-4)
+    # the same update from other factors (B A^T = (2B)(A/2)^T) is at distance 0
+    same = {k: (a / 2, b * 2) for k, (a, b) in f1.items()}
+    assert float(consistency_loss(same, f1)) == pytest.approx(0.0, abs=1e-5)
+    assert float(consistency_loss(f2, f1)) == pytest.approx(float(full.sum() /
+                                                                  update_size_sq(f1).sum()))
+    # only the worst case is pulled: the clean side is held fixed
+    worst = {k: (a.clone().requires_grad_(), b.clone().requires_grad_()) for k, (a, b) in f2.items()}
+    clean = {k: (a.clone().requires_grad_(), b.clone().requires_grad_()) for k, (a, b) in f1.items()}
+    consistency_loss(worst, clean).backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a, _ in worst.values())
+    assert all(a.grad is None and b.grad is None for a, b in clean.values())
 
 
 def test_project_and_ball_points_stay_in_the_ball():
@@ -57,10 +81,11 @@ def test_search_finds_a_weaker_update_inside_the_ball():
     assert torch.equal(worst_case_embedding(net, emb, 0.0, 10, torch.zeros(6, 8)), emb)
 
 
-def _train_gate(adversarial: bool, eps: float, steps: int = 300):
+def _train_gate(adversarial, eps: float, steps: int = 300):
     """A gate that fires (a fixed update W per layer) on a cluster of target embeddings and is
-    off (zero update) on retained ones at a relative distance of ~0.8, trained clean or on the
-    worst case of the eps-ball. Returns update sizes relative to the wanted one, ||W||^2."""
+    off (zero update) on retained ones at a relative distance of ~0.8, trained clean (False), on
+    the worst case of the eps-ball (True) or clean plus the consistency term ("consistency").
+    Returns update sizes relative to the wanted one, ||W||^2."""
     g = torch.Generator().manual_seed(1)
     centre = torch.randn(8, generator=g)
     centre = 4 * centre / centre.norm()
@@ -72,13 +97,17 @@ def _train_gate(adversarial: bool, eps: float, steps: int = 300):
     wanted = [torch.randn(5, 6, generator=g) * 0.3, torch.randn(4, 6, generator=g) * 0.3]
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(steps):
-        emb = targets
+        emb, extra = targets, 0.0
         if adversarial:
-            emb = worst_case_embedding(net, targets, eps, 3, ball_points(16, 8, g))
+            worst = worst_case_embedding(net, targets, eps, 3, ball_points(16, 8, g))
+            if adversarial == "consistency":
+                extra = consistency_loss(net(worst), net(targets))
+            else:
+                emb = worst
         on = sum((b @ a.transpose(1, 2) - w).pow(2).flatten(1).sum(1)
                  for (a, b), w in zip(net(emb).values(), wanted))
         off = update_size_sq(net(retained))
-        loss = on.mean() + off.mean()
+        loss = on.mean() + off.mean() + extra
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -102,6 +131,19 @@ def test_adversarial_training_keeps_the_gate_on_over_the_ball():
     # adversarially trained one (0.39)
     assert clean_worst.mean() < 0.1
     assert adv_worst.mean() > 0.25 and adv_worst.mean() > 5 * clean_worst.mean()
+
+
+def test_consistency_training_keeps_the_clean_update_and_the_gate_on_over_the_ball():
+    eps = 0.4
+    clean_p, clean_worst, _, _ = _train_gate(False, eps)
+    adv_p, _, _, _ = _train_gate(True, eps)
+    cons_p, cons_worst, cons_r, _ = _train_gate("consistency", eps)
+    # the worst case of the ball keeps most of the update, unlike the clean-trained gate
+    assert cons_worst.mean() > 5 * clean_worst.mean() and cons_worst.mean() > 0.2
+    # the clean targets' update stays near the wanted size, where training on the worst case
+    # overshoots it (what breaks the toy's erased images, docs/training.md)
+    assert abs(float(cons_p.mean()) - 1) < abs(float(adv_p.mean()) - 1)
+    assert cons_r.mean() < 0.05
 
 
 def test_trainer_reads_worst_case_embeddings(tiny_sd1, tmp_path, monkeypatch):
@@ -169,7 +211,9 @@ def test_the_trainer_searches_only_the_fraction(tiny_sd1, tmp_path, monkeypatch)
                                         ({"adversarial_eps": 2.5}, "adversarial_eps"),
                                         ({"adversarial_steps": 0}, "adversarial_steps"),
                                         ({"adversarial_fraction": 0.0}, "adversarial_fraction"),
-                                        ({"adversarial_fraction": 1.5}, "adversarial_fraction")])
+                                        ({"adversarial_fraction": 1.5}, "adversarial_fraction"),
+                                        ({"adversarial_loss": "both"}, "adversarial_loss"),
+                                        ({"consistency_weight": 0.0}, "consistency_weight")])
 def test_bad_adversarial_options_are_refused(over, text):
     with pytest.raises(UnHypeError, match=text):
         resolve({"pretrained_model_name_or_path": "toy", **over})
@@ -185,3 +229,30 @@ def test_every_shipped_config_resolves_and_the_robust_one_trains_adversarially()
     robust = resolve({"config_file": str(configs[0].parent / "toy_robust.toml")})
     assert robust.adversarial_eps == 0.5 and robust.mode == "direct"
     assert resolve({"config_file": str(configs[0].parent / "toy_demo.toml")}).adversarial_eps == 0
+
+
+def test_the_consistency_loss_trains_the_removal_term_on_clean_prompts(tiny_sd1, tmp_path,
+                                                                        monkeypatch):
+    import json
+
+    from trainer import loop
+
+    seen, real = [], loop._removal_term
+
+    def spy(run, emb, items, *rest):
+        seen.append(torch.equal(emb, run.item_emb[items]))
+        return real(run, emb, items, *rest)
+    monkeypatch.setattr(loop, "_removal_term", spy)
+    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=2, adversarial_eps=0.3,
+                           adversarial_loss="consistency", consistency_weight=2.0,
+                           mode="direct", train_batch_size=2)
+    assert code == 0 and seen == [True, True]
+    log = [json.loads(x) for x in (tmp_path / "erase-loss.jsonl").read_text().splitlines()]
+    assert all("consistency" in r and r["consistency"] >= 0 for r in log)
+    training = load_hypernet(tmp_path / "erase.safetensors").meta.training
+    assert training["adversarial_loss"] == "consistency" and training["consistency_weight"] == 2.0
+    # the default reads the worst case in the removal term
+    seen.clear()
+    code, _ = run_training(tiny_sd1, tmp_path / "removal", max_train_steps=1,
+                           adversarial_eps=0.3, mode="direct", train_batch_size=2)
+    assert code == 0 and seen == [False]

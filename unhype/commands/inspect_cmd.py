@@ -56,7 +56,9 @@ def run(args) -> int:
             fraction = training.get("adversarial_fraction", 1.0)
             print(f"  robustness adversarial gate training, eps {training['adversarial_eps']}"
                   f" ({training.get('adversarial_steps')} PGD steps"
-                  + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "") + ")")
+                  + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "")
+                  + (f", consistency loss weight {training.get('consistency_weight', 1.0):g}"
+                     if training.get("adversarial_loss") == "consistency" else "") + ")")
     ref = info["training"].get("gate_reference") if info["training"] else None
     if ref:
         from unhype.gate_floor import DEFAULT_FLOOR
