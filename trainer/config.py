@@ -92,10 +92,11 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("adversarial_fraction", float, 1.0, "share of each removal batch's target prompts replaced "
      "by their worst case; the rest stay clean, so the prompts themselves are still trained on"),
     ("adversarial_loss", str, "removal", "removal: the removal loss reads the worst case | "
-     "consistency: the removal loss reads the clean prompt and a second term pulls the worst "
-     "case's update to the clean prompt's (TRADES-style; trainer/adversary.py)"),
-    ("consistency_weight", float, 1.0, "weight of that consistency term (relative squared "
-     "distance of the worst case's update ||B A^T|| from the clean prompt's)"),
+     "consistency: the removal loss reads the clean prompt and a second term pulls the model's "
+     "prediction under the worst case's LoRA to the clean prompt's (TRADES-style; "
+     "trainer/adversary.py)"),
+    ("consistency_weight", float, 1.0, "weight of that consistency term (mean squared "
+     "difference of the model's predictions, the ESD loss's units)"),
     ("gate_floor", float, 0.03, "stored in the file: hosts give a prompt whose update is under "
      "this fraction of the concepts' own none, full from twice that (unhype/gate_floor.py; 0: "
      "off). fields mode leaves unrelated prompts ~13% on the toy: raise it there"),

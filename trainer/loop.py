@@ -30,7 +30,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed as tdist
 from trainer import losses
-from trainer.adversary import adversarial_batch, consistency_loss
+from trainer.adversary import adversarial_batch
 from trainer.backends.base import Backend, Cond
 from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
 from trainer.config import TrainConfig, check_output_dir, pick_device
@@ -276,7 +276,7 @@ def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, di
                                   cfg.adversarial_fraction, gen, cfg.train_batch_size,
                                   split(cfg.train_batch_size, run.rank, run.world))
         if cfg.adversarial_loss == "consistency":  # the removal loss keeps the clean prompts
-            consistency = cfg.consistency_weight * consistency_loss(hn(worst), hn(emb))
+            consistency = cfg.consistency_weight * _consistency_term(run, worst, emb, items, z, t)
         else:
             emb = worst
     loss, logs = _removal_term(run, emb, items, z, t, e_p, e_a, gen)
@@ -284,6 +284,21 @@ def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, di
         loss = loss + consistency
         logs["consistency"] = float(consistency.detach())
     return loss, logs
+
+
+def _consistency_term(run: Run, worst, emb, items, z, t) -> torch.Tensor:
+    """The model's prediction with the worst cases' LoRA against its prediction with the clean
+    prompts' (s = T, held fixed): TRADES' consistency, in the output space (trainer/adversary.py)."""
+    hn, lora = run.hypernet, run.lora
+    cond, rows = run.cond_t.index(items), torch.arange(len(items))
+    with torch.no_grad():
+        lora.set(hn(emb), rows)
+        clean = run.backend.predict(z, t, cond)
+        lora.clear()
+    lora.set(hn(worst), rows)
+    out = run.backend.predict(z, t, cond)
+    lora.clear()
+    return losses.consistency_loss(out, clean)
 
 
 def _removal_term(run: Run, emb, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, dict]:

@@ -25,6 +25,12 @@ def esd_target(e_p: Tensor, e_a: Tensor, eta: float) -> Tensor:
     return e_a - eta * (e_p - e_a)
 
 
+def consistency_loss(e_worst: Tensor, e_clean: Tensor) -> Tensor:
+    """Mean squared difference of the prediction under the worst case's LoRA from the one under
+    the clean prompt's, which is held fixed (only the worst case is pulled)."""
+    return (e_worst.float() - e_clean.detach().float()).pow(2).mean()
+
+
 def esd_loss_per_prompt(e_n: Tensor, e_p: Tensor, e_a: Tensor, eta: float) -> Tensor:
     """[N] mean squared error of each row against the ESD-with-anchor target."""
     diff = e_n.float() - esd_target(e_p.float(), e_a.float(), eta)

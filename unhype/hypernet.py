@@ -260,17 +260,6 @@ def update_size_sq(factors: LoraFactors) -> Tensor:
     return total
 
 
-def update_distance_sq(factors: LoraFactors, reference: LoraFactors) -> Tensor:
-    """[N] squared Frobenius distance, summed over layers, of each prompt's full update from the
-    reference's, ||B1 A1^T - B2 A2^T||^2 = ||B1 A1^T||^2 + ||B2 A2^T||^2 - 2 <B1 A1^T, B2 A2^T>,
-    from r x r products like `update_size_sq`."""
-    total = update_size_sq(factors) + update_size_sq(reference)
-    for name, (a1, b1) in factors.items():
-        a2, b2 = reference[name]
-        total = total - 2 * ((b1.transpose(1, 2) @ b2) * (a1.transpose(1, 2) @ a2)).flatten(1).sum(1)
-    return total.clamp(min=0)
-
-
 def delta_norm(factors: LoraFactors) -> Tensor:
     """[N] Frobenius norm of the full weight update of each prompt (all layers)."""
     return update_size_sq(factors).clamp(min=0).sqrt()
