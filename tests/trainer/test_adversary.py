@@ -37,7 +37,7 @@ def test_the_consistency_term_pulls_only_the_worst_case():
     worst = torch.randn(3, 4, 8, 8, generator=g).requires_grad_()
     clean = torch.randn(3, 4, 8, 8, generator=g).requires_grad_()
     loss = consistency_loss(worst, clean)
-    assert float(loss) == pytest.approx(float((worst - clean).detach().pow(2).mean()))
+    assert float(loss.detach()) == pytest.approx(float((worst - clean).detach().pow(2).mean()))
     loss.backward()
     assert worst.grad.abs().sum() > 0 and clean.grad is None  # the clean side is held fixed
     assert float(consistency_loss(clean, clean).detach()) == 0.0
