@@ -421,7 +421,8 @@ def main(argv=None):
     ap.add_argument("--eval-seed", dest="eval_seed", type=int, default=1234)
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/compare")
-    ap.add_argument("--docs", type=Path, default=ROOT / "docs/results.md",
+    ap.add_argument("--docs", type=lambda v: Path(v) if v else None,
+                    default=ROOT / "docs/results.md",
                     help="markdown written from this run ('' to skip)")
     ap.add_argument("--unhype-dir", dest="unhype_dir", default=None,
                     help="use hypernetworks already trained there (benchmarks/toy_erasure_table.py "
@@ -492,7 +493,7 @@ def main(argv=None):
                "commit": commit(), "minutes": round(minutes, 1), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if str(args.docs):
+    if args.docs is not None:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.docs, docs_text(text, single, per_target, targets, multi,
                                                multi_rows, args, minutes, clf.description))
