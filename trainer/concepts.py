@@ -247,15 +247,19 @@ def concepts_of_file(table: list[dict], concept_file: Path | None = None,
     if not table:
         raise UnHypeError(f"{where} lists no concepts: nothing to rebuild the prompts from")
     if concept_file is not None:
-        entries = load_concept_file(Path(concept_file))
-        concepts = [_concept(e, f"concept file {concept_file}", "objects", None) for e in entries]
-        by_target = {_norm(c.target): c for c in concepts}
+        where_file = f"concept file {concept_file}"
+        by_target = {_norm(str(e if isinstance(e, str) else e.get("target", ""))): e
+                     for e in load_concept_file(Path(concept_file))}
         out = []
         for entry in table:
-            c = by_target.get(_norm(str(entry.get("target", ""))))
-            if c is None:
-                raise UnHypeError(f"concept file {concept_file} has no concept "
-                                  f"{entry.get('target')!r}, which {where} was trained on")
+            e = by_target.get(_norm(str(entry.get("target", ""))))
+            if e is None:
+                raise UnHypeError(f"{where_file} has no concept {entry.get('target')!r}, "
+                                  f"which {where} was trained on")
+            # an entry without templates gets the set the training defaulted to
+            default_set = entry.get("template_set") or "objects"
+            c = _concept(e, where_file, "objects" if default_set == "custom" else default_set,
+                         None)
             out.append(_matching(c, entry, where))
         return out
     out = []

@@ -102,3 +102,16 @@ def test_custom_templates_need_the_concept_file(tiny_sd1, tmp_path, capsys):
                     'templates = ["a photo of a {}", "a {}"]\n')
     assert main(base + ["--concepts", str(same)]) == 0
     assert load_hypernet(new).gate_reference == pytest.approx(reference, rel=1e-5)
+
+
+def test_a_concept_file_entry_without_templates_gets_the_set_the_file_was_trained_on(tmp_path):
+    from trainer.concepts import concepts_of_file, template_set
+
+    table = [{"target": "circle", "anchor": "", "synonyms": ["disk"], "template_set": "toy",
+              "templates": len(template_set("toy")), "train_on_synonyms": False}]
+    listed = tmp_path / "concepts.txt"
+    listed.write_text("circle\n")
+    (c,) = concepts_of_file(table, listed)
+    assert c.template_set == "toy" and c.templates == template_set("toy")
+    (again,) = concepts_of_file(table)  # the built-in set straight from the metadata
+    assert again.prompts() == c.prompts()
