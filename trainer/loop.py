@@ -579,11 +579,9 @@ def gate_reference(run: Run) -> float | None:
     """What the gate floor of the saved file is relative to (unhype.gate_floor): the smallest,
     over the concepts, median update norm of the concept's training prompts; None while the
     update is still exactly zero."""
-    from unhype.gate_floor import reference_norm
+    from unhype.gate_floor import concepts_reference
 
-    groups = [[p for p, _ in c.prompts()] for c in run.concepts]
-    ref = reference_norm(run.hypernet, run.backend.embed, groups)
-    return ref if ref > 0 and math.isfinite(ref) else None
+    return concepts_reference(run.hypernet, run.backend.embed, run.concepts)
 
 
 def _truncate_log(path: Path, step: int):

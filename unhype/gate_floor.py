@@ -59,6 +59,15 @@ def reference_norm(hypernet: Callable[[Tensor], LoraFactors], embed: Callable[[l
     return min(medians)
 
 
+def concepts_reference(hypernet: Callable[[Tensor], LoraFactors], embed: Callable[[list], Tensor],
+                       concepts) -> float | None:
+    """The reference a file stores: `reference_norm` over each concept's own training prompts
+    (`trainer.concepts.Concept.prompts`); None while the update is still exactly zero."""
+    groups = [[p for p, _ in c.prompts()] for c in concepts]
+    ref = reference_norm(hypernet, embed, groups)
+    return ref if ref > 0 and math.isfinite(ref) else None
+
+
 def floor_scale(norms: Tensor, reference: float, floor: float) -> Tensor:
     """[N] factor per prompt: 0 below floor x reference, 1 from twice that, linear between."""
     if floor <= 0:

@@ -8,7 +8,6 @@ text encoder, and writes the file again with it: the weights bit for bit, atomic
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 
@@ -36,7 +35,7 @@ def run(args) -> int:
     from unhype.embedding import load_embedder
     from unhype.errors import UnHypeError
     from unhype.fileformat import load_hypernet, save_with_training
-    from unhype.gate_floor import check_floor, reference_norm
+    from unhype.gate_floor import check_floor, concepts_reference
 
     out = Path(args.output)
     if not out.parent.is_dir():  # before the text encoder loads, not after
@@ -48,15 +47,14 @@ def run(args) -> int:
                           f"{loaded.gate_reference:.6g}; --force recomputes it")
     concepts = concepts_of_file(loaded.meta.concepts, args.concepts, where=str(loaded.path))
     embedder = load_embedder(loaded.family, args.text_encoder)
-    groups = [[p for p, _ in c.prompts()] for c in concepts]
-    reference = reference_norm(loaded.hypernet, embedder, groups)
-    if not (reference > 0 and math.isfinite(reference)):
+    reference = concepts_reference(loaded.hypernet, embedder, concepts)
+    if reference is None:
         raise UnHypeError(f"{loaded.path}: the update is zero on its own concepts' prompts, so a "
                           "floor has nothing to be relative to (an untrained file?)")
     floor = loaded.gate_floor if floor is None else floor
     save_with_training(loaded, out, gate_reference=reference, gate_floor=floor,
                        gate_reference_source=f"unhype stamp-floor, "
-                       f"{sum(map(len, groups))} concept prompts")
+                       f"{sum(len(c.prompts()) for c in concepts)} concept prompts")
     print(f"wrote {out}: gate_reference {reference:.6g} (the smallest median update norm over "
           f"{len(concepts)} concept(s)), gate_floor {floor:g}")
     return 0
