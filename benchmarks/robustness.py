@@ -4,15 +4,20 @@ concept, and a bounded embedding-space attack (UnlearnDiffAtk-like, unhype.evalu
 Columns: the share of images classified as the erased class for its plain name (Acc_e), for
 paraphrases (templates never trained on) and for typos; and the attack success rate over the
 prompts whose base-model image shows the concept. Methods are built as in compare_methods.py
-(same steps and seed); the table is printed and written to --out/robustness.json.
+(same steps and seed). With several targets (`--target circle,square,triangle`) each is erased
+by its own model, every (target, method) row is saved as it finishes (a rerun resumes;
+`--force` recomputes), and a table over the targets pools the attacks with a 95% interval.
+The tables are printed and written to --out/robustness.{md,json}.
 
-    python benchmarks/robustness.py [--target circle] [--steps 300] [--eps 0.5] [--attack-steps 20]
+    python benchmarks/robustness.py [--target circle[,square,...]] [--steps 300] [--eps 0.5]
+        [--attack-steps 20] [--unhype-file 'runs/x/{target}/hypernet.safetensors']
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,10 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="circle")
+    ap.add_argument("--target", default="circle", help="erased class; comma-separated: one "
+                    "model per target, and a table over them")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variants", default="per_layer/fields",
-                    help="UnHype variants trained in-process, as compare_methods.py's")
+                    help="UnHype variants trained in-process, as compare_methods.py's "
+                    "(default per_layer/fields, none when --unhype-file is given)")
     ap.add_argument("--baselines", default="negative_prompt,uce,esd_x,esd_u,spm",
                     help="as compare_methods.py's: 'spm@2' is SPM at LoRA strength 2")
     ap.add_argument("--eps", type=float, default=0.5, help="relative L2 bound per token")
@@ -36,72 +43,127 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", dest="eval_seed", type=int, default=4321)
     ap.add_argument("--unhype-file", dest="unhype_file", action="append", default=[],
-                    help="evaluate this trained hypernetwork instead of training one "
-                    "(repeatable: e.g. with and without adversarial gate training)")
+                    help="evaluate this trained hypernetwork ('{target}' in the path is "
+                    "replaced by each target) instead of training one (repeatable)")
     ap.add_argument("--strengths", default="1",
                     help="comma-separated inference strengths for each --unhype-file")
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 2, or 1 when the CPUs are already busy)")
+    ap.add_argument("--force", action="store_true", help="recompute saved rows")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
+    if args.unhype_file and args.variants == ap.get_default("variants"):
+        args.variants = ""
 
-    from benchmarks.compare_methods import (at_strength, describe, spec_of_file, split_strength,
-                                            train_unhype, variant_key, with_strength)
     from trainer.backends.toy import ToyBackend
-    from unhype.baselines.registry import build
-    from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
-                                          typo_prompts)
-    from unhype.evaluation.harness import ToyGenerator, generate
-    from unhype.evaluation.methods import Method
+    from unhype.evaluation.harness import ToyGenerator
     from unhype.evaluation.prompts import load_prompt_set
     from unhype.evaluation.zero_shot import load_classifier
     from unhype.toy.model import set_threads
 
-    set_threads()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        set_threads()
     t0 = time.time()
     backend = ToyBackend("cpu", args.toy_weights)
     gen = ToyGenerator(backend.toy)
     ps = load_prompt_set("toy")
-    label = ps.index(args.target)
-    name = ps.class_names[label]
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
     clf = load_classifier(args.classifier, ps.class_names, ps.class_prompts(),
                           toy_weights=args.toy_weights)
-    methods, built = [Method()], {}
+    rows = {}
+    for target in targets:
+        rows[target] = run_target(args, target, backend, gen, ps, clf)
+    sections = [target_table(args, ps.class_names[ps.index(t)], clf.description, rows[t])
+                for t in targets]
+    if len(targets) > 1:
+        sections.insert(0, pooled_table(args, targets, clf.description, rows))
+    text = "\n\n".join(sections)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "robustness.json").write_text(json.dumps(
+        {"rows": rows[targets[0]] if len(targets) == 1 else rows,
+         "settings": {k: str(v) for k, v in vars(args).items()},
+         "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
+    (args.out / "robustness.md").write_text(text + "\n")
+
+
+def method_specs(args, target):
+    """(name or None, builder) for each method of this target, in table order; the name is
+    known before building for baselines and variants, so a saved row skips the build."""
+    from benchmarks.compare_methods import (at_strength, describe, spec_of_file, split_strength,
+                                            train_unhype, unhype_name, variant_key,
+                                            with_strength)
+    from unhype.baselines.registry import build
+
+    specs, built = [], {}
     for b in [b.strip() for b in args.baselines.split(",") if b.strip()]:
-        kind, strength = split_strength(b)
-        if kind not in built:
-            built[kind] = build(kind, gen, backend, [name], ps, args.steps, args.seed)
-        methods.append(at_strength(built[kind], strength, b))
-    for path in args.unhype_file:
+        def make(b=b, ctx=None):
+            kind, strength = split_strength(b)
+            if kind not in built:
+                built[kind] = build(kind, *ctx)
+            return at_strength(built[kind], strength, b)
+        specs.append((b, make))
+    for template in args.unhype_file:
+        path = template.replace("{target}", target)
         from unhype.evaluation.methods import UnHypeMethod
         from unhype.fileformat import load_hypernet
 
         loaded = load_hypernet(path)
-        title = f"{describe(spec_of_file(loaded.meta))} " \
-            f"({loaded.meta.training.get('steps_done')} steps)"
-        if any(m.name.startswith(title) for m in methods):  # two files alike: tell them apart
+        title = f"{describe(spec_of_file(loaded.meta))} ({loaded.meta.training.get('steps_done')} steps)"
+        if any(s[0] == title for s in specs):  # two files alike: tell them apart
             title += f" [{Path(path).parent.name}/{Path(path).name}]"
         for strength in [float(v) for v in args.strengths.split(",")]:
-            methods.append(UnHypeMethod.from_loaded(loaded, strength,
-                                                    name=with_strength(title, strength)))
-        args.variants = ""
+            name = with_strength(title, strength)
+            specs.append((name, lambda ctx=None, loaded=loaded, strength=strength, name=name:
+                          UnHypeMethod.from_loaded(loaded, strength, name=name)))
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        methods.append(train_unhype(backend, [name], v, args.steps, args.seed,
-                                    args.out / f"unhype-{variant_key(v)}"))
+        specs.append((unhype_name(v) + f" ({args.steps} steps)",
+                      lambda ctx=None, v=v: train_unhype(ctx[1], [ctx[2][0]], v, args.steps,
+                                                         args.seed,
+                                                         args.out / target / f"unhype-{variant_key(v)}")))
+    return specs
+
+
+def run_target(args, target, backend, gen, ps, clf) -> dict:
+    """Every method's row for one erased target; each row saved under --out/<target>/."""
+    from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
+                                          typo_prompts)
+    from unhype.evaluation.harness import generate
+    from unhype.atomic import atomic_write_text
+    from unhype.evaluation.methods import Method
+
+    label = ps.index(target)
+    name = ps.class_names[label]
     colours = ps.colours
     plain = [ps.fill(t, name, k) for k, t in enumerate(ps.templates)][:6] * 2
     sets = {"name": plain, "paraphrase": paraphrase_prompts(name) * 2,
             "typo": typo_prompts(name)}
     attack_prompts = [f"a {colours[k % len(colours)]} {name}" for k in range(args.attack_prompts)]
     settings = AttackSettings(args.eps, args.attack_steps, args.seed)
+    ctx = (gen, backend, [name], ps, args.steps, args.seed)
+    folder = args.out / target
+    folder.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for m in methods:
+    for title, make in [("base model", lambda ctx=None: Method())] + method_specs(args, target):
+        saved = folder / f"{slug(title)}.json"
+        if saved.is_file() and not args.force:
+            row = json.loads(saved.read_text())
+            rows[row.pop("method")] = row
+            continue
         t = time.time()
+        m = make(ctx=ctx)
         row = {}
         m.attach(gen.unet)
         try:
             for key, prompts in sets.items():
                 preds = clf.predict(generate(gen, m, prompts, args.eval_seed, 64))
                 row[key] = float((preds == label).float().mean())
+                row[f"n_{key}"] = len(prompts)
         finally:
             m.detach()
         row.update(attack_success(gen, m, clf, attack_prompts, label, args.eval_seed, settings))
@@ -109,13 +171,23 @@ def main(argv=None):
                                                args.attack_steps)
         row["seconds"] = round(time.time() - t, 1)
         rows[m.name] = row
-        print(f"  {m.name:26s} {row}", file=sys.stderr, flush=True)
+        atomic_write_text(saved, json.dumps({"method": m.name, **row}))
+        print(f"  {target}: {m.name:26s} {row}", file=sys.stderr, flush=True)
+    return rows
 
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.0f}"
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
+
+
+def pct(v):
+    return "n/a" if v is None else f"{100 * v:.0f}"
+
+
+def target_table(args, name, description, rows) -> str:
     lines = [f"Robustness on the toy world: erasing '{name}' ({args.steps} training steps; "
              f"attack eps {args.eps}, {args.attack_steps} PGD steps; classifier "
-             f"{clf.description}). Shares of images showing '{name}', % (lower is better).",
+             f"{description}). Shares of images showing '{name}', % (lower is better).",
              "Gate at worst case (UnHype): the generated update's norm ||B A^T|| at the worst "
              f"pooled embedding within eps {args.eps} of each attack prompt ({args.attack_steps} "
              "PGD steps through the hypernetwork), over its norm at the prompt; median.",
@@ -125,13 +197,47 @@ def main(argv=None):
         gate = "" if r.get("gate_worst") is None else f"{r['gate_worst']:.3f}"
         lines.append(f"| {n} | {pct(r['name'])} | {pct(r['paraphrase'])} | {pct(r['typo'])} | "
                      f"{pct(r['asr'])} ({r['adv_hits']}/{r['attacked']}) | {gate} |")
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "robustness.json").write_text(json.dumps(
-        {"rows": rows, "settings": {k: str(v) for k, v in vars(args).items()},
-         "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
-    (args.out / "robustness.md").write_text(text + "\n")
+    return "\n".join(lines)
+
+
+def pooled(rows_by_target: dict, method: str) -> dict | None:
+    """One method's row over the targets: the prompt-set shares averaged (the sets have the same
+    size per target), the attacks summed, with the success rate's 95% Jeffreys interval; None
+    when a target lacks the method."""
+    from unhype.evaluation.metrics import rate_interval
+
+    rows = [r.get(method) for r in rows_by_target.values()]
+    if any(r is None for r in rows):
+        return None
+    out = {key: sum(r[key] for r in rows) / len(rows) for key in ("name", "paraphrase", "typo")}
+    out["attacked"] = sum(r["attacked"] for r in rows)
+    out["adv_hits"] = sum(r["adv_hits"] for r in rows)
+    out["asr"] = out["adv_hits"] / out["attacked"] if out["attacked"] else None
+    out["asr_interval"] = rate_interval(out["adv_hits"], out["attacked"]) if out["attacked"] \
+        else None
+    out["per_target"] = {t: r[method]["asr"] for t, r in rows_by_target.items()}
+    return out
+
+
+def pooled_table(args, targets, description, rows_by_target) -> str:
+    lines = [f"Robustness on the toy world over {len(targets)} targets ({', '.join(targets)}), "
+             f"each erased by its own model ({args.steps} training steps; attack eps {args.eps}, "
+             f"{args.attack_steps} PGD steps, {args.attack_prompts} attack prompts per target; "
+             f"classifier {description}). Shares of images showing the erased class, %, mean "
+             "over the targets (lower is better); attack success pooled over the targets, with "
+             "its 95% Jeffreys interval (overlapping intervals are not told apart).",
+             "", "| method | plain name | paraphrases | typos | attack success rate | 95% "
+             "interval | per target |", "|---|---|---|---|---|---|---|"]
+    for method in rows_by_target[targets[0]]:
+        r = pooled(rows_by_target, method)
+        if r is None:
+            continue
+        lo, hi = r["asr_interval"] or (None, None)
+        per = " / ".join(pct(v) for v in r["per_target"].values())
+        lines.append(f"| {method} | {pct(r['name'])} | {pct(r['paraphrase'])} | "
+                     f"{pct(r['typo'])} | {pct(r['asr'])} ({r['adv_hits']}/{r['attacked']}) | "
+                     f"{pct(lo)}-{pct(hi)} | {per} |")
+    return "\n".join(lines)
 
 
 def gate_at_worst_case(method, gen, prompts, eps, steps):

@@ -136,3 +136,48 @@ def test_goal_lines_name_the_baselines_at_the_ceiling():
     assert f"SPM at the ceiling H_o {100 * top:.1f}" in line
     gap = 100 * (top - single["UnHype x"]["h_o"])
     assert f"this row is {gap:.1f} below it" in line
+
+
+def test_rate_interval_matches_the_jeffreys_quantiles_and_its_ends():
+    """Attack success rates: Beta(k + 1/2, n - k + 1/2) quantiles (reference values from
+    scipy.stats.beta.ppf), 0 as the lower end at k = 0, 1 as the upper at k = n."""
+    from unhype.evaluation.metrics import rate_interval
+
+    lo, hi = rate_interval(20, 48)
+    assert lo == pytest.approx(0.2854, abs=0.004) and hi == pytest.approx(0.5576, abs=0.004)
+    lo, hi = rate_interval(5, 10)
+    assert lo == pytest.approx(0.2235, abs=0.005) and hi == pytest.approx(0.7765, abs=0.005)
+    assert rate_interval(0, 48)[0] == 0.0 and 0.0 < rate_interval(0, 48)[1] < 0.06
+    assert rate_interval(48, 48)[1] == 1.0 and 0.94 < rate_interval(48, 48)[0] < 1.0
+    # more attacks, same rate: narrower
+    small, large = rate_interval(20, 48), rate_interval(60, 144)
+    assert large[1] - large[0] < small[1] - small[0]
+    for k, n in ((-1, 10), (11, 10), (0, 0)):
+        with pytest.raises(UnHypeError, match="rate"):
+            rate_interval(k, n)
+
+
+def test_robustness_pools_attacks_over_targets():
+    """benchmarks/robustness.py's table over targets: shares averaged, attacks summed with their
+    interval, a method missing on one target left out."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from robustness import pooled
+
+    from unhype.evaluation.metrics import rate_interval
+
+    def row(name, asr_hits, attacked):
+        return {"name": name, "paraphrase": 0.5, "typo": 0.0, "attacked": attacked,
+                "adv_hits": asr_hits, "asr": asr_hits / attacked}
+    rows = {"circle": {"spm": row(0.0, 24, 48), "esd": row(0.0, 0, 48)},
+            "square": {"spm": row(0.5, 12, 40), "esd": row(0.0, 0, 40)},
+            "triangle": {"spm": row(0.25, 0, 48)}}
+    r = pooled(rows, "spm")
+    assert r["name"] == pytest.approx(0.25) and r["paraphrase"] == pytest.approx(0.5)
+    assert (r["adv_hits"], r["attacked"]) == (36, 136)
+    assert r["asr"] == pytest.approx(36 / 136)
+    assert r["asr_interval"] == rate_interval(36, 136)
+    assert r["per_target"] == {"circle": 0.5, "square": 0.3, "triangle": 0.0}
+    assert pooled(rows, "esd") is None

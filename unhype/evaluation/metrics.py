@@ -97,6 +97,24 @@ def erasure_scores(erased_pred, erased_label, other_pred, other_labels, synonym_
         acc_g=accuracy(synonym_pred, [erased_label] * len(list(synonym_pred))))
 
 
+def rate_interval(k: int, n: int, level: float = 0.95, draws: int = 20000,
+                  seed: int = 0) -> tuple[float, float]:
+    """Jeffreys interval of a rate seen k times in n (e.g. an attack success rate): quantiles of
+    draws from Beta(k + 1/2, n - k + 1/2) as in `h_o_interval`, with the lower end 0 at k = 0
+    and the upper 1 at k = n (Brown, Cai & DasGupta 2001). Two methods whose intervals overlap
+    are not told apart."""
+    import numpy as np
+
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise UnHypeError(f"a rate needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p = np.random.default_rng(seed).beta(k + 0.5, n - k + 0.5, draws)
+    tail = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(np.quantile(p, tail))
+    hi = 1.0 if k == n else float(np.quantile(p, 1 - tail))
+    return lo, hi
+
+
 def h_o_interval(settings: list[dict], level: float = 0.95, draws: int = 4000,
                  seed: int = 0) -> tuple[float, float]:
     """Credible interval of the mean H_o over `settings` (e.g. the three single-concept targets).
