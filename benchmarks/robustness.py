@@ -50,6 +50,9 @@ def main(argv=None):
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 2, or 1 when the CPUs are already busy)")
+    ap.add_argument("--h-o-from", dest="h_o_from", type=Path, default=None,
+                    help="a compare_methods.py summary.json: the table over targets gets each "
+                    "method's single-concept H_o from it (matched by name)")
     ap.add_argument("--force", action="store_true", help="recompute saved rows")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
@@ -81,7 +84,11 @@ def main(argv=None):
     sections = [target_table(args, ps.class_names[ps.index(t)], clf.description, rows[t])
                 for t in targets]
     if len(targets) > 1:
-        sections.insert(0, pooled_table(args, targets, clf.description, rows))
+        h_o = {}
+        if args.h_o_from:
+            summary = json.loads(args.h_o_from.read_text())
+            h_o = {name: r["h_o"] for name, r in summary["single_mean"].items()}
+        sections.insert(0, pooled_table(args, targets, clf.description, rows, h_o))
     text = "\n\n".join(sections)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -219,22 +226,33 @@ def pooled(rows_by_target: dict, method: str) -> dict | None:
     return out
 
 
-def pooled_table(args, targets, description, rows_by_target) -> str:
+def main_table_name(method: str) -> str:
+    """A row name as compare_methods.py writes it: without the ' (400 steps)' a file's row has."""
+    return re.sub(r" \(\d+ steps\)", "", method)
+
+
+def pooled_table(args, targets, description, rows_by_target, h_o=None) -> str:
+    h_o = h_o or {}
     lines = [f"Robustness on the toy world over {len(targets)} targets ({', '.join(targets)}), "
              f"each erased by its own model ({args.steps} training steps; attack eps {args.eps}, "
              f"{args.attack_steps} PGD steps, {args.attack_prompts} attack prompts per target; "
              f"classifier {description}). Shares of images showing the erased class, %, mean "
              "over the targets (lower is better); attack success pooled over the targets, with "
-             "its 95% Jeffreys interval (overlapping intervals are not told apart).",
-             "", "| method | plain name | paraphrases | typos | attack success rate | 95% "
-             "interval | per target |", "|---|---|---|---|---|---|---|"]
+             "its 95% Jeffreys interval (overlapping intervals are not told apart)."
+             + (f" H_o: the method's single-concept H_o from {args.h_o_from} (same files or "
+                "settings, eval seed of that run)." if h_o else ""),
+             "", "| method | " + ("H_o | " if h_o else "") + "plain name | paraphrases | "
+             "typos | attack success rate | 95% interval | per target |",
+             "|---|" + ("---|" if h_o else "") + "---|---|---|---|---|---|"]
     for method in rows_by_target[targets[0]]:
         r = pooled(rows_by_target, method)
         if r is None:
             continue
         lo, hi = r["asr_interval"] or (None, None)
         per = " / ".join(pct(v) for v in r["per_target"].values())
-        lines.append(f"| {method} | {pct(r['name'])} | {pct(r['paraphrase'])} | "
+        ho = h_o.get(main_table_name(method))
+        ho = ("n/a | " if ho is None else f"{100 * ho:.1f} | ") if h_o else ""
+        lines.append(f"| {method} | {ho}{pct(r['name'])} | {pct(r['paraphrase'])} | "
                      f"{pct(r['typo'])} | {pct(r['asr'])} ({r['adv_hits']}/{r['attacked']}) | "
                      f"{pct(lo)}-{pct(hi)} | {per} |")
     return "\n".join(lines)
