@@ -48,6 +48,7 @@ class Spec(NamedTuple):
     fraction: float = 1.0  # --adversarial_fraction
     eta: float = 1.0  # --eta (ESD guidance of the removal target)
     consistency: float = 0.0  # > 0: --adversarial_loss consistency at this --consistency_weight
+    saturate: bool = False  # --gate_saturate (inference only: the same weights)
 
 
 def split_strength(spec: str) -> tuple[str, float]:
@@ -77,7 +78,8 @@ def at_strength(method, strength: float, spec: str):
 def parse_variant(spec: str) -> Spec:
     """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
     -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, eta: ESD eta, cons[W]:
-    the consistency adversarial loss at weight W (1), else: lr schedule); an
+    the consistency adversarial loss at weight W (1), sat: the saturated gate floor, else: lr
+    schedule); an
     '@strength' suffix is not part of the trained variant (split_strength)."""
     head, *extras = split_strength(spec)[0].split("+")
     variant, mode = head.split("/")
@@ -89,6 +91,8 @@ def parse_variant(spec: str) -> Spec:
             out = out._replace(fraction=float(e[3:]))
         elif e.startswith("eta"):
             out = out._replace(eta=float(e[3:]))
+        elif e == "sat":
+            out = out._replace(saturate=True)
         elif e.startswith("cons"):
             out = out._replace(consistency=float(e[4:] or 1))
         elif e[:1] == "r" and e[1:].isdigit():
@@ -111,7 +115,8 @@ def spec_of_file(meta) -> Spec:
                 t.get("lr_scheduler", "constant"), meta.config.rank,
                 t.get("adversarial_fraction", 1.0), t.get("eta", 1.0),
                 t.get("consistency_weight", 1.0)
-                if t.get("adversarial_loss") == "consistency" else 0.0)
+                if t.get("adversarial_loss") == "consistency" else 0.0,
+                t.get("gate_saturate", False) is True)
 
 
 def describe(v: Spec) -> str:
@@ -120,7 +125,8 @@ def describe(v: Spec) -> str:
         (f" on {v.fraction:.0%} of prompts" if v.adv and v.fraction < 1 else "") + \
         (f" (consistency loss, weight {v.consistency:g})" if v.adv and v.consistency else "") + \
         (f", eta {v.eta:g}" if v.eta != 1 else "") + \
-        (f", {v.schedule} lr" if v.schedule != "constant" else "")
+        (f", {v.schedule} lr" if v.schedule != "constant" else "") + \
+        (", saturated gate" if v.saturate else "")
 
 
 def unhype_name(spec: str) -> str:
@@ -145,7 +151,8 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
                    "adversarial_eps": v.adv, "adversarial_fraction": v.fraction,
                    "lr_scheduler": v.schedule, "network_dim": v.rank, "eta": v.eta,
                    "adversarial_loss": "consistency" if v.consistency else "removal",
-                   "consistency_weight": v.consistency or 1.0, **over})
+                   "consistency_weight": v.consistency or 1.0, "gate_saturate": v.saturate,
+                   **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
     index_cache(run)
@@ -158,7 +165,8 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     return UnHypeMethod(run.hypernet, {t.name: t.path for t in targets},
                         {t.name: (t.in_dim, t.out_dim) for t in targets},
                         split_strength(spec)[1], name=unhype_name(spec),
-                        gate_reference=gate_reference(run), floor=cfg.gate_floor)
+                        gate_reference=gate_reference(run), floor=cfg.gate_floor,
+                        saturate=cfg.gate_saturate)
 
 
 def trained_file(args, spec, concepts):

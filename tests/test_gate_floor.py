@@ -110,3 +110,42 @@ def test_comfy_factors_and_baked_lora_follow_the_floor(tmp_path):
     tensors, _ = bake_lora(loaded, emb[0], "a dog")
     downs = [t for k, t in tensors.items() if "lora_down" in k]
     assert downs and all(float(t.abs().max()) == 0 for t in downs)  # B A^T = 0
+
+
+def test_saturation_raises_recognised_prompts_to_the_concepts_strength():
+    """gate_saturate: under the floor still nothing; from 2f the update norm is the reference
+    (stronger prompts unchanged); the ramp between scales the reference."""
+    norms = [0.0, 0.2, 0.29, 0.45, 0.6, 5.0, 10.0, 20.0]
+    f = factors_with_norms(norms)
+    out = apply_floor(f, 10.0, 0.03, saturate=True)
+    assert delta_norm(out).tolist() == pytest.approx([0, 0, 0, 5.0, 10.0, 10.0, 10.0, 20.0],
+                                                     abs=1e-5)
+    # the direction of each update is the hypernetwork's: only A is scaled, positively
+    a, b = out["layer"]
+    assert torch.equal(b, f["layer"][1]) and bool((a[3:, 0, 0] > 0).all())
+    assert torch.equal(out["layer"][0][6:], f["layer"][0][6:])  # at or above the reference
+    assert apply_floor(f, 10.0, 0.0, saturate=True) is f  # no floor: nothing to saturate
+    assert apply_floor(f, None, 0.03, saturate=True) is f
+    unsat = delta_norm(apply_floor(f, 10.0, 0.03)).tolist()
+    assert unsat == pytest.approx([0, 0, 0, 0.225, 0.6, 5.0, 10.0, 20.0], abs=1e-5)
+
+
+def test_loaded_file_saturates_only_when_it_says_so(tmp_path):
+    net = hypernet_for(tiny_sd_unet(), rank=1)
+    emb = torch.randn(5, 768, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        norms = delta_norm(net(emb))
+    ref = float(norms.max()) * 4  # every prompt recognised (above 2 x 3%), all weaker than ref
+    path = tmp_path / "h.safetensors"
+    save_hypernet(path, net, "sd1", concepts=[{"target": "cat"}],
+                  training={"mode": "direct", "gate_reference": ref, "gate_saturate": True})
+    loaded = load_hypernet(path)
+    assert loaded.gate_saturate is True
+    assert delta_norm(loaded.generate(emb)).tolist() == pytest.approx([ref] * 5, rel=1e-5)
+    # a host may switch it off for a measurement: then as generated
+    assert torch.equal(delta_norm(loaded.generate(emb, saturate=False)), norms)
+    save_hypernet(path, net, "sd1", training={"gate_reference": ref})
+    assert load_hypernet(path).gate_saturate is False  # files without the entry
+    save_hypernet(path, net, "sd1", training={"gate_reference": ref, "gate_saturate": "yes"})
+    with pytest.raises(UnHypeError, match="training.gate_saturate must be true or false"):
+        load_hypernet(path)

@@ -100,6 +100,10 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("gate_floor", float, 0.03, "stored in the file: hosts give a prompt whose update is under "
      "this fraction of the concepts' own none, full from twice that (unhype/gate_floor.py; 0: "
      "off). fields mode leaves unrelated prompts ~13% on the toy: raise it there"),
+    ("gate_saturate", bool, False, "stored in the file: hosts raise every prompt above the "
+     "floor to the concepts' own update strength (unhype/gate_floor.py): holds erasure when "
+     "an attack weakens the update; direct mode only (fields mode leaves unrelated prompts above "
+     "the floor)"),
     ("probe_lambda", str, None, "comma-separated lambdas: run T plain SGD steps on one "
      "concept's LoRA with each, print the ESD loss reached, and exit (choose fields_lambda)"),
     ("log_every", int, 10, "loss-log and progress-bar interval"),
@@ -241,6 +245,12 @@ def validate(cfg: TrainConfig) -> None:
             check_floor(v["gate_floor"])
         except UnHypeError as exc:
             problems.append(str(exc).replace("gate floor", "gate_floor", 1))
+    if v["gate_saturate"] is True and v["mode"] == "fields":
+        problems.append("gate_saturate needs mode 'direct': in fields mode unrelated prompts "
+                        "get ~13% of a concept's update, above the floor, and would be raised "
+                        "to its full strength")
+    if v["gate_saturate"] is True and v["gate_floor"] == 0:
+        problems.append("gate_saturate needs a gate_floor > 0 (it raises prompts above it)")
     if problems:
         raise UnHypeError("invalid training options: " + "; ".join(problems))
     if v["retain_learning_rate"] is None:

@@ -211,7 +211,7 @@ def evaluate_run(run) -> dict:
     ref = read_meta(run.result_path).training.get("gate_reference")  # as the file applies it
 
     def hypernet(emb):
-        return apply_floor(run.hypernet(emb), ref, run.cfg.gate_floor)
+        return apply_floor(run.hypernet(emb), ref, run.cfg.gate_floor, run.cfg.gate_saturate)
 
     metrics = evaluate(run.backend, hypernet, run.lora, run.concepts, run.cfg.eval_images)
     path = run.out_dir / "metrics.json"

@@ -88,13 +88,27 @@ class LoadedHypernet:
         except UnHypeError as exc:
             raise UnHypeError(f"{self.path}: training.{exc}") from None
 
-    def generate(self, embeddings: torch.Tensor, floor: float | None = None):
+    @property
+    def gate_saturate(self) -> bool:
+        """Whether hosts raise every prompt above the floor to the concept's strength
+        (`--gate_saturate`, unhype.gate_floor); False for files without the entry."""
+        from unhype.gate_floor import check_saturate
+
+        try:
+            return check_saturate(self.meta.training.get("gate_saturate", False))
+        except UnHypeError as exc:
+            raise UnHypeError(f"{self.path}: training.{exc}") from None
+
+    def generate(self, embeddings: torch.Tensor, floor: float | None = None,
+                 saturate: bool | None = None):
         """LoRA factors for pooled embeddings [N, D], with the gate floor applied (`floor`:
-        a fraction of `gate_reference`; None = the file's `gate_floor`, 0 = off)."""
+        a fraction of `gate_reference`; None = the file's `gate_floor`, 0 = off; `saturate`:
+        None = the file's `gate_saturate`)."""
         from unhype.gate_floor import apply_floor, check_floor
 
         f = self.gate_floor if floor is None else check_floor(floor)
-        return apply_floor(self.hypernet(embeddings), self.gate_reference, f)
+        sat = self.gate_saturate if saturate is None else bool(saturate)
+        return apply_floor(self.hypernet(embeddings), self.gate_reference, f, sat)
 
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
@@ -258,7 +272,7 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
     hypernet.load_state_dict({k: v.float() for k, v in state.items()})
     hypernet.eval().requires_grad_(False)
     loaded = LoadedHypernet(path=path, hypernet=hypernet.to(device), meta=meta)
-    loaded.gate_reference, loaded.gate_floor  # malformed values fail here, not at a prompt
+    loaded.gate_reference, loaded.gate_floor, loaded.gate_saturate  # malformed: fail here
     return loaded
 
 

@@ -9,6 +9,15 @@ floor f, a prompt whose update is rel = ||dW|| / gate_reference is scaled by
 clamp((rel - f) / f, 0, 1): nothing below f, untouched from 2f up, linear between, so a prompt
 near the floor fades rather than switching on and off. Files without `gate_reference` (trained
 before it existed) are left as they are.
+
+Saturation (`gate_saturate`, stored in the file or set by the host): a prompt above the floor
+whose update is weaker than the concept's own is raised to the concept's strength, i.e. the
+factor above is multiplied by max(1, 1 / rel). The hypernetwork then decides whether a prompt
+is the concept (above the floor or not) and in which direction to edit, and every recognised
+prompt gets the full edit, like SPM's saturated sigmoid gate. It is what holds erasure when an
+attacker pushes the pooled embedding to where the update is weak (docs/training.md). Only for
+files whose unrelated prompts sit under the floor (`direct` mode): in `fields` mode they sit
+above it and would be raised too.
 """
 
 from __future__ import annotations
@@ -68,20 +77,33 @@ def concepts_reference(hypernet: Callable[[Tensor], LoraFactors], embed: Callabl
     return ref if ref > 0 and math.isfinite(ref) else None
 
 
-def floor_scale(norms: Tensor, reference: float, floor: float) -> Tensor:
-    """[N] factor per prompt: 0 below floor x reference, 1 from twice that, linear between."""
+def floor_scale(norms: Tensor, reference: float, floor: float, saturate: bool = False) -> Tensor:
+    """[N] factor per prompt: 0 below floor x reference, 1 from twice that, linear between;
+    with `saturate`, times max(1, reference / norm) (the concept's strength for every prompt
+    from twice the floor up)."""
     if floor <= 0:
         return torch.ones_like(norms)
     rel = norms / check_reference(reference)
-    return ((rel - floor) / floor).clamp(0, 1)
+    scale = ((rel - floor) / floor).clamp(0, 1)
+    if saturate:
+        scale = scale * (1 / rel.clamp(min=floor)).clamp(min=1)
+    return scale
 
 
-def apply_floor(factors: LoraFactors, reference: float | None, floor: float) -> LoraFactors:
+def check_saturate(value) -> bool:
+    """`gate_saturate` is a boolean (JSON true/false in a file's metadata)."""
+    if not isinstance(value, bool):
+        raise UnHypeError(f"gate_saturate must be true or false, got {value!r}")
+    return value
+
+
+def apply_floor(factors: LoraFactors, reference: float | None, floor: float,
+                saturate: bool = False) -> LoraFactors:
     """The factors with each prompt's A scaled by `floor_scale` (B A^T scales with it); returned
-    as they are when there is no reference or the floor is 0."""
+    as they are when there is no reference or the floor is 0 (saturation needs the floor)."""
     if reference is None or floor <= 0:
         return factors
-    scale = floor_scale(delta_norm(factors).float(), reference, floor)
+    scale = floor_scale(delta_norm(factors).float(), reference, floor, saturate)
     if bool((scale == 1).all()):
         return factors
     return {name: (a * scale.view(-1, 1, 1).to(a), b) for name, (a, b) in factors.items()}

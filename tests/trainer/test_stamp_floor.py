@@ -115,3 +115,37 @@ def test_a_concept_file_entry_without_templates_gets_the_set_the_file_was_traine
     assert c.template_set == "toy" and c.templates == template_set("toy")
     (again,) = concepts_of_file(table)  # the built-in set straight from the metadata
     assert again.prompts() == c.prompts()
+
+
+def test_gate_saturate_is_stored_by_the_trainer_and_by_stamp_floor(tiny_sd1, tmp_path, capsys):
+    """The trainer writes gate_saturate into the file (direct mode); stamp-floor sets it on a file
+    that has its reference without the text encoder, weights and reference unchanged; fields-mode
+    files and a zero floor are refused, with nothing written."""
+    from unhype.errors import UnHypeError
+
+    path, _ = trained(tiny_sd1, tmp_path / "sat", concepts="dog", mode="direct",
+                      gate_saturate=True)
+    assert load_hypernet(path).gate_saturate is True
+    plain, _ = trained(tiny_sd1, tmp_path / "plain", concepts="dog", mode="direct")
+    assert load_hypernet(plain).gate_saturate is False
+    out = tmp_path / "stamped.safetensors"
+    assert main(["stamp-floor", str(plain), "-o", str(out), "--gate_saturate"]) == 0
+    stamped = load_hypernet(out)
+    assert stamped.gate_saturate is True
+    assert stamped.gate_reference == load_hypernet(plain).gate_reference
+    before, after = load_file(str(plain)), load_file(str(out))
+    assert all(before[k].equal(after[k]) for k in before)
+    assert "gate_saturate true" in capsys.readouterr().out
+    assert main(["stamp-floor", str(out), "-o", str(out), "--no-gate_saturate"]) == 0
+    assert load_hypernet(out).gate_saturate is False
+
+    fields, _ = trained(tiny_sd1, tmp_path / "fields", concepts="dog", mode="fields")
+    assert main(["stamp-floor", str(fields), "-o", str(tmp_path / "f.safetensors"),
+                 "--gate_saturate"]) == 2
+    assert "fields mode" in capsys.readouterr().err
+    assert not (tmp_path / "f.safetensors").exists()
+    for over, message in (({"mode": "fields"}, "gate_saturate needs mode 'direct'"),
+                          ({"mode": "direct", "gate_floor": 0.0}, "gate_saturate needs a gate_floor")):
+        with pytest.raises(UnHypeError, match=message):
+            resolve(fast_options(tiny_sd1, tmp_path / "bad", concepts="dog", gate_saturate=True,
+                                 **over))

@@ -65,7 +65,9 @@ def run(args) -> int:
 
         floor = info["training"].get("gate_floor", DEFAULT_FLOOR)
         print(f"  gate floor prompts whose update is under {floor:.0%} of {ref:.4g} (the "
-              f"concepts' median ||dW||) get none, full from {2 * floor:.0%}")
+              f"concepts' median ||dW||) get none, full from {2 * floor:.0%}"
+              + (", saturated: raised to the concepts' strength from there"
+                 if info["training"].get("gate_saturate") else ""))
     else:
         print("  gate floor none (the file stores no gate reference: trained before it existed; "
               "`unhype stamp-floor` adds it)")

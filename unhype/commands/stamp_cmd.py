@@ -4,10 +4,14 @@ The trainer stores `gate_reference` (unhype/gate_floor.py) in every file it writ
 the floor only where it is there. This computes it for an older file the way the trainer does,
 from the concepts' own training prompts (rebuilt from the file's metadata) and the base model's
 text encoder, and writes the file again with it: the weights bit for bit, atomically.
+`--gate_saturate` also stores saturation (hosts raise every prompt above the floor to the
+concepts' strength); on a file that already has its reference it only sets that, without the
+text encoder.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -25,6 +29,9 @@ def register(subparsers) -> None:
                         "it was trained on custom templates")
     p.add_argument("--gate_floor", type=float, default=None,
                    help="floor to store with it (default: the file's, else 0.03)")
+    p.add_argument("--gate_saturate", action=argparse.BooleanOptionalAction, default=None,
+                   help="store saturation: hosts raise every prompt above the floor to the "
+                   "concepts' strength (direct-mode files only; default: the file's)")
     p.add_argument("--force", action="store_true",
                    help="recompute a reference the file already has")
     p.set_defaults(func=run)
@@ -42,7 +49,16 @@ def run(args) -> int:
         raise UnHypeError(f"output folder {out.parent} does not exist")
     floor = None if args.gate_floor is None else check_floor(args.gate_floor)
     loaded = load_hypernet(args.hypernet)
+    if args.gate_saturate and loaded.meta.training.get("mode") == "fields":
+        raise UnHypeError(f"{loaded.path} was trained in fields mode, whose unrelated prompts "
+                          "sit above the floor: --gate_saturate would raise them to the "
+                          "concepts' strength")
     if loaded.gate_reference is not None and not args.force:
+        if args.gate_saturate is not None and floor is None:
+            save_with_training(loaded, out, gate_saturate=args.gate_saturate)
+            print(f"wrote {out}: gate_saturate {str(args.gate_saturate).lower()} (gate_reference "
+                  f"{loaded.gate_reference:.6g} kept)")
+            return 0
         raise UnHypeError(f"{loaded.path} already stores gate_reference "
                           f"{loaded.gate_reference:.6g}; --force recomputes it")
     concepts = concepts_of_file(loaded.meta.concepts, args.concepts, where=str(loaded.path))
@@ -52,7 +68,8 @@ def run(args) -> int:
         raise UnHypeError(f"{loaded.path}: the update is zero on its own concepts' prompts, so a "
                           "floor has nothing to be relative to (an untrained file?)")
     floor = loaded.gate_floor if floor is None else floor
-    save_with_training(loaded, out, gate_reference=reference, gate_floor=floor,
+    saturate = {} if args.gate_saturate is None else {"gate_saturate": args.gate_saturate}
+    save_with_training(loaded, out, gate_reference=reference, gate_floor=floor, **saturate,
                        gate_reference_source=f"unhype stamp-floor, "
                        f"{sum(len(c.prompts()) for c in concepts)} concept prompts")
     print(f"wrote {out}: gate_reference {reference:.6g} (the smallest median update norm over "

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--gate_floor", type=float, default=None, help="prompts whose update is "
                    "below this fraction of the concept's get none (unhype.gate_floor; default "
                    "0.03 for files that store a gate reference, 0 = off)")
+    p.add_argument("--gate_saturate", action=argparse.BooleanOptionalAction, default=None,
+                   help="raise every prompt above the floor to the concept's strength "
+                   "(unhype.gate_floor; default: what the file says)")
     p.add_argument("--classifier", default=None, help="'judge' (the toy's CNN, trained on "
                    "rendered ground truth; default on the toy), 'toy' (toy CLIP, zero-shot) or "
                    "an open_clip model name / config .json (default ViT-B-32)")
@@ -129,7 +132,7 @@ def run(args) -> int:
         loaded = load_hypernet(path, args.device)
         methods.append(UnHypeMethod.from_loaded(loaded, args.strength,
                                                 f"UnHype {loaded.meta.config.variant} ({path})",
-                                                args.gate_floor))
+                                                args.gate_floor, args.gate_saturate))
     if baselines:
         from unhype.baselines.registry import build
 

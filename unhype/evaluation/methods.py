@@ -75,14 +75,15 @@ class UnHypeMethod(LoraMethod):
     the gate floor (unhype.gate_floor) where a reference is known."""
 
     def __init__(self, hypernet: nn.Module, paths: dict, dims: dict, strength: float = 1.0,
-                 name: str = "UnHype", gate_reference: float | None = None, floor: float = 0.0):
+                 name: str = "UnHype", gate_reference: float | None = None, floor: float = 0.0,
+                 saturate: bool = False):
         super().__init__(paths, dims, strength)
         self.hypernet, self.name = hypernet, name
-        self.gate_reference, self.floor = gate_reference, floor
+        self.gate_reference, self.floor, self.saturate = gate_reference, floor, saturate
 
     @classmethod
     def from_loaded(cls, loaded, strength: float = 1.0, name: str | None = None,
-                    floor: float | None = None) -> "UnHypeMethod":
+                    floor: float | None = None, saturate: bool | None = None) -> "UnHypeMethod":
         from unhype.fileformat import host_paths
         from unhype.gate_floor import check_floor
 
@@ -91,16 +92,19 @@ class UnHypeMethod(LoraMethod):
         dims = {t.name: (t.in_dim, t.out_dim) for t in cfg.targets}
         return cls(loaded.hypernet, paths, dims, strength,
                    name or f"UnHype ({cfg.variant}, {loaded.meta.training.get('mode', '?')})",
-                   loaded.gate_reference, loaded.gate_floor if floor is None else check_floor(floor))
+                   loaded.gate_reference, loaded.gate_floor if floor is None else check_floor(floor),
+                   loaded.gate_saturate if saturate is None else bool(saturate))
 
     def factors(self, hidden, pooled):
         from unhype.gate_floor import apply_floor
 
-        return apply_floor(self.hypernet(pooled.float()), self.gate_reference, self.floor)
+        return apply_floor(self.hypernet(pooled.float()), self.gate_reference, self.floor,
+                           self.saturate)
 
     def settings(self):
-        return {"strength": self.strength,
-                "gate_floor": self.floor if self.gate_reference is not None else None}
+        floored = self.gate_reference is not None
+        return {"strength": self.strength, "gate_floor": self.floor if floored else None,
+                "gate_saturate": self.saturate if floored else None}
 
 
 class FactorBank(nn.Module):
