@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from unhype.atomic import atomic_path, atomic_write_text  # noqa: E402  (after the path insert)
+from unhype.families import SD_PRESETS  # noqa: E402
 
 ALL_VARIANTS = ("per_layer/fields", "per_layer/direct", "shared/fields", "shared/direct")
 BASELINES = ("negative_prompt", "uce", "esd_x", "esd_u", "spm")
@@ -49,6 +50,7 @@ class Spec(NamedTuple):
     eta: float = 1.0  # --eta (ESD guidance of the removal target)
     consistency: float = 0.0  # > 0: --adversarial_loss consistency at this --consistency_weight
     saturate: bool = False  # --gate_saturate (inference only: the same weights)
+    preset: str = "xattn_kv"  # --target_preset (the toy's default: the paper's layers)
 
 
 def split_strength(spec: str) -> tuple[str, float]:
@@ -79,7 +81,7 @@ def parse_variant(spec: str) -> Spec:
     """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
     -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, eta: ESD eta, cons[W]:
     the consistency adversarial loss at weight W (1), sat: the saturated gate floor, else: lr
-    schedule); an
+    schedule, a layer preset name such as attn_all: --target_preset); an
     '@strength' suffix is not part of the trained variant (split_strength)."""
     head, *extras = split_strength(spec)[0].split("+")
     variant, mode = head.split("/")
@@ -93,6 +95,8 @@ def parse_variant(spec: str) -> Spec:
             out = out._replace(eta=float(e[3:]))
         elif e == "sat":
             out = out._replace(saturate=True)
+        elif e in SD_PRESETS:
+            out = out._replace(preset=e)
         elif e.startswith("cons"):
             out = out._replace(consistency=float(e[4:] or 1))
         elif e[:1] == "r" and e[1:].isdigit():
@@ -116,7 +120,7 @@ def spec_of_file(meta) -> Spec:
                 t.get("adversarial_fraction", 1.0), t.get("eta", 1.0),
                 t.get("consistency_weight", 1.0)
                 if t.get("adversarial_loss") == "consistency" else 0.0,
-                t.get("gate_saturate", False) is True)
+                t.get("gate_saturate", False) is True, t.get("target_preset") or "xattn_kv")
 
 
 def describe(v: Spec) -> str:
@@ -126,6 +130,7 @@ def describe(v: Spec) -> str:
         (f" (consistency loss, weight {v.consistency:g})" if v.adv and v.consistency else "") + \
         (f", eta {v.eta:g}" if v.eta != 1 else "") + \
         (f", {v.schedule} lr" if v.schedule != "constant" else "") + \
+        (f", layers {v.preset}" if v.preset != "xattn_kv" else "") + \
         (", saturated gate" if v.saturate else "")
 
 
@@ -152,6 +157,7 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
                    "lr_scheduler": v.schedule, "network_dim": v.rank, "eta": v.eta,
                    "adversarial_loss": "consistency" if v.consistency else "removal",
                    "consistency_weight": v.consistency or 1.0, "gate_saturate": v.saturate,
+                   "target_preset": v.preset,
                    **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
