@@ -54,6 +54,8 @@ def main(argv=None):
                     help="a compare_methods.py summary.json: the table over targets gets each "
                     "method's single-concept H_o from it (matched by name)")
     ap.add_argument("--force", action="store_true", help="recompute saved rows")
+    ap.add_argument("--cached-only", dest="cached_only", action="store_true",
+                    help="tables from saved rows only (methods without one are left out)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/robustness")
     args = ap.parse_args(argv)
     if args.unhype_file and args.variants == ap.get_default("variants"):
@@ -161,6 +163,8 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
         if saved.is_file() and not args.force:
             row = json.loads(saved.read_text())
             rows[row.pop("method")] = row
+            continue
+        if args.cached_only:
             continue
         t = time.time()
         m = make(ctx=ctx)
