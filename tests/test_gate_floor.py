@@ -111,6 +111,17 @@ def test_comfy_factors_and_baked_lora_follow_the_floor(tmp_path):
     downs = [t for k, t in tensors.items() if "lora_down" in k]
     assert downs and all(float(t.abs().max()) == 0 for t in downs)  # B A^T = 0
 
+    # saturated: both prompts above 2 x 3% of the reference, raised to it in ComfyUI and in bake
+    ref = float(delta_norm(net(emb)).detach().max()) * 4
+    save_hypernet(path, net, "sd1", concepts=[{"target": "cat"}],
+                  training={"gate_reference": ref, "gate_saturate": True})
+    loaded = load_hypernet(path)
+    assert delta_norm(generate_factors(loaded, emb)).tolist() == pytest.approx([ref] * 2, rel=1e-5)
+    tensors, _ = bake_lora(loaded, emb[0], "a cat")
+    baked = sum(float((tensors[k].double() @ tensors[k.replace("lora_up", "lora_down")].double())
+                      .pow(2).sum()) for k in tensors if k.endswith("lora_up.weight")) ** 0.5
+    assert baked == pytest.approx(ref, rel=1e-5)  # sum of ||up @ down||^2 over layers: ||B A^T||
+
 
 def test_saturation_raises_recognised_prompts_to_the_concepts_strength():
     """gate_saturate: under the floor still nothing; from 2f the update norm is the reference
