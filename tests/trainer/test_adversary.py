@@ -219,8 +219,9 @@ def test_every_shipped_config_resolves_and_the_robust_one_trains_adversarially()
     for path in configs:
         resolve({"config_file": str(path)})  # no unknown keys, valid values
     robust = resolve({"config_file": str(configs[0].parent / "toy_robust.toml")})
-    assert robust.adversarial_eps == 0.5 and robust.mode == "direct"
-    assert resolve({"config_file": str(configs[0].parent / "toy_demo.toml")}).adversarial_eps == 0
+    assert robust.adversarial_eps == 0.5 and robust.mode == "direct" and robust.gate_saturate
+    demo = resolve({"config_file": str(configs[0].parent / "toy_demo.toml")})
+    assert demo.adversarial_eps == 0 and not demo.gate_saturate  # fields mode: no saturation
 
 
 def test_the_consistency_loss_trains_the_removal_term_on_clean_prompts(tiny_sd1, tmp_path,
