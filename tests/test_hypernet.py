@@ -17,7 +17,7 @@ def unet():
 
 
 def max_delta(factors):
-    return max(float(delta_weight(a, b).abs().max()) for a, b in factors.values())
+    return max(float(delta_weight(a, b).detach().abs().max()) for a, b in factors.values())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
