@@ -245,7 +245,16 @@ def describe_file(loaded) -> str:
         f"network: {cfg.variant}, rank {cfg.rank}, hidden {cfg.hidden}, T={cfg.hyper_steps}, "
         f"{len(cfg.targets)} target layers, {loaded.hypernet.num_parameters(False):,} parameters",
         f"erases: {'; '.join(erased) or '(no concepts recorded)'}",
+        gate_text(loaded),
     ])
+
+
+def gate_text(loaded) -> str:
+    if loaded.gate_reference is None:
+        return "gate: no floor (trained before the gate reference; `unhype stamp-floor` adds it)"
+    return (f"gate: prompts under {loaded.gate_floor:.0%} of the concepts' update get none"
+            + ("; saturated: every other prompt gets at least the concepts' strength"
+               if loaded.gate_saturate else ""))
 
 
 def _encode_pooled(clip, text: str) -> torch.Tensor:

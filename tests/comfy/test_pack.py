@@ -121,3 +121,14 @@ def test_inspect_reports_metadata_and_firing(pack, tiny_parts, loaded):
     assert cat.split(" | ")[4] == "1.0"
     assert float(car.split(" | ")[1]) > 0
     assert "connect a CLIP" in node.inspect(loaded, None, "x")["result"][0]
+    assert "gate: no floor" in report  # the fixture predates the gate reference
+
+
+def test_inspect_names_the_gate_floor_and_saturation(pack, loaded, tmp_path):
+    from unhype.fileformat import load_hypernet, save_with_training
+
+    node = pack.nodes.definitions.UnHypeInspect()
+    path = save_with_training(loaded, tmp_path / "sat.safetensors", gate_reference=2.0,
+                              gate_floor=0.05, gate_saturate=True)
+    report = node.inspect(load_hypernet(path))["result"][0]
+    assert "gate: prompts under 5% of the concepts' update get none; saturated" in report
