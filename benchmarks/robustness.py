@@ -101,40 +101,39 @@ def main(argv=None):
     (args.out / "robustness.md").write_text(text + "\n")
 
 
-def method_specs(args, target):
-    """(name or None, builder) for each method of this target, in table order; the name is
-    known before building for baselines and variants, so a saved row skips the build."""
+def method_specs(args, target, gen, backend, ps):
+    """(row name, builder) for each method of this target, in table order; the name is known
+    before building, so a saved row skips the build (and a file's weights are not loaded)."""
     from benchmarks.compare_methods import (at_strength, describe, spec_of_file, split_strength,
                                             train_unhype, unhype_name, variant_key,
                                             with_strength)
     from unhype.baselines.registry import build
+    from unhype.evaluation.methods import UnHypeMethod
+    from unhype.fileformat import load_hypernet, read_meta
 
+    name = ps.class_names[ps.index(target)]
     specs, built = [], {}
     for b in [b.strip() for b in args.baselines.split(",") if b.strip()]:
-        def make(b=b, ctx=None):
+        def make(b=b):
             kind, strength = split_strength(b)
             if kind not in built:
-                built[kind] = build(kind, *ctx)
+                built[kind] = build(kind, gen, backend, [name], ps, args.steps, args.seed)
             return at_strength(built[kind], strength, b)
         specs.append((b, make))
     for template in args.unhype_file:
         path = template.replace("{target}", target)
-        from unhype.evaluation.methods import UnHypeMethod
-        from unhype.fileformat import load_hypernet
-
-        loaded = load_hypernet(path)
-        title = f"{describe(spec_of_file(loaded.meta))} ({loaded.meta.training.get('steps_done')} steps)"
+        meta = read_meta(path)
+        title = f"{describe(spec_of_file(meta))} ({meta.training.get('steps_done')} steps)"
         if any(s[0] == title for s in specs):  # two files alike: tell them apart
             title += f" [{Path(path).parent.name}/{Path(path).name}]"
         for strength in [float(v) for v in args.strengths.split(",")]:
-            name = with_strength(title, strength)
-            specs.append((name, lambda ctx=None, loaded=loaded, strength=strength, name=name:
-                          UnHypeMethod.from_loaded(loaded, strength, name=name)))
+            row_name = with_strength(title, strength)
+            specs.append((row_name, lambda path=path, strength=strength, row_name=row_name:
+                          UnHypeMethod.from_loaded(load_hypernet(path), strength, name=row_name)))
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         specs.append((unhype_name(v) + f" ({args.steps} steps)",
-                      lambda ctx=None, v=v: train_unhype(ctx[1], [ctx[2][0]], v, args.steps,
-                                                         args.seed,
-                                                         args.out / target / f"unhype-{variant_key(v)}")))
+                      lambda v=v: train_unhype(backend, [name], v, args.steps, args.seed,
+                                               args.out / target / f"unhype-{variant_key(v)}")))
     return specs
 
 
@@ -142,8 +141,8 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
     """Every method's row for one erased target; each row saved under --out/<target>/."""
     from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
                                           typo_prompts)
-    from unhype.evaluation.harness import generate
     from unhype.atomic import atomic_write_text
+    from unhype.evaluation.harness import generate
     from unhype.evaluation.methods import Method
 
     label = ps.index(target)
@@ -154,11 +153,10 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
             "typo": typo_prompts(name)}
     attack_prompts = [f"a {colours[k % len(colours)]} {name}" for k in range(args.attack_prompts)]
     settings = AttackSettings(args.eps, args.attack_steps, args.seed)
-    ctx = (gen, backend, [name], ps, args.steps, args.seed)
     folder = args.out / target
     folder.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for title, make in [("base model", lambda ctx=None: Method())] + method_specs(args, target):
+    for title, make in [("base model", Method)] + method_specs(args, target, gen, backend, ps):
         saved = folder / f"{slug(title)}.json"
         if saved.is_file() and not args.force:
             row = json.loads(saved.read_text())
@@ -167,7 +165,7 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
         if args.cached_only:
             continue
         t = time.time()
-        m = make(ctx=ctx)
+        m = make()
         row = {}
         m.attach(gen.unet)
         try:
