@@ -245,10 +245,11 @@ def validate(cfg: TrainConfig) -> None:
             check_floor(v["gate_floor"])
         except UnHypeError as exc:
             problems.append(str(exc).replace("gate floor", "gate_floor", 1))
-    if v["gate_saturate"] is True and v["mode"] == "fields":
-        problems.append("gate_saturate needs mode 'direct': in fields mode unrelated prompts "
-                        "get ~13% of a concept's update, above the floor, and would be raised "
-                        "to its full strength")
+    if v["gate_saturate"] is True:
+        from unhype.gate_floor import saturate_refusal
+
+        if saturate_refusal(v["mode"]):
+            problems.append(saturate_refusal(v["mode"]))
     if v["gate_saturate"] is True and v["gate_floor"] == 0:
         problems.append("gate_saturate needs a gate_floor > 0 (it raises prompts above it)")
     if problems:

@@ -91,6 +91,16 @@ def floor_scale(norms: Tensor, reference: float, floor: float, saturate: bool = 
     return scale
 
 
+def saturate_refusal(mode: str | None) -> str | None:
+    """Why a file trained in `mode` must not be saturated (None: it may): the trainer and
+    `unhype stamp-floor` both refuse it."""
+    if mode == "fields":
+        return ("gate_saturate needs mode 'direct': in fields mode unrelated prompts get ~13% "
+                "of a concept's update, above the floor, and would be raised to its full "
+                "strength")
+    return None
+
+
 def check_saturate(value) -> bool:
     """`gate_saturate` is a boolean (JSON true/false in a file's metadata)."""
     if not isinstance(value, bool):

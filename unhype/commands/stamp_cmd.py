@@ -42,17 +42,16 @@ def run(args) -> int:
     from unhype.embedding import load_embedder
     from unhype.errors import UnHypeError
     from unhype.fileformat import load_hypernet, save_with_training
-    from unhype.gate_floor import check_floor, concepts_reference
+    from unhype.gate_floor import check_floor, concepts_reference, saturate_refusal
 
     out = Path(args.output)
     if not out.parent.is_dir():  # before the text encoder loads, not after
         raise UnHypeError(f"output folder {out.parent} does not exist")
     floor = None if args.gate_floor is None else check_floor(args.gate_floor)
     loaded = load_hypernet(args.hypernet)
-    if args.gate_saturate and loaded.meta.training.get("mode") == "fields":
-        raise UnHypeError(f"{loaded.path} was trained in fields mode, whose unrelated prompts "
-                          "sit above the floor: --gate_saturate would raise them to the "
-                          "concepts' strength")
+    refusal = saturate_refusal(loaded.meta.training.get("mode"))
+    if args.gate_saturate and refusal:
+        raise UnHypeError(f"{loaded.path}: {refusal}")
     if loaded.gate_reference is not None and not args.force:
         if args.gate_saturate is not None and floor is None:
             save_with_training(loaded, out, gate_saturate=args.gate_saturate)
