@@ -251,7 +251,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         is_base = kind == "base"
         res = evaluate(gen, [method], ps, concepts, clf, args.per_class, args.eval_seed,
                        args.batch_size, progress=False, keep_images=10 ** 9 if is_base else 0,
-                       reference=None if is_base else reference)
+                       reference=None if is_base else reference, generality=args.generality)
         if is_base:
             reference = res["methods"][method.name]["images"]["others"].contiguous()
             ref_file.parent.mkdir(parents=True, exist_ok=True)
@@ -419,6 +419,9 @@ def main(argv=None):
     ap.add_argument("--per-class", dest="per_class", type=int, default=10,
                     help="images per class and set")
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    ap.add_argument("--generality", default="synonyms",
+                    help="kinds of prompt in the Acc_g set: synonyms (MACE), or a harder set "
+                    "such as synonyms,paraphrases,misspellings (unhype eval --generality)")
     ap.add_argument("--classifier", default="judge", help="judge (toy CNN) or toy (toy CLIP)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--single-also", dest="single_also", action="append", default=[],
@@ -456,6 +459,17 @@ def main(argv=None):
     if missing:  # before hours of work, not after
         ap.error(f"--include / --single-also / --multi-also: not found: {', '.join(missing)}")
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    from unhype.errors import UnHypeError
+    from unhype.evaluation.prompts import parse_generality
+
+    try:
+        args.generality = list(parse_generality(args.generality))
+    except UnHypeError as exc:
+        ap.error(str(exc))
+    cached = run_settings(args.out).get("generality", ["synonyms"])
+    if cached != args.generality and not args.force:  # rows of two protocols in one table
+        ap.error(f"--out {args.out} holds rows measured with --generality {','.join(cached)}; "
+                 "give another --out (or --force to recompute every row)")
     try:
         for spec in args.baselines + args.variants:
             split_strength(spec)
@@ -524,7 +538,7 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         + ("assembled from the cached rows of earlier runs (--cached-only)" if args.cached_only
            else f"run time {minutes:.0f} min on CPU"),
         f"- protocol (MACE, METHOD.md): Acc_e = erased classes prompted by name, Acc_s = the "
-        f"other classes, Acc_g = the erased classes prompted by synonyms (never trained on); "
+        f"other classes, Acc_g = the erased classes prompted by {generality_words(args.generality)}; "
         f"H_o = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); classifier: {clf}; "
         f"{args.per_class} images per class and set, eval seed {args.eval_seed}",
         "- others within 1 level of base / mean change: each other-class image against the base "
@@ -568,7 +582,16 @@ def record_settings(args) -> None:
     """What an `--only` run leaves for a later `--single-also` / `--multi-also` (run_settings)."""
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "settings.json", json.dumps(
-        {"steps": args.steps, "per_class": args.per_class}))
+        {"steps": args.steps, "per_class": args.per_class, "generality": args.generality,
+         "eval_seed": args.eval_seed}))
+
+
+def generality_words(kinds) -> str:
+    """What the Acc_g set holds, for the tables' captions."""
+    words = {"synonyms": "synonyms (never trained on)", "paraphrases": "the name in paraphrased "
+             "wordings (unhype.evaluation.prompts.PARAPHRASE_TEMPLATES)",
+             "misspellings": "misspellings of the name"}
+    return ", ".join(words[k] for k in kinds) + (" in turn" if len(kinds) > 1 else "")
 
 
 def run_settings(out_dir: Path) -> dict:
@@ -595,10 +618,14 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
         return ["", f"## Single concept ({out_dir.name}): no complete rows"]
     complete = [{n: rows[n] for n in names} for rows in per_target]
     single = mean_rows(complete)
-    lines = ["", f"## Single concept, {settings.get('steps', '?')} steps for every trained method "
-             f"({out_dir.name})", "", table(single, None), "",
+    generality = settings.get("generality", ["synonyms"])
+    harder = generality != ["synonyms"]
+    lines = ["", f"## Single concept, {settings.get('steps', '?')} steps for every trained method"
+             + (", harder generality set" if harder else "") + f" ({out_dir.name})", "",
+             table(single, None), "",
              f"{per_class} images per class and set; methods without a row for every target "
-             f"left out."]
+             f"left out." + (f" Acc_g: the erased class prompted by {generality_words(generality)}"
+                             f" (eval seed {settings.get('eval_seed', '?')})." if harder else "")]
     top = ceiling(single, complete)
     lines += ["- " + goal_line(single, n, "single-concept", 0.95, top) for n in single
               if n.startswith("UnHype")]

@@ -122,6 +122,20 @@ def test_unhype_eval_cli_with_every_baseline(random_toy, toy_hypernet_file, tmp_
     assert "H_o" in capsys.readouterr().out
 
 
+def test_unhype_eval_with_a_harder_generality_set(random_toy, toy_hypernet_file, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--hypernet", str(toy_hypernet_file), "--toy_weights", str(random_toy),
+                 "--generality", "synonyms,paraphrases,misspellings", "--per_class", "3",
+                 "--steps", "2", "--classifier", "judge", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["generality"] == ["synonyms", "paraphrases", "misspellings"]
+    prompts = data["sets"]["synonyms"]
+    assert len(prompts) == 3 and prompts[1] == "an illustration of a circle" and "cicle" in prompts[2]
+    assert all(r["n_g"] == 3 for r in data["methods"].values())
+    assert "Acc_g (synonyms + paraphrases + misspellings, lower better)" in \
+        (out / "results.md").read_text()
+
+
 def test_unhype_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "--model", "toy", "--out", str(tmp_path)]) == 2
     assert "nothing to erase" in capsys.readouterr().err
@@ -131,4 +145,8 @@ def test_unhype_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "--model", "toy", "--erase", "circle", "--gate_floor", "0.7",
                  "--out", str(tmp_path)]) == 2
     assert "gate floor must be in [0, 0.5)" in capsys.readouterr().err
+    assert main(["eval", "--model", "toy", "--erase", "circle", "--generality", "paraphrase",
+                 "--out", str(tmp_path)]) == 2
+    assert "'paraphrase' is not one of synonyms, paraphrases, misspellings" in \
+        capsys.readouterr().err
     assert main(["eval", "--hypernet", str(tmp_path / "none.safetensors")]) == 2

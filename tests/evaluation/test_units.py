@@ -37,6 +37,39 @@ def test_build_sets_counts_labels_and_determinism():
     assert "an orange" in " ".join(p for p, _ in sets["others"])
 
 
+def test_harder_generality_set_takes_each_kind_in_turn():
+    from unhype.evaluation.prompts import PARAPHRASE_TEMPLATES, typos
+
+    ps = load_prompt_set("toy")
+    mace = build_sets(ps, ["circle"], per_class=9)
+    assert build_sets(ps, ["circle"], 9, ("synonyms",)) == mace  # the default is MACE's
+    hard = build_sets(ps, ["circle", "star"], 9, "synonyms,paraphrases,misspellings")
+    assert len(hard["synonyms"]) == 18 and hard["erased"] == build_sets(ps, ["circle", "star"], 9)["erased"]
+    circle = [p for p, c in hard["synonyms"] if c == 0]
+    assert [p for p, c in hard["synonyms"] if c == 6] and len(circle) == 9
+    synonym, paraphrase, misspelt = circle[0::3], circle[1::3], circle[2::3]
+    assert all(any(w in p for w in ("disk", "round shape", "dot")) for p in synonym)
+    assert paraphrase == [t.replace("{}", "circle") for t in PARAPHRASE_TEMPLATES[:3]]
+    assert [next(w for w in typos("circle") if w in p) for p in misspelt] == typos("circle")
+    assert not any("circle" in p for p in synonym + misspelt)
+    with pytest.raises(UnHypeError, match="'spelling' is not one of synonyms"):
+        build_sets(ps, ["circle"], 2, "synonyms,spelling")
+
+
+def test_generality_kinds_a_class_lacks_are_filled_by_the_others(tmp_path):
+    f = tmp_path / "no_synonyms.toml"
+    f.write_text('templates = ["a {}"]\nparaphrase_templates = ["{} art"]\n'
+                 '[classes]\ncat = ["cat"]\ndog = ["dog", "puppy"]\n')
+    ps = load_prompt_set(str(f))
+    sets = build_sets(ps, ["cat"], 4, ("synonyms", "paraphrases", "misspellings"))
+    assert [p for p, _ in sets["synonyms"]] == ["cat art", "a catt", "cat art", "a catt"]
+    assert build_sets(ps, ["cat"], 4)["synonyms"] == []  # MACE: no synonyms, no Acc_g
+    f.write_text('templates = ["a {}"]\nparaphrase_templates = ["no slot"]\n'
+                 '[classes]\ncat = ["cat"]\ndog = ["dog"]\n')
+    with pytest.raises(UnHypeError, match="'paraphrase_templates' must be"):
+        load_prompt_set(str(f))
+
+
 def test_prompt_set_errors(tmp_path):
     ps = load_prompt_set("toy")
     with pytest.raises(UnHypeError, match="not a class or synonym"):

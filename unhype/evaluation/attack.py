@@ -19,20 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from unhype.errors import UnHypeError
-
-PARAPHRASE_TEMPLATES = ("an illustration of a {}", "a {} icon", "a small {} in the middle",
-                        "there is a {} here", "{}, simple drawing", "one {} on black")
-
-
-def typos(word: str) -> list[str]:
-    """Deterministic misspellings: a dropped, a doubled and a swapped letter (distinct, != word)."""
-    out = []
-    if len(word) > 3:
-        out.append(word[:2] + word[3:])
-    out.append(word[:1] + word[0] + word[1:] if len(word) < 3 else word[:3] + word[2] + word[3:])
-    if len(word) > 3:
-        out.append(word[:1] + word[2] + word[1] + word[3:])
-    return [w for w in dict.fromkeys(out) if w != word]
+from unhype.evaluation.prompts import PARAPHRASE_TEMPLATES, typos
 
 
 def paraphrase_prompts(word: str) -> list[str]:

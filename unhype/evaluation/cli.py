@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompt_set", default=None, help="built-in name (toy, cifar10, "
                    "celebrities_example) or a TOML file (default: toy / cifar10)")
     p.add_argument("--per_class", type=int, default=10, help="images per class and set")
+    p.add_argument("--generality", default="synonyms", help="the kinds of prompt Acc_g is "
+                   "measured on, comma-separated: synonyms (MACE), paraphrases (the class name "
+                   "in the prompt set's paraphrase_templates), misspellings (of the class name)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (toy 20, SD 30)")
@@ -78,13 +81,14 @@ def run(args) -> int:
     from unhype.evaluation import extras as extras_mod
     from unhype.evaluation.harness import evaluate
     from unhype.evaluation.methods import Method, UnHypeMethod
-    from unhype.evaluation.prompts import load_prompt_set
-    from unhype.evaluation.report import table, write_report
+    from unhype.evaluation.prompts import load_prompt_set, parse_generality
+    from unhype.evaluation.report import columns_for, table, write_report
     from unhype.evaluation.zero_shot import load_classifier
     from unhype.fileformat import load_hypernet, read_meta
 
     if args.per_class < 1 or args.batch_size < 1:
         raise UnHypeError("--per_class and --batch_size must be >= 1")
+    generality = parse_generality(args.generality)
     if args.gate_floor is not None:
         from unhype.gate_floor import check_floor
 
@@ -152,12 +156,13 @@ def run(args) -> int:
             extras.append(fn)
     result = evaluate(generator, methods, ps, erased, classifier, args.per_class, args.seed,
                       args.batch_size, clip_scorer=scorer, keep_images=args.keep_images,
-                      extras=extras, dist=dist)
+                      extras=extras, dist=dist, generality=generality)
     if not dist.is_main:
         return 0
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     paths = write_report(result, args.out, settings, notes)
-    print(table(result["methods"], reference=None if args.no_base else "base model"))
+    print(table(result["methods"], columns_for(generality),
+                reference=None if args.no_base else "base model"))
     print(f"unhype eval: wrote {paths['json']}, {paths['md']} and "
           f"{sum(1 for k in paths if k.startswith('grid'))} grids", file=sys.stderr)
     return 0

@@ -26,7 +26,7 @@ from unhype.distributed import Dist
 from unhype.errors import UnHypeError
 from unhype.evaluation.methods import Method
 from unhype.evaluation.metrics import accuracy, h_c, h_o, paired_change
-from unhype.evaluation.prompts import PromptSet, build_sets
+from unhype.evaluation.prompts import PromptSet, build_sets, parse_generality
 
 
 class _NegativeContext(nn.Module):
@@ -200,7 +200,7 @@ def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
 def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str], classifier,
              per_class: int = 10, seed: int = 1234, batch_size: int = 32, clip_scorer=None,
              keep_images: int = 8, progress: bool = True, extras=(), dist: Dist | None = None,
-             reference: Tensor | None = None) -> dict:
+             reference: Tensor | None = None, generality=("synonyms",)) -> dict:
     """Run every method on the same prompt sets; returns {"sets": ..., "methods": {name: row}}.
 
     Each row: the scores, `clip_score` (mean over the other-class prompts, when `clip_scorer`
@@ -210,9 +210,11 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
     model) earlier in `methods`.
     `extras`: callables (images, prompts, sets) -> dict of extra numbers (NudeNet, FID).
     `dist`: the processes of `accelerate launch` share the generation (see `generate`); the
-    gathered images are scored in every process, so every process returns the same numbers."""
+    gathered images are scored in every process, so every process returns the same numbers.
+    `generality`: the kinds of prompt in the Acc_g set (prompts.build_sets; MACE: synonyms)."""
     dist = dist or Dist()
-    sets = build_sets(ps, erased, per_class)
+    generality = parse_generality(generality)
+    sets = build_sets(ps, erased, per_class, generality)
     if reference is not None and len(reference) != len(sets["others"]):
         raise UnHypeError(f"the reference holds {len(reference)} other-class images, this "
                           f"evaluation makes {len(sets['others'])}: not the same prompt sets")
@@ -263,4 +265,5 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
     return {"sets": {k: [p for p, _ in v] for k, v in sets.items()},
             "erased": [ps.class_names[i] for i in sorted({ps.index(w) for w in erased})],
             "classifier": getattr(classifier, "description", type(classifier).__name__),
-            "per_class": per_class, "seed": seed, "processes": dist.world, "methods": results}
+            "per_class": per_class, "seed": seed, "processes": dist.world,
+            "generality": list(generality), "methods": results}

@@ -5,9 +5,16 @@ A prompt-set file: `name`, `templates` (each with one `{}` for the class word, o
 name) and `[classes]`: class name -> [name, synonym, ...]. Optional `kind = "people"` (H_c).
 
 `build_sets(ps, erased, per_class)` gives, MACE protocol: `erased` (erased classes prompted by
-name), `others` (every other class by name) and `synonyms` (erased classes prompted by their
-synonyms), each a list of (prompt, class index). Deterministic: no randomness, the k-th prompt of a
-class uses template k mod T and colour (k + class) mod C.
+name), `others` (every other class by name) and `synonyms`, the generality set Acc_g is measured
+on (erased classes prompted by their synonyms), each a list of (prompt, class index).
+Deterministic: no randomness, the k-th prompt of a class uses template k mod T and colour
+(k + class) mod C.
+
+A harder generality set (`generality=("synonyms", "paraphrases", "misspellings")`) takes the
+erased classes' prompts in turn from each kind: synonyms as above, the class name in
+`paraphrase_templates` (wordings the trainer's templates never use; optional key, default
+PARAPHRASE_TEMPLATES) and misspellings of the class name (`typos`) in the set's templates. It
+asks what a user who rewords or misspells the prompt gets; the count per class stays `per_class`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,32 @@ from pathlib import Path
 from unhype.errors import UnHypeError
 
 BUILTIN = Path(__file__).parent / "prompt_sets"
+PARAPHRASE_TEMPLATES = ("an illustration of a {}", "a {} icon", "a small {} in the middle",
+                        "there is a {} here", "{}, simple drawing", "one {} on black")
+GENERALITY_KINDS = ("synonyms", "paraphrases", "misspellings")
+
+
+def typos(word: str) -> list[str]:
+    """Deterministic misspellings: a dropped, a doubled and a swapped letter (distinct, != word)."""
+    out = []
+    if len(word) > 3:
+        out.append(word[:2] + word[3:])
+    out.append(word[:1] + word[0] + word[1:] if len(word) < 3 else word[:3] + word[2] + word[3:])
+    if len(word) > 3:
+        out.append(word[:1] + word[2] + word[1] + word[3:])
+    return [w for w in dict.fromkeys(out) if w != word]
+
+
+def parse_generality(kinds) -> tuple[str, ...]:
+    """'synonyms,paraphrases' or a sequence -> the kinds, checked (GENERALITY_KINDS)."""
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+    kinds = tuple(dict.fromkeys(kinds))
+    unknown = [k for k in kinds if k not in GENERALITY_KINDS]
+    if not kinds or unknown:
+        what = ", ".join(repr(k) for k in unknown) + " is not one" if unknown else "give one or more"
+        raise UnHypeError(f"generality set: {what} of {', '.join(GENERALITY_KINDS)}")
+    return kinds
 
 
 @dataclass
@@ -30,6 +63,7 @@ class PromptSet:
     colours: list[str] = field(default_factory=list)
     kind: str = "objects"
     path: str = ""
+    paraphrase_templates: list[str] = field(default_factory=lambda: list(PARAPHRASE_TEMPLATES))
 
     @property
     def class_names(self) -> list[str]:
@@ -85,6 +119,10 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
     if not isinstance(templates, list) or not templates or \
             not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
         problems.append("'templates' must be a list of strings with exactly one '{}'")
+    paraphrases = data.get("paraphrase_templates", list(PARAPHRASE_TEMPLATES))
+    if not isinstance(paraphrases, list) or not paraphrases or \
+            not all(isinstance(t, str) and t.count("{}") == 1 for t in paraphrases):
+        problems.append("'paraphrase_templates' must be a list of strings with exactly one '{}'")
     if problems:
         raise UnHypeError(f"{path}: " + "; ".join(problems))
     colours = list(data.get("colours", []))
@@ -93,12 +131,15 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
     return PromptSet(name=str(data.get("name", path.stem)), classes=dict(classes),
                      templates=list(templates),
                      classifier_templates=list(data.get("classifier_templates", ["{}"])),
-                     colours=colours, kind=str(data.get("kind", "objects")), path=str(path))
+                     colours=colours, kind=str(data.get("kind", "objects")), path=str(path),
+                     paraphrase_templates=list(paraphrases))
 
 
-def build_sets(ps: PromptSet, erased: list[str], per_class: int) -> dict[str, list[tuple[str, int]]]:
+def build_sets(ps: PromptSet, erased: list[str], per_class: int,
+               generality=("synonyms",)) -> dict[str, list[tuple[str, int]]]:
     if per_class < 1:
         raise UnHypeError(f"images per class must be >= 1, got {per_class}")
+    generality = parse_generality(generality)
     erased_idx = sorted({ps.index(w) for w in erased})
     if not erased_idx:
         raise UnHypeError("no erased class given")
@@ -110,9 +151,28 @@ def build_sets(ps: PromptSet, erased: list[str], per_class: int) -> dict[str, li
         kind = "erased" if c in erased_idx else "others"
         for k in range(per_class):
             sets[kind].append((ps.fill(ps.templates[k % n_t], words[0], k + c), c))
-        synonyms = words[1:]
-        if c in erased_idx and synonyms:
-            for k in range(per_class):
-                word = synonyms[k % len(synonyms)]
-                sets["synonyms"].append((ps.fill(ps.templates[(k + 1) % n_t], word, k + c), c))
+        if c in erased_idx:
+            sets["synonyms"] += [(p, c) for p in generality_prompts(ps, c, per_class, generality)]
     return sets
+
+
+def generality_prompts(ps: PromptSet, c: int, per_class: int, kinds: tuple[str, ...]) -> list[str]:
+    """`per_class` prompts for erased class `c`, the k-th from kind k mod (kinds this class has
+    material for): a class without synonyms or misspellings takes its prompts from the others."""
+    name, *synonyms = ps.classes[ps.class_names[c]]
+    material = {"synonyms": synonyms, "paraphrases": ps.paraphrase_templates,
+                "misspellings": typos(name)}
+    kinds = [k for k in kinds if material[k]]
+    n_t = len(ps.templates)
+    out = []
+    for k in range(per_class if kinds else 0):
+        kind, j = kinds[k % len(kinds)], k // len(kinds)  # j: the kind's own running index
+        if kind == "synonyms":
+            out.append(ps.fill(ps.templates[(k + 1) % n_t], synonyms[j % len(synonyms)], k + c))
+        elif kind == "paraphrases":
+            out.append(ps.fill(ps.paraphrase_templates[j % len(ps.paraphrase_templates)], name,
+                               k + c))
+        else:
+            misspelt = material["misspellings"]
+            out.append(ps.fill(ps.templates[(k + 2) % n_t], misspelt[j % len(misspelt)], k + c))
+    return out

@@ -24,6 +24,12 @@ COLUMNS = [("acc_e", "Acc_e (erased, lower better)"), ("acc_s", "Acc_s (others)"
 RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others", "change_s"}
 
 
+def columns_for(generality=("synonyms",)) -> list[tuple[str, str]]:
+    """COLUMNS with the Acc_g title naming the kinds of prompt in the generality set."""
+    kinds = " + ".join(generality)
+    return [(k, f"Acc_g ({kinds}, lower better)" if k == "acc_g" else t) for k, t in COLUMNS]
+
+
 def _atomic_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +108,7 @@ def write_report(result: dict, out_dir: Path, settings: dict, notes=()) -> dict[
           f"Classifier: {result['classifier']}; {result['per_class']} images per class and "
           f"set; seed {result['seed']}. Fractions in %, CLIP score raw. \"Others ... base\": "
           f"each other-class image against the base model's of the same prompt and seed.", "",
-          table(rows, reference=ref), ""]
+          table(rows, columns_for(result.get("generality", ("synonyms",))), reference=ref), ""]
     md += [f"- {n}" for n in notes]
     md += ["", "Settings: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     _atomic_text(paths["md"], "\n".join(md))
