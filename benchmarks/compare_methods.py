@@ -466,10 +466,14 @@ def main(argv=None):
         args.generality = list(parse_generality(args.generality))
     except UnHypeError as exc:
         ap.error(str(exc))
-    cached = run_settings(args.out).get("generality", ["synonyms"])
-    if cached != args.generality and not args.force:  # rows of two protocols in one table
+    # rows of two protocols must not meet in one table; folders older than --generality: synonyms
+    cached = run_settings(args.out).get("generality", ["synonyms"]) \
+        if any(args.out.glob("*/*.json")) else args.generality
+    if cached != args.generality and not args.force:
         ap.error(f"--out {args.out} holds rows measured with --generality {','.join(cached)}; "
                  "give another --out (or --force to recompute every row)")
+    if not args.cached_only:
+        record_settings(args)  # before any row, so a second process on this --out sees them
     try:
         for spec in args.baselines + args.variants:
             split_strength(spec)
@@ -501,11 +505,9 @@ def main(argv=None):
         f"{threads}, classifier {clf.description}")
     if args.only == "multi":  # fill the cache only; a later full run assembles the table
         method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}")
-        record_settings(args)
         return
     per_target = [method_rows(args, backend, gen, ps, clf, [t], f"single-{t}") for t in targets]
     if args.only == "single":
-        record_settings(args)
         return
     single = mean_rows(per_target)
     multi_rows = method_rows(args, backend, gen, ps, clf, multi, f"multi-{len(multi)}") \

@@ -181,3 +181,30 @@ def test_robustness_pools_attacks_over_targets():
     assert r["asr_interval"] == rate_interval(36, 136)
     assert r["per_target"] == {"circle": 0.5, "square": 0.3, "triangle": 0.0}
     assert pooled(rows, "esd") is None
+
+
+def test_compare_methods_keeps_two_generality_protocols_apart(tmp_path, capsys):
+    """A folder of rows measured on synonyms (MACE) refuses a run with the harder generality
+    set, before any model loads; an unknown kind is refused too."""
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compare_methods import main
+
+    (tmp_path / "single-circle").mkdir()
+    (tmp_path / "single-circle" / "base.json").write_text("{}")  # a legacy row: synonyms
+    hard = ["--out", str(tmp_path), "--generality", "synonyms,paraphrases,misspellings"]
+    with pytest.raises(SystemExit):
+        main(hard)
+    assert "holds rows measured with --generality synonyms" in capsys.readouterr().err
+    (tmp_path / "settings.json").write_text('{"generality": ["synonyms", "paraphrases", '
+                                            '"misspellings"]}')
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path)])  # now the folder is the harder protocol's
+    assert "--generality synonyms,paraphrases,misspellings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "new"), "--generality", "typos"])
+    assert "'typos' is not one of synonyms" in capsys.readouterr().err
