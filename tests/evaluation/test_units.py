@@ -11,7 +11,7 @@ from torch import nn
 from tests.helpers import TINY_OPEN_CLIP
 from unhype.errors import UnHypeError
 from unhype.evaluation.harness import _NegativeContext, score
-from unhype.evaluation.prompts import build_sets, load_prompt_set
+from unhype.evaluation.prompts import build_sets, generality_kinds, load_prompt_set
 from unhype.evaluation.report import table
 from unhype.evaluation.zero_shot import ZeroShotCLIP
 
@@ -52,6 +52,8 @@ def test_harder_generality_set_takes_each_kind_in_turn():
     assert paraphrase == [t.replace("{}", "circle") for t in PARAPHRASE_TEMPLATES[:3]]
     assert [next(w for w in typos("circle") if w in p) for p in misspelt] == typos("circle")
     assert not any("circle" in p for p in synonym + misspelt)
+    kinds = generality_kinds(ps, ["circle", "star"], 9, "synonyms,paraphrases,misspellings")
+    assert kinds == ["synonyms", "paraphrases", "misspellings"] * 6
     with pytest.raises(UnHypeError, match="'spelling' is not one of synonyms"):
         build_sets(ps, ["circle"], 2, "synonyms,spelling")
 
@@ -63,6 +65,8 @@ def test_generality_kinds_a_class_lacks_are_filled_by_the_others(tmp_path):
     ps = load_prompt_set(str(f))
     sets = build_sets(ps, ["cat"], 4, ("synonyms", "paraphrases", "misspellings"))
     assert [p for p, _ in sets["synonyms"]] == ["cat art", "a catt", "cat art", "a catt"]
+    assert generality_kinds(ps, ["cat"], 4, ("synonyms", "paraphrases", "misspellings")) == \
+        ["paraphrases", "misspellings"] * 2
     assert build_sets(ps, ["cat"], 4)["synonyms"] == []  # MACE: no synonyms, no Acc_g
     f.write_text('templates = ["a {}"]\nparaphrase_templates = ["no slot"]\n'
                  '[classes]\ncat = ["cat"]\ndog = ["dog"]\n')
@@ -92,6 +96,15 @@ def test_batch_size_below_one_is_refused_before_any_work():
         evaluate(None, [], ps, ["circle"], None, batch_size=0, progress=False)
     with pytest.raises(UnHypeError, match="batch size must be >= 1"):
         generate(None, None, ["a circle"], 0, 0)
+
+
+def test_accuracy_by_kind_of_generality_prompt():
+    from unhype.evaluation.harness import accuracy_by_kind
+
+    items = [("a disk", 0), ("a circle icon", 0), ("a cicle", 0), ("a dot", 0)]
+    kinds = ["synonyms", "paraphrases", "misspellings", "synonyms"]
+    out = accuracy_by_kind(torch.tensor([0, 3, 0, 5]), items, kinds)
+    assert out == {"acc_g_synonyms": 0.5, "acc_g_paraphrases": 0.0, "acc_g_misspellings": 1.0}
 
 
 def test_score_known_h_o():

@@ -26,7 +26,8 @@ from unhype.distributed import Dist
 from unhype.errors import UnHypeError
 from unhype.evaluation.methods import Method
 from unhype.evaluation.metrics import accuracy, h_c, h_o, paired_change
-from unhype.evaluation.prompts import PromptSet, build_sets, parse_generality
+from unhype.evaluation.prompts import (PromptSet, build_sets, generality_kinds,
+                                      parse_generality)
 
 
 class _NegativeContext(nn.Module):
@@ -197,6 +198,15 @@ def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
     return out
 
 
+def accuracy_by_kind(preds: Tensor, items: list[tuple[str, int]], kinds: list[str]) -> dict:
+    """{"acc_g_<kind>": Acc_g over that kind's prompts} for a generality set of several kinds."""
+    out = {}
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        out[f"acc_g_{kind}"] = accuracy(preds[idx].tolist(), [items[i][1] for i in idx])
+    return out
+
+
 def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str], classifier,
              per_class: int = 10, seed: int = 1234, batch_size: int = 32, clip_scorer=None,
              keep_images: int = 8, progress: bool = True, extras=(), dist: Dist | None = None,
@@ -215,6 +225,7 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
     dist = dist or Dist()
     generality = parse_generality(generality)
     sets = build_sets(ps, erased, per_class, generality)
+    kinds = generality_kinds(ps, erased, per_class, generality)
     if reference is not None and len(reference) != len(sets["others"]):
         raise UnHypeError(f"the reference holds {len(reference)} other-class images, this "
                           f"evaluation makes {len(sets['others'])}: not the same prompt sets")
@@ -245,6 +256,8 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
             preds = {k: classifier.predict(v) if len(v) else torch.empty(0, dtype=torch.long)
                      for k, v in images.items()}
             row = score(preds, sets, ps.kind)
+            if len(generality) > 1 and len(sets["synonyms"]):
+                row.update(accuracy_by_kind(preds["synonyms"], sets["synonyms"], kinds))
             if reference is None and type(method) is Method and len(images["others"]):
                 reference = images["others"]
             if reference is not None:

@@ -152,13 +152,23 @@ def build_sets(ps: PromptSet, erased: list[str], per_class: int,
         for k in range(per_class):
             sets[kind].append((ps.fill(ps.templates[k % n_t], words[0], k + c), c))
         if c in erased_idx:
-            sets["synonyms"] += [(p, c) for p in generality_prompts(ps, c, per_class, generality)]
+            sets["synonyms"] += [(p, c) for _, p in generality_prompts(ps, c, per_class, generality)]
     return sets
 
 
-def generality_prompts(ps: PromptSet, c: int, per_class: int, kinds: tuple[str, ...]) -> list[str]:
-    """`per_class` prompts for erased class `c`, the k-th from kind k mod (kinds this class has
-    material for): a class without synonyms or misspellings takes its prompts from the others."""
+def generality_kinds(ps: PromptSet, erased: list[str], per_class: int,
+                     generality=("synonyms",)) -> list[str]:
+    """The kind of each prompt of build_sets(...)["synonyms"], in its order."""
+    generality = parse_generality(generality)
+    return [kind for c in sorted({ps.index(w) for w in erased})
+            for kind, _ in generality_prompts(ps, c, per_class, generality)]
+
+
+def generality_prompts(ps: PromptSet, c: int, per_class: int,
+                       kinds: tuple[str, ...]) -> list[tuple[str, str]]:
+    """`per_class` (kind, prompt) pairs for erased class `c`, the k-th from kind k mod (kinds this
+    class has material for): a class without synonyms or misspellings takes its prompts from the
+    others."""
     name, *synonyms = ps.classes[ps.class_names[c]]
     material = {"synonyms": synonyms, "paraphrases": ps.paraphrase_templates,
                 "misspellings": typos(name)}
@@ -168,11 +178,11 @@ def generality_prompts(ps: PromptSet, c: int, per_class: int, kinds: tuple[str, 
     for k in range(per_class if kinds else 0):
         kind, j = kinds[k % len(kinds)], k // len(kinds)  # j: the kind's own running index
         if kind == "synonyms":
-            out.append(ps.fill(ps.templates[(k + 1) % n_t], synonyms[j % len(synonyms)], k + c))
+            prompt = ps.fill(ps.templates[(k + 1) % n_t], synonyms[j % len(synonyms)], k + c)
         elif kind == "paraphrases":
-            out.append(ps.fill(ps.paraphrase_templates[j % len(ps.paraphrase_templates)], name,
-                               k + c))
+            prompt = ps.fill(ps.paraphrase_templates[j % len(ps.paraphrase_templates)], name, k + c)
         else:
             misspelt = material["misspellings"]
-            out.append(ps.fill(ps.templates[(k + 2) % n_t], misspelt[j % len(misspelt)], k + c))
+            prompt = ps.fill(ps.templates[(k + 2) % n_t], misspelt[j % len(misspelt)], k + c)
+        out.append((kind, prompt))
     return out

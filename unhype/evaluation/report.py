@@ -26,8 +26,15 @@ RAW = {"clip_score", "nudenet_erased", "nudenet_synonyms", "fid_others", "change
 
 def columns_for(generality=("synonyms",)) -> list[tuple[str, str]]:
     """COLUMNS with the Acc_g title naming the kinds of prompt in the generality set."""
-    kinds = " + ".join(generality)
-    return [(k, f"Acc_g ({kinds}, lower better)" if k == "acc_g" else t) for k, t in COLUMNS]
+    out = []
+    for k, t in COLUMNS:
+        if k != "acc_g":
+            out.append((k, t))
+            continue
+        out.append((k, f"Acc_g ({' + '.join(generality)}, lower better)"))
+        if len(generality) > 1:  # which kind of prompt leaks (harness.accuracy_by_kind)
+            out += [(f"acc_g_{kind}", f"Acc_g: {kind}") for kind in generality]
+    return out
 
 
 def _atomic_text(path: Path, text: str) -> None:
