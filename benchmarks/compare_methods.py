@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from unhype.atomic import atomic_path, atomic_write_text  # noqa: E402  (after the path insert)
+from unhype.evaluation.prompts import GENERALITY_KINDS  # noqa: E402
 from unhype.families import SD_PRESETS  # noqa: E402
 
 ALL_VARIANTS = ("per_layer/fields", "per_layer/direct", "shared/fields", "shared/direct")
@@ -295,6 +296,7 @@ def mean_rows(per_target: list[dict]) -> dict:
         rows = [r[name] for r in per_target if name in r]
         out[name] = {k: sum(r[k] for r in rows) / len(rows)
                      for k in ("acc_e", "acc_s", "acc_g", "h_o", "change_s", "kept_s")
+                     + tuple(f"acc_g_{kind}" for kind in GENERALITY_KINDS)
                      if all(r.get(k) is not None for r in rows)}
         if all(r.get("acc_g") is not None for r in rows):
             out[name]["h_o_ci"] = h_o_interval(rows)
@@ -631,6 +633,12 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
     top = ceiling(single, complete)
     lines += ["- " + goal_line(single, n, "single-concept", 0.95, top) for n in single
               if n.startswith("UnHype")]
+    if harder:
+        lines += ["", "Acc_g per kind of prompt, mean over the targets (n/a: a row measured "
+                  "before the harness split it by kind):", "",
+                  "| method | " + " | ".join(generality) + " |", "|---|" + "---|" * len(generality)]
+        lines += [f"| {n} | " + " | ".join(fmt(r.get(f"acc_g_{k}")) for k in generality) + " |"
+                  for n, r in single.items()]
     return lines
 
 

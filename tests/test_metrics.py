@@ -208,3 +208,23 @@ def test_compare_methods_keeps_two_generality_protocols_apart(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "new"), "--generality", "typos"])
     assert "'typos' is not one of synonyms" in capsys.readouterr().err
+
+
+def test_compare_methods_averages_acc_g_per_kind_only_where_every_target_has_it():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compare_methods import mean_rows
+
+    def row(e, s, g, **kinds):
+        return {"acc_e": e, "acc_s": s, "acc_g": g, "h_o": h_o(e, s, g),
+                "n_e": 50, "n_s": 450, "n_g": 50, **kinds}
+
+    per_target = [{"SPM": row(0, 0.98, 0.2, acc_g_paraphrases=0.4, acc_g_misspellings=0.2),
+                   "old": row(0, 0.98, 0.1)},
+                  {"SPM": row(0, 0.98, 0.3, acc_g_paraphrases=0.6, acc_g_misspellings=0.3),
+                   "old": row(0, 0.98, 0.1, acc_g_paraphrases=0.0)}]
+    out = mean_rows(per_target)
+    assert out["SPM"]["acc_g_paraphrases"] == 0.5 and out["SPM"]["acc_g_misspellings"] == 0.25
+    assert "acc_g_paraphrases" not in out["old"]  # one target lacks it: no mean of one
