@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from unhype.atomic import atomic_path, atomic_write_text  # noqa: E402  (after the path insert)
-from unhype.evaluation.prompts import GENERALITY_KINDS  # noqa: E402
+from unhype.errors import UnHypeError  # noqa: E402
+from unhype.evaluation.prompts import GENERALITY_KINDS, parse_generality  # noqa: E402
 from unhype.families import SD_PRESETS  # noqa: E402
 
 ALL_VARIANTS = ("per_layer/fields", "per_layer/direct", "shared/fields", "shared/direct")
@@ -461,9 +462,6 @@ def main(argv=None):
     if missing:  # before hours of work, not after
         ap.error(f"--include / --single-also / --multi-also: not found: {', '.join(missing)}")
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    from unhype.errors import UnHypeError
-    from unhype.evaluation.prompts import parse_generality
-
     try:
         args.generality = list(parse_generality(args.generality))
     except UnHypeError as exc:
