@@ -248,8 +248,9 @@ def validate(cfg: TrainConfig) -> None:
     if v["gate_saturate"] is True:
         from unhype.gate_floor import saturate_refusal
 
-        if saturate_refusal(v["mode"]):
-            problems.append(saturate_refusal(v["mode"]))
+        refusal = saturate_refusal(v["mode"])
+        if refusal:
+            problems.append(refusal)
     if v["gate_saturate"] is True and v["gate_floor"] == 0:
         problems.append("gate_saturate needs a gate_floor > 0 (it raises prompts above it)")
     if problems:
