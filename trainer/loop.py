@@ -140,6 +140,8 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     hypernet = build_hypernet(net_cfg).to(backend.device)
     lora = DynamicLoRA.attach(backend.unet, {t.name: t.path for t in targets},
                               {t.name: (t.in_dim, t.out_dim) for t in targets})
+    if cfg.gradient_checkpointing:  # recomputed blocks must see their forward's LoRA
+        backend.unet.enable_gradient_checkpointing(lora.checkpointing_function())
     items = [(i, p, a) for i, c in enumerate(concepts) for p, a in c.prompts()]
     fp = ckpt.fingerprint(net_cfg.to_dict(), {
         "family": family.name, "model": str(cfg.pretrained_model_name_or_path),
@@ -186,8 +188,9 @@ def _attention(cfg, backend):
         except ImportError:
             say("unhype train: --xformers: xformers is not installed; using PyTorch SDPA "
                 "attention instead (pip install xformers to use it)")
-    if cfg.gradient_checkpointing:
-        backend.unet.enable_gradient_checkpointing()
+        except (RuntimeError, ValueError) as exc:  # installed, but built for another torch/CUDA
+            say(f"unhype train: --xformers: xformers does not run here ({exc}); using PyTorch "
+                "SDPA attention instead")
 
 
 # --- z_t and the frozen model's predictions -----------------------------------------------------

@@ -13,10 +13,15 @@ base layers without the extra matmuls; their output is the same either way.
 Hooks sit on module instances, so any module whose weight is [out, in] works (nn.Linear, Forge's
 and ComfyUI's custom layers), and fused layers take a row slice of their output (FLUX qkv).
 Nothing touches a weight: removing the hooks restores the model exactly.
+
+Under gradient checkpointing a block's forward runs again in the backward, when the hooks may hold
+other factors (the trainer clears them before the backward): `checkpointing_function` gives the
+model a checkpoint that replays each block with the LoRA state of its first forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -147,6 +152,35 @@ class DynamicLoRA:
             handle.remove()
         self._handles = []
         self.clear()
+
+    def state(self) -> tuple:
+        """What the hooks apply now (factors, row map, strength, silent prompts)."""
+        return self.factors, self.rows, self.strength, self.silent, self._live
+
+    @contextlib.contextmanager
+    def replaying(self, state: tuple):
+        """Apply `state` (from `state()`) inside the block, the current state again after it."""
+        now = self.state()
+        self.factors, self.rows, self.strength, self.silent, self._live = state
+        self._cache.clear()
+        try:
+            yield
+        finally:
+            self.factors, self.rows, self.strength, self.silent, self._live = now
+            self._cache.clear()
+
+    def checkpointing_function(self):
+        """A `gradient_checkpointing_func` for diffusers' `enable_gradient_checkpointing` on the
+        model these hooks sit on: non-reentrant checkpoints whose recomputation sees the LoRA
+        state of the original forward, so the gradients are those without checkpointing."""
+        from torch.utils.checkpoint import checkpoint
+
+        def checkpointed(block, *args, **kwargs):
+            state = self.state()
+            return checkpoint(block.__call__, *args, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(),
+                                                  self.replaying(state)), **kwargs)
+        return checkpointed
 
     def __enter__(self) -> "DynamicLoRA":
         return self

@@ -125,6 +125,22 @@ def test_gradient_checkpointing_and_bf16(tiny_flux, tmp_path):
     assert np.isfinite(run.log[-1]["remove"]) and np.isfinite(run.log[-1]["esd_T"])
 
 
+def test_gradient_checkpointing_gives_the_gradients_without_it(tiny_flux, tmp_path):
+    """Direct mode: the hooks are cleared before the backward that recomputes the blocks."""
+    grads = {}
+    for checkpointing in (False, True):
+        run = loop.prepare(flux_cfg(tiny_flux, tmp_path / str(checkpointing), mode="direct",
+                                    gradient_checkpointing=checkpointing), quiet=True)
+        gen = torch.Generator().manual_seed(0)
+        run.noise_gen = torch.Generator().manual_seed(1)
+        loss, _ = loop.removal_loss(run, *loop.draw_batch(run, gen), gen)
+        loss.backward()
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in run.hypernet.parameters()
+                                          if p.grad is not None])
+    assert grads[False].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-8)
+
+
 def test_cfg_model_without_guidance_embedding(tmp_path):
     folder = build_flux_folder(tmp_path / "schnell_like", guidance_embeds=False)
     run = loop.prepare(flux_cfg(folder, tmp_path / "out", max_train_steps=2, mode="direct"),

@@ -177,6 +177,29 @@ def test_sd_gradient_checkpointing_and_bf16(tiny_sd1, tmp_path):
     assert torch.isfinite(torch.tensor([run.log[-1]["remove"], run.log[-1]["esd_T"]])).all()
 
 
+def removal_gradient(run) -> torch.Tensor:
+    """The hypernetwork's gradient of one removal loss (the trainer's first batch)."""
+    gen = torch.Generator().manual_seed(0)
+    run.noise_gen = torch.Generator().manual_seed(1)
+    loss, _ = loop.removal_loss(run, *loop.draw_batch(run, gen), gen)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in run.hypernet.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("mode", ["direct", "fields"])
+def test_gradient_checkpointing_gives_the_gradients_without_it(tiny_sd1, tmp_path, mode):
+    """Direct mode clears the LoRA hooks before the backward; recomputed blocks must still see
+    the forward's LoRA (else the backward fails, or silently drops the LoRA's gradient)."""
+    grads = {}
+    for checkpointing in (False, True):
+        run = loop.prepare(cfg_for(tiny_sd1, tmp_path / str(checkpointing), device="cpu",
+                                   mode=mode, gradient_checkpointing=checkpointing), quiet=True)
+        assert run.backend.unet.is_gradient_checkpointing == checkpointing
+        grads[checkpointing] = removal_gradient(run)
+    assert grads[False].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-8)
+
+
 def test_embedding_of_the_wrong_width_is_refused(tiny_sd1, tmp_path):
     backend = load_backend(resolve(fast_options(tiny_sd1, tmp_path, device="cpu")))
     assert backend.embed(["a dog"]).shape == (1, 768)

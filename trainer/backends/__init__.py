@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from unhype.errors import UnHypeError
 
 TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "toy", "flux", "toy_flux")
@@ -17,6 +19,11 @@ def load_backend(cfg):
     if not path:
         raise UnHypeError("no model given: pass --pretrained_model_name_or_path (a diffusers "
                           "folder, a single-file .safetensors with --model_config, or 'toy')")
+    if cfg.mixed_precision != "no" and (path in ("toy", "toy_flux")
+                                        or family in ("toy", "toy_flux")):
+        print(f"unhype train: --mixed_precision {cfg.mixed_precision}: the toy models always run "
+              "in float32 (they are tiny); the option applies to SD and FLUX models",
+              file=sys.stderr)
     if path == "toy" or family == "toy":
         from trainer.backends.toy import ToyBackend
 

@@ -25,12 +25,13 @@ def tiny_tokenizer(max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_text_encoder(hidden: int, projection: int | None = None, seed: int = 0):
+def tiny_text_encoder(hidden: int, projection: int | None = None, seed: int = 0,
+                      positions: int = 16):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=2 + 2 * len(CHARS), hidden_size=hidden,
                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=16, projection_dim=projection or hidden,
+                            max_position_embeddings=positions, projection_dim=projection or hidden,
                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
     torch.manual_seed(seed)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel

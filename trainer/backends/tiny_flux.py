@@ -35,11 +35,11 @@ def tiny_t5_tokenizer(max_length: int = 16):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def tiny_t5(seed: int = 0):
+def tiny_t5(seed: int = 0, d_model: int = T5_DIM):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=4 + 2 * len(CHARS), d_model=T5_DIM, d_kv=8, d_ff=32,
+    config = T5Config(vocab_size=4 + 2 * len(CHARS), d_model=d_model, d_kv=8, d_ff=32,
                       num_layers=1, num_heads=2, decoder_start_token_id=0, pad_token_id=0,
                       eos_token_id=1)
     return T5EncoderModel(config).eval()
