@@ -372,7 +372,8 @@ def training_case(kind, model, dtype_name, attention, mode, checkpointing, args,
     loop.retain_loss, loop.shared_cache = mark, cache
     reset_peak(device)
     try:
-        code = loop.train(run, progress=False)
+        with torch.autograd.set_detect_anomaly(args.anomaly):
+            code = loop.train(run, progress=False)
     finally:
         loop.retain_loss, loop.shared_cache = real_retain, real_cache
         run.lora.remove()
@@ -489,7 +490,15 @@ def main(argv=None):
     ap.add_argument("--ddim-flux", dest="ddim_flux", type=int, default=28)
     ap.add_argument("--budget", type=float, default=420, help="seconds; later cases skipped")
     ap.add_argument("--json", default=None, help="write the rows here as they finish")
+    ap.add_argument("--anomaly", action="store_true",
+                    help="training under autograd anomaly detection (names a failing op)")
+    ap.add_argument("--lora-fp32", dest="lora_fp32", action="store_true",
+                    help="DynamicLoRA.compute_dtype = float32 (the LoRA matmuls in fp32)")
     args = ap.parse_args(argv)
+    if args.lora_fp32:
+        from unhype.dynamic_lora import DynamicLoRA
+
+        DynamicLoRA.compute_dtype = torch.float32
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device here (use --tiny --device cpu to smoke-test)")

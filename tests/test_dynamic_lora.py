@@ -97,6 +97,32 @@ def test_half_precision_modules(dtype):
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
 
 
+def test_compute_dtype_runs_the_lora_matmuls_in_fp32_in_a_bf16_model(monkeypatch):
+    """compute_dtype float32: the hook's two matmuls see fp32 operands (the bf16 activations
+    cast up), the layer's output stays bf16 and matches the fp32 reference."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).to(torch.bfloat16)
+    a, b = torch.randn(1, 64, 2), torch.randn(1, 32, 2)
+    x = torch.randn(2, 40, 64).to(torch.bfloat16)
+    ref = reference(x.float(), lin.weight.float(), lin.bias.float(), a, b, [0, -1], 1.0)
+    real_bmm, seen = torch.bmm, []
+
+    def spy(p, q):
+        seen.append((p.dtype, q.dtype))
+        return real_bmm(p, q)
+    monkeypatch.setattr(torch, "bmm", spy)
+    for compute, expect in ((None, torch.bfloat16), (torch.float32, torch.float32)):
+        monkeypatch.setattr(DynamicLoRA, "compute_dtype", compute)
+        seen.clear()
+        with DynamicLoRA.attach(nn.Sequential(lin), {"l": "0"}) as lora:
+            lora.set({"l": (a, b)}, [0, -1])
+            with torch.no_grad():
+                y = lin(x)
+        assert seen == [(expect, expect)] * 2
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=0.1)  # bf16 output rounding
+
+
 def test_fused_layer_slice_only_touches_its_rows():
     torch.manual_seed(0)
     qkv = nn.Linear(4, 12)

@@ -94,7 +94,12 @@ def check_strength(strength) -> float:
 
 
 class DynamicLoRA:
-    """Per-row LoRA hooks on a set of modules. Use as a context manager or call `remove()`."""
+    """Per-row LoRA hooks on a set of modules. Use as a context manager or call `remove()`.
+
+    `compute_dtype`: dtype of the LoRA's two matmuls (None: the activations'); float32 keeps the
+    small update exact in an fp16/bf16 model, at the cost of an fp32 copy of each hooked input."""
+
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, bindings: dict[str, _Binding]):
         self.bindings = bindings
@@ -208,10 +213,11 @@ class DynamicLoRA:
             if n != self.rows.numel():
                 raise UnHypeError(f"layer {binding.name} got a batch of {n} rows but the row "
                                   f"map has {self.rows.numel()}")
-            a_rows, b_rows = self._row_factors(binding.name, x.device, x.dtype)
+            a_rows, b_rows = self._row_factors(binding.name, x.device,
+                                               self.compute_dtype or x.dtype)
             if torch.is_grad_enabled():
                 self._cache.clear()  # training: factors change between calls, keep the graph
-            flat = x.reshape(n, -1, x.shape[-1])
+            flat = x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype)
             delta = torch.bmm(torch.bmm(flat, a_rows), b_rows.transpose(1, 2))
             delta = delta.reshape(*output.shape[:-1], delta.shape[-1]).to(output.dtype)
             if binding.out_slice is None:
