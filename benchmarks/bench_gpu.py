@@ -437,8 +437,8 @@ def print_tables(rows: list, env: dict) -> None:
               "LoRA rank and ||B A^T|| / ||W|| as set.\n")
         print("| model | dtype | attention | targets | forward ms | per-row ratio | floored "
               "skipped | merged ratio (merge ms) | LoRA gen ms | peak GiB base / hooks | "
-              "finite | uncond row identical | LoRA effect | merged vs per-row gap | B A^T lost in the "
-              "merge |")
+              "finite | uncond row identical | LoRA effect | merged vs per-row gap | "
+              "B A^T lost in the merge |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in samp:
             if "error" in r:
@@ -453,11 +453,12 @@ def print_tables(rows: list, env: dict) -> None:
                   f"{r['merge_weight_loss_rel']:.2e} |")
     train = [r for r in rows if r.get("part") == "training"]
     if train:
-        print("\nTraining (`unhype train` loop, batch 1 prompt, 64 retained prompts, latent "
-              "cache of one sampling per prompt; s/step after a warm-up step):\n")
+        print("\nTraining (`unhype train` loop, batch 1 prompt, 64 retained prompts; s/step "
+              "after a warm-up step; the latent cache samples each of the 2 prompts once, "
+              "batched, and keeps the frozen model's predictions at every step):\n")
         print("| model | dtype | attention | mode | grad. checkpointing | px | exit | s/step | "
-              "z_t sampling s/prompt (steps) | weights GiB | peak GiB | hypernet params | loss "
-              "finite | file loads |")
+              "latent cache s/prompt (steps) | weights GiB | peak GiB | hypernet params | "
+              "loss finite | file loads |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in train:
             if "error" in r:
@@ -473,6 +474,38 @@ def print_tables(rows: list, env: dict) -> None:
         if r.get("part") == "toy":
             print(f"\nToy demo (`make demo`'s config) on {env['device']}: exit {r['exit']}, "
                   f"{r['seconds']:.0f} s; metrics: {json.dumps(r.get('metrics'))[:1500]}")
+
+
+def report(paths: list[str], toy_metrics: str | None = None) -> None:
+    """Markdown of saved --json files (a later file's row replaces an earlier one's of the same
+    case: a rerun after a fix) and of the toy demo's metrics.json."""
+    cases, env = {}, None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        env = data["env"]
+        for r in data["rows"]:
+            if r.get("part") in ("sampling", "training"):
+                key = tuple(r.get(k) for k in ("part", "model", "dtype", "attention", "mode",
+                                                "checkpointing"))
+                cases[key] = {**r, "source": Path(path).name}
+    rows = list(cases.values())
+    print("# GPU figures\n")
+    print(f"Written by `python benchmarks/bench_gpu.py --report {' '.join(paths)}"
+          + (f" --toy-metrics {toy_metrics}" if toy_metrics else "") + "` from the rows that "
+          "`benchmarks/bench_gpu.py` saved on the GPU. Full-size denoisers with random weights "
+          "(SD1.5 UNet 860 M, SDXL UNet 2.57 G, FLUX.1-dev transformer 11.9 G parameters), tiny "
+          "text encoders of the real widths and token counts; hypernetwork per_layer, rank 1, "
+          "the families' default target layers. Sources: "
+          + ", ".join(sorted({f"`{r['source']}`" for r in rows})) + ".")
+    print_tables(rows, env)
+    if toy_metrics:
+        m = json.loads(Path(toy_metrics).read_text())
+        u, b = m["unhype"], m["base"]
+        print(f"\nThe README's main job (`trainer/configs/toy_demo.toml`) trained on the GPU "
+              f"(`--device cuda`), its own evaluation, {m['per_class']} images per class: "
+              f"base Acc_e {100 * b['acc_e']:.1f}% / Acc_s {100 * b['acc_s']:.1f}%; UnHype "
+              f"Acc_e {100 * u['acc_e']:.1f}%, Acc_s {100 * u['acc_s']:.1f}%, Acc_g "
+              f"{100 * u['acc_g']:.1f}%, H_o {100 * u['h_o']:.1f}%.")
 
 
 def main(argv=None):
@@ -494,7 +527,13 @@ def main(argv=None):
                     help="training under autograd anomaly detection (names a failing op)")
     ap.add_argument("--lora-fp32", dest="lora_fp32", action="store_true",
                     help="DynamicLoRA.compute_dtype = float32 (the LoRA matmuls in fp32)")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="print the markdown of saved --json files and stop")
+    ap.add_argument("--toy-metrics", dest="toy_metrics", help="with --report: the toy "
+                    "demo's metrics.json")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report, args.toy_metrics)
     if args.lora_fp32:
         from unhype.dynamic_lora import DynamicLoRA
 

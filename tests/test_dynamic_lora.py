@@ -123,6 +123,35 @@ def test_compute_dtype_runs_the_lora_matmuls_in_fp32_in_a_bf16_model(monkeypatch
         torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=0.1)  # bf16 output rounding
 
 
+def test_row_map_is_moved_once_per_row_map_not_per_layer(monkeypatch):
+    """Copying the row map to the factors' device at each hooked layer syncs a GPU per layer;
+    it is copied once per row map (sampling), and still once while training recomputes
+    the factors at every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+    factors = {str(i): (torch.randn(1, 8, 1), torch.randn(1, 8, 1)) for i in range(3)}
+    moves = []
+    real = DynamicLoRA._rows_on
+
+    def counted(self, device):
+        if device not in self._device_rows:
+            moves.append(device)
+        return real(self, device)
+    monkeypatch.setattr(DynamicLoRA, "_rows_on", counted)
+    with DynamicLoRA.attach(model, {str(i): str(i) for i in range(3)}) as lora:
+        lora.set(factors, [-1, 0])
+        with torch.no_grad():
+            model(torch.randn(2, 8))
+            model(torch.randn(2, 8))
+        assert len(moves) == 1
+        model(torch.randn(2, 8)).sum().backward()  # grad on: factors recomputed per call
+        assert len(moves) == 1
+        lora.set_rows([0, 0])
+        with torch.no_grad():
+            out = model(torch.randn(2, 8))
+        assert len(moves) == 2 and out.shape == (2, 8)
+
+
 def test_fused_layer_slice_only_touches_its_rows():
     torch.manual_seed(0)
     qkv = nn.Linear(4, 12)

@@ -109,6 +109,7 @@ class DynamicLoRA:
         self.strength = 1.0
         self.silent: Tensor | None = None  # set by set(skip_silent=True)
         self._cache: dict = {}
+        self._device_rows: dict = {}  # the row map per device, moved once per row map
         self._handles = [b.module.register_forward_hook(self._hook(b)) for b in bindings.values()]
 
     @classmethod
@@ -145,12 +146,14 @@ class DynamicLoRA:
         self.rows = rows
         self._live = bool((rows >= 0).any())
         self._cache.clear()
+        self._device_rows = {}
 
     def clear(self) -> None:
         """Keep the hooks but run base weights (no factors)."""
         self.factors, self.rows, self.silent = None, None, None
         self._live = False
         self._cache.clear()
+        self._device_rows = {}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -168,11 +171,13 @@ class DynamicLoRA:
         now = self.state()
         self.factors, self.rows, self.strength, self.silent, self._live = state
         self._cache.clear()
+        self._device_rows = {}
         try:
             yield
         finally:
             self.factors, self.rows, self.strength, self.silent, self._live = now
             self._cache.clear()
+            self._device_rows = {}
 
     def checkpointing_function(self):
         """A `gradient_checkpointing_func` for diffusers' `enable_gradient_checkpointing` on the
@@ -193,11 +198,18 @@ class DynamicLoRA:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def _rows_on(self, device) -> Tensor:
+        """The row map on `device`, copied once per row map: a copy from the CPU at every hooked
+        layer would make the host wait for the GPU at each of them."""
+        if device not in self._device_rows:
+            self._device_rows[device] = self.rows.to(device)
+        return self._device_rows[device]
+
     def _row_factors(self, name: str, device, dtype):
         key = (name, device, dtype)
         if key not in self._cache:
             a, b = self.factors[name]
-            rows = self.rows.to(a.device)
+            rows = self._rows_on(a.device)
             keep = (rows >= 0).to(a.dtype) * self.strength
             a_rows = a[rows.clamp(min=0)] * keep[:, None, None]
             b_rows = b[rows.clamp(min=0)]
