@@ -177,6 +177,34 @@ def test_sd_gradient_checkpointing_and_bf16(tiny_sd1, tmp_path):
     assert torch.isfinite(torch.tensor([run.log[-1]["remove"], run.log[-1]["esd_T"]])).all()
 
 
+def test_xformers_that_cannot_run_falls_back_to_sdpa(tiny_sd1, tmp_path, capsys, monkeypatch):
+    """Installed but unusable (the PyPI wheel without CUDA kernels, seen on an H200: diffusers'
+    check raises NotImplementedError): the run says so and keeps PyTorch's attention."""
+    import sys
+    import types
+
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+
+    def refuse(self, *args, **kwargs):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+    monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention", refuse)
+    run = loop.prepare(cfg_for(tiny_sd1, tmp_path, xformers=True), quiet=True)
+    assert "xformers does not run here (No operator found" in capsys.readouterr().err
+    processors = {type(p).__name__ for p in run.backend.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}
+
+
+def test_toy_says_it_ignores_mixed_precision(capsys):
+    backend = load_backend(resolve({"pretrained_model_name_or_path": "toy", "device": "cpu",
+                                    "mixed_precision": "bf16"}))
+    assert backend.dtype == torch.float32
+    assert next(backend.unet.parameters()).dtype == torch.float32
+    assert "--mixed_precision bf16: the toy models always run in float32" in \
+        capsys.readouterr().err
+
+
 def removal_gradient(run) -> torch.Tensor:
     """The hypernetwork's gradient of one removal loss (the trainer's first batch)."""
     gen = torch.Generator().manual_seed(0)
