@@ -427,14 +427,34 @@ def fmt(v, spec=".3f"):
     return format(v, spec) if isinstance(v, float) else str(v)
 
 
-def print_tables(rows: list, env: dict) -> None:
-    print(f"\n## GPU figures ({env['gpu']}; torch {env['torch']}, diffusers {env['diffusers']}, "
-          f"{env['xformers']})\n")
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git
+        return "unknown"
+
+
+def env_line(env: dict) -> str:
+    return (f"{env['gpu']}; torch {env['torch']}, diffusers {env['diffusers']}, xformers: "
+            f"{env['xformers']}" + (f"; commit {env['commit']}" if "commit" in env else ""))
+
+
+def print_tables(rows: list, env: dict | None) -> None:
+    if env is not None:
+        print(f"\n## GPU figures ({env_line(env)})\n")
     samp = [r for r in rows if r.get("part") == "sampling"]
     if samp:
         print("Sampling: one denoiser forward per step (SD: [uncond; cond] rows at 512 / 1024 "
-              "px; FLUX: the cond row at 1024 px, 512 T5 tokens); median of the repeats; "
-              "LoRA rank and ||B A^T|| / ||W|| as set.\n")
+              "px; FLUX: the cond row at 1024 px, 512 T5 tokens); median of the repeats; the "
+              "hooks' row factors are recomputed for each timed forward, as a host does each "
+              "step. Ratios are against the forward without UnHype; 'merged' adds the merge and "
+              "restore of the weights once per 30 steps. The checks run on [uncond; cond] rows "
+              "with ||B A^T|| = 5% of ||W|| per layer: 'LoRA effect' is the change of the cond "
+              "row's output (relative), 'merged vs per-row gap' the difference of the two paths "
+              "relative to that effect, which rounding elsewhere in the forward dominates (TF32 "
+              "convolutions in fp32, fp16/bf16 arithmetic); 'B A^T lost in the merge' isolates "
+              "the merge's own rounding of the update into the weights' dtype.\n")
         print("| model | dtype | attention | targets | forward ms | per-row ratio | floored "
               "skipped | merged ratio (merge ms) | LoRA gen ms | peak GiB base / hooks | "
               "finite | uncond row identical | LoRA effect | merged vs per-row gap | "
@@ -472,17 +492,17 @@ def print_tables(rows: list, env: dict) -> None:
                   f"{r['loss_finite']} | {r.get('file_loads', False)} |")
     for r in rows:
         if r.get("part") == "toy":
-            print(f"\nToy demo (`make demo`'s config) on {env['device']}: exit {r['exit']}, "
+            print(f"\nToy demo (`make demo`'s config) on {env.get('device')}: exit {r['exit']}, "
                   f"{r['seconds']:.0f} s; metrics: {json.dumps(r.get('metrics'))[:1500]}")
 
 
 def report(paths: list[str], toy_metrics: str | None = None) -> None:
     """Markdown of saved --json files (a later file's row replaces an earlier one's of the same
     case: a rerun after a fix) and of the toy demo's metrics.json."""
-    cases, env = {}, None
+    cases, envs = {}, {}
     for path in paths:
         data = json.loads(Path(path).read_text())
-        env = data["env"]
+        envs[Path(path).name] = data["env"]
         for r in data["rows"]:
             if r.get("part") in ("sampling", "training"):
                 key = tuple(r.get(k) for k in ("part", "model", "dtype", "attention", "mode",
@@ -495,9 +515,12 @@ def report(paths: list[str], toy_metrics: str | None = None) -> None:
           "`benchmarks/bench_gpu.py` saved on the GPU. Full-size denoisers with random weights "
           "(SD1.5 UNet 860 M, SDXL UNet 2.57 G, FLUX.1-dev transformer 11.9 G parameters), tiny "
           "text encoders of the real widths and token counts; hypernetwork per_layer, rank 1, "
-          "the families' default target layers. Sources: "
-          + ", ".join(sorted({f"`{r['source']}`" for r in rows})) + ".")
-    print_tables(rows, env)
+          "the families' default target layers. Sources (a later file's row replaces an "
+          "earlier one's):\n")
+    for name, env in envs.items():
+        print(f"- `{name}`: {env_line(env)}")
+    print()
+    print_tables(rows, None)
     if toy_metrics:
         m = json.loads(Path(toy_metrics).read_text())
         u, b = m["unhype"], m["base"]
@@ -545,7 +568,8 @@ def main(argv=None):
 
     env = {"device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "xformers": xformers_status(),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+           "commit": commit()}
     print(json.dumps(env), flush=True)
     parts = set(args.parts.split(","))
     rows, start = [], time.perf_counter()
