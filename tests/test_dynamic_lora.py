@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tests.helpers import hypernet_for, tiny_sd_unet
-from unhype.dynamic_lora import DynamicLoRA, silent_prompts
+from unhype.dynamic_lora import DynamicLoRA, resolve_modules, silent_prompts
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 from unhype.hypernet import delta_weight
@@ -105,12 +105,17 @@ def test_compute_dtype_runs_the_lora_matmuls_in_fp32_in_a_bf16_model(monkeypatch
     a, b = torch.randn(1, 64, 2), torch.randn(1, 32, 2)
     x = torch.randn(2, 40, 64).to(torch.bfloat16)
     ref = reference(x.float(), lin.weight.float(), lin.bias.float(), a, b, [0, -1], 1.0)
-    real_bmm, seen = torch.bmm, []
+    real_bmm, real_baddbmm, seen = torch.bmm, torch.baddbmm, []
 
     def spy(p, q):
         seen.append((p.dtype, q.dtype))
         return real_bmm(p, q)
+
+    def spy_add(c, p, q):  # the bf16 path adds the second product to the output in one kernel
+        seen.append((p.dtype, q.dtype))
+        return real_baddbmm(c, p, q)
     monkeypatch.setattr(torch, "bmm", spy)
+    monkeypatch.setattr(torch, "baddbmm", spy_add)
     for compute, expect in ((None, torch.bfloat16), (torch.float32, torch.float32)):
         monkeypatch.setattr(DynamicLoRA, "compute_dtype", compute)
         seen.clear()
@@ -134,7 +139,7 @@ def test_row_map_is_moved_once_per_row_map_not_per_layer(monkeypatch):
     real = DynamicLoRA._rows_on
 
     def counted(self, device):
-        if device not in self._device_rows:
+        if device not in self._rows.rows:
             moves.append(device)
         return real(self, device)
     monkeypatch.setattr(DynamicLoRA, "_rows_on", counted)
@@ -150,6 +155,45 @@ def test_row_map_is_moved_once_per_row_map_not_per_layer(monkeypatch):
         with torch.no_grad():
             out = model(torch.randn(2, 8))
         assert len(moves) == 2 and out.shape == (2, 8)
+
+
+def test_row_cache_gathers_once_across_steps_and_again_when_anything_changes(monkeypatch):
+    """A host that builds hooks every step (ComfyUI's wrapper) shares one RowCache: the gathered
+    factors of the last step serve the next while factors, row map and strength are the same,
+    with the same outputs as gathering afresh."""
+    from unhype.dynamic_lora import RowCache
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+    paths = {str(i): str(i) for i in range(3)}
+    factors = {str(i): (torch.randn(2, 8, 1), torch.randn(2, 8, 1)) for i in range(3)}
+    gathered = []
+    real = DynamicLoRA._row_factors
+
+    def counted(self, name, device, dtype):
+        if (name, device, dtype) not in self._rows.layers:
+            gathered.append(name)
+        return real(self, name, device, dtype)
+    monkeypatch.setattr(DynamicLoRA, "_row_factors", counted)
+    cache, x = RowCache(), torch.randn(2, 8)
+
+    def step(f, rows, strength=1.0, shared=cache):
+        with DynamicLoRA.attach(model, paths) if shared is None else \
+                DynamicLoRA(resolve_modules(model, paths), shared) as lora:
+            lora.set(f, rows, strength, skip_silent=False)
+            with torch.no_grad():
+                return model(x)
+    first = step(factors, [-1, 0])
+    assert len(gathered) == 3
+    again = step(factors, [-1, 0])
+    assert len(gathered) == 3 and torch.equal(again, first)  # reused, same output
+    fresh = step(factors, [-1, 0], shared=None)
+    assert len(gathered) == 6 and torch.equal(fresh, first)  # no cache: gathered again
+    changes = [(factors, [-1, 1], 1.0), (factors, [-1, 1], 0.5),
+               ({k: (a.clone(), b.clone()) for k, (a, b) in factors.items()}, [-1, 1], 0.5)]
+    for n, (f, rows, strength) in enumerate(changes, start=3):
+        step(f, rows, strength)
+        assert len(gathered) == 3 * n
 
 
 def test_fused_layer_slice_only_touches_its_rows():

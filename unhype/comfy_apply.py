@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from unhype.dynamic_lora import DynamicLoRA, check_strength, resolve_modules, silent_prompts
+from unhype.dynamic_lora import (DynamicLoRA, RowCache, check_strength, resolve_modules,
+                                 silent_prompts)
 from unhype.errors import UnHypeError
 from unhype.families import APPLY_ALL, get_family
 from unhype.fileformat import LoadedHypernet, host_paths
@@ -191,6 +192,7 @@ class UnHypeWrapper:
         self.plan, self.get_root, self.inner = plan, get_root, inner
         self.calls = 0
         self._bound = (None, None)  # (root module, bindings): resolved once per model
+        self._row_cache = RowCache()  # the gathered factors, reused while the row map holds
 
     def _bindings(self):
         root = self.get_root()
@@ -227,7 +229,7 @@ class UnHypeWrapper:
         if not bool((rows >= 0).any()):
             return run()
         self.calls += 1
-        lora = DynamicLoRA(self._bindings())
+        lora = DynamicLoRA(self._bindings(), self._row_cache)
         try:
             # row_map already sent the silent rows to -1: no second scan of every layer per call
             lora.set(self.plan.factors, rows, self.plan.strength, skip_silent=False)

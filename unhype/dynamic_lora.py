@@ -93,6 +93,27 @@ def check_strength(strength) -> float:
     return value
 
 
+class RowCache:
+    """Each layer's factors gathered for a row map (and the row map per device), kept while the
+    factors, the row map and the strength stay the same: a host's sampling steps reuse them
+    instead of gathering them again at every layer of every step. A host that builds new hooks
+    each step (ComfyUI's wrapper) passes one RowCache to all of them."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.key, self.factors = None, None  # the factors are held so their id() stays unique
+        self.layers: dict = {}  # (layer, device, dtype) -> (A rows, B rows)
+        self.rows: dict = {}  # device -> row map
+
+    def use(self, factors, rows: Tensor, strength: float) -> None:
+        key = (id(factors), tuple(rows.tolist()), strength)
+        if key != self.key:
+            self.reset()
+            self.key, self.factors = key, factors
+
+
 class DynamicLoRA:
     """Per-row LoRA hooks on a set of modules. Use as a context manager or call `remove()`.
 
@@ -101,15 +122,14 @@ class DynamicLoRA:
 
     compute_dtype: torch.dtype | None = None
 
-    def __init__(self, bindings: dict[str, _Binding]):
+    def __init__(self, bindings: dict[str, _Binding], row_cache: RowCache | None = None):
         self.bindings = bindings
         self.factors: LoraFactors | None = None
         self.rows: Tensor | None = None
         self._live = False  # any row with a LoRA: checked once per row map, not per layer
         self.strength = 1.0
         self.silent: Tensor | None = None  # set by set(skip_silent=True)
-        self._cache: dict = {}
-        self._device_rows: dict = {}  # the row map per device, moved once per row map
+        self._rows = row_cache if row_cache is not None else RowCache()
         self._handles = [b.module.register_forward_hook(self._hook(b)) for b in bindings.values()]
 
     @classmethod
@@ -145,15 +165,12 @@ class DynamicLoRA:
             rows = torch.where(self.silent[rows.clamp(min=0)], -1, rows)
         self.rows = rows
         self._live = bool((rows >= 0).any())
-        self._cache.clear()
-        self._device_rows = {}
+        self._rows.use(self.factors, rows, self.strength)
 
     def clear(self) -> None:
         """Keep the hooks but run base weights (no factors)."""
         self.factors, self.rows, self.silent = None, None, None
         self._live = False
-        self._cache.clear()
-        self._device_rows = {}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -169,15 +186,16 @@ class DynamicLoRA:
     def replaying(self, state: tuple):
         """Apply `state` (from `state()`) inside the block, the current state again after it."""
         now = self.state()
-        self.factors, self.rows, self.strength, self.silent, self._live = state
-        self._cache.clear()
-        self._device_rows = {}
+        self._apply_state(state)
         try:
             yield
         finally:
-            self.factors, self.rows, self.strength, self.silent, self._live = now
-            self._cache.clear()
-            self._device_rows = {}
+            self._apply_state(now)
+
+    def _apply_state(self, state: tuple) -> None:
+        self.factors, self.rows, self.strength, self.silent, self._live = state
+        if self.rows is not None:
+            self._rows.use(self.factors, self.rows, self.strength)
 
     def checkpointing_function(self):
         """A `gradient_checkpointing_func` for diffusers' `enable_gradient_checkpointing` on the
@@ -201,20 +219,21 @@ class DynamicLoRA:
     def _rows_on(self, device) -> Tensor:
         """The row map on `device`, copied once per row map: a copy from the CPU at every hooked
         layer would make the host wait for the GPU at each of them."""
-        if device not in self._device_rows:
-            self._device_rows[device] = self.rows.to(device)
-        return self._device_rows[device]
+        if device not in self._rows.rows:
+            self._rows.rows[device] = self.rows.to(device)
+        return self._rows.rows[device]
 
     def _row_factors(self, name: str, device, dtype):
         key = (name, device, dtype)
-        if key not in self._cache:
+        layers = self._rows.layers
+        if key not in layers:
             a, b = self.factors[name]
             rows = self._rows_on(a.device)
             keep = (rows >= 0).to(a.dtype) * self.strength
             a_rows = a[rows.clamp(min=0)] * keep[:, None, None]
             b_rows = b[rows.clamp(min=0)]
-            self._cache[key] = (a_rows.to(device, dtype), b_rows.to(device, dtype))
-        return self._cache[key]
+            layers[key] = (a_rows.to(device, dtype), b_rows.to(device, dtype))
+        return layers[key]
 
     def _hook(self, binding: _Binding):
         def hook(module, args, output):
@@ -227,10 +246,15 @@ class DynamicLoRA:
                                   f"map has {self.rows.numel()}")
             a_rows, b_rows = self._row_factors(binding.name, x.device,
                                                self.compute_dtype or x.dtype)
-            if torch.is_grad_enabled():
-                self._cache.clear()  # training: factors change between calls, keep the graph
+            if torch.is_grad_enabled():  # training: factors change between calls, keep the graph
+                self._rows.layers.clear()
             flat = x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype)
-            delta = torch.bmm(torch.bmm(flat, a_rows), b_rows.transpose(1, 2))
+            mid = torch.bmm(flat, a_rows)
+            if binding.out_slice is None and output.dtype == b_rows.dtype:
+                # output + mid B^T in one kernel: a host-bound GPU pays per launch
+                flat_out = output.reshape(n, -1, output.shape[-1])
+                return torch.baddbmm(flat_out, mid, b_rows.transpose(1, 2)).view(output.shape)
+            delta = torch.bmm(mid, b_rows.transpose(1, 2))
             delta = delta.reshape(*output.shape[:-1], delta.shape[-1]).to(output.dtype)
             if binding.out_slice is None:
                 return output + delta
