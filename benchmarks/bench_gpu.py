@@ -203,7 +203,7 @@ def scaled_factors(net, emb, targets, model, delta: float):
 
 
 def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
-    from unhype.dynamic_lora import DynamicLoRA
+    from unhype.dynamic_lora import DynamicLoRA, RowCache, resolve_modules
     from unhype.families import get_family
     from unhype.hypernet import HyperNetConfig, TargetSpec, build_hypernet, default_hidden
 
@@ -260,10 +260,15 @@ def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
     rows = 1 if kind == "flux" else 2
     row_map = [0] if rows == 1 else [-1, 0]
     fwd = forward_fn(kind, model, rows, args.tiny, device, dtype)
-    lora = DynamicLoRA.attach(model, paths, dims)
+    bindings, cache, live = resolve_modules(model, paths, dims), RowCache(), []
 
-    def use(f, skip=False):
-        return (lambda: lora.set(f, row_map, skip_silent=skip), lora.clear, fwd)
+    def use(f, skip=False):  # as ComfyUI's wrapper: hooks built, set and removed every step
+        def setup():
+            live.append(DynamicLoRA(bindings, cache).set(f, row_map, skip_silent=skip))
+
+        def teardown():
+            live.pop().remove()
+        return (setup, teardown, fwd)
 
     def nothing():
         return None
@@ -288,7 +293,7 @@ def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
     fwd()
     peak_base = peak_gib(device)
     reset_peak(device)
-    lora.set(factors, row_map)
+    lora = DynamicLoRA(bindings, cache).set(factors, row_map)
     fwd()
     peak_rows = peak_gib(device)
     lora.remove()
@@ -447,8 +452,9 @@ def print_tables(rows: list, env: dict | None) -> None:
     if samp:
         print("Sampling: one denoiser forward per step (SD: [uncond; cond] rows at 512 / 1024 "
               "px; FLUX: the cond row at 1024 px, 512 T5 tokens); median of the repeats; the "
-              "hooks' row factors are recomputed for each timed forward, as a host does each "
-              "step. Ratios are against the forward without UnHype; 'merged' adds the merge and "
+              "hooks are built, set and removed around each timed forward, as ComfyUI's wrapper "
+              "does each step (rows measured before the RowCache: factors gathered anew each "
+              "step). Ratios are against the forward without UnHype; 'merged' adds the merge and "
               "restore of the weights once per 30 steps. The checks run on [uncond; cond] rows "
               "with ||B A^T|| = 5% of ||W|| per layer: 'LoRA effect' is the change of the cond "
               "row's output (relative), 'merged vs per-row gap' the difference of the two paths "
