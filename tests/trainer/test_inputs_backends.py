@@ -205,6 +205,21 @@ def test_toy_says_it_ignores_mixed_precision(capsys):
         capsys.readouterr().err
 
 
+def test_training_on_cuda_keeps_sdpa_off_the_cudnn_kernel():
+    """cuDNN attention's backward failed at FLUX.1's shapes on an H200 (docs/training.md): the
+    training loop on CUDA allows flash, memory-efficient and math attention only; on the CPU it
+    changes nothing, and the flags come back after the loop."""
+    cuda = torch.backends.cuda
+    assert cuda.cudnn_sdp_enabled()
+    with loop.training_attention(torch.device("cuda")):
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()
+        assert cuda.math_sdp_enabled()
+    assert cuda.cudnn_sdp_enabled()
+    with loop.training_attention(torch.device("cpu")):
+        assert cuda.cudnn_sdp_enabled()
+
+
 def removal_gradient(run) -> torch.Tensor:
     """The hypernetwork's gradient of one removal loss (the trainer's first batch)."""
     gen = torch.Generator().manual_seed(0)
