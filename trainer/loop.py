@@ -383,6 +383,21 @@ def _mean_over_processes(run: Run, record: dict) -> dict:
     return out
 
 
+def training_attention(device: torch.device):
+    """PyTorch SDPA kernels for the gradient steps on CUDA: flash, memory-efficient or math, not
+    cuDNN's. cuDNN attention's backward failed at FLUX.1's shapes (24 heads x 128, 4608 tokens,
+    bf16) on an H200 with torch 2.11 + CUDA 13 ("mha_graph.execute(...).is_good()", then an
+    illegal memory access; benchmarks/bench_gpu.py --anomaly named the op)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no cuDNN attention to avoid either
+        return contextlib.nullcontext()
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 def _phase(run: Run, name: str, step: int, compute, params) -> tuple[float, dict, object]:
     """One optimiser's step: `gradient_accumulation_steps` batches, gradients averaged over
     micro-batches (accelerate) and processes, then the step. Returns (loss, extras, batch)."""
@@ -392,7 +407,7 @@ def _phase(run: Run, name: str, step: int, compute, params) -> tuple[float, dict
     optimiser.zero_grad(set_to_none=True)
     total, extras, batch = 0.0, {}, None
     for micro in range(k):
-        with accel.accumulate():
+        with accel.accumulate(), training_attention(run.backend.device):
             run.noise_gen = tdist.process_generator(cfg.seed, step, micro, run.rank)
             loss, extra, batch = compute()
             value = float(loss.detach())
@@ -432,21 +447,6 @@ def lr_schedules(cfg: TrainConfig, optimisers: dict, step: int = 0) -> dict:
 
 
 # --- the loop ---------------------------------------------------------------------------------
-def training_attention(device: torch.device):
-    """PyTorch SDPA kernels for the training loop on CUDA: flash, memory-efficient or math, not
-    cuDNN's. cuDNN attention's backward failed at FLUX.1's shapes (24 heads x 128, 4608 tokens,
-    bf16) on an H200 with torch 2.11 + CUDA 13 ("mha_graph.execute(...).is_good()", then an
-    illegal memory access; benchmarks/bench_gpu.py --anomaly named the op)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3: no cuDNN attention to avoid either
-        return contextlib.nullcontext()
-    if torch.device(device).type != "cuda":
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
-
-
 def train(run: Run, progress: bool = True) -> int:
     """Train; returns an exit code (0 done, 3 NaN, 130 interrupted). Writes all outputs (the
     main process). Runs under `accelerate launch` as well: see trainer/distributed.py."""
@@ -522,29 +522,28 @@ def train(run: Run, progress: bool = True) -> int:
 
     log = open(log_path, "a", encoding="utf-8") if main else None
     try:
-        with training_attention(run.backend.device):
-            while step < cfg.max_train_steps:
-                l_remove, extra, batch = _phase(run, "remove", step, removal_step, params)
-                l_retain, _, _ = _phase(run, "retain", step, retention_step, params)
-                step += 1
-                if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-                    seen = _mean_over_processes(run, {**extra, **monitor(run, *batch)})
-                    record = {"step": step, "remove": l_remove, "retain": l_retain, **seen,
-                              "time": round(time.time() - t_start, 2)}
-                    if main:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    run.log.append(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(remove=f"{l_remove:.3g}", retain=f"{l_retain:.3g}",
-                                    refresh=False)
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
-                        and step < cfg.max_train_steps and main:
-                    last_good = checkpoint(step)
-                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
-                        and step < cfg.max_train_steps and main:
-                    sampler.after(step)
+        while step < cfg.max_train_steps:
+            l_remove, extra, batch = _phase(run, "remove", step, removal_step, params)
+            l_retain, _, _ = _phase(run, "retain", step, retention_step, params)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+                seen = _mean_over_processes(run, {**extra, **monitor(run, *batch)})
+                record = {"step": step, "remove": l_remove, "retain": l_retain, **seen,
+                          "time": round(time.time() - t_start, 2)}
+                if main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                run.log.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(remove=f"{l_remove:.3g}", retain=f"{l_retain:.3g}",
+                                refresh=False)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
+                    and step < cfg.max_train_steps and main:
+                last_good = checkpoint(step)
+            if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
+                    and step < cfg.max_train_steps and main:
+                sampler.after(step)
     except NaNLoss as exc:
         if bar is not None:
             bar.close()
