@@ -23,6 +23,7 @@ cut short still reports what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -36,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import timed, timed_interleaved  # noqa: E402  (medians after a warm-up)
 
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux"}
 RESOLUTION = {"sd15": 512, "sdxl": 1024, "flux": 1024}
@@ -81,22 +84,6 @@ def peak_gib(device) -> float:
 def allocated_gib(device) -> float:
     return torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" \
         else float("nan")
-
-
-def interleaved(cases: dict, repeats: int, device) -> dict:
-    """Median seconds of each case, the cases run round by round after one warm-up round."""
-    times = {k: [] for k in cases}
-    for round_ in range(repeats + 1):
-        for name, (setup, teardown, run) in cases.items():
-            setup()
-            sync(device)
-            t = time.perf_counter()
-            run()
-            sync(device)
-            if round_:
-                times[name].append(time.perf_counter() - t)
-            teardown()
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def xformers_status() -> str:
@@ -202,6 +189,28 @@ def scaled_factors(net, emb, targets, model, delta: float):
     return out
 
 
+@contextlib.contextmanager
+def merged_weights(named: dict, targets, factors, lost: list | None = None):
+    """W += B A^T of prompt 0 in each target's dtype inside the block, W restored after it;
+    `lost` collects, per layer, the part of B A^T that rounding into that dtype lost."""
+    saved = {}
+    with torch.no_grad():
+        try:
+            for tg in targets:
+                w = named[tg.path].weight
+                saved[tg.path] = w.detach().clone()
+                a, b = factors[tg.name]
+                delta_w = b[0] @ a[0].T
+                w.add_(delta_w.to(w.dtype))
+                if lost is not None:
+                    lost.append(float(((w.float() - saved[tg.path].float()) - delta_w).norm()
+                                      / delta_w.norm()))
+            yield
+        finally:
+            for path, w in saved.items():
+                named[path].weight.copy_(w)
+
+
 def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
     from unhype.dynamic_lora import DynamicLoRA, RowCache, resolve_modules
     from unhype.families import get_family
@@ -230,20 +239,9 @@ def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
     with DynamicLoRA.attach(model, paths, dims) as lora:
         lora.set(factors, [-1, 0])
         hooked = check().float()
-    saved, lost = {}, []
-    with torch.no_grad():
-        for tg in targets:
-            w = named[tg.path].weight
-            saved[tg.path] = w.detach().clone()
-            a, b = factors[tg.name]
-            delta_w = b[0] @ a[0].T
-            w.add_(delta_w.to(w.dtype))
-            # the part of B A^T that rounding into the weight's dtype lost
-            lost.append(float(((w.float() - saved[tg.path].float()) - delta_w).norm()
-                              / delta_w.norm()))
+    lost = []
+    with merged_weights(named, targets, factors, lost):
         merged = check().float()
-        for path, w in saved.items():
-            named[path].weight.copy_(w)
     restored = torch.equal(check().float(), base)
     effect = (hooked[1] - base[1]).norm()
     row = {"part": "sampling", "model": kind, "dtype": dtype_name, "attention": attention,
@@ -254,41 +252,36 @@ def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
            "merge_gap_rel": float((merged[1] - hooked[1]).norm() / effect),
            "merge_weight_loss_rel": sum(lost) / len(lost),
            "weights_restored": restored}
-    del base, hooked, merged, saved
+    del base, hooked, merged
 
     # timing: one prompt = [uncond; cond] rows for SD, the cond row alone for FLUX (distilled)
     rows = 1 if kind == "flux" else 2
     row_map = [0] if rows == 1 else [-1, 0]
     fwd = forward_fn(kind, model, rows, args.tiny, device, dtype)
-    bindings, cache, live = resolve_modules(model, paths, dims), RowCache(), []
+    bindings, cache = resolve_modules(model, paths, dims), RowCache()
 
-    def use(f, skip=False):  # as ComfyUI's wrapper: hooks built, set and removed every step
+    def synced(fn):  # the GPU runs asynchronously: time until its work is done
+        return lambda: (fn(), sync(device))
+
+    def hooks(f, skip=False):  # as ComfyUI's wrapper: hooks built, set and removed every step
+        @contextlib.contextmanager
         def setup():
-            live.append(DynamicLoRA(bindings, cache).set(f, row_map, skip_silent=skip))
-
-        def teardown():
-            live.pop().remove()
-        return (setup, teardown, fwd)
-
-    def nothing():
-        return None
+            lora = DynamicLoRA(bindings, cache).set(f, row_map, skip_silent=skip)
+            sync(device)
+            try:
+                yield
+            finally:
+                lora.remove()
+        return setup, synced(fwd)
 
     def merge_restore():
-        with torch.no_grad():
-            keep = {}
-            for tg in targets:
-                w = named[tg.path].weight
-                keep[tg.path] = w.detach().clone()
-                a, b = factors[tg.name]
-                w.add_((b[0] @ a[0].T).to(w.dtype))
-            for path, w in keep.items():
-                named[path].weight.copy_(w)
-    times = interleaved({"base": (nothing, nothing, fwd), "rows": use(factors),
-                         "floored_skipped": use(floored, skip=True),
-                         "merge": (nothing, nothing, merge_restore)}, args.repeats, device)
+        with merged_weights(named, targets, factors):
+            pass
+    times = timed_interleaved({"base": synced(fwd), "rows": hooks(factors),
+                               "floored_skipped": hooks(floored, skip=True),
+                               "merge": synced(merge_restore)}, args.repeats)
     with torch.no_grad():
-        gen = interleaved({"gen": (nothing, nothing, lambda: net(emb))}, args.repeats * 3,
-                          device)["gen"]
+        gen = timed(synced(lambda: net(emb)), args.repeats * 3)
     reset_peak(device)
     fwd()
     peak_base = peak_gib(device)
