@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from trainer import loop
 from trainer.backends.tiny import build_pipeline_folder
 
 # 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls (50x on conv).
@@ -37,3 +38,12 @@ def fast_options(model, out, **over):
 
 INLINE_CONCEPTS = [{"target": "dog", "anchor": "cat", "synonyms": ["puppy"],
                     "templates": ["a photo of a {}", "a {}"]}]
+
+
+def removal_gradient(run) -> torch.Tensor:
+    """The hypernetwork's gradient of one removal loss (the trainer's first batch)."""
+    gen = torch.Generator().manual_seed(0)
+    run.noise_gen = torch.Generator().manual_seed(1)
+    loss, _ = loop.removal_loss(run, *loop.draw_batch(run, gen), gen)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in run.hypernet.parameters() if p.grad is not None])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
+from tests.trainer.conftest import INLINE_CONCEPTS, fast_options, removal_gradient
 from trainer import loop
 from trainer.backends import load_backend
 from trainer.config import resolve
@@ -218,15 +218,6 @@ def test_training_on_cuda_keeps_sdpa_off_the_cudnn_kernel():
     assert cuda.cudnn_sdp_enabled()
     with loop.training_attention(torch.device("cpu")):
         assert cuda.cudnn_sdp_enabled()
-
-
-def removal_gradient(run) -> torch.Tensor:
-    """The hypernetwork's gradient of one removal loss (the trainer's first batch)."""
-    gen = torch.Generator().manual_seed(0)
-    run.noise_gen = torch.Generator().manual_seed(1)
-    loss, _ = loop.removal_loss(run, *loop.draw_batch(run, gen), gen)
-    loss.backward()
-    return torch.cat([p.grad.flatten() for p in run.hypernet.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("mode", ["direct", "fields"])
