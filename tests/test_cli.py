@@ -115,3 +115,28 @@ def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "unhype", "--help"], capture_output=True,
                             text=True, check=True)
     assert "inspect" in result.stdout and "bake" in result.stdout
+
+
+def _subcommands(parser, prefix=()):
+    """Every (sub)command path of an argparse parser, e.g. ('toy', 'sample')."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommands(sub, prefix + (name,))
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help texts with %: a bare "3%" in one option's help crashed `--help`."""
+    from unhype.cli import build_parser
+
+    paths = list(_subcommands(build_parser()))
+    assert ("train",) in paths and ("toy", "sample") in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as done:
+            main([*path, "--help"])
+        assert done.value.code == 0, path
+        out = capsys.readouterr().out
+        assert "usage: unhype" in out

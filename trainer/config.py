@@ -147,6 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config_file", help="TOML file of options (flags override it)")
     for name, typ, default, text in OPTIONS:
         shown = f"{text} [default: {default}]" if default not in (None, False) else text
+        shown = shown.replace("%", "%%")  # argparse formats help with %: "3%" is not a format
         if typ is bool:
             # --flag / --no-flag: a flag can switch off what the config file switched on
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
