@@ -45,8 +45,10 @@ RESOLUTION = {"sd15": 512, "sdxl": 1024, "flux": 1024}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIXED = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
-# (dtype, attention) sampling cases and (dtype, attention, mode, gradient checkpointing) training
-# cases per family, in the order run: the model is cast fp32 -> fp16 -> bf16 in place.
+# (dtype, attention) sampling cases and (dtype, attention, mode, gradient checkpointing, memory
+# options) training cases per family, in the order run: the model is cast fp32 -> fp16 -> bf16 in
+# place; a "fp8" case (--fp8_base --cache_text_encoder_outputs, with full-size random text
+# encoders so that moving them off the GPU counts) comes last: it leaves the weights in fp8.
 SAMPLING = {
     "sd15": [("fp32", "sdpa"), ("fp16", "sdpa"), ("fp16", "xformers"), ("bf16", "sdpa"),
              ("bf16", "xformers")],
@@ -54,11 +56,13 @@ SAMPLING = {
     "flux": [("bf16", "sdpa")],
 }
 TRAINING = {
-    "sd15": [("fp32", "sdpa", "direct", False), ("fp16", "sdpa", "direct", False),
-             ("bf16", "sdpa", "direct", False), ("bf16", "xformers", "direct", False),
-             ("bf16", "sdpa", "fields", False)],
-    "sdxl": [("bf16", "sdpa", "direct", False), ("bf16", "sdpa", "direct", True)],
-    "flux": [("bf16", "sdpa", "direct", False), ("bf16", "sdpa", "direct", True)],
+    "sd15": [("fp32", "sdpa", "direct", False, ""), ("fp16", "sdpa", "direct", False, ""),
+             ("bf16", "sdpa", "direct", False, ""), ("bf16", "xformers", "direct", False, ""),
+             ("bf16", "sdpa", "fields", False, "")],
+    "sdxl": [("bf16", "sdpa", "direct", False, ""), ("bf16", "sdpa", "direct", True, ""),
+             ("bf16", "sdpa", "direct", True, "fp8")],
+    "flux": [("bf16", "sdpa", "direct", False, ""), ("bf16", "sdpa", "direct", True, ""),
+             ("bf16", "sdpa", "direct", True, "fp8")],
 }
 CONCEPT = [{"target": "dog", "anchor": "cat", "synonyms": ["puppy"],
             "templates": ["a photo of a {}", "a {}"]}]
@@ -303,25 +307,38 @@ def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
 
 
 # --- training -----------------------------------------------------------------------------------
-def backend_for(kind, model, args, device, dtype):
+def backend_for(kind, model, args, device, dtype, full_text: bool = False):
+    """`full_text`: full-size random text encoders (bench_training_memory's: CLIP-L, bigG,
+    T5-XXL) built on `device`, with the tiny vocabularies' token ids."""
+    from bench_training_memory import clip_text, t5_xxl
     from trainer.backends.diffusers_sd import DiffusersSD
     from trainer.backends.flux import DiffusersFlux
     from trainer.backends.tiny import tiny_components, tiny_text_encoder, tiny_tokenizer
     from trainer.backends.tiny_flux import flux_scheduler, tiny_t5, tiny_t5_tokenizer
 
+    def built(make):
+        with torch.device(device):
+            return make().to(dtype).eval()
+
     size = resolution(kind, args.tiny)
     if kind == "flux":
         t5_dim = model.config.joint_attention_dim
         tokens = 16 if args.tiny else 512
-        return DiffusersFlux(model, flux_scheduler(), tiny_tokenizer(77),
-                             tiny_text_encoder(768, positions=77), tiny_t5_tokenizer(tokens),
-                             tiny_t5(d_model=t5_dim), device=device, dtype=dtype,
+        clip = (built(lambda: clip_text(768, 12, 12, 3072)) if full_text
+                else tiny_text_encoder(768, positions=77))
+        t5 = built(t5_xxl) if full_text else tiny_t5(d_model=t5_dim)
+        return DiffusersFlux(model, flux_scheduler(), tiny_tokenizer(77), clip,
+                             tiny_t5_tokenizer(tokens), t5, device=device, dtype=dtype,
                              resolution=size, max_sequence_length=tokens,
                              description="FLUX.1-dev-size, random weights")
     sd = "sd1" if kind == "sd15" else "sdxl"
     _, scheduler, _, _ = tiny_components(sd, 0, denoiser_config(kind, True))
     if sd == "sd1":
         toks, encs = [tiny_tokenizer(77)], [tiny_text_encoder(768, positions=77)]
+    elif full_text:
+        toks = [tiny_tokenizer(77), tiny_tokenizer(77)]
+        encs = [built(lambda: clip_text(768, 12, 12, 3072)),
+                built(lambda: clip_text(1280, 32, 20, 5120, 1280))]
     else:
         toks = [tiny_tokenizer(77), tiny_tokenizer(77)]
         encs = [tiny_text_encoder(768, positions=77),
@@ -330,7 +347,8 @@ def backend_for(kind, model, args, device, dtype):
                        resolution=size, description=f"{kind}-size, random weights")
 
 
-def training_case(kind, model, dtype_name, attention, mode, checkpointing, args, device) -> dict:
+def training_case(kind, model, dtype_name, attention, mode, checkpointing, memory, args,
+                  device) -> dict:
     import trainer.samples as samples
     from trainer import loop
     from trainer.config import resolve
@@ -348,9 +366,11 @@ def training_case(kind, model, dtype_name, attention, mode, checkpointing, args,
         "sample_steps": 1, "sample_seeds": 1, "log_every": 1, "seed": 0,
         "device": str(device), "mixed_precision": MIXED[dtype_name],
         "xformers": attention == "xformers", "gradient_checkpointing": checkpointing,
-        "network_dim": args.rank})
+        "network_dim": args.rank, "fp8_base": memory == "fp8",
+        "cache_text_encoder_outputs": memory == "fp8"})
     cfg.concept_entries = [dict(c) for c in CONCEPT]
-    backend = backend_for(kind, model, args, device, dtype)
+    backend = backend_for(kind, model, args, device, dtype, full_text=memory == "fp8"
+                          and not args.tiny)
     run = loop.prepare(cfg, quiet=True, backend=backend)
     weights = allocated_gib(device)
     marks, timing = [], {}
@@ -379,7 +399,7 @@ def training_case(kind, model, dtype_name, attention, mode, checkpointing, args,
             model.disable_gradient_checkpointing()
     prompts = len(run.items)
     row = {"part": "training", "model": kind, "dtype": dtype_name, "attention": attention,
-           "mode": mode, "checkpointing": checkpointing, "exit": code,
+           "mode": mode, "checkpointing": checkpointing, "memory": memory, "exit": code,
            "resolution": resolution(kind, args.tiny), "ddim": ddim, "prompts": prompts,
            "s_per_step": (marks[-1] - marks[1]) / (len(marks) - 2) if len(marks) > 2
            else float("nan"),
@@ -475,17 +495,18 @@ def print_tables(rows: list, env: dict | None) -> None:
         print("\nTraining (`unhype train` loop, batch 1 prompt, 64 retained prompts; s/step "
               "after a warm-up step; the latent cache samples each of the 2 prompts once, "
               "batched, and keeps the frozen model's predictions at every step):\n")
-        print("| model | dtype | attention | mode | grad. checkpointing | px | exit | s/step | "
-              "latent cache s/prompt (steps) | weights GiB | peak GiB | hypernet params | "
-              "loss finite | file loads |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| model | dtype | attention | mode | grad. checkpointing | fp8 base + text "
+              "encoders on CPU | px | exit | s/step | latent cache s/prompt (steps) | weights "
+              "GiB | peak GiB | hypernet params | loss finite | file loads |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in train:
+            fp8 = r.get("memory") == "fp8"
             if "error" in r:
                 print(f"| {r['model']} | {r['dtype']} | {r['attention']} | {r['mode']} | "
-                      f"{r['checkpointing']} | {r['error']} |")
+                      f"{r['checkpointing']} | {fp8} | {r['error']} |")
                 continue
             print(f"| {r['model']} | {r['dtype']} | {r['attention']} | {r['mode']} | "
-                  f"{r['checkpointing']} | {r['resolution']} | {r['exit']} | "
+                  f"{r['checkpointing']} | {fp8} | {r['resolution']} | {r['exit']} | "
                   f"{r['s_per_step']:.3f} | {r['sampling_s_per_prompt']:.2f} ({r['ddim']}) | "
                   f"{r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {r['hypernet_params']:,} | "
                   f"{r['loss_finite']} | {r.get('file_loads', False)} |")
@@ -505,7 +526,7 @@ def report(paths: list[str], toy_metrics: str | None = None) -> None:
         for r in data["rows"]:
             if r.get("part") in ("sampling", "training"):
                 key = tuple(r.get(k) for k in ("part", "model", "dtype", "attention", "mode",
-                                                "checkpointing"))
+                                                "checkpointing", "memory"))
                 cases[key] = {**r, "source": Path(path).name}
     rows = list(cases.values())
     print("# GPU figures\n")
@@ -594,15 +615,15 @@ def main(argv=None):
         record({"part": "build", "model": kind, "seconds": time.perf_counter() - t0,
                 "params": sum(p.numel() for p in model.parameters())})
         for dtype_name in ("fp32", "fp16", "bf16"):
-            cases = [("sampling", a, None, None) for d, a in SAMPLING[kind] if d == dtype_name
-                     if "sampling" in parts]
-            cases += [("training", a, m, c) for d, a, m, c in TRAINING[kind] if d == dtype_name
-                      if "training" in parts]
+            cases = [("sampling", a, (None, None, "")) for d, a in SAMPLING[kind]
+                     if d == dtype_name if "sampling" in parts]
+            cases += [("training", a, (m, c, mem)) for d, a, m, c, mem in TRAINING[kind]
+                      if d == dtype_name if "training" in parts]
             if not cases:
                 continue
             model.to(DTYPES[dtype_name])
-            for part, attention, mode, ckpt in cases:
-                if over_budget(f"{kind} {dtype_name} {part} {attention} {mode or ''}"):
+            for part, attention, (mode, ckpt, memory) in cases:
+                if over_budget(f"{kind} {dtype_name} {part} {attention} {mode or ''} {memory}"):
                     continue
                 try:
                     set_attention(model, attention, saved)
@@ -610,12 +631,12 @@ def main(argv=None):
                         row = sampling_case(kind, model, dtype_name, attention, args, device)
                     else:
                         row = training_case(kind, model, dtype_name, attention, mode, ckpt,
-                                            args, device)
+                                            memory, args, device)
                 except Exception as exc:
                     traceback.print_exc()
                     row = {"part": part, "model": kind, "dtype": dtype_name,
                            "attention": attention, "mode": mode, "checkpointing": ckpt,
-                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                           "memory": memory, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 finally:
                     model.set_attn_processor(dict(saved))
                 record(row)

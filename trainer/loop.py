@@ -30,7 +30,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import distributed as tdist
-from trainer import losses
+from trainer import losses, memory
 from trainer.adversary import adversarial_batch
 from trainer.backends.base import Backend, Cond
 from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
@@ -159,7 +159,10 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
               retain_prompts=retain, retain_emb=_shared_retain_emb(dist, backend, retain),
               out_dir=out_dir, fingerprint=fp, guidance=guidance, start_step=start_step,
               resume_from=resume_path, accelerator=accelerator)
+    memory_note = memory.apply(cfg, backend)  # after every prompt above is encoded
     if not quiet and dist.is_main:
+        if memory_note:
+            say(f"unhype train: {memory_note}")
         say(f"unhype train: {backend.info()}; {len(targets)} target layers "
             f"({cfg.target_preset or family.default_preset}); hypernet {cfg.variant}, "
             f"{hypernet.num_parameters():,} parameters, rank {cfg.network_dim}, T "

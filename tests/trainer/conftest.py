@@ -5,6 +5,8 @@ import torch
 
 from trainer import loop
 from trainer.backends.tiny import build_pipeline_folder
+from trainer.backends.tiny_flux import build_flux_folder
+from trainer.config import resolve
 
 # 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls (50x on conv).
 torch.set_num_threads(1)
@@ -25,6 +27,11 @@ def tiny_sdxl(tmp_path_factory):
     return build_pipeline_folder("sdxl", tmp_path_factory.mktemp("tiny_sdxl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    return build_flux_folder(tmp_path_factory.mktemp("tiny_flux"))
+
+
 def fast_options(model, out, **over):
     """Options for a run of a few seconds on a tiny model."""
     opts = dict(
@@ -38,6 +45,14 @@ def fast_options(model, out, **over):
 
 INLINE_CONCEPTS = [{"target": "dog", "anchor": "cat", "synonyms": ["puppy"],
                     "templates": ["a photo of a {}", "a {}"]}]
+
+
+def flux_cfg(model, out, **over):
+    """`fast_options` for the tiny FLUX folder, with the inline concept."""
+    over = {"resolution": 16, "ddim_steps": 3, **over}  # 16 px / 8 = 2x2 latent: one token
+    cfg = resolve(fast_options(model, out, **over))
+    cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
+    return cfg
 
 
 def removal_gradient(run) -> torch.Tensor:

@@ -5,25 +5,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.trainer.conftest import INLINE_CONCEPTS, fast_options, removal_gradient
+from tests.trainer.conftest import flux_cfg, removal_gradient
 from trainer import losses, loop
 from trainer.backends import load_backend
 from trainer.backends.tiny_flux import build_flux_folder
 from trainer.config import resolve
 from unhype.errors import UnHypeError
 from unhype.fileformat import check_targets_in_model, load_hypernet
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    return build_flux_folder(tmp_path_factory.mktemp("tiny_flux"))
-
-
-def flux_cfg(model, out, **over):
-    over = {"resolution": 16, "ddim_steps": 3, **over}  # 16 px / 8 = 2x2 latent: one token
-    cfg = resolve(fast_options(model, out, **over))
-    cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
-    return cfg
 
 
 def test_train_flux_paper_preset_writes_a_loadable_hypernet(tiny_flux, tmp_path):

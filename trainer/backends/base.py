@@ -8,6 +8,7 @@ model's native prediction space (epsilon, v or x0 = "sample"): the ESD target is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -102,6 +103,34 @@ class Backend:
 
     def modules(self) -> list[nn.Module]:
         return [self.unet]
+
+    # --- text encoders off the device (--cache_text_encoder_outputs) ------------------------
+    text_offloaded = False
+
+    def text_modules(self) -> list[nn.Module]:
+        """The modules that only turn prompts into conditioning (none for the toy models)."""
+        return []
+
+    def offload_text_encoders(self) -> None:
+        """Keep the text encoders in CPU memory: the trainer encodes its prompts once, up
+        front, so they are needed on the device only for the odd later call (sample grids, the
+        gate reference at save time), which `text_on_device` brings them back for."""
+        for module in self.text_modules():
+            module.to("cpu")
+        self.text_offloaded = True
+
+    @contextlib.contextmanager
+    def text_on_device(self, *modules: nn.Module):
+        """`modules` (default: every text module) on the device for one encoding, then back to
+        the CPU if the encoders are offloaded."""
+        moved = (list(modules) or self.text_modules()) if self.text_offloaded else []
+        for module in moved:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in moved:
+                module.to("cpu")
 
     def predict(self, z: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The denoiser's native output for latents z [N, ...] at timesteps t [N]."""

@@ -67,6 +67,9 @@ class DiffusersSD(Backend):
     def modules(self):
         return [self.unet, *self.text_encoders] + ([self.vae] if self.vae is not None else [])
 
+    def text_modules(self):
+        return list(self.text_encoders)
+
     def _tokens(self, tokenizer, prompts):
         return tokenizer(list(prompts), padding="max_length", truncation=True,
                          max_length=tokenizer.model_max_length,
@@ -74,10 +77,9 @@ class DiffusersSD(Backend):
 
     @torch.no_grad()
     def _run(self, prompts):
-        outs = []
-        for tok, enc in zip(self.tokenizers, self.text_encoders):
-            outs.append(enc(self._tokens(tok, prompts), output_hidden_states=True))
-        return outs
+        with self.text_on_device():
+            return [enc(self._tokens(tok, prompts), output_hidden_states=True)
+                    for tok, enc in zip(self.tokenizers, self.text_encoders)]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:

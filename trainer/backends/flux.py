@@ -216,16 +216,19 @@ class DiffusersFlux(FluxBackend):
         return [self.transformer, self.pipe.text_encoder, self.pipe.text_encoder_2] + (
             [self.vae] if self.vae is not None else [])
 
+    def text_modules(self):
+        return [self.pipe.text_encoder, self.pipe.text_encoder_2]
+
     @torch.no_grad()
     def _text(self, prompts):
-        with _quiet():
+        with _quiet(), self.text_on_device():
             hidden, pooled, _ = self.pipe.encode_prompt(
                 prompts, device=self.device, max_sequence_length=self.max_sequence_length)
         return hidden, pooled
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        with _quiet():
+        with _quiet(), self.text_on_device(self.pipe.text_encoder):  # CLIP-L only, not T5
             vec = self.pipe._get_clip_prompt_embeds(list(prompts), device=self.device)
         return self.checked_embedding(vec)
 

@@ -1,0 +1,155 @@
+"""Memory options of the trainer (trainer/memory.py): fp8 base weights, text encoders on the CPU."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from tests.trainer.conftest import (INLINE_CONCEPTS, fast_options, flux_cfg,
+                                    removal_gradient)
+from trainer import loop, memory
+from trainer.config import resolve
+from unhype.errors import UnHypeError
+from unhype.fileformat import load_hypernet
+
+FP8 = torch.float8_e4m3fn
+
+
+def sd_cfg(model, out, **over):
+    cfg = resolve(fast_options(model, out, **over))
+    cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
+    return cfg
+
+
+def fp8_rounded_copy(run_fp8, run_full):
+    """Give `run_full`'s denoiser the fp8 run's weights, upcast: the model fp8 storage computes."""
+    stored = dict(run_fp8.backend.unet.named_parameters())
+    with torch.no_grad():
+        for name, p in run_full.backend.unet.named_parameters():
+            p.copy_(stored[name].to(p.dtype))
+
+
+def config_for(model, request):
+    return request.getfixturevalue(model), flux_cfg if model == "tiny_flux" else sd_cfg
+
+
+# one linear target layer, one norm-modulation layer (the model's skip list), one convolution
+LAYERS = {"tiny_flux": ("transformer_blocks.0.attn.to_v.weight",
+                        "transformer_blocks.0.norm1.linear.weight", None),
+          "tiny_sdxl": ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight",
+                        "down_blocks.0.attentions.0.norm.weight",
+                        "down_blocks.0.resnets.0.conv1.weight")}
+
+
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sdxl"])
+def test_fp8_base_stores_linear_weights_in_fp8_and_trains_the_rounded_model(model, request,
+                                                                          tmp_path):
+    """The gradients with fp8 storage are those of the fp8-rounded model, not the original
+    (fp32 compute: a convolution stored in fp8 failed here, "found Float8_e4m3fn")."""
+    folder, make = config_for(model, request)
+    runs = {name: loop.prepare(make(folder, tmp_path / name, mode="direct", **over), quiet=True)
+            for name, over in (("full", {}), ("fp8", {"fp8_base": True}), ("rounded", {}))}
+    denoiser = runs["fp8"].backend.unet
+    dtypes = {name: p.dtype for name, p in denoiser.named_parameters()}
+    linear, norm, conv = LAYERS[model]
+    assert dtypes[linear] == FP8 and dtypes[norm] == torch.float32
+    if conv:
+        assert dtypes[conv] == torch.float32
+    assert memory.weight_bytes(denoiser) < 0.6 * memory.weight_bytes(runs["full"].backend.unet)
+    fp8_rounded_copy(runs["fp8"], runs["rounded"])
+    grads = {name: removal_gradient(run) for name, run in runs.items()}
+    torch.testing.assert_close(grads["fp8"], grads["rounded"], rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(grads["fp8"], grads["full"], rtol=1e-3, atol=1e-9)
+    cos = torch.nn.functional.cosine_similarity(grads["fp8"], grads["full"], dim=0)
+    assert cos > 0.95  # rounding the weights to fp8 moves the gradient, it does not scramble it
+
+
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sdxl"])
+def test_fp8_base_with_gradient_checkpointing_gives_the_same_gradients(model, request, tmp_path):
+    """bf16, as on a GPU (a convolution stored in fp8 broke the recomputation here)."""
+    folder, make = config_for(model, request)
+    grads = [removal_gradient(loop.prepare(make(
+        folder, tmp_path / str(ck), mode="direct", fp8_base=True, gradient_checkpointing=ck,
+        mixed_precision="bf16"), quiet=True)) for ck in (False, True)]
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sdxl"])
+def test_training_with_both_options_in_bf16(model, request, tmp_path):
+    folder, make = config_for(model, request)
+    run = loop.prepare(make(folder, tmp_path, max_train_steps=3, mixed_precision="bf16",
+                            fp8_base=True, cache_text_encoder_outputs=True), quiet=True)
+    frozen = {n: p.clone() for n, p in run.backend.unet.named_parameters()}
+    assert {p.dtype for p in frozen.values()} == {FP8, torch.bfloat16}
+    assert run.backend.text_offloaded
+    assert loop.train(run, progress=False) == 0
+    assert np.isfinite(run.log[-1]["remove"])
+    for name, p in run.backend.unet.named_parameters():  # frozen, and still stored in fp8
+        assert p.dtype == frozen[name].dtype and torch.equal(p.float(), frozen[name].float())
+    meta = load_hypernet(tmp_path / "erase.safetensors").meta
+    assert meta.training["fp8_base"] is True
+    assert meta.training["cache_text_encoder_outputs"] is True
+
+
+class MoveLog:
+    """Records every `.to(device)` of a module (there is no second device on a CPU machine, so
+    the offloading is checked by what was asked of each text encoder)."""
+
+    def __init__(self, modules: dict):
+        self.calls = []
+        for name, module in modules.items():
+            real = module.to
+
+            def to(*args, _real=real, _name=name, **kwargs):
+                self.calls.append((_name, str(args[0]) if args else str(kwargs.get("device"))))
+                return _real(*args, **kwargs)
+            module.to = to
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def test_text_encoders_wait_on_the_cpu_and_come_back_for_each_encoding(tiny_flux, tmp_path):
+    from trainer.backends import load_backend
+
+    cfg = flux_cfg(tiny_flux, tmp_path, cache_text_encoder_outputs=True, device="cpu")
+    backend = load_backend(cfg)
+    log = MoveLog({"clip": backend.pipe.text_encoder, "t5": backend.pipe.text_encoder_2})
+    run = loop.prepare(cfg, quiet=True, backend=backend)
+    assert run.backend.text_offloaded
+    # every prompt was encoded before the encoders left; then each went to the CPU once
+    assert log.take() == [("clip", "cpu"), ("t5", "cpu")]
+    reference = loop.prepare(flux_cfg(tiny_flux, tmp_path / "ref"), quiet=True).backend
+    vec = backend.embed(["a photo of a dog"])  # CLIP-L only: T5 stays where it is
+    assert log.take() == [("clip", "cpu"), ("clip", "cpu")]
+    torch.testing.assert_close(vec, reference.embed(["a photo of a dog"]))
+    cond = backend.encode(["a photo of a dog"])
+    assert log.take() == [("clip", "cpu"), ("t5", "cpu"), ("clip", "cpu"), ("t5", "cpu")]
+    torch.testing.assert_close(cond.hidden, reference.encode(["a photo of a dog"]).hidden)
+
+
+def test_toy_models_ignore_the_options_and_say_so(tmp_path, capsys):
+    cfg = resolve({"pretrained_model_name_or_path": "toy", "output_dir": str(tmp_path),
+                   "concepts": "circle", "template_set": "toy", "fp8_base": True,
+                   "cache_text_encoder_outputs": True, "max_train_steps": 1})
+    run = loop.prepare(cfg, quiet=True)
+    assert "the toy models are tiny" in capsys.readouterr().err
+    assert {p.dtype for p in run.backend.unet.parameters()} == {torch.float32}
+    assert not run.backend.text_offloaded
+
+
+def test_fp8_base_errors_change_nothing():
+    unet = torch.nn.Linear(4, 4)  # not a diffusers model: no layerwise casting (diffusers < 0.33)
+    with pytest.raises(UnHypeError, match=r"diffusers >= 0.33"):
+        memory.store_in_fp8(unet, torch.bfloat16)
+    assert unet.weight.dtype == torch.float32
+    backend = types.SimpleNamespace(family=types.SimpleNamespace(name="sd1"), unet=unet,
+                                    device=torch.device("mps"), dtype=torch.float16)
+    cfg = types.SimpleNamespace(values={"fp8_base": True}, fp8_base=True,
+                                cache_text_encoder_outputs=False)
+    with pytest.raises(UnHypeError, match="mps"):
+        memory.apply(cfg, backend)
+    assert unet.weight.dtype == torch.float32
