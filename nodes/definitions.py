@@ -107,7 +107,8 @@ class UnHypeApply:
         if path == glue.PATH_HOOKS:
             patched, conditioning = glue.apply_hooks(model, plan, keys, conditioning)
             info = (f"UnHype: {unhype.path.name} on {len(keys)} layers via {path}; one LoRA per "
-                    "conditioning entry; wire THIS conditioning output to the sampler's positive.")
+                    "conditioning entry; wire THIS conditioning output to the sampler's positive."
+                    + glue.weight_rounding_note(model, plan, keys))
         elif path == glue.PATH_PER_ROW:
             patched = glue.apply_per_row(model, plan)
             info = (f"UnHype: {unhype.path.name} on {len(keys)} layers via {path}; "
@@ -119,7 +120,8 @@ class UnHypeApply:
             info = (f"UnHype: {unhype.path.name} MERGED into {len(keys)} weights: it applies to "
                     "BOTH the positive and the negative branch (not the paper's cond-only "
                     "semantics)" + (f"; only the first of {prompts} prompt rows is used"
-                                    if prompts > 1 else "") + ".")
+                                    if prompts > 1 else "") + "."
+                    + glue.weight_rounding_note(model, plan, keys))
             log.warning(info)
         off = rows_under_floor(plan)
         if off:  # the hypernetwork did not recognise these prompts: nothing is erased there

@@ -11,7 +11,7 @@ import os
 
 import folder_paths
 
-from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merged_deltas
+from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merge_rounding_loss, merged_deltas
 from unhype.dynamic_lora import resolve_modules
 from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, load_hypernet
@@ -178,6 +178,33 @@ def apply_per_row(model, plan: ApplyPlan):
     patched.set_model_unet_function_wrapper(
         UnHypeWrapper(plan, lambda: base.diffusion_model, inner))
     return patched
+
+
+def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
+    """For the paths that write the update into the weights (merge, ComfyUI's hooks): how much
+    of the first prompt's update the weights' own dtype loses, when they are stored in under 32
+    bits and it is at least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
+    state = model.model.state_dict()
+    weights, deltas = [], []
+    for name, delta in merged_deltas(plan, 0).items():
+        key = keys[name]
+        if isinstance(key, tuple):  # a row slice of a fused layer: (key, (dim, start, length))
+            dim, start, length = key[1][:3]
+            weight = state[key[0]].narrow(dim, start, length)
+        else:
+            weight = state[key]
+        if weight.dtype.is_floating_point and weight.element_size() < 4:
+            weights.append(weight)
+            deltas.append(delta)
+    if not weights:
+        return ""
+    lost = merge_rounding_loss(weights, deltas)
+    if lost < 0.01:
+        return ""
+    dtype = str(weights[0].dtype).replace("torch.", "")
+    return (f" The model's weights are stored in {dtype}: writing the update into them loses "
+            f"about {100 * lost:.0f}% of it (first prompt, {len(weights)} layers); 'auto' "
+            "(per-row) adds it at the compute precision instead.")
 
 
 def apply_merged(model, plan: ApplyPlan, keys: dict[str, str]):

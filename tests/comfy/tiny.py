@@ -53,13 +53,17 @@ def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def tiny_model(seed: int = 0, unet_config: dict | None = None):
-    """A ComfyUI MODEL (ModelPatcher) with SD15's model config class."""
+def tiny_model(seed: int = 0, unet_config: dict | None = None, weight_dtype=None):
+    """A ComfyUI MODEL (ModelPatcher) with SD15's model config class. `weight_dtype` (e.g.
+    float8_e4m3fn): weights stored in it and cast to fp32 per layer at run time, as ComfyUI
+    loads a UNet with a weight dtype (UNETLoader's fp8 options, --fp8_e4m3fn-unet)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     config = comfy.supported_models.SD15(dict(unet_config or TINY_UNET))
+    if weight_dtype is not None:
+        config.set_inference_dtype(weight_dtype, torch.float32)
     base = config.get_model({})
     _randomize(base.diffusion_model, seed)
     base.eval()
