@@ -102,3 +102,19 @@ def hyper_file(comfy_dirs):
 @pytest.fixture(scope="session")
 def loaded(pack, hyper_file):
     return pack.nodes.glue.load_cached(str(hyper_file))
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_parts):
+    """CONDITIONING of three prompts from the tiny CLIP, as CLIP Text Encode gives it."""
+    import torch
+
+    clip = tiny_parts["clip"]
+    with torch.no_grad():
+        return {t: encode(clip, t) for t in ("a photo of a cat", "a red car on a road",
+                                             "blurry, low quality")}
+
+
+def encode(clip, text):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]

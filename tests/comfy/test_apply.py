@@ -15,19 +15,6 @@ from unhype.errors import UnHypeError
 from unhype.fileformat import host_paths
 
 
-def encode(clip, text):
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-    return [[cond, {"pooled_output": pooled}]]
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_parts):
-    clip = tiny_parts["clip"]
-    with torch.no_grad():
-        return {t: encode(clip, t) for t in ("a photo of a cat", "a red car on a road",
-                                             "blurry, low quality")}
-
-
 class Recorder:
     def __init__(self):
         self.calls = []

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_apply import (apply, assert_untouched, base_forward, factors_for, prompts,  # noqa: F401
-                        recorded, sample, weights)
+from test_apply import (apply, assert_untouched, base_forward, factors_for, recorded, sample,
+                        weights)
 
 FP8 = torch.float8_e4m3fn
 MERGE = "merge into weights (both branches)"
