@@ -64,7 +64,7 @@ def apply(cfg, backend) -> str | None:
     if not wanted:
         return None
     if backend.family.name in TOY_FAMILIES:
-        print(f"unhype train: --{' --'.join(wanted)}: the toy models are tiny and always run in "
+        print(f"unhype: --{' --'.join(wanted)}: the toy models are tiny and always run in "
               "float32; the options apply to SD and FLUX models", file=sys.stderr)
         return None
     said = []

@@ -27,3 +27,34 @@ def test_eval_on_a_tiny_sd1_folder(tmp_path):
     row = data["methods"]["UCE"]
     assert 0 <= row["acc_s"] <= 1 and row["clip_score"] >= 0 and row["h_o"] is not None
     assert data["erased"] == ["ship"] and len(data["sets"]["others"]) == 9
+
+
+def test_eval_on_a_tiny_flux_folder_in_bf16_with_fp8_weights(tmp_path):
+    """FLUX through `unhype eval` (a trained hypernetwork, the negative-prompt baseline), with the
+    trainer's precision options: bf16 compute, linear weights stored in fp8."""
+    from trainer import loop
+    from trainer.backends.tiny_flux import build_flux_folder
+    from trainer.config import resolve
+
+    torch.set_num_threads(1)
+    model = build_flux_folder(tmp_path / "flux")
+    cfg = resolve({"pretrained_model_name_or_path": str(model), "output_dir": str(tmp_path / "h"),
+                   "output_name": "erase_dog", "concepts": "dog", "template_set": "objects",
+                   "resolution": 16, "max_train_steps": 1, "ddim_steps": 2, "hyper_steps": 4,
+                   "network_hidden": 8, "retain_prompts": "captions", "retain_batch_size": 4,
+                   "mode": "direct", "device": "cpu"})
+    assert loop.train(loop.prepare(cfg, quiet=True), progress=False) == 0
+    clip_cfg, weights = tiny_open_clip(tmp_path, "tiny-clip-flux", "clip.safetensors")
+    out = tmp_path / "eval"
+    args = ["eval", "--hypernet", str(tmp_path / "h" / "erase_dog.safetensors"), "--model",
+            str(model), "--prompt_set", "cifar10", "--classifier", str(clip_cfg),
+            "--clip_weights", str(weights), "--per_class", "1", "--steps", "2", "--out",
+            str(out), "--mixed_precision", "bf16", "--fp8_base"]
+    assert main(args + ["--baselines", "negative_prompt"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["erased"] == ["dog"] and len(data["methods"]) == 3
+    assert all(row["h_o"] is not None for row in data["methods"].values())
+    assert any(n.startswith("fp8 base: ") and "computed in bfloat16" in n for n in data["notes"])
+    # UCE writes into the weights that fp8 storage would round: refused before any work
+    assert main(args + ["--baselines", "uce", "--out", str(tmp_path / "uce")]) == 2
+    assert not (tmp_path / "uce").exists()

@@ -21,7 +21,7 @@ def load_backend(cfg):
                           "folder, a single-file .safetensors with --model_config, or 'toy')")
     if cfg.mixed_precision != "no" and (path in ("toy", "toy_flux")
                                         or family in ("toy", "toy_flux")):
-        print(f"unhype train: --mixed_precision {cfg.mixed_precision}: the toy models always run "
+        print(f"unhype: --mixed_precision {cfg.mixed_precision}: the toy models always run "
               "in float32 (they are tiny); the option applies to SD and FLUX models",
               file=sys.stderr)
     if path == "toy" or family == "toy":

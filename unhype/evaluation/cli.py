@@ -70,6 +70,11 @@ def register(subparsers) -> None:
                    "clean-fid is installed, else toy_clip on the toy / open_clip")
     p.add_argument("--keep_images", type=int, default=8, help="images per set in the grids")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+                   help="dtype of the diffusers model (as unhype train's; the toy stays fp32)")
+    p.add_argument("--fp8_base", action="store_true", help="store the denoiser's linear weights "
+                   "in fp8, computed in the --mixed_precision dtype (as unhype train's: "
+                   "trainer/memory.py); every method is then measured on that rounded model")
     p.add_argument("--out", default="eval_out", help="output folder")
     p.set_defaults(func=run)
 
@@ -109,6 +114,9 @@ def run(args) -> int:
     if not erase:
         raise UnHypeError("nothing to erase: give --erase or a --hypernet with concepts")
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if args.fp8_base and "uce" in baselines:
+        raise UnHypeError("--baselines uce edits the to_k/to_v weights, which --fp8_base stores "
+                          "in fp8 (the edit would be rounded away): drop one of the two")
     ps = load_prompt_set(args.prompt_set or ("toy" if toy else "cifar10"))
     erased = [ps.class_names[i] for i in sorted({ps.index(w) for w in erase})]
     if args.fid_reference:
@@ -119,11 +127,11 @@ def run(args) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     dist = process_group(args)
 
-    backend, generator = load_model(model, args)
+    backend, generator, memory_note = load_model(model, args)
     classifier = load_classifier(args.classifier or ("judge" if toy else "ViT-B-32"),
                                  ps.class_names, ps.class_prompts(), args.clip_weights,
                                  args.device, args.toy_weights)
-    notes = [f"classifier: {classifier.description}"]
+    notes = [f"classifier: {classifier.description}"] + ([memory_note] if memory_note else [])
     scorer = classifier if hasattr(classifier, "clip_score") else None
     if scorer is None and toy:
         try:  # CLIP score from the toy CLIP even when the judge classifies
@@ -218,17 +226,20 @@ def process_group(args):
 
 
 def load_model(model: str, args):
-    """(trainer backend, harness generator) for 'toy' or a diffusers model."""
+    """(trainer backend, harness generator, memory options' note) for 'toy' or a diffusers
+    model."""
+    from trainer import memory
     from trainer.backends import load_backend
     from trainer.config import resolve
     from unhype.evaluation.harness import BackendGenerator, ToyGenerator
 
-    if model == "toy":
-        from trainer.backends.toy import ToyBackend
-
-        backend = ToyBackend(args.device, args.toy_weights)
-        return backend, ToyGenerator(backend.toy, args.steps, args.guidance)
-    cfg = resolve({"pretrained_model_name_or_path": model, "model_config": args.model_config,
-                   "device": args.device})
-    backend = load_backend(cfg)
-    return backend, BackendGenerator(backend, args.steps or 30, args.guidance)
+    toy = model == "toy"
+    cfg = resolve({"pretrained_model_name_or_path": (args.toy_weights or "toy") if toy else model,
+                   "model_family": "toy" if toy else "auto", "model_config": args.model_config,
+                   "device": args.device, "mixed_precision": args.mixed_precision,
+                   "fp8_base": args.fp8_base})
+    backend = load_backend(cfg)  # the toy says that it ignores the precision options
+    note = memory.apply(cfg, backend)
+    if toy:
+        return backend, ToyGenerator(backend.toy, args.steps, args.guidance), note
+    return backend, BackendGenerator(backend, args.steps or 30, args.guidance), note
