@@ -41,14 +41,18 @@ def tiny_flux_model(seed=0):
     return tiny_flux_model_with(seed)
 
 
-def tiny_flux_model_with(seed=0, **changes):
+def tiny_flux_model_with(seed=0, weight_dtype=None, **changes):
+    """`weight_dtype` (e.g. float8_e4m3fn): weights stored in it, computed in fp32."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
     from tiny import _randomize
 
     config = comfy.supported_models.Flux({**TINY_FLUX, **changes})
-    config.set_inference_dtype(torch.float32, None)
+    if weight_dtype is None:
+        config.set_inference_dtype(torch.float32, None)
+    else:
+        config.set_inference_dtype(weight_dtype, torch.float32)
     base = config.get_model({})
     _randomize(base.diffusion_model, seed)
     base.eval()
@@ -256,6 +260,35 @@ def test_merge_path_patches_the_fused_slices(pack, flux_model, flux_wide):
     torch.testing.assert_close(got, merged_forward(model, flux_wide, c, x, t),
                                rtol=1e-4, atol=1e-5)
     assert_untouched(model, before)
+
+
+def test_fp8_flux_per_row_is_exact_and_merge_says_what_rounding_loses(pack, flux_wide):
+    """A FLUX model stored in fp8 (the common 24 GB set-up): per-row gives what the fp32 model
+    with the same weights gives; merging into the fused fp8 slices is reported as lossy."""
+    import re
+
+    stored = tiny_flux_model_with(weight_dtype=torch.float8_e4m3fn)
+    upcast = tiny_flux_model()
+    state = stored.model.diffusion_model.state_dict()
+    assert state["double_blocks.0.img_attn.qkv.weight"].dtype == torch.float8_e4m3fn
+    upcast.model.diffusion_model.load_state_dict({k: v.float() for k, v in state.items()})
+    c = cond(8)
+    x, t = torch.randn(1, 16, 8, 8), torch.tensor([0.6])
+    args = {"input": x, "timestep": t, "cond_or_uncond": [0],
+            "c": {"c_crossattn": c[0][0], "y": c[0][1]["pooled_output"],
+                  "guidance": torch.tensor([3.5]), "transformer_options": {}}}
+    outs = {}
+    for name, model in (("fp8", stored), ("fp32", upcast)):
+        patched, _, info = apply(pack, model, c, flux_wide)
+        assert "stored in" not in info
+        with torch.no_grad():
+            outs[name] = patched.model_options["model_function_wrapper"](
+                model.model.apply_model, args)
+    torch.testing.assert_close(outs["fp8"], outs["fp32"], rtol=1e-5, atol=1e-6)
+    _, _, info = apply(pack, stored, c, flux_wide, mode="merge into weights (both branches)")
+    said = re.search(r"stored in float8_e4m3fn: writing the update into them loses about "
+                     r"(\d+)% of it \(first prompt, (\d+) layers\)", info)
+    assert said and int(said.group(2)) == len(flux_wide.meta.config.targets), info
 
 
 def test_wrong_family_refused_both_ways(pack, flux_model, tiny_parts, loaded, flux_loaded):
