@@ -61,6 +61,20 @@ def test_inspect_text_and_json(hyper_file, capsys):
     assert "robustness" not in text  # trained without adversarial gate training
 
 
+def test_inspect_says_what_precision_the_base_model_was_trained_in(tmp_path, capsys):
+    path = tmp_path / "flux_fp8.safetensors"
+    for training, line in (
+            ({"mode": "direct", "mixed_precision": "bf16", "fp8_base": True},
+             "base model bf16 weights, linear layers stored in fp8 (--fp8_base: trained against "
+             "the rounded model)"),
+            ({"mode": "direct", "mixed_precision": "no", "fp8_base": False},
+             "base model fp32 weights\n")):
+        save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                      concepts=[{"target": "cat"}], training=training)
+        assert main(["inspect", str(path)]) == 0
+        assert line in capsys.readouterr().out
+
+
 def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
     path = tmp_path / "robust.safetensors"
     save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",

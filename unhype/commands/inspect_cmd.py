@@ -52,6 +52,11 @@ def run(args) -> int:
         print("  training   " + ", ".join(f"{k}={info['training'][k]}" for k in keys
                                           if k in info["training"]))
         training = info["training"]
+        precision = training.get("mixed_precision")
+        if precision or training.get("fp8_base"):  # what the frozen model was when trained
+            print(f"  base model {'fp32' if precision in (None, 'no') else precision} weights"
+                  + (", linear layers stored in fp8 (--fp8_base: trained against the rounded "
+                     "model)" if training.get("fp8_base") else ""))
         if training.get("adversarial_eps"):  # says how hard the gate is to switch off
             fraction = training.get("adversarial_fraction", 1.0)
             print(f"  robustness adversarial gate training, eps {training['adversarial_eps']}"
