@@ -636,7 +636,8 @@ def main(argv=None):
                     traceback.print_exc()
                     row = {"part": part, "model": kind, "dtype": dtype_name,
                            "attention": attention, "mode": mode, "checkpointing": ckpt,
-                           "memory": memory, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                           "memory": memory,
+                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 finally:
                     model.set_attn_processor(dict(saved))
                 record(row)

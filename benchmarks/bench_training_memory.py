@@ -1,4 +1,4 @@
-"""Weights the trainer keeps on the GPU, per memory option, for full-size SD1.5, SDXL and FLUX.1-dev.
+"""Weights the trainer keeps on the GPU per memory option: full-size SD1.5, SDXL, FLUX.1-dev.
 
 Every component is built at full size on the `meta` device (exact shapes, no memory) and the
 options are applied as `unhype train` applies them (`trainer/memory.py`: diffusers' layerwise

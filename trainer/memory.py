@@ -1,17 +1,20 @@
-"""Memory options for the frozen base model during training: fp8 weights, text encoders on the CPU.
+"""Memory options for the frozen base model: fp8 weights, text encoders on the CPU.
 
-`--fp8_base` (kohya's name) keeps the denoiser's linear weights in float8 (e4m3) and upcasts each layer
-to the compute dtype (`--mixed_precision`) for its own forward, through diffusers' layerwise
-casting, at the cost of rounding the frozen weights to fp8. The model's own skip list keeps norm,
-embedding and AdaLN modulation layers in the compute dtype: FLUX.1-dev goes from 22.2 to 14.1
-GiB, not 11.1, because its modulation layers (3.2 B of 11.9 B parameters) stay in bf16, where
-kohya's `--fp8_base` rounds them too. The gradients are those of the fp8-rounded model
-(tests/trainer/test_memory.py); benchmarks/bench_training_memory.py counts the bytes.
+Used by `unhype train` and `unhype eval` (which takes `--fp8_base` only).
+
+`--fp8_base` (kohya's name) keeps the denoiser's linear weights in float8 (e4m3) and upcasts each
+layer to the compute dtype (`--mixed_precision`) for its own forward, through diffusers'
+layerwise casting, at the cost of rounding the frozen weights to fp8. The model's own skip list
+keeps norm, embedding and AdaLN modulation layers in the compute dtype, and convolutions stay
+too (`UNSAFE_LAYERS`): FLUX.1-dev goes from 22.2 to 14.1 GiB, not 11.1, because its modulation
+layers (3.2 B of 11.9 B parameters) stay in bf16, where kohya's `--fp8_base` rounds them too.
+The gradients are those of the fp8-rounded model (tests/trainer/test_memory.py);
+benchmarks/bench_training_memory.py counts the bytes.
 
 `--cache_text_encoder_outputs` (kohya's name): the trainer already encodes every prompt once,
-before the first step; with this option the text encoders then wait in CPU memory (FLUX's CLIP-L and
-T5-XXL: 9.1 GiB in bf16) and come back to the device only for the odd later encoding (sample grids, the
-gate reference when the file is saved).
+before the first step; with this option the text encoders then wait in CPU memory (FLUX's
+CLIP-L and T5-XXL: 9.1 GiB in bf16) and come back to the device only for the odd later encoding
+(sample grids, the gate reference when the file is saved).
 """
 
 from __future__ import annotations

@@ -131,7 +131,9 @@ def run(args) -> int:
     classifier = load_classifier(args.classifier or ("judge" if toy else "ViT-B-32"),
                                  ps.class_names, ps.class_prompts(), args.clip_weights,
                                  args.device, args.toy_weights)
-    notes = [f"classifier: {classifier.description}"] + ([memory_note] if memory_note else [])
+    notes = [f"classifier: {classifier.description}"]
+    if memory_note:
+        notes.append(memory_note)
     scorer = classifier if hasattr(classifier, "clip_score") else None
     if scorer is None and toy:
         try:  # CLIP score from the toy CLIP even when the judge classifies
