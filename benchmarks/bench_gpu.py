@@ -526,7 +526,7 @@ def report(paths: list[str], toy_metrics: str | None = None) -> None:
         for r in data["rows"]:
             if r.get("part") in ("sampling", "training"):
                 key = tuple(r.get(k) for k in ("part", "model", "dtype", "attention", "mode",
-                                                "checkpointing", "memory"))
+                                                "checkpointing")) + (r.get("memory") or "",)
                 cases[key] = {**r, "source": Path(path).name}
     rows = list(cases.values())
     print("# GPU figures\n")
