@@ -131,6 +131,20 @@ def test_text_encoders_wait_on_the_cpu_and_come_back_for_each_encoding(tiny_flux
     torch.testing.assert_close(cond.hidden, reference.encode(["a photo of a dog"]).hidden)
 
 
+def test_sdxl_text_encoders_come_back_together(tiny_sdxl, tmp_path):
+    """SDXL reads both encoders for its conditioning and the second one's pooled vector."""
+    from trainer.backends import load_backend
+
+    cfg = sd_cfg(tiny_sdxl, tmp_path, cache_text_encoder_outputs=True, device="cpu")
+    backend = load_backend(cfg)
+    log = MoveLog({"clip_l": backend.text_encoders[0], "bigg": backend.text_encoders[1]})
+    loop.prepare(cfg, quiet=True, backend=backend)
+    assert log.take() == [("clip_l", "cpu"), ("bigg", "cpu")]
+    reference = loop.prepare(sd_cfg(tiny_sdxl, tmp_path / "ref"), quiet=True).backend
+    torch.testing.assert_close(backend.embed(["a dog"]), reference.embed(["a dog"]))
+    assert log.take() == [("clip_l", "cpu"), ("bigg", "cpu")] * 2
+
+
 def test_toy_models_ignore_the_options_and_say_so(tmp_path, capsys):
     cfg = resolve({"pretrained_model_name_or_path": "toy", "output_dir": str(tmp_path),
                    "concepts": "circle", "template_set": "toy", "fp8_base": True,
