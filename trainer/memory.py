@@ -1,6 +1,6 @@
 """Memory options for the frozen base model: fp8 weights, text encoders on the CPU.
 
-Used by `unhype train` and `unhype eval` (which takes `--fp8_base` only).
+Used by `unhype train` and `unhype eval` (whose text encoders come back for every batch).
 
 `--fp8_base` (kohya's name) keeps the denoiser's linear weights in float8 (e4m3) and upcasts each
 layer to the compute dtype (`--mixed_precision`) for its own forward, through diffusers'

@@ -31,7 +31,8 @@ def test_eval_on_a_tiny_sd1_folder(tmp_path):
 
 def test_eval_on_a_tiny_flux_folder_in_bf16_with_fp8_weights(tmp_path):
     """FLUX through `unhype eval` (a trained hypernetwork, the negative-prompt baseline), with the
-    trainer's precision options: bf16 compute, linear weights stored in fp8."""
+    trainer's memory options: bf16 compute, linear weights stored in fp8, text encoders on the
+    CPU between encodings."""
     from trainer import loop
     from trainer.backends.tiny_flux import build_flux_folder
     from trainer.config import resolve
@@ -49,12 +50,13 @@ def test_eval_on_a_tiny_flux_folder_in_bf16_with_fp8_weights(tmp_path):
     args = ["eval", "--hypernet", str(tmp_path / "h" / "erase_dog.safetensors"), "--model",
             str(model), "--prompt_set", "cifar10", "--classifier", str(clip_cfg),
             "--clip_weights", str(weights), "--per_class", "1", "--steps", "2", "--out",
-            str(out), "--mixed_precision", "bf16", "--fp8_base"]
+            str(out), "--mixed_precision", "bf16", "--fp8_base", "--cache_text_encoder_outputs"]
     assert main(args + ["--baselines", "negative_prompt"]) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["erased"] == ["dog"] and len(data["methods"]) == 3
     assert all(row["h_o"] is not None for row in data["methods"].values())
-    assert any(n.startswith("fp8 base: ") and "computed in bfloat16" in n for n in data["notes"])
+    assert any(n.startswith("fp8 base: ") and "computed in bfloat16" in n
+               and "text encoders" in n for n in data["notes"])
     # UCE writes into the weights that fp8 storage would round: refused before any work
     assert main(args + ["--baselines", "uce", "--out", str(tmp_path / "uce")]) == 2
     assert not (tmp_path / "uce").exists()

@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     p.add_argument("--fp8_base", action="store_true", help="store the denoiser's linear weights "
                    "in fp8, computed in the --mixed_precision dtype (as unhype train's: "
                    "trainer/memory.py); every method is then measured on that rounded model")
+    p.add_argument("--cache_text_encoder_outputs", action="store_true", help="keep the text "
+                   "encoders in CPU memory between encodings (as unhype train's): each batch "
+                   "brings them to the device for its own encoding (FLUX's T5-XXL: 8.9 GiB)")
     p.add_argument("--out", default="eval_out", help="output folder")
     p.set_defaults(func=run)
 
@@ -239,7 +242,8 @@ def load_model(model: str, args):
     cfg = resolve({"pretrained_model_name_or_path": (args.toy_weights or "toy") if toy else model,
                    "model_family": "toy" if toy else "auto", "model_config": args.model_config,
                    "device": args.device, "mixed_precision": args.mixed_precision,
-                   "fp8_base": args.fp8_base})
+                   "fp8_base": args.fp8_base,
+                   "cache_text_encoder_outputs": args.cache_text_encoder_outputs})
     backend = load_backend(cfg)  # the toy says that it ignores the precision options
     note = memory.apply(cfg, backend)
     if toy:
