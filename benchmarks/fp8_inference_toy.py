@@ -41,7 +41,8 @@ def round_to_fp8(unet: torch.nn.Module, kinds: tuple) -> int:
 
 def main(argv=None):
     from trainer.backends.toy import ToyBackend
-    from unhype.evaluation.harness import ToyGenerator, evaluate
+    from unhype.evaluation.harness import ToyGenerator, evaluate, generate
+    from unhype.evaluation.metrics import paired_change
     from unhype.evaluation.methods import Method, UnHypeMethod
     from unhype.evaluation.prompts import load_prompt_set
     from unhype.evaluation.zero_shot import load_classifier
@@ -58,7 +59,7 @@ def main(argv=None):
     erased = [c["target"] for c in loaded.meta.concepts]
     ps = load_prompt_set("toy")
     classifier = load_classifier("judge", ps.class_names, ps.class_prompts())
-    rows = []
+    rows, full_base = [], None
     for label, kinds in ROUNDED.items():
         backend = ToyBackend("cpu")  # a fresh copy of the committed weights each time
         layers = round_to_fp8(backend.unet, kinds)
@@ -66,20 +67,25 @@ def main(argv=None):
         res = evaluate(gen, [Method(), UnHypeMethod.from_loaded(loaded)], ps, erased,
                        classifier, per_class=args.per_class, seed=args.seed, progress=False)
         base, unhype = list(res["methods"].values())
-        rows.append((label, layers, base, unhype))
+        # how far rounding moved the base model itself: its other-class images against the
+        # full-precision model's (same prompts and seeds)
+        others = generate(gen, Method(), res["sets"]["others"], args.seed, 32)
+        full_base = others if full_base is None else full_base
+        rows.append((label, layers, base, unhype, paired_change(others, full_base)))
         print(f"{label}: {layers} layers rounded; base Acc_s {base['acc_s']:.3f}; UnHype "
               f"H_o {unhype['h_o']:.3f}", file=sys.stderr, flush=True)
     print(f"\n{Path(args.hypernet).name}, erasing {', '.join(erased)}; toy judge, "
           f"{args.per_class} images per class and set, eval seed {args.seed}\n")
-    print("| toy UNet | layers rounded | base Acc_e | base Acc_s | UnHype Acc_e | UnHype Acc_s "
-          "(% of this base) | UnHype Acc_g | UnHype H_o | others within 1 level of this base "
-          "| mean change (0-255) |")
+    print("| toy UNet | layers rounded | base images vs fp32 base: within 1 level / mean change "
+          "| base Acc_e | base Acc_s | UnHype Acc_e | UnHype Acc_s (% of this base) | UnHype "
+          "Acc_g | UnHype H_o | UnHype's others within 1 level of this base / mean change |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, layers, base, u in rows:
-        print(f"| {label} | {layers} | {100 * base['acc_e']:.1f} | {100 * base['acc_s']:.1f} | "
+    for label, layers, base, u, moved in rows:
+        print(f"| {label} | {layers} | {100 * moved['kept_s']:.1f}% / {moved['change_s']:.2f} | "
+              f"{100 * base['acc_e']:.1f} | {100 * base['acc_s']:.1f} | "
               f"{100 * u['acc_e']:.1f} | {100 * u['acc_s']:.1f} "
               f"({100 * u['acc_s'] / base['acc_s']:.0f}%) | {100 * u['acc_g']:.1f} | "
-              f"{100 * u['h_o']:.1f} | {100 * u['kept_s']:.1f} | {u['change_s']:.2f} |")
+              f"{100 * u['h_o']:.1f} | {100 * u['kept_s']:.1f}% / {u['change_s']:.2f} |")
 
 
 if __name__ == "__main__":
