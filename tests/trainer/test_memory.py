@@ -167,3 +167,28 @@ def test_fp8_base_errors_change_nothing():
     with pytest.raises(UnHypeError, match="mps"):
         memory.apply(cfg, backend)
     assert unet.weight.dtype == torch.float32
+
+
+def test_memory_table_counts_the_published_full_size_models():
+    """benchmarks/bench_training_memory.py's FLUX rows (docs/training.md): the components have
+    the published parameter counts, and the options take off what they should."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_training_memory import rows_for
+
+    gib = 2 ** 30
+    rows = {(r["fp8_base"], r["cache_text_encoder_outputs"]): r for r in rows_for("flux")}
+    plain, both = rows[(False, False)], rows[(True, True)]
+    # FLUX.1-dev transformer 11,901,408,320 parameters; CLIP-L text 123,060,480 + T5-XXL
+    # encoder 4,762,310,656; FLUX VAE 83,821,011 (bf16: 2 bytes each; buffers add a few bytes)
+    exact = pytest.approx
+    assert plain["denoiser_gib"] * gib == exact(2 * 11_901_408_320, rel=1e-6)
+    assert plain["text_gib"] * gib == exact(2 * (123_060_480 + 4_762_310_656), rel=1e-6)
+    assert plain["vae_gib"] * gib == exact(2 * 83_821_011, rel=1e-6)
+    # fp8: 1 byte for the linear weights outside the skip list, 2 for the rest
+    assert 14.0 < both["denoiser_gib"] < 14.2 and both["text_gib"] == plain["text_gib"]
+    assert both["on_device_gib"] == pytest.approx(both["denoiser_gib"] + both["vae_gib"])
+    assert plain["on_device_gib"] == pytest.approx(
+        plain["denoiser_gib"] + plain["text_gib"] + plain["vae_gib"])
