@@ -316,9 +316,14 @@ def backend_for(kind, model, args, device, dtype, full_text: bool = False):
     from trainer.backends.tiny import tiny_components, tiny_text_encoder, tiny_tokenizer
     from trainer.backends.tiny_flux import flux_scheduler, tiny_t5, tiny_t5_tokenizer
 
-    def built(make):
-        with torch.device(device):
-            return make().to(dtype).eval()
+    def built(make):  # made on the device in `dtype`: no fp32 copy of T5-XXL's 4.8 B weights
+        saved = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return make().eval()
+        finally:
+            torch.set_default_dtype(saved)
 
     size = resolution(kind, args.tiny)
     if kind == "flux":
