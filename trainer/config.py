@@ -29,9 +29,10 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("gradient_accumulation_steps", int, 1, "accelerate's gradient accumulation: each "
      "optimiser step averages this many batches of train_batch_size (and of retained prompts)"),
     ("gradient_checkpointing", bool, False, "recompute UNet activations in backward"),
-    ("fp8_base", bool, False, "keep the frozen denoiser's weights in float8 (e4m3), each layer "
-     "upcast to the --mixed_precision dtype for its forward; norm and modulation layers stay "
-     "as they are (FLUX.1-dev 22.2 -> 14.1 GiB); diffusers >= 0.33; trainer/memory.py"),
+    ("fp8_base", bool, False, "keep the frozen denoiser's linear weights in float8 (e4m3), "
+     "each layer upcast to the --mixed_precision dtype for its forward; norm, modulation and "
+     "convolution layers stay as they are (FLUX.1-dev 22.2 -> 14.1 GiB); diffusers >= 0.33; "
+     "trainer/memory.py"),
     ("cache_text_encoder_outputs", bool, False, "after the prompts are encoded (once, before "
      "the first step) keep the text encoders in CPU memory, off the GPU (FLUX's CLIP-L + "
      "T5-XXL: 9.1 GiB); they come back only for sample grids and the saved file's gate "
