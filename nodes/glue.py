@@ -11,7 +11,8 @@ import os
 
 import folder_paths
 
-from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merge_rounding_loss, merged_deltas
+from unhype.comfy_apply import (ApplyPlan, UnHypeWrapper, merge_rounding_loss, merged_delta,
+                                 merged_deltas)
 from unhype.dynamic_lora import resolve_modules
 from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, load_hypernet
@@ -185,8 +186,8 @@ def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
     of the first prompt's update the weights' own dtype loses, when they are stored in under 32
     bits and it is at least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
     state = model.model.state_dict()
-    weights, deltas = [], []
-    for name, delta in merged_deltas(plan, 0).items():
+    low = {}  # name -> the stored weight (or its row slice), for layers under 32 bits
+    for name in plan.factors:
         key = keys[name]
         if isinstance(key, tuple):  # a row slice of a fused layer: (key, (dim, start, length))
             dim, start, length = key[1][:3]
@@ -194,16 +195,16 @@ def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
         else:
             weight = state[key]
         if weight.dtype.is_floating_point and weight.element_size() < 4:
-            weights.append(weight)
-            deltas.append(delta)
-    if not weights:
+            low[name] = weight
+    if not low:
         return ""
-    lost = merge_rounding_loss(weights, deltas)
+    # one layer's B A^T at a time: FLUX's full update would be gigabytes at once
+    lost = merge_rounding_loss((w, merged_delta(plan, name)) for name, w in low.items())
     if lost < 0.01:
         return ""
-    dtype = str(weights[0].dtype).replace("torch.", "")
+    dtype = str(next(iter(low.values())).dtype).replace("torch.", "")
     return (f" The model's weights are stored in {dtype}: writing the update into them loses "
-            f"about {100 * lost:.0f}% of it (first prompt, {len(weights)} layers); 'auto' "
+            f"about {100 * lost:.0f}% of it (first prompt, {len(low)} layers); 'auto' "
             "(per-row) adds it at the compute precision instead.")
 
 

@@ -239,18 +239,24 @@ class UnHypeWrapper:
             lora.remove()
 
 
+def merged_delta(plan: ApplyPlan, name: str, index: int = 0) -> Tensor:
+    """strength * B A^T ([out, in]) of layer `name` for prompt row `index`."""
+    a, b = plan.factors[name]
+    return plan.strength * delta_weight(a[index], b[index])
+
+
 def merged_deltas(plan: ApplyPlan, index: int = 0) -> dict[str, Tensor]:
     """Canonical name -> strength * B A^T ([out, in]) of prompt row `index` (merge fallback)."""
-    return {name: plan.strength * delta_weight(a[index], b[index])
-            for name, (a, b) in plan.factors.items()}
+    return {name: merged_delta(plan, name, index) for name in plan.factors}
 
 
-def merge_rounding_loss(weights: list[Tensor], deltas: list[Tensor]) -> float:
-    """The share of an update that writing it into weights stored in their own dtype loses:
-    ||round(W + dW) - W - dW|| / ||dW|| over all layers, rounding to nearest (ComfyUI rounds into
-    fp8 stochastically: unbiased, with errors of the same size). ~1e-7 for float32 weights."""
+def merge_rounding_loss(pairs) -> float:
+    """The share of an update that writing it into weights stored in their own dtype loses, for
+    (W, dW) pairs taken one at a time: ||round(W + dW) - W - dW|| / ||dW|| over all layers,
+    rounding to nearest (ComfyUI rounds into fp8 stochastically: unbiased, with errors of the
+    same size). ~1e-7 for float32 weights."""
     err = total = 0.0
-    for w, d in zip(weights, deltas):
+    for w, d in pairs:
         w32 = w.detach().float()
         d = d.detach().float().to(w32.device)
         stored = (w32 + d).to(w.dtype).float()

@@ -94,8 +94,8 @@ def test_merge_rounding_loss_on_known_tensors():
 
     w = torch.full((4, 4), 1.0)
     d = torch.full((4, 4), 0.01)
-    assert merge_rounding_loss([w], [d]) < 1e-5  # fp32 keeps it
+    assert merge_rounding_loss([(w, d)]) < 1e-5  # fp32 keeps it
     # e4m3 holds 1.0 and 1.125 next to each other: +0.01 rounds back to 1.0, all of it lost
-    assert merge_rounding_loss([w.to(FP8)], [d]) == pytest.approx(1.0)
+    assert merge_rounding_loss([(w.to(FP8), d)]) == pytest.approx(1.0)
     # bf16 has 2**-7 = 0.0078 steps at 1.0: 1.01 is stored as 1.0078, 22% of the update lost
-    assert merge_rounding_loss([w.to(torch.bfloat16)], [d]) == pytest.approx(0.21875, rel=1e-3)
+    assert merge_rounding_loss([(w.to(torch.bfloat16), d)]) == pytest.approx(0.21875, rel=1e-3)
