@@ -47,12 +47,17 @@ INLINE_CONCEPTS = [{"target": "dog", "anchor": "cat", "synonyms": ["puppy"],
                     "templates": ["a photo of a {}", "a {}"]}]
 
 
-def flux_cfg(model, out, **over):
-    """`fast_options` for the tiny FLUX folder, with the inline concept."""
-    over = {"resolution": 16, "ddim_steps": 3, **over}  # 16 px / 8 = 2x2 latent: one token
+def inline_cfg(model, out, **over):
+    """A resolved `fast_options` config with the inline concept."""
     cfg = resolve(fast_options(model, out, **over))
     cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
     return cfg
+
+
+def flux_cfg(model, out, **over):
+    """`inline_cfg` for the tiny FLUX folder."""
+    over = {"resolution": 16, "ddim_steps": 3, **over}  # 16 px / 8 = 2x2 latent: one token
+    return inline_cfg(model, out, **over)
 
 
 def removal_gradient(run) -> torch.Tensor:

@@ -6,20 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer.conftest import (INLINE_CONCEPTS, fast_options, flux_cfg,
-                                    removal_gradient)
+from tests.trainer.conftest import flux_cfg, inline_cfg, removal_gradient
 from trainer import loop, memory
 from trainer.config import resolve
 from unhype.errors import UnHypeError
 from unhype.fileformat import load_hypernet
 
 FP8 = torch.float8_e4m3fn
-
-
-def sd_cfg(model, out, **over):
-    cfg = resolve(fast_options(model, out, **over))
-    cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
-    return cfg
 
 
 def fp8_rounded_copy(run_fp8, run_full):
@@ -31,7 +24,7 @@ def fp8_rounded_copy(run_fp8, run_full):
 
 
 def config_for(model, request):
-    return request.getfixturevalue(model), flux_cfg if model == "tiny_flux" else sd_cfg
+    return request.getfixturevalue(model), flux_cfg if model == "tiny_flux" else inline_cfg
 
 
 # one linear target layer, one norm-modulation layer (the model's skip list), one convolution
@@ -135,12 +128,12 @@ def test_sdxl_text_encoders_come_back_together(tiny_sdxl, tmp_path):
     """SDXL reads both encoders for its conditioning and the second one's pooled vector."""
     from trainer.backends import load_backend
 
-    cfg = sd_cfg(tiny_sdxl, tmp_path, cache_text_encoder_outputs=True, device="cpu")
+    cfg = inline_cfg(tiny_sdxl, tmp_path, cache_text_encoder_outputs=True, device="cpu")
     backend = load_backend(cfg)
     log = MoveLog({"clip_l": backend.text_encoders[0], "bigg": backend.text_encoders[1]})
     loop.prepare(cfg, quiet=True, backend=backend)
     assert log.take() == [("clip_l", "cpu"), ("bigg", "cpu")]
-    reference = loop.prepare(sd_cfg(tiny_sdxl, tmp_path / "ref"), quiet=True).backend
+    reference = loop.prepare(inline_cfg(tiny_sdxl, tmp_path / "ref"), quiet=True).backend
     torch.testing.assert_close(backend.embed(["a dog"]), reference.embed(["a dog"]))
     assert log.take() == [("clip_l", "cpu"), ("bigg", "cpu")] * 2
 

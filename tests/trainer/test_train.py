@@ -6,21 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
+from tests.trainer.conftest import inline_cfg
 from trainer import checkpoint as ckpt
 from trainer import loop
 from trainer.config import resolve
 from unhype.fileformat import check_targets_in_model, load_hypernet
 
 
-def make_cfg(model, out, **over):
-    cfg = resolve(fast_options(model, out, **over))
-    cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
-    return cfg
-
-
 def run_training(model, out, **over):
-    cfg = make_cfg(model, out, **over)
+    cfg = inline_cfg(model, out, **over)
     session = loop.prepare(cfg, quiet=True)
     return loop.train(session, progress=False), session
 
@@ -156,7 +150,7 @@ def test_modes_variants_and_options_train(tiny_sd1, tmp_path, over):
 
 @pytest.mark.parametrize("anchor", ["", "cat"])
 def test_latent_cache_holds_the_frozen_models_predictions(tiny_sd1, tmp_path, anchor):
-    cfg = make_cfg(tiny_sd1, tmp_path, latent_cache=1)
+    cfg = inline_cfg(tiny_sd1, tmp_path, latent_cache=1)
     cfg.concept_entries = [{"target": "dog", "anchor": anchor, "templates": ["a {}"]}]
     session = loop.prepare(cfg, quiet=True)
     cache = loop.build_cache(session)
