@@ -40,7 +40,10 @@ def _randomize(module, seed, std=0.05):
                 p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def tiny_ldm_unet(context_dim=768, adm=None, seed=0):
+def tiny_ldm_unet(context_dim=768, adm=None, seed=0, weight_dtype=None):
+    """`weight_dtype` (float8_e4m3fn): weights stored in it and cast to the input's dtype per
+    layer at run time (ComfyUI's manual-cast ops, which Forge's backend/operations.py adapts:
+    how Forge runs an fp8 UNet)."""
     import_comfy()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -52,7 +55,8 @@ def tiny_ldm_unet(context_dim=768, adm=None, seed=0):
                      transformer_depth_output=[1] * 6, context_dim=context_dim,
                      use_linear_in_transformer=adm is not None,
                      num_classes="sequential" if adm else None, adm_in_channels=adm,
-                     operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+                     operations=comfy.ops.manual_cast if weight_dtype else
+                     comfy.ops.disable_weight_init, dtype=weight_dtype or torch.float32)
     _randomize(unet, seed)
     return unet.eval().requires_grad_(False)
 

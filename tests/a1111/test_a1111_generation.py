@@ -200,6 +200,27 @@ def test_forge_objects_and_pooled_from_its_text_engine(hyper_file, script, sd1):
     assert hooks_left(unet) == 0
 
 
+def test_forge_unet_stored_in_fp8_gets_each_lora_at_full_precision(hyper_file, script, sd1):
+    """A UNet whose weights are stored in fp8 and cast per layer (Forge's fp8 UNets): each row
+    is what the fp32 UNet holding the same fp8-valued weights gives with its prompt's LoRA."""
+    import fake_models
+
+    fp8 = fake_models.tiny_ldm_unet(weight_dtype=torch.float8_e4m3fn)
+    assert {p.dtype for p in fp8.parameters()} == {torch.float8_e4m3fn}
+    upcast = fake_models.tiny_ldm_unet()
+    upcast.load_state_dict({k: v.float() for k, v in fp8.state_dict().items()})
+    before = {k: v.clone() for k, v in fp8.state_dict().items()}
+    forge = fake_models.ForgeSD1(unet=fp8, text=sd1.cond_stage_model.wrapped.transformer)
+    p, _ = run(forge, script, ["a cat", "a car"], layout="forge")
+    refs = refs_for(forge, upcast, hyper_file, ["a cat", "a car"])
+    worst = check_rows(p, upcast, lambda c, r: None if r < 2 else ["a cat", "a car"][r - 2],
+                       refs)
+    assert worst > 1e-3  # the LoRA did change the cond rows
+    assert hooks_left(fp8) == 0
+    assert all(torch.equal(v.view(torch.uint8), before[k].view(torch.uint8))
+               for k, v in fp8.state_dict().items())
+
+
 def test_sdxl_reads_clip_g_from_the_vector(webui_dirs, script):
     import fake_models
     from tests.helpers import hypernet_for
