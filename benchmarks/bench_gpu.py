@@ -310,7 +310,7 @@ def sampling_case(kind, model, dtype_name, attention, args, device) -> dict:
 def backend_for(kind, model, args, device, dtype, full_text: bool = False):
     """`full_text`: full-size random text encoders (bench_training_memory's: CLIP-L, bigG,
     T5-XXL) built on `device`, with the tiny vocabularies' token ids."""
-    from bench_training_memory import clip_text, t5_xxl
+    from bench_training_memory import clip_bigg, clip_l, t5_xxl
     from trainer.backends.diffusers_sd import DiffusersSD
     from trainer.backends.flux import DiffusersFlux
     from trainer.backends.tiny import tiny_components, tiny_text_encoder, tiny_tokenizer
@@ -329,8 +329,7 @@ def backend_for(kind, model, args, device, dtype, full_text: bool = False):
     if kind == "flux":
         t5_dim = model.config.joint_attention_dim
         tokens = 16 if args.tiny else 512
-        clip = (built(lambda: clip_text(768, 12, 12, 3072)) if full_text
-                else tiny_text_encoder(768, positions=77))
+        clip = built(clip_l) if full_text else tiny_text_encoder(768, positions=77)
         t5 = built(t5_xxl) if full_text else tiny_t5(d_model=t5_dim)
         return DiffusersFlux(model, flux_scheduler(), tiny_tokenizer(77), clip,
                              tiny_t5_tokenizer(tokens), t5, device=device, dtype=dtype,
@@ -340,14 +339,11 @@ def backend_for(kind, model, args, device, dtype, full_text: bool = False):
     _, scheduler, _, _ = tiny_components(sd, 0, denoiser_config(kind, True))
     if sd == "sd1":
         toks, encs = [tiny_tokenizer(77)], [tiny_text_encoder(768, positions=77)]
-    elif full_text:
-        toks = [tiny_tokenizer(77), tiny_tokenizer(77)]
-        encs = [built(lambda: clip_text(768, 12, 12, 3072)),
-                built(lambda: clip_text(1280, 32, 20, 5120, 1280))]
     else:
         toks = [tiny_tokenizer(77), tiny_tokenizer(77)]
-        encs = [tiny_text_encoder(768, positions=77),
-                tiny_text_encoder(1280, projection=1280, seed=1, positions=77)]
+        encs = ([built(clip_l), built(clip_bigg)] if full_text else
+                [tiny_text_encoder(768, positions=77),
+                 tiny_text_encoder(1280, projection=1280, seed=1, positions=77)])
     return DiffusersSD(sd, model, scheduler, toks, encs, device=device, dtype=dtype,
                        resolution=size, description=f"{kind}-size, random weights")
 

@@ -45,6 +45,14 @@ def clip_text(hidden, layers, heads, ffn, projection=None):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
+def clip_l():
+    return clip_text(768, 12, 12, 3072)
+
+
+def clip_bigg():
+    return clip_text(1280, 32, 20, 5120, projection=1280)
+
+
 def t5_xxl():
     from transformers import T5Config, T5EncoderModel
 
@@ -68,12 +76,7 @@ def components(kind: str, dtype) -> dict:
     family = get_family(FAMILY[kind])
     with torch.device("meta"):
         parts = {"denoiser": getattr(diffusers, family.model_class).from_config(family.config())}
-        if kind == "sd15":
-            parts["text"] = [clip_text(768, 12, 12, 3072)]
-        elif kind == "sdxl":
-            parts["text"] = [clip_text(768, 12, 12, 3072), clip_text(1280, 32, 20, 5120, 1280)]
-        else:
-            parts["text"] = [clip_text(768, 12, 12, 3072), t5_xxl()]
+        parts["text"] = [clip_l()] + {"sd15": [], "sdxl": [clip_bigg()], "flux": [t5_xxl()]}[kind]
         parts["vae"] = vae(16 if kind == "flux" else 4)
     for module in [parts["denoiser"], *parts["text"], parts["vae"]]:
         module.to(dtype)

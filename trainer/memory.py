@@ -23,10 +23,10 @@ import sys
 
 import torch
 
+from trainer.backends import TOY_FAMILIES
 from unhype.errors import UnHypeError
 
 FP8 = torch.float8_e4m3fn
-TOY_FAMILIES = ("toy", "toy_flux")
 
 
 def weight_bytes(*modules: torch.nn.Module) -> int:

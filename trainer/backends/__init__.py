@@ -7,6 +7,7 @@ import sys
 from unhype.errors import UnHypeError
 
 TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "toy", "flux", "toy_flux")
+TOY_FAMILIES = ("toy", "toy_flux")  # tiny, always fp32: the precision and memory options skip them
 
 
 def load_backend(cfg):
@@ -19,8 +20,7 @@ def load_backend(cfg):
     if not path:
         raise UnHypeError("no model given: pass --pretrained_model_name_or_path (a diffusers "
                           "folder, a single-file .safetensors with --model_config, or 'toy')")
-    if cfg.mixed_precision != "no" and (path in ("toy", "toy_flux")
-                                        or family in ("toy", "toy_flux")):
+    if cfg.mixed_precision != "no" and (path in TOY_FAMILIES or family in TOY_FAMILIES):
         print(f"unhype: --mixed_precision {cfg.mixed_precision}: the toy models always run "
               "in float32 (they are tiny); the option applies to SD and FLUX models",
               file=sys.stderr)
