@@ -29,10 +29,10 @@ def tiny_sd_unet(seed: int = 0, **cfg):
 
 
 def hypernet_for(model, family="sd1", variant="per_layer", rank=2, hidden=16, seed=0,
-                 perturb: float = 0.05, embed_dim: int | None = None):
+                 perturb: float = 0.05, embed_dim: int | None = None, preset: str | None = None):
     """A hypernetwork on `model`'s targets whose B heads are non-zero (as after training)."""
     fam = get_family(family)
-    targets = [t.as_dict() for t in fam.targets(model=model)]
+    targets = [t.as_dict() for t in fam.targets(preset, model=model)]
     cfg = HyperNetConfig(variant=variant, targets=targets,
                          embed_dim=embed_dim or fam.embedding.dim, rank=rank, hidden=hidden,
                          head_hidden=8, seed=seed)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from unhype.errors import UnHypeError
 from unhype.hypernet import LoraFactors
+from unhype.model_check import weight_shape
 from unhype.naming import HostPath
 
 
@@ -54,13 +55,14 @@ def resolve_modules(root: nn.Module, paths: dict[str, HostPath | str],
         weight = getattr(module, "weight", None)
         if dims is not None and name in dims:
             in_dim, out_dim = dims[name]
-            if weight is None or weight.dim() != 2:
+            shape = None if weight is None else weight_shape(weight)
+            if shape is None or len(shape) != 2:
                 wrong.append(f"{hp.path} has no 2-D weight")
             else:
-                rows = weight.shape[0] if hp.out_slice is None else hp.out_slice[1] - hp.out_slice[0]
-                fits = hp.out_slice is None or hp.out_slice[1] <= weight.shape[0]
-                if weight.shape[1] != in_dim or rows != out_dim or not fits:
-                    wrong.append(f"{hp.path} is {tuple(weight.shape)}, expected "
+                rows = shape[0] if hp.out_slice is None else hp.out_slice[1] - hp.out_slice[0]
+                fits = hp.out_slice is None or hp.out_slice[1] <= shape[0]
+                if shape[1] != in_dim or rows != out_dim or not fits:
+                    wrong.append(f"{hp.path} is {tuple(shape)}, expected "
                                  f"[{out_dim}, {in_dim}]" + (f" rows {hp.out_slice}"
                                                              if hp.out_slice else ""))
         bindings[name] = _Binding(name, module, hp.out_slice)

@@ -9,6 +9,7 @@ and refused.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from unhype.errors import UnHypeError
@@ -16,12 +17,22 @@ from unhype.errors import UnHypeError
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
+def weight_shape(weight: torch.Tensor) -> torch.Size:
+    """A layer weight's logical [out, in] shape. bitsandbytes 4-bit weights (Forge's NF4 / FP4
+    models) are stored packed as [out * in / 2, 1] uint8 and keep the shape in ``quant_state``;
+    Forge's GGUF parameters already report their real shape."""
+    quant_state = getattr(weight, "quant_state", None)
+    if getattr(quant_state, "shape", None) is not None:
+        return torch.Size(quant_state.shape)
+    return weight.shape
+
+
 def context_dim(unet: nn.Module) -> int | None:
     for name, module in unet.named_modules():
         if name.endswith("attn2.to_k"):
             weight = getattr(module, "weight", None)
-            if weight is not None and weight.dim() == 2:
-                return int(weight.shape[1])
+            if weight is not None and len(weight_shape(weight)) == 2:
+                return int(weight_shape(weight)[1])
     return None
 
 
@@ -46,7 +57,8 @@ def family_problem(file_family: str, model_family: str, file_name: str = "") -> 
     what = f"{file_name} " if file_name else ""
     if model_family == "unknown":
         return (f"UnHype: hypernetwork {what}is for {file_family}, but the loaded model is not "
-                "a Stable Diffusion 1.x/2.x/XL UNet UnHype recognises; not applied")
+                "a Stable Diffusion 1.x/2.x/XL UNet or FLUX transformer UnHype recognises; not "
+                "applied")
     return (f"UnHype: hypernetwork {what}is for {file_family}, but the loaded model is "
             f"{model_family}; load a {file_family} checkpoint or pick a {model_family} "
             "hypernetwork")

@@ -32,7 +32,7 @@ def diffusion_model(sd_model) -> torch.nn.Module:
         return forge.unet.model.diffusion_model
     if is_forge():
         raise UnHypeError("UnHype: this Forge model has no forge_objects.unet; only Stable "
-                          "Diffusion 1.x/2.x/XL checkpoints are supported")
+                          "Diffusion 1.x/2.x/XL and FLUX checkpoints are supported")
     try:
         return sd_model.model.diffusion_model
     except AttributeError:
@@ -60,20 +60,32 @@ def crossattn(cond) -> torch.Tensor:
     return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
+# families whose embedding is the start of the conditioning's "vector", and its width
+POOLED_IN_VECTOR = {"sdxl": 1280, "flux": 768}
+
+
 @torch.no_grad()
 def pooled_embeddings(sd_model, family: str, texts: list[str], cond=None) -> torch.Tensor:
     """[N, D] fp32 embeddings the hypernetwork reads, from the host's own text encoders.
 
     sdxl: clip_g pooled + projection = the first 1280 values of the conditioning ``vector``
     (A1111 sgm GeneralConditioner / Forge sdxl.py both concatenate it first).
+    flux (Forge only): the ``vector`` is CLIP-L's pooled output, unprojected (Forge
+    diffusion_engine/flux.py: ``dict(crossattn=cond_t5, vector=pooled_l)``), as diffusers'
+    FluxPipeline passes it.
     sd1/sd2: the text model's pooled output (EOS after the final layer norm, unprojected).
     """
     texts = list(texts)
-    if family == "sdxl":
+    if family in POOLED_IN_VECTOR:
+        width = POOLED_IN_VECTOR[family]
         cond = cond if cond is not None else learned_conditioning(sd_model, texts)
         if not isinstance(cond, dict) or "vector" not in cond:
-            raise UnHypeError("UnHype: this SDXL model's conditioning has no 'vector'")
-        return cond["vector"][:, :1280].float().cpu()
+            raise UnHypeError(f"UnHype: this {family.upper()} model's conditioning has no "
+                              "'vector'")
+        if cond["vector"].shape[-1] < width:
+            raise UnHypeError(f"UnHype: this {family.upper()} model's pooled vector is "
+                              f"{cond['vector'].shape[-1]}-d, expected at least {width}")
+        return cond["vector"][:, :width].float().cpu()
     if getattr(sd_model, "forge_objects", None) is not None:
         return _forge_pooled(sd_model, texts)
     return _a1111_pooled(sd_model, texts)

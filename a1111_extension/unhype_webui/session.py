@@ -26,19 +26,15 @@ from unhype_webui import host
 log = logging.getLogger("unhype")
 MISMATCH_CONTINUE = "Generate without UnHype"
 MISMATCH_STOP = "Stop with an error"
-FLUX_NOT_HERE = ("UnHype: FLUX is not supported in the A1111/Forge extension ({what}); use "
-                 "ComfyUI (workflows/unhype_flux.json), or bake a static LoRA with `unhype bake "
-                 "--format kohya_bfl` and load it as an ordinary LoRA in Forge; not applied")
+FLUX_NEEDS_FORGE = " (FLUX models run in Forge; A1111 cannot load them)"
 
 
 def host_family_problem(file_family: str, model_family: str, file_name: str = "") -> str | None:
-    """family_problem, with FLUX (model or file) refused by name: this extension hooks LDM UNets
-    only."""
-    if "flux" in (file_family, model_family):
-        what = (f"{file_name or 'the hypernetwork'} is for {file_family}, the loaded model is "
-                f"{model_family}")
-        return FLUX_NOT_HERE.format(what=what)
-    return family_problem(file_family, model_family, file_name)
+    """family_problem, pointing to Forge when a FLUX file meets A1111, which runs no FLUX."""
+    problem = family_problem(file_family, model_family, file_name)
+    if problem and file_family == "flux" and not host.is_forge():
+        problem += FLUX_NEEDS_FORGE
+    return problem
 
 
 @dataclass
@@ -173,10 +169,11 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
         cond = host.learned_conditioning(sd_model, group)
         for text, row in zip(group, host.crossattn(cond)):
             bank.add(row, text_k[cond_texts.index(text)])
-        if model_family == "sdxl":
-            for text, vec in zip(group, host.pooled_embeddings(sd_model, "sdxl", group, cond)):
+        if model_family in host.POOLED_IN_VECTOR:
+            for text, vec in zip(group, host.pooled_embeddings(sd_model, model_family, group,
+                                                               cond)):
                 vectors.setdefault(text_k[cond_texts.index(text)], vec)
-    if model_family == "sdxl":
+    if model_family in host.POOLED_IN_VECTOR:
         emb = torch.stack([vectors[k] for k in range(len(embed_texts))])
     else:
         emb = host.pooled_embeddings(sd_model, model_family, embed_texts)

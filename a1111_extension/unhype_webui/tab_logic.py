@@ -45,11 +45,7 @@ def _embedder(loaded, sd_model):
     family = loaded.meta.family
 
     def embed(texts):
-        texts = [plain_text(t) for t in texts]
-        if family == "sdxl":
-            return host.pooled_embeddings(sd_model, family, texts,
-                                          cond=host.learned_conditioning(sd_model, texts))
-        return host.pooled_embeddings(sd_model, family, texts)
+        return host.pooled_embeddings(sd_model, family, [plain_text(t) for t in texts])
     return embed
 
 

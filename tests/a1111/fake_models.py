@@ -17,6 +17,11 @@
 * ``A1111SDXL``: ``get_learned_conditioning`` -> {"crossattn": [N, 77, 2048],
   "vector": [N, 2816]} whose first 1280 values are the clip_g pooled projection
   (sgm GeneralConditioner order; Forge sdxl.py L100-131).
+* ``ForgeFlux``: Forge's FLUX engine (backend/diffusion_engine/flux.py): the BFL-layout
+  transformer of ``bfl_flux`` at ``forge_objects.unet.model.diffusion_model``, and
+  ``get_learned_conditioning`` -> {"crossattn": T5 states, "vector": CLIP-L pooled (768),
+  "guidance": the distilled CFG scale per row}. ``reference`` is the diffusers twin holding the
+  same weights.
 """
 
 from __future__ import annotations
@@ -186,3 +191,38 @@ class A1111SDXL:
 
     def pooled(self, texts):
         return self.text_g(input_ids=tokens(self.tokenizer, texts)).pooler_output
+
+
+class ForgeFlux:
+    is_flux = True  # read by the processing stand-in only (timestep = sigma)
+
+    def __init__(self, transformer=None, tokenizer=None, distilled_cfg_scale=3.5):
+        import bfl_flux
+
+        self.reference = bfl_flux.tiny_diffusers_flux()
+        transformer = transformer or bfl_flux.from_diffusers(self.reference)
+        self.forge_objects = SimpleNamespace(
+            unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=transformer)),
+            clip=SimpleNamespace(patcher=None))
+        tokenizer = tokenizer or clip_tokenizer()
+        self.text_processing_engine_l = FakeEngine(tokenizer, TinyTextModel(768, seed=4))
+        self.text_processing_engine_l.return_pooled = True
+        self.text_processing_engine_t5 = FakeEngine(
+            tokenizer, TinyTextModel(self.reference.config.joint_attention_dim, seed=5))
+        self.distilled_cfg_scale = distilled_cfg_scale
+
+    def get_learned_conditioning(self, texts):
+        from unhype.prompt_tags import plain_text
+
+        # Forge's engines tokenize the text with the emphasis syntax parsed out: "(car)" pools
+        # as "car" (the weights only scale the hidden states)
+        _, pooled_l = self.text_processing_engine_l([plain_text(t) for t in texts])
+        cond_t5 = self.text_processing_engine_t5(texts)
+        return {"crossattn": cond_t5, "vector": pooled_l,
+                "guidance": torch.full((len(texts),), float(self.distilled_cfg_scale))}
+
+    def unet_for_sampling(self):
+        return self.forge_objects.unet.model.diffusion_model
+
+    def pooled(self, texts):
+        return self.text_processing_engine_l(texts)[1]

@@ -1,94 +1,305 @@
-"""FLUX in A1111/Forge: not supported by the extension; refused by name with a clear message.
+"""FLUX in Forge: the extension on a BFL-layout FLUX transformer called as Forge calls it.
 
-Forge runs FLUX (backend/nn/flux.py, BFL layout: double_blocks.N.img_attn.qkv); the extension
-hooks LDM UNets only, so a FLUX model or a FLUX hypernetwork file stops the generation with a
-message that says so and where to go instead (or, with the mismatch setting, generates without
-UnHype and says so in the infotext comments).
+The stand-in transformer (bfl_flux.py) must first give diffusers' FluxTransformer2DModel's
+velocity from the same weights. Each row of a generation is then compared with the diffusers
+twin whose weights have that row's prompt LoRA merged at the file's own (diffusers) target
+paths: the reference never goes through UnHype's BFL map of fused q|k|v slices.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from torch import nn
 
 from unhype.errors import UnHypeError
-from unhype.fileformat import save_hypernet
-from unhype.model_check import detect_family
+from unhype.fileformat import load_hypernet, save_hypernet
+from unhype.hypernet import delta_weight
+from unhype.model_check import detect_family, weight_shape
+from unhype.prompt_tags import plain_text
 
+pytestmark = pytest.mark.needs_unet  # the CLIP tokenizer files come from ComfyUI's copy
 torch.set_num_threads(1)
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-def bfl_flux_like() -> nn.Module:
-    """The module layout of Forge's / ComfyUI's FLUX transformer, tiny."""
-    block = nn.Module()
-    block.img_attn = nn.Module()
-    block.img_attn.qkv = nn.Linear(8, 24)
-    model = nn.Module()
-    model.double_blocks = nn.ModuleList([block])
-    model.single_blocks = nn.ModuleList([nn.Linear(8, 8)])
-    return model
+@pytest.fixture
+def script(webui_dirs):
+    from modules import scripts
+
+    return scripts.load_scripts(str(ROOT), [str(ROOT / "scripts" / "unhype_a1111.py")])[0]()
 
 
-def test_flux_layout_is_detected_and_named_in_the_refusal():
-    from unhype_webui.session import host_family_problem
+@pytest.fixture(scope="module")
+def forge_flux():
+    import fake_models
 
-    assert detect_family(bfl_flux_like()) == "flux"
-    msg = host_family_problem("sd1", "flux", "erase_cat.safetensors")
-    assert "FLUX is not supported in the A1111/Forge extension" in msg
-    assert "erase_cat.safetensors is for sd1, the loaded model is flux" in msg
-    assert "ComfyUI" in msg and "kohya_bfl" in msg
-    assert "FLUX is not supported" in host_family_problem("flux", "flux")
-    assert "FLUX is not supported" in host_family_problem("flux", "sdxl")
-    assert host_family_problem("sd1", "sd1") is None
+    return fake_models.ForgeFlux()
 
 
-def flux_file(folder):
-    from diffusers import FluxTransformer2DModel
+def flux_file(folder, reference, name="erase_flux", preset="attn_all"):
+    """attn_all: every q/k/v slice of the fused qkv / linear1 layers is a target."""
+    from tests.helpers import hypernet_for
 
-    from unhype.families import get_family
-    from unhype.hypernet import HyperNetConfig, build_hypernet
-
-    with torch.device("meta"):
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
-                                    attention_head_dim=16, num_attention_heads=2,
-                                    joint_attention_dim=32, pooled_projection_dim=768,
-                                    guidance_embeds=True, axes_dims_rope=[4, 6, 6])
-    targets = [t.as_dict() for t in get_family("flux").targets(model=tr)]
-    net = build_hypernet(HyperNetConfig(variant="per_layer", targets=targets, embed_dim=768,
-                                        rank=1, hidden=8))
-    path = folder / "erase_flux.safetensors"
-    save_hypernet(path, net, "flux", concepts=[{"target": "cat"}])
+    net = hypernet_for(reference, family="flux", rank=2, hidden=16, perturb=0.05,
+                       preset=preset)
+    path = folder / f"{name}.safetensors"
+    save_hypernet(path, net, "flux", concepts=[{"target": "cat", "anchor": ""}])
     return path
 
 
-@pytest.mark.needs_unet
-def test_forge_flux_model_and_flux_file_stop_the_generation_with_the_message(webui_dirs):
-    import fake_models
-    from test_a1111_generation import hooks_left, run
-    from modules import scripts, shared
+def merged_reference(model, path, text, strength=1.0):
+    """The diffusers twin with the LoRA of `text` merged at the file's diffusers paths."""
+    loaded = load_hypernet(path)
+    ref = copy.deepcopy(model.reference)
+    emb = model.pooled([plain_text(text)])[0]
+    with torch.no_grad():
+        factors = loaded.hypernet(emb.reshape(1, -1))
+        for target in loaded.meta.config.targets:
+            a, b = factors[target.name]
+            ref.get_submodule(target.path).weight += strength * delta_weight(a[0], b[0])
+    return ref
 
+
+def run(sd_model, script, prompts, args=(True, "erase_flux", 1.0, True), **kw):
+    from modules.processing import StableDiffusionProcessingTxt2Img, process_images
+
+    p = StableDiffusionProcessingTxt2Img(sd_model=sd_model, prompt=list(prompts),
+                                         batch_size=len(prompts), negative_prompt="ugly",
+                                         layout="forge", scripts=[(script, list(args))], **kw)
+    return p, process_images(p)
+
+
+def check_rows(p, model, expected, refs, atol=2e-5):
+    """expected(call, row) -> key into refs (None: the base diffusers twin). Returns the
+    largest change a LoRA made to any row."""
+    import bfl_flux
+
+    assert p.unet_calls, "the sampler never called the transformer"
+    worst = 0.0
+    for c, (x, t, cond, out) in enumerate(p.unet_calls):
+        keys = [expected(c, r) for r in range(x.shape[0])]
+        args = (x, t, cond["crossattn"], cond["vector"], cond["guidance"])
+        with torch.no_grad():
+            outs = {None: bfl_flux.diffusers_call(model.reference, *args)}
+            for key in set(keys) - {None}:
+                outs[key] = bfl_flux.diffusers_call(refs[key], *args)
+        for r, key in enumerate(keys):
+            worst = max(worst, float((outs[key][r] - outs[None][r]).abs().max()))
+            torch.testing.assert_close(out[r], outs[key][r], atol=atol, rtol=1e-4,
+                                       msg=f"call {c} row {r} expected {key}")
+    return worst
+
+
+def hooks_left(module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_stand_in_is_diffusers_flux_in_bfl_layout(forge_flux):
+    import bfl_flux
+
+    transformer = forge_flux.unet_for_sampling()
+    assert detect_family(transformer) == "flux"
+    assert transformer.single_blocks[0].linear1.weight.shape == (3 * 32 + 128, 32)
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 9, 32, generator=gen)
+    y, t, g = torch.randn(2, 768, generator=gen), torch.tensor([0.9, 0.2]), torch.tensor([3.5, 1.])
+    with torch.no_grad():
+        ours = transformer(x, t, context=ctx, y=y, guidance=g)
+        theirs = bfl_flux.diffusers_call(forge_flux.reference, x, t, ctx, y, g)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert float(ours.abs().mean()) > 0.1
+
+
+@pytest.mark.parametrize("preset, cond_only", [("attn_all", True), ("paper", False)])
+def test_forge_flux_each_row_gets_its_prompts_lora(webui_dirs, script, forge_flux, preset,
+                                                   cond_only):
+    path = flux_file(webui_dirs["unhype"], forge_flux.reference, preset=preset)
+    prompts = ["a photo of a cat", "a red (car) at night"]
+    p, _ = run(forge_flux, script, prompts, args=(True, "erase_flux", 1.0, cond_only))
+    transformer = forge_flux.unet_for_sampling()
+    assert hooks_left(transformer) == 0
+    refs = {t: merged_reference(forge_flux, path, t) for t in prompts}
+    n = len(prompts)  # forge layout: uncond rows first, then one cond row per prompt
+
+    def expected(call, row):
+        if row < n:
+            return prompts[row] if not cond_only else None
+        return prompts[row - n]
+    worst = check_rows(p, forge_flux, expected, refs)
+    assert worst > 1e-3, "the LoRA changed nothing: the check would pass without UnHype"
+    assert p.extra_generation_params["UnHype"].startswith("erase_flux [")
+
+
+def test_forge_flux_strength_and_prompt_tag(webui_dirs, script, forge_flux):
+    path = flux_file(webui_dirs["unhype"], forge_flux.reference)
+    prompts = ["a cat on a sofa <unhype:erase_flux:0.5>", "a dog on a sofa"]
+    p, _ = run(forge_flux, script, prompts, args=(False, None, 1.0, True))
+    shown = [plain_text(x) for x in p.prompts]
+    refs = {shown[0]: merged_reference(forge_flux, path, shown[0], strength=0.5)}
+
+    def expected(call, row):
+        return shown[0] if row == 2 else None  # only the tagged prompt's cond row
+    assert check_rows(p, forge_flux, expected, refs) > 1e-4
+
+
+def test_family_mismatch_in_both_directions(webui_dirs, script, forge_flux):
+    import fake_models
     from tests.helpers import hypernet_for
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[2]
-    script = scripts.load_scripts(str(root), [str(root / "scripts" / "unhype_a1111.py")])[0]()
+    flux_file(webui_dirs["unhype"], forge_flux.reference)
+    sd1 = fake_models.A1111SD1()
+    with pytest.raises(UnHypeError, match="erase_flux is for flux, but the loaded model is "
+                                          "sd1.*FLUX models run in Forge"):
+        run(sd1, script, ["a cat"])
+    assert hooks_left(sd1.model.diffusion_model) == 0
+
     net = hypernet_for(fake_models.tiny_diffusers_twin(), family="sd1", rank=1, hidden=8)
     save_hypernet(webui_dirs["unhype"] / "erase_cat.safetensors", net, "sd1",
                   concepts=[{"target": "cat"}])
-    flux_file(webui_dirs["unhype"])
-    flux_model = bfl_flux_like()
-    forge_flux = fake_models.ForgeSD1(unet=flux_model)
-    with pytest.raises(UnHypeError, match="FLUX is not supported in the A1111/Forge extension"):
+    with pytest.raises(UnHypeError, match="erase_cat is for sd1, but the loaded model is flux"):
         run(forge_flux, script, ["a cat"], args=(True, "erase_cat", 1.0, True))
-    assert hooks_left(flux_model) == 0
+    assert hooks_left(forge_flux.unet_for_sampling()) == 0
 
-    sd1 = fake_models.A1111SD1()
-    with pytest.raises(UnHypeError, match="erase_flux is for flux, the loaded "
-                                          "model is sd1"):
-        run(sd1, script, ["a cat"], args=(True, "erase_flux", 1.0, True))
-    assert hooks_left(sd1.model.diffusion_model) == 0
 
-    shared.opts.unhype_on_family_mismatch = "Generate without UnHype"  # fresh opts per test
-    p, _ = run(sd1, script, ["a cat"], args=(True, "erase_flux", 1.0, True))
-    assert any("FLUX is not supported" in c for c in p.comments)
-    assert hooks_left(sd1.model.diffusion_model) == 0
+def test_tab_probe_and_bake_on_forge_flux(webui_dirs, forge_flux):
+    from safetensors.torch import load_file
+    from unhype_webui import host, tab_logic
+
+    path = flux_file(webui_dirs["unhype"], forge_flux.reference)
+    texts = ["a cat", "a dog"]
+    torch.testing.assert_close(host.pooled_embeddings(forge_flux, "flux", texts),
+                               forge_flux.pooled(texts))
+    table, status = tab_logic.probe_ui("erase_flux", "cat\na car", sd_model=forge_flux)
+    assert table[0][0] == "cat" and table[0][4] == pytest.approx(1.0)
+    assert "prompt(s) switch it on" in status
+
+    msg = tab_logic.bake_ui("erase_flux", "a (cat)", 0.5, "baked_flux", sd_model=forge_flux)
+    assert "baked_flux.safetensors" in msg
+    lora = load_file(str(webui_dirs["lora"] / "baked_flux.safetensors"))
+    loaded = load_hypernet(path)
+    with torch.no_grad():
+        factors = loaded.hypernet(forge_flux.pooled(["a cat"]))
+    for name, (a, b) in factors.items():  # kohya's lora_transformer_* names: Forge reads them
+        assert name.startswith("lora_transformer_")
+        torch.testing.assert_close(lora[f"{name}.lora_up.weight"], 0.5 * b[0])
+
+    no_vector = copy.copy(forge_flux)
+    no_vector.get_learned_conditioning = lambda t: {"crossattn": torch.zeros(1, 4, 32)}
+    with pytest.raises(UnHypeError, match="FLUX model's conditioning has no 'vector'"):
+        host.pooled_embeddings(no_vector, "flux", texts)
+
+
+# --- Forge's quantised FLUX models: bitsandbytes NF4 ("flux1-dev-bnb-nf4") and GGUF ---------
+class ForgeNF4Linear(torch.nn.Module):
+    """Forge's ForgeOperationsBNB4bits.Linear once loaded: ``weight`` a bitsandbytes Params4bit
+    (packed uint8 [out * in / 2, 1], quant_state.shape = [out, in]); forward =
+    operations_bnb.functional_linear_4bits."""
+
+    def __init__(self, linear):
+        super().__init__()
+        from bitsandbytes.nn.modules import Params4bit
+
+        self.weight = Params4bit(linear.weight.data.clone(), requires_grad=False,
+                                 quant_type="nf4")._quantize("cpu")
+        self.bias = linear.bias
+
+    def forward(self, x):
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, self.weight.t(), bias=self.bias,
+                               quant_state=self.weight.quant_state).to(x)
+
+    def dequantized(self):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(self.weight, quant_state=self.weight.quant_state)
+
+
+class ParameterGGUF(torch.nn.Parameter):
+    """Forge's operations_gguf.ParameterGGUF: the quantised bytes as data ([out, bytes] uint8),
+    ``shape`` reporting the real [out, in] shape."""
+
+    def __new__(cls, data, real_shape, qtype):
+        return super().__new__(cls, torch.tensor(data), requires_grad=False)
+
+    def __init__(self, data, real_shape, qtype):
+        super().__init__()
+        self.real_shape, self.qtype = torch.Size(real_shape), qtype
+
+    @property
+    def shape(self):
+        return self.real_shape
+
+
+class ForgeGGUFLinear(torch.nn.Module):
+    """Forge's ForgeOperationsGGUF.Linear: the weight dequantised per call, then F.linear."""
+
+    def __init__(self, linear, qtype_name="Q8_0"):
+        super().__init__()
+        from gguf import GGMLQuantizationType, quants
+
+        qtype = getattr(GGMLQuantizationType, qtype_name)
+        data = quants.quantize(linear.weight.detach().numpy(), qtype)
+        self.weight = ParameterGGUF(data, linear.weight.shape, qtype)
+        self.bias = linear.bias
+
+    def dequantized(self):
+        from gguf import quants
+
+        return torch.from_numpy(quants.dequantize(self.weight.data.numpy(), self.weight.qtype))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantized().to(x), self.bias)
+
+
+QUANTISED = {"nf4": ("bitsandbytes", ForgeNF4Linear, (96 * 32 // 2, 1)),
+             "gguf_q8_0": ("gguf", ForgeGGUFLinear, (96, 34))}
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTISED))
+def test_forge_quantised_flux_rows_equal_the_dequantized_model_plus_lora(webui_dirs, script,
+                                                                         kind):
+    package, layer, stored = QUANTISED[kind]
+    pytest.importorskip(package)
+    import fake_models
+
+    from unhype.fileformat import host_paths
+
+    model = fake_models.ForgeFlux()
+    transformer = model.unet_for_sampling()
+    plain = copy.deepcopy(transformer)  # fp32 twin holding the dequantized weights
+    for name, module in list(transformer.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and "blocks" in name:
+                quantised = layer(child)
+                setattr(module, child_name, quantised)
+                with torch.no_grad():
+                    plain.get_submodule(f"{name}.{child_name}").weight.copy_(
+                        quantised.dequantized())
+    qkv = transformer.double_blocks[0].img_attn.qkv.weight
+    assert qkv.dtype == torch.uint8 and tuple(qkv.data.shape) == stored
+    assert weight_shape(qkv) == (96, 32)
+
+    path = flux_file(webui_dirs["unhype"], model.reference)
+    prompts = ["a photo of a cat"]
+    p, _ = run(model, script, prompts)
+    assert hooks_left(transformer) == 0
+    loaded = load_hypernet(path)
+    ref = copy.deepcopy(plain)  # the LoRA merged in BFL names (the map the tests above check)
+    with torch.no_grad():
+        factors = loaded.hypernet(model.pooled(prompts))
+        for name, hp in host_paths(loaded.meta, "ldm").items():
+            a, b = factors[name]
+            rows = slice(*hp.out_slice) if hp.out_slice else slice(None)
+            ref.get_submodule(hp.path).weight[rows] += delta_weight(a[0], b[0])
+    worst = 0.0
+    for x, t, cond, out in p.unet_calls:
+        kw = {"context": cond["crossattn"], "y": cond["vector"], "guidance": cond["guidance"]}
+        with torch.no_grad():
+            base, lora = plain(x, t, **kw), ref(x, t, **kw)
+        torch.testing.assert_close(out[:1], base[:1], atol=1e-4, rtol=1e-4)  # uncond row
+        torch.testing.assert_close(out[1:], lora[1:], atol=1e-4, rtol=1e-4)
+        worst = max(worst, float((lora[1:] - base[1:]).abs().max()))
+    assert worst > 1e-3

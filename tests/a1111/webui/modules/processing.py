@@ -11,6 +11,10 @@ the hires pass inside it (L1428 sample_hr_pass), and the ways the UNet is batche
 * ``forge``: backend/sampling/sampling_function.py calc_cond_uncond_batch: entries
   concatenated in its own order (uncond first here), a single call.
 
+Dict conditioning (SDXL; Forge's FLUX with ``guidance``) reaches the model as Forge's
+KModel.apply_model passes it: ``context=crossattn, y=vector, guidance=guidance``; FLUX models
+get the timestep as sigma in [0, 1] (Forge PredictionFlux).
+
 As in the real process_images, an exception in sampling skips ``postprocess``.
 """
 
@@ -103,6 +107,8 @@ class StableDiffusionProcessingTxt2Img:
             else:
                 x_in, cond_in = torch.cat([xs, x]), _cat([cond, uncond])
             t = torch.full((x_in.shape[0],), 999.0 - 300 * step)
+            if getattr(self.sd_model, "is_flux", False):  # Forge's PredictionFlux: t = sigma
+                t = t / 1000
             if self.layout == "a1111_split":
                 bs = len(x)
                 out = torch.cat([self._call(unet, x_in[a:a + bs], t[a:a + bs], _sub(cond_in, a, a + bs))
@@ -115,8 +121,9 @@ class StableDiffusionProcessingTxt2Img:
     def _call(self, unet, x_in, t, cond_in):
         if len(self.unet_calls) == self.fail_at_call:
             raise RuntimeError("simulated failure inside sampling")
-        if isinstance(cond_in, dict):
-            out = unet(x_in, t, context=cond_in["crossattn"], y=cond_in["vector"])
+        if isinstance(cond_in, dict):  # Forge condition.py: vector -> y, guidance as is
+            extra = {"guidance": cond_in["guidance"]} if "guidance" in cond_in else {}
+            out = unet(x_in, t, context=cond_in["crossattn"], y=cond_in["vector"], **extra)
         else:
             out = unet(x_in, t, context=cond_in)
         self.unet_calls.append((x_in.detach().clone(), t.clone(), _clone(cond_in),
