@@ -41,9 +41,15 @@ def diffusion_model(sd_model) -> torch.nn.Module:
 
 
 def autocast():
+    """``devices.autocast()``, except inside A1111's ``manual_cast`` (fp8 weights with
+    full-precision inference; always on mps / xpu): that context un-patches the layer classes
+    when it exits even if it was nested, so entering it again while the sampling holds it would
+    leave the rest of the sampling without the casts it needs."""
     try:
         from modules import devices
     except ImportError:
+        return contextlib.nullcontext()
+    if hasattr(torch.nn.Linear, "org_forward"):  # manual_cast is on (devices.patch_module_list)
         return contextlib.nullcontext()
     return devices.autocast()
 

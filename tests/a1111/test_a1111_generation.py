@@ -221,6 +221,44 @@ def test_forge_unet_stored_in_fp8_gets_each_lora_at_full_precision(hyper_file, s
                for k, v in fp8.state_dict().items())
 
 
+@pytest.fixture
+def a1111_fp8(monkeypatch):
+    """A1111's "FP8 weight" option with full-precision inference (--no-half): devices.fp8 on a
+    GPU machine, so devices.autocast() is manual_cast(float32)."""
+    from modules import devices
+
+    monkeypatch.setattr(devices, "fp8", True)
+    monkeypatch.setattr(devices, "device", torch.device("cuda"))  # only read, never used
+    return devices
+
+
+def test_a1111_fp8_weight_option_gets_each_lora_at_full_precision(hyper_file, script, sd1,
+                                                                   a1111_fp8):
+    """sd_models.load_model_weights with FP8 weight: every Linear / Conv2d of the UNet stored in
+    float8_e4m3fn, cast by manual_cast during sampling. Each row must be what the fp32 UNet
+    holding the same fp8-valued weights gives with its prompt's LoRA; the weights stay fp8."""
+    import fake_models
+
+    unet = fake_models.tiny_ldm_unet()
+    for module in unet.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.to(torch.float8_e4m3fn)
+    upcast = fake_models.tiny_ldm_unet()
+    upcast.load_state_dict({k: v.float() for k, v in unet.state_dict().items()})
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    a1111 = fake_models.A1111SD1(unet=unet, text=sd1.cond_stage_model.wrapped.transformer)
+    p, _ = run(a1111, script, ["a cat", "a car"])
+    refs = refs_for(a1111, upcast, hyper_file, ["a cat", "a car"])
+    worst = check_rows(p, upcast, lambda c, r: ["a cat", "a car"][r] if r < 2 else None, refs)
+    assert worst > 1e-3
+    assert hooks_left(unet) == 0 and not hasattr(torch.nn.Linear, "org_forward")
+    assert all(v.dtype == before[k].dtype and
+               torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+                           before[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn
+                           else before[k])
+               for k, v in unet.state_dict().items())
+
+
 def test_sdxl_reads_clip_g_from_the_vector(webui_dirs, script):
     import fake_models
     from tests.helpers import hypernet_for

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modules import extra_networks, infotext_utils, prompt_parser
+from modules import devices, extra_networks, infotext_utils, prompt_parser
 
 
 def _split_and(prompt):
@@ -199,8 +199,10 @@ def process_images(p):
         for script, args in p.scripts:
             script.process_batch(p, *args, batch_number=n, prompts=p.prompts)
         p.setup_conds()
-        images.append(p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=None,
-                               subseeds=None, subseed_strength=0, prompts=p.prompts))
+        with devices.autocast():  # process_images_inner: the sampling runs in it
+            images.append(p.sample(conditioning=p.c, unconditional_conditioning=p.uc,
+                                   seeds=None, subseeds=None, subseed_strength=0,
+                                   prompts=p.prompts))
     res = Processed([create_infotext(p, i) for i in range(n_all)], torch.cat(images))
     for script, args in p.scripts:
         script.postprocess(p, res, *args)
