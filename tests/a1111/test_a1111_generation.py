@@ -259,6 +259,37 @@ def test_a1111_fp8_weight_option_gets_each_lora_at_full_precision(hyper_file, sc
                for k, v in unet.state_dict().items())
 
 
+def test_a1111_fp8_weight_option_on_the_cpu_runs_in_bf16_autocast(hyper_file, script, sd1,
+                                                                   monkeypatch):
+    """FP8 weight on a CPU machine: devices.autocast() is torch's bf16 CPU autocast. The LoRA is
+    then added in bf16 too: each cond row is within bf16 rounding of the reference (fp8-valued
+    weights + LoRA, same autocast), far below the LoRA's own effect; uncond rows are the base's."""
+    import fake_models
+    from modules import devices
+
+    monkeypatch.setattr(devices, "fp8", True)
+    unet = fake_models.tiny_ldm_unet()
+    for module in unet.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.to(torch.float8_e4m3fn)
+    upcast = fake_models.tiny_ldm_unet()
+    upcast.load_state_dict({k: v.float() for k, v in unet.state_dict().items()})
+    a1111 = fake_models.A1111SD1(unet=unet, text=sd1.cond_stage_model.wrapped.transformer)
+    prompts = ["a cat", "a car"]
+    p, _ = run(a1111, script, prompts)
+    refs = refs_for(a1111, upcast, hyper_file, prompts)
+    for x, t, ctx, out in p.unet_calls:
+        assert out.dtype == torch.bfloat16
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            base = upcast(x, t, context=ctx).float()
+            want = torch.stack([refs[q](x, t, context=ctx)[i] for i, q in enumerate(prompts)])
+        effect = float((want.float() - base[:2]).abs().max())
+        assert effect > 1e-3
+        assert float((out[:2].float() - want.float()).abs().max()) < 0.2 * effect
+        torch.testing.assert_close(out[2:].float(), base[2:], atol=0, rtol=0)
+    assert hooks_left(unet) == 0
+
+
 def test_sdxl_reads_clip_g_from_the_vector(webui_dirs, script):
     import fake_models
     from tests.helpers import hypernet_for
