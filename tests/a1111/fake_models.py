@@ -66,6 +66,19 @@ def tiny_ldm_unet(context_dim=768, adm=None, seed=0, weight_dtype=None):
     return unet.eval().requires_grad_(False)
 
 
+def a1111_fp8_unet(seed=0):
+    """A1111's "FP8 weight" option (sd_models.load_model_weights): every Linear / Conv2d of the
+    UNet stored in float8_e4m3fn, norms as they were. Returns (that UNet, its fp32 twin holding
+    the same fp8-valued weights)."""
+    unet = tiny_ldm_unet(seed=seed)
+    for module in unet.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.to(torch.float8_e4m3fn)
+    upcast = tiny_ldm_unet(seed=seed)
+    upcast.load_state_dict({k: v.float() for k, v in unet.state_dict().items()})
+    return unet, upcast
+
+
 def tiny_diffusers_twin(cross_attention_dim=768):
     """The same block structure in diffusers, for Family.targets (kohya names, dims)."""
     from diffusers import UNet2DConditionModel

@@ -239,12 +239,7 @@ def test_a1111_fp8_weight_option_gets_each_lora_at_full_precision(hyper_file, sc
     holding the same fp8-valued weights gives with its prompt's LoRA; the weights stay fp8."""
     import fake_models
 
-    unet = fake_models.tiny_ldm_unet()
-    for module in unet.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            module.to(torch.float8_e4m3fn)
-    upcast = fake_models.tiny_ldm_unet()
-    upcast.load_state_dict({k: v.float() for k, v in unet.state_dict().items()})
+    unet, upcast = fake_models.a1111_fp8_unet()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     a1111 = fake_models.A1111SD1(unet=unet, text=sd1.cond_stage_model.wrapped.transformer)
     p, _ = run(a1111, script, ["a cat", "a car"])
@@ -268,12 +263,7 @@ def test_a1111_fp8_weight_option_on_the_cpu_runs_in_bf16_autocast(hyper_file, sc
     from modules import devices
 
     monkeypatch.setattr(devices, "fp8", True)
-    unet = fake_models.tiny_ldm_unet()
-    for module in unet.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            module.to(torch.float8_e4m3fn)
-    upcast = fake_models.tiny_ldm_unet()
-    upcast.load_state_dict({k: v.float() for k, v in unet.state_dict().items()})
+    unet, upcast = fake_models.a1111_fp8_unet()
     a1111 = fake_models.A1111SD1(unet=unet, text=sd1.cond_stage_model.wrapped.transformer)
     prompts = ["a cat", "a car"]
     p, _ = run(a1111, script, prompts)
