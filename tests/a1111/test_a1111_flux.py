@@ -192,94 +192,24 @@ def test_tab_probe_and_bake_on_forge_flux(webui_dirs, forge_flux):
 
 
 # --- Forge's quantised FLUX models: bitsandbytes NF4 ("flux1-dev-bnb-nf4") and GGUF ---------
-class ForgeNF4Linear(torch.nn.Module):
-    """Forge's ForgeOperationsBNB4bits.Linear once loaded: ``weight`` a bitsandbytes Params4bit
-    (packed uint8 [out * in / 2, 1], quant_state.shape = [out, in]); forward =
-    operations_bnb.functional_linear_4bits."""
-
-    def __init__(self, linear):
-        super().__init__()
-        from bitsandbytes.nn.modules import Params4bit
-
-        self.weight = Params4bit(linear.weight.data.clone(), requires_grad=False,
-                                 quant_type="nf4")._quantize("cpu")
-        self.bias = linear.bias
-
-    def forward(self, x):
-        import bitsandbytes as bnb
-
-        return bnb.matmul_4bit(x, self.weight.t(), bias=self.bias,
-                               quant_state=self.weight.quant_state).to(x)
-
-    def dequantized(self):
-        from bitsandbytes.functional import dequantize_4bit
-
-        return dequantize_4bit(self.weight, quant_state=self.weight.quant_state)
+STORED = {"nf4": (96 * 32 // 2, 1), "gguf_q8_0": (96, 34)}  # img_attn.qkv's data as stored
 
 
-class ParameterGGUF(torch.nn.Parameter):
-    """Forge's operations_gguf.ParameterGGUF: the quantised bytes as data ([out, bytes] uint8),
-    ``shape`` reporting the real [out, in] shape."""
-
-    def __new__(cls, data, real_shape, qtype):
-        return super().__new__(cls, torch.tensor(data), requires_grad=False)
-
-    def __init__(self, data, real_shape, qtype):
-        super().__init__()
-        self.real_shape, self.qtype = torch.Size(real_shape), qtype
-
-    @property
-    def shape(self):
-        return self.real_shape
-
-
-class ForgeGGUFLinear(torch.nn.Module):
-    """Forge's ForgeOperationsGGUF.Linear: the weight dequantised per call, then F.linear."""
-
-    def __init__(self, linear, qtype_name="Q8_0"):
-        super().__init__()
-        from gguf import GGMLQuantizationType, quants
-
-        qtype = getattr(GGMLQuantizationType, qtype_name)
-        data = quants.quantize(linear.weight.detach().numpy(), qtype)
-        self.weight = ParameterGGUF(data, linear.weight.shape, qtype)
-        self.bias = linear.bias
-
-    def dequantized(self):
-        from gguf import quants
-
-        return torch.from_numpy(quants.dequantize(self.weight.data.numpy(), self.weight.qtype))
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.dequantized().to(x), self.bias)
-
-
-QUANTISED = {"nf4": ("bitsandbytes", ForgeNF4Linear, (96 * 32 // 2, 1)),
-             "gguf_q8_0": ("gguf", ForgeGGUFLinear, (96, 34))}
-
-
-@pytest.mark.parametrize("kind", sorted(QUANTISED))
+@pytest.mark.parametrize("kind", sorted(STORED))
 def test_forge_quantised_flux_rows_equal_the_dequantized_model_plus_lora(webui_dirs, script,
                                                                          kind):
-    package, layer, stored = QUANTISED[kind]
-    pytest.importorskip(package)
+    from tests.quantised_layers import LAYERS, quantise_linears
+
+    pytest.importorskip(LAYERS[kind][0])
     import fake_models
 
     from unhype.fileformat import host_paths
 
     model = fake_models.ForgeFlux()
     transformer = model.unet_for_sampling()
-    plain = copy.deepcopy(transformer)  # fp32 twin holding the dequantized weights
-    for name, module in list(transformer.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and "blocks" in name:
-                quantised = layer(child)
-                setattr(module, child_name, quantised)
-                with torch.no_grad():
-                    plain.get_submodule(f"{name}.{child_name}").weight.copy_(
-                        quantised.dequantized())
+    plain = quantise_linears(transformer, kind, lambda path: "blocks" in path)
     qkv = transformer.double_blocks[0].img_attn.qkv.weight
-    assert qkv.dtype == torch.uint8 and tuple(qkv.data.shape) == stored
+    assert qkv.dtype == torch.uint8 and tuple(qkv.data.shape) == STORED[kind]
     assert weight_shape(qkv) == (96, 32)
 
     path = flux_file(webui_dirs["unhype"], model.reference)

@@ -1,0 +1,46 @@
+"""UnHype Apply on a ComfyUI model whose linear layers are stored quantised: bitsandbytes NF4
+(ComfyUI_bitsandbytes_NF4, a port of Forge's loader) and GGUF (ComfyUI-GGUF), the usual way to
+run FLUX on small cards. Stand-in layers: tests/quantised_layers.py (real bitsandbytes / gguf)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_apply import apply, base_forward, factors_for, recorded, sample, weights
+from tests.quantised_layers import LAYERS, quantise_linears
+from unhype.model_check import weight_shape
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_per_row_on_quantised_layers_equals_the_dequantised_model(pack, loaded, prompts, kind):
+    pytest.importorskip(LAYERS[kind][0])
+    import tiny
+
+    stored = tiny.tiny_model()
+    upcast = tiny.tiny_model()  # same seed: the same weights, then the dequantised ones
+    plain = quantise_linears(stored.model.diffusion_model, kind,
+                             lambda path: "transformer_blocks" in path)
+    upcast.model.diffusion_model.load_state_dict(plain.state_dict())
+    to_k = stored.model.diffusion_model.get_submodule(
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k").weight
+    assert to_k.dtype == torch.uint8 and to_k.data.shape != weight_shape(to_k)  # packed
+    before = weights(stored)
+
+    pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
+    rec_model, rec = recorded(stored)
+    patched, cond_out, info = apply(pack, rec_model, pos, loaded)
+    assert "per-row" in info
+    sample(patched, cond_out, neg, steps=1)
+    call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)
+    flags = call["cond_or_uncond"]
+    cond_chunk, uncond_chunk = flags.index(0), flags.index(1)
+    out = call["output"].chunk(2)
+    base = base_forward(upcast, call).chunk(2)
+    torch.testing.assert_close(out[uncond_chunk], base[uncond_chunk], rtol=1e-4, atol=1e-5)
+    rows = [0 if f == 0 else -1 for f in flags]
+    expected = base_forward(upcast, call, rows, factors_for(loaded, pos), 1.0, loaded).chunk(2)
+    torch.testing.assert_close(out[cond_chunk], expected[cond_chunk], rtol=1e-4, atol=1e-5)
+    assert (expected[cond_chunk] - base[cond_chunk]).abs().max() > 1e-3
+    after = weights(stored)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
