@@ -132,6 +132,18 @@ def test_forge_flux_each_row_gets_its_prompts_lora(webui_dirs, script, forge_flu
     assert p.extra_generation_params["UnHype"].startswith("erase_flux [")
 
 
+def test_forge_flux_at_cfg_1_runs_the_cond_rows_alone(webui_dirs, script, forge_flux):
+    """FLUX.1-dev's usual setting: CFG scale 1, the distilled guidance only; Forge then skips
+    the unconditional rows, and every row of each call is a prompt's."""
+    path = flux_file(webui_dirs["unhype"], forge_flux.reference)
+    prompts = ["a photo of a cat", "a dog on grass"]
+    p, _ = run(forge_flux, script, prompts, cfg_scale=1.0)
+    assert all(x.shape[0] == len(prompts) for x, *_ in p.unet_calls)
+    refs = {t: merged_reference(forge_flux, path, t) for t in prompts}
+    assert check_rows(p, forge_flux, lambda call, row: prompts[row], refs) > 1e-3
+    assert hooks_left(forge_flux.unet_for_sampling()) == 0
+
+
 def test_forge_flux_strength_and_prompt_tag(webui_dirs, script, forge_flux):
     path = flux_file(webui_dirs["unhype"], forge_flux.reference)
     prompts = ["a cat on a sofa <unhype:erase_flux:0.5>", "a dog on a sofa"]

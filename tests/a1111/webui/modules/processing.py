@@ -9,7 +9,8 @@ the hires pass inside it (L1428 sample_hr_pass), and the ways the UNet is batche
 * ``a1111_split``: batch_cond_uncond off: calls on chunks of batch_size rows of that layout,
   which can mix cond and uncond rows when AND gives an item several cond rows;
 * ``forge``: backend/sampling/sampling_function.py calc_cond_uncond_batch: entries
-  concatenated in its own order (uncond first here), a single call.
+  concatenated in its own order (uncond first here), a single call; with CFG scale 1 (FLUX's
+  usual setting) the uncond rows are skipped and the call has the cond rows alone.
 
 Dict conditioning (SDXL; Forge's FLUX with ``guidance``) reaches the model as Forge's
 KModel.apply_model passes it: ``context=crossattn, y=vector, guidance=guidance``; FLUX models
@@ -102,7 +103,10 @@ class StableDiffusionProcessingTxt2Img:
             xs = torch.cat([x[i:i + 1] for i, _ in cond_rows])
             cond = _stack([r for _, r in cond_rows])
             uncond = _stack(uncond_rows)
-            if self.layout == "forge":
+            if self.layout == "forge" and self.cfg_scale == 1:
+                # sampling_function: cond_scale 1 -> uncond_ = None, the cond rows alone
+                x_in, cond_in = xs, cond
+            elif self.layout == "forge":
                 x_in, cond_in = torch.cat([x, xs]), _cat([uncond, cond])
             else:
                 x_in, cond_in = torch.cat([xs, x]), _cat([cond, uncond])
@@ -115,7 +119,7 @@ class StableDiffusionProcessingTxt2Img:
                                  for a in range(0, x_in.shape[0], bs)])
             else:
                 out = self._call(unet, x_in, t, cond_in)
-            x = x - 0.01 * out[-len(x):] if self.layout != "forge" else x - 0.01 * out[:len(x)]
+            x = x - 0.01 * (out[:len(x)] if self.layout == "forge" else out[-len(x):])
         return x
 
     def _call(self, unet, x_in, t, cond_in):
