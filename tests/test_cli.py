@@ -154,3 +154,15 @@ def test_every_command_prints_its_help(capsys):
         assert done.value.code == 0, path
         out = capsys.readouterr().out
         assert "usage: unhype" in out
+
+
+def test_the_cli_prints_no_bitsandbytes_import_warning(hyper_file):
+    """bitsandbytes (installed for the Forge NF4 tests) logs a warning about its optional CPU
+    kernels when transformers imports it; a user's `unhype` output must not start with it."""
+    script = ("from unhype.cli import main; "
+              f"raise SystemExit(main(['inspect', {str(hyper_file)!r}]))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "bitsandbytes" not in out.stderr and "kernels-community" not in out.stderr
+    assert out.stdout.startswith(str(hyper_file))

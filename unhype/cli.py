@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from unhype.errors import UnHypeError
@@ -40,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_unused_libraries() -> None:
+    """transformers / diffusers import bitsandbytes whenever it is installed (the tests use it
+    for Forge's NF4 layers), and on a CPU without its optional kernels it logs a warning at
+    import. No unhype command uses bitsandbytes, so its warnings are noise here; errors stay."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_unused_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
