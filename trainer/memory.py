@@ -83,6 +83,7 @@ def apply(cfg, backend) -> str | None:
         moved = weight_bytes(*backend.text_modules())
         backend.offload_text_encoders()
         said.append(f"text encoders ({_gib(moved)} GiB) kept on the CPU after encoding")
+    backend.place_denoiser()  # last: the device held only the text encoders until now
     return "; ".join(said)
 
 

@@ -124,6 +124,33 @@ def test_text_encoders_wait_on_the_cpu_and_come_back_for_each_encoding(tiny_flux
     torch.testing.assert_close(cond.hidden, reference.encode(["a photo of a dog"]).hidden)
 
 
+def test_the_denoiser_reaches_the_device_only_after_fp8_and_the_encoders_left(tiny_flux,
+                                                                              tmp_path):
+    """With the memory options the models are built on the CPU: the text encoders go to the
+    device for the up-front encoding, then leave; the transformer is stored in fp8 on the CPU
+    and only then moved, so the device never holds it in full precision (on a 24 GB card the
+    bf16 FLUX.1-dev transformer plus its encoders, 31 GiB, would not fit while loading)."""
+    from trainer.backends import load_backend
+
+    cfg = flux_cfg(tiny_flux, tmp_path, cache_text_encoder_outputs=True, fp8_base=True,
+                   mixed_precision="bf16", device="cpu")
+    backend = load_backend(cfg)
+    assert backend.staged
+    log = MoveLog({"clip": backend.pipe.text_encoder, "t5": backend.pipe.text_encoder_2,
+                   "transformer": backend.transformer})
+    qkv = backend.transformer.transformer_blocks[0].attn.to_q
+    real_to = backend.transformer.to
+    dtypes = []
+    backend.transformer.to = lambda *a, **k: (dtypes.append(qkv.weight.dtype), real_to(*a, **k))[1]
+    run = loop.prepare(cfg, quiet=True, backend=backend)
+    assert not run.backend.staged and run.backend.text_offloaded
+    assert log.take() == [("clip", "cpu"), ("t5", "cpu"), ("transformer", "cpu")]
+    assert dtypes == [torch.float8_e4m3fn]  # already fp8 when it moved
+
+    plain = load_backend(flux_cfg(tiny_flux, tmp_path / "plain", device="cpu"))
+    assert not plain.staged  # without the options: built on the device, as before
+
+
 def test_sdxl_text_encoders_come_back_together(tiny_sdxl, tmp_path):
     """SDXL reads both encoders for its conditioning and the second one's pooled vector."""
     from trainer.backends import load_backend

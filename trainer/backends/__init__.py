@@ -35,15 +35,22 @@ def load_backend(cfg):
                               cfg.guidance_scale)
     from trainer.backends import flux
 
+    # with a memory option the models are built on the CPU and the denoiser reaches the device
+    # only once trainer.memory has made it small (Backend.stage / place_denoiser)
+    staged = bool(cfg.values.get("fp8_base") or cfg.values.get("cache_text_encoder_outputs"))
+    device = "cpu" if staged else cfg.device
     if family == "flux" or flux.is_flux_model(path, cfg.model_config):
         if cfg.v_parameterization:
             raise UnHypeError("--v_parameterization: FLUX predicts the flow velocity")
-        return flux.load_flux(path, cfg.model_config, cfg.device, cfg.mixed_precision,
-                              cfg.resolution, cfg.guidance_scale)
-    from trainer.backends.diffusers_sd import load_diffusers
+        backend = flux.load_flux(path, cfg.model_config, device, cfg.mixed_precision,
+                                 cfg.resolution, cfg.guidance_scale)
+    else:
+        from trainer.backends.diffusers_sd import load_diffusers
 
-    backend = load_diffusers(path, family, cfg.model_config, cfg.device, cfg.mixed_precision,
-                             cfg.resolution)
-    if cfg.v_parameterization:
-        backend.set_prediction_type("v_prediction")
+        backend = load_diffusers(path, family, cfg.model_config, device, cfg.mixed_precision,
+                                 cfg.resolution)
+        if cfg.v_parameterization:
+            backend.set_prediction_type("v_prediction")
+    if staged:
+        backend.stage(cfg.device)
     return backend

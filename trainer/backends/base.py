@@ -104,6 +104,30 @@ class Backend:
     def modules(self) -> list[nn.Module]:
         return [self.unet]
 
+    # --- loading for the memory options: the denoiser waits on the CPU ----------------------
+    staged = False
+
+    def stage(self, device) -> None:
+        """Built on the CPU for `trainer.memory`: the text encoders go to `device` now (every
+        prompt is encoded next), the denoiser and the VAE wait on the CPU until
+        `place_denoiser`, after the memory options have stored the denoiser in fp8 and sent
+        the text encoders away, so the device never holds the full-precision model (FLUX.1-dev:
+        31 GiB in bf16 with its text encoders, 14 GiB after both options)."""
+        self.device = torch.device(device)
+        for module in self.text_modules():
+            module.to(self.device)
+        self.staged = True
+
+    def place_denoiser(self) -> None:
+        """Move what `stage` kept on the CPU to the device (nothing if it was not staged)."""
+        if not self.staged:
+            return
+        text = {id(m) for m in self.text_modules()}
+        for module in self.modules():
+            if id(module) not in text:
+                module.to(self.device)
+        self.staged = False
+
     # --- text encoders off the device (--cache_text_encoder_outputs) ------------------------
     text_offloaded = False
 
