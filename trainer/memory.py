@@ -15,6 +15,10 @@ benchmarks/bench_training_memory.py counts the bytes.
 before the first step; with this option the text encoders then wait in CPU memory (FLUX's
 CLIP-L and T5-XXL: 9.1 GiB in bf16) and come back to the device only for the odd later encoding
 (sample grids, the gate reference when the file is saved).
+
+With either option `load_backend` builds the models on the CPU (`Backend.stage`): only the text
+encoders visit the device for the up-front encoding, and `apply` moves the denoiser there last,
+already in fp8, so the device never holds the full-precision model.
 """
 
 from __future__ import annotations
