@@ -2,8 +2,9 @@
 
 Every component is built at full size on the `meta` device (exact shapes, no memory) and the
 options are applied as `unhype train` applies them (`trainer/memory.py`: diffusers' layerwise
-casting for `--fp8_base`, the text encoders moved off the device for
-`--cache_text_encoder_outputs`); the table counts the bytes left on the training device. No GPU
+casting for `--fp8_base`, the bytes bitsandbytes' NF4 takes for the same layers for
+`--nf4_base` (`trainer.memory.nf4_weight_bytes`: NF4 cannot be quantised on the meta device),
+the text encoders moved off the device for `--cache_text_encoder_outputs`); the table counts the bytes left on the training device. No GPU
 is needed, and none of this is a measured peak: the estimate column adds what the H200 run
 measured on top of the weights (its peak minus the memory allocated after `prepare`, i.e.
 activations, hypernetwork and optimiser, gradient checkpointing on; benchmarks/results/) to the
@@ -25,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.memory import store_in_fp8, weight_bytes  # noqa: E402
+from trainer.memory import nf4_weight_bytes, store_in_fp8, weight_bytes  # noqa: E402
 from unhype.families import get_family  # noqa: E402
 
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux"}
@@ -101,16 +102,18 @@ def rows_for(kind: str) -> list[dict]:
     gib = 2 ** 30
     overhead = measured_overhead(kind)
     out = []
-    for fp8 in (False, True):
+    for storage in ("bf16", "fp8", "nf4"):
         parts = components(kind, torch.bfloat16)
-        if fp8:
+        if storage == "fp8":
             store_in_fp8(parts["denoiser"], torch.bfloat16)
-        denoiser = weight_bytes(parts["denoiser"]) / gib
+        denoiser = (nf4_weight_bytes(parts["denoiser"]) if storage == "nf4" else
+                    weight_bytes(parts["denoiser"])) / gib
         text = weight_bytes(*parts["text"]) / gib
         vae_gib = weight_bytes(parts["vae"]) / gib
         for offload in (False, True):
             on_device = denoiser + vae_gib + (0 if offload else text)
-            out.append({"model": kind, "fp8_base": fp8, "cache_text_encoder_outputs": offload,
+            out.append({"model": kind, "fp8_base": storage == "fp8",
+                        "nf4_base": storage == "nf4", "cache_text_encoder_outputs": offload,
                         "denoiser_gib": denoiser, "text_gib": text, "vae_gib": vae_gib,
                         "on_device_gib": on_device,
                         "estimate_gib": None if overhead is None else on_device + overhead,
@@ -124,13 +127,16 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     rows = [r for kind in args.families.split(",") for r in rows_for(kind)]
-    print("| model | --fp8_base | --cache_text_encoder_outputs | denoiser GiB | text encoders "
-          "GiB | VAE GiB | weights on the GPU, GiB | estimated peak, GiB (bf16, checkpointing) |")
+    print("| model | denoiser linear layers | --cache_text_encoder_outputs | denoiser GiB | "
+          "text encoders GiB | VAE GiB | weights on the GPU, GiB | estimated peak, GiB (bf16, "
+          "checkpointing) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         est = "n/a" if r["estimate_gib"] is None else (
             f"{r['estimate_gib']:.1f} (+{r['overhead_gib']:.2f} measured)")
-        print(f"| {r['model']} | {'yes' if r['fp8_base'] else 'no'} | "
+        storage = "fp8 (--fp8_base)" if r["fp8_base"] else "NF4 (--nf4_base)" if r[
+            "nf4_base"] else "bf16"
+        print(f"| {r['model']} | {storage} | "
               f"{'yes' if r['cache_text_encoder_outputs'] else 'no'} | {r['denoiser_gib']:.2f} | "
               f"{r['text_gib']:.2f} | {r['vae_gib']:.2f} | {r['on_device_gib']:.2f} | {est} |")
     if args.json:

@@ -67,6 +67,9 @@ def test_inspect_says_what_precision_the_base_model_was_trained_in(tmp_path, cap
             ({"mode": "direct", "mixed_precision": "bf16", "fp8_base": True},
              "base model bf16 weights, linear layers stored in fp8 (--fp8_base: trained against "
              "the rounded model)"),
+            ({"mode": "direct", "mixed_precision": "bf16", "nf4_base": True},
+             "base model bf16 weights, linear layers stored in 4-bit NF4 (--nf4_base: trained "
+             "against the rounded model)"),
             ({"mode": "direct", "mixed_precision": "no", "fp8_base": False},
              "base model fp32 weights\n")):
         save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",

@@ -33,6 +33,9 @@ OPTIONS: list[tuple[str, type, object, str]] = [
      "each layer upcast to the --mixed_precision dtype for its forward; norm, modulation and "
      "convolution layers stay as they are (FLUX.1-dev 22.2 -> 14.1 GiB); diffusers >= 0.33; "
      "trainer/memory.py"),
+    ("nf4_base", bool, False, "keep the same linear weights in 4-bit NF4 instead (bitsandbytes "
+     "Linear4bit, QLoRA's format; FLUX.1-dev 22.2 -> ~10.2 GiB), each computed in the "
+     "--mixed_precision dtype; needs bitsandbytes; trained against the 4-bit-rounded model"),
     ("cache_text_encoder_outputs", bool, False, "after the prompts are encoded (once, before "
      "the first step) keep the text encoders in CPU memory, off the GPU (FLUX's CLIP-L + "
      "T5-XXL: 9.1 GiB); they come back only for sample grids and the saved file's gate "
@@ -254,6 +257,8 @@ def validate(cfg: TrainConfig) -> None:
             check_floor(v["gate_floor"])
         except UnHypeError as exc:
             problems.append(str(exc).replace("gate floor", "gate_floor", 1))
+    if v["fp8_base"] is True and v["nf4_base"] is True:
+        problems.append("fp8_base and nf4_base are two storages of the same weights; pick one")
     if v["gate_saturate"] is True:
         from unhype.gate_floor import saturate_refusal
 

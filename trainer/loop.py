@@ -125,6 +125,7 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     if cfg.eval and family.name != "toy":
         raise UnHypeError("--eval measures erasure with the toy judge, so it needs the toy model "
                           f"(this is {family.name})")
+    memory.shrink(cfg, backend)  # NF4 replaces the linear layers: before they are hooked
     targets = family.targets(cfg.target_preset, model=backend.unet)
     _attention(cfg, backend)
     for c in concepts:  # e.g. the toy knows its shapes' synonyms (evaluation only)

@@ -11,6 +11,12 @@ layers (3.2 B of 11.9 B parameters) stay in bf16, where kohya's `--fp8_base` rou
 The gradients are those of the fp8-rounded model (tests/trainer/test_memory.py);
 benchmarks/bench_training_memory.py counts the bytes.
 
+`--nf4_base` stores the same linear layers in 4-bit NF4 instead: bitsandbytes' `Linear4bit`
+(the QLoRA format), dequantised per layer into the compute dtype. FLUX.1-dev's transformer goes
+from 22.2 to about 10.2 GiB, so with the text encoders on the CPU it trains on a 16 GB card; the
+price is training against weights rounded to 16 levels per block of 64. The layers are replaced
+(not cast in place), so `shrink` runs before the trainer hooks its target layers.
+
 `--cache_text_encoder_outputs` (kohya's name): the trainer already encodes every prompt once,
 before the first step; with this option the text encoders then wait in CPU memory (FLUX's
 CLIP-L and T5-XXL: 9.1 GiB in bf16) and come back to the device only for the odd later encoding
@@ -23,6 +29,7 @@ already in fp8, so the device never holds the full-precision model.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -34,13 +41,18 @@ FP8 = torch.float8_e4m3fn
 
 
 def weight_bytes(*modules: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers of `modules` (each tensor counted once)."""
+    """Bytes of the parameters and buffers of `modules` (each tensor counted once), with the
+    per-block scales of bitsandbytes 4-bit weights (kept in their quant_state)."""
     seen, total = set(), 0
     for module in modules:
         for t in [*module.parameters(), *module.buffers()]:
             if id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
+                state = getattr(t, "quant_state", None)
+                if state is not None:
+                    scales = [state.absmax] + ([state.state2.absmax] if state.nested else [])
+                    total += sum(x.numel() * x.element_size() for x in scales)
     return total
 
 
@@ -65,24 +77,91 @@ def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
                                    skip_modules_classes=UNSAFE_LAYERS)
 
 
+def skip_patterns(model: torch.nn.Module) -> tuple[str, ...]:
+    """The module-name patterns diffusers' layerwise casting leaves alone (its defaults plus the
+    model's own list: norms, embeddings, AdaLN modulation), so NF4 skips what fp8 skips."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    return tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(
+        getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
+        getattr(model, "_skip_layerwise_casting_patterns", None) or ())
+
+
+# bitsandbytes' NF4 with its defaults: 4 bits a weight, one absmax a block of 64 weights,
+# itself quantised to 8 bits in blocks of 256 with an fp32 scale each (double quantisation)
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def nf4_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """(parent, name, layer) of every plain linear layer outside `skip_patterns`."""
+    patterns = skip_patterns(model)
+    out = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            path = f"{name}.{child_name}" if name else child_name
+            if type(child) is torch.nn.Linear and not any(re.search(p, path) for p in patterns):
+                out.append((module, child_name, child))
+    return out
+
+
+def store_in_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Replace `nf4_layers(model)` by bitsandbytes NF4 layers that compute in `compute_dtype`,
+    quantised where the model is; returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UnHypeError("--nf4_base needs bitsandbytes: pip install bitsandbytes") from None
+    layers = nf4_layers(model)
+    for parent, child_name, child in layers:
+        layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                  bias=child.bias is not None, compute_dtype=compute_dtype,
+                                  quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+        if child.bias is not None:
+            layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+        setattr(parent, child_name, layer.to(child.weight.device))  # .to() quantises
+    return len(layers)
+
+
+def nf4_weight_bytes(model: torch.nn.Module) -> float:
+    """The bytes `model` would take after `store_in_nf4` (works on the meta device)."""
+    saved = sum(child.weight.numel() * (child.weight.element_size() - NF4_BYTES_PER_WEIGHT)
+                for _, _, child in nf4_layers(model))
+    return weight_bytes(model) - saved
+
+
+def shrink(cfg, backend) -> str | None:
+    """`--fp8_base` / `--nf4_base` on the loaded denoiser (on the CPU when `load_backend` staged
+    it); a note for the log. Idempotent; NF4 replaces layers, so it must run before anything
+    hooks them (the trainer calls this right after loading, `apply` again finds it done)."""
+    kind = "fp8" if cfg.values.get("fp8_base") else "nf4" if cfg.values.get("nf4_base") else None
+    if kind is None or backend.family.name in TOY_FAMILIES or getattr(backend, "shrunk", None):
+        return getattr(backend, "shrunk", None)
+    if backend.device.type == "mps":
+        raise UnHypeError(f"--{kind}_base: {kind} weights are not supported on Apple's mps "
+                          "device; use --mixed_precision fp16 or bf16 instead")
+    before = weight_bytes(backend.unet)
+    if kind == "fp8":
+        store_in_fp8(backend.unet, backend.dtype)
+    else:
+        store_in_nf4(backend.unet, backend.dtype)
+    backend.shrunk = (f"{kind} base: {_gib(before)} -> {_gib(weight_bytes(backend.unet))} GiB "
+                      f"of denoiser weights, computed in "
+                      f"{str(backend.dtype).replace('torch.', '')}")
+    return backend.shrunk
+
+
 def apply(cfg, backend) -> str | None:
     """Apply `cfg`'s memory options to a loaded backend; a line for the run's log, if any."""
-    wanted = [name for name in ("fp8_base", "cache_text_encoder_outputs") if cfg.values.get(name)]
+    wanted = [name for name in ("fp8_base", "nf4_base", "cache_text_encoder_outputs")
+              if cfg.values.get(name)]
     if not wanted:
         return None
     if backend.family.name in TOY_FAMILIES:
         print(f"unhype: --{' --'.join(wanted)}: the toy models are tiny and always run in "
               "float32; the options apply to SD and FLUX models", file=sys.stderr)
         return None
-    said = []
-    if cfg.fp8_base:
-        if backend.device.type == "mps":
-            raise UnHypeError("--fp8_base: float8 weights are not supported on Apple's mps "
-                              "device; use --mixed_precision fp16 or bf16 instead")
-        before = weight_bytes(backend.unet)
-        store_in_fp8(backend.unet, backend.dtype)
-        said.append(f"fp8 base: {_gib(before)} -> {_gib(weight_bytes(backend.unet))} GiB of "
-                    f"denoiser weights, computed in {str(backend.dtype).replace('torch.', '')}")
+    said = [note for note in [shrink(cfg, backend)] if note]
     if cfg.cache_text_encoder_outputs:
         moved = weight_bytes(*backend.text_modules())
         backend.offload_text_encoders()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 from tests.helpers import tiny_open_clip
@@ -29,10 +31,13 @@ def test_eval_on_a_tiny_sd1_folder(tmp_path):
     assert data["erased"] == ["ship"] and len(data["sets"]["others"]) == 9
 
 
-def test_eval_on_a_tiny_flux_folder_in_bf16_with_fp8_weights(tmp_path):
+@pytest.mark.parametrize("storage", ["fp8", "nf4"])
+def test_eval_on_a_tiny_flux_folder_in_bf16_with_low_bit_weights(tmp_path, storage):
     """FLUX through `unhype eval` (a trained hypernetwork, the negative-prompt baseline), with the
-    trainer's memory options: bf16 compute, linear weights stored in fp8, text encoders on the
-    CPU between encodings."""
+    trainer's memory options: bf16 compute, linear weights stored in fp8 or 4-bit NF4, text
+    encoders on the CPU between encodings."""
+    if storage == "nf4":
+        pytest.importorskip("bitsandbytes")
     from trainer import loop
     from trainer.backends.tiny_flux import build_flux_folder
     from trainer.config import resolve
@@ -50,12 +55,13 @@ def test_eval_on_a_tiny_flux_folder_in_bf16_with_fp8_weights(tmp_path):
     args = ["eval", "--hypernet", str(tmp_path / "h" / "erase_dog.safetensors"), "--model",
             str(model), "--prompt_set", "cifar10", "--classifier", str(clip_cfg),
             "--clip_weights", str(weights), "--per_class", "1", "--steps", "2", "--out",
-            str(out), "--mixed_precision", "bf16", "--fp8_base", "--cache_text_encoder_outputs"]
+            str(out), "--mixed_precision", "bf16", f"--{storage}_base",
+            "--cache_text_encoder_outputs"]
     assert main(args + ["--baselines", "negative_prompt"]) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["erased"] == ["dog"] and len(data["methods"]) == 3
     assert all(row["h_o"] is not None for row in data["methods"].values())
-    assert any(n.startswith("fp8 base: ") and "computed in bfloat16" in n
+    assert any(n.startswith(f"{storage} base: ") and "computed in bfloat16" in n
                and "text encoders" in n for n in data["notes"])
     # UCE writes into the weights that fp8 storage would round: refused before any work
     assert main(args + ["--baselines", "uce", "--out", str(tmp_path / "uce")]) == 2

@@ -86,6 +86,65 @@ def test_training_with_both_options_in_bf16(model, request, tmp_path):
     assert meta.training["cache_text_encoder_outputs"] is True
 
 
+def dequantised_copy(run_nf4, run_full):
+    """Give `run_full`'s denoiser the NF4 run's weights, dequantised: the model NF4 computes."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    quantised = dict(run_nf4.backend.unet.named_modules())
+    with torch.no_grad():
+        for name, module in run_full.backend.unet.named_modules():
+            weight = getattr(quantised[name], "weight", None)
+            if getattr(weight, "quant_state", None) is not None:
+                module.weight.copy_(dequantize_4bit(weight, quant_state=weight.quant_state))
+
+
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sdxl"])
+def test_nf4_base_trains_the_4bit_model(model, request, tmp_path):
+    """--nf4_base: linear layers become bitsandbytes NF4 layers (norm / modulation layers and
+    convolutions stay); the gradients are those of the model holding the dequantised weights."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    folder, make = config_for(model, request)
+    runs = {name: loop.prepare(make(folder, tmp_path / name, mode="direct", **over), quiet=True)
+            for name, over in (("full", {}), ("nf4", {"nf4_base": True}), ("rounded", {}))}
+    modules = dict(runs["nf4"].backend.unet.named_modules())
+    linear, norm, conv = (name.rsplit(".", 1)[0] if name else None for name in LAYERS[model])
+    assert isinstance(modules[linear], bnb.nn.Linear4bit)
+    assert type(modules[norm]) is not bnb.nn.Linear4bit
+    if conv:
+        assert isinstance(modules[conv], torch.nn.Conv2d)
+    stored = memory.weight_bytes(runs["nf4"].backend.unet)
+    assert stored < 0.6 * memory.weight_bytes(runs["full"].backend.unet)
+    # the estimate the memory table uses for full-size models on the meta device
+    assert stored == pytest.approx(memory.nf4_weight_bytes(runs["full"].backend.unet), rel=1e-2)
+    # the trainer hooked the NF4 layers themselves (NF4 replaced them before the hooks came)
+    assert modules[linear]._forward_hooks
+    dequantised_copy(runs["nf4"], runs["rounded"])
+    grads = {name: removal_gradient(run) for name, run in runs.items()}
+    torch.testing.assert_close(grads["nf4"], grads["rounded"], rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(grads["nf4"], grads["full"], rtol=1e-3, atol=1e-9)
+
+
+def test_nf4_training_in_bf16_with_the_encoders_offloaded(tiny_flux, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run = loop.prepare(flux_cfg(tiny_flux, tmp_path, max_train_steps=3, mixed_precision="bf16",
+                                nf4_base=True, cache_text_encoder_outputs=True,
+                                gradient_checkpointing=True), quiet=True)
+    frozen = {n: p.clone() for n, p in run.backend.unet.named_parameters()}
+    assert torch.uint8 in {p.dtype for p in frozen.values()}
+    assert loop.train(run, progress=False) == 0
+    assert np.isfinite(run.log[-1]["remove"])
+    for name, p in run.backend.unet.named_parameters():
+        assert torch.equal(p, frozen[name])
+    assert load_hypernet(tmp_path / "erase.safetensors").meta.training["nf4_base"] is True
+
+
+def test_fp8_and_nf4_together_are_refused(tiny_flux, tmp_path):
+    with pytest.raises(UnHypeError, match="fp8_base and nf4_base"):
+        flux_cfg(tiny_flux, tmp_path, fp8_base=True, nf4_base=True)
+
+
 class MoveLog:
     """Records every `.to(device)` of a module (there is no second device on a CPU machine, so
     the offloading is checked by what was asked of each text encoder)."""
@@ -199,8 +258,10 @@ def test_memory_table_counts_the_published_full_size_models():
     from bench_training_memory import rows_for
 
     gib = 2 ** 30
-    rows = {(r["fp8_base"], r["cache_text_encoder_outputs"]): r for r in rows_for("flux")}
-    plain, both = rows[(False, False)], rows[(True, True)]
+    rows = {(r["fp8_base"], r["nf4_base"], r["cache_text_encoder_outputs"]): r
+            for r in rows_for("flux")}
+    plain, both, nf4 = rows[(False, False, False)], rows[(True, False, True)], \
+        rows[(False, True, True)]
     # FLUX.1-dev transformer 11,901,408,320 parameters; CLIP-L text 123,060,480 + T5-XXL
     # encoder 4,762,310,656; FLUX VAE 83,821,011 (bf16: 2 bytes each; buffers add a few bytes)
     exact = pytest.approx
@@ -209,6 +270,12 @@ def test_memory_table_counts_the_published_full_size_models():
     assert plain["vae_gib"] * gib == exact(2 * 83_821_011, rel=1e-6)
     # fp8: 1 byte for the linear weights outside the skip list, 2 for the rest
     assert 14.0 < both["denoiser_gib"] < 14.2 and both["text_gib"] == plain["text_gib"]
+    # NF4: the same layers at ~0.52 bytes a weight: 16.1 GiB of bf16 weights -> 4.2 (fp8 also
+    # stores their biases in one byte, NF4 keeps them: 3 MB apart)
+    fp8_saved = plain["denoiser_gib"] - both["denoiser_gib"]  # = half the layers' bf16 bytes
+    assert nf4["denoiser_gib"] == pytest.approx(
+        plain["denoiser_gib"] - fp8_saved * (2 - memory.NF4_BYTES_PER_WEIGHT), rel=1e-3)
+    assert 10.1 < nf4["denoiser_gib"] < 10.3
     assert both["on_device_gib"] == pytest.approx(both["denoiser_gib"] + both["vae_gib"])
     assert plain["on_device_gib"] == pytest.approx(
         plain["denoiser_gib"] + plain["text_gib"] + plain["vae_gib"])

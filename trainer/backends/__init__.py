@@ -37,7 +37,8 @@ def load_backend(cfg):
 
     # with a memory option the models are built on the CPU and the denoiser reaches the device
     # only once trainer.memory has made it small (Backend.stage / place_denoiser)
-    staged = bool(cfg.values.get("fp8_base") or cfg.values.get("cache_text_encoder_outputs"))
+    staged = any(cfg.values.get(name) for name in ("fp8_base", "nf4_base",
+                                                    "cache_text_encoder_outputs"))
     device = "cpu" if staged else cfg.device
     if family == "flux" or flux.is_flux_model(path, cfg.model_config):
         if cfg.v_parameterization:

@@ -53,10 +53,13 @@ def run(args) -> int:
                                           if k in info["training"]))
         training = info["training"]
         precision = training.get("mixed_precision")
-        if precision or training.get("fp8_base"):  # what the frozen model was when trained
+        stored = "fp8" if training.get("fp8_base") else "4-bit NF4" if training.get(
+            "nf4_base") else None
+        if precision or stored:  # what the frozen model was when trained
+            flag = "--fp8_base" if stored == "fp8" else "--nf4_base"
             print(f"  base model {'fp32' if precision in (None, 'no') else precision} weights"
-                  + (", linear layers stored in fp8 (--fp8_base: trained against the rounded "
-                     "model)" if training.get("fp8_base") else ""))
+                  + (f", linear layers stored in {stored} ({flag}: trained against the "
+                     "rounded model)" if stored else ""))
         if training.get("adversarial_eps"):  # says how hard the gate is to switch off
             fraction = training.get("adversarial_fraction", 1.0)
             print(f"  robustness adversarial gate training, eps {training['adversarial_eps']}"

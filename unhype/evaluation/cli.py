@@ -75,6 +75,8 @@ def register(subparsers) -> None:
     p.add_argument("--fp8_base", action="store_true", help="store the denoiser's linear weights "
                    "in fp8, computed in the --mixed_precision dtype (as unhype train's: "
                    "trainer/memory.py); every method is then measured on that rounded model")
+    p.add_argument("--nf4_base", action="store_true", help="store them in 4-bit NF4 instead "
+                   "(bitsandbytes; as unhype train's): every method is measured on that model")
     p.add_argument("--cache_text_encoder_outputs", action="store_true", help="keep the text "
                    "encoders in CPU memory between encodings (as unhype train's): each batch "
                    "brings them to the device for its own encoding (FLUX's T5-XXL: 8.9 GiB)")
@@ -117,9 +119,11 @@ def run(args) -> int:
     if not erase:
         raise UnHypeError("nothing to erase: give --erase or a --hypernet with concepts")
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    if args.fp8_base and "uce" in baselines:
-        raise UnHypeError("--baselines uce edits the to_k/to_v weights, which --fp8_base stores "
-                          "in fp8 (the edit would be rounded away): drop one of the two")
+    for flag, what in (("fp8_base", "fp8"), ("nf4_base", "4-bit NF4")):
+        if getattr(args, flag) and "uce" in baselines:
+            raise UnHypeError(f"--baselines uce edits the to_k/to_v weights, which --{flag} "
+                              f"stores in {what} (the edit would be rounded away): drop one of "
+                              "the two")
     ps = load_prompt_set(args.prompt_set or ("toy" if toy else "cifar10"))
     erased = [ps.class_names[i] for i in sorted({ps.index(w) for w in erase})]
     if args.fid_reference:
@@ -242,7 +246,7 @@ def load_model(model: str, args):
     cfg = resolve({"pretrained_model_name_or_path": (args.toy_weights or "toy") if toy else model,
                    "model_family": "toy" if toy else "auto", "model_config": args.model_config,
                    "device": args.device, "mixed_precision": args.mixed_precision,
-                   "fp8_base": args.fp8_base,
+                   "fp8_base": args.fp8_base, "nf4_base": args.nf4_base,
                    "cache_text_encoder_outputs": args.cache_text_encoder_outputs})
     backend = load_backend(cfg)  # the toy says that it ignores the precision options
     note = memory.apply(cfg, backend)
