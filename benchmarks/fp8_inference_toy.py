@@ -1,13 +1,16 @@
-"""Does a hypernetwork trained on a full-precision model still erase on an fp8 copy of it?
+"""Does a hypernetwork trained on a full-precision model still erase on a low-bit copy of it?
 
-ComfyUI users often load FLUX / SDXL with an fp8 weight dtype, while the hypernetwork was trained
-against bf16 weights. On the toy world: the same file, evaluated (MACE protocol, the toy judge)
-on the committed toy UNet, on a copy whose linear weights are rounded to float8 e4m3 (what
-`--fp8_base` stores), and on a copy whose linear and convolution weights are rounded (what
-ComfyUI's fp8 weight dtypes store). Each model's own base row is its reference. The toy is tiny
-and trained in fp32; how sensitive FLUX is to fp8 is not measured here.
+ComfyUI and Forge users often load FLUX / SDXL in fp8, NF4 or GGUF, while the hypernetwork was
+trained against bf16 weights. On the toy world: the same file, evaluated (MACE protocol, the toy
+judge) on the committed toy UNet and on copies whose weights are rounded as those formats store
+them and computed in fp32: linear weights in float8 e4m3 (what `--fp8_base` stores), linear and
+convolution weights in e4m3 (ComfyUI's fp8 weight dtypes), linear weights in bitsandbytes NF4
+(Forge's / ComfyUI's NF4 models, `--nf4_base`) and in GGUF Q4_0 (ComfyUI-GGUF / Forge GGUF
+models). Each model's own base row is its reference. The toy is tiny and trained in fp32; how
+sensitive FLUX is to these formats is not measured here.
 
     python benchmarks/fp8_inference_toy.py runs/toy_demo/erase_circle.safetensors [--per_class 50]
+        [--formats fp8,fp8_conv,nf4,q4_0]
 """
 
 from __future__ import annotations
@@ -22,19 +25,49 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FP8 = torch.float8_e4m3fn
-ROUNDED = {"full precision (fp32)": (),
-           "linear weights in fp8 (--fp8_base)": (torch.nn.Linear,),
-           "linear + conv weights in fp8 (ComfyUI fp8 weight dtype)": (torch.nn.Linear,
-                                                                       torch.nn.Conv2d)}
 
 
-def round_to_fp8(unet: torch.nn.Module, kinds: tuple) -> int:
-    """Round the weights of `kinds` layers to e4m3 in place (kept as fp32); how many layers."""
+def fp8(w: torch.Tensor) -> torch.Tensor:
+    return w.to(FP8).float()
+
+
+def nf4(w: torch.Tensor) -> torch.Tensor:
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Params4bit
+
+    q = Params4bit(w.detach().clone(), requires_grad=False, quant_type="nf4")._quantize("cpu")
+    return dequantize_4bit(q, quant_state=q.quant_state).float()
+
+
+def q4_0(w: torch.Tensor) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    kind = GGMLQuantizationType.Q4_0
+    return torch.from_numpy(quants.dequantize(quants.quantize(w.detach().numpy(), kind), kind))
+
+
+# format -> (row label, layer kinds rounded, rounding); "full" is always the first row
+FORMATS = {
+    "full": ("full precision (fp32)", (), None),
+    "fp8": ("linear weights in fp8 (--fp8_base)", (torch.nn.Linear,), fp8),
+    "fp8_conv": ("linear + conv weights in fp8 (ComfyUI fp8 weight dtype)",
+                 (torch.nn.Linear, torch.nn.Conv2d), fp8),
+    "nf4": ("linear weights in NF4 (Forge / ComfyUI NF4 models, --nf4_base)",
+            (torch.nn.Linear,), nf4),
+    "q4_0": ("linear weights in GGUF Q4_0 (ComfyUI-GGUF, Forge GGUF)", (torch.nn.Linear,), q4_0),
+}
+
+
+def round_weights(unet: torch.nn.Module, kinds: tuple, rounding) -> int:
+    """Round the weights of `kinds` layers in place (kept as fp32); how many layers. GGUF's
+    blocks of 32 need rows of a multiple of 32; other layers stay as they are."""
     n = 0
     with torch.no_grad():
         for module in unet.modules():
             if kinds and isinstance(module, kinds):
-                module.weight.copy_(module.weight.to(FP8).float())
+                if rounding is q4_0 and module.weight.shape[-1] % 32:
+                    continue
+                module.weight.copy_(rounding(module.weight).reshape(module.weight.shape))
                 n += 1
     return n
 
@@ -53,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--per_class", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--formats", default="fp8,fp8_conv,nf4,q4_0",
+                    help=f"rows after the full-precision one: {', '.join(list(FORMATS)[1:])}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = load_hypernet(args.hypernet)
@@ -60,9 +95,10 @@ def main(argv=None):
     ps = load_prompt_set("toy")
     classifier = load_classifier("judge", ps.class_names, ps.class_prompts())
     rows, full_base = [], None
-    for label, kinds in ROUNDED.items():
+    for fmt in ["full"] + [f for f in args.formats.split(",") if f and f != "full"]:
+        label, kinds, rounding = FORMATS[fmt]
         backend = ToyBackend("cpu")  # a fresh copy of the committed weights each time
-        layers = round_to_fp8(backend.unet, kinds)
+        layers = round_weights(backend.unet, kinds, rounding)
         gen = ToyGenerator(backend.toy)
         res = evaluate(gen, [Method(), UnHypeMethod.from_loaded(loaded)], ps, erased,
                        classifier, per_class=args.per_class, seed=args.seed, progress=False)
