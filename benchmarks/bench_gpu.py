@@ -64,6 +64,10 @@ TRAINING = {
     "flux": [("bf16", "sdpa", "direct", False, ""), ("bf16", "sdpa", "direct", True, ""),
              ("bf16", "sdpa", "direct", True, "fp8")],
 }
+# "nf4" (--nf4_base --cache_text_encoder_outputs) replaces the linear layers, so it runs on a
+# fresh bf16 model of its own after the family's other cases; needs bitsandbytes
+TRAINING_NF4 = {"sdxl": [("bf16", "sdpa", "direct", True, "nf4")],
+                "flux": [("bf16", "sdpa", "direct", True, "nf4")]}
 CONCEPT = [{"target": "dog", "anchor": "cat", "synonyms": ["puppy"],
             "templates": ["a photo of a {}", "a {}"]}]
 
@@ -367,11 +371,11 @@ def training_case(kind, model, dtype_name, attention, mode, checkpointing, memor
         "sample_steps": 1, "sample_seeds": 1, "log_every": 1, "seed": 0,
         "device": str(device), "mixed_precision": MIXED[dtype_name],
         "xformers": attention == "xformers", "gradient_checkpointing": checkpointing,
-        "network_dim": args.rank, "fp8_base": memory == "fp8",
-        "cache_text_encoder_outputs": memory == "fp8"})
+        "network_dim": args.rank, "fp8_base": memory == "fp8", "nf4_base": memory == "nf4",
+        "cache_text_encoder_outputs": memory in ("fp8", "nf4")})
     cfg.concept_entries = [dict(c) for c in CONCEPT]
-    backend = backend_for(kind, model, args, device, dtype, full_text=memory == "fp8"
-                          and not args.tiny)
+    backend = backend_for(kind, model, args, device, dtype,
+                          full_text=memory in ("fp8", "nf4") and not args.tiny)
     run = loop.prepare(cfg, quiet=True, backend=backend)
     weights = allocated_gib(device)
     marks, timing = [], {}
@@ -496,12 +500,12 @@ def print_tables(rows: list, env: dict | None) -> None:
         print("\nTraining (`unhype train` loop, batch 1 prompt, 64 retained prompts; s/step "
               "after a warm-up step; the latent cache samples each of the 2 prompts once, "
               "batched, and keeps the frozen model's predictions at every step):\n")
-        print("| model | dtype | attention | mode | grad. checkpointing | fp8 base + text "
+        print("| model | dtype | attention | mode | grad. checkpointing | fp8 / nf4 base + text "
               "encoders on CPU | px | exit | s/step | latent cache s/prompt (steps) | weights "
               "GiB | peak GiB | hypernet params | loss finite | file loads |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in train:
-            fp8 = r.get("memory") == "fp8"
+            fp8 = r.get("memory") or False
             if "error" in r:
                 print(f"| {r['model']} | {r['dtype']} | {r['attention']} | {r['mode']} | "
                       f"{r['checkpointing']} | {fp8} | {r['error']} |")
@@ -622,6 +626,8 @@ def main(argv=None):
                       if d == dtype_name if "training" in parts]
             if not cases:
                 continue
+            if dtype_name == "bf16" and "training" in parts and TRAINING_NF4.get(kind):
+                cases += [("nf4", a, (m, c, mem)) for d, a, m, c, mem in TRAINING_NF4[kind]]
             model.to(DTYPES[dtype_name])
             for part, attention, (mode, ckpt, memory) in cases:
                 if over_budget(f"{kind} {dtype_name} {part} {attention} {mode or ''} {memory}"):
@@ -630,12 +636,21 @@ def main(argv=None):
                     set_attention(model, attention, saved)
                     if part == "sampling":
                         row = sampling_case(kind, model, dtype_name, attention, args, device)
+                    elif part == "nf4":  # its own model: NF4 replaces the layers in place
+                        del model
+                        reset_peak(device)
+                        model = build_denoiser(kind, args.tiny, device).to(torch.bfloat16)
+                        saved = dict(model.attn_processors)
+                        set_attention(model, attention, saved)
+                        row = training_case(kind, model, dtype_name, attention, mode, ckpt,
+                                            memory, args, device)
                     else:
                         row = training_case(kind, model, dtype_name, attention, mode, ckpt,
                                             memory, args, device)
                 except Exception as exc:
                     traceback.print_exc()
-                    row = {"part": part, "model": kind, "dtype": dtype_name,
+                    row = {"part": "training" if part == "nf4" else part, "model": kind,
+                           "dtype": dtype_name,
                            "attention": attention, "mode": mode, "checkpointing": ckpt,
                            "memory": memory,
                            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
