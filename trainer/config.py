@@ -8,6 +8,7 @@ declared once in OPTIONS; `validate()` checks values before anything is loaded.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -259,6 +260,8 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(str(exc).replace("gate floor", "gate_floor", 1))
     if v["fp8_base"] is True and v["nf4_base"] is True:
         problems.append("fp8_base and nf4_base are two storages of the same weights; pick one")
+    if v["nf4_base"] is True and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("nf4_base needs bitsandbytes: pip install bitsandbytes (or unhype[nf4])")
     if v["gate_saturate"] is True:
         from unhype.gate_floor import saturate_refusal
 

@@ -145,6 +145,16 @@ def test_fp8_and_nf4_together_are_refused(tiny_flux, tmp_path):
         flux_cfg(tiny_flux, tmp_path, fp8_base=True, nf4_base=True)
 
 
+def test_nf4_without_bitsandbytes_is_refused_before_loading(tiny_flux, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UnHypeError, match="nf4_base needs bitsandbytes: pip install"):
+        flux_cfg(tiny_flux, tmp_path, nf4_base=True)
+
+
 class MoveLog:
     """Records every `.to(device)` of a module (there is no second device on a CPU machine, so
     the offloading is checked by what was asked of each text encoder)."""
