@@ -187,15 +187,23 @@ def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
     bits and it is at least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
     state = model.model.state_dict()
     low = {}  # name -> the stored weight (or its row slice), for layers under 32 bits
+    quantised = 0  # layers stored as packed integers (NF4, GGUF)
     for name in plan.factors:
         key = keys[name]
+        weight = state[key[0] if isinstance(key, tuple) else key]
+        if not weight.dtype.is_floating_point:
+            quantised += 1
+            continue
         if isinstance(key, tuple):  # a row slice of a fused layer: (key, (dim, start, length))
             dim, start, length = key[1][:3]
-            weight = state[key[0]].narrow(dim, start, length)
-        else:
-            weight = state[key]
-        if weight.dtype.is_floating_point and weight.element_size() < 4:
+            weight = weight.narrow(dim, start, length)
+        if weight.element_size() < 4:
             low[name] = weight
+    if quantised:
+        return (f" {quantised} target layers are stored quantised (NF4 / GGUF): writing the "
+                "update into them is left to the loader's own LoRA patching, which UnHype does "
+                "not test; 'auto' (per-row) adds it to their output at the compute precision "
+                "(tested).")
     if not low:
         return ""
     # one layer's B A^T at a time: FLUX's full update would be gigabytes at once

@@ -44,3 +44,17 @@ def test_per_row_on_quantised_layers_equals_the_dequantised_model(pack, loaded, 
     assert (expected[cond_chunk] - base[cond_chunk]).abs().max() > 1e-3
     after = weights(stored)
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_merge_on_quantised_layers_says_it_relies_on_the_loader(pack, loaded, prompts):
+    pytest.importorskip("bitsandbytes")
+    import tiny
+
+    stored = tiny.tiny_model()
+    quantise_linears(stored.model.diffusion_model, "nf4",
+                     lambda path: "transformer_blocks" in path)
+    pos = prompts["a photo of a cat"]
+    _, _, info = apply(pack, stored, pos, loaded, mode="merge into weights (both branches)")
+    assert "target layers are stored quantised (NF4 / GGUF)" in info
+    _, _, info = apply(pack, stored, pos, loaded)
+    assert "per-row" in info and "quantised" not in info
