@@ -3,6 +3,8 @@
 * `NF4Linear`: Forge's ``ForgeOperationsBNB4bits.Linear`` once loaded (ComfyUI_bitsandbytes_NF4
   ports the same class): ``weight`` a real bitsandbytes ``Params4bit``, packed uint8
   [out * in / 2, 1] with the shape in ``quant_state.shape``; forward = ``bnb.matmul_4bit``.
+* `FP8Linear`: Forge's plain layer on an fp8 checkpoint (weight in float8_e4m3fn, cast per
+  call).
 * `GGUFLinear`: Forge's ``ForgeOperationsGGUF.Linear`` / ComfyUI-GGUF's ``GGMLOps.Linear``:
   the weight's data are the quantised bytes ([out, bytes] uint8, from the real ``gguf``
   package), its ``shape`` reports the real [out, in] (Forge ``ParameterGGUF``, ComfyUI-GGUF
@@ -73,7 +75,27 @@ class GGUFLinear(nn.Module):
         return nn.functional.linear(x, self.dequantized().to(x), self.bias)
 
 
-LAYERS = {"nf4": ("bitsandbytes", NF4Linear), "gguf_q8_0": ("gguf", GGUFLinear)}
+class FP8Linear(nn.Module):
+    """Forge's ``ForgeOperations.Linear`` on an fp8 checkpoint: the weight stored in
+    float8_e4m3fn, cast to the input's dtype for each call (backend/operations.py
+    weights_manual_cast)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.bias = linear.bias
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+LAYERS = {"nf4": ("bitsandbytes", NF4Linear), "gguf_q8_0": ("gguf", GGUFLinear),
+          "fp8": ("torch", FP8Linear)}
+PACKED = ("nf4", "gguf_q8_0")  # stored as integers, their real shape reported apart
 
 
 def quantise_linears(root: nn.Module, kind: str, select=lambda name: True) -> nn.Module:

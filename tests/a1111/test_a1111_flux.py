@@ -203,8 +203,10 @@ def test_tab_probe_and_bake_on_forge_flux(webui_dirs, forge_flux):
         host.pooled_embeddings(no_vector, "flux", texts)
 
 
-# --- Forge's quantised FLUX models: bitsandbytes NF4 ("flux1-dev-bnb-nf4") and GGUF ---------
-STORED = {"nf4": (96 * 32 // 2, 1), "gguf_q8_0": (96, 34)}  # img_attn.qkv's data as stored
+# --- Forge's low-bit FLUX models: NF4 ("flux1-dev-bnb-nf4"), GGUF, fp8 -----------------------
+# img_attn.qkv's data as stored
+STORED = {"nf4": ((96 * 32 // 2, 1), torch.uint8), "gguf_q8_0": ((96, 34), torch.uint8),
+          "fp8": ((96, 32), torch.float8_e4m3fn)}
 
 
 @pytest.mark.parametrize("kind", sorted(STORED))
@@ -221,7 +223,7 @@ def test_forge_quantised_flux_rows_equal_the_dequantized_model_plus_lora(webui_d
     transformer = model.unet_for_sampling()
     plain = quantise_linears(transformer, kind, lambda path: "blocks" in path)
     qkv = transformer.double_blocks[0].img_attn.qkv.weight
-    assert qkv.dtype == torch.uint8 and tuple(qkv.data.shape) == STORED[kind]
+    assert (tuple(qkv.data.shape), qkv.dtype) == STORED[kind]
     assert weight_shape(qkv) == (96, 32)
 
     path = flux_file(webui_dirs["unhype"], model.reference)
