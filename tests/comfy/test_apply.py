@@ -52,6 +52,17 @@ def recorded(model):
     return m, rec
 
 
+def cond_uncond_call(pack, model, pos, neg, loaded):
+    """Apply UnHype to `model`, sample one step; (the recorded call that batched the positive
+    and negative rows, the chunk index of each, Apply's info)."""
+    rec_model, rec = recorded(model)
+    patched, cond_out, info = apply(pack, rec_model, pos, loaded)
+    sample(patched, cond_out, neg, steps=1)
+    call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)
+    flags = call["cond_or_uncond"]
+    return call, flags.index(0), flags.index(1), info
+
+
 def base_forward(model, call, rows=None, factors=None, strength=1.0, loaded=None):
     """The tiny model's output for a recorded call, with our own DynamicLoRA or none."""
     base = model.model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_apply import (apply, assert_untouched, base_forward, factors_for, recorded, sample,
+from test_apply import (apply, assert_untouched, base_forward, cond_uncond_call, factors_for,
                         weights)
 
 FP8 = torch.float8_e4m3fn
@@ -31,13 +31,9 @@ def test_per_row_on_fp8_weights_adds_the_update_at_full_precision(pack, fp8_mode
     assert {v.dtype for v in stored.model.diffusion_model.state_dict().values()} == {FP8}
     before = weights(stored)
     pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
-    rec_model, rec = recorded(stored)
-    patched, cond_out, info = apply(pack, rec_model, pos, loaded)
+    call, cond_chunk, uncond_chunk, info = cond_uncond_call(pack, stored, pos, neg, loaded)
     assert "per-row" in info and "stored in" not in info
-    sample(patched, cond_out, neg, steps=1)
-    call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)
     flags = call["cond_or_uncond"]
-    cond_chunk, uncond_chunk = flags.index(0), flags.index(1)
     out = call["output"].chunk(2)
     assert torch.isfinite(call["output"]).all()
     assert torch.equal(out[uncond_chunk], base_forward(stored, call).chunk(2)[uncond_chunk])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_apply import apply, base_forward, factors_for, recorded, sample, weights
+from test_apply import apply, base_forward, cond_uncond_call, factors_for, weights
 from tests.quantised_layers import LAYERS, PACKED, quantise_linears
 from unhype.model_check import weight_shape
 
@@ -28,13 +28,9 @@ def test_per_row_on_quantised_layers_equals_the_dequantised_model(pack, loaded, 
     before = weights(stored)
 
     pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
-    rec_model, rec = recorded(stored)
-    patched, cond_out, info = apply(pack, rec_model, pos, loaded)
+    call, cond_chunk, uncond_chunk, info = cond_uncond_call(pack, stored, pos, neg, loaded)
     assert "per-row" in info
-    sample(patched, cond_out, neg, steps=1)
-    call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)
     flags = call["cond_or_uncond"]
-    cond_chunk, uncond_chunk = flags.index(0), flags.index(1)
     out = call["output"].chunk(2)
     base = base_forward(upcast, call).chunk(2)
     torch.testing.assert_close(out[uncond_chunk], base[uncond_chunk], rtol=1e-4, atol=1e-5)
