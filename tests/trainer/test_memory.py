@@ -226,9 +226,13 @@ def test_sdxl_text_encoders_come_back_together(tiny_sdxl, tmp_path):
 
     cfg = inline_cfg(tiny_sdxl, tmp_path, cache_text_encoder_outputs=True, device="cpu")
     backend = load_backend(cfg)
-    log = MoveLog({"clip_l": backend.text_encoders[0], "bigg": backend.text_encoders[1]})
+    assert backend.staged
+    assert backend.vae is None  # the tiny pipeline has none; a real one moves after the UNet
+    log = MoveLog({"clip_l": backend.text_encoders[0], "bigg": backend.text_encoders[1],
+                   "unet": backend.unet})
     loop.prepare(cfg, quiet=True, backend=backend)
-    assert log.take() == [("clip_l", "cpu"), ("bigg", "cpu")]
+    # the encoders leave, then the UNet that staging kept off the device arrives
+    assert log.take() == [("clip_l", "cpu"), ("bigg", "cpu"), ("unet", "cpu")]
     reference = loop.prepare(inline_cfg(tiny_sdxl, tmp_path / "ref"), quiet=True).backend
     torch.testing.assert_close(backend.embed(["a dog"]), reference.embed(["a dog"]))
     assert log.take() == [("clip_l", "cpu"), ("bigg", "cpu")] * 2
