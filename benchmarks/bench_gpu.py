@@ -505,13 +505,13 @@ def print_tables(rows: list, env: dict | None) -> None:
               "GiB | peak GiB | hypernet params | loss finite | file loads |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in train:
-            fp8 = r.get("memory") or False
+            memory = r.get("memory") or False
             if "error" in r:
                 print(f"| {r['model']} | {r['dtype']} | {r['attention']} | {r['mode']} | "
-                      f"{r['checkpointing']} | {fp8} | {r['error']} |")
+                      f"{r['checkpointing']} | {memory} | {r['error']} |")
                 continue
             print(f"| {r['model']} | {r['dtype']} | {r['attention']} | {r['mode']} | "
-                  f"{r['checkpointing']} | {fp8} | {r['resolution']} | {r['exit']} | "
+                  f"{r['checkpointing']} | {memory} | {r['resolution']} | {r['exit']} | "
                   f"{r['s_per_step']:.3f} | {r['sampling_s_per_prompt']:.2f} ({r['ddim']}) | "
                   f"{r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {r['hypernet_params']:,} | "
                   f"{r['loss_finite']} | {r.get('file_loads', False)} |")

@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from trainer.backends import TOY_FAMILIES
+from trainer.backends import MEMORY_OPTIONS, TOY_FAMILIES
 from unhype.errors import UnHypeError
 
 FP8 = torch.float8_e4m3fn
@@ -140,8 +140,8 @@ def shrink(cfg, backend) -> str | None:
     it); a note for the log. Idempotent; NF4 replaces layers, so it must run before anything
     hooks them (the trainer calls this right after loading, `apply` again finds it done)."""
     kind = "fp8" if cfg.values.get("fp8_base") else "nf4" if cfg.values.get("nf4_base") else None
-    if kind is None or backend.family.name in TOY_FAMILIES or getattr(backend, "shrunk", None):
-        return getattr(backend, "shrunk", None)
+    if kind is None or backend.family.name in TOY_FAMILIES or backend.shrunk:
+        return backend.shrunk
     if backend.device.type == "mps":
         raise UnHypeError(f"--{kind}_base: {kind} weights are not supported on Apple's mps "
                           "device; use --mixed_precision fp16 or bf16 instead")
@@ -158,8 +158,7 @@ def shrink(cfg, backend) -> str | None:
 
 def apply(cfg, backend) -> str | None:
     """Apply `cfg`'s memory options to a loaded backend; a line for the run's log, if any."""
-    wanted = [name for name in ("fp8_base", "nf4_base", "cache_text_encoder_outputs")
-              if cfg.values.get(name)]
+    wanted = [name for name in MEMORY_OPTIONS if cfg.values.get(name)]
     if not wanted:
         return None
     if backend.family.name in TOY_FAMILIES:

@@ -31,8 +31,9 @@ def context_dim(unet: nn.Module) -> int | None:
     for name, module in unet.named_modules():
         if name.endswith("attn2.to_k"):
             weight = getattr(module, "weight", None)
-            if weight is not None and len(weight_shape(weight)) == 2:
-                return int(weight_shape(weight)[1])
+            shape = weight_shape(weight) if weight is not None else ()
+            if len(shape) == 2:
+                return int(shape[1])
     return None
 
 

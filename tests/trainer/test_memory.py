@@ -254,7 +254,8 @@ def test_fp8_base_errors_change_nothing():
         memory.store_in_fp8(unet, torch.bfloat16)
     assert unet.weight.dtype == torch.float32
     backend = types.SimpleNamespace(family=types.SimpleNamespace(name="sd1"), unet=unet,
-                                    device=torch.device("mps"), dtype=torch.float16)
+                                    device=torch.device("mps"), dtype=torch.float16,
+                                    shrunk=None)
     cfg = types.SimpleNamespace(values={"fp8_base": True}, fp8_base=True,
                                 cache_text_encoder_outputs=False)
     with pytest.raises(UnHypeError, match="mps"):

@@ -8,6 +8,8 @@ from unhype.errors import UnHypeError
 
 TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "toy", "flux", "toy_flux")
 TOY_FAMILIES = ("toy", "toy_flux")  # tiny, always fp32: the precision and memory options skip them
+# trainer.memory's options: with any of them the models are built on the CPU (Backend.stage)
+MEMORY_OPTIONS = ("fp8_base", "nf4_base", "cache_text_encoder_outputs")
 
 
 def load_backend(cfg):
@@ -37,8 +39,7 @@ def load_backend(cfg):
 
     # with a memory option the models are built on the CPU and the denoiser reaches the device
     # only once trainer.memory has made it small (Backend.stage / place_denoiser)
-    staged = any(cfg.values.get(name) for name in ("fp8_base", "nf4_base",
-                                                    "cache_text_encoder_outputs"))
+    staged = any(cfg.values.get(name) for name in MEMORY_OPTIONS)
     device = "cpu" if staged else cfg.device
     if family == "flux" or flux.is_flux_model(path, cfg.model_config):
         if cfg.v_parameterization:

@@ -106,6 +106,7 @@ class Backend:
 
     # --- loading for the memory options: the denoiser waits on the CPU ----------------------
     staged = False
+    shrunk: str | None = None  # trainer.memory.shrink's note once the denoiser is fp8 / NF4
 
     def stage(self, device) -> None:
         """Built on the CPU for `trainer.memory`: the text encoders go to `device` now (every
