@@ -79,7 +79,8 @@ def pooled_embeddings(sd_model, family: str, texts: list[str], cond=None) -> tor
     flux (Forge only): the ``vector`` is CLIP-L's pooled output, unprojected (Forge
     diffusion_engine/flux.py: ``dict(crossattn=cond_t5, vector=pooled_l)``), as diffusers'
     FluxPipeline passes it.
-    sd1/sd2: the text model's pooled output (EOS after the final layer norm, unprojected).
+    sd1/sd2: the text model's pooled output (EOS after the final layer norm, unprojected), of
+    the tokens A1111 makes of the text: textual-inversion names become their vectors.
     """
     texts = list(texts)
     if family in POOLED_IN_VECTOR:
@@ -127,20 +128,55 @@ def _a1111_pooled(sd_model, texts):
     wrapped = getattr(ccm, "wrapped", ccm)
     with autocast():
         if hasattr(wrapped, "transformer") and hasattr(wrapped, "tokenizer"):
-            tok = wrapped.tokenizer(texts, truncation=True, max_length=77, padding="max_length",
-                                    return_tensors="pt")
             device = next(wrapped.transformer.parameters()).device
-            out = wrapped.transformer(input_ids=tok["input_ids"].to(device))
+            tokens = _webui_tokens(ccm, texts)
+            if tokens is None:
+                tokens = wrapped.tokenizer(texts, truncation=True, max_length=77,
+                                           padding="max_length", return_tensors="pt")["input_ids"]
+            with _fixes_cleared(ccm):
+                out = wrapped.transformer(input_ids=tokens.to(device))
             return out.pooler_output.float().cpu()
         if hasattr(wrapped, "model") and hasattr(wrapped.model, "ln_final"):
-            return _open_clip_pooled(wrapped.model, texts)
+            tokens = _webui_tokens(ccm, texts)
+            with _fixes_cleared(ccm):
+                return _open_clip_pooled(wrapped.model, texts, tokens)
     raise UnHypeError("UnHype: cannot find this model's CLIP text encoder for the embedding")
 
 
-def _open_clip_pooled(model, texts):
+def _webui_tokens(ccm, texts):
+    """The first prompt chunk of each text as A1111 tokenizes it (``tokenize_line``), with its
+    textual-inversion fixes put where the hijacked token embedding reads them, so a TI name in
+    the prompt is its vectors, as in the conditioning, not its name's words. None when the
+    encoder is not A1111's custom-words wrapper."""
+    hijack = getattr(ccm, "hijack", None)
+    if not hasattr(ccm, "tokenize_line") or hijack is None:
+        return None
+    chunks = [ccm.tokenize_line(text)[0][0] for text in texts]
+    tokens = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long)
+    if ccm.id_end != ccm.id_pad:  # SD2: what follows the end token is padding (process_tokens)
+        for row, chunk in enumerate(chunks):
+            tokens[row, chunk.tokens.index(ccm.id_end) + 1:] = ccm.id_pad
+    hijack.fixes = [chunk.fixes for chunk in chunks]
+    return tokens
+
+
+@contextlib.contextmanager
+def _fixes_cleared(ccm):
+    # the embedding layer clears the fixes it reads; if the encoder fails first, clear them
+    # here so they cannot land on the host's next prompt
+    try:
+        yield
+    finally:
+        if getattr(ccm, "hijack", None) is not None:
+            ccm.hijack.fixes = None
+
+
+def _open_clip_pooled(model, texts, tokens=None):
     import open_clip
 
-    tokens = open_clip.tokenize(texts).to(model.positional_embedding.device)
+    if tokens is None:
+        tokens = open_clip.tokenize(texts)
+    tokens = tokens.to(model.positional_embedding.device)
     x = model.token_embedding(tokens) + model.positional_embedding
     batch_first = getattr(model.transformer, "batch_first", False)
     if not batch_first:

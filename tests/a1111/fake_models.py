@@ -9,7 +9,8 @@
   ``last_hidden_state`` [N, 77, W], ``pooler_output`` = EOS row) with a causal running mean
   instead of attention, and the real CLIP tokenizer (ComfyUI's sd1_tokenizer files).
 * ``A1111SD1``: ``model.diffusion_model``, ``cond_stage_model.wrapped.{tokenizer,transformer}``
-  (sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords around ldm's FrozenCLIPEmbedder),
+  (sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords around ldm's FrozenCLIPEmbedder, with
+  textual-inversion embeddings: ``custom_words``),
   ``get_learned_conditioning(texts)`` -> [N, 77, 768].
 * ``ForgeSD1``: ``forge_objects.unet.model.diffusion_model``, ``text_processing_engine``
   returning (z, pooled) when ``return_pooled`` (backend/text_processing/classic_engine.py
@@ -33,6 +34,8 @@ import torch
 from torch import nn
 
 from tests.comfy_path import comfyui_root, import_comfy
+
+import custom_words
 
 
 def _randomize(module, seed, std=0.05):
@@ -129,18 +132,39 @@ def tokens(tokenizer, texts):
                      return_tensors="pt")["input_ids"]
 
 
+def hijack_sd1(wrapped) -> custom_words.CustomWords:
+    """A1111's sd_hijack of ldm's FrozenCLIPEmbedder: the custom-words wrapper around it and
+    EmbeddingsWithFixes in place of the text model's token embedding (one hijack per text
+    model, as A1111 has one model_hijack)."""
+    text, tokenizer = wrapped.transformer, wrapped.tokenizer
+    if not isinstance(text.emb, custom_words.EmbeddingsWithFixes):
+        text.emb = custom_words.EmbeddingsWithFixes(text.emb, custom_words.Hijack())
+    return custom_words.CustomWords(
+        wrapped, text.emb.embeddings,
+        tokenize=lambda texts: tokenizer(list(texts), truncation=False,
+                                         add_special_tokens=False)["input_ids"],
+        encode=lambda ids: text(input_ids=ids).last_hidden_state,
+        id_start=tokenizer.bos_token_id, id_end=tokenizer.eos_token_id,
+        id_pad=tokenizer.eos_token_id)
+
+
 class A1111SD1:
     is_sd1, is_sd2, is_sdxl = True, False, False
 
-    def __init__(self, unet=None, text=None, tokenizer=None):
+    def __init__(self, unet=None, text=None, tokenizer=None, hijacked=True):
         self.model = SimpleNamespace(diffusion_model=unet or tiny_ldm_unet())
         wrapped = SimpleNamespace(tokenizer=tokenizer or clip_tokenizer(),
                                   transformer=text or TinyTextModel())
-        self.cond_stage_model = SimpleNamespace(wrapped=wrapped)
+        self.cond_stage_model = hijack_sd1(wrapped) if hijacked else \
+            SimpleNamespace(wrapped=wrapped)
 
     def get_learned_conditioning(self, texts):
-        w = self.cond_stage_model.wrapped
-        z = w.transformer(input_ids=tokens(w.tokenizer, texts)).last_hidden_state
+        ccm = self.cond_stage_model
+        if isinstance(ccm, custom_words.CustomWords):
+            z = ccm(list(texts))
+        else:
+            z = ccm.wrapped.transformer(input_ids=tokens(ccm.wrapped.tokenizer, texts))
+            z = z.last_hidden_state
         return emphasis_original(z, texts)
 
     def unet_for_sampling(self):

@@ -408,3 +408,19 @@ def test_steps_on_another_checkpoint_are_reported(sd1, hyper_file, script):
     process_images(p)
     assert list(p.comments) == ["UnHype: the refiner steps run on another checkpoint "
                                 "(sdxl_refiner.safetensors) without UnHype"]
+
+
+def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper_file, script):
+    import fake_models
+
+    model = fake_models.A1111SD1(unet=sd1.model.diffusion_model)
+    ccm = model.cond_stage_model
+    ids = ccm.wrapped.tokenizer("tabby cat", add_special_tokens=False)["input_ids"]
+    ccm.add_embedding("zorblax", ccm.wrapped.transformer.emb.wrapped.weight[ids].clone())
+    unet = model.model.diffusion_model
+    p, _ = run(model, script, ["a photo of (zorblax:1.1)", "a red car"])
+    loaded = load_hypernet(hyper_file)
+    refs = {"ti": merged(unet, loaded, model.pooled(["a photo of tabby cat"])[0], 1.0),
+            "car": merged(unet, loaded, model.pooled(["a red car"])[0], 1.0)}
+    assert check_rows(p, unet, lambda c, r: ["ti", "car", None, None][r], refs) > 1e-3
+    assert hooks_left(unet) == 0 and ccm.hijack.fixes is None
