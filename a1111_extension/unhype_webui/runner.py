@@ -6,7 +6,8 @@ let a generation run silently without erasure. Everything that can fail therefor
 the ``p.sample`` wrapper, whose exceptions reach the UI as an error message, and whose
 ``finally`` removes every hook also on error or interrupt. ``p.sample`` is where the host runs
 the UNet (first pass and, for txt2img, the hires pass: A1111 1.10 / Forge
-``StableDiffusionProcessingTxt2Img.sample`` ends in ``sample_hr_pass``).
+``StableDiffusionProcessingTxt2Img.sample`` loads the hires checkpoint, if any, then calls
+``self.sample_hr_pass``, which is wrapped too).
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def tag_actives(p, cond_only: bool) -> list[Active]:
     return list(found.values())
 
 
-def item_prompts(p, prompts) -> list[list[str]]:
+def item_prompts(p, prompts, hires_only: bool = False) -> list[list[str]]:
+    if hires_only:
+        return [[x] for x in (getattr(p, "hr_prompts", None) or [])]
     prompts = list(prompts if prompts is not None else getattr(p, "prompts", []))
     out = [[x] for x in prompts]
     if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
@@ -125,7 +128,9 @@ def steps_of(p) -> int:
     return max(steps, hr)
 
 
-def prepare(p, prompts=None) -> Session | None:
+def prepare(p, prompts=None, hires_only: bool = False) -> Session | None:
+    """The session for the model current now: the first pass (and a hires pass on the same
+    checkpoint), or with hires_only the hires pass on its own checkpoint."""
     state: RunState = p.unhype_state
     if state.error:
         raise UnHypeError(state.error)
@@ -141,9 +146,18 @@ def prepare(p, prompts=None) -> Session | None:
     actives += tags
     if not actives:
         return None
-    session = build_session(p.sd_model, actives, item_prompts(p, prompts), steps_of(p),
-                            host.option("unhype_on_family_mismatch", MISMATCH_STOP))
-    if session.actives:
+    try:
+        session = build_session(p.sd_model, actives, item_prompts(p, prompts, hires_only),
+                                steps_of(p), host.option("unhype_on_family_mismatch",
+                                                         MISMATCH_STOP))
+    except UnHypeError as exc:
+        if hires_only:
+            raise UnHypeError(f"{exc} [hires checkpoint {hires_checkpoint(p)}]") from None
+        raise
+    if hires_only:
+        session.warnings = [f"{w} [hires checkpoint {hires_checkpoint(p)}]"
+                            for w in session.warnings]
+    elif session.actives:
         session.warnings += other_model_warnings(p)
     for warning in session.warnings:
         if hasattr(p, "comment"):
@@ -151,37 +165,62 @@ def prepare(p, prompts=None) -> Session | None:
     return session
 
 
+def _named_checkpoint(value) -> str | None:
+    return str(value) if value and str(value) not in ("None", "Use same checkpoint") else None
+
+
+def hires_checkpoint(p) -> str | None:
+    """The hires pass's own checkpoint, when it has one (A1111 1.10 / Forge hr_checkpoint_name)."""
+    return _named_checkpoint(getattr(p, "hr_checkpoint_name", None))
+
+
 def other_model_warnings(p) -> list[str]:
-    """Steps that run on another checkpoint (SDXL refiner, hires checkpoint) are not hooked."""
-    out = []
-    for attr, what in (("refiner_checkpoint", "the refiner steps"),
-                       ("hr_checkpoint_name", "the hires pass")):
-        value = getattr(p, attr, None)
-        if value and str(value) not in ("None", "Use same checkpoint"):
-            out.append(f"UnHype: {what} run on another checkpoint ({value}) without UnHype")
-    return out
+    """The SDXL refiner's steps run on another checkpoint, which the hooks are not on (the
+    switch happens inside the sampler; no UnHype file is made for a refiner)."""
+    value = _named_checkpoint(getattr(p, "refiner_checkpoint", None))
+    return [f"UnHype: the refiner steps run on another checkpoint ({value}) without UnHype"] \
+        if value else []
+
+
+def _run_with(p, session, run):
+    if session is None or not session.actives:
+        return run()
+    _live.add(session)
+    p.unhype_state.sessions.append(session)
+    try:
+        session.attach()
+        return run()
+    finally:
+        session.remove()
 
 
 def install_sample_wrapper(p) -> None:
+    """``p.sample`` runs with the first pass's session attached. When the hires pass has its
+    own checkpoint (now the current model, maybe a new UNet, maybe new text-encoder weights in
+    the same modules), ``p.sample_hr_pass`` takes that session off and runs with one built on
+    the hires model from the hires prompts alone."""
     if getattr(p.sample, "_unhype_wrapper", False):
         return
     original = p.sample
+    original_hr = getattr(p, "sample_hr_pass", None)
 
     def sample(*args, **kwargs):
         session = prepare(p, kwargs.get("prompts"))
-        if session is None or not session.actives:
-            return original(*args, **kwargs)
-        _live.add(session)
-        p.unhype_state.sessions.append(session)
-        try:
-            session.attach()
-            return original(*args, **kwargs)
-        finally:
-            session.remove()
+        return _run_with(p, session, lambda: original(*args, **kwargs))
+
+    def sample_hr_pass(*args, **kwargs):
+        if hires_checkpoint(p) is None:
+            return original_hr(*args, **kwargs)
+        for session in p.unhype_state.sessions:
+            session.remove()  # on the first pass's checkpoint; its finally finds it removed
+        return _run_with(p, prepare(p, hires_only=True), lambda: original_hr(*args, **kwargs))
 
     sample._unhype_wrapper = True
     p.unhype_state.original_sample = original
     p.sample = sample
+    if original_hr is not None:
+        sample_hr_pass._unhype_wrapper = True
+        p.sample_hr_pass = sample_hr_pass
 
 
 def postprocess(p) -> None:
@@ -190,8 +229,9 @@ def postprocess(p) -> None:
     if state is not None:
         for session in state.sessions:
             session.remove()
-        if getattr(p.__dict__.get("sample"), "_unhype_wrapper", False):
-            del p.sample
+        for name in ("sample", "sample_hr_pass"):
+            if getattr(p.__dict__.get(name), "_unhype_wrapper", False):
+                delattr(p, name)
     remove_all()
 
 

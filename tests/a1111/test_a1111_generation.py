@@ -187,6 +187,77 @@ def test_hires_pass_uses_the_hires_prompt(sd1, hyper_file, script):
     check_rows(p, unet, lambda c, r: None if r else ("a cat" if c < 2 else "a dog"), refs)
 
 
+def calls(p, a, b):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(unet_calls=p.unet_calls[a:b])
+
+
+@pytest.mark.parametrize("same_unet", [False, True], ids=["new_unet", "weights_in_place"])
+def test_hires_pass_on_its_own_checkpoint_runs_unhype_from_that_model(sd1, hyper_file, script,
+                                                                     same_unet):
+    """A1111 / Forge load the hires checkpoint before sample_hr_pass: a new UNet (Forge, or
+    A1111 keeping several models), or new weights in the same modules (A1111 with one model
+    kept). Either way the hires rows get the LoRA from the hires model's own text encoder, on
+    the hires UNet; before, they ran without UnHype."""
+    import fake_models
+
+    unet = sd1.model.diffusion_model
+    hr_unet = unet if same_unet else fake_models.tiny_ldm_unet(seed=5)
+    hr_model = fake_models.A1111SD1(unet=hr_unet, text=fake_models.TinyTextModel(seed=7))
+    p, _ = run(sd1, script, ["a cat"], enable_hr=True, hr_prompt="a dog", steps=2,
+               hr_checkpoint_name="other_sd15.safetensors", hr_sd_model=hr_model)
+    first = refs_for(sd1, unet, hyper_file, ["a cat"])
+    hires = refs_for(hr_model, hr_unet, hyper_file, ["a dog"])
+    assert check_rows(calls(p, 0, 2), unet, lambda c, r: None if r else "a cat", first) > 1e-3
+    assert check_rows(calls(p, 2, 4), hr_unet, lambda c, r: None if r else "a dog",
+                      hires) > 1e-3
+    assert hooks_left(unet) == 0 and hooks_left(hr_unet) == 0
+    assert [s.unet for s in p.unhype_state.sessions] == [unet, hr_unet]
+    assert not any("without UnHype" in c for c in p.comments)
+    assert "sample_hr_pass" not in p.__dict__
+
+
+def test_hires_checkpoint_in_forge_and_a_failure_in_the_hires_pass(sd1, hyper_file, script):
+    import fake_models
+
+    forge = fake_models.ForgeSD1(unet=sd1.model.diffusion_model,
+                                 text=sd1.cond_stage_model.wrapped.transformer)
+    hr_forge = fake_models.ForgeSD1(unet=fake_models.tiny_ldm_unet(seed=5),
+                                    text=fake_models.TinyTextModel(seed=7))
+    unet, hr_unet = forge.unet_for_sampling(), hr_forge.unet_for_sampling()
+    kw = dict(enable_hr=True, hr_prompt="a dog", steps=2, layout="forge",
+              hr_checkpoint_name="other_sd15.safetensors", hr_sd_model=hr_forge)
+    p, _ = run(forge, script, ["a cat"], **kw)
+    hires = refs_for(hr_forge, hr_unet, hyper_file, ["a dog"])
+    assert check_rows(calls(p, 2, 4), hr_unet, lambda c, r: "a dog" if r else None,
+                      hires) > 1e-3  # Forge: the uncond row first
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run(forge, script, ["a cat"], fail_at_call=3, **kw)
+    assert hooks_left(unet) == 0 and hooks_left(hr_unet) == 0
+
+
+def test_hires_checkpoint_of_another_family_stops_or_runs_without_unhype(sd1, hyper_file,
+                                                                         script):
+    from modules import shared
+
+    import fake_models
+
+    unet, xl = sd1.model.diffusion_model, fake_models.A1111SDXL()
+    kw = dict(enable_hr=True, hr_prompt="a dog", steps=2, hr_checkpoint_name="xl.safetensors",
+              hr_sd_model=xl)
+    with pytest.raises(UnHypeError, match=r"loaded model is sdxl.*\[hires checkpoint "
+                                          r"xl\.safetensors\]"):
+        run(sd1, script, ["a cat"], **kw)
+    assert hooks_left(unet) == 0 and hooks_left(xl.model.diffusion_model) == 0
+    shared.opts.unhype_on_family_mismatch = "Generate without UnHype"
+    p, _ = run(sd1, script, ["a cat"], **kw)
+    first = refs_for(sd1, unet, hyper_file, ["a cat"])
+    assert check_rows(calls(p, 0, 2), unet, lambda c, r: None if r else "a cat", first) > 1e-3
+    check_rows(calls(p, 2, 4), xl.model.diffusion_model, lambda c, r: None, {})
+    assert any("[hires checkpoint xl.safetensors]" in c for c in p.comments)
+
+
 def test_forge_objects_and_pooled_from_its_text_engine(hyper_file, script, sd1):
     import fake_models
 

@@ -2,7 +2,8 @@
 UnHype must behave: the order of script calls in process_images_inner (Forge L907-1022,
 L1140-1156; A1111 1.10 the same), ``p.sample(conditioning, unconditional_conditioning, seeds,
 subseeds, subseed_strength, prompts)`` (L381/L1342) running the first pass and, for txt2img,
-the hires pass inside it (L1428 sample_hr_pass), and the ways the UNet is batched:
+the hires pass inside it (L1428 ``self.sample_hr_pass``, after the hires checkpoint, if any,
+became the current model), and the ways the UNet is batched:
 
 * ``a1111``: CFGDenoiser.forward with batch_cond_uncond: one call on cat([cond rows, one per
   AND part of each item] + [uncond rows]) (A1111 sd_samplers_cfg_denoiser.py, x_in / cond_in);
@@ -50,6 +51,10 @@ class StableDiffusionProcessingTxt2Img:
     enable_hr: bool = False
     hr_prompt: str = ""
     hr_second_pass_steps: int = 0
+    hr_checkpoint_name: str = None
+    # stand-in of sd_models.reload_model_weights(info=hr_checkpoint_info): the model that
+    # becomes shared.sd_model (which p.sd_model reads) before the hires pass
+    hr_sd_model: object = None
     layout: str = "a1111"
     script_args: list = field(default_factory=list)
     scripts: list = field(default_factory=list)
@@ -89,11 +94,21 @@ class StableDiffusionProcessingTxt2Img:
         gen = torch.Generator().manual_seed(self.seed + self.iteration)
         x = torch.randn(len(prompts), 4, 4, 4, generator=gen)
         x = self._run(x, conditioning, unconditional_conditioning, self.steps)
-        if self.enable_hr:  # sample_hr_pass: hires conds, then the second pass
-            steps = self.hr_second_pass_steps or self.steps
-            hr_c = self._conds(self.hr_prompts, steps)
-            x = self._run(x, hr_c, unconditional_conditioning, steps)
-        return x
+        if not self.enable_hr:
+            return x
+        if self.hr_checkpoint_name not in (None, "Use same checkpoint"):
+            self.sd_model = self.hr_sd_model  # reload_model_weights(info=hr_checkpoint_info)
+        return self.sample_hr_pass(x, None, seeds, subseeds, subseed_strength, prompts)
+
+    def sample_hr_pass(self, samples, decoded_samples, seeds, subseeds, subseed_strength,
+                       prompts):
+        """The second pass on the hires conds (calculate_hr_conds: with the model current now,
+        which encodes the negative prompts again when the hires checkpoint is another)."""
+        steps = self.hr_second_pass_steps or self.steps
+        hr_c = self._conds(self.hr_prompts, steps)
+        hr_uc = self._conds(self.negative_prompts, steps) if self.hr_sd_model is not None \
+            else self.uc
+        return self._run(samples, hr_c, hr_uc, steps)
 
     def _run(self, x, c, uc, steps):
         unet = self.sd_model.unet_for_sampling()
