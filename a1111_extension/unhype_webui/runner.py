@@ -60,6 +60,8 @@ class RunState:
     error: str | None = None
     sessions: list = field(default_factory=list)
     original_sample: object = None
+    prompts: list | None = None  # p.sample's prompts (this batch), for a session built again
+    sampling: bool = False  # inside p.sample: a setup_conds call is the refiner switch
 
 
 def batch_slice(p, values):
@@ -128,9 +130,11 @@ def steps_of(p) -> int:
     return max(steps, hr)
 
 
-def prepare(p, prompts=None, hires_only: bool = False) -> Session | None:
-    """The session for the model current now: the first pass (and a hires pass on the same
-    checkpoint), or with hires_only the hires pass on its own checkpoint."""
+def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
+            ) -> Session | None:
+    """The session for the model current now: the first pass's (its prompts and the hires
+    prompts), or with hires_only the hires pass's. `switch` names the checkpoint the web UI
+    switched to (hires or refiner checkpoint), added to any error or note."""
     state: RunState = p.unhype_state
     if state.error:
         raise UnHypeError(state.error)
@@ -146,19 +150,14 @@ def prepare(p, prompts=None, hires_only: bool = False) -> Session | None:
     actives += tags
     if not actives:
         return None
+    where = f" [{switch}]" if switch else ""
     try:
         session = build_session(p.sd_model, actives, item_prompts(p, prompts, hires_only),
                                 steps_of(p), host.option("unhype_on_family_mismatch",
                                                          MISMATCH_STOP))
     except UnHypeError as exc:
-        if hires_only:
-            raise UnHypeError(f"{exc} [hires checkpoint {hires_checkpoint(p)}]") from None
-        raise
-    if hires_only:
-        session.warnings = [f"{w} [hires checkpoint {hires_checkpoint(p)}]"
-                            for w in session.warnings]
-    elif session.actives:
-        session.warnings += other_model_warnings(p)
+        raise UnHypeError(f"{exc}{where}") from None
+    session.warnings = [f"{w}{where}" for w in session.warnings]
     for warning in session.warnings:
         if hasattr(p, "comment"):
             p.comment(warning)
@@ -174,53 +173,68 @@ def hires_checkpoint(p) -> str | None:
     return _named_checkpoint(getattr(p, "hr_checkpoint_name", None))
 
 
-def other_model_warnings(p) -> list[str]:
-    """The SDXL refiner's steps run on another checkpoint, which the hooks are not on (the
-    switch happens inside the sampler; no UnHype file is made for a refiner)."""
-    value = _named_checkpoint(getattr(p, "refiner_checkpoint", None))
-    return [f"UnHype: the refiner steps run on another checkpoint ({value}) without UnHype"] \
-        if value else []
-
-
-def _run_with(p, session, run):
+def use_session(p, session: Session | None) -> None:
+    """Take every hook of this generation off, then attach `session` (None: run without)."""
+    for old in p.unhype_state.sessions:
+        old.remove()
     if session is None or not session.actives:
-        return run()
+        return
     _live.add(session)
     p.unhype_state.sessions.append(session)
-    try:
-        session.attach()
-        return run()
-    finally:
-        session.remove()
+    session.attach()
 
 
 def install_sample_wrapper(p) -> None:
-    """``p.sample`` runs with the first pass's session attached. When the hires pass has its
-    own checkpoint (now the current model, maybe a new UNet, maybe new text-encoder weights in
-    the same modules), ``p.sample_hr_pass`` takes that session off and runs with one built on
-    the hires model from the hires prompts alone."""
+    """``p.sample`` runs with the first pass's session attached and takes every hook off in its
+    ``finally``. Inside it the web UI can switch checkpoints, and the session follows the
+    model, built on the new one (its UNet, its text encoder's embeddings and conditioning):
+
+    * hires checkpoint: loaded before ``p.sample_hr_pass``, which is wrapped;
+    * refiner: ``sd_samplers_common.apply_refiner`` loads it mid-sampling and calls
+      ``p.setup_conds()``, which is wrapped (a call while sampling is that switch).
+
+    The new model can be a new UNet or new weights in the same modules; either way the session
+    is built again."""
     if getattr(p.sample, "_unhype_wrapper", False):
         return
+    state: RunState = p.unhype_state
     original = p.sample
     original_hr = getattr(p, "sample_hr_pass", None)
+    original_setup = getattr(p, "setup_conds", None)
 
     def sample(*args, **kwargs):
-        session = prepare(p, kwargs.get("prompts"))
-        return _run_with(p, session, lambda: original(*args, **kwargs))
+        state.prompts = kwargs.get("prompts")
+        state.sampling = True
+        try:
+            use_session(p, prepare(p, state.prompts))
+            return original(*args, **kwargs)
+        finally:
+            state.sampling = False
+            use_session(p, None)
 
     def sample_hr_pass(*args, **kwargs):
-        if hires_checkpoint(p) is None:
-            return original_hr(*args, **kwargs)
-        for session in p.unhype_state.sessions:
-            session.remove()  # on the first pass's checkpoint; its finally finds it removed
-        return _run_with(p, prepare(p, hires_only=True), lambda: original_hr(*args, **kwargs))
+        name = hires_checkpoint(p)
+        if name is not None:
+            use_session(p, None)
+            use_session(p, prepare(p, hires_only=True, switch=f"hires checkpoint {name}"))
+        return original_hr(*args, **kwargs)
 
-    sample._unhype_wrapper = True
-    p.unhype_state.original_sample = original
-    p.sample = sample
-    if original_hr is not None:
-        sample_hr_pass._unhype_wrapper = True
-        p.sample_hr_pass = sample_hr_pass
+    def setup_conds(*args, **kwargs):
+        out = original_setup(*args, **kwargs)
+        if state.sampling:  # apply_refiner: the refiner checkpoint is the current model now
+            use_session(p, None)
+            name = _named_checkpoint(getattr(p, "refiner_checkpoint", None)) or "refiner"
+            use_session(p, prepare(p, state.prompts, getattr(p, "is_hr_pass", False),
+                                   switch=f"refiner checkpoint {name}"))
+        return out
+
+    state.original_sample = original
+    for name, wrapper, wrapped in (("sample", sample, original),
+                                   ("sample_hr_pass", sample_hr_pass, original_hr),
+                                   ("setup_conds", setup_conds, original_setup)):
+        if wrapped is not None:
+            wrapper._unhype_wrapper = True
+            setattr(p, name, wrapper)
 
 
 def postprocess(p) -> None:
@@ -229,7 +243,7 @@ def postprocess(p) -> None:
     if state is not None:
         for session in state.sessions:
             session.remove()
-        for name in ("sample", "sample_hr_pass"):
+        for name in ("sample", "sample_hr_pass", "setup_conds"):
             if getattr(p.__dict__.get(name), "_unhype_wrapper", False):
                 delattr(p, name)
     remove_all()

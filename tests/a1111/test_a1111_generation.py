@@ -469,16 +469,46 @@ def test_extra_networks_card_inserts_the_tag_and_shows_metadata(hyper_file, scri
     assert item["metadata"]["unhype.family"] == "sd1"
 
 
-def test_steps_on_another_checkpoint_are_reported(sd1, hyper_file, script):
-    from modules.processing import StableDiffusionProcessingTxt2Img, process_images
+def test_refiner_steps_get_unhype_from_the_refiner_model(sd1, hyper_file, script):
+    """apply_refiner loads the refiner checkpoint mid-sampling and calls p.setup_conds(): the
+    steps after the switch get the LoRA from the refiner's own text encoder, on its UNet;
+    before, they ran without UnHype (with a note)."""
+    import fake_models
 
-    p = StableDiffusionProcessingTxt2Img(sd_model=sd1, prompt=["a cat"], batch_size=1,
-                                         scripts=[(script, [True, "erase_cat", 1.0, True])])
-    p.refiner_checkpoint = "sdxl_refiner.safetensors"
-    p.hr_checkpoint_name = "Use same checkpoint"
-    process_images(p)
-    assert list(p.comments) == ["UnHype: the refiner steps run on another checkpoint "
-                                "(sdxl_refiner.safetensors) without UnHype"]
+    unet = sd1.model.diffusion_model
+    refiner = fake_models.A1111SD1(unet=fake_models.tiny_ldm_unet(seed=9),
+                                   text=fake_models.TinyTextModel(seed=11))
+    ref_unet = refiner.model.diffusion_model
+    p, _ = run(sd1, script, ["a cat", "a car"], steps=4, refiner_checkpoint="fine_tune.safetensors",
+               refiner_switch_at=0.5, refiner_sd_model=refiner)
+    first = refs_for(sd1, unet, hyper_file, ["a cat", "a car"])
+    after = refs_for(refiner, ref_unet, hyper_file, ["a cat", "a car"])
+    rows = lambda c, r: ["a cat", "a car", None, None][r]  # noqa: E731
+    assert check_rows(calls(p, 0, 2), unet, rows, first) > 1e-3
+    assert check_rows(calls(p, 2, 4), ref_unet, rows, after) > 1e-3
+    assert hooks_left(unet) == 0 and hooks_left(ref_unet) == 0
+    assert [s.unet for s in p.unhype_state.sessions] == [unet, ref_unet]
+    assert not p.comments and "setup_conds" not in p.__dict__
+
+
+def test_refiner_of_another_family_stops_or_runs_without_unhype(sd1, hyper_file, script):
+    from modules import shared
+
+    import fake_models
+
+    unet, xl = sd1.model.diffusion_model, fake_models.A1111SDXL()
+    kw = dict(steps=2, refiner_checkpoint="xl_refiner.safetensors", refiner_switch_at=0.5,
+              refiner_sd_model=xl)
+    with pytest.raises(UnHypeError, match=r"loaded model is sdxl.*\[refiner checkpoint "
+                                          r"xl_refiner\.safetensors\]"):
+        run(sd1, script, ["a cat"], **kw)
+    assert hooks_left(unet) == 0 and hooks_left(xl.model.diffusion_model) == 0
+    shared.opts.unhype_on_family_mismatch = "Generate without UnHype"
+    p, _ = run(sd1, script, ["a cat"], **kw)
+    first = refs_for(sd1, unet, hyper_file, ["a cat"])
+    assert check_rows(calls(p, 0, 1), unet, lambda c, r: None if r else "a cat", first) > 1e-3
+    check_rows(calls(p, 1, 2), xl.model.diffusion_model, lambda c, r: None, {})
+    assert any("[refiner checkpoint xl_refiner.safetensors]" in c for c in p.comments)
 
 
 def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper_file, script):

@@ -3,7 +3,9 @@ UnHype must behave: the order of script calls in process_images_inner (Forge L90
 L1140-1156; A1111 1.10 the same), ``p.sample(conditioning, unconditional_conditioning, seeds,
 subseeds, subseed_strength, prompts)`` (L381/L1342) running the first pass and, for txt2img,
 the hires pass inside it (L1428 ``self.sample_hr_pass``, after the hires checkpoint, if any,
-became the current model), and the ways the UNet is batched:
+became the current model), the refiner switch inside the sampler (``apply_refiner``: load the
+refiner checkpoint, ``p.setup_conds()``, go on with the new UNet and conds), and the ways the
+UNet is batched:
 
 * ``a1111``: CFGDenoiser.forward with batch_cond_uncond: one call on cat([cond rows, one per
   AND part of each item] + [uncond rows]) (A1111 sd_samplers_cfg_denoiser.py, x_in / cond_in);
@@ -55,6 +57,10 @@ class StableDiffusionProcessingTxt2Img:
     # stand-in of sd_models.reload_model_weights(info=hr_checkpoint_info): the model that
     # becomes shared.sd_model (which p.sd_model reads) before the hires pass
     hr_sd_model: object = None
+    refiner_checkpoint: str = None
+    refiner_switch_at: float = None
+    # stand-in of the checkpoint sd_samplers_common.apply_refiner loads at refiner_switch_at
+    refiner_sd_model: object = None
     layout: str = "a1111"
     script_args: list = field(default_factory=list)
     scripts: list = field(default_factory=list)
@@ -65,6 +71,7 @@ class StableDiffusionProcessingTxt2Img:
         self.comments = {}
         self.unet_calls = []
         self.iteration = 0
+        self.is_hr_pass = False
 
     def comment(self, text):
         self.comments[text] = 1
@@ -85,6 +92,10 @@ class StableDiffusionProcessingTxt2Img:
         return out
 
     def setup_conds(self):
+        if self.is_hr_pass:  # called by apply_refiner during the hires pass
+            self.hr_c = self._conds(self.hr_prompts, self.hr_steps)
+            self.hr_uc = self._conds(self.negative_prompts, self.hr_steps)
+            return
         self.c = self._conds(self.prompts, self.steps)
         self.uc = self._conds(self.negative_prompts, self.steps)
 
@@ -104,15 +115,31 @@ class StableDiffusionProcessingTxt2Img:
                        prompts):
         """The second pass on the hires conds (calculate_hr_conds: with the model current now,
         which encodes the negative prompts again when the hires checkpoint is another)."""
-        steps = self.hr_second_pass_steps or self.steps
-        hr_c = self._conds(self.hr_prompts, steps)
-        hr_uc = self._conds(self.negative_prompts, steps) if self.hr_sd_model is not None \
+        self.is_hr_pass = True
+        steps = self.hr_steps = self.hr_second_pass_steps or self.steps
+        self.hr_c = self._conds(self.hr_prompts, steps)
+        self.hr_uc = self._conds(self.negative_prompts, steps) if self.hr_sd_model is not None \
             else self.uc
-        return self._run(samples, hr_c, hr_uc, steps)
+        return self._run(samples, self.hr_c, self.hr_uc, steps)
+
+    def _apply_refiner(self, step, steps):
+        """sd_samplers_common.apply_refiner (A1111 1.10; Forge L166-211): at refiner_switch_at
+        of the steps, load the refiner checkpoint, p.setup_conds(), and go on with its UNet
+        and the conds just made (CFGDenoiser.update_inner_model)."""
+        if self.refiner_sd_model is None or self.sd_model is self.refiner_sd_model \
+                or step / steps < self.refiner_switch_at:
+            return None
+        self.sd_model = self.refiner_sd_model
+        self.setup_conds()
+        return (self.hr_c, self.hr_uc) if self.is_hr_pass else (self.c, self.uc)
 
     def _run(self, x, c, uc, steps):
         unet = self.sd_model.unet_for_sampling()
         for step in range(steps):
+            switched = self._apply_refiner(step, steps)
+            if switched:
+                c, uc = switched
+                unet = self.sd_model.unet_for_sampling()
             cond_rows = [(i, _at(entries, step)) for i, _, entries in c]
             uncond_rows = [_at(entries, step) for _, _, entries in uc]
             xs = torch.cat([x[i:i + 1] for i, _ in cond_rows])
