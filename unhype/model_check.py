@@ -44,6 +44,29 @@ def is_flux(model: nn.Module) -> bool:
         hasattr(getattr(blocks[0], "img_attn", None), "qkv")
 
 
+def checkpoint_family(path) -> str | None:
+    """The family of a single-file checkpoint (A1111 / Forge / ComfyUI layout), from its
+    safetensors header alone: no weight is read. None when the file is not a readable
+    .safetensors or holds no denoiser key this recognises (other formats are never opened:
+    a .ckpt is a pickle)."""
+    if not str(path).lower().endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if "double_blocks.0.img_attn.qkv" in key:
+                    return "flux"
+                if "diffusion_model." in key and key.endswith("attn2.to_k.weight"):
+                    shape = f.get_slice(key).get_shape()
+                    return CONTEXT_FAMILY.get(int(shape[1]), "unknown") if len(shape) == 2 \
+                        else None
+    except Exception:  # unreadable header: the check at load time still applies
+        return None
+    return None
+
+
 def detect_family(unet: nn.Module) -> str:
     """'sd1', 'sd2', 'sdxl', 'flux' or 'unknown' for a host's denoiser (A1111/Forge/ComfyUI)."""
     if is_flux(unet):

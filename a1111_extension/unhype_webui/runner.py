@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from unhype import infotext
 from unhype.dynamic_lora import check_strength
 from unhype.errors import UnHypeError
+from unhype.model_check import checkpoint_family
 from unhype.prompt_tags import find_tags
 
 from unhype_webui import files, host
-from unhype_webui.session import MISMATCH_STOP, Active, Session, build_session
+from unhype_webui.session import MISMATCH_STOP, Active, Session, build_session, fit_problems
 
 log = logging.getLogger("unhype")
 _live: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -173,6 +174,36 @@ def hires_checkpoint(p) -> str | None:
     return _named_checkpoint(getattr(p, "hr_checkpoint_name", None))
 
 
+def upcoming_switches(p) -> list[tuple[str, str]]:
+    """(label, file) of the checkpoints this generation will switch to, as the web UI knows
+    them before sampling (A1111 1.10 / Forge: ``p.refiner_checkpoint_info``, set before the
+    scripts' process; ``p.hr_checkpoint_info``, set in ``p.init``)."""
+    out = []
+    for label, name, info in (
+            ("refiner checkpoint", _named_checkpoint(getattr(p, "refiner_checkpoint", None)),
+             getattr(p, "refiner_checkpoint_info", None)),
+            ("hires checkpoint", hires_checkpoint(p) if getattr(p, "enable_hr", False) else None,
+             getattr(p, "hr_checkpoint_info", None))):
+        if name and getattr(info, "filename", None):
+            out.append((f"{label} {name}", info.filename))
+    return out
+
+
+def check_switches(p, session: Session | None) -> None:
+    """Apply the family rule to the checkpoints the generation will switch to before its first
+    step, from their safetensors headers, so a file that cannot fit one stops the generation
+    now rather than at the switch (which checks again, on the loaded model)."""
+    if session is None or not session.actives:
+        return
+    on_mismatch = host.option("unhype_on_family_mismatch", MISMATCH_STOP)
+    for label, filename in upcoming_switches(p):
+        family = checkpoint_family(filename)
+        if family is not None:
+            for warning in fit_problems(session.actives, family, on_mismatch, f" [{label}]"):
+                if hasattr(p, "comment"):
+                    p.comment(warning)
+
+
 def use_session(p, session: Session | None) -> None:
     """Take every hook of this generation off, then attach `session` (None: run without)."""
     for old in p.unhype_state.sessions:
@@ -206,7 +237,9 @@ def install_sample_wrapper(p) -> None:
         state.prompts = kwargs.get("prompts")
         state.sampling = True
         try:
-            use_session(p, prepare(p, state.prompts))
+            session = prepare(p, state.prompts)
+            check_switches(p, session)
+            use_session(p, session)
             return original(*args, **kwargs)
         finally:
             state.sampling = False

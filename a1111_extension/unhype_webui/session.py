@@ -110,6 +110,23 @@ class Session:
         return None
 
 
+def fit_problems(actives: list[Active], model_family: str, on_mismatch: str,
+                 where: str = "") -> list[str]:
+    """Notes for the files that do not fit a model of `model_family` (which then run without
+    them), or, by default, UnHypeError for the first. `where` names the checkpoint."""
+    warnings = []
+    for active in actives:
+        problem = host_family_problem(active.loaded.meta.family, model_family, active.name)
+        if not problem:
+            continue
+        if on_mismatch != MISMATCH_CONTINUE:
+            raise UnHypeError(problem + f" (Settings > UnHype > '{MISMATCH_CONTINUE}' lets the "
+                              f"generation continue without it){where}")
+        warnings.append(problem + where)
+        log.warning(problem + where)
+    return warnings
+
+
 def conditioning_groups(prompt: str, steps: int) -> list[list[str]]:
     """The texts one prompt's conditioning rows are computed from: per AND part, its schedule
     (prompt editing) texts. The host encodes each group in one call (prompt_parser.
@@ -130,18 +147,9 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
     i (first pass and hires). Raises UnHypeError before touching the model."""
     unet = host.diffusion_model(sd_model)
     model_family = detect_family(unet)
-    warnings, usable = [], []
-    for active in actives:
-        problem = host_family_problem(active.loaded.meta.family, model_family, active.name)
-        if problem:
-            if on_mismatch == MISMATCH_CONTINUE:
-                warnings.append(problem)
-                log.warning(problem)
-                continue
-            raise UnHypeError(problem + f" (Settings > UnHype > '{MISMATCH_CONTINUE}' lets the "
-                              "generation continue without it)")
-        if active.strength != 0:
-            usable.append(active)
+    warnings = fit_problems(actives, model_family, on_mismatch)
+    usable = [a for a in actives if a.strength != 0 and
+              not host_family_problem(a.loaded.meta.family, model_family, a.name)]
     bank = CondBank()
     if not usable:
         return Session(unet, [], bank, [], [], warnings)

@@ -208,18 +208,23 @@ class ForgeSD1:
 
 
 class A1111SDXL:
+    """refiner=True: the SDXL refiner (clip_g alone: context 1280, vector 2560)."""
+
     is_sdxl = True
 
-    def __init__(self, tokenizer=None):
-        self.model = SimpleNamespace(diffusion_model=tiny_ldm_unet(context_dim=2048, adm=2816))
+    def __init__(self, tokenizer=None, refiner=False):
+        self.refiner = refiner
+        self.model = SimpleNamespace(diffusion_model=tiny_ldm_unet(
+            context_dim=1280, adm=2560) if refiner else tiny_ldm_unet(context_dim=2048, adm=2816))
         self.tokenizer = tokenizer or clip_tokenizer()
         self.text_l, self.text_g = TinyTextModel(768, seed=2), TinyTextModel(1280, seed=3)
-        self.size = torch.linspace(-1, 1, 1536)
+        self.size = torch.linspace(-1, 1, 1280 if refiner else 1536)
 
     def get_learned_conditioning(self, texts):
         ids = tokens(self.tokenizer, texts)
         out_l, out_g = self.text_l(input_ids=ids), self.text_g(input_ids=ids)
-        cross = torch.cat([out_l.last_hidden_state, out_g.last_hidden_state], dim=2)
+        cross = out_g.last_hidden_state if self.refiner else \
+            torch.cat([out_l.last_hidden_state, out_g.last_hidden_state], dim=2)
         vector = torch.cat([out_g.pooler_output, self.size.expand(len(texts), -1)], dim=1)
         return {"crossattn": cross, "vector": vector}
 

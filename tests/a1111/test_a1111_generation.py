@@ -8,6 +8,7 @@ base UNet for rows that must run it (unconditional rows). Rows must agree to flo
 from __future__ import annotations
 
 import copy
+import re
 import sys
 
 import pytest
@@ -509,6 +510,41 @@ def test_refiner_of_another_family_stops_or_runs_without_unhype(sd1, hyper_file,
     assert check_rows(calls(p, 0, 1), unet, lambda c, r: None if r else "a cat", first) > 1e-3
     check_rows(calls(p, 1, 2), xl.model.diffusion_model, lambda c, r: None, {})
     assert any("[refiner checkpoint xl_refiner.safetensors]" in c for c in p.comments)
+
+
+@pytest.mark.parametrize("switch", ["refiner", "hires"])
+def test_a_switch_to_another_family_stops_before_the_first_step(sd1, hyper_file, script,
+                                                                 tmp_path, switch):
+    """The checkpoint's safetensors header says its family before sampling starts: an SDXL
+    refiner under an SD1 file stops the generation with no step run; with the setting to go
+    on, the note is there from the start (once, though the switch checks again)."""
+    from types import SimpleNamespace
+
+    from modules import shared
+    from modules.processing import StableDiffusionProcessingTxt2Img, process_images
+    from safetensors.torch import save_file
+
+    import fake_models
+
+    xl = fake_models.A1111SDXL(refiner=True)  # what the switch loads; its file:
+    path = tmp_path / "sd_xl_refiner.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous()
+               for k, v in xl.model.diffusion_model.state_dict().items()}, str(path))
+    info = SimpleNamespace(filename=str(path))
+    kw = dict(refiner_checkpoint="sd_xl_refiner.safetensors", refiner_switch_at=0.5,
+              refiner_sd_model=xl, refiner_checkpoint_info=info) if switch == "refiner" else \
+        dict(enable_hr=True, hr_prompt="a dog", hr_checkpoint_name="sd_xl_refiner.safetensors",
+             hr_sd_model=xl, hr_checkpoint_info=info)
+    label = f"[{switch} checkpoint sd_xl_refiner.safetensors]"
+    p = StableDiffusionProcessingTxt2Img(sd_model=sd1, prompt=["a cat"], batch_size=1, steps=2,
+                                         scripts=[(script, [True, "erase_cat", 1.0, True])], **kw)
+    with pytest.raises(UnHypeError, match="not a Stable Diffusion.*" + re.escape(label)):
+        process_images(p)
+    assert p.unet_calls == [] and hooks_left(sd1.model.diffusion_model) == 0
+    shared.opts.unhype_on_family_mismatch = "Generate without UnHype"
+    p, _ = run(sd1, script, ["a cat"], steps=2, **kw)
+    notes = [c for c in p.comments if label in c]
+    assert len(notes) == 1 and "not a Stable Diffusion" in notes[0]
 
 
 def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper_file, script):

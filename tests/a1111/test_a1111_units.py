@@ -96,6 +96,38 @@ def test_family_detection_from_context_width():
     assert "is for sdxl" in msg and "model is sd1" in msg
 
 
+def test_checkpoint_family_from_the_safetensors_header_alone(tmp_path):
+    """Single-file checkpoints in A1111's layout (ldm UNet under model.diffusion_model, as the
+    tiny ldm UNets save), a BFL FLUX file with and without that prefix; anything else is None,
+    and a .ckpt is never opened."""
+    from safetensors.torch import save_file
+
+    import fake_models
+    from unhype.model_check import checkpoint_family
+
+    def checkpoint(name, state, prefix="model.diffusion_model."):
+        path = tmp_path / name
+        save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
+        return path
+
+    ldm = {"sd1": (768, None), "sdxl": (2048, 2816), "unknown": (1280, 2560)}  # last: refiner
+    for family, (context, adm) in ldm.items():
+        unet = fake_models.tiny_ldm_unet(context_dim=context, adm=adm)
+        assert checkpoint_family(checkpoint(f"{family}.safetensors", unet.state_dict())) == family
+    sd2 = {"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024)}
+    assert checkpoint_family(checkpoint("sd2.SAFETENSORS", sd2)) == "sd2"
+    qkv = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8)}
+    assert checkpoint_family(checkpoint("flux.safetensors", qkv, prefix="")) == "flux"
+    assert checkpoint_family(checkpoint("flux_ldm.safetensors", qkv)) == "flux"
+    vae = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
+    assert checkpoint_family(checkpoint("vae.safetensors", vae, prefix="")) is None
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 64)
+    assert checkpoint_family(tmp_path / "broken.safetensors") is None
+    (tmp_path / "old.ckpt").write_bytes(b"not opened")
+    assert checkpoint_family(tmp_path / "old.ckpt") is None
+    assert checkpoint_family(tmp_path / "missing.safetensors") is None
+
+
 # --- probe -----------------------------------------------------------------------------
 def test_probe_scores_concept_prompts_and_gram_matches_dense():
     from tests.helpers import hypernet_for, tiny_sd_unet

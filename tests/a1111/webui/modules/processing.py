@@ -61,6 +61,9 @@ class StableDiffusionProcessingTxt2Img:
     refiner_switch_at: float = None
     # stand-in of the checkpoint sd_samplers_common.apply_refiner loads at refiner_switch_at
     refiner_sd_model: object = None
+    # CheckpointInfo (.filename) of both, as process_images_inner / p.init set them
+    refiner_checkpoint_info: object = None
+    hr_checkpoint_info: object = None
     layout: str = "a1111"
     script_args: list = field(default_factory=list)
     scripts: list = field(default_factory=list)
