@@ -238,25 +238,29 @@ def test_hires_checkpoint_in_forge_and_a_failure_in_the_hires_pass(sd1, hyper_fi
     assert hooks_left(unet) == 0 and hooks_left(hr_unet) == 0
 
 
-def test_hires_checkpoint_of_another_family_stops_or_runs_without_unhype(sd1, hyper_file,
-                                                                         script):
+@pytest.mark.parametrize("switch", ["hires", "refiner"])
+def test_switch_to_another_family_stops_or_runs_without_unhype(sd1, hyper_file, script, switch):
+    """Found at the switch (no checkpoint file to read in advance): the steps before it ran."""
     from modules import shared
 
     import fake_models
 
     unet, xl = sd1.model.diffusion_model, fake_models.A1111SDXL()
-    kw = dict(enable_hr=True, hr_prompt="a dog", steps=2, hr_checkpoint_name="xl.safetensors",
-              hr_sd_model=xl)
-    with pytest.raises(UnHypeError, match=r"loaded model is sdxl.*\[hires checkpoint "
-                                          r"xl\.safetensors\]"):
-        run(sd1, script, ["a cat"], **kw)
+    name = f"xl_{switch}.safetensors"
+    kw, first_calls = (dict(enable_hr=True, hr_prompt="a dog", hr_checkpoint_name=name,
+                            hr_sd_model=xl), 2) if switch == "hires" else \
+        (dict(refiner_checkpoint=name, refiner_switch_at=0.5, refiner_sd_model=xl), 1)
+    label = f"[{switch} checkpoint {name}]"
+    with pytest.raises(UnHypeError, match=r"loaded model is sdxl.*" + re.escape(label)):
+        run(sd1, script, ["a cat"], steps=2, **kw)
     assert hooks_left(unet) == 0 and hooks_left(xl.model.diffusion_model) == 0
     shared.opts.unhype_on_family_mismatch = "Generate without UnHype"
-    p, _ = run(sd1, script, ["a cat"], **kw)
+    p, _ = run(sd1, script, ["a cat"], steps=2, **kw)
     first = refs_for(sd1, unet, hyper_file, ["a cat"])
-    assert check_rows(calls(p, 0, 2), unet, lambda c, r: None if r else "a cat", first) > 1e-3
-    check_rows(calls(p, 2, 4), xl.model.diffusion_model, lambda c, r: None, {})
-    assert any("[hires checkpoint xl.safetensors]" in c for c in p.comments)
+    assert check_rows(calls(p, 0, first_calls), unet, lambda c, r: None if r else "a cat",
+                      first) > 1e-3
+    check_rows(calls(p, first_calls, None), xl.model.diffusion_model, lambda c, r: None, {})
+    assert any(label in c for c in p.comments)
 
 
 def test_forge_objects_and_pooled_from_its_text_engine(hyper_file, script, sd1):
@@ -490,26 +494,6 @@ def test_refiner_steps_get_unhype_from_the_refiner_model(sd1, hyper_file, script
     assert hooks_left(unet) == 0 and hooks_left(ref_unet) == 0
     assert [s.unet for s in p.unhype_state.sessions] == [unet, ref_unet]
     assert not p.comments and "setup_conds" not in p.__dict__
-
-
-def test_refiner_of_another_family_stops_or_runs_without_unhype(sd1, hyper_file, script):
-    from modules import shared
-
-    import fake_models
-
-    unet, xl = sd1.model.diffusion_model, fake_models.A1111SDXL()
-    kw = dict(steps=2, refiner_checkpoint="xl_refiner.safetensors", refiner_switch_at=0.5,
-              refiner_sd_model=xl)
-    with pytest.raises(UnHypeError, match=r"loaded model is sdxl.*\[refiner checkpoint "
-                                          r"xl_refiner\.safetensors\]"):
-        run(sd1, script, ["a cat"], **kw)
-    assert hooks_left(unet) == 0 and hooks_left(xl.model.diffusion_model) == 0
-    shared.opts.unhype_on_family_mismatch = "Generate without UnHype"
-    p, _ = run(sd1, script, ["a cat"], **kw)
-    first = refs_for(sd1, unet, hyper_file, ["a cat"])
-    assert check_rows(calls(p, 0, 1), unet, lambda c, r: None if r else "a cat", first) > 1e-3
-    check_rows(calls(p, 1, 2), xl.model.diffusion_model, lambda c, r: None, {})
-    assert any("[refiner checkpoint xl_refiner.safetensors]" in c for c in p.comments)
 
 
 @pytest.mark.parametrize("switch", ["refiner", "hires"])

@@ -66,17 +66,8 @@ def test_fixes_do_not_outlive_a_failing_encoder(monkeypatch):
 
 def test_sd2_open_clip_ti_name_is_read_as_its_vectors():
     open_clip = pytest.importorskip("open_clip")
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=64, vision_cfg=CLIPVisionCfg(width=64, layers=1, patch_size=16,
-                                                        image_size=32),
-                 text_cfg=CLIPTextCfg(width=64, heads=4, layers=2)).eval()
-    with torch.no_grad():
-        if isinstance(model.text_projection, torch.nn.Linear):
-            model.text_projection.weight.copy_(torch.eye(64))
-        else:
-            model.text_projection.copy_(torch.eye(64))
+    model = fake_models.tiny_open_clip()
     tokenizer = open_clip.tokenizer._tokenizer  # what A1111's open_clip wrapper encodes with
     hijack = custom_words.Hijack()
     model.token_embedding = custom_words.EmbeddingsWithFixes(model.token_embedding, hijack)
