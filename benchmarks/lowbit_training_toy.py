@@ -10,7 +10,7 @@ NF4-rounded copy with `fp8_inference_toy.py`. The toy is tiny; FLUX's own sensit
 measured here.
 
     python benchmarks/lowbit_training_toy.py trainer/configs/toy_robust.toml \
-        --out runs/lowbit_train [--steps 400] [--per_class 50]
+        --out runs/lowbit_train [--steps 400] [--per_class 50] [--concepts square] [--train_only]
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def train_file(config: str, out_dir: Path, steps: int | None, nf4: bool) -> Path:
+def train_file(config: str, out_dir: Path, steps: int | None, nf4: bool,
+               concepts: str | None = None) -> Path:
     """Train `config` into out_dir (on the NF4 toy when nf4); the saved file's path."""
     from trainer.backends.toy import ToyBackend
     from trainer.config import add_arguments, resolve
@@ -38,6 +39,8 @@ def train_file(config: str, out_dir: Path, steps: int | None, nf4: bool) -> Path
     argv = ["--config_file", config, "--output_dir", str(out_dir)]
     if steps:
         argv += ["--max_train_steps", str(steps)]
+    if concepts:
+        argv += ["--concepts", concepts]
     cfg = resolve(parser.parse_args(argv))
     backend = ToyBackend("cpu")
     if nf4:
@@ -58,13 +61,19 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="override max_train_steps")
     ap.add_argument("--per_class", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--concepts", default=None, help="override the config's concepts")
+    ap.add_argument("--train_only", action="store_true", help="skip the evaluation (e.g. to "
+                    "run `unhype eval` on both files with the harder generality set)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     for kind in ("full", "nf4"):
         path = out / kind
         file = next(path.glob("*.safetensors"), None) if path.is_dir() else None
         if file is None:  # trained once; rerun the evaluation freely
-            file = train_file(args.config, path, args.steps, nf4=kind == "nf4")
+            file = train_file(args.config, path, args.steps, nf4=kind == "nf4",
+                              concepts=args.concepts)
+        if args.train_only:
+            continue
         print(f"\n## trained on the {'NF4' if kind == 'nf4' else 'full-precision'} toy UNet "
               f"({file})", flush=True)
         fp8_inference_toy.main([str(file), "--formats", "nf4", "--per_class",
