@@ -10,7 +10,7 @@ import folder_paths
 import torch
 
 from unhype.bake import FORMATS as BAKE_FORMATS, bake_lora, save_lora
-from unhype.comfy_apply import build_plan, pooled_rows, rows_under_floor
+from unhype.comfy_apply import build_plan, long_prompt_rows, pooled_rows, rows_under_floor
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, concept_texts, probe
 
@@ -127,6 +127,12 @@ class UnHypeApply:
         if off:  # the hypernetwork did not recognise these prompts: nothing is erased there
             info += (f" {off} of {prompts} prompt row(s) under the file's gate floor: they run "
                      "the base weights.")
+        long = long_prompt_rows(conditioning, unhype.meta.family)
+        if long:
+            info += (f" {long} prompt row(s) are longer than 75 tokens: the pooled embedding "
+                     "UnHype reads covers only their first 75, so a concept named after those "
+                     "is not erased there; name it early in the prompt.")
+            log.warning(info)
         return {"ui": {"text": [info]}, "result": (patched, conditioning, info)}
 
 

@@ -147,6 +147,16 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
                      apply_to=get_family(meta.family).apply_to, silent=silent_prompts(factors))
 
 
+def long_prompt_rows(conditioning, family: str) -> int:
+    """Conditioning rows of an SD family longer than one 77-token chunk: ComfyUI's
+    ``pooled_output`` (what the hypernetwork reads) comes from the first chunk alone, so a
+    concept named only after its 75 tokens gets no LoRA (the A1111 extension reads such prompts
+    through word windows; ComfyUI's conditioning does not carry the text)."""
+    if family not in ("sd1", "sd2", "sdxl"):
+        return 0  # FLUX's context is T5's, whose length says nothing about CLIP-L's chunks
+    return sum(int(entry[0].shape[0]) for entry in conditioning if entry[0].shape[1] > 77)
+
+
 def rows_under_floor(plan: ApplyPlan) -> int:
     """Prompt rows whose update the gate floor switched off (they run the base weights)."""
     return int(plan.silent.sum()) if plan.silent is not None else 0

@@ -19,6 +19,7 @@ from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.model_check import detect_family, family_problem
 from unhype.prompt_tags import plain_text, split_and
+from unhype.prompt_windows import prompt_windows, strongest
 from unhype.row_match import CondBank
 
 from unhype_webui import host
@@ -185,6 +186,12 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
         emb = torch.stack([vectors[k] for k in range(len(embed_texts))])
     else:
         emb = host.pooled_embeddings(sd_model, model_family, embed_texts)
+    # long prompts: also read through word windows; each prompt keeps its strongest update
+    windows = [(k, w) for k, text in enumerate(embed_texts) for w in prompt_windows(text)]
+    owner = list(range(len(embed_texts))) + [k for k, _ in windows]
+    if windows:
+        emb = torch.cat([emb, host.pooled_embeddings(sd_model, model_family,
+                                                     [w for _, w in windows])])
     item_k = []
     for i, prompts in enumerate(item_prompts):
         first_text = conditioning_texts(prompts[0], steps)[0] if prompts else ""
@@ -198,6 +205,8 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
                               f"text encoder gives {emb.shape[1]}-d")
         with torch.no_grad():
             f = active.loaded.generate(emb.to(next(active.loaded.hypernet.parameters()).device))
+        if windows:
+            f = strongest(f, owner, len(embed_texts))
         if active.items is not None:  # a tag applies only to the prompts that carry it
             keep = torch.zeros(len(embed_texts))
             for j, owner in enumerate(owners):

@@ -480,3 +480,18 @@ def test_full_size_targets_resolve_in_comfys_reference_models_on_meta(pack, fami
     keys = glue.resolve_keys(Patcher, plan)
     assert len(keys) == len(targets) == (32 if family == "sd1" else 140)
     assert len(resolve_modules(base.diffusion_model, plan.paths, plan.dims)) == len(targets)
+
+
+def test_long_prompts_are_flagged_in_the_info(pack, tiny_parts, loaded, prompts):
+    """ComfyUI's pooled_output covers a long prompt's first 75 tokens only: Apply says so."""
+    clip = tiny_parts["clip"]
+    with torch.no_grad():
+        cond, pooled = clip.encode_from_tokens(
+            clip.tokenize("masterpiece, best quality, " * 20 + "a photo of a cat"),
+            return_pooled=True)
+    long = [[cond, {"pooled_output": pooled}]]
+    assert long[0][0].shape[1] > 77  # ComfyUI encoded it in two chunks
+    _, _, info = apply(pack, tiny_parts["model"], long + prompts["a red car on a road"], loaded)
+    assert "1 prompt row(s) are longer than 75 tokens" in info
+    _, _, info = apply(pack, tiny_parts["model"], prompts["a photo of a cat"], loaded)
+    assert "longer than 75 tokens" not in info
