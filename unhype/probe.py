@@ -76,13 +76,27 @@ def concept_texts(meta) -> list[str]:
 
 @torch.no_grad()
 def probe(hypernet, embed, prompts: list[str], concepts: list[str],
-          threshold: float = 0.5) -> list[ProbeResult]:
-    """Score `prompts` against `concepts` (texts) with `embed`: list[str] -> [N, D]."""
+          threshold: float = 0.5, windows: bool = False) -> list[ProbeResult]:
+    """Score `prompts` against `concepts` (texts) with `embed`: list[str] -> [N, D].
+    `windows`: read long prompts also through word windows and score each prompt's strongest
+    update, as the A1111 extension applies them (unhype.prompt_windows)."""
+    from unhype.prompt_windows import prompt_windows, strongest
+
     prompts = [p for p in prompts if p is not None]
     if not prompts:
         raise UnHypeError("probe: no prompt given")
-    emb = embed(list(prompts) + list(concepts)).float()
-    factors = hypernet(emb)
+    texts, owner = [], []
+    for i, prompt in enumerate(prompts):
+        for text in [prompt] + (prompt_windows(prompt) if windows else []):
+            texts.append(text)
+            owner.append(i)
+    factors = hypernet(embed(texts + list(concepts)).float())
+    k = len(texts)
+    if k > len(prompts):
+        chosen = strongest({n: (a[:k], b[:k]) for n, (a, b) in factors.items()}, owner,
+                           len(prompts))
+        factors = {n: (torch.cat([chosen[n][0], a[k:]]), torch.cat([chosen[n][1], b[k:]]))
+                   for n, (a, b) in factors.items()}
     g = gram(factors, factors)
     n = len(prompts)
     norms = g.diagonal().clamp_min(0).sqrt()

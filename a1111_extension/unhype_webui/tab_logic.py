@@ -62,7 +62,7 @@ def probe_ui(name, prompts_text, sd_model=None):
         if not concepts:
             raise UnHypeError(f"{name} lists no concepts in its metadata; nothing to compare")
         results = probe(loaded.hypernet, _embedder(loaded, sd_model or host.current_model()),
-                        prompts, concepts)
+                        prompts, concepts, windows=True)
         fired = sum(1 for r in results if r.fired)
         return [r.as_row() for r in results], f"{fired} of {len(results)} prompt(s) switch it on"
     except UnHypeError as exc:

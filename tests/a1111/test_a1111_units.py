@@ -149,6 +149,22 @@ def test_probe_scores_concept_prompts_and_gram_matches_dense():
         probe(net, embed, [], ["cat"])
 
 
+def test_probe_reads_long_prompts_through_windows_when_asked():
+    """An encoder that sees 32 words at most (as CLIP sees 75 tokens) and a network that fires
+    on "cat": the prompt naming the cat at its 38th word fires only through its windows."""
+    def embed(texts):
+        return torch.tensor([[1.0 if "cat" in t.split()[:32] else 0.01, 1.0] for t in texts])
+
+    def net(emb):
+        return {"layer": (emb[:, :1, None].expand(-1, 3, 1).clone(), torch.ones(len(emb), 2, 1))}
+
+    long = " ".join(["tree"] * 37 + ["cat", "photo"])
+    assert not probe(net, embed, [long], ["cat"])[0].fired
+    result = probe(net, embed, [long, "a car"], ["cat"], windows=True)
+    assert [r.fired for r in result] == [["cat"], []]
+    assert result[0].concepts[0].relative == pytest.approx(1.0)
+
+
 # --- SD2 (A1111: ldm FrozenOpenCLIPEmbedder.model = open_clip CLIP) --------------------
 def test_open_clip_pooled_is_encode_text_without_projection():
     open_clip = pytest.importorskip("open_clip")
