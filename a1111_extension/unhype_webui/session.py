@@ -188,7 +188,7 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
         emb = host.pooled_embeddings(sd_model, model_family, embed_texts)
     # long prompts: also read through word windows; each prompt keeps its strongest update
     windows = [(k, w) for k, text in enumerate(embed_texts) for w in prompt_windows(text)]
-    owner = list(range(len(embed_texts))) + [k for k, _ in windows]
+    read_for = list(range(len(embed_texts))) + [k for k, _ in windows]  # prompt of each row
     if windows:
         emb = torch.cat([emb, host.pooled_embeddings(sd_model, model_family,
                                                      [w for _, w in windows])])
@@ -206,7 +206,7 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
         with torch.no_grad():
             f = active.loaded.generate(emb.to(next(active.loaded.hypernet.parameters()).device))
         if windows:
-            f = strongest(f, owner, len(embed_texts))
+            f = strongest(f, read_for, len(embed_texts))
         if active.items is not None:  # a tag applies only to the prompts that carry it
             keep = torch.zeros(len(embed_texts))
             for j, owner in enumerate(owners):

@@ -572,6 +572,12 @@ def test_a_long_prompt_gets_the_strongest_update_of_its_windows(sd1, hyper_file,
     refs = {"long": merged(unet, loaded, emb[best], 1.0),
             "car": merged(unet, loaded, sd1.pooled(["a red car"])[0], 1.0)}
     assert check_rows(p, unet, lambda c, r: ["long", "car", None, None][r], refs) > 1e-3
+    # two tags (two strengths: two files to apply), each on its own prompt
+    p, _ = run(sd1, script, [long + " <unhype:erase_cat:0.5>", "a red car <unhype:erase_cat:0.8>"],
+               args=(False, None, 1.0, True))
+    refs = {"long": merged(unet, loaded, emb[best], 0.5),
+            "car": merged(unet, loaded, sd1.pooled(["a red car"])[0], 0.8)}
+    check_rows(p, unet, lambda c, r: ["long", "car", None, None][r], refs)
 
 
 def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper_file, script):
