@@ -1,4 +1,5 @@
-"""The UnHype ComfyUI nodes: Loader, Apply, Bake LoRA, Inspect (thin; logic in unhype/)."""
+"""The UnHype ComfyUI nodes: Loader, Apply, Bake LoRA, Inspect, Text Encode (thin; logic in
+unhype/)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import folder_paths
 import torch
 
 from unhype.bake import FORMATS as BAKE_FORMATS, bake_lora, save_lora
-from unhype.comfy_apply import build_plan, long_prompt_rows, pooled_rows, rows_under_floor
+from unhype.comfy_apply import (WINDOWS_KEY, build_plan, long_prompt_rows, pooled_rows,
+                                rows_under_floor)
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, concept_texts, probe
+from unhype.prompt_windows import prompt_windows
 
 from . import glue
 
@@ -131,7 +134,8 @@ class UnHypeApply:
         if long:
             info += (f" {long} prompt row(s) are longer than 75 tokens: the pooled embedding "
                      "UnHype reads covers only their first 75, so a concept named after those "
-                     "is not erased there; name it early in the prompt.")
+                     "is not erased there; encode it with UnHype Text Encode (long prompts), "
+                     "or name the concept early.")
             log.warning(info)
         return {"ui": {"text": [info]}, "result": (patched, conditioning, info)}
 
@@ -265,11 +269,46 @@ def gate_text(loaded) -> str:
                if loaded.gate_saturate else ""))
 
 
+class UnHypeTextEncode:
+    """CLIP Text Encode that also stores the pooled embeddings of a long prompt's word windows,
+    so UnHype Apply erases a concept named after the first 75 tokens (unhype/prompt_windows.py):
+    the conditioning is ComfyUI's own otherwise."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip":
+                "The prompt, as in CLIP Text Encode."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("CLIP Text Encode's conditioning, plus the window embeddings UnHype "
+                       "Apply reads for prompts of more than 32 words.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("CLIP Text Encode for prompts that UnHype Apply will see: a prompt longer "
+                   "than 75 tokens is otherwise read by its first 75 only.")
+
+    def encode(self, clip, text):
+        tokens = clip.tokenize(text)
+        if hasattr(clip, "encode_from_tokens_scheduled"):  # ComfyUI 2025 and later
+            conditioning = clip.encode_from_tokens_scheduled(tokens)
+        else:
+            cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+            conditioning = [[cond, {"pooled_output": pooled}]]
+        windows = prompt_windows(text)
+        if windows:
+            stored = torch.cat([_encode_pooled(clip, w) for w in windows])
+            conditioning = [[c, {**extra, WINDOWS_KEY: stored}] for c, extra in conditioning]
+        return (conditioning,)
+
+
 def _encode_pooled(clip, text: str) -> torch.Tensor:
     tokens = clip.tokenize(text)
     _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     if pooled is None:
-        raise UnHypeError("UnHype Inspect: this CLIP gives no pooled output")
+        raise UnHypeError("UnHype: this CLIP gives no pooled output")
     return pooled.reshape(1, -1).float()
 
 
@@ -278,10 +317,12 @@ NODE_CLASS_MAPPINGS = {
     "UnHypeApply": UnHypeApply,
     "UnHypeBakeLoRA": UnHypeBakeLoRA,
     "UnHypeInspect": UnHypeInspect,
+    "UnHypeTextEncode": UnHypeTextEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "UnHypeLoader": "UnHype Loader",
     "UnHypeApply": "UnHype Apply",
     "UnHypeBakeLoRA": "UnHype Bake LoRA",
     "UnHypeInspect": "UnHype Inspect",
+    "UnHypeTextEncode": "UnHype Text Encode (long prompts)",
 }

@@ -70,3 +70,21 @@ def tiny_open_clip(folder: Path, name: str, weights_name: str,
     save_file({k: v.contiguous() for k, v in open_clip.create_model(name).state_dict().items()},
               str(weights))
     return config, weights
+
+
+class ConceptGate(torch.nn.Module):
+    """A concept-selective stand-in of a trained hypernetwork: a file's own network with its A
+    factors scaled by a steep sigmoid of the embedding's cosine similarity to the concept
+    prompt's (`at`: where the gate is half open), so the update is strong for texts that touch
+    the concept and about zero otherwise, as training makes it (a random test network alone
+    prefers no text in particular)."""
+
+    def __init__(self, net, concept: torch.Tensor, sharpness=50.0, at=0.42):
+        super().__init__()
+        self.net, self.concept, self.sharpness, self.at = net, concept, sharpness, at
+
+    def forward(self, emb, *args, **kwargs):
+        gate = torch.sigmoid(self.sharpness * (torch.nn.functional.cosine_similarity(
+            emb, self.concept.to(emb)[None], dim=1) - self.at))
+        return {k: (a * gate[:, None, None], b) for k, (a, b) in
+                self.net(emb, *args, **kwargs).items()}

@@ -28,6 +28,7 @@ from unhype.errors import UnHypeError
 from unhype.families import APPLY_ALL, get_family
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.hypernet import LoraFactors, delta_weight
+from unhype.prompt_windows import strongest
 
 log = logging.getLogger("unhype")
 
@@ -135,12 +136,39 @@ class ApplyPlan:
     warned: set = field(default_factory=set)
 
 
+# the pooled embeddings of a long prompt's word windows [W, D], stored in the conditioning by
+# UnHype Text Encode (unhype.prompt_windows; ComfyUI's own pooled_output is the first chunk's)
+WINDOWS_KEY = "unhype_pooled_windows"
+
+
+def window_rows(conditioning, pooled: list[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """The window embeddings of every conditioning row that carries them, and the row each
+    belongs to (rows numbered across entries, as the factors are)."""
+    extra, read_for, row = [], [], 0
+    for i, (entry, rows) in enumerate(zip(conditioning, pooled)):
+        windows = entry[1].get(WINDOWS_KEY)
+        if windows is not None:
+            if not isinstance(windows, Tensor) or windows.dim() != 2 or \
+                    windows.shape[1] != rows.shape[1] or not torch.isfinite(windows).all():
+                raise UnHypeError(f"UnHype Apply: conditioning entry {i} has a malformed "
+                                  f"'{WINDOWS_KEY}' (expected [windows, {rows.shape[1]}])")
+            for r in range(rows.shape[0]):
+                extra.append(windows.float())
+                read_for += [row + r] * windows.shape[0]
+        row += rows.shape[0]
+    return extra, read_for
+
+
 def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPlan:
     strength = check_strength(strength)
     meta = loaded.meta
     pooled = pooled_rows(conditioning, meta.config.embed_dim, meta.embedding.get("source", "?"))
     cross_rows = [row for entry in conditioning for row in entry[0]]
-    factors = generate_factors(loaded, torch.cat(pooled))
+    emb = torch.cat(pooled)
+    extra, read_for = window_rows(conditioning, pooled)
+    factors = generate_factors(loaded, torch.cat([emb] + extra))
+    if extra:  # each row keeps the strongest of its own and its windows' updates
+        factors = strongest(factors, list(range(len(emb))) + read_for, len(emb))
     return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows), strength=strength,
                      paths=host_paths(meta, "ldm"),
                      dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets},
@@ -148,13 +176,14 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
 
 
 def long_prompt_rows(conditioning, family: str) -> int:
-    """Conditioning rows of an SD family longer than one 77-token chunk: ComfyUI's
-    ``pooled_output`` (what the hypernetwork reads) comes from the first chunk alone, so a
-    concept named only after its 75 tokens gets no LoRA (the A1111 extension reads such prompts
-    through word windows; ComfyUI's conditioning does not carry the text)."""
+    """Conditioning rows of an SD family longer than one 77-token chunk and without window
+    embeddings: ComfyUI's ``pooled_output`` (what the hypernetwork reads) comes from the first
+    chunk alone, so a concept named only after its 75 tokens gets no LoRA there (UnHype Text
+    Encode stores the windows' embeddings; the conditioning itself does not carry the text)."""
     if family not in ("sd1", "sd2", "sdxl"):
         return 0  # FLUX's context is T5's, whose length says nothing about CLIP-L's chunks
-    return sum(int(entry[0].shape[0]) for entry in conditioning if entry[0].shape[1] > 77)
+    return sum(int(entry[0].shape[0]) for entry in conditioning
+               if entry[0].shape[1] > 77 and WINDOWS_KEY not in entry[1])
 
 
 def rows_under_floor(plan: ApplyPlan) -> int:

@@ -531,30 +531,14 @@ def test_a_switch_to_another_family_stops_before_the_first_step(sd1, hyper_file,
     assert len(notes) == 1 and "not a Stable Diffusion" in notes[0]
 
 
-class ConceptGate(torch.nn.Module):
-    """A concept-selective stand-in of a trained hypernetwork: the file's own network with its
-    A factors scaled by a steep sigmoid of the embedding's cosine similarity to the concept
-    prompt's, so the update is strong for texts that touch "cat" and about zero otherwise, as
-    training makes it (the random test network alone prefers no text in particular)."""
-
-    def __init__(self, net, concept: torch.Tensor, sharpness=50.0, at=0.42):
-        super().__init__()
-        self.net, self.concept, self.sharpness, self.at = net, concept, sharpness, at
-
-    def forward(self, emb, *args, **kwargs):
-        gate = torch.sigmoid(self.sharpness * (torch.nn.functional.cosine_similarity(
-            emb, self.concept.to(emb)[None], dim=1) - self.at))
-        return {k: (a * gate[:, None, None], b) for k, (a, b) in
-                self.net(emb, *args, **kwargs).items()}
-
-
 def test_a_long_prompt_gets_the_strongest_update_of_its_windows(sd1, hyper_file, script):
     """"cat" comes after the first 75 tokens, which are all the pooled embedding sees: the
     truncated prompt gets almost no update. The prompt is also read through its word windows
     (each embedded by the model's own encoder) and the row gets the strongest one's LoRA, the
     window that holds "a photo of a cat". A short prompt in the same batch is read as before."""
-    from unhype_webui import files
+    from tests.helpers import ConceptGate
     from unhype.prompt_windows import prompt_windows
+    from unhype_webui import files
 
     loaded = files.load(str(hyper_file))  # the instance the extension uses (its cache)
     loaded.hypernet = ConceptGate(loaded.hypernet, sd1.pooled(["a photo of a cat"])[0])

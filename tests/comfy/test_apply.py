@@ -495,3 +495,50 @@ def test_long_prompts_are_flagged_in_the_info(pack, tiny_parts, loaded, prompts)
     assert "1 prompt row(s) are longer than 75 tokens" in info
     _, _, info = apply(pack, tiny_parts["model"], prompts["a photo of a cat"], loaded)
     assert "longer than 75 tokens" not in info
+
+
+def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_parts, loaded,
+                                                                  prompts):
+    """UnHype Text Encode gives CLIP Text Encode's conditioning plus the pooled embeddings of a
+    long prompt's word windows; Apply reads them, and with a concept-selective network the row
+    gets the update of the window that names the concept, not the truncated prompt's."""
+    from dataclasses import replace
+
+    from tests.helpers import ConceptGate
+    from unhype.comfy_apply import WINDOWS_KEY, build_plan
+    from unhype.prompt_windows import prompt_windows
+
+    clip, node = tiny_parts["clip"], pack.nodes.definitions.UnHypeTextEncode()
+    text = "masterpiece, best quality, " * 20 + "a photo of a cat"
+    with torch.no_grad():
+        (cond,) = node.encode(clip, text)
+        ref_cond, ref_pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        windows = torch.cat([clip.encode_from_tokens(clip.tokenize(w), return_pooled=True)[1]
+                             for w in prompt_windows(text)]).float()
+        concept = clip.encode_from_tokens(clip.tokenize("a photo of a cat"),
+                                          return_pooled=True)[1][0].float()
+        (short,) = node.encode(clip, "a photo of a cat")
+    assert torch.equal(cond[0][0], ref_cond)
+    assert torch.equal(cond[0][1]["pooled_output"], ref_pooled)
+    torch.testing.assert_close(cond[0][1][WINDOWS_KEY], windows)
+    assert WINDOWS_KEY not in short[0][1]
+
+    candidates = torch.cat([ref_pooled.float(), windows])
+    cos = torch.nn.functional.cosine_similarity(candidates, concept[None], dim=1)
+    # half open between the truncated prompt and the window that names the cat
+    gated = replace(loaded, hypernet=ConceptGate(loaded.hypernet, concept,
+                                                 at=float(cos[0] + cos[-1]) / 2))
+    with torch.no_grad():
+        f = gated.generate(candidates)
+    norms = sum(torch.einsum("nor,nir->noi", b, a).pow(2).sum((1, 2)) for a, b in f.values())
+    best = int(torch.argmax(norms))
+    assert best == len(candidates) - 1 and norms[best] > 10 * norms[0]
+    plan = build_plan(gated, cond + prompts["a red car on a road"], 1.0)
+    for name, (a, b) in plan.factors.items():
+        torch.testing.assert_close(a[0], f[name][0][best].float())
+        torch.testing.assert_close(b[0], f[name][1][best].float())
+    _, _, info = apply(pack, tiny_parts["model"], cond, gated)
+    assert "longer than 75 tokens" not in info  # the windows cover it
+    bad = [[cond[0][0], {**cond[0][1], WINDOWS_KEY: torch.zeros(2, 3)}]]
+    with pytest.raises(UnHypeError, match="malformed 'unhype_pooled_windows'"):
+        build_plan(gated, bad, 1.0)
