@@ -125,7 +125,6 @@ class UnHypeApply:
                     "semantics)" + (f"; only the first of {prompts} prompt rows is used"
                                     if prompts > 1 else "") + "."
                     + glue.weight_rounding_note(model, plan, keys))
-            log.warning(info)
         off = rows_under_floor(plan)
         if off:  # the hypernetwork did not recognise these prompts: nothing is erased there
             info += (f" {off} of {prompts} prompt row(s) under the file's gate floor: they run "
@@ -136,6 +135,7 @@ class UnHypeApply:
                      "UnHype reads covers only their first 75, so a concept named after those "
                      "is not erased there; encode it with UnHype Text Encode (long prompts), "
                      "or name the concept early.")
+        if path == glue.PATH_MERGE or long:
             log.warning(info)
         return {"ui": {"text": [info]}, "result": (patched, conditioning, info)}
 

@@ -37,14 +37,11 @@ def prompt_windows(text: str, window: int = WINDOW_WORDS, stride: int = STRIDE_W
 
 
 def update_norms(factors: LoraFactors) -> torch.Tensor:
-    """[N] squared Frobenius norm of each row's update B A^T, summed over layers."""
-    total = None
-    for a, b in factors.values():
-        aa = torch.einsum("nir,nis->nrs", a.double(), a.double())
-        bb = torch.einsum("nor,nos->nrs", b.double(), b.double())
-        norms = (aa * bb).sum(dim=(1, 2))
-        total = norms if total is None else total + norms.to(total.device)
-    return total if total is not None else torch.zeros(0, dtype=torch.float64)
+    """[N] squared Frobenius norm of each row's update B A^T, summed over layers: the diagonal
+    of probe.gram (N is a few prompts and their windows)."""
+    from unhype.probe import gram
+
+    return gram(factors, factors).diagonal()
 
 
 def strongest(factors: LoraFactors, owner: list[int], n: int) -> LoraFactors:

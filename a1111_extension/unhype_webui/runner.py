@@ -205,7 +205,8 @@ def check_switches(p, session: Session | None) -> None:
 
 
 def use_session(p, session: Session | None) -> None:
-    """Take every hook of this generation off, then attach `session` (None: run without)."""
+    """Take every hook of this generation off, then attach `session` (None: run without). A
+    session that fails to build raises before this; p.sample's finally takes the old hooks off."""
     for old in p.unhype_state.sessions:
         old.remove()
     if session is None or not session.actives:
@@ -248,14 +249,12 @@ def install_sample_wrapper(p) -> None:
     def sample_hr_pass(*args, **kwargs):
         name = hires_checkpoint(p)
         if name is not None:
-            use_session(p, None)
             use_session(p, prepare(p, hires_only=True, switch=f"hires checkpoint {name}"))
         return original_hr(*args, **kwargs)
 
     def setup_conds(*args, **kwargs):
         out = original_setup(*args, **kwargs)
         if state.sampling:  # apply_refiner: the refiner checkpoint is the current model now
-            use_session(p, None)
             name = _named_checkpoint(getattr(p, "refiner_checkpoint", None)) or "refiner"
             use_session(p, prepare(p, state.prompts, getattr(p, "is_hr_pass", False),
                                    switch=f"refiner checkpoint {name}"))
