@@ -391,6 +391,8 @@ def test_flux_workflow_ui_and_api_agree_and_run_in_comfys_executor(pack, tiny_pa
     assert sampler["inputs"]["cfg"] == 1.0  # guidance-distilled: one pass
     assert api[sampler["inputs"]["positive"][0]]["class_type"] == "UnHypeApply"
     assert api[sampler["inputs"]["model"][0]]["class_type"] == "UnHypeApply"
+    apply_node = api[sampler["inputs"]["positive"][0]]
+    assert api[apply_node["inputs"]["conditioning"][0]]["class_type"] == "UnHypeTextEncode"
     assert api["2"]["inputs"]["type"] == "flux"
 
     # run it on a tiny FLUX (context width of the tiny CLIP) with a 16-channel TAESD

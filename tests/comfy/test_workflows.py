@@ -90,6 +90,9 @@ def test_ui_and_api_formats_agree_and_type_check(classes, api_path):
     assert api[sampler["inputs"]["positive"][0]]["class_type"] == "UnHypeApply"
     assert api[sampler["inputs"]["model"][0]]["class_type"] == "UnHypeApply"
     assert api[sampler["inputs"]["negative"][0]]["class_type"] == "CLIPTextEncode"
+    # the positive is encoded with the node that keeps a long prompt's windows
+    apply_node = api[sampler["inputs"]["positive"][0]]
+    assert api[apply_node["inputs"]["conditioning"][0]]["class_type"] == "UnHypeTextEncode"
 
 
 class StubServer:
@@ -117,15 +120,23 @@ def validate(prompt):
     return execution.validate_prompt(prompt)
 
 
+LONG_PROMPT = "masterpiece, best quality, ultra detailed, " * 15 + "a photo of a cat on a sofa"
+
+
+@pytest.mark.parametrize("long_prompt", [False, True], ids=["own_prompt", "long_prompt"])
 @pytest.mark.parametrize("api_path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_in_comfys_executor(classes, api_path, tiny_parts, hyper_file, comfy_dirs,
-                                          monkeypatch):
+def test_workflow_runs_in_comfys_executor(pack, classes, api_path, long_prompt, tiny_parts,
+                                          hyper_file, comfy_dirs, monkeypatch):
     import execution
     import nodes
 
     from unhype import comfy_apply
+    from unhype.prompt_windows import prompt_windows
 
     prompt = json.loads(api_path.read_text())
+    if long_prompt:
+        next(n for n in prompt.values()
+             if n["class_type"] == "UnHypeTextEncode")["inputs"]["text"] = LONG_PROMPT
     for node in prompt.values():  # shrink to the tiny model's scale
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
@@ -147,6 +158,14 @@ def test_workflow_runs_in_comfys_executor(classes, api_path, tiny_parts, hyper_f
         return original(self, apply_model, args)
 
     monkeypatch.setattr(comfy_apply.UnHypeWrapper, "__call__", counting)
+    windows_seen = []
+    build_plan = pack.nodes.definitions.build_plan
+
+    def spying(unhype, conditioning, *a, **k):
+        windows_seen.append([e[1].get(comfy_apply.WINDOWS_KEY) for e in conditioning])
+        return build_plan(unhype, conditioning, *a, **k)
+
+    monkeypatch.setattr(pack.nodes.definitions, "build_plan", spying)
     valid = validate(prompt)
     assert valid[0], valid[1:]
     executor = execution.PromptExecutor(StubServer())
@@ -155,6 +174,12 @@ def test_workflow_runs_in_comfys_executor(classes, api_path, tiny_parts, hyper_f
     errors = [m for m in executor.status_messages if m[0] == "execution_error"]
     assert executor.success, errors
     assert len(calls) == 2 and all(sorted(c) == [0, 1] for c in calls)  # 2 steps, batched
+    # Apply got the positive's window embeddings through the executor (a long prompt only)
+    (seen,) = windows_seen
+    if long_prompt:
+        assert seen[0].shape[0] == len(prompt_windows(LONG_PROMPT)) >= 3
+    else:
+        assert seen == [None]
     images = list(comfy_dirs["output"].glob("UnHype_*.png"))
     assert images
     after = tiny_parts["model"].model.state_dict()
