@@ -41,7 +41,7 @@ def webui_dirs(tmp_path, monkeypatch):
     from modules import paths, shared
 
     monkeypatch.setattr(paths, "models_path", str(tmp_path / "models"))
-    monkeypatch.setattr(shared, "opts", shared.Options())
+    monkeypatch.setattr(shared, "opts", shared.fresh_options())
     dirs = {"unhype": tmp_path / "models" / "UnHype", "lora": tmp_path / "models" / "Lora"}
     for d in dirs.values():
         d.mkdir(parents=True)

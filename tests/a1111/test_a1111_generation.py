@@ -51,7 +51,7 @@ def hyper_file(webui_dirs, sd1_net):
 def script(webui_dirs):
     from modules import scripts
 
-    loaded = scripts.load_scripts(str(ROOT), [str(ROOT / "scripts" / "unhype_a1111.py")])
+    loaded = scripts.load_extension_scripts(str(ROOT), [str(ROOT / "scripts" / "unhype_a1111.py")])
     return loaded[0]()
 
 
@@ -112,7 +112,7 @@ def test_loader_registers_script_callbacks_and_tag_again_after_reload(webui_dirs
     from modules import extra_networks, script_callbacks, scripts
 
     for _ in range(2):  # "Reload UI": callbacks cleared, script files run again
-        found = scripts.load_scripts(str((ROOT / root).resolve()), [str(ROOT / loader)])
+        found = scripts.load_extension_scripts(str((ROOT / root).resolve()), [str(ROOT / loader)])
         assert [c.__name__ for c in found] == ["UnHypeScript"]
         kinds = {k for k, v in script_callbacks.callback_map.items() if v}
         assert {"callbacks_before_ui", "callbacks_ui_tabs", "callbacks_ui_settings",

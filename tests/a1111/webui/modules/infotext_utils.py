@@ -24,13 +24,13 @@ def unquote(text):
         return text
 
 
-def generation_params_text(generation_params):
-    """processing.create_infotext L792."""
+def _generation_params_text(generation_params):
+    """The parameter line processing.create_infotext joins inline (L792)."""
     return ", ".join([k if k == v else f'{k}: {quote(v)}'
                       for k, v in generation_params.items() if v is not None])
 
 
-def parse_generation_parameters(x):
+def parse_generation_parameters(x, skip_fields=None):
     res = {}
     *lines, lastline = x.strip().split("\n")
     if len(re_param.findall(lastline)) < 3:
@@ -44,4 +44,6 @@ def parse_generation_parameters(x):
             res[k] = v
         except Exception:
             pass
+    for key in skip_fields or []:
+        res.pop(key, None)
     return res

@@ -96,8 +96,8 @@ class StableDiffusionProcessingTxt2Img:
 
     def setup_conds(self):
         if self.is_hr_pass:  # called by apply_refiner during the hires pass
-            self.hr_c = self._conds(self.hr_prompts, self.hr_steps)
-            self.hr_uc = self._conds(self.negative_prompts, self.hr_steps)
+            self.hr_c = self._conds(self.hr_prompts, self._hr_steps)
+            self.hr_uc = self._conds(self.negative_prompts, self._hr_steps)
             return
         self.c = self._conds(self.prompts, self.steps)
         self.uc = self._conds(self.negative_prompts, self.steps)
@@ -119,7 +119,7 @@ class StableDiffusionProcessingTxt2Img:
         """The second pass on the hires conds (calculate_hr_conds: with the model current now,
         which encodes the negative prompts again when the hires checkpoint is another)."""
         self.is_hr_pass = True
-        steps = self.hr_steps = self.hr_second_pass_steps or self.steps
+        steps = self._hr_steps = self.hr_second_pass_steps or self.steps
         self.hr_c = self._conds(self.hr_prompts, steps)
         self.hr_uc = self._conds(self.negative_prompts, steps) if self.hr_sd_model is not None \
             else self.uc
@@ -220,12 +220,19 @@ class Processed:
     images: object
 
 
-def create_infotext(p, index):
+def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0,
+                    position_in_batch=0, use_main_prompt=False, index=None,
+                    all_negative_prompts=None):
+    if index is None:
+        index = position_in_batch + iteration * p.batch_size
+    if all_negative_prompts is None:
+        all_negative_prompts = p.all_negative_prompts
     params = {"Steps": p.steps, "Sampler": "Euler", "CFG scale": p.cfg_scale,
               "Seed": p.seed + index, "Size": f"{p.width}x{p.height}",
               **p.extra_generation_params}
-    neg = f"\nNegative prompt: {p.all_negative_prompts[index]}" if p.negative_prompt else ""
-    return f"{p.all_prompts[index]}{neg}\n{infotext_utils.generation_params_text(params)}"
+    neg = f"\nNegative prompt: {all_negative_prompts[index]}" if p.negative_prompt else ""
+    prompt = p.prompt if use_main_prompt else all_prompts[index]
+    return f"{prompt}{neg}\n{infotext_utils._generation_params_text(params)}"
 
 
 def process_images(p):
@@ -252,7 +259,8 @@ def process_images(p):
             images.append(p.sample(conditioning=p.c, unconditional_conditioning=p.uc,
                                    seeds=None, subseeds=None, subseed_strength=0,
                                    prompts=p.prompts))
-    res = Processed([create_infotext(p, i) for i in range(n_all)], torch.cat(images))
+    res = Processed([create_infotext(p, p.all_prompts, None, None, index=i)
+                     for i in range(n_all)], torch.cat(images))
     for script, args in p.scripts:
         script.postprocess(p, res, *args)
     return res

@@ -1,4 +1,4 @@
-"""modules/scripts.py: Script (Forge L53-353), AlwaysVisible (L14), load_scripts (L491-533)."""
+"""modules/scripts.py: Script (Forge L53-353), AlwaysVisible (L14), load_scripts (L491-533) as load_extension_scripts."""
 
 import inspect
 import sys
@@ -53,8 +53,8 @@ class Script:
 scripts_data = []
 
 
-def load_scripts(extension_root, script_paths):
-    """What load_scripts does for one extension: clear callbacks, put the extension root first
+def load_extension_scripts(extension_root, script_paths):
+    """What load_scripts() (which scans every extension folder) does for one extension: clear callbacks, put the extension root first
     on sys.path while importing each script by file path, register every Script subclass, then
     restore sys.path (but the root stays: L499-501 prepend every basedir beforehand)."""
     scripts_data.clear()

@@ -1,5 +1,5 @@
-"""modules/shared.py: opts (modules/options.py Options: attribute access to data, add_option
-L256), OptionInfo (options.py L13, same __init__ signature), cmd_opts.lora_dir, sd_model."""
+"""modules/shared.py: opts (modules/options.py Options(data_labels, restricted_opts): attribute
+access to data, add_option L256), OptionInfo (options.py L13, same __init__ signature), cmd_opts.lora_dir, sd_model."""
 
 from types import SimpleNamespace
 
@@ -16,10 +16,10 @@ class OptionInfo:
 
 
 class Options:
-    def __init__(self):
-        object.__setattr__(self, "data", {"extra_networks_default_multiplier": 1.0,
-                                          "samples_format": "png"})
-        object.__setattr__(self, "data_labels", {})
+    def __init__(self, data_labels, restricted_opts):
+        object.__setattr__(self, "data_labels", data_labels)
+        object.__setattr__(self, "data", {k: v.default for k, v in data_labels.items()})
+        object.__setattr__(self, "restricted_opts", restricted_opts)
 
     def add_option(self, key, info):
         self.data_labels[key] = info
@@ -36,6 +36,13 @@ class Options:
         self.data[key] = value
 
 
-opts = Options()
+def fresh_options():
+    """What initialize.py makes: Options(shared_options.options_templates, restricted_opts),
+    with the two built-in options the extension reads."""
+    return Options({"extra_networks_default_multiplier": OptionInfo(1.0),
+                    "samples_format": OptionInfo("png")}, set())
+
+
+opts = fresh_options()
 cmd_opts = SimpleNamespace(lora_dir=None)
 sd_model = None
