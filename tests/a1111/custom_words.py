@@ -18,6 +18,7 @@ it plain text), comma backtracking, BREAK.
 from __future__ import annotations
 
 from collections import namedtuple
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -44,11 +45,19 @@ class EmbeddingDatabase:
 
     def __init__(self):
         self.ids_lookup = {}
+        self.word_embeddings = {}
 
-    def register(self, embedding: Embedding, ids: list[int]):
-        entries = self.ids_lookup.setdefault(ids[0], [])
-        entries.append((ids, embedding))
-        entries.sort(key=lambda entry: -len(entry[0]))
+    def register_embedding(self, embedding: Embedding, model):
+        return self.register_embedding_by_name(embedding, model, embedding.name)
+
+    def register_embedding_by_name(self, embedding: Embedding, model, name: str):
+        """The name's token ids (the model's hijacked encoder's ``tokenize``) key the lookup."""
+        ids = model.cond_stage_model.tokenize([name])[0]
+        entries = [e for e in self.ids_lookup.get(ids[0], []) if e[1].name != name]
+        self.ids_lookup[ids[0]] = sorted(entries + [(ids, embedding)],
+                                         key=lambda entry: len(entry[0]), reverse=True)
+        self.word_embeddings[name] = embedding
+        return embedding
 
     def find_embedding_at_position(self, tokens, offset):
         for ids, embedding in self.ids_lookup.get(tokens[offset], []):
@@ -101,9 +110,10 @@ class CustomWords(nn.Module):
         self.id_start, self.id_end, self.id_pad = id_start, id_end, id_pad
 
     def add_embedding(self, name: str, vec: torch.Tensor) -> Embedding:
+        """Test helper: what loading a TI file does (load_from_file -> register_embedding)."""
         embedding = Embedding(vec, name)
-        self.hijack.embedding_db.register(embedding, self.tokenize([name])[0])
-        return embedding
+        return self.hijack.embedding_db.register_embedding(
+            embedding, SimpleNamespace(cond_stage_model=self))
 
     def tokenize_line(self, line):
         tokens = self.tokenize([line])[0]

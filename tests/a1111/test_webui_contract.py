@@ -41,7 +41,8 @@ PROCESSING_CLASSES = ("StableDiffusionProcessing", "StableDiffusionProcessingTxt
 STANDIN_ONLY = {"layout", "fail_at_call", "unet_calls", "hr_sd_model", "refiner_sd_model",
                 "comments"}
 # test helpers of the stand-ins, which must not shadow a real name
-STANDIN_HELPERS = {"scripts.load_extension_scripts", "shared.fresh_options"}
+STANDIN_HELPERS = {"scripts.load_extension_scripts", "shared.fresh_options",
+                   "CustomWords.add_embedding"}
 # custom_words.py's classes -> (file, class) of A1111 1.10's hijacked text encoder (Forge has
 # none: its text engine in backend/text_processing replaces the hijack, and its
 # sd_hijack_clip.py is commented out; the extension then reads the prompt with the tokenizer)
@@ -318,7 +319,9 @@ def standin_pairs(root: Path):
         real_cls = classes(real).get(real_name)
         real_methods = methods(real_cls, real) if real_cls else {}
         for method, fn in methods(classes(mine)[name], mine).items():
-            if not method.startswith("_"):
+            if f"{name}.{method}" in STANDIN_HELPERS:
+                assert method not in real_methods, method
+            elif not method.startswith("_"):
                 yield f"{real_name}.{method}", fn, real_methods.get(method)
 
 
