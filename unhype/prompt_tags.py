@@ -75,6 +75,12 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
     return parts
 
 
+def has_break(prompt: str) -> bool:
+    """Whether the prompt has A1111 / Forge's BREAK, which ends a 75-token chunk early (so the
+    pooled embedding those hosts compute, the first chunk's, stops at it)."""
+    return bool(_BREAK.search(strip_tags(prompt, all_networks=True)))
+
+
 def plain_text(prompt: str) -> str:
     """The prompt's words without emphasis syntax, BREAK or extra-network tags.
 

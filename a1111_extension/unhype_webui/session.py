@@ -18,7 +18,7 @@ from unhype.dynamic_lora import DynamicLoRA
 from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.model_check import detect_family, family_problem
-from unhype.prompt_tags import plain_text, split_and
+from unhype.prompt_tags import has_break, plain_text, split_and
 from unhype.prompt_windows import prompt_windows, strongest
 from unhype.row_match import CondBank
 
@@ -186,8 +186,13 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
         emb = torch.stack([vectors[k] for k in range(len(embed_texts))])
     else:
         emb = host.pooled_embeddings(sd_model, model_family, embed_texts)
-    # long prompts: also read through word windows; each prompt keeps its strongest update
-    windows = [(k, w) for k, text in enumerate(embed_texts) for w in prompt_windows(text)]
+    # long prompts: also read through word windows; each prompt keeps its strongest update.
+    # SDXL / FLUX: the host's vector is its first chunk's pooled output, which ends at a BREAK;
+    # such a prompt is also read whole, without BREAK, as SD1 / SD2 prompts are (plain_text)
+    broken = sorted({text_k[j] for j, text in enumerate(cond_texts) if has_break(text)}) \
+        if model_family in host.POOLED_IN_VECTOR else []
+    windows = [(k, embed_texts[k]) for k in broken] + \
+        [(k, w) for k, text in enumerate(embed_texts) for w in prompt_windows(text)]
     read_for = list(range(len(embed_texts))) + [k for k, _ in windows]  # prompt of each row
     if windows:
         emb = torch.cat([emb, host.pooled_embeddings(sd_model, model_family,

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from types import SimpleNamespace
 
 import torch
@@ -132,6 +133,15 @@ def tokens(tokenizer, texts):
                      return_tensors="pt")["input_ids"]
 
 
+def first_chunk_text(text: str) -> str:
+    """What A1111's hijacked encoder (sd_hijack_clip: ``zs[0].pooled``) and Forge's engine
+    (classic_engine.py L292-293) pool: the first chunk, which a BREAK ends, tokenized with the
+    emphasis syntax parsed out."""
+    from unhype.prompt_tags import plain_text
+
+    return plain_text(re.split(r"\s*\bBREAK\b\s*", text)[0])
+
+
 def hijack_sd1(wrapped) -> custom_words.CustomWords:
     """A1111's sd_hijack of ldm's FrozenCLIPEmbedder: the custom-words wrapper around it and
     EmbeddingsWithFixes in place of the text model's token embedding (one hijack per text
@@ -225,7 +235,8 @@ class A1111SDXL:
         out_l, out_g = self.text_l(input_ids=ids), self.text_g(input_ids=ids)
         cross = out_g.last_hidden_state if self.refiner else \
             torch.cat([out_l.last_hidden_state, out_g.last_hidden_state], dim=2)
-        vector = torch.cat([out_g.pooler_output, self.size.expand(len(texts), -1)], dim=1)
+        pooled = self.pooled([first_chunk_text(t) for t in texts])
+        vector = torch.cat([pooled, self.size.expand(len(texts), -1)], dim=1)
         return {"crossattn": cross, "vector": vector}
 
     def unet_for_sampling(self):
@@ -254,11 +265,10 @@ class ForgeFlux:
         self.distilled_cfg_scale = distilled_cfg_scale
 
     def get_learned_conditioning(self, texts):
-        from unhype.prompt_tags import plain_text
-
         # Forge's engines tokenize the text with the emphasis syntax parsed out: "(car)" pools
-        # as "car" (the weights only scale the hidden states)
-        _, pooled_l = self.text_processing_engine_l([plain_text(t) for t in texts])
+        # as "car" (the weights only scale the hidden states); the pooled output is the first
+        # chunk's, which a BREAK ends
+        _, pooled_l = self.text_processing_engine_l([first_chunk_text(t) for t in texts])
         cond_t5 = self.text_processing_engine_t5(texts)
         return {"crossattn": cond_t5, "vector": pooled_l,
                 "guidance": torch.full((len(texts),), float(self.distilled_cfg_scale))}

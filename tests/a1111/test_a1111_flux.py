@@ -49,9 +49,10 @@ def flux_file(folder, reference, name="erase_flux", preset="attn_all"):
     return path
 
 
-def merged_reference(model, path, text, strength=1.0):
-    """The diffusers twin with the LoRA of `text` merged at the file's diffusers paths."""
-    loaded = load_hypernet(path)
+def merged_reference(model, path, text, strength=1.0, loaded=None):
+    """The diffusers twin with the LoRA of `text` merged at the file's diffusers paths (from
+    `loaded` when given: a file whose network a test replaced)."""
+    loaded = loaded or load_hypernet(path)
     ref = copy.deepcopy(model.reference)
     emb = model.pooled([plain_text(text)])[0]
     with torch.no_grad():
@@ -142,6 +143,30 @@ def test_forge_flux_at_cfg_1_runs_the_cond_rows_alone(webui_dirs, script, forge_
     refs = {t: merged_reference(forge_flux, path, t) for t in prompts}
     assert check_rows(p, forge_flux, lambda call, row: prompts[row], refs) > 1e-3
     assert hooks_left(forge_flux.unet_for_sampling()) == 0
+
+
+def test_forge_flux_prompt_with_break_is_also_read_whole(webui_dirs, script, forge_flux):
+    """Forge's CLIP-L engine ends a chunk at BREAK and FLUX's vector is the first chunk's
+    pooled output; the prompt is also read without BREAK and keeps the stronger update (with a
+    concept-selective network, the whole prompt's, which names the cat)."""
+    from tests.helpers import ConceptGate
+    from unhype_webui import files
+
+    path = flux_file(webui_dirs["unhype"], forge_flux.reference)
+    loaded = files.load(str(path))  # the instance the extension uses (its cache)
+    prompt = "masterpiece, best quality BREAK a photo of a cat"
+    whole, first = forge_flux.pooled([plain_text(prompt), "masterpiece, best quality"])
+    concept = forge_flux.pooled(["a photo of a cat"])[0]
+    cos = torch.nn.functional.cosine_similarity(torch.stack([whole, first]), concept[None])
+    loaded.hypernet = ConceptGate(loaded.hypernet, concept, at=float(cos.mean()))
+    with torch.no_grad():
+        f = loaded.generate(torch.stack([whole, first]))
+    norms = [sum(float(delta_weight(a[n], b[n]).pow(2).sum()) for a, b in f.values())
+             for n in range(2)]
+    assert norms[0] > 10 * norms[1]  # the first chunk alone would get almost nothing
+    p, _ = run(forge_flux, script, [prompt], cfg_scale=1.0)
+    refs = {"whole": merged_reference(forge_flux, path, prompt, loaded=loaded)}
+    assert check_rows(p, forge_flux, lambda call, row: "whole", refs) > 1e-4
 
 
 def test_forge_flux_strength_and_prompt_tag(webui_dirs, script, forge_flux):

@@ -8,7 +8,8 @@ from unhype import infotext
 from unhype.errors import UnHypeError
 from unhype.model_check import detect_family, family_problem
 from unhype.probe import gram, probe
-from unhype.prompt_tags import Tag, find_tags, parse_tag_items, plain_text, split_and, strip_tags
+from unhype.prompt_tags import (Tag, find_tags, has_break, parse_tag_items, plain_text, split_and,
+                                strip_tags)
 from unhype.row_match import CondBank
 
 
@@ -34,6 +35,11 @@ def test_plain_text_drops_emphasis_break_and_tags():
     assert plain_text("a (red:1.3) ((car)), [blue] sky BREAK night <lora:x:1>") == \
         "a red car, blue sky night"
     assert plain_text(r"a \(literal\) bracket") == "a (literal) bracket"
+
+
+def test_has_break_finds_the_keyword_only():
+    assert has_break("score_9 BREAK a cat") and has_break("a cat\nBREAK\nnight")
+    assert not has_break("breakfast, a break, BREAKING news, <lora:BREAK:1> a cat")
 
 
 def test_split_and_weights_like_a1111():
