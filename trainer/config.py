@@ -20,9 +20,11 @@ from unhype.errors import UnHypeError
 OPTIONS: list[tuple[str, type, object, str]] = [
     # model (kohya)
     ("pretrained_model_name_or_path", str, None, "diffusers folder, single-file .safetensors "
-     "(with --model_config) or 'toy'"),
+     "(A1111 / ComfyUI checkpoint) or 'toy'"),
     ("model_family", str, "auto", "auto | sd1 | sd2 | sdxl | flux | toy | toy_flux"),
-    ("model_config", str, None, "local diffusers config folder for a single-file checkpoint"),
+    ("model_config", str, None, "config of a single-file checkpoint: a local diffusers folder "
+     "of the same architecture, or a built-in one: sd15, sd2-v (768-v SD 2.x), sd2-base (512 "
+     "SD 2.x), sdxl-base (default: the one for the checkpoint's family; SD 2.x must choose)"),
     ("v_parameterization", bool, False, "the model predicts v (SD2 768-v), whatever its "
      "scheduler config says"),
     ("mixed_precision", str, "no", "no | fp16 | bf16: dtype of the frozen base model, passed "

@@ -12,6 +12,15 @@ from trainer.config import resolve
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _config_cache(tmp_path_factory):
+    """Built-in config folders (unhype.model_configs) go to a temporary cache, not ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("UNHYPE_CACHE", str(tmp_path_factory.mktemp("unhype_cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory):
     return build_pipeline_folder("sd1", tmp_path_factory.mktemp("tiny_sd1"))

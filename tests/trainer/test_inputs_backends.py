@@ -115,14 +115,35 @@ def test_sdxl_backend(tiny_sdxl, tmp_path):
     assert meta.config.targets[0].name.startswith("lora_unet_")
 
 
-def test_single_file_needs_a_local_config(tiny_sd1, tmp_path):
-    single = tmp_path / "model.safetensors"
-    atomic_save_safetensors({"model.diffusion_model.out.2.bias": torch.zeros(4)}, single, {})
-    with pytest.raises(UnHypeError, match="needs --model_config"):
-        load_backend(resolve(fast_options(single, tmp_path, device="cpu")))
+def test_single_file_config_is_a_folder_or_a_fitting_built_in(tiny_sd1, tmp_path):
+    """Without --model_config a single file gets the built-in config of the family its header
+    shows; SD 2.x must say which (v or epsilon); a name or folder that does not fit is refused
+    before any weight is read."""
+    def checkpoint(name, context):
+        path = tmp_path / name
+        atomic_save_safetensors({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0"
+                                 ".attn2.to_k.weight": torch.zeros(320, context)}, path, {})
+        return path
+
+    unknown = tmp_path / "model.safetensors"
+    atomic_save_safetensors({"model.diffusion_model.out.2.bias": torch.zeros(4)}, unknown, {})
+    with pytest.raises(UnHypeError, match="no SD 1.x / 2.x / XL UNet found"):
+        load_backend(resolve(fast_options(unknown, tmp_path, device="cpu")))
     with pytest.raises(UnHypeError, match="model_index.json missing"):
-        load_backend(resolve(fast_options(single, tmp_path, device="cpu",
+        load_backend(resolve(fast_options(unknown, tmp_path, device="cpu",
                                           model_config=str(tmp_path))))
+    sd2 = checkpoint("sd2.safetensors", 1024)
+    with pytest.raises(UnHypeError, match="--model_config sd2-v .* --model_config sd2-base"):
+        load_backend(resolve(fast_options(sd2, tmp_path, device="cpu")))
+    with pytest.raises(UnHypeError, match="'sd15' is for sd1, but the checkpoint is sd2"):
+        load_backend(resolve(fast_options(sd2, tmp_path, device="cpu", model_config="sd15")))
+    with pytest.raises(UnHypeError, match="holds an sdxl UNet, but --model_family sd1"):
+        load_backend(resolve(fast_options(checkpoint("xl.safetensors", 2048), tmp_path,
+                                          device="cpu", model_family="sd1")))
+    # the built-in SD 1.5 config is used (and a 4-tensor file is not a whole SD 1.5 model)
+    with pytest.raises(UnHypeError, match="could not load it with .*sd15-v1"):
+        load_backend(resolve(fast_options(checkpoint("sd1.safetensors", 768), tmp_path,
+                                          device="cpu")))
     with pytest.raises(UnHypeError, match="only .safetensors"):
         ckpt = tmp_path / "model.ckpt"
         ckpt.write_bytes(b"\x80\x02")

@@ -21,7 +21,7 @@ def load_backend(cfg):
     path = cfg.pretrained_model_name_or_path
     if not path:
         raise UnHypeError("no model given: pass --pretrained_model_name_or_path (a diffusers "
-                          "folder, a single-file .safetensors with --model_config, or 'toy')")
+                          "folder, a single-file .safetensors, or 'toy')")
     if cfg.mixed_precision != "no" and (path in TOY_FAMILIES or family in TOY_FAMILIES):
         print(f"unhype: --mixed_precision {cfg.mixed_precision}: the toy models always run "
               "in float32 (they are tiny); the option applies to SD and FLUX models",

@@ -7,12 +7,14 @@ hidden states concatenated, the bigG encoder's projected pooled vector as `text_
 also what the hypernetwork reads) and the size/crop `time_ids`.
 
 Single-file checkpoints (A1111/ComfyUI `.safetensors`) load with diffusers `from_single_file`,
-offline, against a local diffusers config folder (`--model_config`).
+offline, against a diffusers config folder: `--model_config <folder>`, or a built-in one for the
+standard architectures (unhype.model_configs: SD 1.5, SD 2.x v / base, SDXL base).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -113,7 +115,7 @@ def _dtype(mixed_precision: str):
 
 def load_diffusers(path: str, family: str | None, model_config: str | None, device: str,
                    mixed_precision: str = "no", resolution: int | None = None) -> DiffusersSD:
-    """Load a diffusers pipeline folder or a single-file checkpoint (needs `model_config`)."""
+    """Load a diffusers pipeline folder or a single-file checkpoint (`single_file_config`)."""
     src = Path(path)
     dtype = _dtype(mixed_precision)
     if src.is_dir():
@@ -129,16 +131,7 @@ def load_diffusers(path: str, family: str | None, model_config: str | None, devi
     if src.suffix.lower() not in (".safetensors",):
         raise UnHypeError(f"{src}: only .safetensors checkpoints are loaded (no .ckpt/.pt "
                           "pickles); convert it first")
-    if not model_config:
-        raise UnHypeError(
-            f"{src} is a single-file checkpoint; loading it offline needs --model_config "
-            "<local diffusers folder of the same architecture> (model_index.json, unet/, "
-            "text_encoder/, tokenizer/, scheduler/ configs; weights not needed), e.g. a copy "
-            "of stable-diffusion-v1-5, stable-diffusion-2-1 or stable-diffusion-xl-base-1.0")
-    cfg_dir = Path(model_config)
-    if not (cfg_dir / "model_index.json").is_file():
-        raise UnHypeError(f"--model_config {cfg_dir}: not a diffusers config folder "
-                          "(model_index.json missing)")
+    cfg_dir = single_file_config(src, family, model_config)
     detected = folder_family(cfg_dir)
     if family and family != detected:
         raise UnHypeError(f"--model_config {cfg_dir} describes an {detected} model, but "
@@ -150,9 +143,37 @@ def load_diffusers(path: str, family: str | None, model_config: str | None, devi
         pipe = cls.from_single_file(str(src), config=str(cfg_dir), local_files_only=True,
                                     torch_dtype=dtype)
     except Exception as exc:
-        raise UnHypeError(f"{src}: diffusers could not load it with --model_config {cfg_dir} "
+        raise UnHypeError(f"{src}: diffusers could not load it with the config {cfg_dir} "
                           f"({type(exc).__name__}: {exc})") from None
     return _from_pipe(pipe, detected, device, dtype, resolution, f"single file {src.name}")
+
+
+def single_file_config(src: Path, family: str | None, model_config: str | None) -> Path:
+    """The diffusers config folder to load single-file checkpoint `src` with: `model_config`
+    when it is a folder, else a built-in one (unhype.model_configs) for the checkpoint's family,
+    read from its header (`model_config` may name the built-in: sd15, sd2-v, sd2-base,
+    sdxl-base; SD 2.x needs the name, its files do not say what they predict)."""
+    from unhype.model_check import checkpoint_family
+    from unhype.model_configs import BUILTIN, builtin_for, config_folder
+
+    if model_config and (Path(model_config).is_dir() or model_config not in BUILTIN):
+        cfg_dir = Path(model_config)
+        if not (cfg_dir / "model_index.json").is_file():
+            raise UnHypeError(f"--model_config {cfg_dir}: not a diffusers config folder "
+                              f"(model_index.json missing) nor a built-in config "
+                              f"({', '.join(BUILTIN)})")
+        return cfg_dir
+    found = checkpoint_family(src)
+    if found not in ("sd1", "sd2", "sdxl"):
+        raise UnHypeError(f"{src}: no SD 1.x / 2.x / XL UNet found in this checkpoint's keys "
+                          f"({found or 'none recognised'}); give --model_config <a diffusers "
+                          "folder of the same architecture>")
+    if family and family != found:
+        raise UnHypeError(f"{src} holds an {found} UNet, but --model_family {family} was given")
+    name = builtin_for(found, model_config)
+    print(f"unhype: {src.name}: {found} checkpoint, loaded with the built-in {name} config "
+          f"({BUILTIN[name][4]}); --model_config <folder> to use another", file=sys.stderr)
+    return config_folder(name)
 
 
 def _from_folder(src: Path, family: str, device, dtype, resolution):

@@ -27,9 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--hypernet", action="append", default=[], metavar="FILE",
                    help="UnHype hypernetwork file (repeat to compare several)")
     p.add_argument("--model", default=None, help="'toy' (default for toy files) or a diffusers "
-                   "folder / single-file checkpoint (with --model_config)")
-    p.add_argument("--model_config", default=None, help="diffusers config folder for a "
-                   "single-file checkpoint")
+                   "folder / single-file checkpoint")
+    p.add_argument("--model_config", default=None, help="config of a single-file checkpoint: a "
+                   "diffusers folder, or built-in sd15 / sd2-v / sd2-base / sdxl-base (default: "
+                   "the checkpoint family's; SD 2.x must choose)")
     p.add_argument("--toy_weights", default=None, help="toy weights folder (default: committed)")
     p.add_argument("--erase", default=None, help="comma-separated erased classes (default: the "
                    "hypernetworks' concept targets)")
