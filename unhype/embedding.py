@@ -36,8 +36,18 @@ class PromptEmbedder:
         return vec.float()
 
 
+# family -> (key prefix of its embedding's text encoder in an A1111 / ComfyUI checkpoint,
+# subfolder of the built-in config, built-in config); SD2's two configs share the encoder
+CHECKPOINT_TEXT = {"sd1": ("cond_stage_model.transformer.", "text_encoder", "sd15"),
+                   "sd2": ("cond_stage_model.model.", "text_encoder", "sd2-v"),
+                   "sdxl": ("conditioner.embedders.1.model.", "text_encoder_2", "sdxl-base")}
+CLIP_L_FILE_KEY = "text_model.embeddings.token_embedding.weight"  # a standalone CLIP-L file
+
+
 def load_embedder(family, path: str | None = None, device="cpu") -> PromptEmbedder:
-    """Text encoder for `family` from a diffusers pipeline folder or a text-encoder folder."""
+    """Text encoder for `family` from a diffusers pipeline folder, a text-encoder folder, or a
+    single `.safetensors` file: an A1111 / ComfyUI checkpoint (SD1, SD2, SDXL), or a standalone
+    CLIP-L text encoder (ComfyUI's ``clip_l.safetensors``: SD1, FLUX)."""
     if family.name in ("toy", "toy_flux"):
         from unhype.toy.model import load_toy
 
@@ -49,6 +59,8 @@ def load_embedder(family, path: str | None = None, device="cpu") -> PromptEmbedd
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(path)
+    if root.is_file():
+        return _single_file_embedder(family, root, device)
     enc_dir, tok_dir = root, root
     sub = "text_encoder_2" if family.name == "sdxl" else "text_encoder"
     tok_sub = "tokenizer_2" if family.name == "sdxl" else "tokenizer"
@@ -60,3 +72,79 @@ def load_embedder(family, path: str | None = None, device="cpu") -> PromptEmbedd
     encoder = cls.from_pretrained(enc_dir, use_safetensors=True).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     return PromptEmbedder(family, tokenizer, encoder)
+
+
+def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
+    """The embedding's text encoder read from one .safetensors file, with the built-in configs
+    (unhype.model_configs) for its architecture; only that encoder's tensors are read."""
+    from safetensors import safe_open
+    from transformers import CLIPTokenizer
+
+    from unhype.model_check import checkpoint_family
+    from unhype.model_configs import config_folder
+
+    if path.suffix.lower() != ".safetensors":
+        raise UnHypeError(f"{path}: only .safetensors files are read (no .ckpt/.pt pickles)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if CLIP_L_FILE_KEY in keys and family.name in ("sd1", "flux"):
+                folder = config_folder("sd15")
+                tensors = {k: f.get_tensor(k) for k in keys if k.startswith("text_model.")}
+                encoder = _clip_l_from_tensors(folder, tensors, path)
+                tok_sub = "tokenizer"
+            else:
+                found = checkpoint_family(path)
+                if family.name not in CHECKPOINT_TEXT or found != family.name:
+                    raise UnHypeError(
+                        f"{path} is {'an ' + found if found else 'not an SD'} checkpoint, but "
+                        f"this hypernetwork is for {family.name}: give the {family.name} "
+                        "model's checkpoint, diffusers folder"
+                        + (" or CLIP-L text encoder file" if family.name == "flux" else ""))
+                prefix, sub, name = CHECKPOINT_TEXT[family.name]
+                folder = config_folder(name)
+                tensors = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+                encoder = _checkpoint_text_encoder(family, folder, sub, tensors, path)
+                tok_sub = sub.replace("text_encoder", "tokenizer")
+    except UnHypeError:
+        raise
+    except Exception as exc:  # a corrupt or truncated file
+        raise UnHypeError(f"{path}: not a readable .safetensors file ({exc})") from None
+    if any(p.is_meta for p in encoder.parameters()):
+        raise UnHypeError(f"{path}: its text encoder is incomplete (tensors missing)")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / tok_sub)
+    return PromptEmbedder(family, tokenizer, encoder.to(device).eval())
+
+
+def _checkpoint_text_encoder(family, folder: Path, sub: str, tensors: dict, path: Path):
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if family.name == "sdxl" else CLIPTextModel
+    try:
+        return create_diffusers_clip_model_from_ldm(cls, tensors, subfolder=sub,
+                                                    config=str(folder),
+                                                    torch_dtype=torch.float32,
+                                                    local_files_only=True)
+    except Exception as exc:
+        raise UnHypeError(f"{path}: its {family.name} text encoder could not be read "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _clip_l_from_tensors(folder: Path, tensors: dict, path: Path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    if not hasattr(encoder, "text_model"):  # transformers >= 5.6: no text_model level
+        tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(tensors) - {"text_model.embeddings.position_ids",
+                                                 "embeddings.position_ids"})
+    wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or wrong:
+        raise UnHypeError(f"{path}: not a CLIP-L text encoder ("
+                          + (f"missing {missing[:3]}" if missing else f"shapes of {wrong[:3]}")
+                          + ")")
+    encoder.load_state_dict({k: v.float() for k, v in tensors.items() if k in own},
+                            strict=False)
+    return encoder

@@ -16,8 +16,10 @@ def register(subparsers) -> None:
                         "diffusers); kohya_bfl (FLUX only): sd-scripts' BFL fused-layer names "
                         "lora_unet_double_blocks_N_img_attn_qkv (ComfyUI, Forge)")
     p.add_argument("--text_encoder", default=None,
-                   help="diffusers pipeline folder (or text-encoder folder) of the base model; "
-                        "not needed for the toy family")
+                   help="the base model's text encoder: its A1111 / ComfyUI checkpoint "
+                        "(.safetensors), a diffusers pipeline or text-encoder folder, or (SD1, "
+                        "FLUX) a CLIP-L file such as ComfyUI's clip_l.safetensors; not needed "
+                        "for the toy family")
     p.set_defaults(func=run)
 
 

@@ -22,8 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="output .safetensors (may be the input file: it is replaced atomically)")
     p.add_argument("--text_encoder", default=None,
-                   help="diffusers pipeline folder (or text-encoder folder) of the base model; "
-                        "not needed for the toy family")
+                   help="the base model's text encoder: its A1111 / ComfyUI checkpoint "
+                        "(.safetensors), a diffusers pipeline or text-encoder folder, or (SD1, "
+                        "FLUX) a CLIP-L file such as ComfyUI's clip_l.safetensors; not needed "
+                        "for the toy family")
     p.add_argument("--concepts", default=None,
                    help="the concept file the hypernetwork was trained from; needed only when "
                         "it was trained on custom templates")
