@@ -88,3 +88,21 @@ class ConceptGate(torch.nn.Module):
             emb, self.concept.to(emb)[None], dim=1) - self.at))
         return {k: (a * gate[:, None, None], b) for k, (a, b) in
                 self.net(emb, *args, **kwargs).items()}
+
+
+def gate_between(loaded, pooled, strong: str, weak: str, concept: str):
+    """Give `loaded` a ConceptGate on `concept`'s embedding, half open between the texts
+    `strong` (which names the concept) and `weak`, as `pooled(texts)` embeds them; checks that
+    `strong` then gets over 10 times `weak`'s update. Returns both embeddings."""
+    from unhype.hypernet import delta_weight
+
+    pair = pooled([strong, weak])
+    target = pooled([concept])[0]
+    cos = torch.nn.functional.cosine_similarity(pair, target[None])
+    loaded.hypernet = ConceptGate(loaded.hypernet, target, at=float(cos.mean()))
+    with torch.no_grad():
+        f = loaded.generate(pair)
+    norms = [sum(float(delta_weight(a[n], b[n]).pow(2).sum()) for a, b in f.values())
+             for n in range(2)]
+    assert norms[0] > 10 * norms[1], norms
+    return pair[0], pair[1]

@@ -149,21 +149,15 @@ def test_forge_flux_prompt_with_break_is_also_read_whole(webui_dirs, script, for
     """Forge's CLIP-L engine ends a chunk at BREAK and FLUX's vector is the first chunk's
     pooled output; the prompt is also read without BREAK and keeps the stronger update (with a
     concept-selective network, the whole prompt's, which names the cat)."""
-    from tests.helpers import ConceptGate
+    from tests.helpers import gate_between
     from unhype_webui import files
 
     path = flux_file(webui_dirs["unhype"], forge_flux.reference)
     loaded = files.load(str(path))  # the instance the extension uses (its cache)
     prompt = "masterpiece, best quality BREAK a photo of a cat"
-    whole, first = forge_flux.pooled([plain_text(prompt), "masterpiece, best quality"])
-    concept = forge_flux.pooled(["a photo of a cat"])[0]
-    cos = torch.nn.functional.cosine_similarity(torch.stack([whole, first]), concept[None])
-    loaded.hypernet = ConceptGate(loaded.hypernet, concept, at=float(cos.mean()))
-    with torch.no_grad():
-        f = loaded.generate(torch.stack([whole, first]))
-    norms = [sum(float(delta_weight(a[n], b[n]).pow(2).sum()) for a, b in f.values())
-             for n in range(2)]
-    assert norms[0] > 10 * norms[1]  # the first chunk alone would get almost nothing
+    # the first chunk alone would get almost nothing
+    whole, first = gate_between(loaded, forge_flux.pooled, plain_text(prompt),
+                                "masterpiece, best quality", "a photo of a cat")
     p, _ = run(forge_flux, script, [prompt], cfg_scale=1.0)
     refs = {"whole": merged_reference(forge_flux, path, prompt, loaded=loaded)}
     assert check_rows(p, forge_flux, lambda call, row: "whole", refs) > 1e-4
