@@ -28,7 +28,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 def script(webui_dirs):
     from modules import scripts
 
-    return scripts.load_extension_scripts(str(ROOT), [str(ROOT / "scripts" / "unhype_a1111.py")])[0]()
+    loader = str(ROOT / "scripts" / "unhype_a1111.py")
+    return scripts.load_extension_scripts(str(ROOT), [loader])[0]()
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,8 @@ def real_processing_attributes(root: Path) -> set[str]:
     found = classes(tree)
     names = set().union(*(attributes(found[c], tree) for c in PROCESSING_CLASSES if c in found))
     # attributes process_images_inner and the samplers set on p from outside the class
-    for path in [root / "modules" / "processing.py", *sorted((root / "modules").glob("sd_samplers*.py"))]:
+    samplers = sorted((root / "modules").glob("sd_samplers*.py"))
+    for path in [root / "modules" / "processing.py", *samplers]:
         names |= stored_attributes(parse(path), "p")
     return names
 
@@ -243,7 +244,8 @@ def test_every_setting_the_extension_reads_is_the_web_uis(root):
     options, flags = read_settings()
     known = (root / "modules" / "shared_options.py").read_text(encoding="utf-8")
     missing = [o for o in sorted(options) if f'"{o}"' not in known]
-    parsers = [root / "modules" / "cmd_args.py", *(root / "extensions-builtin").glob("*/preload.py")]
+    parsers = [root / "modules" / "cmd_args.py",
+               *(root / "extensions-builtin").glob("*/preload.py")]
     declared = "\n".join(p.read_text(encoding="utf-8") for p in parsers if p.is_file())
     missing += [f"--{f}" for f in sorted(flags) if f'"--{f.replace("_", "-")}"' not in declared
                 and f'"--{f}"' not in declared]
