@@ -304,8 +304,16 @@ class UnHypeTextEncode:
         return (conditioning,)
 
 
+# token streams whose output the pooled vector never depends on: T5 (FLUX, SD3) feeds only the
+# cross-attention, so a window's T5 stream is cut to one token (T5-XXL on 256 is the costly part)
+UNPOOLED_STREAMS = ("t5xxl",)
+
+
 def _encode_pooled(clip, text: str) -> torch.Tensor:
     tokens = clip.tokenize(text)
+    if isinstance(tokens, dict) and any(k not in UNPOOLED_STREAMS for k in tokens):
+        tokens = {k: [v[0][:1]] if k in UNPOOLED_STREAMS and v and v[0] else v
+                  for k, v in tokens.items()}
     _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     if pooled is None:
         raise UnHypeError("UnHype: this CLIP gives no pooled output")

@@ -522,3 +522,34 @@ def test_bake_node_writes_both_flux_forms_and_comfy_loads_them(pack, flux_model,
         node.bake(loaded, [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]],
                   "sd bfl", 1.0, True, "", "kohya_bfl")
     assert not (comfy_dirs["loras"] / "sd_bfl.safetensors").exists()
+
+
+def test_text_encode_windows_skip_t5_and_keep_the_pooled_vectors(pack, tmp_path):
+    """On FLUX's text encoder (clip_l + t5xxl) a window needs only CLIP-L's pooled vector: its
+    T5 stream is cut to one token. The node's conditioning is still CLIP Text Encode's (all
+    T5 states), and each stored window equals the full encode's pooled output."""
+    import tiny
+    from unhype.comfy_apply import WINDOWS_KEY
+    from unhype.prompt_windows import prompt_windows
+
+    clip = tiny.tiny_flux_clip(tmp_path)
+    seen = []
+    t5 = clip.cond_stage_model.t5xxl
+    original = t5.encode_token_weights
+
+    def counting(token_weight_pairs):
+        seen.append(sum(len(chunk) for chunk in token_weight_pairs))
+        return original(token_weight_pairs)
+
+    t5.encode_token_weights = counting
+    text = "masterpiece, best quality, " * 20 + "a photo of a cat"
+    windows = prompt_windows(text)
+    with torch.no_grad():
+        (cond,) = pack.nodes.definitions.UnHypeTextEncode().encode(clip, text)
+        assert seen[0] >= 256 and seen[1:] == [1] * len(windows)
+        ref = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        full = torch.cat([clip.encode_from_tokens(clip.tokenize(w), return_pooled=True)[1]
+                          for w in windows])
+    assert torch.equal(cond[0][0], ref[0][0])
+    assert torch.equal(cond[0][1]["pooled_output"], ref[0][1]["pooled_output"])
+    torch.testing.assert_close(cond[0][1][WINDOWS_KEY], full.float(), rtol=0, atol=0)

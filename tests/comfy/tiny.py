@@ -88,6 +88,47 @@ def tiny_clip(tmp_dir, seed: int = 1):
     return clip
 
 
+TINY_T5 = {"d_ff": 64, "d_kv": 8, "d_model": 32, "decoder_start_token_id": 0,
+           "dropout_rate": 0.0, "eos_token_id": 1, "dense_act_fn": "gelu_pytorch_tanh",
+           "initializer_factor": 1.0, "is_encoder_decoder": True, "is_gated_act": True,
+           "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_decoder_layers": 1,
+           "num_heads": 4, "num_layers": 1, "pad_token_id": 0,
+           "relative_attention_num_buckets": 32, "tie_word_embeddings": False,
+           "vocab_size": 32128}
+
+
+def tiny_flux_clip(tmp_dir, seed: int = 1):
+    """ComfyUI's FLUX text encoder (comfy.text_encoders.flux: FluxTokenizer, FluxClipModel's
+    clip_l + t5xxl) with the tiny CLIP-L above and a one-layer T5 in place of T5-XXL (the one
+    thing changed: the configs), as DualCLIPLoader type flux gives it. Needs a current ComfyUI."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.text_encoders.flux as flux
+    import comfy.text_encoders.t5
+    from comfy.supported_models_base import ClipTarget
+
+    path = os.path.join(str(tmp_dir), "tiny_clip.json")
+    with open(path, "w") as fh:
+        json.dump(TINY_CLIP, fh)
+
+    class TinyFluxClipModel(flux.FluxClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                device=device, dtype=dtype, textmodel_json_config=path,
+                return_projected_pooled=False, model_options=model_options)
+            self.t5xxl = comfy.sd1_clip.SDClipModel(  # as sd3_clip.T5XXLModel, tiny config
+                device=device, dtype=dtype, textmodel_json_config=dict(TINY_T5),
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                model_options={**model_options, "model_name": "t5xxl"})
+            self.dtypes = {dtype}
+
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(target=ClipTarget(flux.FluxTokenizer, TinyFluxClipModel))
+    _randomize(clip.cond_stage_model, seed, std=0.02)
+    return clip
+
+
 def tiny_vae(seed: int = 2):
     import comfy.sd
     import comfy.taesd.taesd
