@@ -83,6 +83,9 @@ def pooled_embeddings(sd_model, family: str, texts: list[str], cond=None) -> tor
     the tokens A1111 makes of the text: textual-inversion names become their vectors.
     """
     texts = list(texts)
+    if family == "flux" and cond is None and \
+            getattr(sd_model, "text_processing_engine_l", None) is not None:
+        return _forge_flux_pooled(sd_model, texts)
     if family in POOLED_IN_VECTOR:
         width = POOLED_IN_VECTOR[family]
         cond = cond if cond is not None else learned_conditioning(sd_model, texts)
@@ -96,6 +99,24 @@ def pooled_embeddings(sd_model, family: str, texts: list[str], cond=None) -> tor
     if getattr(sd_model, "forge_objects", None) is not None:
         return _forge_pooled(sd_model, texts)
     return _a1111_pooled(sd_model, texts)
+
+
+def _forge_flux_pooled(sd_model, texts):
+    # Forge's FLUX get_learned_conditioning (backend/diffusion_engine/flux.py L84-88) takes the
+    # vector from its CLIP-L engine alone; texts read only for their vector (long prompts'
+    # windows) skip the T5 engine, the costly half
+    try:
+        from backend import memory_management
+
+        memory_management.load_model_gpu(sd_model.forge_objects.clip.patcher)
+    except ImportError:
+        pass
+    with torch.inference_mode():
+        _, pooled = sd_model.text_processing_engine_l(texts)
+    if pooled.shape[-1] < POOLED_IN_VECTOR["flux"]:
+        raise UnHypeError(f"UnHype: this FLUX model's CLIP-L pooled vector is "
+                          f"{pooled.shape[-1]}-d, expected {POOLED_IN_VECTOR['flux']}")
+    return pooled[:, :POOLED_IN_VECTOR["flux"]].float().cpu().clone()
 
 
 def _forge_pooled(sd_model, texts):

@@ -164,6 +164,36 @@ def test_forge_flux_prompt_with_break_is_also_read_whole(webui_dirs, script, for
     assert check_rows(p, forge_flux, lambda call, row: "whole", refs) > 1e-4
 
 
+def test_forge_flux_long_prompt_reads_windows_without_t5(webui_dirs, script, forge_flux,
+                                                         monkeypatch):
+    """A concept named after CLIP-L's first 75 tokens: the prompt's word windows are read for
+    their vector from Forge's CLIP-L engine alone (the T5 engine, the costly half, encodes only
+    the host's own conditioning), and the row gets the window that names the cat."""
+    from tests.helpers import gate_between
+    from unhype.prompt_windows import prompt_windows
+    from unhype_webui import files
+
+    path = flux_file(webui_dirs["unhype"], forge_flux.reference)
+    loaded = files.load(str(path))  # the instance the extension uses (its cache)
+    long = "masterpiece, best quality, " * 20 + "a photo of a cat"
+    windows = prompt_windows(long)
+    best, truncated = gate_between(loaded, forge_flux.pooled, windows[-1], long,
+                                   "a photo of a cat")
+    t5_texts = []
+    t5 = forge_flux.text_processing_engine_t5
+    monkeypatch.setattr(forge_flux, "text_processing_engine_t5",
+                        lambda texts: t5_texts.extend(texts) or t5(texts))
+    p, _ = run(forge_flux, script, [long], cfg_scale=1.0)
+    assert set(t5_texts) <= {long, "ugly"}  # the prompt and the negative, never a window
+    ref = copy.deepcopy(forge_flux.reference)
+    with torch.no_grad():
+        factors = loaded.hypernet(best.reshape(1, -1))
+        for target in loaded.meta.config.targets:
+            a, b = factors[target.name]
+            ref.get_submodule(target.path).weight += delta_weight(a[0], b[0])
+    assert check_rows(p, forge_flux, lambda call, row: "best", {"best": ref}) > 1e-4
+
+
 def test_forge_flux_strength_and_prompt_tag(webui_dirs, script, forge_flux):
     path = flux_file(webui_dirs["unhype"], forge_flux.reference)
     prompts = ["a cat on a sofa <unhype:erase_flux:0.5>", "a dog on a sofa"]
@@ -217,7 +247,8 @@ def test_tab_probe_and_bake_on_forge_flux(webui_dirs, forge_flux):
         assert name.startswith("lora_transformer_")
         torch.testing.assert_close(lora[f"{name}.lora_up.weight"], 0.5 * b[0])
 
-    no_vector = copy.copy(forge_flux)
+    no_vector = copy.copy(forge_flux)  # and no CLIP-L engine to read the vector from instead
+    no_vector.text_processing_engine_l = None
     no_vector.get_learned_conditioning = lambda t: {"crossattn": torch.zeros(1, 4, 32)}
     with pytest.raises(UnHypeError, match="FLUX model's conditioning has no 'vector'"):
         host.pooled_embeddings(no_vector, "flux", texts)
