@@ -108,6 +108,7 @@ class UnHypeApply:
         path = glue.choose_path(model, mode)
         prompts = next(iter(plan.factors.values()))[0].shape[0]
         if path == glue.PATH_HOOKS:
+            glue.check_hooks_fit(model, plan, keys)
             patched, conditioning = glue.apply_hooks(model, plan, keys, conditioning)
             info = (f"UnHype: {unhype.path.name} on {len(keys)} layers via {path}; one LoRA per "
                     "conditioning entry; wire THIS conditioning output to the sampler's positive."

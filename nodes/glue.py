@@ -181,13 +181,11 @@ def apply_per_row(model, plan: ApplyPlan):
     return patched
 
 
-def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
-    """For the paths that write the update into the weights (merge, ComfyUI's hooks): how much
-    of the first prompt's update the weights' own dtype loses, when they are stored in under 32
-    bits and it is at least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
+def _stored_targets(model, plan: ApplyPlan, keys: dict[str, str]):
+    """(target name, its stored weight or row slice) per layer, and how many target layers are
+    stored as packed integers (NF4, GGUF)."""
     state = model.model.state_dict()
-    low = {}  # name -> the stored weight (or its row slice), for layers under 32 bits
-    quantised = 0  # layers stored as packed integers (NF4, GGUF)
+    stored, quantised = {}, 0
     for name in plan.factors:
         key = keys[name]
         weight = state[key[0] if isinstance(key, tuple) else key]
@@ -197,13 +195,33 @@ def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
         if isinstance(key, tuple):  # a row slice of a fused layer: (key, (dim, start, length))
             dim, start, length = key[1][:3]
             weight = weight.narrow(dim, start, length)
-        if weight.element_size() < 4:
-            low[name] = weight
+        stored[name] = weight
+    return stored, quantised
+
+
+def check_hooks_fit(model, plan: ApplyPlan, keys: dict[str, str]) -> None:
+    """ComfyUI's hooks patch the stored tensor itself (ModelPatcher.patch_hook_weight_to_device,
+    with no loader override): on packed NF4 / GGUF weights that is a shape error in the middle
+    of sampling (seen with ComfyUI-GGUF). Refused here, before anything runs."""
+    _, quantised = _stored_targets(model, plan, keys)
+    if quantised:
+        raise UnHypeError(f"UnHype: {quantised} target layers are stored quantised (NF4 / "
+                          "GGUF); ComfyUI's hooks cannot patch packed weights (they fail "
+                          "mid-sampling): use 'auto' (per-row, exact on them) or 'merge' (the "
+                          "loader's own LoRA patching)")
+
+
+def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
+    """For the paths that write the update into the weights (merge, ComfyUI's hooks): how much
+    of the first prompt's update the weights' own dtype loses, when they are stored in under 32
+    bits and it is at least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
+    stored, quantised = _stored_targets(model, plan, keys)
+    low = {name: w for name, w in stored.items() if w.element_size() < 4}
     if quantised:
         return (f" {quantised} target layers are stored quantised (NF4 / GGUF): writing the "
-                "update into them is left to the loader's own LoRA patching, which UnHype does "
-                "not test; 'auto' (per-row) adds it to their output at the compute precision "
-                "(tested).")
+                "update into them is left to the loader's own LoRA patching (tested with "
+                "ComfyUI-GGUF); 'auto' (per-row) adds it to their output at the compute "
+                "precision (tested).")
     if not low:
         return ""
     # one layer's B A^T at a time: FLUX's full update would be gigabytes at once

