@@ -213,6 +213,22 @@ def read_p_attributes() -> dict[str, str]:
     return {k: v for k, v in read.items() if k not in own and not k.startswith("__")}
 
 
+def read_model_attributes() -> dict[str, str]:
+    """Attributes the extension reads on ``sd_model`` (attribute or getattr), with a file."""
+    read = {}
+    for path in extension_files():
+        for node in ast.walk(parse(path)):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "sd_model" and isinstance(node.ctx, ast.Load):
+                read.setdefault(node.attr, path.name)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2 \
+                    and isinstance(node.args[0], ast.Name) and node.args[0].id == "sd_model" \
+                    and isinstance(node.args[1], ast.Constant):
+                read.setdefault(node.args[1].value, path.name)
+    return read
+
+
 def real_processing_attributes(root: Path) -> set[str]:
     tree = parse(root / "modules" / "processing.py")
     found = classes(tree)
@@ -257,6 +273,26 @@ def test_every_attribute_the_extension_reads_on_p_is_set_by_the_web_ui(root):
     real = real_processing_attributes(root)
     missing = {k: v for k, v in read_p_attributes().items() if k not in real}
     assert not missing, f"p attributes the web UI at {root} never sets: {missing}"
+
+
+# what A1111's sd_model (ldm / sgm's LatentDiffusion, outside the web UI's own source) has
+LDM_MODEL_ATTRIBUTES = {"model", "cond_stage_model", "get_learned_conditioning"}
+
+
+@webui
+def test_every_model_attribute_the_extension_reads_is_forges(root):
+    """Forge's models are its own diffusion engines (backend/diffusion_engine): what the
+    extension reads on sd_model is an attribute or method one of them defines."""
+    if not (root / "backend" / "diffusion_engine").is_dir():
+        pytest.skip("not Forge: A1111's sd_model is ldm's LatentDiffusion, outside its source")
+    real = set()
+    for path in (root / "backend" / "diffusion_engine").glob("*.py"):
+        tree = parse(path)
+        real |= stored_attributes(tree, "self")
+        real |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    missing = {k: v for k, v in read_model_attributes().items()
+               if k not in real and k not in LDM_MODEL_ATTRIBUTES}
+    assert not missing, f"sd_model attributes no Forge engine defines: {missing}"
 
 
 @webui
