@@ -115,14 +115,16 @@ def test_sdxl_backend(tiny_sdxl, tmp_path):
     assert meta.config.targets[0].name.startswith("lora_unet_")
 
 
+UNET_TO_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
 def test_single_file_config_is_a_folder_or_a_fitting_built_in(tiny_sd1, tmp_path):
     """Without --model_config a single file gets the built-in config of the family its header
     shows; SD 2.x must say which (v or epsilon); a name or folder that does not fit is refused
     before any weight is read."""
     def checkpoint(name, context):
         path = tmp_path / name
-        atomic_save_safetensors({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0"
-                                 ".attn2.to_k.weight": torch.zeros(320, context)}, path, {})
+        atomic_save_safetensors({UNET_TO_K: torch.zeros(320, context)}, path, {})
         return path
 
     unknown = tmp_path / "model.safetensors"
@@ -140,6 +142,11 @@ def test_single_file_config_is_a_folder_or_a_fitting_built_in(tiny_sd1, tmp_path
     with pytest.raises(UnHypeError, match="holds an sdxl UNet, but --model_family sd1"):
         load_backend(resolve(fast_options(checkpoint("xl.safetensors", 2048), tmp_path,
                                           device="cpu", model_family="sd1")))
+    inpainting = checkpoint("inpainting.safetensors", 768)
+    atomic_save_safetensors({UNET_TO_K: torch.zeros(320, 768), "model.diffusion_model."
+                             "input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}, inpainting, {})
+    with pytest.raises(UnHypeError, match="takes 9 input channels \\(an inpainting"):
+        load_backend(resolve(fast_options(inpainting, tmp_path, device="cpu")))
     # the built-in SD 1.5 config is used (and a 4-tensor file is not a whole SD 1.5 model)
     with pytest.raises(UnHypeError, match="could not load it with .*sd15-v1"):
         load_backend(resolve(fast_options(checkpoint("sd1.safetensors", 768), tmp_path,

@@ -164,6 +164,11 @@ def single_file_config(src: Path, family: str | None, model_config: str | None) 
                               f"({', '.join(BUILTIN)})")
         return cfg_dir
     found = checkpoint_family(src)
+    channels = _input_channels(src)
+    if channels not in (None, 4):
+        raise UnHypeError(f"{src}: its UNet takes {channels} input channels (an inpainting or "
+                          "instruct model); the trainer erases with text-to-image models: train "
+                          "on the base model, whose file the hosts also apply to this one")
     if found not in ("sd1", "sd2", "sdxl"):
         raise UnHypeError(f"{src}: no SD 1.x / 2.x / XL UNet found in this checkpoint's keys "
                           f"({found or 'none recognised'}); give --model_config <a diffusers "
@@ -174,6 +179,19 @@ def single_file_config(src: Path, family: str | None, model_config: str | None) 
     print(f"unhype: {src.name}: {found} checkpoint, loaded with the built-in {name} config "
           f"({BUILTIN[name][4]}); --model_config <folder> to use another", file=sys.stderr)
     return config_folder(name)
+
+
+def _input_channels(src: Path) -> int | None:
+    """The UNet's input channels from a single file's header (4: text-to-image; 9: inpainting;
+    8: instruct-pix2pix), None when the key is not there."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            key = "model.diffusion_model.input_blocks.0.0.weight"
+            return int(f.get_slice(key).get_shape()[1]) if key in f.keys() else None
+    except Exception:
+        return None
 
 
 def _from_folder(src: Path, family: str, device, dtype, resolution):
