@@ -1,5 +1,5 @@
-"""The UnHype ComfyUI nodes: Loader, Apply, Bake LoRA, Inspect, Text Encode (thin; logic in
-unhype/)."""
+"""The UnHype ComfyUI nodes: Loader, Apply, Bake LoRA, Inspect, Text Encode, Also Read Text
+(thin; logic in unhype/)."""
 
 from __future__ import annotations
 
@@ -305,6 +305,49 @@ class UnHypeTextEncode:
         return (conditioning,)
 
 
+class UnHypeAlsoReadText:
+    """Adds a text's pooled embeddings to a conditioning, for a text the conditioning was
+    encoded from but its pooled output does not cover: CLIP Text Encode Flux's t5xxl text
+    (FLUX's pooled vector is the clip_l text's), CLIP Text Encode SDXL's text_l (SDXL's is
+    text_g's). Apply then gives each row the strongest of its own and these texts' updates."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": ("CONDITIONING", {"tooltip":
+                "The conditioning the text went into (any text encode node's output)."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model the conditioning was encoded with."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip":
+                "The text UnHype should also read, e.g. the t5xxl text of CLIP Text Encode "
+                "Flux or the text_l of CLIP Text Encode SDXL."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The same conditioning, with the text's pooled embeddings (whole, and "
+                       "its word windows when long) added for UnHype Apply.",)
+    FUNCTION = "add"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Makes UnHype Apply also read a text whose pooled embedding the "
+                   "conditioning lacks (FLUX's t5xxl text, SDXL's text_l): a concept named "
+                   "only there is erased too.")
+
+    def add(self, conditioning, clip, text):
+        if not (text or "").strip():
+            return (conditioning,)
+        stored = torch.cat([_encode_pooled(clip, t) for t in [text] + prompt_windows(text)])
+        out = []
+        for i, (cond, extra) in enumerate(conditioning):
+            pooled = extra.get("pooled_output")
+            if pooled is not None and pooled.shape[-1] != stored.shape[1]:
+                raise UnHypeError(f"UnHype: conditioning entry {i} has {pooled.shape[-1]}-d "
+                                  f"pooled embeddings, this CLIP gives {stored.shape[1]}-d: "
+                                  "connect the CLIP the conditioning was encoded with")
+            before = extra.get(WINDOWS_KEY)
+            added = stored if before is None else torch.cat([before, stored])
+            out.append([cond, {**extra, WINDOWS_KEY: added}])
+        return (out,)
+
+
 # token streams whose output the pooled vector never depends on: T5 (FLUX, SD3) feeds only the
 # cross-attention, so a window's T5 stream is cut to one token (T5-XXL on 256 is the costly part)
 UNPOOLED_STREAMS = ("t5xxl",)
@@ -327,6 +370,7 @@ NODE_CLASS_MAPPINGS = {
     "UnHypeBakeLoRA": UnHypeBakeLoRA,
     "UnHypeInspect": UnHypeInspect,
     "UnHypeTextEncode": UnHypeTextEncode,
+    "UnHypeAlsoReadText": UnHypeAlsoReadText,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "UnHypeLoader": "UnHype Loader",
@@ -334,4 +378,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UnHypeBakeLoRA": "UnHype Bake LoRA",
     "UnHypeInspect": "UnHype Inspect",
     "UnHypeTextEncode": "UnHype Text Encode (long prompts)",
+    "UnHypeAlsoReadText": "UnHype Also Read Text (t5xxl / text_l)",
 }

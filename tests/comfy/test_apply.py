@@ -542,3 +542,50 @@ def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_par
     bad = [[cond[0][0], {**cond[0][1], WINDOWS_KEY: torch.zeros(2, 3)}]]
     with pytest.raises(UnHypeError, match="malformed 'unhype_pooled_windows'"):
         build_plan(gated, bad, 1.0)
+
+
+def test_also_read_text_adds_a_texts_embeddings_and_apply_keeps_the_strongest(pack, tiny_parts,
+                                                                              loaded, prompts):
+    """A concept named only in a text the pooled output does not cover (FLUX's t5xxl text,
+    SDXL's text_l): UnHype Also Read Text stores that text's pooled embedding (and its
+    windows, when long) in the conditioning, after any already there; with a concept-selective
+    network the row gets that text's update."""
+    from dataclasses import replace
+
+    from tests.helpers import ConceptGate
+    from unhype.comfy_apply import WINDOWS_KEY, build_plan
+    from unhype.prompt_windows import prompt_windows
+
+    clip, node = tiny_parts["clip"], pack.nodes.definitions.UnHypeAlsoReadText()
+    car = prompts["a red car on a road"]
+    (cond,) = node.add(car, clip, "a photo of a cat")
+    with torch.no_grad():
+        cat = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)[1]
+    assert torch.equal(cond[0][0], car[0][0]) and WINDOWS_KEY not in car[0][1]
+    torch.testing.assert_close(cond[0][1][WINDOWS_KEY], cat.float(), rtol=0, atol=0)
+    assert node.add(car, clip, "  ")[0] is car  # nothing to read: unchanged
+
+    concept = cat[0].float()
+    own = car[0][1]["pooled_output"].float()
+    cos = torch.nn.functional.cosine_similarity(torch.stack([own[0], concept]), concept[None])
+    gated = replace(loaded, hypernet=ConceptGate(loaded.hypernet, concept,
+                                                 at=float(cos.mean())))
+    with torch.no_grad():
+        f = gated.generate(torch.cat([own, concept[None]]))
+    plan = build_plan(gated, cond, 1.0)
+    for name, (a, b) in plan.factors.items():  # the cat text's update, not the car's
+        torch.testing.assert_close(a[0], f[name][0][1].float())
+        torch.testing.assert_close(b[0], f[name][1][1].float())
+    a_first = next(iter(f.values()))[0]
+    assert float(a_first[1].abs().max()) > 10 * float(a_first[0].abs().max())
+
+    long = "masterpiece, best quality, " * 20 + "a photo of a cat"
+    (encoded,) = pack.nodes.definitions.UnHypeTextEncode().encode(clip, long)
+    (both,) = node.add(encoded, clip, "a dog " * 20)  # appended after the windows there
+    windows = both[0][1][WINDOWS_KEY]
+    assert windows.shape[0] == len(prompt_windows(long)) + 1 + len(prompt_windows("a dog " * 20))
+    torch.testing.assert_close(windows[:len(prompt_windows(long))],
+                               encoded[0][1][WINDOWS_KEY], rtol=0, atol=0)
+    wide = [[car[0][0], {"pooled_output": torch.zeros(1, 1280)}]]
+    with pytest.raises(UnHypeError, match="1280-d pooled embeddings, this CLIP gives 768-d"):
+        node.add(wide, clip, "a photo of a cat")

@@ -553,3 +553,23 @@ def test_text_encode_windows_skip_t5_and_keep_the_pooled_vectors(pack, tmp_path)
     assert torch.equal(cond[0][0], ref[0][0])
     assert torch.equal(cond[0][1]["pooled_output"], ref[0][1]["pooled_output"])
     torch.testing.assert_close(cond[0][1][WINDOWS_KEY], full.float(), rtol=0, atol=0)
+
+
+def test_also_read_text_reads_clip_text_encode_fluxs_t5_text(pack, tmp_path):
+    """CLIP Text Encode Flux (ComfyUI's own node) pools only its clip_l text: a concept named in
+    the t5xxl text alone is read through UnHype Also Read Text, by CLIP-L, with the T5 stream
+    cut to one token."""
+    import tiny
+    from comfy_extras.nodes_flux import CLIPTextEncodeFlux
+    from unhype.comfy_apply import WINDOWS_KEY
+
+    clip = tiny.tiny_flux_clip(tmp_path)
+    with torch.no_grad():
+        (cond,) = CLIPTextEncodeFlux.execute(clip, "photo, high quality", "a photo of a cat",
+                                             3.5).args
+        (read,) = pack.nodes.definitions.UnHypeAlsoReadText().add(cond, clip,
+                                                                  "a photo of a cat")
+        cat = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)[1]
+    assert read[0][1]["guidance"] == 3.5 and torch.equal(read[0][0], cond[0][0])
+    torch.testing.assert_close(read[0][1][WINDOWS_KEY], cat.float(), rtol=0, atol=0)
+    assert not torch.equal(cond[0][1]["pooled_output"], cat)  # the clip_l text's, not the cat

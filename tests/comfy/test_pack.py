@@ -42,8 +42,8 @@ def test_pack_loads_the_way_comfyui_loads_custom_nodes(name, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(tmp_path), env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert ("['UnHypeApply', 'UnHypeBakeLoRA', 'UnHypeInspect', 'UnHypeLoader', "
-            "'UnHypeTextEncode']") in out.stdout
+    assert ("['UnHypeAlsoReadText', 'UnHypeApply', 'UnHypeBakeLoRA', 'UnHypeInspect', "
+            "'UnHypeLoader', 'UnHypeTextEncode']") in out.stdout
     assert str(tmp_path / "unhype") in out.stdout
 
 
