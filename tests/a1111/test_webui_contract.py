@@ -141,6 +141,24 @@ def extension_files() -> list[Path]:
     return sorted(EXTENSION.rglob("*.py"))
 
 
+def attribute_uses(tree: ast.AST):
+    """(owner, name, stored) for each ``owner.name`` and each ``getattr / hasattr / setattr(
+    owner, "name")``, where owner is a plain name or the last attribute of a chain
+    (``shared.opts.x``: owner "opts")."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            owner, name, stored = node.value, node.attr, isinstance(node.ctx, ast.Store)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant):
+            owner, name, stored = node.args[0], node.args[1].value, node.func.id == "setattr"
+        else:
+            continue
+        owner_name = getattr(owner, "id", None) or getattr(owner, "attr", None)
+        if owner_name:
+            yield owner_name, name, stored
+
+
 def used_module_names() -> set[tuple[str, str]]:
     """(module, name) for each ``from modules.X import Y`` and each ``X.Y`` read on a module
     the extension imported with ``from modules import X``."""
@@ -155,15 +173,8 @@ def used_module_names() -> set[tuple[str, str]]:
                     bound[alias.asname or alias.name] = alias.name
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("modules."):
                 used |= {(node.module.split(".", 1)[1], a.name) for a in node.names}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                    and node.value.id in bound:
-                used.add((bound[node.value.id], node.attr))
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                    and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2 \
-                    and isinstance(node.args[0], ast.Name) and node.args[0].id in bound \
-                    and isinstance(node.args[1], ast.Constant):
-                used.add((bound[node.args[0].id], node.args[1].value))
+        used |= {(bound[owner], name) for owner, name, _ in attribute_uses(tree)
+                 if owner in bound}
     return used
 
 
@@ -175,58 +186,26 @@ def read_settings() -> tuple[set[str], set[str]]:
         tree = parse(path)
         own |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
                 and isinstance(n.value, str) and n.value.startswith("unhype_")}
-        for node in ast.walk(tree):
-            owner, name = None, None
-            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-                owner, name = node.value, node.attr
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                    and node.func.id in ("getattr", "hasattr") \
-                    and isinstance(node.args[1], ast.Constant):
-                owner, name = node.args[0], node.args[1].value
-            owner_name = getattr(owner, "attr", None) or getattr(owner, "id", None)
-            if owner_name == "opts" and name not in ("add_option", "data"):
+        for owner, name, stored in attribute_uses(tree):
+            if owner == "opts" and not stored and name not in ("add_option", "data"):
                 options.add(name)
-            elif owner_name == "cmd_opts":
+            elif owner == "cmd_opts":
                 flags.add(name)
     return options - own, flags
 
 
-def read_p_attributes() -> dict[str, str]:
-    """Attributes the extension reads on ``p`` (``p.x`` or ``getattr(p, "x", ...)``), minus the
-    ones it sets itself, with a file each was seen in."""
+def read_attributes(owner: str) -> dict[str, str]:
+    """Attributes the extension reads on the variable `owner` (``p``, ``sd_model``), minus the
+    ones it sets on it itself, with a file each was seen in."""
     read, own = {}, set()
     for path in extension_files():
-        tree = parse(path)
-        own |= stored_attributes(tree, "p")
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                    and node.value.id == "p" and isinstance(node.ctx, ast.Load):
-                read.setdefault(node.attr, path.name)
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                    and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2 \
-                    and isinstance(node.args[0], ast.Name) and node.args[0].id == "p" \
-                    and isinstance(node.args[1], ast.Constant):
-                if node.func.id == "setattr":
-                    own.add(node.args[1].value)
+        for who, name, stored in attribute_uses(parse(path)):
+            if who == owner:
+                if stored:
+                    own.add(name)
                 else:
-                    read.setdefault(node.args[1].value, path.name)
+                    read.setdefault(name, path.name)
     return {k: v for k, v in read.items() if k not in own and not k.startswith("__")}
-
-
-def read_model_attributes() -> dict[str, str]:
-    """Attributes the extension reads on ``sd_model`` (attribute or getattr), with a file."""
-    read = {}
-    for path in extension_files():
-        for node in ast.walk(parse(path)):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                    and node.value.id == "sd_model" and isinstance(node.ctx, ast.Load):
-                read.setdefault(node.attr, path.name)
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                    and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2 \
-                    and isinstance(node.args[0], ast.Name) and node.args[0].id == "sd_model" \
-                    and isinstance(node.args[1], ast.Constant):
-                read.setdefault(node.args[1].value, path.name)
-    return read
 
 
 def real_processing_attributes(root: Path) -> set[str]:
@@ -271,7 +250,7 @@ def test_every_setting_the_extension_reads_is_the_web_uis(root):
 @webui
 def test_every_attribute_the_extension_reads_on_p_is_set_by_the_web_ui(root):
     real = real_processing_attributes(root)
-    missing = {k: v for k, v in read_p_attributes().items() if k not in real}
+    missing = {k: v for k, v in read_attributes("p").items() if k not in real}
     assert not missing, f"p attributes the web UI at {root} never sets: {missing}"
 
 
@@ -290,7 +269,7 @@ def test_every_model_attribute_the_extension_reads_is_forges(root):
         tree = parse(path)
         real |= stored_attributes(tree, "self")
         real |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-    missing = {k: v for k, v in read_model_attributes().items()
+    missing = {k: v for k, v in read_attributes("sd_model").items()
                if k not in real and k not in LDM_MODEL_ATTRIBUTES}
     assert not missing, f"sd_model attributes no Forge engine defines: {missing}"
 
