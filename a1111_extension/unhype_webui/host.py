@@ -101,16 +101,21 @@ def pooled_embeddings(sd_model, family: str, texts: list[str], cond=None) -> tor
     return _a1111_pooled(sd_model, texts)
 
 
-def _forge_flux_pooled(sd_model, texts):
-    # Forge's FLUX get_learned_conditioning (backend/diffusion_engine/flux.py L84-88) takes the
-    # vector from its CLIP-L engine alone; texts read only for their vector (long prompts'
-    # windows) skip the T5 engine, the costly half
+def _load_forge_text_encoders(sd_model):
+    # what Forge's get_learned_conditioning does first (its engines assume it)
     try:
         from backend import memory_management
 
         memory_management.load_model_gpu(sd_model.forge_objects.clip.patcher)
     except ImportError:
         pass
+
+
+def _forge_flux_pooled(sd_model, texts):
+    # Forge's FLUX get_learned_conditioning (backend/diffusion_engine/flux.py L84-88) takes the
+    # vector from its CLIP-L engine alone; texts read only for their vector (long prompts'
+    # windows) skip the T5 engine, the costly half
+    _load_forge_text_encoders(sd_model)
     with torch.inference_mode():
         _, pooled = sd_model.text_processing_engine_l(texts)
     if pooled.shape[-1] < POOLED_IN_VECTOR["flux"]:
@@ -125,12 +130,7 @@ def _forge_pooled(sd_model, texts):
     engine = getattr(sd_model, "text_processing_engine", None)
     if engine is None:
         raise UnHypeError("UnHype: this Forge model has no text_processing_engine (not SD1/SD2)")
-    try:
-        from backend import memory_management
-
-        memory_management.load_model_gpu(sd_model.forge_objects.clip.patcher)
-    except ImportError:
-        pass
+    _load_forge_text_encoders(sd_model)
     old = engine.return_pooled
     engine.return_pooled = True
     try:
