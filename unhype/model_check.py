@@ -67,6 +67,19 @@ def checkpoint_family(path) -> str | None:
     return None
 
 
+def checkpoint_input_channels(path) -> int | None:
+    """The UNet's input channels in a single-file checkpoint, from its header (4: text-to-image;
+    9: inpainting; 8: instruct-pix2pix); None when the file or the key is not there."""
+    from safetensors import safe_open
+
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.get_slice(key).get_shape()[1]) if key in f.keys() else None
+    except Exception:
+        return None
+
+
 def detect_family(unet: nn.Module) -> str:
     """'sd1', 'sd2', 'sdxl', 'flux' or 'unknown' for a host's denoiser (A1111/Forge/ComfyUI)."""
     if is_flux(unet):

@@ -153,7 +153,7 @@ def single_file_config(src: Path, family: str | None, model_config: str | None) 
     when it is a folder, else a built-in one (unhype.model_configs) for the checkpoint's family,
     read from its header (`model_config` may name the built-in: sd15, sd2-v, sd2-base,
     sdxl-base; SD 2.x needs the name, its files do not say what they predict)."""
-    from unhype.model_check import checkpoint_family
+    from unhype.model_check import checkpoint_family, checkpoint_input_channels
     from unhype.model_configs import BUILTIN, builtin_for, config_folder
 
     if model_config and (Path(model_config).is_dir() or model_config not in BUILTIN):
@@ -164,7 +164,7 @@ def single_file_config(src: Path, family: str | None, model_config: str | None) 
                               f"({', '.join(BUILTIN)})")
         return cfg_dir
     found = checkpoint_family(src)
-    channels = _input_channels(src)
+    channels = checkpoint_input_channels(src)
     if channels not in (None, 4):
         raise UnHypeError(f"{src}: its UNet takes {channels} input channels (an inpainting or "
                           "instruct model); the trainer erases with text-to-image models: train "
@@ -179,19 +179,6 @@ def single_file_config(src: Path, family: str | None, model_config: str | None) 
     print(f"unhype: {src.name}: {found} checkpoint, loaded with the built-in {name} config "
           f"({BUILTIN[name][4]}); --model_config <folder> to use another", file=sys.stderr)
     return config_folder(name)
-
-
-def _input_channels(src: Path) -> int | None:
-    """The UNet's input channels from a single file's header (4: text-to-image; 9: inpainting;
-    8: instruct-pix2pix), None when the key is not there."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(src), framework="pt") as f:
-            key = "model.diffusion_model.input_blocks.0.0.weight"
-            return int(f.get_slice(key).get_shape()[1]) if key in f.keys() else None
-    except Exception:
-        return None
 
 
 def _from_folder(src: Path, family: str, device, dtype, resolution):
