@@ -120,6 +120,7 @@ class UnHypeApply:
                     ("every row of this conditioning gets it (guidance-distilled family)."
                      if plan.apply_to == "all" else "the negative runs the base weights."))
         else:
+            glue.check_merge_fits(model, plan, keys)
             patched = glue.apply_merged(model, plan, keys)
             info = (f"UnHype: {unhype.path.name} MERGED into {len(keys)} weights: it applies to "
                     "BOTH the positive and the negative branch (not the paper's cond-only "

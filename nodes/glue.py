@@ -211,6 +211,25 @@ def check_hooks_fit(model, plan: ApplyPlan, keys: dict[str, str]) -> None:
                           "loader's own LoRA patching)")
 
 
+def check_merge_fits(model, plan: ApplyPlan, keys: dict[str, str]) -> None:
+    """Merging into packed NF4 / GGUF weights works only through a loader whose ModelPatcher
+    patches them itself (ComfyUI-GGUF's attaches the patches and applies them at dequantisation:
+    tested). ComfyUI's own weight patching fails on them: bitsandbytes' Params4bit refuses its
+    ``.to(copy=...)`` (ComfyUI_bitsandbytes_NF4, the stand-in test), or a layer whose shape does
+    not match is skipped with 'WEIGHT NOT MERGED', erasing nothing. Refused before anything
+    runs unless the model's patcher overrides that patching."""
+    import comfy.model_patcher
+
+    _, quantised = _stored_targets(model, plan, keys)
+    own = getattr(type(model), "patch_weight_to_device", None)
+    stock = getattr(comfy.model_patcher.ModelPatcher, "patch_weight_to_device", None)
+    if quantised and own is stock:
+        raise UnHypeError(f"UnHype: {quantised} target layers are stored quantised (NF4 / "
+                          "GGUF) and this model's loader does not patch them itself (ComfyUI's "
+                          "own weight patching fails on packed weights): use 'auto' (per-row, "
+                          "exact on them)")
+
+
 def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
     """For the paths that write the update into the weights (merge, ComfyUI's hooks): how much
     of the first prompt's update the weights' own dtype loses, when they are stored in under 32
@@ -219,9 +238,9 @@ def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
     low = {name: w for name, w in stored.items() if w.element_size() < 4}
     if quantised:
         return (f" {quantised} target layers are stored quantised (NF4 / GGUF): writing the "
-                "update into them is left to the loader's own LoRA patching (tested with "
-                "ComfyUI-GGUF); 'auto' (per-row) adds it to their output at the compute "
-                "precision (tested).")
+                "update into them is left to the loader's own patching (ComfyUI-GGUF's: "
+                "tested); 'auto' (per-row) adds it to their output at the compute precision "
+                "(tested).")
     if not low:
         return ""
     # one layer's B A^T at a time: FLUX's full update would be gigabytes at once

@@ -42,7 +42,13 @@ def test_per_row_on_quantised_layers_equals_the_dequantised_model(pack, loaded, 
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_merge_on_quantised_layers_says_it_relies_on_the_loader(pack, loaded, prompts):
+def test_merge_into_quantised_layers_needs_a_loader_that_patches_them(pack, loaded, prompts):
+    """A stock ModelPatcher over packed NF4 layers (as ComfyUI_bitsandbytes_NF4 loads them):
+    ComfyUI's own weight patching would fail on them at sampling (bitsandbytes' Params4bit
+    refuses `.to(copy=...)`), so merge is refused up front and nothing changes; per-row works.
+    (A loader that patches them itself, ComfyUI-GGUF: tests/comfy/test_gguf_loader.py.)"""
+    from unhype.errors import UnHypeError
+
     pytest.importorskip("bitsandbytes")
     import tiny
 
@@ -50,8 +56,9 @@ def test_merge_on_quantised_layers_says_it_relies_on_the_loader(pack, loaded, pr
     quantise_linears(stored.model.diffusion_model, "nf4",
                      lambda path: "transformer_blocks" in path)
     pos = prompts["a photo of a cat"]
-    _, _, info = apply(pack, stored, pos, loaded, mode="merge into weights (both branches)")
-    assert "target layers are stored quantised (NF4 / GGUF)" in info
+    with pytest.raises(UnHypeError, match="loader does not patch them itself"):
+        apply(pack, stored, pos, loaded, mode="merge into weights (both branches)")
+    assert not stored.patches
     _, _, info = apply(pack, stored, pos, loaded)
     assert "per-row" in info and "quantised" not in info
 
