@@ -116,7 +116,8 @@ def write_config_folder(name: str, path: Path) -> Path:
              "vae": ["diffusers", "AutoencoderKL"]}
     if xl:
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
+                     tokenizer_2=["transformers", "CLIPTokenizer"],
+                     force_zeros_for_empty_prompt=True)
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None],
                      requires_safety_checker=False)

@@ -64,8 +64,8 @@ def gguf_and_dequantised(comfyui_gguf):
             dequantised[key] = torch.from_numpy(
                 gguf.quants.dequantize(data.numpy(), q8)).reshape(value.shape)
         else:
-            stored[key] = ops_module.GGMLTensor(value.clone(), tensor_type=gguf.GGMLQuantizationType.F32,
-                                                tensor_shape=value.shape)
+            stored[key] = ops_module.GGMLTensor(
+                value.clone(), tensor_type=gguf.GGMLQuantizationType.F32, tensor_shape=value.shape)
             dequantised[key] = value
     config = comfy.supported_models.SD15(dict(tiny.TINY_UNET))
     config.custom_operations = ops_module.GGMLOps()  # as UnetLoaderGGUF passes them

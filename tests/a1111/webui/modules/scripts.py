@@ -1,4 +1,5 @@
-"""modules/scripts.py: Script (Forge L53-353), AlwaysVisible (L14), load_scripts (L491-533) as load_extension_scripts."""
+"""modules/scripts.py: Script (Forge L53-353), AlwaysVisible (L14), load_scripts (L491-533) as
+load_extension_scripts."""
 
 import inspect
 import sys
@@ -54,9 +55,10 @@ scripts_data = []
 
 
 def load_extension_scripts(extension_root, script_paths):
-    """What load_scripts() (which scans every extension folder) does for one extension: clear callbacks, put the extension root first
-    on sys.path while importing each script by file path, register every Script subclass, then
-    restore sys.path (but the root stays: L499-501 prepend every basedir beforehand)."""
+    """What load_scripts() (which scans every extension folder) does for one extension: clear
+    callbacks, put the extension root first on sys.path while importing each script by file
+    path, register every Script subclass, then restore sys.path (but the root stays: L499-501
+    prepend every basedir beforehand)."""
     scripts_data.clear()
     script_callbacks.clear_callbacks()
     if extension_root not in sys.path:

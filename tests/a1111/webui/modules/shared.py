@@ -1,5 +1,6 @@
 """modules/shared.py: opts (modules/options.py Options(data_labels, restricted_opts): attribute
-access to data, add_option L256), OptionInfo (options.py L13, same __init__ signature), cmd_opts.lora_dir, sd_model."""
+access to data, add_option L256), OptionInfo (options.py L13, same __init__ signature),
+cmd_opts.lora_dir, sd_model."""
 
 from types import SimpleNamespace
 
