@@ -13,7 +13,7 @@ from unhype.families import get_family
 from unhype.model_configs import BUILTIN, builtin_for, config_folder
 
 PREDICTION = {"sd15": "epsilon", "sd2-v": "v_prediction", "sd2-base": "epsilon",
-              "sdxl-base": "epsilon"}
+              "sdxl-base": "epsilon", "sdxl-v": "v_prediction"}
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,13 @@ def test_written_once_and_bad_requests_refused(cache, tmp_path):
     with pytest.raises(UnHypeError, match="unknown built-in config 'sd3'"):
         config_folder("sd3", cache=cache)
     assert builtin_for("sd1") == "sd15" and builtin_for("sdxl") == "sdxl-base"
-    with pytest.raises(UnHypeError, match="does not say what it predicts"):
-        builtin_for("sd2")
-    assert builtin_for("sd2", "sd2-base") == "sd2-base"
+    assert builtin_for("sdxl", prediction="v_prediction") == "sdxl-v"
+    assert builtin_for("sd2", prediction="v_prediction") == "sd2-v"
+    assert builtin_for("sd2") == "sd2-base"
+    assert builtin_for("sd2", "sd2-v") == "sd2-v"  # a name wins over the prediction
+    with pytest.raises(UnHypeError, match="no built-in config for a sd1 checkpoint that "
+                                          "predicts v_prediction"):
+        builtin_for("sd1", prediction="v_prediction")
     with pytest.raises(UnHypeError, match="'sdxl-base' is for sdxl, but the checkpoint is sd1"):
         builtin_for("sd1", "sdxl-base")
     with pytest.raises(UnHypeError, match="no built-in config for a flux checkpoint"):

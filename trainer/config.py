@@ -24,9 +24,12 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("model_family", str, "auto", "auto | sd1 | sd2 | sdxl | flux | toy | toy_flux"),
     ("model_config", str, None, "config of a single-file checkpoint: a local diffusers folder "
      "of the same architecture, or a built-in one: sd15, sd2-v (768-v SD 2.x), sd2-base (512 "
-     "SD 2.x), sdxl-base (default: the one for the checkpoint's family; SD 2.x must choose)"),
+     "SD 2.x), sdxl-base, sdxl-v (default: the one for the checkpoint's family and what it "
+     "predicts, read from the file as ComfyUI and Forge read it)"),
     ("v_parameterization", bool, False, "the model predicts v (SD2 768-v), whatever its "
      "scheduler config says"),
+    ("zero_terminal_snr", bool, False, "the model was trained on a noise schedule rescaled to "
+     "zero terminal SNR (v-prediction only; a single file's ztsnr key sets it)"),
     ("mixed_precision", str, "no", "no | fp16 | bf16: dtype of the frozen base model, passed "
      "to accelerate's Accelerator (the hypernetwork always trains in fp32)"),
     ("gradient_accumulation_steps", int, 1, "accelerate's gradient accumulation: each "

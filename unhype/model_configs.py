@@ -11,8 +11,9 @@ make the same load work offline with nothing but the checkpoint:
 * the CLIP tokenizer files are written from the BPE tokenizer the toy world ships
   (`unhype/toy/weights/tokenizer`: the same 49408-token vocabulary and 48894 merges).
 
-SD 2.x checkpoints do not say whether they predict v (768-v: 2.0-v, 2.1) or epsilon (512 base
-models), so there are two SD2 configs and the user names one.
+What a file predicts picks between the configs of one family: SD 2.x 768-v or base, SDXL
+epsilon or v (`unhype.checkpoint_prediction` reads it as ComfyUI and Forge do); the user may
+name one instead.
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ BUILTIN = {
                  "SD 2.x 512 base models (2.0-base, 2.1-base) that predict epsilon"),
     "sdxl-base": ("sdxl", "EulerDiscreteScheduler", "epsilon", 1024,
                   "SDXL 1.0 base and its fine-tunes"),
+    "sdxl-v": ("sdxl", "EulerDiscreteScheduler", "v_prediction", 1024,
+               "SDXL fine-tunes that predict v (NoobAI-XL V-Pred and others with a v_pred key)"),
 }
-DEFAULT_FOR_FAMILY = {"sd1": "sd15", "sdxl": "sdxl-base"}  # sd2: the user must choose
+# (family, prediction) -> the built-in config a checkpoint of that kind loads with
+FOR_PREDICTION = {("sd1", "epsilon"): "sd15", ("sd2", "v_prediction"): "sd2-v",
+                  ("sd2", "epsilon"): "sd2-base", ("sdxl", "epsilon"): "sdxl-base",
+                  ("sdxl", "v_prediction"): "sdxl-v"}
 
 # transformers CLIPTextConfig of each text encoder (reference repositories' config.json)
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
@@ -49,8 +55,9 @@ OPEN_CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_he
                       num_hidden_layers=32, projection_dim=1280, hidden_act="gelu")
 
 
-def builtin_for(family: str, name: str | None = None) -> str:
-    """The built-in config to use for a checkpoint of `family` (`name` if the user gave one)."""
+def builtin_for(family: str, name: str | None = None, prediction: str = "epsilon") -> str:
+    """The built-in config to use for a checkpoint of `family` that predicts `prediction`
+    (`name` if the user gave one)."""
     if name is not None:
         if name not in BUILTIN:
             raise UnHypeError(f"unknown built-in config {name!r}; choose one of "
@@ -59,15 +66,10 @@ def builtin_for(family: str, name: str | None = None) -> str:
             raise UnHypeError(f"built-in config {name!r} is for {BUILTIN[name][0]}, but the "
                               f"checkpoint is {family}")
         return name
-    if family == "sd2":
-        raise UnHypeError(
-            "an SD 2.x checkpoint does not say what it predicts: pass --model_config sd2-v "
-            "(768-v models: 2.0-v, 2.1) or --model_config sd2-base (512 base models), or a "
-            "diffusers config folder")
-    if family not in DEFAULT_FOR_FAMILY:
-        raise UnHypeError(f"no built-in config for a {family} checkpoint; give a diffusers "
-                          "folder of the same architecture")
-    return DEFAULT_FOR_FAMILY[family]
+    if (family, prediction) not in FOR_PREDICTION:
+        raise UnHypeError(f"no built-in config for a {family} checkpoint that predicts "
+                          f"{prediction}; give a diffusers folder of the same architecture")
+    return FOR_PREDICTION[(family, prediction)]
 
 
 def config_folder(name: str, cache: str | Path | None = None) -> Path:

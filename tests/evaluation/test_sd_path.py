@@ -66,3 +66,23 @@ def test_eval_on_a_tiny_flux_folder_in_bf16_with_low_bit_weights(tmp_path, stora
     # UCE writes into the weights that fp8 storage would round: refused before any work
     assert main(args + ["--baselines", "uce", "--out", str(tmp_path / "uce")]) == 2
     assert not (tmp_path / "uce").exists()
+
+
+def test_eval_reads_a_v_prediction_zero_snr_model_as_the_trainer_does(tmp_path, capsys):
+    """`unhype eval --v_parameterization --zero_terminal_snr` loads the model on the schedule it
+    was trained on; zero terminal SNR alone on an epsilon model is refused before any work."""
+    from trainer.backends.tiny import build_pipeline_folder
+    from unhype.cli import build_parser
+    from unhype.evaluation.cli import load_model
+
+    torch.set_num_threads(1)
+    model = build_pipeline_folder("sd1", tmp_path / "sd1")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model), "--erase", "ship", "--prompt_set", "cifar10",
+                 "--zero_terminal_snr", "--out", str(out)]) == 2
+    assert "zero terminal SNR needs a v-prediction model" in capsys.readouterr().err
+    assert not out.exists()
+    args = build_parser().parse_args(["eval", "--model", str(model), "--v_parameterization",
+                                      "--zero_terminal_snr"])
+    backend, _, _ = load_model(str(model), args)
+    assert backend.prediction_type == "v_prediction" and backend.zero_terminal_snr

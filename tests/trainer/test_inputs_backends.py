@@ -120,8 +120,8 @@ UNET_TO_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.t
 
 def test_single_file_config_is_a_folder_or_a_fitting_built_in(tiny_sd1, tmp_path):
     """Without --model_config a single file gets the built-in config of the family its header
-    shows; SD 2.x must say which (v or epsilon); a name or folder that does not fit is refused
-    before any weight is read."""
+    shows (and of what it predicts: tests/test_checkpoint_prediction.py); a name or folder that
+    does not fit is refused before any weight is read."""
     def checkpoint(name, context):
         path = tmp_path / name
         atomic_save_safetensors({UNET_TO_K: torch.zeros(320, context)}, path, {})
@@ -134,8 +134,8 @@ def test_single_file_config_is_a_folder_or_a_fitting_built_in(tiny_sd1, tmp_path
     with pytest.raises(UnHypeError, match="model_index.json missing"):
         load_backend(resolve(fast_options(unknown, tmp_path, device="cpu",
                                           model_config=str(tmp_path))))
-    sd2 = checkpoint("sd2.safetensors", 1024)
-    with pytest.raises(UnHypeError, match="--model_config sd2-v .* --model_config sd2-base"):
+    sd2 = checkpoint("sd2.safetensors", 1024)  # no v_pred key, no norm bias: the base config
+    with pytest.raises(UnHypeError, match="could not load it with .*sd2-base-v1"):
         load_backend(resolve(fast_options(sd2, tmp_path, device="cpu")))
     with pytest.raises(UnHypeError, match="'sd15' is for sd1, but the checkpoint is sd2"):
         load_backend(resolve(fast_options(sd2, tmp_path, device="cpu", model_config="sd15")))

@@ -111,3 +111,50 @@ def test_single_file_trains_a_hypernet(sd1_single_file, tmp_path):
     assert loaded.meta.family == "sd1" and loaded.meta.training["steps_done"] == 2
     assert len(loaded.meta.config.targets) == len(run.backend.family.targets(
         None, model=run.backend.unet))
+
+
+def with_markers(path, out, *markers):
+    """A copy of checkpoint `path` with ComfyUI's marker keys (empty tensors) added."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    tensors.update({m: torch.tensor([]) for m in markers})
+    atomic_save_safetensors(tensors, out, {})
+    return out
+
+
+def test_v_pred_and_ztsnr_keys_set_the_schedule(sd1_single_file, tmp_path):
+    """A file that says it predicts v on a zero-terminal-SNR schedule (as ComfyUI saves one)
+    overrides the config folder's epsilon scheduler, samples finite latents from pure noise
+    (where an epsilon reading divides by zero) and trains."""
+    path, folder, _ = sd1_single_file
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())[
+        "prediction_type"] == "epsilon"
+    marked = with_markers(path, tmp_path / "vpred.safetensors", "v_pred", "ztsnr")
+    cfg = resolve(fast_options(marked, tmp_path, device="cpu", model_config=str(folder),
+                               max_train_steps=2))
+    cfg.concept_entries = [dict(c) for c in INLINE_CONCEPTS]
+    run = loop.prepare(cfg, quiet=True)
+    backend = run.backend
+    assert backend.prediction_type == "v_prediction" and backend.zero_terminal_snr
+    assert "zero terminal SNR" in backend.info()
+    scheduler = backend.make_scheduler(3)
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6
+    assert int(scheduler.timesteps[0]) == 999  # trailing: sampling starts at pure noise
+    cond, uncond = backend.encode(["a photo of a dog"]), backend.encode([""])
+    z = backend.sample(cond, uncond, torch.Generator().manual_seed(0), 3, 7.5)
+    assert torch.isfinite(z).all()
+    assert loop.train(run, progress=False) == 0
+    assert load_hypernet(tmp_path / "erase.safetensors").meta.training["steps_done"] == 2
+
+
+def test_zero_terminal_snr_flag_needs_v_prediction(tiny_sd1, tmp_path):
+    from unhype.errors import UnHypeError
+
+    with pytest.raises(UnHypeError, match="zero terminal SNR needs a v-prediction model"):
+        load_backend(resolve(fast_options(tiny_sd1, tmp_path, device="cpu",
+                                          zero_terminal_snr=True)))
+    backend = load_backend(resolve(fast_options(tiny_sd1, tmp_path, device="cpu",
+                                                zero_terminal_snr=True,
+                                                v_parameterization=True)))
+    assert backend.zero_terminal_snr and backend.prediction_type == "v_prediction"

@@ -44,6 +44,9 @@ def load_backend(cfg):
     if family == "flux" or flux.is_flux_model(path, cfg.model_config):
         if cfg.v_parameterization:
             raise UnHypeError("--v_parameterization: FLUX predicts the flow velocity")
+        if cfg.zero_terminal_snr:
+            raise UnHypeError("--zero_terminal_snr: FLUX is a rectified flow, not a DDPM "
+                              "schedule")
         backend = flux.load_flux(path, cfg.model_config, device, cfg.mixed_precision,
                                  cfg.resolution, cfg.guidance_scale)
     else:
@@ -53,6 +56,9 @@ def load_backend(cfg):
                                  cfg.resolution)
         if cfg.v_parameterization:
             backend.set_prediction_type("v_prediction")
+        if cfg.zero_terminal_snr:
+            backend.set_zero_terminal_snr()
+        backend.check_schedule()
     if staged:
         backend.stage(cfg.device)
     return backend

@@ -96,6 +96,22 @@ class Backend:
         self.scheduler = type(self.scheduler).from_config(self.scheduler.config,
                                                           prediction_type=kind)
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.scheduler.config.get("rescale_betas_zero_snr", False))
+
+    def set_zero_terminal_snr(self) -> None:
+        """Rescale the noise schedule to zero terminal SNR (Lin et al. 2024), as the model was
+        trained; sampling then starts at the last timestep ("trailing" spacing)."""
+        self.scheduler = type(self.scheduler).from_config(
+            self.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+    def check_schedule(self) -> None:
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise UnHypeError("zero terminal SNR needs a v-prediction model (an epsilon model "
+                              "cannot denoise pure noise: its x0 estimate divides by zero); add "
+                              "--v_parameterization or drop --zero_terminal_snr")
+
     def freeze(self) -> None:
         for module in self.modules():
             module.requires_grad_(False)
@@ -232,5 +248,6 @@ class Backend:
         return scheduler.scale_model_input(z, t), t.reshape(1).expand(n).to(self.device)
 
     def info(self) -> str:
+        snr = ", zero terminal SNR" if self.zero_terminal_snr else ""
         return (f"{self.description} (family {self.family.name}, prediction "
-                f"{self.prediction_type}, dtype {str(self.dtype).replace('torch.', '')})")
+                f"{self.prediction_type}{snr}, dtype {str(self.dtype).replace('torch.', '')})")

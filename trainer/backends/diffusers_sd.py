@@ -8,13 +8,16 @@ also what the hypernetwork reads) and the size/crop `time_ids`.
 
 Single-file checkpoints (A1111/ComfyUI `.safetensors`) load with diffusers `from_single_file`,
 offline, against a diffusers config folder: `--model_config <folder>`, or a built-in one for the
-standard architectures (unhype.model_configs: SD 1.5, SD 2.x v / base, SDXL base).
+standard architectures (unhype.model_configs: SD 1.5, SD 2.x v / base, SDXL epsilon / v). What
+the file predicts, and a zero-terminal-SNR schedule, are read from it as ComfyUI and Forge read
+them (unhype.checkpoint_prediction).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -131,7 +134,7 @@ def load_diffusers(path: str, family: str | None, model_config: str | None, devi
     if src.suffix.lower() not in (".safetensors",):
         raise UnHypeError(f"{src}: only .safetensors checkpoints are loaded (no .ckpt/.pt "
                           "pickles); convert it first")
-    cfg_dir = single_file_config(src, family, model_config)
+    cfg_dir, prediction = single_file_config(src, family, model_config)
     detected = folder_family(cfg_dir)
     if family and family != detected:
         raise UnHypeError(f"--model_config {cfg_dir} describes an {detected} model, but "
@@ -145,24 +148,39 @@ def load_diffusers(path: str, family: str | None, model_config: str | None, devi
     except Exception as exc:
         raise UnHypeError(f"{src}: diffusers could not load it with the config {cfg_dir} "
                           f"({type(exc).__name__}: {exc})") from None
-    return _from_pipe(pipe, detected, device, dtype, resolution, f"single file {src.name}")
+    backend = _from_pipe(pipe, detected, device, dtype, resolution, f"single file {src.name}")
+    if prediction is not None:
+        if prediction.kind != backend.prediction_type:
+            print(f"unhype: {src.name} {prediction.describe()}: overrides the {cfg_dir.name} "
+                  f"scheduler's {backend.prediction_type}", file=sys.stderr)
+            backend.set_prediction_type(prediction.kind)
+        if prediction.zero_snr:
+            backend.set_zero_terminal_snr()
+    return backend
 
 
-def single_file_config(src: Path, family: str | None, model_config: str | None) -> Path:
-    """The diffusers config folder to load single-file checkpoint `src` with: `model_config`
-    when it is a folder, else a built-in one (unhype.model_configs) for the checkpoint's family,
-    read from its header (`model_config` may name the built-in: sd15, sd2-v, sd2-base,
-    sdxl-base; SD 2.x needs the name, its files do not say what they predict)."""
+def single_file_config(src: Path, family: str | None, model_config: str | None):
+    """(the diffusers config folder to load single-file checkpoint `src` with, what the file
+    predicts or None). The folder is `model_config` when that is a folder, else a built-in one
+    (unhype.model_configs: sd15, sd2-v, sd2-base, sdxl-base, sdxl-v; `model_config` may name
+    it) for the checkpoint's family, read from its header, and for what it predicts
+    (unhype.checkpoint_prediction). The prediction returned overrides the folder's scheduler;
+    a user's folder is overridden only by what the file states (a v_pred / ztsnr key), not by
+    the SD 2.x weight rule."""
+    from unhype.checkpoint_prediction import checkpoint_prediction
     from unhype.model_check import checkpoint_family, checkpoint_input_channels
     from unhype.model_configs import BUILTIN, builtin_for, config_folder
 
-    if model_config and (Path(model_config).is_dir() or model_config not in BUILTIN):
+    named = model_config if model_config in BUILTIN and not Path(model_config).is_dir() else None
+    if model_config and not named:
         cfg_dir = Path(model_config)
         if not (cfg_dir / "model_index.json").is_file():
             raise UnHypeError(f"--model_config {cfg_dir}: not a diffusers config folder "
                               f"(model_index.json missing) nor a built-in config "
                               f"({', '.join(BUILTIN)})")
-        return cfg_dir
+        found = checkpoint_family(src)
+        prediction = checkpoint_prediction(src, found) if found else None
+        return cfg_dir, (prediction if prediction is not None and prediction.stated else None)
     found = checkpoint_family(src)
     channels = checkpoint_input_channels(src)
     if channels not in (None, 4):
@@ -175,10 +193,16 @@ def single_file_config(src: Path, family: str | None, model_config: str | None) 
                           "folder of the same architecture>")
     if family and family != found:
         raise UnHypeError(f"{src} holds an {found} UNet, but --model_family {family} was given")
-    name = builtin_for(found, model_config)
-    print(f"unhype: {src.name}: {found} checkpoint, loaded with the built-in {name} config "
-          f"({BUILTIN[name][4]}); --model_config <folder> to use another", file=sys.stderr)
-    return config_folder(name)
+    prediction = checkpoint_prediction(src, found)
+    name = builtin_for(found, named, prediction.kind)
+    if BUILTIN[name][2] != prediction.kind:  # the user named a config that disagrees
+        print(f"unhype: {src.name} {prediction.describe()}, but --model_config {name} predicts "
+              f"{BUILTIN[name][2]}: following --model_config", file=sys.stderr)
+        prediction = replace(prediction, kind=BUILTIN[name][2])
+    print(f"unhype: {src.name}: {found} checkpoint, {prediction.describe()}; loaded with the "
+          f"built-in {name} config ({BUILTIN[name][4]}); --model_config <folder> to use another",
+          file=sys.stderr)
+    return config_folder(name), prediction
 
 
 def _from_folder(src: Path, family: str, device, dtype, resolution):

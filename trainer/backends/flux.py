@@ -92,6 +92,13 @@ class FluxBackend(Backend):
         raise UnHypeError("FLUX predicts the rectified-flow velocity; --v_parameterization "
                           "does not apply")
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return False
+
+    def set_zero_terminal_snr(self) -> None:
+        raise UnHypeError("FLUX is a rectified flow; --zero_terminal_snr does not apply")
+
     def predict(self, z: torch.Tensor, t, cond: Cond) -> torch.Tensor:
         """Velocity for packed latents z [N, S, 4C] at scheduler timesteps t (0..1000) [N]."""
         n = z.shape[0]

@@ -29,8 +29,13 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="'toy' (default for toy files) or a diffusers "
                    "folder / single-file checkpoint")
     p.add_argument("--model_config", default=None, help="config of a single-file checkpoint: a "
-                   "diffusers folder, or built-in sd15 / sd2-v / sd2-base / sdxl-base (default: "
-                   "the checkpoint family's; SD 2.x must choose)")
+                   "diffusers folder, or built-in sd15 / sd2-v / sd2-base / sdxl-base / sdxl-v "
+                   "(default: the one for the checkpoint's family and what it predicts, read "
+                   "from the file as ComfyUI and Forge read it)")
+    p.add_argument("--v_parameterization", action="store_true", help="the model predicts v, "
+                   "whatever its scheduler config says (as unhype train)")
+    p.add_argument("--zero_terminal_snr", action="store_true", help="the model's schedule is "
+                   "rescaled to zero terminal SNR (as unhype train; a file's ztsnr key sets it)")
     p.add_argument("--toy_weights", default=None, help="toy weights folder (default: committed)")
     p.add_argument("--erase", default=None, help="comma-separated erased classes (default: the "
                    "hypernetworks' concept targets)")
@@ -248,7 +253,9 @@ def load_model(model: str, args):
                    "model_family": "toy" if toy else "auto", "model_config": args.model_config,
                    "device": args.device, "mixed_precision": args.mixed_precision,
                    "fp8_base": args.fp8_base, "nf4_base": args.nf4_base,
-                   "cache_text_encoder_outputs": args.cache_text_encoder_outputs})
+                   "cache_text_encoder_outputs": args.cache_text_encoder_outputs,
+                   "v_parameterization": args.v_parameterization,
+                   "zero_terminal_snr": args.zero_terminal_snr})
     backend = load_backend(cfg)  # the toy says that it ignores the precision options
     note = memory.apply(cfg, backend)
     if toy:
