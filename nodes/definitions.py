@@ -286,7 +286,7 @@ class UnHypeTextEncode:
 
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("CLIP Text Encode's conditioning, plus the window embeddings UnHype "
-                       "Apply reads for prompts of more than 32 words.",)
+                       "Apply reads for prompts of more than 75 tokens.",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("CLIP Text Encode for prompts that UnHype Apply will see: a prompt longer "

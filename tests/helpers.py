@@ -93,13 +93,18 @@ class ConceptGate(torch.nn.Module):
 def gate_between(loaded, pooled, strong: str, weak: str, concept: str):
     """Give `loaded` a ConceptGate on `concept`'s embedding, half open between the texts
     `strong` (which names the concept) and `weak`, as `pooled(texts)` embeds them; checks that
-    `strong` then gets over 10 times `weak`'s update. Returns both embeddings."""
+    `strong` then gets over 10 times `weak`'s update. Returns both embeddings. The gate is
+    steep enough to open 4 logits either side however close the two texts embed (a 75-token
+    window that ends on the concept is only a little closer to it than the whole prompt)."""
     from unhype.hypernet import delta_weight
 
     pair = pooled([strong, weak])
     target = pooled([concept])[0]
     cos = torch.nn.functional.cosine_similarity(pair, target[None])
-    loaded.hypernet = ConceptGate(loaded.hypernet, target, at=float(cos.mean()))
+    gap = float(cos[0] - cos[1])
+    assert gap > 0, f"{strong!r} is not closer to {concept!r} than {weak!r}"
+    loaded.hypernet = ConceptGate(loaded.hypernet, target, at=float(cos.mean()),
+                                  sharpness=max(50.0, 8.0 / gap))
     with torch.no_grad():
         f = loaded.generate(pair)
     norms = [sum(float(delta_weight(a[n], b[n]).pow(2).sum()) for a, b in f.values())

@@ -3,22 +3,54 @@
 import torch
 
 from unhype.hypernet import delta_weight
-from unhype.prompt_windows import (STRIDE_WORDS, WINDOW_WORDS, prompt_windows, strongest,
-                                   update_norms)
+from unhype.prompt_windows import (CHUNK_TOKENS, STRIDE_TOKENS, clip_tokens, prompt_windows,
+                                   strongest, update_norms, window_spans)
+
+TAGS = ("ultra-detailed, (masterpiece:1.2), best-quality, hyper-realistic, 8k-uhd, "
+        "cinematic-lighting, volumetric-fog, award-winning, trending-on-artstation, ")
+
+
+def test_tokens_are_counted_as_the_hosts_clip_tokenizer_counts_them(tmp_path):
+    """The count equals transformers' CLIPTokenizer (the one the built-in configs write, which
+    is OpenAI's vocabulary and merges) on prompts with tags, weights, digits and unicode."""
+    from transformers import CLIPTokenizer
+
+    from unhype.model_configs import _write_tokenizer
+
+    _write_tokenizer(tmp_path / "tok", "<|endoftext|>")
+    reference = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    for text in [TAGS * 3 + "a photo of a cat", "score_9, score_8_up, 1girl, <lora:x:0.8>",
+                 "Über-café 東京 ✨ (van gogh:1.3) [cat|dog] BREAK a red car", "a"]:
+        assert clip_tokens(text) == len(reference(text, add_special_tokens=False).input_ids)
 
 
 def test_short_prompts_have_no_windows_and_long_ones_cover_every_phrase():
     assert prompt_windows("a photo of a cat") == []
-    assert prompt_windows(" ".join(["w"] * WINDOW_WORDS)) == []
-    words = [f"w{i}" for i in range(75)]
-    windows = [w.split() for w in prompt_windows(" ".join(words))]
-    assert all(len(w) == WINDOW_WORDS for w in windows)
-    assert windows[0][0] == "w0" and windows[-1][-1] == "w74"
-    starts = [words.index(w[0]) for w in windows]
-    assert starts == [0, 16, 32, 43]
-    for length in range(1, STRIDE_WORDS + 1):  # every phrase of up to 16 words lies whole in one
-        for i in range(len(words) - length + 1):
-            assert any(s <= i and i + length <= s + WINDOW_WORDS for s in starts), (i, length)
+    assert prompt_windows(" ".join(["cat"] * CHUNK_TOKENS)) == []
+    assert len(prompt_windows(" ".join(["cat"] * (CHUNK_TOKENS + 1)))) == 2
+    # 32 words, 140 tokens: a tag prompt is long in tokens, not in words
+    dense = TAGS * 3 + "a photo of a cat"
+    assert len(dense.split()) == 32 and clip_tokens(dense) == 140
+    windows = prompt_windows(dense)
+    assert windows and windows[-1].endswith("a photo of a cat")
+    for text in [dense, " ".join(f"w{i}" for i in range(120)), TAGS * 8 + "van gogh"]:
+        words = text.split()
+        spans = window_spans(words)
+        assert prompt_windows(text) == [" ".join(words[a:b]) for a, b in spans]
+        assert all(clip_tokens(" ".join(words[a:b])) <= CHUNK_TOKENS for a, b in spans)
+        assert spans[0][0] == 0 and spans[-1][1] == len(words)
+        # every phrase of up to 30 tokens lies whole in one window
+        for i in range(len(words)):
+            for k in range(i + 1, len(words) + 1):
+                if clip_tokens(" ".join(words[i:k])) > CHUNK_TOKENS - STRIDE_TOKENS - 8:
+                    break
+                assert any(a <= i and k <= b for a, b in spans), (text[:30], i, k)
+
+
+def test_a_word_longer_than_a_chunk_is_a_window_of_its_own():
+    huge = "x" * 400  # no merges: many tokens, one word
+    windows = prompt_windows(f"a photo of {huge} and a cat")
+    assert huge in windows and windows[-1].endswith("and a cat")
 
 
 def test_update_norms_and_the_strongest_candidate_per_prompt():

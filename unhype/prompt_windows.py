@@ -8,32 +8,87 @@ as many prompts are written) would get no LoRA. So a long prompt is also read th
 overlapping windows of its words, each short enough for one chunk, and each prompt gets the
 LoRA of whichever of its texts (the prompt itself or a window) gives the strongest update.
 
-Windows are cut by words, not tokens, so no tokenizer is needed: 32 words with a stride of 16,
-so any phrase of up to 16 words lies whole inside a window, within its first 48 words. A prompt
-of up to 32 words has no windows (it is read as before).
+Windows are measured in CLIP tokens, counted with CLIP's own BPE (the copy the toy world ships,
+OpenAI's vocabulary and merges; every SD / SDXL / FLUX CLIP tokenizes with it). A word's tokens
+never span whitespace, so a text's count is the sum of its words': a window holds whole words,
+at most 75 tokens; the next starts about 37 tokens later, so any phrase of up to about 30 tokens
+lies whole inside one window; the last ends at the prompt's last word. A prompt of up to 75
+tokens has no windows (it is read as before). Tag prompts run to 4 tokens a word
+(``trending-on-artstation,`` is 7), which is why words are not counted instead. Prompt-weight
+syntax such as ``(cat:1.2)`` counts its brackets and numbers, which the hosts strip: windows
+come out a little shorter than they could be, never longer.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from unhype.hypernet import LoraFactors
 
-WINDOW_WORDS = 32
-STRIDE_WORDS = 16
+CHUNK_TOKENS = 75    # what one CLIP chunk holds (77 with start and end of text)
+STRIDE_TOKENS = 37   # about half a window: windows overlap by the rest
+CLIP_BPE = Path(__file__).resolve().parent / "toy" / "weights" / "tokenizer" / "tokenizer.json"
 
 
-def prompt_windows(text: str, window: int = WINDOW_WORDS, stride: int = STRIDE_WORDS
+@lru_cache(maxsize=1)
+def _clip_bpe():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(CLIP_BPE))
+
+
+@lru_cache(maxsize=8192)
+def word_tokens(word: str) -> int:
+    """CLIP BPE tokens of one whitespace-free word (without start / end of text)."""
+    return len(_clip_bpe().encode(word, add_special_tokens=False).ids)
+
+
+def clip_tokens(text: str) -> int:
+    """CLIP BPE tokens of `text` (without start / end of text)."""
+    return sum(word_tokens(w) for w in text.split())
+
+
+def prompt_windows(text: str, window: int = CHUNK_TOKENS, stride: int = STRIDE_TOKENS
                    ) -> list[str]:
-    """The overlapping word windows of a long prompt ([] for one of `window` words or fewer);
-    the last window ends at the prompt's last word."""
+    """The overlapping windows of whole words of a prompt longer than `window` CLIP tokens
+    ([] for a shorter one): `window_spans` joined."""
     words = text.split()
-    if len(words) <= window:
+    return [" ".join(words[a:b]) for a, b in window_spans(words, window, stride)]
+
+
+def window_spans(words: list[str], window: int = CHUNK_TOKENS, stride: int = STRIDE_TOKENS
+                 ) -> list[tuple[int, int]]:
+    """[start, end) word spans of the windows: each holds at most `window` tokens (a single
+    longer word alone), the next starts once `stride` tokens are behind, and the last ends at
+    the last word. [] when all the words fit in `window` tokens."""
+    counts = [word_tokens(w) for w in words]
+    if sum(counts) <= window:
         return []
-    starts = list(range(0, len(words) - window + 1, stride))
-    if starts[-1] + window < len(words):
-        starts.append(len(words) - window)
-    return [" ".join(words[s:s + window]) for s in starts]
+    n = len(words)
+    spans = []
+    start = 0
+    while True:
+        end, total = start, 0
+        while end < n and (end == start or total + counts[end] <= window):
+            total += counts[end]
+            end += 1
+        if end >= n:  # the last window: as many words as fit, back from the last one
+            start, total = n, 0
+            while start > 0 and (start == n or total + counts[start - 1] <= window):
+                start -= 1
+                total += counts[start]
+            if not spans or spans[-1] != (start, n):
+                spans.append((start, n))
+            return spans
+        spans.append((start, end))
+        behind, nxt = 0, start
+        while nxt < end - 1 and behind + counts[nxt] <= stride:
+            behind += counts[nxt]
+            nxt += 1
+        start = max(nxt, start + 1)
 
 
 def update_norms(factors: LoraFactors) -> torch.Tensor:

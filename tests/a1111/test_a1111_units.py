@@ -156,15 +156,16 @@ def test_probe_scores_concept_prompts_and_gram_matches_dense():
 
 
 def test_probe_reads_long_prompts_through_windows_when_asked():
-    """An encoder that sees 32 words at most (as CLIP sees 75 tokens) and a network that fires
-    on "cat": the prompt naming the cat at its 38th word fires only through its windows."""
+    """An encoder that sees 75 one-token words at most (as CLIP sees 75 tokens) and a network
+    that fires on "cat": the prompt naming the cat at its 81st word fires only through its
+    windows."""
     def embed(texts):
-        return torch.tensor([[1.0 if "cat" in t.split()[:32] else 0.01, 1.0] for t in texts])
+        return torch.tensor([[1.0 if "cat" in t.split()[:75] else 0.01, 1.0] for t in texts])
 
     def net(emb):
         return {"layer": (emb[:, :1, None].expand(-1, 3, 1).clone(), torch.ones(len(emb), 2, 1))}
 
-    long = " ".join(["tree"] * 37 + ["cat", "photo"])
+    long = " ".join(["tree"] * 80 + ["cat", "photo"])
     assert not probe(net, embed, [long], ["cat"])[0].fired
     result = probe(net, embed, [long, "a car"], ["cat"], windows=True)
     assert [r.fired for r in result] == [["cat"], []]

@@ -497,11 +497,20 @@ def test_long_prompts_are_flagged_in_the_info(pack, tiny_parts, loaded, prompts)
     assert "longer than 75 tokens" not in info
 
 
+TAG_PROMPT = ("ultra-detailed, (masterpiece:1.2), best-quality, hyper-realistic, 8k-uhd, "
+              "cinematic-lighting, volumetric-fog, award-winning, trending-on-artstation, " * 3
+              + "a photo of a cat")  # 32 words, 140 CLIP tokens
+
+
+@pytest.mark.parametrize("text", ["masterpiece, best quality, " * 20 + "a photo of a cat",
+                                  TAG_PROMPT], ids=["many_words", "few_words_many_tokens"])
 def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_parts, loaded,
-                                                                  prompts):
+                                                                  prompts, text):
     """UnHype Text Encode gives CLIP Text Encode's conditioning plus the pooled embeddings of a
     long prompt's word windows; Apply reads them, and with a concept-selective network the row
-    gets the update of the window that names the concept, not the truncated prompt's."""
+    gets the update of the window that names the concept, not the truncated prompt's. Long is
+    counted in tokens: a tag prompt of 32 words is 140 tokens (ComfyUI encodes it in two
+    chunks) and has windows."""
     from dataclasses import replace
 
     from tests.helpers import ConceptGate
@@ -509,7 +518,6 @@ def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_par
     from unhype.prompt_windows import prompt_windows
 
     clip, node = tiny_parts["clip"], pack.nodes.definitions.UnHypeTextEncode()
-    text = "masterpiece, best quality, " * 20 + "a photo of a cat"
     with torch.no_grad():
         (cond,) = node.encode(clip, text)
         ref_cond, ref_pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
@@ -518,15 +526,17 @@ def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_par
         concept = clip.encode_from_tokens(clip.tokenize("a photo of a cat"),
                                           return_pooled=True)[1][0].float()
         (short,) = node.encode(clip, "a photo of a cat")
-    assert torch.equal(cond[0][0], ref_cond)
+    assert torch.equal(cond[0][0], ref_cond) and ref_cond.shape[1] > 77  # two chunks
     assert torch.equal(cond[0][1]["pooled_output"], ref_pooled)
+    assert len(prompt_windows(text)) >= 2
     torch.testing.assert_close(cond[0][1][WINDOWS_KEY], windows)
     assert WINDOWS_KEY not in short[0][1]
 
     candidates = torch.cat([ref_pooled.float(), windows])
     cos = torch.nn.functional.cosine_similarity(candidates, concept[None], dim=1)
     # half open between the truncated prompt and the window that names the cat
-    gated = replace(loaded, hypernet=ConceptGate(loaded.hypernet, concept,
+    # (steep: a window of 75 tokens that ends on the cat is only a little closer to it)
+    gated = replace(loaded, hypernet=ConceptGate(loaded.hypernet, concept, sharpness=200.0,
                                                  at=float(cos[0] + cos[-1]) / 2))
     with torch.no_grad():
         f = gated.generate(candidates)
@@ -581,9 +591,10 @@ def test_also_read_text_adds_a_texts_embeddings_and_apply_keeps_the_strongest(pa
 
     long = "masterpiece, best quality, " * 20 + "a photo of a cat"
     (encoded,) = pack.nodes.definitions.UnHypeTextEncode().encode(clip, long)
-    (both,) = node.add(encoded, clip, "a dog " * 20)  # appended after the windows there
+    (both,) = node.add(encoded, clip, "a dog " * 40)  # appended after the windows there
     windows = both[0][1][WINDOWS_KEY]
-    assert windows.shape[0] == len(prompt_windows(long)) + 1 + len(prompt_windows("a dog " * 20))
+    assert len(prompt_windows("a dog " * 40)) == 2
+    assert windows.shape[0] == len(prompt_windows(long)) + 1 + len(prompt_windows("a dog " * 40))
     torch.testing.assert_close(windows[:len(prompt_windows(long))],
                                encoded[0][1][WINDOWS_KEY], rtol=0, atol=0)
     wide = [[car[0][0], {"pooled_output": torch.zeros(1, 1280)}]]
