@@ -107,6 +107,13 @@ class UnHypeApply:
         keys = glue.resolve_keys(model, plan)
         path = glue.choose_path(model, mode)
         prompts = next(iter(plan.factors.values()))[0].shape[0]
+        off = rows_under_floor(plan)
+        if plan.strength == 0 or off == prompts:  # nothing to add: the inputs, untouched
+            info = (f"UnHype: {unhype.path.name} off: " +
+                    ("strength 0." if plan.strength == 0 else
+                     f"all {prompts} prompt row(s) under the file's gate floor (the "
+                     "hypernetwork does not recognise them); the model is unchanged."))
+            return {"ui": {"text": [info]}, "result": (model, conditioning, info)}
         if path == glue.PATH_HOOKS:
             glue.check_hooks_fit(model, plan, keys)
             patched, conditioning = glue.apply_hooks(model, plan, keys, conditioning)
@@ -127,7 +134,6 @@ class UnHypeApply:
                     "semantics)" + (f"; only the first of {prompts} prompt rows is used"
                                     if prompts > 1 else "") + "."
                     + glue.weight_rounding_note(model, plan, keys))
-        off = rows_under_floor(plan)
         if off:  # the hypernetwork did not recognise these prompts: nothing is erased there
             info += (f" {off} of {prompts} prompt row(s) under the file's gate floor: they run "
                      "the base weights.")

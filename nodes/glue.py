@@ -107,7 +107,9 @@ def lora_key_map(model) -> dict[str, str]:
 
 
 def resolve_keys(model, plan: ApplyPlan) -> dict[str, str]:
-    """Canonical name -> ComfyUI weight key; every target must resolve (nothing ignored)."""
+    """Canonical name -> ComfyUI weight key; every target must resolve (nothing ignored) and
+    have the shape the file was trained for: ComfyUI's own patching (merge, hooks) only logs
+    'WEIGHT SHAPE MISMATCH' and skips such a layer, which would erase nothing."""
     key_map = lora_key_map(model)
     missing = [name for name in plan.factors if name not in key_map]
     if missing:
@@ -128,6 +130,10 @@ def resolve_keys(model, plan: ApplyPlan) -> dict[str, str]:
         elif key != expected:
             raise UnHypeError(f"UnHype: layer {name} maps to {key} in ComfyUI but to {expected} "
                               "in UnHype's naming; refusing to guess")
+    try:
+        resolve_modules(diffusion_model(model), plan.paths, plan.dims)
+    except UnHypeError as exc:
+        raise UnHypeError(f"UnHype: {exc}") from None
     return keys
 
 

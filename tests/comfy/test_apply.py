@@ -101,13 +101,16 @@ def test_rows_under_the_gate_floor_run_the_base_weights(pack, tiny_parts, loaded
                                                                   "gate_reference": 1e9}))
     pos, neg = prompts["a photo of a cat"], prompts["blurry, low quality"]
     rec_model, rec = recorded(model)
-    patched, cond_out, info = apply(pack, rec_model, pos, floored)
-    assert "1 of 1 prompt row(s) under the file's gate floor" in info
+    for mode in pack.nodes.glue.available_modes():
+        patched, cond_out, info = apply(pack, rec_model, pos, floored, mode=mode)
+        assert "all 1 prompt row(s) under the file's gate floor" in info
+        # nothing to add: the model and conditioning come back as they went in (no wrapper,
+        # patch or hook: a floored prompt costs what the base model costs)
+        assert patched is rec_model and cond_out is pos
     sample(patched, cond_out, neg, steps=1)
     call = next(c for c in rec.calls if len(c["cond_or_uncond"]) == 2)
     assert torch.equal(call["output"], base_forward(model, call))  # both halves: base weights
-    # and no LoRA hooks at all: a floored prompt costs what the base model costs
-    assert patched.model_options["model_function_wrapper"].calls == 0
+
     _, _, info = apply(pack, model, pos, loaded)  # no reference stored: no floor, no note
     assert "gate floor" not in info
 
@@ -130,14 +133,11 @@ def test_positive_rows_get_the_lora_negative_rows_run_base(pack, tiny_parts, loa
     rows = [0 if f == 0 else -1 for f in flags]
     expected = base_forward(model, call, rows, factors_for(loaded, pos), 1.0, loaded).chunk(2)
     torch.testing.assert_close(out[cond_chunk], expected[cond_chunk], rtol=1e-5, atol=1e-5)
-    # strength 0 is the base model; strength scales the update
-    patched0, _, _ = apply(pack, model, pos, loaded, strength=0.0)
-    wrapper = patched0.model_options["model_function_wrapper"]
-    args = {"input": call["input"], "timestep": call["timestep"], "c": call["c"],
-            "cond_or_uncond": flags}
-    with torch.no_grad():
-        torch.testing.assert_close(wrapper(model.model.apply_model, args),
-                                   torch.cat(base), rtol=0, atol=0)
+    # strength 0 is off: in every mode the inputs come back untouched (as LoraLoader does),
+    # so the sampler runs the base model's own batched forward
+    for mode in pack.nodes.glue.available_modes():
+        patched0, cond0, info0 = apply(pack, model, pos, loaded, strength=0.0, mode=mode)
+        assert patched0 is model and cond0 is pos and "off: strength 0" in info0
 
 
 # 2. every target key resolves; nothing silently dropped
@@ -398,6 +398,21 @@ def test_wrong_family_file_is_refused(pack, tiny_parts, prompts, comfy_dirs, tmp
     with pytest.raises(UnHypeError, match="trained for sd2 but the model is sd1"):
         apply(pack, model, prompts["a photo of a cat"], load_hypernet(path))
     assert model.model_options == options and not model.patches
+
+
+def test_a_model_of_other_layer_shapes_is_refused_in_every_mode(pack, tiny_parts, loaded,
+                                                                 prompts):
+    """An sd1 file on an SD1 UNet twice as wide: per-row, merge and ComfyUI's hooks all refuse
+    it before anything runs (ComfyUI's own patching would only log 'WEIGHT SHAPE MISMATCH' and
+    skip every layer, erasing nothing)."""
+    import tiny
+
+    wide = tiny.tiny_model(unet_config=dict(tiny.TINY_UNET, model_channels=64))
+    options = dict(wide.model_options)
+    for mode in pack.nodes.glue.available_modes():
+        with pytest.raises(UnHypeError, match="target layer\\(s\\) have other shapes"):
+            apply(pack, wide, prompts["a photo of a cat"], loaded, mode=mode)
+    assert wide.model_options == options and not wide.patches
 
 
 def test_conditioning_without_pooled_output_is_refused(pack, tiny_parts, loaded, prompts):
