@@ -10,9 +10,9 @@ import re
 import folder_paths
 import torch
 
-from unhype.bake import FORMATS as BAKE_FORMATS, bake_lora, save_lora
+from unhype.bake import FORMATS as BAKE_FORMATS, bake_lora, save_lora, strongest_embedding
 from unhype.comfy_apply import (WINDOWS_KEY, build_plan, long_prompt_rows, pooled_rows,
-                                rows_under_floor)
+                                rows_under_floor, window_rows)
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, concept_texts, probe
 from unhype.prompt_windows import prompt_windows
@@ -187,8 +187,11 @@ class UnHypeBakeLoRA:
 
     def bake(self, unhype, conditioning, filename, strength, overwrite, prompt_note="",
              format="kohya"):  # noqa: A002  (ComfyUI passes inputs by name)
-        pooled = pooled_rows(conditioning, unhype.meta.config.embed_dim,
-                             unhype.meta.embedding.get("source", "?"))[0][0]
+        rows = pooled_rows(conditioning, unhype.meta.config.embed_dim,
+                           unhype.meta.embedding.get("source", "?"))
+        windows, _ = window_rows(conditioning[:1], rows[:1])  # from UnHype Text Encode
+        # the strongest of the prompt and its windows: the update Apply gives this row
+        pooled = strongest_embedding(unhype, torch.cat([rows[0][:1].float()] + windows[:1]))
         folders = folder_paths.get_folder_paths("loras")
         if not folders:
             raise UnHypeError("UnHype Bake LoRA: ComfyUI has no 'loras' models folder")
@@ -237,7 +240,7 @@ class UnHypeInspect:
             lines.append("(connect a CLIP to measure the prompts)")
         elif texts:
             concepts = concept_texts(unhype.meta)
-            bar = _progress(len(texts) + len(concepts))
+            bar = _progress(sum(1 + len(prompt_windows(t)) for t in texts) + len(concepts))
 
             def embed(batch):
                 out = []
@@ -246,7 +249,9 @@ class UnHypeInspect:
                     _step(bar)
                 return torch.cat(out)
 
-            results = probe(unhype.hypernet, embed, texts, concepts)
+            # as Apply: the gate floor and saturation (loaded.generate), long prompts through
+            # their windows (what UnHype Text Encode stores)
+            results = probe(unhype.generate, embed, texts, concepts, windows=True)
             lines.append("")
             lines.append(" | ".join(ROW_HEADERS))
             lines += [" | ".join(str(v) for v in r.as_row()) for r in results]

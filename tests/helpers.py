@@ -83,6 +83,9 @@ class ConceptGate(torch.nn.Module):
         super().__init__()
         self.net, self.concept, self.sharpness, self.at = net, concept, sharpness, at
 
+    def num_parameters(self, *args, **kwargs):
+        return self.net.num_parameters(*args, **kwargs)
+
     def forward(self, emb, *args, **kwargs):
         gate = torch.sigmoid(self.sharpness * (torch.nn.functional.cosine_similarity(
             emb, self.concept.to(emb)[None], dim=1) - self.at))

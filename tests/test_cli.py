@@ -126,6 +126,23 @@ def test_bake_cli_writes_a_kohya_lora(tmp_path, hyper_file, capsys):
     assert "--text_encoder" in capsys.readouterr().err
     assert main(["bake", str(hyper_file), "--prompt", "x", "--strength", "nan",
                  "-o", str(out), "--text_encoder", str(folder)]) == 2
+    # a long prompt: the strongest of it and its windows, as the hosts apply it
+    from unhype.embedding import load_embedder
+    from unhype.fileformat import load_hypernet
+    from unhype.prompt_windows import prompt_windows, update_norms
+
+    long = "a red car on a road, " * 12 + "a cat"
+    loaded = load_hypernet(hyper_file)
+    texts = [long] + prompt_windows(long)
+    with torch.no_grad():
+        f = loaded.generate(load_embedder(loaded.family, str(folder))(texts))
+    best = int(torch.argmax(update_norms(f)))
+    assert best > 0  # a window, not the truncated prompt
+    assert main(["bake", str(hyper_file), "--prompt", long, "-o", str(out), "--text_encoder",
+                 str(folder)]) == 0
+    with safe_open(out, "pt") as fh:
+        for name, (a, b) in f.items():
+            torch.testing.assert_close(fh.get_tensor(f"{name}.lora_up.weight"), b[best])
 
 
 def test_python_dash_m_entry_point():

@@ -125,6 +125,20 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
     }
 
 
+def strongest_embedding(loaded: LoadedHypernet, candidates: torch.Tensor) -> torch.Tensor:
+    """Of a prompt's candidate embeddings [K, D] (the prompt's own, then its windows'), the one
+    whose update is strongest: what the hosts apply to a long prompt (unhype.prompt_windows),
+    so a baked LoRA is the update the prompt gets when applied live."""
+    from unhype.prompt_windows import update_norms
+
+    candidates = candidates.reshape(-1, candidates.shape[-1])
+    if candidates.shape[0] == 1:
+        return candidates[0]
+    with torch.no_grad():
+        norms = update_norms(loaded.generate(candidates.float()))
+    return candidates[int(torch.argmax(norms.cpu()))]  # ties: the first, the prompt itself
+
+
 def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
               strength: float = 1.0, title: str | None = None,
               fmt: str = "kohya") -> tuple[dict, dict]:

@@ -11,11 +11,12 @@ import os
 import re
 
 from unhype import infotext
-from unhype.bake import bake_lora, save_lora
+from unhype.bake import bake_lora, save_lora, strongest_embedding
 from unhype.errors import UnHypeError
 from unhype.model_check import detect_family
 from unhype.probe import ROW_HEADERS, concept_texts, probe
 from unhype.prompt_tags import plain_text
+from unhype.prompt_windows import prompt_windows
 
 from unhype_webui import files, host
 from unhype_webui.session import host_family_problem
@@ -61,7 +62,8 @@ def probe_ui(name, prompts_text, sd_model=None):
         concepts = concept_texts(loaded.meta)
         if not concepts:
             raise UnHypeError(f"{name} lists no concepts in its metadata; nothing to compare")
-        results = probe(loaded.hypernet, _embedder(loaded, sd_model or host.current_model()),
+        # loaded.generate: the gate floor and saturation included, as generation applies it
+        results = probe(loaded.generate, _embedder(loaded, sd_model or host.current_model()),
                         prompts, concepts, windows=True)
         fired = sum(1 for r in results if r.fired)
         return [r.as_row() for r in results], f"{fired} of {len(results)} prompt(s) switch it on"
@@ -77,7 +79,8 @@ def bake_ui(name, prompt, strength, out_name, sd_model=None, out_dir=None) -> st
             raise UnHypeError("write the prompt to bake the LoRA for")
         _, path = files.resolve(name)
         loaded = files.load(path)
-        emb = _embedder(loaded, sd_model or host.current_model())([prompt])[0]
+        embed = _embedder(loaded, sd_model or host.current_model())
+        emb = strongest_embedding(loaded, embed([prompt] + prompt_windows(plain_text(prompt))))
         words = re.sub(r"[^\w]+", "_", plain_text(prompt))[:40]
         stem = re.sub(r"[^\w.-]+", "_", (out_name or "").strip()) or \
             f"unhype_{loaded.path.stem}_{words}"

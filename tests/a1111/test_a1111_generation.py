@@ -558,7 +558,8 @@ def test_a_switch_to_another_family_stops_before_the_first_step(sd1, hyper_file,
     assert len(notes) == 1 and "not a Stable Diffusion" in notes[0]
 
 
-def test_a_long_prompt_gets_the_strongest_update_of_its_windows(sd1, hyper_file, script):
+def test_a_long_prompt_gets_the_strongest_update_of_its_windows(sd1, hyper_file, script,
+                                                                webui_dirs):
     """"cat" comes after the first 75 tokens, which are all the pooled embedding sees: the
     truncated prompt gets almost no update. The prompt is also read through its word windows
     (each embedded by the model's own encoder) and the row gets the strongest one's LoRA, the
@@ -589,6 +590,17 @@ def test_a_long_prompt_gets_the_strongest_update_of_its_windows(sd1, hyper_file,
     refs = {"long": merged(unet, loaded, emb[best], 0.5),
             "car": merged(unet, loaded, sd1.pooled(["a red car"])[0], 0.8)}
     check_rows(p, unet, lambda c, r: ["long", "car", None, None][r], refs)
+    # the tab reads it the same way: Probe reports that update, Bake writes it
+    from safetensors.torch import load_file
+
+    from unhype_webui import tab_logic
+
+    table, _ = tab_logic.probe_ui("erase_cat", long, sd_model=sd1)
+    assert table[0][1] == pytest.approx(norms[best] ** 0.5, rel=1e-4)
+    assert "baked_long" in tab_logic.bake_ui("erase_cat", long, 1.0, "baked_long", sd_model=sd1)
+    lora = load_file(str(webui_dirs["lora"] / "baked_long.safetensors"))
+    for name, (a, b) in f.items():
+        torch.testing.assert_close(lora[f"{name}.lora_up.weight"], b[best], rtol=1e-5, atol=1e-6)
 
 
 def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper_file, script):

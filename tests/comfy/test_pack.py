@@ -133,3 +133,90 @@ def test_inspect_names_the_gate_floor_and_saturation(pack, loaded, tmp_path):
                               gate_floor=0.05, gate_saturate=True)
     report = node.inspect(load_hypernet(path))["result"][0]
     assert "gate: prompts under 5% of the concepts' update get none; saturated" in report
+
+
+LONG = "masterpiece, best quality, " * 20 + "a photo of a cat"
+
+
+def _gated_on_cat(loaded, clip, text_encode):
+    """`loaded` with a ConceptGate on "a photo of a cat", half open between LONG's first-chunk
+    embedding and its last window's (so the window that names the cat is the strongest)."""
+    from dataclasses import replace
+
+    from tests.helpers import ConceptGate
+
+    (cond,) = text_encode.encode(clip, LONG)
+    own = cond[0][1]["pooled_output"].float()[0]
+    last = cond[0][1]["unhype_pooled_windows"][-1]
+    with torch.no_grad():
+        concept = clip.encode_from_tokens(clip.tokenize("a photo of a cat"),
+                                          return_pooled=True)[1][0].float()
+    cos = torch.nn.functional.cosine_similarity(torch.stack([own, last]), concept[None])
+    gate = ConceptGate(loaded.hypernet, concept, at=float(cos.mean()),
+                       sharpness=8.0 / float(cos[1] - cos[0]))
+    return replace(loaded, hypernet=gate), cond
+
+
+def test_bake_of_a_long_prompt_is_the_update_apply_gives_it(pack, tiny_parts, loaded,
+                                                            comfy_dirs):
+    """A prompt from UnHype Text Encode whose concept is named after 75 tokens: Bake LoRA
+    writes the update Apply gives that row (its strongest window's), not the first chunk's."""
+    from unhype.bake import lora_state_dict
+    from unhype.comfy_apply import build_plan
+    from unhype.hypernet import delta_weight
+
+    defs = pack.nodes.definitions
+    gated, cond = _gated_on_cat(loaded, tiny_parts["clip"], defs.UnHypeTextEncode())
+    path = defs.UnHypeBakeLoRA().bake(gated, cond, "long cat", 1.0, True)["result"][0]
+    from safetensors.torch import load_file
+
+    baked = load_file(path)
+    plan = build_plan(gated, cond, 1.0)
+    want = lora_state_dict(plan.factors, 1.0)
+    first = next(k for k in want if k.endswith("lora_up.weight"))
+    down = first.replace("lora_up", "lora_down")
+    got_delta = delta_weight(baked[down].T, baked[first])  # kohya: down [r, in], up [out, r]
+    want_delta = delta_weight(want[down].T, want[first])
+    torch.testing.assert_close(got_delta, want_delta, rtol=1e-5, atol=1e-6)
+    # and that is not what the first chunk alone would give
+    truncated = build_plan(gated, [[cond[0][0], {"pooled_output": cond[0][1]["pooled_output"]}]],
+                           1.0)
+    trunc = lora_state_dict(truncated.factors, 1.0)
+    assert float(delta_weight(trunc[down].T, trunc[first]).norm()) < 0.2 * float(
+        want_delta.norm())
+
+
+def test_inspect_reports_the_update_apply_applies(pack, tiny_parts, loaded, tmp_path):
+    """Inspect's LoRA magnitude is the norm of what Apply applies: with the file's gate floor
+    (a prompt under it: 0), with saturation (raised to the concepts' strength) and for a long
+    prompt (its strongest window)."""
+    from unhype.comfy_apply import build_plan
+    from unhype.fileformat import load_hypernet, save_with_training
+    from unhype.hypernet import delta_norm
+
+    defs = pack.nodes.definitions
+    clip, encode = tiny_parts["clip"], defs.UnHypeTextEncode()
+
+    def applied(file, text):
+        return float(delta_norm(build_plan(file, encode.encode(clip, text)[0], 1.0).factors))
+
+    def reported(file, texts):
+        report = defs.UnHypeInspect().inspect(file, clip, "\n".join(texts))["result"][0]
+        rows = {line.split(" | ")[0]: line.split(" | ") for line in report.splitlines()
+                if " | " in line}
+        return [float(rows[t][1]) for t in texts]
+
+    with torch.no_grad():
+        car = float(delta_norm(loaded.hypernet(defs._encode_pooled(clip, "a red car"))))
+    floored = load_hypernet(save_with_training(loaded, tmp_path / "floor.safetensors",
+                                               gate_reference=car / 0.02, gate_floor=0.03))
+    saturated = load_hypernet(save_with_training(loaded, tmp_path / "sat.safetensors",
+                                                 gate_reference=car * 5, gate_floor=0.03,
+                                                 gate_saturate=True))
+    gated, _ = _gated_on_cat(loaded, clip, encode)
+    texts = ["a photo of a cat", "a red car"]
+    for file, prompts in ((floored, texts), (saturated, texts), (gated, [LONG])):
+        want = [applied(file, t) for t in prompts]
+        assert reported(file, prompts) == pytest.approx(want, rel=1e-4, abs=1e-6), file.path
+    assert reported(floored, ["a red car"]) == [0.0]
+    assert applied(saturated, "a red car") > 2 * car  # raised: the raw network's would be car

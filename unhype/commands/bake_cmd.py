@@ -24,15 +24,17 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from unhype.bake import bake_lora, save_lora
+    from unhype.bake import bake_lora, save_lora, strongest_embedding
     from unhype.dynamic_lora import check_strength
     from unhype.embedding import load_embedder
     from unhype.fileformat import load_hypernet
+    from unhype.prompt_windows import prompt_windows
 
     strength = check_strength(args.strength)
     loaded = load_hypernet(args.hypernet)
     embedder = load_embedder(loaded.family, args.text_encoder)
-    embedding = embedder([args.prompt])
+    # a long prompt: the strongest of it and its windows, as the hosts apply it
+    embedding = strongest_embedding(loaded, embedder([args.prompt] + prompt_windows(args.prompt)))
     tensors, metadata = bake_lora(loaded, embedding, args.prompt, strength,
                                   title=Path(args.output).stem, fmt=args.format)
     save_lora(args.output, tensors, metadata)
