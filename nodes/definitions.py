@@ -282,6 +282,13 @@ def gate_text(loaded) -> str:
                if loaded.gate_saturate else ""))
 
 
+def _check_clip(clip, node: str) -> None:
+    if clip is None:  # the words of ComfyUI's own CLIPTextEncode
+        raise UnHypeError(f"{node}: clip input is invalid: None. If the clip is from a "
+                          "checkpoint loader node your checkpoint does not contain a valid clip "
+                          "or text encoder model.")
+
+
 class UnHypeTextEncode:
     """CLIP Text Encode that also stores the pooled embeddings of a long prompt's word windows,
     so UnHype Apply erases a concept named after the first 75 tokens (unhype/prompt_windows.py):
@@ -304,6 +311,7 @@ class UnHypeTextEncode:
                    "than 75 tokens is otherwise read by its first 75 only.")
 
     def encode(self, clip, text):
+        _check_clip(clip, "UnHype Text Encode")
         tokens = clip.tokenize(text)
         if hasattr(clip, "encode_from_tokens_scheduled"):  # ComfyUI 2025 and later
             conditioning = clip.encode_from_tokens_scheduled(tokens)
@@ -344,6 +352,7 @@ class UnHypeAlsoReadText:
                    "only there is erased too.")
 
     def add(self, conditioning, clip, text):
+        _check_clip(clip, "UnHype Also Read Text")
         if not (text or "").strip():
             return (conditioning,)
         stored = torch.cat([_encode_pooled(clip, t) for t in [text] + prompt_windows(text)])

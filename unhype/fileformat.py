@@ -171,13 +171,28 @@ def read_header(path) -> tuple[dict, dict]:
     return metadata, header
 
 
-def _json_field(path, metadata, key):
-    if key not in metadata:
+def _json_field(path, metadata, key, kind=dict, default=None):
+    """Metadata entry `key` parsed as JSON and checked to be a `kind` (dict or list); `default`
+    (a JSON text) when the entry is optional and absent."""
+    if key not in metadata and default is None:
         raise UnHypeError(f"{path}: metadata lacks {key!r}; not an UnHype hypernetwork?")
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata.get(key, default))
     except json.JSONDecodeError:
         raise UnHypeError(f"{path}: metadata {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise UnHypeError(f"{path}: metadata {key!r} is a JSON {type(value).__name__}, expected "
+                          f"{'an object' if kind is dict else 'a list'}")
+    return value
+
+
+def _concepts(path, metadata) -> list[dict]:
+    concepts = _json_field(path, metadata, "unhype.concepts", list, "[]")
+    bad = [c for c in concepts if not isinstance(c, dict) or not isinstance(c.get("target"), str)]
+    if bad:
+        raise UnHypeError(f"{path}: metadata 'unhype.concepts' must list objects with a "
+                          f"'target' text; found {str(bad[0])[:60]!r}")
+    return concepts
 
 
 def read_meta(path) -> HypernetMeta:
@@ -206,8 +221,9 @@ def _parse_meta(path, metadata) -> HypernetMeta:
     except UnHypeError as exc:
         raise UnHypeError(f"{path}: {exc}") from None
     embedding = _json_field(path, metadata, "unhype.embedding")
+    config_dict = _json_field(path, metadata, "unhype.config")
     try:
-        config = HyperNetConfig.from_dict(_json_field(path, metadata, "unhype.config"))
+        config = HyperNetConfig.from_dict(config_dict)
     except UnHypeError as exc:
         raise UnHypeError(f"{path}: {exc}") from None
     except (TypeError, KeyError) as exc:
@@ -220,9 +236,9 @@ def _parse_meta(path, metadata) -> HypernetMeta:
                           f"{family.name} ({family.embedding.source}, {family.embedding.dim})")
     return HypernetMeta(
         family=family.name, embedding=embedding, config=config,
-        concepts=json.loads(metadata.get("unhype.concepts", "[]")),
-        training=json.loads(metadata.get("unhype.training", "{}")),
-        created=json.loads(metadata.get("unhype.created", "{}")), format_version=version)
+        concepts=_concepts(path, metadata),
+        training=_json_field(path, metadata, "unhype.training", dict, "{}"),
+        created=_json_field(path, metadata, "unhype.created", dict, "{}"), format_version=version)
 
 
 def save_hypernet(path, hypernet: HyperNetwork, family: str, concepts=(), training=None,

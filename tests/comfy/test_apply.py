@@ -564,6 +564,10 @@ def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_par
         torch.testing.assert_close(b[0], f[name][1][best].float())
     _, _, info = apply(pack, tiny_parts["model"], cond, gated)
     assert "longer than 75 tokens" not in info  # the windows cover it
+    with pytest.raises(UnHypeError, match="UnHype Text Encode: clip input is invalid: None"):
+        node.encode(None, text)
+    with pytest.raises(UnHypeError, match="UnHype Also Read Text: clip input is invalid"):
+        pack.nodes.definitions.UnHypeAlsoReadText().add(cond, None, "a cat")
     bad = [[cond[0][0], {**cond[0][1], WINDOWS_KEY: torch.zeros(2, 3)}]]
     with pytest.raises(UnHypeError, match="malformed 'unhype_pooled_windows'"):
         build_plan(gated, bad, 1.0)
