@@ -162,6 +162,13 @@ def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
     for warning in session.warnings:
         if hasattr(p, "comment"):
             p.comment(warning)
+    panel = actives[0] if state.panel_entry else None
+    if panel is not None and switch is None and panel.strength != 0 and \
+            not any(a is panel for a in session.actives):
+        # "Generate without UnHype" dropped the panel's file: the image's parameters must not
+        # say it was applied (the warning goes to the comments, which infotext leaves out)
+        for key in (infotext.FIELD_NAME, infotext.FIELD_STRENGTH, infotext.FIELD_COND_ONLY):
+            p.extra_generation_params.pop(key, None)
     return session
 
 
@@ -300,3 +307,19 @@ def paste_values(params: dict, choices: dict[str, str], warn: bool = False) -> d
                     host.unhype_dir())
     return {"enabled": choice is not None, "name": choice, "strength": entry.strength,
             "cond_only": entry.cond_only}
+
+
+# The panel's components under names of their own: "Send to img2img" copies the components whose
+# name is in the script's paste_field_names (strings only; infotext_utils.py L179-185), and a
+# pasted infotext fills them from these keys, which `infotext_pasted` derives from the UnHype
+# fields (script_callbacks.on_infotext_pasted runs before the fields are read, L583-584).
+PASTE_FIELDS = {"enabled": "UnHype panel: enabled", "name": "UnHype panel: file",
+                "strength": "UnHype panel: strength", "cond_only": "UnHype panel: cond only"}
+
+
+def infotext_pasted(text: str, params: dict) -> None:
+    """on_infotext_pasted: the panel's values from the pasted UnHype fields (None: left as
+    is, so the key is not set)."""
+    values = paste_values(params, files.list_files(), warn=True)
+    params.update({PASTE_FIELDS[k]: v for k, v in values.items() if v is not None})
+

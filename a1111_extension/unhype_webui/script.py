@@ -75,6 +75,7 @@ def register_callbacks():
     script_callbacks.on_ui_tabs(_on_ui_tabs)
     script_callbacks.on_ui_settings(_on_ui_settings)
     script_callbacks.on_model_loaded(_on_model_loaded)
+    script_callbacks.on_infotext_pasted(runner.infotext_pasted)
 
 
 def _on_model_loaded(sd_model):

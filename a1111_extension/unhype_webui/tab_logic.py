@@ -71,7 +71,8 @@ def probe_ui(name, prompts_text, sd_model=None):
         return [], f"**{html.escape(str(exc))}**"
 
 
-def bake_ui(name, prompt, strength, out_name, sd_model=None, out_dir=None) -> str:
+def bake_ui(name, prompt, strength, out_name, overwrite=False, sd_model=None,
+            out_dir=None) -> str:
     try:
         if not name:
             raise UnHypeError("choose a hypernetwork")
@@ -79,14 +80,17 @@ def bake_ui(name, prompt, strength, out_name, sd_model=None, out_dir=None) -> st
             raise UnHypeError("write the prompt to bake the LoRA for")
         _, path = files.resolve(name)
         loaded = files.load(path)
-        embed = _embedder(loaded, sd_model or host.current_model())
-        emb = strongest_embedding(loaded, embed([prompt] + prompt_windows(plain_text(prompt))))
         words = re.sub(r"[^\w]+", "_", plain_text(prompt))[:40]
         stem = re.sub(r"[^\w.-]+", "_", (out_name or "").strip()) or \
             f"unhype_{loaded.path.stem}_{words}"
         folder = out_dir or host.lora_dir()
-        os.makedirs(folder, exist_ok=True)
         target = os.path.join(folder, stem + ".safetensors")
+        if os.path.exists(target) and not overwrite:
+            raise UnHypeError(f"{target} exists; choose another output name or tick 'Replace "
+                              "an existing file of that name'")
+        embed = _embedder(loaded, sd_model or host.current_model())
+        emb = strongest_embedding(loaded, embed([prompt] + prompt_windows(plain_text(prompt))))
+        os.makedirs(folder, exist_ok=True)
         tensors, metadata = bake_lora(loaded, emb, prompt, float(strength), stem)
         save_lora(target, tensors, metadata)
         return f"saved `{html.escape(target)}`; use it as `<lora:{html.escape(stem)}:1>`"

@@ -10,7 +10,6 @@ import html
 
 import gradio as gr
 
-from unhype import infotext
 from unhype.errors import UnHypeError
 
 from unhype_webui import files, host, runner, tab_logic
@@ -67,19 +66,23 @@ def panel(script, is_img2img):
     refresh.click(fn=do_refresh, inputs=[hypernet], outputs=[hypernet])
     hypernet.change(fn=describe_md, inputs=[hypernet], outputs=[info])
 
-    def pasted(key):
-        def get(params):
-            value = runner.paste_values(params, files.list_files(), warn=key == "enabled")[key]
-            if key == "name":
-                return None if value is None else gr.update(value=value)
-            return value
-        return get
-
-    script.infotext_fields = [(enabled, pasted("enabled")), (hypernet, pasted("name")),
-                              (strength, pasted("strength")), (cond_only, pasted("cond_only"))]
-    script.paste_field_names = [infotext.FIELD_NAME, infotext.FIELD_STRENGTH,
-                                infotext.FIELD_COND_ONLY]
+    # string names (runner.PASTE_FIELDS): what "Send to img2img" copies and what a pasted
+    # infotext sets, through runner.infotext_pasted
+    components = {"enabled": enabled, "name": hypernet, "strength": strength,
+                  "cond_only": cond_only}
+    script.infotext_fields = [(components[k], runner.PASTE_FIELDS[k]) for k in components]
+    script.paste_field_names = [runner.PASTE_FIELDS[k] for k in components]
     return [enabled, hypernet, strength, cond_only]
+
+
+def _queued(fn):
+    """`fn` run under the web UI's queue lock, as generations run (call_queue.wrap_queued_call):
+    Probe and Bake use the model's text encoder, which a generation must not share with them."""
+    try:
+        from modules.call_queue import wrap_queued_call
+    except ImportError:
+        return fn
+    return wrap_queued_call(fn)
 
 
 def tab():
@@ -98,7 +101,7 @@ def tab():
             p_button = gr.Button("Probe", variant="primary")
             p_table = gr.Dataframe(headers=tab_logic.PROBE_HEADERS, interactive=False)
             p_status = gr.Markdown("")
-            p_button.click(fn=tab_logic.probe_ui, inputs=[p_file, p_prompts],
+            p_button.click(fn=_queued(tab_logic.probe_ui), inputs=[p_file, p_prompts],
                            outputs=[p_table, p_status])
         with gr.Tab("Bake LoRA"):
             b_file = gr.Dropdown(choices=names, value=names[0] if names else None,
@@ -106,9 +109,11 @@ def tab():
             b_prompt = gr.Textbox(lines=2, label="Prompt the LoRA is generated for")
             b_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength")
             b_name = gr.Textbox(label="Output name (in the Lora folder)", value="")
+            b_overwrite = gr.Checkbox(False, label="Replace an existing file of that name")
             b_button = gr.Button("Bake", variant="primary")
             b_status = gr.Markdown("")
-            b_button.click(fn=tab_logic.bake_ui, inputs=[b_file, b_prompt, b_strength, b_name],
+            b_button.click(fn=_queued(tab_logic.bake_ui),
+                           inputs=[b_file, b_prompt, b_strength, b_name, b_overwrite],
                            outputs=[b_status])
 
         def refresh_all():

@@ -420,9 +420,13 @@ def test_sdxl_file_on_sd1_model_is_refused_unless_settings_allow(sd1, sdxl_file,
         run(sd1, script, ["a cat"], args=(True, "xl_file", 1.0, True))
     assert hooks_left(unet) == 0
     shared.opts.unhype_on_family_mismatch = "Generate without UnHype"
-    p, _ = run(sd1, script, ["a cat"], args=(True, "xl_file", 1.0, True))
+    p, res = run(sd1, script, ["a cat"], args=(True, "xl_file", 1.0, True))
     check_rows(p, unet, lambda c, r: None, {})
     assert any("is for sdxl" in c for c in p.comments)
+    # the image's parameters do not claim an erasure that did not happen
+    from modules import infotext_utils
+
+    assert "UnHype" not in infotext_utils.parse_generation_parameters(res.infotexts[0])
 
 
 def test_missing_file_and_bad_tag_stop_the_generation_with_a_message(sd1, hyper_file, script):
@@ -450,7 +454,7 @@ def test_nothing_stays_hooked_after_an_exception_in_sampling(sd1, hyper_file, sc
 
 # --- infotext --------------------------------------------------------------------------
 def test_infotext_round_trip_restores_the_panel(sd1, hyper_file, script):
-    from modules import infotext_utils
+    from modules import infotext_utils, script_callbacks
 
     from unhype_webui import files, runner
 
@@ -459,6 +463,10 @@ def test_infotext_round_trip_restores_the_panel(sd1, hyper_file, script):
     assert params["Prompt"].startswith("a cat, on a mat")
     values = runner.paste_values(params, files.list_files())
     assert values == {"enabled": True, "name": "erase_cat", "strength": 0.65, "cond_only": False}
+    # the host's paste: on_infotext_pasted callbacks run, then each panel component reads the
+    # key it is registered under (infotext_utils.connect_paste)
+    script_callbacks.infotext_pasted_callback(res.infotexts[0], params)
+    assert {k: params.get(name) for k, name in runner.PASTE_FIELDS.items()} == values
     hyper_file.rename(hyper_file.with_name("renamed.safetensors"))  # found again by hash
     assert runner.paste_values(params, files.list_files())["name"] == "renamed"
     p, res = run(sd1, script, ["a cat"], args=(False, None, 1.0, True))
@@ -487,6 +495,12 @@ def test_tab_lists_probes_and_bakes(sd1, hyper_file, webui_dirs):
     name = next(iter(loaded.hypernet.config.targets)).name
     torch.testing.assert_close(lora[f"{name}.lora_up.weight"], 0.5 * b[0])
     assert "**" in tab_logic.bake_ui("erase_cat", "", 1.0, "x", sd_model=sd1)
+    # an existing file is kept unless the user says to replace it
+    before = (webui_dirs["lora"] / "baked.safetensors").read_bytes()
+    msg = tab_logic.bake_ui("erase_cat", "a dog", 1.0, "baked", sd_model=sd1)
+    assert "exists" in msg and (webui_dirs["lora"] / "baked.safetensors").read_bytes() == before
+    msg = tab_logic.bake_ui("erase_cat", "a dog", 1.0, "baked", True, sd_model=sd1)
+    assert "saved" in msg and (webui_dirs["lora"] / "baked.safetensors").read_bytes() != before
 
 
 def test_extra_networks_card_inserts_the_tag_and_shows_metadata(hyper_file, script):

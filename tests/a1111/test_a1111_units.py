@@ -1,6 +1,8 @@
 """Host-agnostic pieces the extension stands on: tags, plain text, infotext fields, row
 matching by conditioning, family detection, probe."""
 
+import sys
+
 import pytest
 import torch
 
@@ -185,3 +187,74 @@ def test_open_clip_pooled_is_encode_text_without_projection():
         want = model.encode_text(open_clip.tokenize(texts))
         got = host._open_clip_pooled(model, texts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def ui_module(monkeypatch):
+    """unhype_webui.ui imported against the gradio stand-in."""
+    import gradio_stub
+
+    monkeypatch.setitem(sys.modules, "gradio", gradio_stub.module())
+    monkeypatch.delitem(sys.modules, "unhype_webui.ui", raising=False)
+    from unhype_webui import ui
+
+    return ui
+
+
+def test_panel_fields_are_named_for_send_to_img2img(ui_module):
+    """"Send to img2img" copies the components whose infotext name (a string) is in the
+    script's paste_field_names (infotext_utils.py L179-185): every panel component is
+    registered under a string name that is listed there, and those are the keys
+    runner.infotext_pasted fills when an infotext is pasted."""
+    from unhype_webui import runner
+
+    class Script:
+        infotext_fields = paste_field_names = None
+
+        def elem_id(self, name):
+            return name
+
+    script = Script()
+    components = ui_module.panel(script, False)
+    names = [name for _, name in script.infotext_fields]
+    assert all(isinstance(n, str) for n in names)
+    assert names == script.paste_field_names == list(runner.PASTE_FIELDS.values())
+    assert [c for c, _ in script.infotext_fields] == components
+
+
+def test_tab_buttons_run_under_the_hosts_queue_lock(ui_module, monkeypatch):
+    """Probe and Bake use the model's text encoder (Forge moves models, sets its engine's
+    return_pooled; A1111's hijack fixes): they run under the web UI's queue lock, as a
+    generation does (call_queue.wrap_queued_call), never beside one."""
+    from modules import call_queue
+
+    from unhype_webui import tab_logic
+
+    held = []
+
+    class Recording:
+        def __enter__(self):
+            held.append(True)
+
+        def __exit__(self, *exc):
+            held.append(False)
+
+    seen = []
+    monkeypatch.setattr(call_queue, "queue_lock", Recording())
+    monkeypatch.setattr(tab_logic, "probe_ui", lambda *a: seen.append(("probe", held[-1])))
+    monkeypatch.setattr(tab_logic, "bake_ui", lambda *a: seen.append(("bake", held[-1])))
+    import gradio_stub
+
+    bound = []
+    original = gradio_stub.Component.click
+
+    def click(self, fn=None, inputs=None, outputs=None, **kwargs):
+        bound.append((fn, inputs or []))
+        original(self, fn, inputs, outputs, **kwargs)
+
+    monkeypatch.setattr(gradio_stub.Component, "click", click)
+    ui_module.tab()
+    for fn, inputs in bound:
+        if len(inputs) >= 2:  # Probe (file, prompts) and Bake (file, prompt, strength, name)
+            fn(*["x"] * len(inputs))
+    assert sorted(seen) == [("bake", True), ("probe", True)] and held[-1] is False

@@ -1,5 +1,6 @@
 """modules/script_callbacks.py: on_before_ui (Forge L588), on_ui_tabs (L473), on_ui_settings
-(L493), on_model_loaded (L467), clear_callbacks; signatures callback(*, name=None)."""
+(L493), on_model_loaded (L467), on_infotext_pasted (L572; run by infotext_pasted_callback,
+L378, before a paste reads the fields), clear_callbacks; signatures callback(*, name=None)."""
 
 from collections import defaultdict
 
@@ -28,6 +29,15 @@ def on_ui_settings(callback, *, name=None):
 
 def on_model_loaded(callback, *, name=None):
     _add("callbacks_model_loaded", callback, name)
+
+
+def on_infotext_pasted(callback, *, name=None):
+    _add("callbacks_infotext_pasted", callback, name)
+
+
+def infotext_pasted_callback(infotext: str, params):
+    for _, c in callback_map["callbacks_infotext_pasted"]:
+        c(infotext, params)
 
 
 def before_ui_callback():
