@@ -255,8 +255,14 @@ def install_sample_wrapper(p) -> None:
 
     def sample_hr_pass(*args, **kwargs):
         name = hires_checkpoint(p)
-        if name is not None:
-            use_session(p, prepare(p, hires_only=True, switch=f"hires checkpoint {name}"))
+        current = state.sessions[-1] if state.sessions else None
+        # Forge also reloads the same checkpoint as a new model for other hires modules (VAE /
+        # text encoder; processing.py L1402-1419), whose model_loaded callback took the hooks off
+        same_model = current is not None and current.attached and \
+            current.unet is host.diffusion_model(p.sd_model)
+        if name is not None or (state.panel_entry or current is not None) and not same_model:
+            switch = f"hires checkpoint {name}" if name else "hires pass, model reloaded"
+            use_session(p, prepare(p, hires_only=True, switch=switch))
         return original_hr(*args, **kwargs)
 
     def setup_conds(*args, **kwargs):

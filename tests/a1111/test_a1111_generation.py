@@ -631,3 +631,45 @@ def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper
             "car": merged(unet, loaded, model.pooled(["a red car"])[0], 1.0)}
     assert check_rows(p, unet, lambda c, r: ["ti", "car", None, None][r], refs) > 1e-3
     assert hooks_left(unet) == 0 and ccm.hijack.fixes is None
+
+
+def test_forge_hires_pass_on_a_reloaded_model_is_erased(sd1, hyper_file, script):
+    """Forge reloads the same checkpoint as a new model object for the hires pass when its
+    'Hires VAE / Text Encoder' differ from the first pass's (processing.py L1402-1419:
+    forge_model_reload, then model_loaded_callback, which takes UnHype's hooks off). The hires
+    pass still gets the LoRA, on the new UNet."""
+    import copy
+    from dataclasses import dataclass
+
+    import fake_models
+    from modules import processing, script_callbacks
+
+    @dataclass(repr=False)
+    class ForgeTxt2Img(processing.StableDiffusionProcessingTxt2Img):
+        reloaded_model: object = None
+
+        def sample(self, conditioning, unconditional_conditioning, seeds, subseeds,
+                   subseed_strength, prompts):
+            x = torch.randn(len(prompts), 4, 4, 4, generator=torch.Generator().manual_seed(0))
+            x = self._run(x, conditioning, unconditional_conditioning, self.steps)
+            self.sd_model = self.reloaded_model  # forge_model_reload(): a new model object
+            script_callbacks.model_loaded_callback(self.sd_model)
+            return self.sample_hr_pass(x, None, seeds, subseeds, subseed_strength, prompts)
+
+    text = sd1.cond_stage_model.wrapped.transformer
+    forge = fake_models.ForgeSD1(unet=sd1.model.diffusion_model, text=text)
+    reloaded = fake_models.ForgeSD1(unet=copy.deepcopy(sd1.model.diffusion_model), text=text)
+    p = ForgeTxt2Img(sd_model=forge, prompt=["a cat"], batch_size=1, negative_prompt="ugly",
+                     scripts=[(script, [True, "erase_cat", 1.0, True])], layout="forge",
+                     enable_hr=True, hr_prompt="a cat", steps=2,
+                     hr_checkpoint_name="Use same checkpoint", reloaded_model=reloaded)
+    processing.process_images(p)
+    first_unet, hr_unet = forge.unet_for_sampling(), reloaded.unet_for_sampling()
+    first = refs_for(forge, first_unet, hyper_file, ["a cat"])
+    hires = refs_for(reloaded, hr_unet, hyper_file, ["a cat"])
+    assert check_rows(calls(p, 0, 2), first_unet, lambda c, r: "a cat" if r else None,
+                      first) > 1e-3
+    assert check_rows(calls(p, 2, 4), hr_unet, lambda c, r: "a cat" if r else None,
+                      hires) > 1e-3
+    assert hooks_left(first_unet) == 0 and hooks_left(hr_unet) == 0
+
