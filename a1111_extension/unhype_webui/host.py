@@ -209,14 +209,16 @@ def _open_clip_pooled(model, texts, tokens=None):
     return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)].float().cpu()
 
 
-def prompt_schedules(prompts: list[str], steps: int, dedupe: bool = True) -> list[list[str]]:
-    """Every text each prompt's conditioning is computed from over `steps` (prompt editing
-    ``[a:b:n]``, alternation), with A1111's own parser; the prompt itself if it has none."""
+def prompt_schedules(prompts: list[str], schedule, dedupe: bool = True) -> list[list[str]]:
+    """Every text each prompt's conditioning is computed from (prompt editing ``[a:b:n]``,
+    alternation), with A1111's own parser, over `schedule` (steps, hires steps or None, old
+    scheduling) as the web UI schedules that pass; the prompt itself if it has none."""
+    steps, hires_steps, old = schedule
     try:
         from modules import prompt_parser
 
-        schedules = prompt_parser.get_learned_conditioning_prompt_schedules(list(prompts),
-                                                                            max(1, int(steps)))
+        schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
+            list(prompts), max(1, int(steps)), hires_steps, old)
     except ImportError:
         return [[p] for p in prompts]
     out = []
@@ -227,6 +229,18 @@ def prompt_schedules(prompts: list[str], steps: int, dedupe: bool = True) -> lis
                 texts.append(text)
         out.append(texts or [prompt])
     return out
+
+
+def total_steps(sampler_name, steps: int) -> int:
+    """The model calls a sampler makes in `steps` steps, over which the web UI schedules prompt
+    editing (twice the steps for second-order samplers: sd_samplers_common.SamplerData)."""
+    try:
+        from modules import sd_samplers
+
+        config = sd_samplers.find_sampler_config(sampler_name)
+    except ImportError:
+        return int(steps)
+    return int(config.total_steps(steps)) if config is not None else int(steps)
 
 
 def option(key: str, default=None):

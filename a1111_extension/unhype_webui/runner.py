@@ -23,7 +23,8 @@ from unhype.model_check import checkpoint_family
 from unhype.prompt_tags import find_tags
 
 from unhype_webui import files, host
-from unhype_webui.session import MISMATCH_STOP, Active, Session, build_session, fit_problems
+from unhype_webui.session import (MISMATCH_STOP, Active, Schedule, Session, build_session,
+                                  fit_problems)
 
 log = logging.getLogger("unhype")
 _live: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -113,22 +114,36 @@ def tag_actives(p, cond_only: bool) -> list[Active]:
     return list(found.values())
 
 
-def item_prompts(p, prompts, hires_only: bool = False) -> list[list[str]]:
+def first_pass_schedule(p) -> Schedule:
+    """As setup_conds schedules the first pass: over the sampler's total steps (processing.py
+    L494-496; ``p.firstpass_steps`` once it has run)."""
+    steps = getattr(p, "firstpass_steps", None) or host.total_steps(
+        getattr(p, "sampler_name", None), int(getattr(p, "steps", 20) or 20))
+    return Schedule(int(steps), None, bool(host.option("use_old_scheduling", False)))
+
+
+def hires_schedule(p) -> Schedule:
+    """As calculate_hr_conds schedules the hires pass (L1584-1592): the first pass's total
+    steps and its own, so a ``when`` between 1 and 2 falls in the hires pass."""
+    first = first_pass_schedule(p)
+    steps = int(getattr(p, "hr_second_pass_steps", 0) or 0) or int(getattr(p, "steps", 20) or 20)
+    sampler = getattr(p, "hr_sampler_name", None) or getattr(p, "sampler_name", None)
+    return Schedule(first.steps, host.total_steps(sampler, steps), first.old)
+
+
+def item_prompts(p, prompts, hires_only: bool = False) -> list[list[tuple[str, Schedule]]]:
+    """(prompt, schedule) of each batch item's conditioning: the first pass's prompts and,
+    with hires fix, the hires prompts (scheduled as the hires pass is); `hires_only`: those."""
+    hires = [(x, hires_schedule(p)) for x in (getattr(p, "hr_prompts", None) or [])]
     if hires_only:
-        return [[x] for x in (getattr(p, "hr_prompts", None) or [])]
+        return [[x] for x in hires]
     prompts = list(prompts if prompts is not None else getattr(p, "prompts", []))
-    out = [[x] for x in prompts]
-    if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
-        for i, hp in enumerate(p.hr_prompts[:len(out)]):
-            if hp not in out[i]:
-                out[i].append(hp)
+    out = [[(x, first_pass_schedule(p))] for x in prompts]
+    if getattr(p, "enable_hr", False):
+        for i, entry in enumerate(hires[:len(out)]):
+            if entry not in out[i]:
+                out[i].append(entry)
     return out
-
-
-def steps_of(p) -> int:
-    steps = int(getattr(p, "steps", 20) or 20)
-    hr = int(getattr(p, "hr_second_pass_steps", 0) or 0)
-    return max(steps, hr)
 
 
 def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
@@ -154,8 +169,7 @@ def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
     where = f" [{switch}]" if switch else ""
     try:
         session = build_session(p.sd_model, actives, item_prompts(p, prompts, hires_only),
-                                steps_of(p), host.option("unhype_on_family_mismatch",
-                                                         MISMATCH_STOP))
+                                host.option("unhype_on_family_mismatch", MISMATCH_STOP))
     except UnHypeError as exc:
         raise UnHypeError(f"{exc}{where}") from None
     session.warnings = [f"{w}{where}" for w in session.warnings]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -128,24 +129,36 @@ def fit_problems(actives: list[Active], model_family: str, on_mismatch: str,
     return warnings
 
 
-def conditioning_groups(prompt: str, steps: int) -> list[list[str]]:
+class Schedule(NamedTuple):
+    """How the web UI schedules one pass's prompt editing (prompt_parser.
+    get_learned_conditioning_prompt_schedules): its total steps; for a hires pass the first
+    pass's total and its own (``hires_steps``); the old-scheduling setting."""
+    steps: int
+    hires_steps: int | None = None
+    old: bool = False
+
+
+def conditioning_groups(prompt: str, schedule: Schedule) -> list[list[str]]:
     """The texts one prompt's conditioning rows are computed from: per AND part, its schedule
     (prompt editing) texts. The host encodes each group in one call (prompt_parser.
     get_learned_conditioning, Forge L158 / A1111 1.10: one get_learned_conditioning per
     prompt of its schedule texts), and emphasis normalisation depends on the call's batch, so
     UnHype encodes the same groups to get the same tensors."""
     parts = [text for text, _ in split_and(prompt)] or [prompt]
-    return [list(sched) for sched in host.prompt_schedules(parts, steps, dedupe=False)]
+    return [list(sched) for sched in host.prompt_schedules(parts, schedule, dedupe=False)]
 
 
-def conditioning_texts(prompt: str, steps: int) -> list[str]:
-    return list(dict.fromkeys(t for group in conditioning_groups(prompt, steps) for t in group))
+def conditioning_texts(prompt: str, schedule: Schedule) -> list[str]:
+    return list(dict.fromkeys(t for group in conditioning_groups(prompt, schedule)
+                              for t in group))
 
 
-def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]],
-                  steps: int, on_mismatch: str = MISMATCH_STOP) -> Session:
-    """Everything needed to apply `actives` to a batch; item_prompts[i]: prompts of batch item
-    i (first pass and hires). Raises UnHypeError before touching the model."""
+def build_session(sd_model, actives: list[Active],
+                  item_prompts: list[list[tuple[str, Schedule]]],
+                  on_mismatch: str = MISMATCH_STOP) -> Session:
+    """Everything needed to apply `actives` to a batch; item_prompts[i]: (prompt, its pass's
+    schedule) of batch item i (first pass and hires). Raises UnHypeError before touching the
+    model."""
     unet = host.diffusion_model(sd_model)
     model_family = detect_family(unet)
     warnings = fit_problems(actives, model_family, on_mismatch)
@@ -157,8 +170,8 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
 
     cond_texts, owners, groups = [], [], []
     for i, prompts in enumerate(item_prompts):
-        for prompt in prompts:
-            for group in conditioning_groups(prompt, steps):
+        for prompt, schedule in prompts:
+            for group in conditioning_groups(prompt, schedule):
                 if group not in groups:
                     groups.append(group)
                 for text in group:
@@ -199,7 +212,7 @@ def build_session(sd_model, actives: list[Active], item_prompts: list[list[str]]
                                                      [w for _, w in windows])])
     item_k = []
     for i, prompts in enumerate(item_prompts):
-        first_text = conditioning_texts(prompts[0], steps)[0] if prompts else ""
+        first_text = conditioning_texts(*prompts[0])[0] if prompts else ""
         item_k.append(text_k[cond_texts.index(first_text)] if first_text in cond_texts else -1)
 
     factors = []

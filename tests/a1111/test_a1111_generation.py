@@ -673,3 +673,25 @@ def test_forge_hires_pass_on_a_reloaded_model_is_erased(sd1, hyper_file, script)
                       hires) > 1e-3
     assert hooks_left(first_unet) == 0 and hooks_left(hr_unet) == 0
 
+
+
+@pytest.mark.parametrize("case", ["hires_edit", "second_order"])
+def test_prompt_edits_are_scheduled_as_the_web_ui_schedules_them(sd1, hyper_file, script, case):
+    """The web UI schedules prompt editing over a sampler's model calls (twice the steps for a
+    second-order sampler: processing.py L494-496) and a hires pass with (first pass's total
+    steps, its own), so a ``when`` between 1 and 2 falls in the hires pass (L1584-1592,
+    prompt_parser.py L59-73). UnHype reads the same texts: the rows after the switch get the
+    LoRA of "a photo of a cat", not the base model."""
+    unet = sd1.model.diffusion_model
+    if case == "hires_edit":  # first pass 2 calls (dog), hires 4: steps 0-2 dog, 3 cat
+        p, _ = run(sd1, script, ["a photo of a [dog:cat:1.5]"], steps=2, enable_hr=True,
+                   hr_second_pass_steps=4)
+        switch, n = 5, 6
+    else:  # Heun: 2 steps are 4 model calls; the edit at 2 switches at the fourth
+        p, _ = run(sd1, script, ["a photo of a [dog:cat:2]"], steps=2, sampler_name="Heun")
+        switch, n = 3, 4
+    assert len(p.unet_calls) == n
+    refs = refs_for(sd1, unet, hyper_file, ["a photo of a dog", "a photo of a cat"])
+    check_rows(calls(p, 0, switch), unet, lambda c, r: None if r else "a photo of a dog", refs)
+    assert check_rows(calls(p, switch, n), unet,
+                      lambda c, r: None if r else "a photo of a cat", refs) > 1e-3

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modules import devices, extra_networks, infotext_utils, prompt_parser
+from modules import devices, extra_networks, infotext_utils, prompt_parser, sd_samplers
 
 
 def _split_and(prompt):
@@ -46,6 +46,8 @@ class StableDiffusionProcessingTxt2Img:
     batch_size: int = 1
     n_iter: int = 1
     steps: int = 2
+    sampler_name: str = "Euler"
+    hr_sampler_name: str = None
     cfg_scale: float = 7.0
     seed: int = 1
     width: int = 64
@@ -80,34 +82,44 @@ class StableDiffusionProcessingTxt2Img:
         self.comments[text] = 1
 
     # --- conditioning -------------------------------------------------------------------
-    def _conds(self, prompts, steps):
+    def _conds(self, prompts, steps, hires_steps=None):
         """[(item, weight, [(end_step, cond [L, D] or dict)])] like prompt_parser.
         get_multicond_learned_conditioning (Forge L253) + reconstruct_multicond_batch (L337);
         as get_learned_conditioning (L158-200), each AND part's schedule texts are encoded
-        together in one model call."""
+        together in one model call. A hires pass schedules with (first pass's total steps,
+        its own), as calculate_hr_conds does (L1584-1592)."""
         out = []
         for i, prompt in enumerate(prompts):
             for text, weight in _split_and(prompt):
-                sched = prompt_parser.get_learned_conditioning_prompt_schedules([text], steps)[0]
+                sched = prompt_parser.get_learned_conditioning_prompt_schedules(
+                    [text], steps, hires_steps)[0]
                 conds = self.sd_model.get_learned_conditioning([t for _, t in sched])
                 out.append((i, weight, [(end, _row(conds, k)) for k, (end, _) in
                                         enumerate(sched)]))
         return out
 
+    def _total_steps(self, sampler_name, steps):
+        config = sd_samplers.find_sampler_config(sampler_name)
+        return config.total_steps(steps) if config else steps
+
     def setup_conds(self):
+        """L490-505: conds scheduled over the sampler's total steps (twice the steps for a
+        second-order sampler, whose model calls the schedule counts)."""
         if self.is_hr_pass:  # called by apply_refiner during the hires pass
-            self.hr_c = self._conds(self.hr_prompts, self._hr_steps)
-            self.hr_uc = self._conds(self.negative_prompts, self._hr_steps)
+            self.hr_c = self._conds(self.hr_prompts, self.firstpass_steps, self._hr_steps)
+            self.hr_uc = self._conds(self.negative_prompts, self.firstpass_steps, self._hr_steps)
             return
-        self.c = self._conds(self.prompts, self.steps)
-        self.uc = self._conds(self.negative_prompts, self.steps)
+        total_steps = self._total_steps(self.sampler_name, self.steps)
+        self.firstpass_steps = total_steps
+        self.c = self._conds(self.prompts, total_steps)
+        self.uc = self._conds(self.negative_prompts, total_steps)
 
     # --- sampling ----------------------------------------------------------------------
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,
                prompts):
         gen = torch.Generator().manual_seed(self.seed + self.iteration)
         x = torch.randn(len(prompts), 4, 4, 4, generator=gen)
-        x = self._run(x, conditioning, unconditional_conditioning, self.steps)
+        x = self._run(x, conditioning, unconditional_conditioning, self.firstpass_steps)
         if not self.enable_hr:
             return x
         if self.hr_checkpoint_name not in (None, "Use same checkpoint"):
@@ -119,10 +131,11 @@ class StableDiffusionProcessingTxt2Img:
         """The second pass on the hires conds (calculate_hr_conds: with the model current now,
         which encodes the negative prompts again when the hires checkpoint is another)."""
         self.is_hr_pass = True
-        steps = self._hr_steps = self.hr_second_pass_steps or self.steps
-        self.hr_c = self._conds(self.hr_prompts, steps)
-        self.hr_uc = self._conds(self.negative_prompts, steps) if self.hr_sd_model is not None \
-            else self.uc
+        steps = self._hr_steps = self._total_steps(self.hr_sampler_name or self.sampler_name,
+                                                   self.hr_second_pass_steps or self.steps)
+        self.hr_c = self._conds(self.hr_prompts, self.firstpass_steps, steps)
+        self.hr_uc = self._conds(self.negative_prompts, self.firstpass_steps, steps) \
+            if self.hr_sd_model is not None else self.uc
         return self._run(samples, self.hr_c, self.hr_uc, steps)
 
     def _apply_refiner(self, step, steps):
