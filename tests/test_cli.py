@@ -186,3 +186,45 @@ def test_the_cli_prints_no_bitsandbytes_import_warning(hyper_file):
     assert out.returncode == 0, out.stderr
     assert "bitsandbytes" not in out.stderr and "kernels-community" not in out.stderr
     assert out.stdout.startswith(str(hyper_file))
+
+
+def test_a_text_encoder_folder_finds_its_tokenizer(tmp_path, capsys, monkeypatch):
+    """--text_encoder <pipeline>/text_encoder has no tokenizer files: the pipeline's own
+    tokenizer beside it is used; a text encoder folder alone gets CLIP's BPE (the built-in
+    configs'), never transformers' empty-vocabulary fallback, which reads every prompt as the
+    same ids."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from trainer.backends.tiny import build_pipeline_folder
+    from unhype.embedding import builtin_tokenizer, load_embedder
+    from unhype.families import get_family
+
+    monkeypatch.setenv("UNHYPE_CACHE", str(tmp_path / "cache"))
+    sd1 = get_family("sd1")
+    pipe = build_pipeline_folder("sd1", tmp_path / "pipe")
+    texts = ["a photo of a cat", "the dog"]
+    whole = load_embedder(sd1, str(pipe))(texts)
+    torch.testing.assert_close(load_embedder(sd1, str(pipe / "text_encoder"))(texts), whole)
+
+    alone = tmp_path / "alone"
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 max_position_embeddings=77)).save_pretrained(alone)
+    embedder = load_embedder(sd1, str(alone))
+    assert "using CLIP's BPE tokenizer" in capsys.readouterr().err
+    reference = CLIPTokenizer.from_pretrained(builtin_tokenizer(sd1))
+    assert embedder.tokenizer("a photo of a cat").input_ids == \
+        reference("a photo of a cat").input_ids
+    vecs = embedder(texts)
+    assert not torch.allclose(vecs[0], vecs[1])  # different prompts, different vectors
+    # a full CLIP vocabulary beside the tiny pipeline's small encoder: refused, not an
+    # index error deep in the embedding
+    small = tmp_path / "small_vocab"
+    shutil.copytree(pipe / "text_encoder", small)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(builtin_tokenizer(sd1) / name, small / name)
+    with pytest.raises(Exception, match="do not belong together"):
+        load_embedder(sd1, str(small))

@@ -68,10 +68,40 @@ def load_embedder(family, path: str | None = None, device="cpu") -> PromptEmbedd
         enc_dir, tok_dir = root / sub, root / tok_sub
     if not (enc_dir / "config.json").is_file():
         raise UnHypeError(f"{enc_dir} holds no transformers text encoder (config.json missing)")
+    if not has_tokenizer(tok_dir):  # a text encoder folder alone: its pipeline's tokenizer
+        tok_dir = enc_dir.parent / tok_sub
+    if not has_tokenizer(tok_dir):
+        # transformers would build an empty-vocabulary tokenizer and read every prompt as the
+        # same few ids; CLIP's own BPE (the built-in configs') is what every SD CLIP uses
+        tok_dir = builtin_tokenizer(family)
+        import sys
+
+        print(f"unhype: no tokenizer beside {enc_dir}; using CLIP's BPE tokenizer "
+              f"({tok_dir})", file=sys.stderr)
     cls = CLIPTextModelWithProjection if family.name == "sdxl" else CLIPTextModel
     encoder = cls.from_pretrained(enc_dir, use_safetensors=True).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    if len(tokenizer) > encoder.config.vocab_size:
+        raise UnHypeError(f"the tokenizer in {tok_dir} has {len(tokenizer)} tokens, the text "
+                          f"encoder in {enc_dir} {encoder.config.vocab_size}: they do not "
+                          "belong together")
     return PromptEmbedder(family, tokenizer, encoder)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """A CLIP tokenizer's files are in `folder` (slow: vocab + merges; fast: tokenizer.json)."""
+    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or \
+        (folder / "tokenizer.json").is_file()
+
+
+def builtin_tokenizer(family) -> Path:
+    """The built-in config's tokenizer folder for `family`'s embedding encoder (OpenAI's CLIP
+    vocabulary; the pad token as the family's reference repository sets it)."""
+    from unhype.model_configs import config_folder
+
+    name = CHECKPOINT_TEXT.get(family.name, ("", "text_encoder", "sd15"))[2]
+    sub = "tokenizer_2" if family.name == "sdxl" else "tokenizer"
+    return config_folder(name) / sub
 
 
 def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
