@@ -69,6 +69,22 @@ def save_checkpoint(folder: Path, step: int, hypernet, optimisers: dict, rng: di
     return path
 
 
+def set_aside(folder: Path, paths: list[Path]) -> Path:
+    """Move an earlier run's checkpoints into a subfolder of `folder`, where neither this run's
+    pruning nor `--resume <folder>` looks (returns it)."""
+    import time
+
+    aside = folder / f"earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder / f"earlier-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside.mkdir(parents=True)
+    for path in paths:
+        path.replace(aside / path.name)
+    return aside
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []

@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +47,42 @@ from unhype.hypernet import (HyperNetConfig, TargetSpec, build_hypernet, default
 
 EXIT_NAN = 3
 EXIT_INTERRUPTED = 130
+
+
+class StopAtStepEnd(Exception):
+    """Ctrl-C was pressed during a step: stop once it is complete."""
+
+
+class DeferredInterrupt:
+    """Ctrl-C during a step stops the run once the step is complete, so the checkpoint it
+    saves is what a run of that many steps holds (weights, both Adam states, the RNGs), and
+    resuming continues exactly; a second Ctrl-C stops at once, without a checkpoint of the
+    half-done step. Only in a single process's main thread: with several processes every one
+    must stop at the same step, so there Ctrl-C stops at once (as before)."""
+
+    def __init__(self, say, active: bool):
+        self.say, self.active, self.requested, self._previous = say, active, False, None
+
+    def __enter__(self):
+        if self.active and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("\nunhype train: stopping after this step (Ctrl-C again to stop at once, "
+                 "without saving it)")
+
+    def check(self):
+        if self.requested:
+            raise StopAtStepEnd
 
 
 class NaNLoss(RuntimeError):
@@ -481,8 +519,13 @@ def train(run: Run, progress: bool = True) -> int:
             _truncate_log(log_path, step)
             say(f"unhype train: resumed from {run.resume_from} at step {step}"
                 + (f" ({dist.world} processes)" if dist.world > 1 else ""))
-    elif main and log_path.exists():
-        log_path.unlink()
+    else:
+        if main and log_path.exists():
+            log_path.unlink()
+        earlier = ckpt.list_checkpoints(ckpt_dir) if main else []
+        if earlier:  # another run's: they would crowd out this run's and mislead --resume
+            aside = ckpt.set_aside(ckpt_dir, earlier)
+            say(f"unhype train: {len(earlier)} checkpoint(s) of an earlier run moved to {aside}")
     run.schedulers = lr_schedules(cfg, optimisers, step)
     if dist.rank > 0:  # per-process seeding of torch's global RNG (process 0 keeps the saved one)
         torch.manual_seed(tdist.process_generator(cfg.seed, step, -1, dist.rank).initial_seed())
@@ -525,7 +568,9 @@ def train(run: Run, progress: bool = True) -> int:
         return retain_loss(run, gen), {}, None
 
     log = open(log_path, "a", encoding="utf-8") if main else None
+    stop = DeferredInterrupt(say if main else (lambda _: None), dist.world == 1)
     try:
+        stop.__enter__()
         while step < cfg.max_train_steps:
             l_remove, extra, batch = _phase(run, "remove", step, removal_step, params)
             l_retain, _, _ = _phase(run, "retain", step, retention_step, params)
@@ -548,6 +593,8 @@ def train(run: Run, progress: bool = True) -> int:
             if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
                     and step < cfg.max_train_steps and main:
                 sampler.after(step)
+            if step < cfg.max_train_steps:
+                stop.check()
     except NaNLoss as exc:
         if bar is not None:
             bar.close()
@@ -557,15 +604,29 @@ def train(run: Run, progress: bool = True) -> int:
             say(f"unhype train: stopped: {exc}; nothing was written for this step; {where}. "
                 "Try a lower --learning_rate or --fields_lambda, or --mixed_precision no.")
         return EXIT_NAN
+    except StopAtStepEnd:
+        if bar is not None:
+            bar.close()
+        if main:
+            path = checkpoint(step)
+            say(f"unhype train: interrupted after step {step}; saved {path}; continue with "
+                f"--resume {path}")
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        if main:  # every process holds the same weights after each completed step
+        if stop.active:  # stopped in the middle of a step: its state is half updated
+            where = f"the last checkpoint is {last_good} (resume with --resume {last_good})" \
+                if last_good else "no checkpoint was saved (use --save_every_n_steps)"
+            if main:
+                say(f"\nunhype train: stopped during step {step + 1}, not saved; {where}")
+        elif main:  # several processes: each holds the same weights after a completed step
             path = checkpoint(step)
             say(f"\nunhype train: interrupted at step {step}; saved {path}; continue with "
                 f"--resume {path}")
         return EXIT_INTERRUPTED
     finally:
+        stop.__exit__()
         if log is not None:
             log.close()
     if bar is not None:

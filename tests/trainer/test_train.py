@@ -85,25 +85,76 @@ def test_resume_after_crash_equals_uninterrupted(tiny_sd1, tmp_path, monkeypatch
     assert steps == [1, 2, 3, 4]
 
 
-def test_ctrl_c_saves_and_resumes(tiny_sd1, tmp_path, monkeypatch):
+def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tiny_sd1, tmp_path, monkeypatch,
+                                                         capsys):
+    """Ctrl-C (a real SIGINT) in the middle of step 2: the step completes, its checkpoint is
+    what a 2-step run holds, and resuming to 3 steps gives the uninterrupted run's network, Adam
+    states and RNGs bit for bit."""
+    import os
+    import signal
+
+    straight = tmp_path / "straight"
+    assert run_training(tiny_sd1, straight, max_train_steps=3)[0] == 0
     real = loop.retain_loss
     calls = {"n": 0}
 
     def interrupted(run, gen):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # after step 2's removal update, before retention
+        return real(run, gen)
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(loop, "retain_loss", interrupted)
+    code, _ = run_training(tiny_sd1, out, max_train_steps=3)
+    assert code == loop.EXIT_INTERRUPTED
+    assert "stopping after this step" in capsys.readouterr().err
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    assert [p.name for p in saved] == ["step-0000002.safetensors"]  # the step completed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(loop, "retain_loss", real)
+    code, _ = run_training(tiny_sd1, out, max_train_steps=3, resume=str(saved[0]))
+    assert code == 0
+    a = load_file(str(ckpt.list_checkpoints(straight / "checkpoints")[-1]))
+    b = load_file(str(ckpt.list_checkpoints(out / "checkpoints")[-1]))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # rng.* included
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tiny_sd1, tmp_path, capsys):
+    """Checkpoints left by an earlier run in the output folder are moved aside at the start
+    of a fresh run (not --resume): they no longer crowd this run's out of the kept ones, and
+    --resume <folder> finds this run's latest."""
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=4, save_every_n_steps=2)[0] == 0
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-0000002.safetensors",
+                                                               "step-0000004.safetensors"]
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=3, save_every_n_steps=1)[0] == 0
+    assert "2 checkpoint(s) of an earlier run moved to" in capsys.readouterr().err
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-0000002.safetensors",
+                                                               "step-0000003.safetensors"]
+    (aside,) = [p for p in folder.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in aside.iterdir()) == ["step-0000002.safetensors",
+                                                       "step-0000004.safetensors"]
+    assert ckpt.find_checkpoint(str(tmp_path), folder).name == "step-0000003.safetensors"
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving_the_half_step(tiny_sd1, tmp_path,
+                                                                    monkeypatch, capsys):
+    real = loop.retain_loss
+    calls = {"n": 0}
+
+    def interrupted(run, gen):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # what the second Ctrl-C raises, mid-step
         return real(run, gen)
 
     monkeypatch.setattr(loop, "retain_loss", interrupted)
-    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=3)
+    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=3, save_every_n_steps=1)
     assert code == loop.EXIT_INTERRUPTED
+    assert "stopped during step 2, not saved; the last checkpoint is" in capsys.readouterr().err
     saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
-    assert [p.name for p in saved] == ["step-0000001.safetensors"]  # the completed step
-    monkeypatch.setattr(loop, "retain_loss", real)
-    code, session = run_training(tiny_sd1, tmp_path, max_train_steps=3, resume=str(saved[0]))
-    assert code == 0 and load_hypernet(tmp_path / "erase.safetensors").meta.training[
-        "steps_done"] == 3
+    assert [p.name for p in saved] == ["step-0000001.safetensors"]  # none for the half step
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tiny_sd1, tmp_path, monkeypatch, capsys):
