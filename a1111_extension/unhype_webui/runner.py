@@ -95,15 +95,14 @@ def process(p, *args) -> RunState:
     return state
 
 
-def tag_actives(p, cond_only: bool) -> list[Active]:
-    """One Active per distinct (file, strength) in the batch's prompts, with its items."""
-    prompts = batch_slice(p, getattr(p, "all_prompts", None))
-    hr = batch_slice(p, getattr(p, "all_hr_prompts", None)) if getattr(p, "enable_hr",
-                                                                         False) else []
+def tag_actives(p, cond_only: bool, hires: bool = False) -> list[Active]:
+    """One Active per distinct (file, strength) in the batch's prompts of one pass (the first
+    pass's, or with `hires` the hires prompts': the web UI activates each pass's own extra
+    networks, processing.py L952-955 / L1512-1514), with the items that carry it."""
+    prompts = batch_slice(p, getattr(p, "all_hr_prompts" if hires else "all_prompts", None))
     found: dict[tuple, Active] = {}
     default = host.default_tag_strength()
-    for i, prompt in enumerate(prompts + hr):
-        item = i % max(1, len(prompts))
+    for item, prompt in enumerate(prompts):
         for tag in find_tags(prompt, default):
             name, path = files.resolve(tag.name)
             key = (path, tag.strength)
@@ -132,18 +131,12 @@ def hires_schedule(p) -> Schedule:
 
 
 def item_prompts(p, prompts, hires_only: bool = False) -> list[list[tuple[str, Schedule]]]:
-    """(prompt, schedule) of each batch item's conditioning: the first pass's prompts and,
-    with hires fix, the hires prompts (scheduled as the hires pass is); `hires_only`: those."""
-    hires = [(x, hires_schedule(p)) for x in (getattr(p, "hr_prompts", None) or [])]
+    """(prompt, schedule) of each batch item's conditioning in one pass: the first pass's
+    prompts, or with `hires_only` the hires prompts (scheduled as the hires pass is)."""
     if hires_only:
-        return [[x] for x in hires]
+        return [[(x, hires_schedule(p))] for x in (getattr(p, "hr_prompts", None) or [])]
     prompts = list(prompts if prompts is not None else getattr(p, "prompts", []))
-    out = [[(x, first_pass_schedule(p))] for x in prompts]
-    if getattr(p, "enable_hr", False):
-        for i, entry in enumerate(hires[:len(out)]):
-            if entry not in out[i]:
-                out[i].append(entry)
-    return out
+    return [[(x, first_pass_schedule(p))] for x in prompts]
 
 
 def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
@@ -159,7 +152,7 @@ def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
         name, path, file_hash = state.panel_entry
         actives.append(Active(name, file_hash, files.load(path),
                               check_strength(state.panel.strength), state.panel.cond_only))
-    tags = tag_actives(p, state.panel.cond_only)
+    tags = tag_actives(p, state.panel.cond_only, hires_only)
     if tags:
         p.extra_generation_params[infotext.FIELD_HASHES] = infotext.format_hashes(
             sorted({(a.name, a.file_hash) for a in tags}))
@@ -177,7 +170,7 @@ def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
         if hasattr(p, "comment"):
             p.comment(warning)
     panel = actives[0] if state.panel_entry else None
-    if panel is not None and switch is None and panel.strength != 0 and \
+    if panel is not None and not hires_only and switch is None and panel.strength != 0 and \
             not any(a is panel for a in session.actives):
         # "Generate without UnHype" dropped the panel's file: the image's parameters must not
         # say it was applied (the warning goes to the comments, which infotext leaves out)
@@ -268,15 +261,12 @@ def install_sample_wrapper(p) -> None:
             use_session(p, None)
 
     def sample_hr_pass(*args, **kwargs):
+        # the hires pass gets its own session: its prompts, their schedule and their tags, on
+        # the model current now (a hires checkpoint; or Forge's reload of the same one for other
+        # hires VAE / text encoder, processing.py L1402-1419, whose callback took the hooks off)
         name = hires_checkpoint(p)
-        current = state.sessions[-1] if state.sessions else None
-        # Forge also reloads the same checkpoint as a new model for other hires modules (VAE /
-        # text encoder; processing.py L1402-1419), whose model_loaded callback took the hooks off
-        same_model = current is not None and current.attached and \
-            current.unet is host.diffusion_model(p.sd_model)
-        if name is not None or (state.panel_entry or current is not None) and not same_model:
-            switch = f"hires checkpoint {name}" if name else "hires pass, model reloaded"
-            use_session(p, prepare(p, hires_only=True, switch=switch))
+        use_session(p, prepare(p, hires_only=True,
+                               switch=f"hires checkpoint {name}" if name else None))
         return original_hr(*args, **kwargs)
 
     def setup_conds(*args, **kwargs):

@@ -695,3 +695,21 @@ def test_prompt_edits_are_scheduled_as_the_web_ui_schedules_them(sd1, hyper_file
     check_rows(calls(p, 0, switch), unet, lambda c, r: None if r else "a photo of a dog", refs)
     assert check_rows(calls(p, switch, n), unet,
                       lambda c, r: None if r else "a photo of a cat", refs) > 1e-3
+
+
+@pytest.mark.parametrize("where", ["hires_prompt", "first_prompt"])
+def test_a_tag_applies_to_the_pass_whose_prompt_carries_it(sd1, hyper_file, script, where):
+    """The web UI activates the hires prompt's extra networks for the hires pass only and the
+    first prompt's for the first pass (processing.py L952-955, L1512-1514, L1624-1633): so does
+    an <unhype:...> tag, even where both passes' prompts read the same once the tag is gone."""
+    unet = sd1.model.diffusion_model
+    tag = " <unhype:erase_cat>"
+    first, hires = ("a cat", "a cat" + tag) if where == "hires_prompt" else \
+        ("a cat" + tag, "a cat")
+    p, _ = run(sd1, script, [first], args=(False, None, 1.0, True), enable_hr=True,
+               hr_prompt=hires, steps=2)
+    assert len(p.unet_calls) == 4  # 2 first-pass calls, 2 hires
+    refs = refs_for(sd1, unet, hyper_file, ["a cat"])
+    tagged, plain = ((2, 4), (0, 2)) if where == "hires_prompt" else ((0, 2), (2, 4))
+    assert check_rows(calls(p, *tagged), unet, lambda c, r: None if r else "a cat", refs) > 1e-3
+    check_rows(calls(p, *plain), unet, lambda c, r: None, {})  # the base model
