@@ -24,6 +24,7 @@ class CondBank:
         self.tolerance = tolerance
         self._entries: list[tuple[Tensor, int]] = []
         self._on: dict = {}
+        self._latents: list[tuple[Tensor, int]] = []  # recent cond rows' latents -> index
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,19 +66,37 @@ class CondBank:
         return index.tolist()
 
     def rows(self, context: Tensor, item_rows: list[int] | None = None,
-             cond_only: bool = True) -> list[int]:
+             cond_only: bool = True, latents: Tensor | None = None) -> list[int]:
         """Row map for one UNet call.
 
-        cond_only: unmatched rows run the base weights (-1). Otherwise the k-th unmatched row
-        gets item_rows[k % len(item_rows)], the prompt index of its batch item (A1111 and Forge
-        put one uncond row per batch item, in item order).
+        cond_only: unmatched rows run the base weights (-1). Otherwise an unmatched row gets the
+        index of its batch item's (first) prompt: found by its latent, which CFG gives the
+        item's cond and uncond rows alike, also when the host split them over several calls
+        (`latents` [B, ...]: the call's input); else the k-th unmatched row gets
+        item_rows[k % len(item_rows)] (A1111 and Forge put one uncond row per batch item, in
+        item order).
         """
         rows = self.match(context)
         if cond_only or not item_rows:
             return rows
+        if latents is not None and latents.shape[0] == len(rows):
+            for r, value in enumerate(rows):
+                if value >= 0 and self._recall(latents[r]) is None:
+                    self._latents.append((latents[r].detach().clone(), value))
+            del self._latents[:-256]  # this step's rows are the latest
+            for r, value in enumerate(rows):
+                if value < 0:
+                    rows[r] = self._recall(latents[r], default=-1)
         k = 0
         for r, value in enumerate(rows):
             if value < 0:
                 rows[r] = item_rows[k % len(item_rows)]
                 k += 1
         return rows
+
+    def _recall(self, latent: Tensor, default=None):
+        for known, index in reversed(self._latents):
+            if known.shape == latent.shape and known.device == latent.device and \
+                    torch.equal(known, latent):
+                return index
+        return default

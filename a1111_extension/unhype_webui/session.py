@@ -90,11 +90,12 @@ class Session:
         while self.loras:
             self.loras.pop().remove()
 
-    def row_maps(self, context) -> dict[bool, list[int]]:
+    def row_maps(self, context, latents=None) -> dict[bool, list[int]]:
         maps = {}
         for active in self.actives:
             if active.cond_only not in maps:
-                maps[active.cond_only] = self.bank.rows(context, self.item_k, active.cond_only)
+                maps[active.cond_only] = self.bank.rows(context, self.item_k, active.cond_only,
+                                                        latents)
         return maps
 
     def _pre_hook(self, module, args, kwargs):
@@ -105,7 +106,8 @@ class Session:
             raise UnHypeError("UnHype: the UNet was called without a text context")
         if isinstance(context, (list, tuple)):  # ldm's c_crossattn list form
             context = torch.cat(list(context), dim=1)
-        maps = self.row_maps(context)
+        latents = args[0] if args else kwargs.get("x")
+        maps = self.row_maps(context, latents if isinstance(latents, torch.Tensor) else None)
         for active, lora in zip(self.actives, self.loras):
             lora.set_rows(maps[active.cond_only])
         self.calls += 1

@@ -713,3 +713,21 @@ def test_a_tag_applies_to_the_pass_whose_prompt_carries_it(sd1, hyper_file, scri
     tagged, plain = ((2, 4), (0, 2)) if where == "hires_prompt" else ((0, 2), (2, 4))
     assert check_rows(calls(p, *tagged), unet, lambda c, r: None if r else "a cat", refs) > 1e-3
     check_rows(calls(p, *plain), unet, lambda c, r: None, {})  # the base model
+
+
+def test_uncond_rows_split_from_their_cond_rows_get_their_own_items_lora(sd1, hyper_file,
+                                                                         script):
+    """'Apply to conditional branch only' off, A1111 without batch_cond_uncond: the UNet is
+    called on chunks of batch_size rows of [cond rows (one per AND part), uncond rows], so an
+    uncond row can sit alone in a later call; it still gets its own item's LoRA (recognised by
+    its latent, which CFG gives the item's cond rows too), not item 0's."""
+    prompts = ["a cat AND a dog", "a car"]
+    unet = sd1.model.diffusion_model
+    p, _ = run(sd1, script, prompts, args=(True, "erase_cat", 1.0, False),
+               layout="a1111_split", steps=1)
+    refs = refs_for(sd1, unet, hyper_file, ["a cat", "a dog", "a car"])
+    # calls of 2 rows: [c0 'a cat', c0 'a dog'], [c1 'a car', u0], [u1]
+    want = [["a cat", "a dog"], ["a car", "a cat"], ["a car"]]
+    assert len(p.unet_calls) == 3
+    for c in range(3):
+        check_rows(calls(p, c, c + 1), unet, lambda _c, r, c=c: want[c][r], refs)
