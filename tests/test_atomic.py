@@ -42,3 +42,24 @@ def test_temp_paths_are_unique_per_write(tmp_path):
         b.write_text("b")
     assert path.read_text() == "a"  # the outer block finished last
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_written_files_get_the_usual_mode_and_a_rewrite_keeps_the_old_one(tmp_path):
+    import os
+
+    import torch
+
+    from unhype.fileformat import atomic_save_safetensors
+
+    path = tmp_path / "lora.safetensors"
+    old = os.umask(0o027)
+    try:
+        atomic_save_safetensors({"w": torch.ones(2)}, path, {})  # safetensors makes it 0600
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.chmod(path, 0o604)
+        atomic_save_safetensors({"w": torch.zeros(2)}, path, {})
+        assert path.stat().st_mode & 0o777 == 0o604
+        atomic_write_text(tmp_path / "notes.md", "x")
+        assert (tmp_path / "notes.md").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
