@@ -145,6 +145,20 @@ def test_bake_cli_writes_a_kohya_lora(tmp_path, hyper_file, capsys):
             torch.testing.assert_close(fh.get_tensor(f"{name}.lora_up.weight"), b[best])
 
 
+def test_bake_refuses_an_output_it_cannot_or_must_not_write(tmp_path, hyper_file, capsys):
+    import shutil
+
+    own = tmp_path / "erase_cat.safetensors"
+    shutil.copy(hyper_file, own)
+    before = own.read_bytes()
+    for out, message in ((own, "is an input"), (tmp_path, "is a folder"),
+                         ("/proc/x.safetensors", "cannot write")):
+        # refused before the text encoder is asked for
+        assert main(["bake", str(own), "--prompt", "x", "-o", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert own.read_bytes() == before
+
+
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "unhype", "--help"], capture_output=True,
                             text=True, check=True)

@@ -131,7 +131,7 @@ def test_unwritable_output_and_nan_weights_are_refused(tmp_path, unet):
         import os
         if os.access(ro, os.W_OK):  # running as root: permissions do not bind
             pytest.skip("root ignores directory permissions")
-        with pytest.raises(UnHypeError, match="not writable"):
+        with pytest.raises(UnHypeError, match="cannot write"):
             save_hypernet(ro / "x.safetensors", net, "sd1")
     finally:
         ro.chmod(0o700)

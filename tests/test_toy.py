@@ -114,3 +114,16 @@ def test_judge_confidence_is_high_on_clean_shapes_and_low_on_textures():
                                                            mode="bilinear"))
     assert clean.shape == (64,) and clean.mean() > 0.95
     assert noise.mean() < clean.mean() - 0.2
+
+
+def test_toy_sample_refuses_bad_counts_steps_and_outputs(tmp_path, capsys):
+    from unhype.cli import main
+
+    for extra, message in ((["-n", "0"], "-n must be at least 1"),
+                           (["-n", "-3"], "-n must be at least 1"),
+                           (["--steps", "-1"], "--steps must be at least 1"),
+                           (["-o", str(tmp_path)], "is a folder")):
+        assert main(["toy", "sample", "a red circle", "-o", str(tmp_path / "g.png"),
+                     *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

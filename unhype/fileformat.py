@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unhype import __version__
-from unhype.atomic import atomic_path
+from unhype.atomic import atomic_path, check_output
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 from unhype.hypernet import HyperNetConfig, HyperNetwork, build_hypernet
@@ -113,12 +112,7 @@ class LoadedHypernet:
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
     """Write to a temp file in the target folder, then rename: never a half-written file."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UnHypeError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UnHypeError(f"output folder {folder} is not writable")
+    path = check_output(path)
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)

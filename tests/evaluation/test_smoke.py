@@ -153,3 +153,8 @@ def test_unhype_eval_bad_input(tmp_path, capsys):
     assert "'paraphrase' is not one of synonyms, paraphrases, misspellings" in \
         capsys.readouterr().err
     assert main(["eval", "--hypernet", str(tmp_path / "none.safetensors")]) == 2
+    taken = tmp_path / "results"
+    taken.write_text("mine")
+    assert main(["eval", "--model", "toy", "--erase", "circle", "--out", str(taken)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err  # before any image is made
+    assert taken.read_text() == "mine"

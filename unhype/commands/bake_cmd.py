@@ -24,6 +24,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from unhype.atomic import check_output
     from unhype.bake import bake_lora, save_lora, strongest_embedding
     from unhype.dynamic_lora import check_strength
     from unhype.embedding import load_embedder
@@ -31,6 +32,7 @@ def run(args) -> int:
     from unhype.prompt_windows import prompt_windows
 
     strength = check_strength(args.strength)
+    check_output(args.output, [args.hypernet, args.text_encoder], "-o")
     loaded = load_hypernet(args.hypernet)
     embedder = load_embedder(loaded.family, args.text_encoder)
     # a long prompt: the strongest of it and its windows, as the hosts apply it

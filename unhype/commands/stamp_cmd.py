@@ -12,7 +12,6 @@ text encoder.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -41,14 +40,14 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from trainer.concepts import concepts_of_file
+    from unhype.atomic import check_output
     from unhype.embedding import load_embedder
     from unhype.errors import UnHypeError
     from unhype.fileformat import load_hypernet, save_with_training
     from unhype.gate_floor import check_floor, concepts_reference, saturate_refusal
 
-    out = Path(args.output)
-    if not out.parent.is_dir():  # before the text encoder loads, not after
-        raise UnHypeError(f"output folder {out.parent} does not exist")
+    # before the text encoder loads, not after; the hypernetwork itself may be the output
+    out = check_output(args.output, [args.text_encoder, args.concepts], "-o")
     floor = None if args.gate_floor is None else check_floor(args.gate_floor)
     loaded = load_hypernet(args.hypernet)
     refusal = saturate_refusal(loaded.meta.training.get("mode"))

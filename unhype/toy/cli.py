@@ -73,8 +73,16 @@ def _build(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import time
 
+    from unhype.atomic import check_output
+    from unhype.errors import UnHypeError
     from unhype.toy import data, grid, judge, model
 
+    if args.n < 1:
+        raise UnHypeError(f"-n must be at least 1 image, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise UnHypeError(f"--steps must be at least 1, got {args.steps}")
+    if args.output.parent.is_dir():  # else save_image_atomic creates the folder
+        check_output(args.output, flag="-o")
     model.set_threads()
     toy = model.load_toy(weights=args.weights)
     kwargs = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v}
