@@ -88,6 +88,10 @@ def process(p, *args) -> RunState:
                 infotext.format_fields(name, file_hash, strength, panel.cond_only))
         except UnHypeError as exc:
             state.error = str(exc)
+        except Exception as exc:  # noqa: BLE001  the web UI only logs what process raises
+            # (scripts.py L840-846) and would generate without UnHype; the sample wrapper,
+            # installed below, stops the generation with this instead
+            state.error = f"UnHype: {panel.name}: {type(exc).__name__}: {exc}"
     elif panel.enabled:
         state.error = "UnHype is enabled but no hypernetwork is selected"
     p.unhype_state = state

@@ -438,6 +438,22 @@ def test_missing_file_and_bad_tag_stop_the_generation_with_a_message(sd1, hyper_
         run(sd1, script, ["a cat"], args=(True, None, 1.0, True))
 
 
+def test_an_unexpected_error_in_process_stops_the_generation(sd1, hyper_file, script,
+                                                             monkeypatch):
+    """The web UI only logs what a script's process raises (scripts.py L840-846) and goes on:
+    an error there (a file that cannot be read to hash it, say) must not leave a generation
+    that silently erases nothing; it stops at sampling with the cause."""
+    from unhype import infotext
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(infotext, "short_hash", unreadable)
+    with pytest.raises(UnHypeError, match="erase_cat: PermissionError"):
+        run(sd1, script, ["a cat"])
+    assert hooks_left(sd1.model.diffusion_model) == 0
+
+
 @pytest.mark.parametrize("fail_at", [0, 1])
 def test_nothing_stays_hooked_after_an_exception_in_sampling(sd1, hyper_file, script, fail_at):
     from unhype_webui import runner

@@ -254,7 +254,10 @@ def process_images(p):
     p.all_negative_prompts = [p.negative_prompt] * n_all
     p.all_hr_prompts = [p.hr_prompt or x for x in p.all_prompts]
     for script, args in p.scripts:
-        script.process(p, *args)
+        try:  # ScriptRunner.process (scripts.py L840-846) only reports what a script raises
+            script.process(p, *args)
+        except Exception as exc:
+            p.script_errors = getattr(p, "script_errors", []) + [exc]
     images = []
     for n in range(p.n_iter):
         p.iteration = n
