@@ -63,3 +63,28 @@ def test_written_files_get_the_usual_mode_and_a_rewrite_keeps_the_old_one(tmp_pa
         assert (tmp_path / "notes.md").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+def test_check_output_refuses_folders_inputs_and_unwritable_places(tmp_path):
+    from unhype.atomic import check_output, check_output_folder
+    from unhype.errors import UnHypeError
+
+    source = tmp_path / "in.safetensors"
+    source.write_bytes(b"x")
+    with pytest.raises(UnHypeError, match="is a folder"):
+        check_output(tmp_path)
+    (tmp_path / "link.safetensors").symlink_to(source)
+    with pytest.raises(UnHypeError, match="is an input"):
+        check_output(tmp_path / "link.safetensors", [None, source])
+    with pytest.raises(UnHypeError, match="does not exist"):
+        check_output(tmp_path / "missing" / "out.safetensors")
+    with pytest.raises(UnHypeError, match="cannot write"):
+        check_output("/proc/out.safetensors")
+    assert check_output(tmp_path / "out.safetensors") == tmp_path / "out.safetensors"
+    with pytest.raises(UnHypeError, match="is a file, not a folder"):
+        check_output_folder(source)
+    with pytest.raises(UnHypeError, match="is a file, not a folder"):
+        check_output_folder(source / "deeper")
+    check_output_folder(tmp_path / "new" / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "link.safetensors"]
+
