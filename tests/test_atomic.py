@@ -88,3 +88,14 @@ def test_check_output_refuses_folders_inputs_and_unwritable_places(tmp_path):
     check_output_folder(tmp_path / "new" / "folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "link.safetensors"]
 
+
+def test_a_safetensors_write_with_inf_is_refused(tmp_path):
+    import torch
+
+    from unhype.errors import UnHypeError
+    from unhype.fileformat import atomic_save_safetensors
+
+    with pytest.raises(UnHypeError, match="NaN/Inf"):
+        atomic_save_safetensors({"w": torch.tensor([1.0, float("inf")])},
+                                tmp_path / "x.safetensors", {})
+    assert not list(tmp_path.iterdir())

@@ -159,6 +159,15 @@ def test_bake_refuses_an_output_it_cannot_or_must_not_write(tmp_path, hyper_file
     assert own.read_bytes() == before
 
 
+def test_bake_refuses_a_strength_that_overflows(tmp_path, hyper_file, capsys):
+    folder = tiny_text_encoder_folder(tmp_path / "te")
+    out = tmp_path / "lora.safetensors"
+    assert main(["bake", str(hyper_file), "--prompt", "a cat", "--strength", "1e39",
+                 "-o", str(out), "--text_encoder", str(folder)]) == 2
+    assert "overflows float32" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "unhype", "--help"], capture_output=True,
                             text=True, check=True)

@@ -149,6 +149,10 @@ def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
         factors = loaded.generate(embedding.reshape(1, -1))
     tensors = lora_state_dict(factors, strength) if fmt == "kohya" else \
         bfl_state_dict(loaded, factors, strength)
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise UnHypeError(f"the LoRA for {prompt!r} at strength {strength:g} overflows "
+                          f"float32 (Inf/NaN in {bad[0]}): use a smaller strength")
     metadata = lora_metadata(loaded, prompt, strength, title or f"unhype_{loaded.path.stem}")
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     return tensors, metadata

@@ -113,6 +113,9 @@ class LoadedHypernet:
 def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
     """Write to a temp file in the target folder, then rename: never a half-written file."""
     path = check_output(path)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UnHypeError(f"refusing to write {path}: NaN/Inf in {bad[:3]}")
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)
