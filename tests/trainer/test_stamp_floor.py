@@ -149,3 +149,27 @@ def test_gate_saturate_is_stored_by_the_trainer_and_by_stamp_floor(tiny_sd1, tmp
         with pytest.raises(UnHypeError, match=message):
             resolve(fast_options(tiny_sd1, tmp_path / "bad", concepts="dog", gate_saturate=True,
                                  **over))
+
+
+def test_a_new_floor_on_a_file_with_its_reference_needs_no_text_encoder(tiny_sd1, tmp_path,
+                                                                         capsys):
+    """docs/training.md: `stamp-floor FILE -o OUT --gate_floor 0.25` changes only the floor;
+    outputs that are a folder or the concept file are refused, nothing written."""
+    path, _ = trained(tiny_sd1, tmp_path / "run", concepts="dog", mode="direct")
+    out = tmp_path / "floored.safetensors"
+    assert main(["stamp-floor", str(path), "-o", str(out), "--gate_floor", "0.25"]) == 0
+    assert "gate_floor 0.25" in capsys.readouterr().out
+    stamped, original = load_hypernet(out), load_hypernet(path)
+    assert stamped.gate_floor == 0.25 and original.gate_floor == 0.03
+    assert stamped.gate_reference == original.gate_reference
+    before, after = load_file(str(path)), load_file(str(out))
+    assert all(before[k].equal(after[k]) for k in before)
+    assert main(["stamp-floor", str(path), "-o", str(out)]) == 2
+    assert "--force to recompute" in capsys.readouterr().err
+    concepts = tmp_path / "concepts.toml"
+    concepts.write_text('[[concept]]\ntarget = "dog"\n')
+    for bad, message in ((tmp_path, "is a folder"), (concepts, "is an input")):
+        assert main(["stamp-floor", str(path), "-o", str(bad), "--concepts", str(concepts),
+                     "--gate_floor", "0.1"]) == 2
+        assert message in capsys.readouterr().err
+    assert concepts.read_text() == '[[concept]]\ntarget = "dog"\n'

@@ -5,8 +5,8 @@ the floor only where it is there. This computes it for an older file the way the
 from the concepts' own training prompts (rebuilt from the file's metadata) and the base model's
 text encoder, and writes the file again with it: the weights bit for bit, atomically.
 `--gate_saturate` also stores saturation (hosts raise every prompt above the floor to the
-concepts' strength); on a file that already has its reference it only sets that, without the
-text encoder.
+concepts' strength). On a file that already has its reference, `--gate_floor` and
+`--gate_saturate` only set those, without the text encoder; `--force` recomputes the reference.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def register(subparsers) -> None:
                    help="the concept file the hypernetwork was trained from; needed only when "
                         "it was trained on custom templates")
     p.add_argument("--gate_floor", type=float, default=None,
-                   help="floor to store with it (default: the file's, else 0.03)")
+                   help="floor to store with it (default: the file's, else 0.03); on a file "
+                   "that has its reference, only the floor is changed (no text encoder)")
     p.add_argument("--gate_saturate", action=argparse.BooleanOptionalAction, default=None,
                    help="store saturation: hosts raise every prompt above the floor to the "
                    "concepts' strength (direct-mode files only; default: the file's)")
@@ -54,13 +55,17 @@ def run(args) -> int:
     if args.gate_saturate and refusal:
         raise UnHypeError(f"{loaded.path}: {refusal}")
     if loaded.gate_reference is not None and not args.force:
-        if args.gate_saturate is not None and floor is None:
-            save_with_training(loaded, out, gate_saturate=args.gate_saturate)
-            print(f"wrote {out}: gate_saturate {str(args.gate_saturate).lower()} (gate_reference "
-                  f"{loaded.gate_reference:.6g} kept)")
-            return 0
-        raise UnHypeError(f"{loaded.path} already stores gate_reference "
-                          f"{loaded.gate_reference:.6g}; --force recomputes it")
+        # the floor and saturation are settings on top of the reference: no text encoder
+        settings = {k: v for k, v in (("gate_floor", floor),
+                                      ("gate_saturate", args.gate_saturate)) if v is not None}
+        if not settings:
+            raise UnHypeError(f"{loaded.path} already stores gate_reference "
+                              f"{loaded.gate_reference:.6g}; give --gate_floor or "
+                              "--gate_saturate to change those, or --force to recompute it")
+        save_with_training(loaded, out, **settings)
+        print(f"wrote {out}: " + ", ".join(f"{k} {str(v).lower()}" for k, v in settings.items())
+              + f" (gate_reference {loaded.gate_reference:.6g} kept)")
+        return 0
     concepts = concepts_of_file(loaded.meta.concepts, args.concepts, where=str(loaded.path))
     embedder = load_embedder(loaded.family, args.text_encoder)
     reference = concepts_reference(loaded.hypernet, embedder, concepts)
