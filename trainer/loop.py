@@ -601,8 +601,13 @@ def train(run: Run, progress: bool = True) -> int:
         where = f"the last good checkpoint is {last_good} (resume with --resume {last_good})" \
             if last_good else "no checkpoint was saved yet (use --save_every_n_steps)"
         if main:
+            damaged = run.backend.nonfinite_weights()
+            advice = (f"The base model itself holds NaN/Inf weights ({', '.join(damaged[:3])}"
+                      f"{', ...' if len(damaged) > 3 else ''}): the checkpoint is damaged; "
+                      "training cannot fix that." if damaged else
+                      "Try a lower --learning_rate or --fields_lambda, or --mixed_precision no.")
             say(f"unhype train: stopped: {exc}; nothing was written for this step; {where}. "
-                "Try a lower --learning_rate or --fields_lambda, or --mixed_precision no.")
+                + advice)
         return EXIT_NAN
     except StopAtStepEnd:
         if bar is not None:

@@ -177,6 +177,21 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_sd1, tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())
 
 
+def test_nan_in_the_base_models_weights_is_named_not_blamed_on_the_learning_rate(
+        tiny_sd1, tmp_path, capsys):
+    cfg = inline_cfg(tiny_sd1, tmp_path, max_train_steps=2)
+    session = loop.prepare(cfg, quiet=True)
+    unet = session.backend.unet
+    name, weight = next((n, p) for n, p in unet.named_parameters()
+                        if n.endswith("attn2.to_k.weight"))
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    assert loop.train(session, progress=False) == loop.EXIT_NAN
+    err = capsys.readouterr().err
+    assert f"UNet2DConditionModel.{name}" in err and "the checkpoint is damaged" in err
+    assert "--learning_rate" not in err
+
+
 def test_nan_message_names_checkpoint(tiny_sd1, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loop.losses, "retention_loss", lambda a, b: torch.tensor(float("nan")))
     code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=2)

@@ -120,6 +120,19 @@ class Backend:
     def modules(self) -> list[nn.Module]:
         return [self.unet]
 
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the frozen model's parameters holding NaN/Inf (read only when a loss went
+        NaN, to tell a damaged checkpoint from a training that diverged)."""
+        bad = []
+        for module in self.modules():
+            for name, param in module.named_parameters():
+                try:
+                    if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                        bad.append(f"{type(module).__name__}.{name}")
+                except (RuntimeError, NotImplementedError):  # packed / fp8 storage
+                    continue
+        return bad
+
     # --- loading for the memory options: the denoiser waits on the CPU ----------------------
     staged = False
     shrunk: str | None = None  # trainer.memory.shrink's note once the denoiser is fp8 / NF4
