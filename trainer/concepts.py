@@ -132,7 +132,8 @@ def _concept(entry, where: str, default_set: str, default_anchor: str | None) ->
         raise UnHypeError(f"{where}: concept {target!r} equals its anchor; the anchor is what "
                           "the concept should turn into (another concept, or '' for ESD's "
                           "unconditional default)")
-    return Concept(target=target, anchor=anchor, synonyms=[str(s).strip() for s in synonyms],
+    synonyms = [str(s).strip() for s in synonyms]  # a blank one would match every prompt
+    return Concept(target=target, anchor=anchor, synonyms=[s for s in synonyms if s],
                    templates=templates, template_set=set_name,
                    train_on_synonyms=bool(entry.get("train_on_synonyms", False)))
 
@@ -226,7 +227,7 @@ def resolve_retain(spec: str | None, concepts: list[Concept], backend=None) -> l
         else:
             raise UnHypeError(f"--retain_prompts: {item!r} is not a built-in set "
                               f"{RETAIN_SETS} and no such file")
-    words = [_norm(w) for c in concepts for w in [c.target, *c.synonyms]]
+    words = [_norm(w) for c in concepts for w in [c.target, *c.synonyms] if _norm(w)]
     pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")s?\b")
     kept = list(dict.fromkeys(p for p in prompts if not pattern.search(_norm(p))))
     if not kept:

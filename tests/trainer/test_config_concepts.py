@@ -141,3 +141,12 @@ def test_retain_set_drops_prompts_naming_a_concept():
     assert "aquarium fish" in retained and len(retained) > 250
     with pytest.raises(UnHypeError, match="not a built-in set"):
         C.resolve_retain("imagenet", found)
+
+
+def test_blank_synonyms_are_dropped_and_keep_the_retained_prompts(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[concepts]]\ntarget = "disc"\nsynonyms = ["disk", " ", ""]\n')
+    found = C.resolve_concepts(_cfg(concepts=str(path)))
+    assert found[0].synonyms == ["disk"]
+    found[0].synonyms.append("  ")  # however it got there, it matches no prompt
+    assert len(C.resolve_retain("cifar100,captions", found)) > 250
