@@ -60,6 +60,16 @@ def fill(template: str, word: str) -> str:
     return _ARTICLE.sub(lambda m: m.group(1) + "n ", text)
 
 
+def could_be_path(text: str) -> bool:
+    """Whether `text` can name a file here: no NUL, no part over the file system's name limit
+    (Path.is_file raises on those: an inline list longer than 255 characters)."""
+    try:
+        Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def read_lines(path: Path) -> list[str]:
     """Non-empty, non-comment lines of a TXT file, or the first column of a CSV."""
     try:
@@ -84,7 +94,7 @@ def template_set(name: str) -> list[str]:
     if name in TEMPLATE_SETS:
         return read_lines(DATA / f"templates_{name}.txt")
     path = Path(name)
-    if path.is_file():
+    if could_be_path(name) and path.is_file():
         templates = read_lines(path)
         bad = [t for t in templates if t.count("{}") != 1]
         if bad or not templates:
@@ -188,8 +198,9 @@ def resolve_concepts(cfg) -> list[Concept]:
                                        else "objects")
     if cfg.concept_entries is not None:
         entries, where = cfg.concept_entries, f"--config_file {cfg.config_file}"
-    elif cfg.concepts and (Path(cfg.concepts).is_file() or Path(cfg.concepts).suffix.lower()
-                           in (".toml", ".yaml", ".yml", ".csv", ".txt")):
+    elif cfg.concepts and could_be_path(cfg.concepts) and (
+            Path(cfg.concepts).is_file() or Path(cfg.concepts).suffix.lower()
+            in (".toml", ".yaml", ".yml", ".csv", ".txt")):
         entries, where = load_concept_file(Path(cfg.concepts)), f"concept file {cfg.concepts}"
     elif cfg.concepts:
         entries = [c.strip() for c in cfg.concepts.split(",") if c.strip()]
@@ -222,7 +233,7 @@ def resolve_retain(spec: str | None, concepts: list[Concept], backend=None) -> l
             prompts += found
         elif item in RETAIN_SETS:
             prompts += read_lines(DATA / f"retain_{item}.txt")
-        elif Path(item).is_file():
+        elif could_be_path(item) and Path(item).is_file():
             prompts += read_lines(Path(item))
         else:
             raise UnHypeError(f"--retain_prompts: {item!r} is not a built-in set "

@@ -197,6 +197,8 @@ def _read_toml(path: str) -> dict:
 
 def resolve(args: argparse.Namespace | dict) -> TrainConfig:
     """Defaults < TOML (--config_file) < flags given on the command line; then validated."""
+    from trainer.concepts import could_be_path
+
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     values = {name: default for name, _, default, _ in OPTIONS}
     known = set(values)
@@ -212,7 +214,8 @@ def resolve(args: argparse.Namespace | dict) -> TrainConfig:
             concept_entries = [e if isinstance(e, dict) else {"target": e} for e in entries]
         base = Path(config_file).parent
         for key in ("concepts", "sample_prompts"):  # relative paths: relative to the TOML file
-            if isinstance(toml.get(key), str) and (base / toml[key]).exists():
+            if isinstance(toml.get(key), str) and could_be_path(toml[key]) \
+                    and (base / toml[key]).exists():
                 toml[key] = str(base / toml[key])
         values.update(toml)
     for name in known:

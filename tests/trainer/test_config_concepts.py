@@ -150,3 +150,20 @@ def test_blank_synonyms_are_dropped_and_keep_the_retained_prompts(tmp_path):
     assert found[0].synonyms == ["disk"]
     found[0].synonyms.append("  ")  # however it got there, it matches no prompt
     assert len(C.resolve_retain("cifar100,captions", found)) > 250
+
+
+def test_a_long_inline_concept_list_is_not_taken_for_a_file():
+    names = [f"concept number {i} with a long name" for i in range(12)]
+    assert len(",".join(names)) > 255
+    found = C.resolve_concepts(_cfg(concepts=",".join(names)))
+    assert [c.target for c in found] == names
+    assert C.resolve_concepts(_cfg(concepts="x" * 300 + ".txt"))[0].target == "x" * 300 + ".txt"
+    with pytest.raises(UnHypeError, match="not a built-in set"):
+        C.resolve_retain("y" * 300, found)
+
+
+def test_a_long_inline_concept_list_in_a_config_file(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'concepts = "{",".join(["a rather long concept name"] * 12)}"\n')
+    cfg = resolve(parse(["--config_file", str(toml)]))
+    assert cfg.concepts.startswith("a rather long concept name,")
