@@ -7,6 +7,7 @@ LoRA (s = T, conditional branch only, as the hosts apply it). PNGs under <output
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -71,6 +72,16 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 1) -> Pa
     return path
 
 
+def grid_stem(name: str) -> str:
+    """A file name stem for a concept: the name itself when it is short and plain, else a
+    plain prefix and a hash of the name (non-Latin or long names stay apart and fit)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        return name
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:40].rstrip("_")
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:10]
+    return f"{slug}-{digest}" if slug else f"concept-{digest}"
+
+
 class SampleGrids:
     def __init__(self, run):
         self.run = run
@@ -93,7 +104,7 @@ class SampleGrids:
             before = self.base[name].reshape(len(prompts), k, *after.shape[1:])
             after = after.reshape(len(prompts), k, *after.shape[1:])
             both = torch.cat([before, after], dim=1).flatten(0, 1)
-            slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "concept"
+            slug = grid_stem(name)
             scale = max(1, 128 // both.shape[-1])
             paths.append(save_grid(both, len(prompts),
                                    self.folder / f"{slug}-step{step:06d}.png", scale))

@@ -167,3 +167,17 @@ def test_a_long_inline_concept_list_in_a_config_file(tmp_path):
     toml.write_text(f'concepts = "{",".join(["a rather long concept name"] * 12)}"\n')
     cfg = resolve(parse(["--config_file", str(toml)]))
     assert cfg.concepts.startswith("a rather long concept name,")
+
+
+def test_sample_grids_of_non_latin_and_long_concepts_stay_apart(tiny_sd1, tmp_path):
+    from tests.trainer.conftest import fast_options
+    from trainer import loop
+
+    long = "a very long concept " * 15
+    cfg = resolve(fast_options(tiny_sd1, tmp_path, max_train_steps=1,
+                               concepts=f"круг,квадрат,{long.strip()}"))
+    assert loop.train(loop.prepare(cfg, quiet=True), progress=False) == 0
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*-step*.png"))
+    assert len(grids) == 3 and all(len(g) < 80 for g in grids)
+    assert grids[0].startswith("a_very_long_concept")
+    assert len(list((tmp_path / "samples").glob("*-prompts.txt"))) == 3
