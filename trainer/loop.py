@@ -163,6 +163,10 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     if cfg.eval and family.name != "toy":
         raise UnHypeError("--eval measures erasure with the toy judge, so it needs the toy model "
                           f"(this is {family.name})")
+    if cfg.eval:  # its concepts must be toy shapes: refused now, not after training
+        from trainer.evaluate import erased_shapes
+
+        erased_shapes(concepts)
     memory.shrink(cfg, backend)  # NF4 replaces the linear layers: before they are hooked
     targets = family.targets(cfg.target_preset, model=backend.unet)
     _attention(cfg, backend)

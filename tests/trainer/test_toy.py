@@ -68,3 +68,13 @@ def test_toy_prompt_sets_cover_classes():
     assert len(sets["others"][0]) == 8 * 3
     assert not [p for p in sets["synonyms"][0] if "circle" in p]
     assert sorted(set(sets["synonyms"][1].tolist())) == [0, 6]  # circle, star
+
+
+def test_eval_of_concepts_that_are_no_toy_shape_is_refused_before_training(tmp_path):
+    from unhype.errors import UnHypeError
+
+    cfg = resolve({"pretrained_model_name_or_path": "toy", "output_dir": str(tmp_path),
+                   "concepts": "circle,dog", "eval": True, "max_train_steps": 1})
+    with pytest.raises(UnHypeError, match="'dog' is not a toy shape"):
+        loop.prepare(cfg, quiet=True)
+    assert not list(tmp_path.iterdir())
