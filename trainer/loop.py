@@ -680,6 +680,15 @@ def gate_reference(run: Run) -> float | None:
 def _truncate_log(path: Path, step: int):
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep, dropped = [], 0
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(ln) if ln.strip() else None
+        except json.JSONDecodeError:  # a line half-written when the run was killed
+            record, dropped = None, dropped + 1
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(at, (int, float)) and at <= step:
+            keep.append(ln)
+    if dropped:
+        say(f"unhype train: {path}: dropped {dropped} unreadable line(s)")
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))

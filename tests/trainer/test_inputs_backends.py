@@ -268,3 +268,17 @@ def test_embedding_of_the_wrong_width_is_refused(tiny_sd1, tmp_path):
     assert backend.checked_embedding(torch.ones(2, 768, dtype=torch.float16)).dtype == torch.float32
     with pytest.raises(UnHypeError, match="gives 1024-d vectors; family sd1 reads"):
         backend.checked_embedding(torch.zeros(2, 1024))
+
+
+def test_resume_drops_a_half_written_loss_log_line(tiny_sd1, tmp_path, capsys):
+    import json
+
+    assert loop.train(loop.prepare(cfg_for(tiny_sd1, tmp_path, max_train_steps=2), quiet=True),
+                      progress=False) == 0
+    log = tmp_path / "erase-loss.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "remo')  # killed mid-write
+    run = loop.prepare(cfg_for(tiny_sd1, tmp_path, max_train_steps=3,
+                               resume=str(tmp_path / "checkpoints")), quiet=True)
+    assert loop.train(run, progress=False) == 0
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3]
+    assert "dropped 1 unreadable line" in capsys.readouterr().err
