@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +268,7 @@ def validate(cfg: TrainConfig) -> None:
             check_floor(v["gate_floor"])
         except UnHypeError as exc:
             problems.append(str(exc).replace("gate floor", "gate_floor", 1))
+    problems += _check_places(v)
     if v["fp8_base"] is True and v["nf4_base"] is True:
         problems.append("fp8_base and nf4_base are two storages of the same weights; pick one")
     if v["nf4_base"] is True and importlib.util.find_spec("bitsandbytes") is None:
@@ -286,6 +289,54 @@ def validate(cfg: TrainConfig) -> None:
         v["network_alpha"] = float(v["network_dim"])
     if v["xformers"] and v["sdpa"]:
         raise UnHypeError("--xformers and --sdpa exclude each other; pick one")
+
+
+def check_device(name) -> str | None:
+    """Why `name` is not a device the trainer and `unhype eval` take (None: it is)."""
+    if isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        return None
+    return f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}"
+
+
+def _check_places(v: dict) -> list[str]:
+    """Devices, sizes, numbers and paths that would otherwise fail once the model is loaded."""
+    problems = [p for p in [check_device(v["device"])] if p]
+    if isinstance(v["cpu_threads"], int) and v["cpu_threads"] < 0:
+        problems.append(f"cpu_threads must be >= 0 (0: torch's default), got {v['cpu_threads']}")
+    if isinstance(v["resolution"], int):
+        # the VAE downscales 8x; FLUX packs 2x2 latents into one token
+        step = 16 if v["model_family"] in ("flux", "toy_flux") else 8
+        if v["resolution"] < step or v["resolution"] % step:
+            problems.append(f"resolution must be a positive multiple of {step}, got "
+                            f"{v['resolution']}")
+    if isinstance(v["probe_lambda"], str):
+        try:
+            lambdas = [float(x) for x in v["probe_lambda"].split(",")]
+        except ValueError:
+            lambdas = []
+        if not lambdas or not all(math.isfinite(x) and x > 0 for x in lambdas):
+            problems.append("probe_lambda must be comma-separated positive numbers (e.g. "
+                            f"1e-4,1e-3), got {v['probe_lambda']!r}")
+    if isinstance(v["logging_dir"], str):
+        from unhype.atomic import check_output_folder
+
+        try:
+            check_output_folder(v["logging_dir"], "logging_dir")
+        except UnHypeError as exc:
+            problems.append(str(exc))
+    if isinstance(v["sample_prompts"], str):
+        from trainer.concepts import read_lines
+
+        path = Path(v["sample_prompts"])
+        if not path.is_file():
+            problems.append(f"sample_prompts {path}: no such file")
+        else:
+            try:
+                if not read_lines(path):
+                    problems.append(f"sample_prompts {path}: no prompts in it (one a line)")
+            except UnHypeError as exc:
+                problems.append(f"sample_prompts {exc}")
+    return problems
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:

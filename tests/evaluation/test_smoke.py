@@ -158,3 +158,6 @@ def test_unhype_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "--model", "toy", "--erase", "circle", "--out", str(taken)]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err  # before any image is made
     assert taken.read_text() == "mine"
+    assert main(["eval", "--model", "toy", "--erase", "circle", "--device", "foo",
+                 "--out", str(tmp_path)]) == 2
+    assert "--device must be auto, cpu, cuda, cuda:N or mps" in capsys.readouterr().err

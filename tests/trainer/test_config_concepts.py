@@ -58,6 +58,13 @@ def test_toml_inline_concepts_and_relative_paths(tmp_path):
     (["--xformers", "--sdpa"], "exclude each other"),
     (["--gate_floor", "0.5"], r"gate_floor must be in \[0, 0.5\)"),
     (["--gate_floor", "-0.1"], r"gate_floor must be in \[0, 0.5\)"),
+    (["--device", "foo"], "device must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
+    (["--cpu_threads", "-1"], "cpu_threads must be >= 0"),
+    (["--resolution", "-8"], "resolution must be a positive multiple of 8, got -8"),
+    (["--resolution", "12"], "resolution must be a positive multiple of 8, got 12"),
+    (["--resolution", "24", "--model_family", "flux"], "positive multiple of 16, got 24"),
+    (["--probe_lambda", "a,b"], "probe_lambda must be comma-separated positive numbers"),
+    (["--probe_lambda", "1e-3,-1"], "probe_lambda must be comma-separated positive numbers"),
 ])
 def test_bad_options(argv, needle):
     with pytest.raises(UnHypeError, match=needle):
@@ -181,3 +188,16 @@ def test_sample_grids_of_non_latin_and_long_concepts_stay_apart(tiny_sd1, tmp_pa
     assert len(grids) == 3 and all(len(g) < 80 for g in grids)
     assert grids[0].startswith("a_very_long_concept")
     assert len(list((tmp_path / "samples").glob("*-prompts.txt"))) == 3
+
+
+def test_logging_dir_and_sample_prompts_are_checked_before_any_model_loads(tmp_path):
+    a_file = tmp_path / "log.txt"
+    a_file.write_text("")
+    for argv, needle in ((["--logging_dir", str(a_file)], "is a file, not a folder"),
+                         (["--logging_dir", str(a_file / "sub")], "is a file, not a folder"),
+                         (["--sample_prompts", str(a_file)], "no prompts in it"),
+                         (["--sample_prompts", str(tmp_path / "none.txt")], "no such file")):
+        with pytest.raises(UnHypeError, match=needle):
+            resolve(parse(argv))
+    assert resolve(parse(["--logging_dir", str(tmp_path / "new" / "logs")])).logging_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]

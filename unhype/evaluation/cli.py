@@ -93,6 +93,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
+    from trainer.config import check_device
     from unhype.atomic import check_output_folder
     from unhype.errors import UnHypeError
     from unhype.evaluation import extras as extras_mod
@@ -106,6 +107,9 @@ def run(args) -> int:
     if args.per_class < 1 or args.batch_size < 1:
         raise UnHypeError("--per_class and --batch_size must be >= 1")
     check_output_folder(args.out)  # not after every image is made
+    bad_device = check_device(args.device)
+    if bad_device:
+        raise UnHypeError(f"--{bad_device}")
     generality = parse_generality(args.generality)
     if args.gate_floor is not None:
         from unhype.gate_floor import check_floor
