@@ -156,3 +156,21 @@ def test_targets_checked_against_the_model(saved, unet):
         check_targets_in_model(loaded, other)
     with pytest.raises(UnHypeError, match="do not exist"):
         check_targets_in_model(loaded, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("header", [
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}},
+    {"w": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}},
+    {"w": "not an entry"},
+    {"__metadata__": "format", "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+    {"__metadata__": {"format": 1}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+])
+def test_corrupt_header_values_get_a_clear_error(tmp_path, header):
+    raw = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * 4)
+    with pytest.raises(UnHypeError, match="corrupt"):
+        read_header(path)
+    with pytest.raises(UnHypeError, match="corrupt"):
+        load_hypernet(path)

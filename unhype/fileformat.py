@@ -150,6 +150,10 @@ def read_header(path) -> tuple[dict, dict]:
     if not isinstance(header, dict):
         raise UnHypeError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or \
+            not all(isinstance(v, str) for v in metadata.values()):
+        raise UnHypeError(f"{path}: corrupt safetensors header (__metadata__ must map names to "
+                          "text)")
     data_len = size - 8 - header_len
     for name, info in header.items():
         try:
@@ -157,6 +161,10 @@ def read_header(path) -> tuple[dict, dict]:
             dtype, shape = info["dtype"], info["shape"]
         except (KeyError, TypeError, ValueError):
             raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} in header") from None
+        if not (_count(start) and _count(stop) and isinstance(dtype, str)
+                and isinstance(shape, list) and all(_count(d) for d in shape)) or start > stop:
+            raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} in header (offsets, "
+                              "dtype or shape of the wrong kind)")
         if stop > data_len:
             raise UnHypeError(f"{path}: truncated (tensor {name!r} ends at byte {stop} of "
                               f"{data_len} data bytes)")
@@ -166,6 +174,11 @@ def read_header(path) -> tuple[dict, dict]:
         if dtype in _DTYPES and stop - start != count * _DTYPES[dtype]:
             raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} (size mismatch)")
     return metadata, header
+
+
+def _count(value) -> bool:
+    """A whole number >= 0 (JSON's true/false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _json_field(path, metadata, key, kind=dict, default=None):
