@@ -187,7 +187,12 @@ def _subcommands(parser, prefix=()):
 
 def test_every_command_prints_its_help(capsys):
     """argparse formats help texts with %: a bare "3%" in one option's help crashed `--help`."""
+    import re
+    from pathlib import Path
+
     from unhype.cli import build_parser
+
+    root = Path(__file__).resolve().parent.parent
 
     paths = list(_subcommands(build_parser()))
     assert ("train",) in paths and ("toy", "sample") in paths
@@ -197,6 +202,9 @@ def test_every_command_prints_its_help(capsys):
         assert done.value.code == 0, path
         out = capsys.readouterr().out
         assert "usage: unhype" in out
+        # the files a help text names as examples exist (argparse may wrap them at a "-")
+        for name in re.findall(r"trainer/configs/[\w.-]+\.toml", re.sub(r"-\n\s*", "-", out)):
+            assert (root / name).is_file(), (path, name)
 
 
 def test_the_cli_prints_no_bitsandbytes_import_warning(hyper_file):

@@ -8,7 +8,7 @@ def register(subparsers) -> None:
         "train", help="train a hypernetwork that erases concepts (ESD + Hypernet Fields)",
         description="Train an UnHype hypernetwork. Options come from --config_file (TOML) and "
                     "the command line; flags win. Example: unhype train --config_file "
-                    "trainer/configs/toy_erase_circle.toml")
+                    "trainer/configs/toy_demo.toml")
     from trainer.config import add_arguments
 
     add_arguments(parser)
