@@ -282,3 +282,24 @@ def test_resume_drops_a_half_written_loss_log_line(tiny_sd1, tmp_path, capsys):
     assert loop.train(run, progress=False) == 0
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3]
     assert "dropped 1 unreadable line" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_base_model_is_named_for_what_it_is(tiny_sd1, tmp_path):
+    from tests.helpers import hypernet_for
+    from unhype.fileformat import save_hypernet
+
+    hyper = save_hypernet(tmp_path / "erase.safetensors",
+                          hypernet_for(load_backend(resolve({
+                              "pretrained_model_name_or_path": str(tiny_sd1),
+                              "device": "cpu"})).unet), "sd1")
+    lora = tmp_path / "lora.safetensors"
+    atomic_save_safetensors({"lora_unet_x.lora_down.weight": torch.zeros(1, 4)}, lora,
+                            {"ss_network_dim": "1"})
+    text = tmp_path / "notes.safetensors"
+    text.write_text("just some text, not a model\n")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(hyper.read_bytes()[:2000])
+    for path, needle in ((hyper, "an UnHype hypernetwork"), (lora, "this is a LoRA"),
+                         (text, "not safetensors"), (truncated, "truncated")):
+        with pytest.raises(UnHypeError, match=needle):
+            load_backend(resolve({"pretrained_model_name_or_path": str(path), "device": "cpu"}))

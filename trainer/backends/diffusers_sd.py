@@ -159,6 +159,23 @@ def load_diffusers(path: str, family: str | None, model_config: str | None, devi
     return backend
 
 
+def not_a_checkpoint(src: Path) -> str | None:
+    """What a .safetensors file is when it is plainly no base-model checkpoint (an UnHype
+    hypernetwork, a LoRA, no tensors), else None; a file that is not safetensors at all, or is
+    truncated or corrupt, gets read_header's error."""
+    from unhype.fileformat import FORMAT_NAME, read_header
+
+    metadata, infos = read_header(src)
+    if metadata.get("format") == FORMAT_NAME:
+        return "an UnHype hypernetwork (what `unhype train` writes)"
+    if any(k.startswith("ss_") for k in metadata) or \
+            any(".lora_down." in k or ".lora_A." in k for k in infos):
+        return "a LoRA"
+    if not infos:
+        return "a safetensors file without tensors"
+    return None
+
+
 def single_file_config(src: Path, family: str | None, model_config: str | None):
     """(the diffusers config folder to load single-file checkpoint `src` with, what the file
     predicts or None). The folder is `model_config` when that is a folder, else a built-in one
@@ -171,6 +188,11 @@ def single_file_config(src: Path, family: str | None, model_config: str | None):
     from unhype.model_check import checkpoint_family, checkpoint_input_channels
     from unhype.model_configs import BUILTIN, builtin_for, config_folder
 
+    what = not_a_checkpoint(src)
+    if what:
+        raise UnHypeError(f"{src}: this is {what}, not a base model; "
+                          "--pretrained_model_name_or_path takes the model itself (a diffusers "
+                          "folder or a single-file checkpoint)")
     named = model_config if model_config in BUILTIN and not Path(model_config).is_dir() else None
     if model_config and not named:
         cfg_dir = Path(model_config)
