@@ -31,7 +31,7 @@ def run(args) -> int:
         from trainer.loop import build_cache, index_cache
 
         if cfg.latent_cache:
-            session.cache = build_cache(session)
+            session.cache = build_cache(session, progress=True)
             index_cache(session)
         probe(session, [float(x) for x in cfg.probe_lambda.split(",")])
         return 0

@@ -242,12 +242,16 @@ def _attention(cfg, backend):
 
 # --- z_t and the frozen model's predictions -----------------------------------------------------
 @torch.no_grad()
-def build_cache(run: Run) -> dict:
+def build_cache(run: Run, progress: bool = False) -> dict:
     """`latent_cache` full trajectories per prompt; every DDIM step kept as (z_t, t, e_p, e_a)."""
+    from tqdm import tqdm
+
     cfg, b = run.cfg, run.backend
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     zs, ts, eps, eas, owners = [], [], [], [], []
     n_items = len(run.items)
+    bar = tqdm(total=cfg.latent_cache * n_items, desc="unhype train: latent cache", unit="traj",
+               dynamic_ncols=True, file=sys.stderr, disable=not progress)
     for rep in range(cfg.latent_cache):
         for start in range(0, n_items, 64):
             idx = torch.arange(start, min(start + 64, n_items))
@@ -262,6 +266,8 @@ def build_cache(run: Run) -> dict:
                 eas.append(out_u.cpu() if empty else b.predict(z, t, cond_a).cpu())
                 owners.append(idx)
             b.sample(cond_t, uncond, gen, cfg.ddim_steps, run.guidance, record=record)
+            bar.update(len(idx))
+    bar.close()
     return {"z": torch.cat(zs), "t": torch.cat(ts), "e_p": torch.cat(eps),
             "e_a": torch.cat(eas), "item": torch.cat(owners)}
 
@@ -275,10 +281,10 @@ def index_cache(run: Run) -> None:
 CACHE_KEYS = ["z", "t", "e_p", "e_a", "item"]
 
 
-def shared_cache(run: Run, dist: Dist) -> dict:
+def shared_cache(run: Run, dist: Dist, progress: bool = False) -> dict:
     """The latent cache, built once by the main process (exactly as one process builds it)
     and broadcast: every process holds the same cache whatever the process count."""
-    return dist.broadcast(build_cache(run) if dist.is_main else None, CACHE_KEYS)
+    return dist.broadcast(build_cache(run, progress) if dist.is_main else None, CACHE_KEYS)
 
 
 def draw_batch(run: Run, gen: torch.Generator):
@@ -535,7 +541,7 @@ def train(run: Run, progress: bool = True) -> int:
         torch.manual_seed(tdist.process_generator(cfg.seed, step, -1, dist.rank).initial_seed())
     if cfg.latent_cache and run.cache is None:
         t0 = time.time()
-        run.cache = shared_cache(run, dist)
+        run.cache = shared_cache(run, dist, progress)
         index_cache(run)
         if main:
             say(f"unhype train: latent cache of {len(run.cache['t'])} (z_t, t) pairs built in "
@@ -546,7 +552,7 @@ def train(run: Run, progress: bool = True) -> int:
         from trainer.samples import SampleGrids
 
         sampler = SampleGrids(run)
-        sampler.before()
+        sampler.before(progress)
 
     def checkpoint(at):
         rng = {"gen": gen.get_state(), "torch": torch.get_rng_state()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +91,17 @@ class SampleGrids:
         self.base: dict[str, torch.Tensor] = {}
         self.folder = run.out_dir / "samples"
 
-    def before(self):
-        for name, prompts in self.sets:
-            self.base[name] = generate(self.run, prompts, self.cfg.sample_seeds,
-                                       self.cfg.sample_steps, False, self.cfg.seed)
+    def before(self, progress: bool = False):
+        from tqdm import tqdm
+
+        k = self.cfg.sample_seeds
+        with tqdm(total=sum(len(p) for _, p in self.sets) * k, unit="img", dynamic_ncols=True,
+                  desc="unhype train: sample grids (base model)", file=sys.stderr,
+                  disable=not progress) as bar:
+            for name, prompts in self.sets:
+                self.base[name] = generate(self.run, prompts, k, self.cfg.sample_steps, False,
+                                           self.cfg.seed)
+                bar.update(len(prompts) * k)
 
     def after(self, step: int) -> list[Path]:
         paths = []

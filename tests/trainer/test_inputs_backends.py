@@ -303,3 +303,13 @@ def test_a_file_that_is_no_base_model_is_named_for_what_it_is(tiny_sd1, tmp_path
                          (text, "not safetensors"), (truncated, "truncated")):
         with pytest.raises(UnHypeError, match=needle):
             load_backend(resolve({"pretrained_model_name_or_path": str(path), "device": "cpu"}))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_work_before_step_one_shows_progress(tiny_sd1, tmp_path, capsys, progress):
+    run = loop.prepare(cfg_for(tiny_sd1, tmp_path, max_train_steps=1, latent_cache=1),
+                       quiet=True)
+    assert loop.train(run, progress=progress) == 0
+    err = capsys.readouterr().err
+    for bar in ("latent cache: 100%", "sample grids (base model): 100%"):
+        assert (bar in err) == progress, bar
