@@ -348,6 +348,11 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         raise UnHypeError(f"--output_dir {out}: cannot create it ({exc.strerror})") from None
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise UnHypeError(f"--output_dir {out}: not a writable folder")
+    from unhype.atomic import check_output
+
+    check_output(out / f"{cfg.output_name}.safetensors", flag="the result file",
+                 inputs=[cfg.pretrained_model_name_or_path, cfg.concepts, cfg.sample_prompts,
+                         cfg.retain_prompts, cfg.config_file])
     return out
 
 

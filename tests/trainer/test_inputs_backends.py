@@ -313,3 +313,16 @@ def test_the_work_before_step_one_shows_progress(tiny_sd1, tmp_path, capsys, pro
     err = capsys.readouterr().err
     for bar in ("latent cache: 100%", "sample grids (base model): 100%"):
         assert (bar in err) == progress, bar
+
+
+def test_a_result_file_that_would_replace_an_input_is_refused(tiny_sd1, tmp_path):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"stands in for a single-file checkpoint")
+    cfg = cfg_for(tiny_sd1, tmp_path, pretrained_model_name_or_path=str(model),
+                  output_name="model")
+    with pytest.raises(UnHypeError, match="is an input of this command"):
+        loop.prepare(cfg, quiet=True)
+    (tmp_path / "erase.safetensors").mkdir()
+    with pytest.raises(UnHypeError, match="is a folder"):
+        loop.prepare(cfg_for(tiny_sd1, tmp_path), quiet=True)
+    assert model.read_bytes() == b"stands in for a single-file checkpoint"
