@@ -3,8 +3,8 @@
 import torch
 
 from unhype.hypernet import delta_weight
-from unhype.prompt_windows import (CHUNK_TOKENS, STRIDE_TOKENS, clip_tokens, prompt_windows,
-                                   strongest, update_norms, window_spans)
+from unhype.prompt_windows import (CHUNK_TOKENS, STRIDE_TOKENS, clip_tokens, prompt_pieces,
+                                   prompt_windows, strongest, update_norms, window_spans)
 
 TAGS = ("ultra-detailed, (masterpiece:1.2), best-quality, hyper-realistic, 8k-uhd, "
         "cinematic-lighting, volumetric-fog, award-winning, trending-on-artstation, ")
@@ -33,8 +33,11 @@ def test_short_prompts_have_no_windows_and_long_ones_cover_every_phrase():
     assert len(dense.split()) == 32 and clip_tokens(dense) == 140
     windows = prompt_windows(dense)
     assert windows and windows[-1].endswith("a photo of a cat")
-    for text in [dense, " ".join(f"w{i}" for i in range(120)), TAGS * 8 + "van gogh"]:
-        words = text.split()
+    commas = ",".join(f"score_{i},tag_{i}_up" for i in range(12)) + ",mickey_mouse"
+    assert len(commas.split()) == 1 and clip_tokens(commas) > CHUNK_TOKENS  # one 'word'
+    assert prompt_windows(commas)[-1].endswith("mickey_mouse")
+    for text in [dense, " ".join(f"w{i}" for i in range(120)), TAGS * 8 + "van gogh", commas]:
+        words = prompt_pieces(text)
         spans = window_spans(words)
         assert prompt_windows(text) == [" ".join(words[a:b]) for a, b in spans]
         assert all(clip_tokens(" ".join(words[a:b])) <= CHUNK_TOKENS for a, b in spans)
@@ -47,10 +50,13 @@ def test_short_prompts_have_no_windows_and_long_ones_cover_every_phrase():
                 assert any(a <= i and k <= b for a, b in spans), (text[:30], i, k)
 
 
-def test_a_word_longer_than_a_chunk_is_a_window_of_its_own():
-    huge = "x" * 400  # no merges: many tokens, one word
+def test_a_word_longer_than_a_chunk_is_cut_into_pieces_that_fit():
+    huge = "x" * 400  # no merges: many tokens, one word without spaces or commas
+    pieces = prompt_pieces(f"a photo of {huge} and a cat")
+    assert "".join(pieces[3:-3]) == huge and all(clip_tokens(p) <= CHUNK_TOKENS for p in pieces)
     windows = prompt_windows(f"a photo of {huge} and a cat")
-    assert huge in windows and windows[-1].endswith("and a cat")
+    assert all(clip_tokens(w) <= CHUNK_TOKENS for w in windows)
+    assert windows[-1].endswith("and a cat")
 
 
 def test_update_norms_and_the_strongest_candidate_per_prompt():

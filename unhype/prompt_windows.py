@@ -8,9 +8,11 @@ as many prompts are written) would get no LoRA. So a long prompt is also read th
 overlapping windows of its words, each short enough for one chunk, and each prompt gets the
 LoRA of whichever of its texts (the prompt itself or a window) gives the strongest update.
 
-Windows are measured in CLIP tokens, counted with CLIP's own BPE (the copy the toy world ships,
-OpenAI's vocabulary and merges; every SD / SDXL / FLUX CLIP tokenizes with it). A word's tokens
-never span whitespace, so a text's count is the sum of its words': a window holds whole words,
+Windows are made of words (also cut after commas: ``score_9,score_8_up,...`` tag prompts
+have no spaces) and measured in CLIP tokens, counted with CLIP's own BPE (the copy the toy
+world ships, OpenAI's vocabulary and merges; every SD / SDXL / FLUX CLIP tokenizes with it).
+A word's tokens never span whitespace, so a text's count is the sum of its words': a window
+holds whole words,
 at most 75 tokens; the next starts about 37 tokens later, so any phrase of up to about 30 tokens
 lies whole inside one window; the last ends at the prompt's last word. A prompt of up to 75
 tokens has no windows (it is read as before). Tag prompts run to 4 tokens a word
@@ -21,6 +23,7 @@ come out a little shorter than they could be, never longer.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,11 +54,30 @@ def clip_tokens(text: str) -> int:
     return sum(word_tokens(w) for w in text.split())
 
 
+def prompt_pieces(text: str, window: int = CHUNK_TOKENS) -> list[str]:
+    """The pieces windows are made of: the words, also cut after commas (tag prompts are often
+    written ``score_9,score_8_up,1girl,...`` without a space), and a piece longer than `window`
+    tokens (a run of text without spaces or commas) cut into pieces that fit. CLIP's BPE
+    never joins a word across a comma, so the pieces count as the words do."""
+    pieces = []
+    for word in text.split():
+        for piece in re.findall(r"[^,]+,*|,+", word):
+            while word_tokens(piece) > window:
+                lo, hi = 1, len(piece) - 1  # the longest prefix that fits (one character fits)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if word_tokens(piece[:mid]) <= window else (lo, mid - 1)
+                pieces.append(piece[:lo])
+                piece = piece[lo:]
+            pieces.append(piece)
+    return pieces
+
+
 def prompt_windows(text: str, window: int = CHUNK_TOKENS, stride: int = STRIDE_TOKENS
                    ) -> list[str]:
-    """The overlapping windows of whole words of a prompt longer than `window` CLIP tokens
-    ([] for a shorter one): `window_spans` joined."""
-    words = text.split()
+    """The overlapping windows of a prompt longer than `window` CLIP tokens ([] for a shorter
+    one): `window_spans` of its `prompt_pieces`, joined by spaces."""
+    words = prompt_pieces(text, window)
     return [" ".join(words[a:b]) for a, b in window_spans(words, window, stride)]
 
 

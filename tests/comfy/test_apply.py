@@ -517,8 +517,13 @@ TAG_PROMPT = ("ultra-detailed, (masterpiece:1.2), best-quality, hyper-realistic,
               + "a photo of a cat")  # 32 words, 140 CLIP tokens
 
 
+COMMA_TAGS = "score_9,score_8_up,masterpiece,best_quality,ultra_detailed," * 5 + \
+    "a photo of a cat"  # Pony-style: no space after the commas
+
+
 @pytest.mark.parametrize("text", ["masterpiece, best quality, " * 20 + "a photo of a cat",
-                                  TAG_PROMPT], ids=["many_words", "few_words_many_tokens"])
+                                  TAG_PROMPT, COMMA_TAGS],
+                         ids=["many_words", "few_words_many_tokens", "commas_without_spaces"])
 def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_parts, loaded,
                                                                   prompts, text):
     """UnHype Text Encode gives CLIP Text Encode's conditioning plus the pooled embeddings of a
