@@ -268,3 +268,22 @@ def test_silent_prompts_are_skipped_with_the_same_output():
     other = (torch.randn(3, 8, 2), torch.randn(3, 6, 2))
     assert silent_prompts({"l": (a, b)}).tolist() == [False, True, True]
     assert silent_prompts({"l": (a, b), "m": other}).tolist() == [False, False, False]
+
+
+def test_row_matcher_tells_rows_with_the_same_context_apart_by_their_pooled_vector():
+    """FLUX prompts with the same t5xxl text share the cross-attention tensor; ComfyUI passes
+    each row's pooled vector as ``y`` (SDXL: followed by the size embeddings)."""
+    from unhype.comfy_apply import RowMatcher
+
+    gen = torch.Generator().manual_seed(0)
+    cross = torch.randn(4, 8, generator=gen)
+    pooled = torch.randn(2, 6, generator=gen)
+    matcher = RowMatcher([cross, cross.clone()], pooled)
+    context = torch.stack([cross, cross, torch.randn(4, 8, generator=gen)])
+    y = torch.stack([pooled[1], pooled[0], pooled[0]])
+    assert matcher.match(context, y).tolist() == [1, 0, -1]
+    sdxl_y = torch.cat([y, torch.randn(3, 5, generator=gen)], dim=1)  # pooled, then sizes
+    assert matcher.match(context, sdxl_y).tolist() == [1, 0, -1]
+    assert matcher.match(context).tolist() == [0, 0, -1]  # no y: the first, as before
+    other = torch.randn(3, 6, generator=gen)  # a y that is none of them: the context decides
+    assert matcher.match(context, other).tolist() == [0, 0, -1]

@@ -82,15 +82,20 @@ def generate_factors(loaded: LoadedHypernet, embeddings: Tensor) -> LoraFactors:
 
 
 class RowMatcher:
-    """Maps the conditional rows of a batched ComfyUI call to recorded prompt rows by value."""
+    """Maps the conditional rows of a batched ComfyUI call to recorded prompt rows by value:
+    their cross-attention tensor, and where two recorded rows share it (FLUX prompts with the
+    same t5xxl text but other clip_l texts), their pooled vector, which ComfyUI passes to the
+    model as ``y`` (FLUX: the pooled output; SDXL: it, then the size embeddings)."""
 
-    def __init__(self, cross_rows: list[Tensor]):
+    def __init__(self, cross_rows: list[Tensor], pooled: Tensor | None = None):
         # Group recorded rows [L, D] by token count L; keep the LoRA index of each.
         groups: dict[int, list[tuple[int, Tensor]]] = {}
         for index, row in enumerate(cross_rows):
             groups.setdefault(row.shape[0], []).append((index, row.detach()))
         self._groups = {n: (torch.tensor([i for i, _ in rows]), torch.stack([r for _, r in rows]))
                         for n, rows in groups.items()}
+        self._pooled = pooled.detach().float() if pooled is not None and \
+            pooled.shape[0] == len(cross_rows) else None
         self._on_device: dict = {}
 
     def _group(self, n: int, device, dtype):
@@ -100,9 +105,11 @@ class RowMatcher:
             self._on_device[key] = (idx.to(device), rows.to(device=device, dtype=dtype))
         return self._on_device[key]
 
-    def match(self, context: Tensor) -> Tensor:
-        """[N, Lc, D] cross-attention rows -> [N] LoRA index (-1 where nothing matches)."""
+    def match(self, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """[N, Lc, D] cross-attention rows (and their ``y`` [N, Dy], if any) -> [N] LoRA index
+        (-1 where nothing matches)."""
         n, length, dim = context.shape
+        same_pooled = self._same_pooled(y, n)
         result = torch.full((n,), -1, dtype=torch.long, device=context.device)
         # Exact-length groups first: a shorter prompt can be a prefix of a padded longer one.
         for tokens in sorted(self._groups, key=lambda t: (t != length, -t)):
@@ -116,10 +123,22 @@ class RowMatcher:
                 break
             prefix = context[todo, :tokens]
             equal = (prefix[:, None] == rows[None]).flatten(2).all(-1)  # [todo, M]
+            if same_pooled is not None:  # prefer the row whose pooled vector is also its own
+                both = equal & same_pooled[todo.cpu()][:, idx.cpu()].to(equal.device)
+                equal = torch.where(both.any(1, keepdim=True), both, equal)
             hit = equal.any(1)
             first = equal.float().argmax(1)
             result[todo[hit]] = idx[first[hit]]
         return result.cpu()
+
+    def _same_pooled(self, y: Tensor | None, n: int) -> Tensor | None:
+        """[N, K] whether row r's ``y`` starts with recorded row k's pooled vector."""
+        if self._pooled is None or y is None or y.dim() != 2 or y.shape[0] != n or \
+                y.shape[1] < self._pooled.shape[1]:
+            return None
+        head = y[:, :self._pooled.shape[1]].detach().float().cpu()
+        scale = self._pooled.norm(dim=1).clamp_min(1e-12)
+        return (head[:, None] - self._pooled[None]).norm(dim=2) <= 1e-4 * scale[None]
 
 
 @dataclass
@@ -169,7 +188,7 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
     factors = generate_factors(loaded, torch.cat([emb] + extra))
     if extra:  # each row keeps the strongest of its own and its windows' updates
         factors = strongest(factors, list(range(len(emb))) + read_for, len(emb))
-    return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows), strength=strength,
+    return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows, emb), strength=strength,
                      paths=host_paths(meta, "ldm"),
                      dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets},
                      apply_to=get_family(meta.family).apply_to, silent=silent_prompts(factors))
@@ -191,7 +210,8 @@ def rows_under_floor(plan: ApplyPlan) -> int:
     return int(plan.silent.sum()) if plan.silent is not None else 0
 
 
-def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
+def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond, y: Tensor | None = None
+            ) -> Tensor:
     """Batch row -> LoRA index for one call: uncond chunks -1, cond rows matched by value."""
     n = context.shape[0]
     chunks = max(len(cond_or_uncond), 1)
@@ -204,10 +224,12 @@ def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond) -> Tensor:
     if plan.apply_to == APPLY_ALL:
         # guidance-distilled (FLUX): no CFG semantics to keep; any row that came through
         # UnHype Apply gets its LoRA wherever ComfyUI batched it
-        rows[:] = plan.matcher.match(context)
+        rows[:] = plan.matcher.match(context, y)
     elif is_cond.any():
         cond_idx = is_cond.nonzero().flatten()
-        rows[cond_idx] = plan.matcher.match(context[cond_idx.to(context.device)])
+        rows[cond_idx] = plan.matcher.match(
+            context[cond_idx.to(context.device)],
+            y[cond_idx.to(y.device)] if isinstance(y, Tensor) and y.shape[0] == n else None)
     if is_cond.any():
         cond_idx = is_cond.nonzero().flatten()
         missed = int((rows[cond_idx] < 0).sum())
@@ -265,7 +287,7 @@ class UnHypeWrapper:
         if context is None or self.plan.strength == 0.0:
             return run()
         rows = row_map(self.plan, context, args.get("cond_or_uncond") or
-                       c.get("transformer_options", {}).get("cond_or_uncond", []))
+                       c.get("transformer_options", {}).get("cond_or_uncond", []), c.get("y"))
         if not bool((rows >= 0).any()):
             return run()
         self.calls += 1

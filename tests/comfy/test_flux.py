@@ -573,3 +573,28 @@ def test_also_read_text_reads_clip_text_encode_fluxs_t5_text(pack, tmp_path):
     assert read[0][1]["guidance"] == 3.5 and torch.equal(read[0][0], cond[0][0])
     torch.testing.assert_close(read[0][1][WINDOWS_KEY], cat.float(), rtol=0, atol=0)
     assert not torch.equal(cond[0][1]["pooled_output"], cat)  # the clip_l text's, not the cat
+
+
+def test_prompts_sharing_a_t5_text_get_their_own_clip_l_loras(pack, flux_model, flux_wide,
+                                                              tmp_path, monkeypatch):
+    """Two CLIP Text Encode Flux entries with the same t5xxl text and different clip_l texts
+    have the same cross-attention tensor; the pooled vector (what the hypernetwork reads, and
+    what ComfyUI passes the model as ``y``) tells them apart: each row gets its own LoRA."""
+    import nodes as comfy_nodes
+    import tiny
+    from comfy_extras.nodes_flux import CLIPTextEncodeFlux
+    from unhype import comfy_apply
+
+    clip = tiny.tiny_flux_clip(tmp_path)
+    with torch.no_grad():
+        dog = CLIPTextEncodeFlux.execute(clip, "a dog", "a character in a park", 3.5).args[0]
+        mouse = CLIPTextEncodeFlux.execute(clip, "a mouse", "a character in a park", 3.5).args[0]
+    both = comfy_nodes.ConditioningCombine().combine(dog, mouse)[0]
+    assert torch.equal(both[0][0], both[1][0])  # the same T5 states
+    assert not torch.equal(both[0][1]["pooled_output"], both[1][1]["pooled_output"])
+    seen, real = [], comfy_apply.row_map
+    monkeypatch.setattr(comfy_apply, "row_map",
+                        lambda *a, **k: (lambda r: seen.append(r.tolist()) or r)(real(*a, **k)))
+    patched, conditioning, _ = apply(pack, flux_model, both, flux_wide)
+    sample(patched, conditioning, conditioning, steps=1)
+    assert seen and all(sorted(rows) == [0, 1] for rows in seen), seen
