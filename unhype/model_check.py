@@ -38,10 +38,13 @@ def context_dim(unet: nn.Module) -> int | None:
 
 
 def is_flux(model: nn.Module) -> bool:
-    """A BFL-layout FLUX transformer (ComfyUI comfy.ldm.flux, Forge backend/nn/flux.py)."""
+    """A BFL-layout FLUX transformer (ComfyUI comfy.ldm.flux, Forge backend/nn/flux.py) that
+    reads CLIP-L's pooled vector (``vector_in``): Chroma has the same blocks but no pooled
+    input (ComfyUI comfy.ldm.chroma, Forge backend/nn/chroma.py), so there is nothing for
+    the hypernetwork to read."""
     blocks = getattr(model, "double_blocks", None)
     return blocks is not None and hasattr(model, "single_blocks") and len(blocks) > 0 and \
-        hasattr(getattr(blocks[0], "img_attn", None), "qkv")
+        hasattr(getattr(blocks[0], "img_attn", None), "qkv") and hasattr(model, "vector_in")
 
 
 def checkpoint_family(path) -> str | None:

@@ -298,3 +298,17 @@ def test_forge_quantised_flux_rows_equal_the_dequantized_model_plus_lora(webui_d
         torch.testing.assert_close(out[1:], lora[1:], atol=1e-4, rtol=1e-4)
         worst = max(worst, float((lora[1:] - base[1:]).abs().max()))
     assert worst > 1e-3
+
+
+def test_chroma_is_not_taken_for_flux(webui_dirs, script, forge_flux, monkeypatch):
+    """Chroma has FLUX's blocks but reads no pooled CLIP vector (Forge backend/nn/chroma.py: no
+    vector_in; its conditioning is T5's alone): a FLUX file is refused as on any model UnHype
+    does not know (the family rule, whose 'Generate without UnHype' setting then applies), not
+    with a missing-'vector' error mid-generation."""
+    flux_file(webui_dirs["unhype"], forge_flux.reference)
+    transformer = forge_flux.unet_for_sampling()
+    monkeypatch.delattr(transformer, "vector_in")
+    assert detect_family(transformer) == "unknown"
+    with pytest.raises(UnHypeError, match="not a Stable Diffusion 1.x/2.x/XL UNet or FLUX"):
+        run(forge_flux, script, ["a cat"])
+    assert hooks_left(transformer) == 0
