@@ -326,3 +326,24 @@ def test_a_result_file_that_would_replace_an_input_is_refused(tiny_sd1, tmp_path
     with pytest.raises(UnHypeError, match="is a folder"):
         loop.prepare(cfg_for(tiny_sd1, tmp_path), quiet=True)
     assert model.read_bytes() == b"stands in for a single-file checkpoint"
+
+
+def test_an_sdxl_refiner_folder_is_named_as_such(tmp_path):
+    """An SDXL refiner (text_time UNet on OpenCLIP-G alone: 1280-d context, no text_encoder) is
+    refused for what it is, not as an 'incomplete diffusers folder'."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from trainer.backends.diffusers_sd import folder_family
+    from trainer.backends.tiny import tiny_unet_config
+
+    config = tiny_unet_config("sdxl")
+    time_ids = 5 * config["addition_time_embed_dim"]  # the refiner's 5: aesthetic score
+    config.update(cross_attention_dim=1280, projection_class_embeddings_input_dim=1280 + time_ids)
+    UNet2DConditionModel.from_config(config).save_config(tmp_path / "unet")
+    (tmp_path / "model_index.json").write_text(json.dumps({"text_encoder": [None, None]}))
+    with pytest.raises(UnHypeError, match="an SDXL refiner"):
+        folder_family(tmp_path)
+    with pytest.raises(UnHypeError, match="an SDXL refiner"):
+        load_backend(resolve(fast_options(tmp_path, tmp_path / "out", device="cpu")))

@@ -40,7 +40,14 @@ def folder_family(path: Path) -> str:
     config = path / "unet" / "config.json"
     if not config.is_file():
         raise UnHypeError(f"{path}: not a diffusers pipeline folder (unet/config.json missing)")
-    return detect_family(json.loads(config.read_text()))
+    unet = json.loads(config.read_text())
+    family = detect_family(unet)
+    if family == "sdxl" and (unet.get("cross_attention_dim") == 1280 or
+                             not (path / "text_encoder").is_dir()):
+        raise UnHypeError(f"{path}: an SDXL refiner (OpenCLIP-G only, 1280-d context); UnHype "
+                          "trains on the SDXL base model, and its files erase there (the "
+                          "refiner only refines what the base drew)")
+    return family
 
 
 class DiffusersSD(Backend):
