@@ -79,10 +79,35 @@ def test_eval_reads_a_v_prediction_zero_snr_model_as_the_trainer_does(tmp_path, 
     model = build_pipeline_folder("sd1", tmp_path / "sd1")
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(model), "--erase", "ship", "--prompt_set", "cifar10",
-                 "--zero_terminal_snr", "--out", str(out)]) == 2
+                 "--zero_terminal_snr", "--allow_random_classifier", "--out", str(out)]) == 2
     assert "zero terminal SNR needs a v-prediction model" in capsys.readouterr().err
     assert not out.exists()
     args = build_parser().parse_args(["eval", "--model", str(model), "--v_parameterization",
                                       "--zero_terminal_snr"])
     backend, _, _ = load_model(str(model), args)
     assert backend.prediction_type == "v_prediction" and backend.zero_terminal_snr
+
+
+def test_eval_on_an_sd_model_needs_real_classifier_weights_and_a_fitting_file(tmp_path, capsys):
+    """Without --clip_weights the open_clip classifier would have random weights and every
+    accuracy be noise: refused before the model loads. A hypernetwork for another model of the
+    family is refused once the model is loaded, before any image is made."""
+    from tests.helpers import hypernet_for, tiny_sd_unet
+    from trainer.backends.tiny import build_pipeline_folder
+    from unhype.fileformat import save_hypernet
+
+    torch.set_num_threads(1)
+    model = build_pipeline_folder("sd1", tmp_path / "sd1")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model), "--erase", "ship", "--out", str(out)]) == 2
+    assert "--clip_weights is needed" in capsys.readouterr().err
+    wide = tiny_sd_unet(block_out_channels=(64, 64))
+    other = save_hypernet(tmp_path / "other.safetensors", hypernet_for(wide, rank=1), "sd1",
+                          concepts=[{"target": "ship"}])
+    cfg, weights = tiny_open_clip(tmp_path, "tiny-clip-sd", "clip.safetensors")
+    assert main(["eval", "--hypernet", str(other), "--model", str(model), "--classifier",
+                 str(cfg), "--clip_weights", str(weights), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "have other shapes" in err or "do not exist in this model" in err, err
+    assert not (out / "results.json").exists()
+

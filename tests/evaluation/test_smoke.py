@@ -120,6 +120,11 @@ def test_unhype_eval_cli_with_every_baseline(random_toy, toy_hypernet_file, tmp_
     assert "| base model |" in md and "others within 1 level of base (8-bit)" in md
     assert len(list(out.glob("grid_*.png"))) == len(names)
     assert "H_o" in capsys.readouterr().out
+    # a rerun into the same folder with fewer methods leaves no grid of the earlier run
+    assert main(["eval", "--hypernet", str(toy_hypernet_file), "--toy_weights", str(random_toy),
+                 "--per_class", "1", "--steps", "2", "--classifier", "judge", "--no_base",
+                 "--out", str(out)]) == 0
+    assert len(list(out.glob("grid_*.png"))) == 1
 
 
 def test_unhype_eval_with_a_harder_generality_set(random_toy, toy_hypernet_file, tmp_path):
@@ -161,3 +166,14 @@ def test_unhype_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "--model", "toy", "--erase", "circle", "--device", "foo",
                  "--out", str(tmp_path)]) == 2
     assert "--device must be auto, cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    for extra, message in (
+            (["--baselines", "esd_x,bogus"], "--baselines: unknown 'bogus'"),
+            (["--baselines", "uce,uce"], "--baselines: a name is repeated"),
+            (["--steps", "-1"], "--steps -1: the sampling steps must be >= 1"),
+            (["--steps", "0"], "--steps 0: the sampling steps must be >= 1")):
+        assert main(["eval", "--model", "toy", "--erase", "circle", "--out", str(tmp_path)]
+                    + extra) == 2  # refused before the model loads or anything trains
+        assert message in capsys.readouterr().err
+    twice = tmp_path / "none.safetensors"
+    assert main(["eval", "--hypernet", str(twice), "--hypernet", str(twice)]) == 2
+    assert "is given twice" in capsys.readouterr().err

@@ -86,6 +86,30 @@ def test_prompt_set_errors(tmp_path):
     bad.write_text('templates = ["no placeholder"]\n[classes]\na = ["a"]\nb = ["b"]\n')
     with pytest.raises(UnHypeError, match="exactly one"):
         load_prompt_set(str(bad))
+    classes = '[classes]\na = ["a"]\nb = ["b"]\n'
+    bad.write_text('templates = ["a {}"]\nclassifier_templates = ["a shape"]\n' + classes)
+    with pytest.raises(UnHypeError, match="'classifier_templates' must be a list of strings "
+                                          "with exactly one"):
+        load_prompt_set(str(bad))
+    bad.write_text('templates = ["a {}"]\nkind = "peopel"\n' + classes)
+    with pytest.raises(UnHypeError, match="'kind' must be one of objects, people, not 'peopel'"):
+        load_prompt_set(str(bad))
+
+
+def test_the_built_in_prompt_sets_are_package_data():
+    """A non-editable install (pip install ., a wheel) carries the prompt sets eval loads."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import unhype
+
+    root = Path(unhype.__file__).parent
+    data = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["unhype"]
+    files = [p.relative_to(root).as_posix() for p in (root / "evaluation" / "prompt_sets")
+             .glob("*.toml")]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files)
 
 
 def test_batch_size_below_one_is_refused_before_any_work():

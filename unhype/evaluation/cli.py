@@ -60,7 +60,9 @@ def register(subparsers) -> None:
                    "rendered ground truth; default on the toy), 'toy' (toy CLIP, zero-shot) or "
                    "an open_clip model name / config .json (default ViT-B-32)")
     p.add_argument("--clip_weights", default=None, help="open_clip weights: a local .safetensors "
-                   "or a pretrained tag such as 'openai' (needs network)")
+                   "or a pretrained tag such as 'openai' (needs network); required on SD models")
+    p.add_argument("--allow_random_classifier", action="store_true", help="tests only: classify "
+                   "SD images with a randomly initialised open_clip (every accuracy is noise)")
     p.add_argument("--baselines", default="", help="comma-separated: negative_prompt, uce, "
                    "esd_x, esd_u, spm")
     p.add_argument("--baseline_steps", type=int, default=300, help="training steps of esd_x/u, spm")
@@ -95,6 +97,7 @@ def run(args) -> int:
 
     from trainer.config import check_device
     from unhype.atomic import check_output_folder
+    from unhype.baselines.registry import BASELINES
     from unhype.errors import UnHypeError
     from unhype.evaluation import extras as extras_mod
     from unhype.evaluation.harness import evaluate
@@ -106,6 +109,11 @@ def run(args) -> int:
 
     if args.per_class < 1 or args.batch_size < 1:
         raise UnHypeError("--per_class and --batch_size must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise UnHypeError(f"--steps {args.steps}: the sampling steps must be >= 1")
+    repeated = sorted({p for p in args.hypernet if args.hypernet.count(p) > 1})
+    if repeated:
+        raise UnHypeError(f"--hypernet {repeated[0]} is given twice (one row per file)")
     check_output_folder(args.out)  # not after every image is made
     bad_device = check_device(args.device)
     if bad_device:
@@ -131,6 +139,17 @@ def run(args) -> int:
     if not erase:
         raise UnHypeError("nothing to erase: give --erase or a --hypernet with concepts")
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown or len(set(baselines)) != len(baselines):
+        what = f"unknown {unknown[0]!r}" if unknown else "a name is repeated"
+        raise UnHypeError(f"--baselines: {what}; choose from {', '.join(BASELINES)}, each once")
+    if not toy and not args.clip_weights and not args.allow_random_classifier and \
+            (args.classifier or "ViT-B-32") not in ("judge", "toy"):
+        raise UnHypeError("--clip_weights is needed to classify images of an SD model (an "
+                          "open_clip .safetensors of --classifier, or a pretrained tag such as "
+                          "'openai' where the network is reachable); without it the classifier "
+                          "has random weights and every accuracy is noise "
+                          "(--allow_random_classifier: for tests)")
     for flag, what in (("fp8_base", "fp8"), ("nf4_base", "4-bit NF4")):
         if getattr(args, flag) and "uce" in baselines:
             raise UnHypeError(f"--baselines uce edits the to_k/to_v weights, which --{flag} "
@@ -147,6 +166,11 @@ def run(args) -> int:
     dist = process_group(args)
 
     backend, generator, memory_note = load_model(model, args)
+    if not toy:  # a file for another model of the family: refused before any image is made
+        from unhype.fileformat import check_targets_in_model
+
+        for path in args.hypernet:
+            check_targets_in_model(load_hypernet(path, "cpu"), backend.unet)
     classifier = load_classifier(args.classifier or ("judge" if toy else "ViT-B-32"),
                                  ps.class_names, ps.class_prompts(), args.clip_weights,
                                  args.device, args.toy_weights)

@@ -97,6 +97,9 @@ def available() -> list[str]:
     return sorted(p.stem for p in BUILTIN.glob("*.toml"))
 
 
+KINDS = ("objects", "people")  # people: H_c is reported too
+
+
 def load_prompt_set(name_or_path: str) -> PromptSet:
     path = Path(name_or_path)
     if not path.is_file():
@@ -123,6 +126,13 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
     if not isinstance(paraphrases, list) or not paraphrases or \
             not all(isinstance(t, str) and t.count("{}") == 1 for t in paraphrases):
         problems.append("'paraphrase_templates' must be a list of strings with exactly one '{}'")
+    zero_shot = data.get("classifier_templates", ["{}"])
+    if not isinstance(zero_shot, list) or not zero_shot or \
+            not all(isinstance(t, str) and t.count("{}") == 1 for t in zero_shot):
+        problems.append("'classifier_templates' must be a list of strings with exactly one "
+                        "'{}' (else every class gets the same zero-shot prompt)")
+    if data.get("kind", "objects") not in KINDS:
+        problems.append(f"'kind' must be one of {', '.join(KINDS)}, not {data.get('kind')!r}")
     if problems:
         raise UnHypeError(f"{path}: " + "; ".join(problems))
     colours = list(data.get("colours", []))

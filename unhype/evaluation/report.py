@@ -119,6 +119,9 @@ def write_report(result: dict, out_dir: Path, settings: dict, notes=()) -> dict[
     md += [f"- {n}" for n in notes]
     md += ["", "Settings: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     _atomic_text(paths["md"], "\n".join(md))
-    for i, p in enumerate(save_grids(result, out_dir)):
+    grids = save_grids(result, out_dir)
+    for stale in set(out_dir.glob("grid_*.png")) - set(grids):  # an earlier run's methods
+        stale.unlink(missing_ok=True)
+    for i, p in enumerate(grids):
         paths[f"grid{i}"] = p
     return paths
