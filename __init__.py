@@ -3,8 +3,10 @@
 ComfyUI imports this file as a package named after the folder it was cloned into, which is
 usually ``unhype`` - the same name as the core library in ``./unhype``. Then this package also
 serves the core's modules (``unhype.hypernet`` ...) by putting ``./unhype`` first on its path.
-Outside ComfyUI (pip, pytest collecting the repository as a package) importing this file
-does nothing and needs no ComfyUI.
+Current ComfyUI names the package by its path instead; then the core ``./unhype`` is imported
+as ``unhype`` from this folder, so the nodes run the core they ship with even where another
+version is pip-installed in ComfyUI's interpreter. Outside ComfyUI (pip, pytest collecting the
+repository as a package) importing this file loads no ComfyUI module.
 """
 
 import importlib.util
@@ -21,8 +23,19 @@ if __name__ == "unhype":  # loaded by ComfyUI from custom_nodes/unhype
     __path__.insert(0, _CORE)  # noqa: F821 (package __path__)
     with open(os.path.join(_CORE, "__init__.py"), encoding="utf-8") as _fh:
         exec(compile(_fh.read(), os.path.join(_CORE, "__init__.py"), "exec"))
-elif importlib.util.find_spec("unhype") is None:
-    sys.path.append(_ROOT)  # appended: never shadow ComfyUI's own top-level `nodes` module
+else:
+    if "unhype" not in sys.modules:  # this folder's core, whatever else is installed
+        _spec = importlib.util.spec_from_file_location(
+            "unhype", os.path.join(_CORE, "__init__.py"), submodule_search_locations=[_CORE])
+        _core = importlib.util.module_from_spec(_spec)
+        sys.modules["unhype"] = _core
+        try:
+            _spec.loader.exec_module(_core)
+        except BaseException:
+            del sys.modules["unhype"]
+            raise
+    if importlib.util.find_spec("trainer") is None:
+        sys.path.append(_ROOT)  # appended: never shadow ComfyUI's own top-level `nodes` module
 
 
 def _inside_comfyui() -> bool:

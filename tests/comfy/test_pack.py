@@ -28,23 +28,33 @@ sys.modules[name] = module
 spec.loader.exec_module(module)
 import unhype.hypernet, unhype.fileformat
 print(sorted(module.NODE_CLASS_MAPPINGS), folder_paths.get_folder_paths("unhype"))
+print("core:", unhype.hypernet.__file__)
 """
 
 
 @pytest.mark.parametrize("name", ["unhype", "/x/custom_nodes/unhype"],
                          ids=["folder-name (2024 loader)", "path-name (current loader)"])
-def test_pack_loads_the_way_comfyui_loads_custom_nodes(name, tmp_path):
+@pytest.mark.parametrize("other", [False, True], ids=["alone", "another_unhype_installed"])
+def test_pack_loads_the_way_comfyui_loads_custom_nodes(name, other, tmp_path):
+    """ComfyUI's two ways of importing a custom node; with another `unhype` (an older pip
+    install) first on the path, the nodes still run the core shipped beside them."""
     from comfy_path import comfyui_root
 
     code = LOADER.format(comfy=str(comfyui_root()), models=str(tmp_path), name=name,
                          root=str(ROOT))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if other:
+        stale = tmp_path / "site" / "unhype"
+        stale.mkdir(parents=True)
+        (stale / "__init__.py").write_text("raise ImportError('the other unhype')\n")
+        env["PYTHONPATH"] = str(tmp_path / "site")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(tmp_path), env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ("['UnHypeAlsoReadText', 'UnHypeApply', 'UnHypeBakeLoRA', 'UnHypeInspect', "
             "'UnHypeLoader', 'UnHypeTextEncode']") in out.stdout
     assert str(tmp_path / "unhype") in out.stdout
+    assert f"core: {ROOT / 'unhype' / 'hypernet.py'}" in out.stdout
 
 
 def test_root_init_is_inert_without_comfyui(tmp_path):
