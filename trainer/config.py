@@ -12,9 +12,13 @@ import importlib.util
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from unhype.errors import UnHypeError
 
@@ -175,10 +179,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{name}", type=typ, default=None, help=shown)
 
 
-def _read_toml(path: str) -> dict:
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def find_config_file(path: str) -> Path:
+    """`path`, or the shipped config of that name when `path` is one of the repository-relative
+    names the docs use (``trainer/configs/toy_demo.toml``) and unhype runs from a pip install,
+    not a checkout."""
     p = Path(path)
-    if not p.is_file():
-        raise UnHypeError(f"--config_file {p}: no such file")
+    if p.is_file():
+        return p
+    shipped = SHIPPED_CONFIGS / p.name
+    if p.parent.as_posix() in (".", "configs", "trainer/configs") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(c.name for c in SHIPPED_CONFIGS.glob("*.toml")))
+    raise UnHypeError(f"--config_file {p}: no such file (shipped configs: {names})")
+
+
+def _read_toml(path: str) -> dict:
+    p = find_config_file(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -201,3 +201,20 @@ def test_logging_dir_and_sample_prompts_are_checked_before_any_model_loads(tmp_p
             resolve(parse(argv))
     assert resolve(parse(["--logging_dir", str(tmp_path / "new" / "logs")])).logging_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
+
+
+def test_the_shipped_configs_are_found_outside_a_checkout(tmp_path, monkeypatch):
+    """The docs' `--config_file trainer/configs/toy_demo.toml` also works from a pip install
+    (run from any folder: the shipped file of that name); a missing one lists the shipped."""
+    from trainer.config import SHIPPED_CONFIGS, _read_toml, find_config_file
+
+    monkeypatch.chdir(tmp_path)
+    assert find_config_file("trainer/configs/toy_demo.toml") == SHIPPED_CONFIGS / "toy_demo.toml"
+    assert find_config_file("toy_robust.toml") == SHIPPED_CONFIGS / "toy_robust.toml"
+    assert _read_toml("trainer/configs/toy_demo.toml")["mode"] == "fields"
+    mine = tmp_path / "trainer" / "configs" / "toy_demo.toml"  # a user's own file wins
+    mine.parent.mkdir(parents=True)
+    mine.write_text('mode = "direct"\n')
+    assert _read_toml("trainer/configs/toy_demo.toml")["mode"] == "direct"
+    with pytest.raises(UnHypeError, match="no such file \\(shipped configs: .*toy_demo.toml"):
+        find_config_file("elsewhere/toy_demo.toml")

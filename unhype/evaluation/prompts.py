@@ -19,9 +19,13 @@ asks what a user who rewords or misspells the prompt gets; the count per class s
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from unhype.errors import UnHypeError
 
