@@ -64,6 +64,7 @@ class RunState:
     original_sample: object = None
     prompts: list | None = None  # p.sample's prompts (this batch), for a session built again
     sampling: bool = False  # inside p.sample: a setup_conds call is the refiner switch
+    tag_files: set = field(default_factory=set)  # (name, hash) of every tag used, both passes
 
 
 def batch_slice(p, values):
@@ -157,9 +158,10 @@ def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
         actives.append(Active(name, file_hash, files.load(path),
                               check_strength(state.panel.strength), state.panel.cond_only))
     tags = tag_actives(p, state.panel.cond_only, hires_only)
-    if tags:
+    if tags:  # the first pass's and the hires pass's tags alike
+        state.tag_files |= {(a.name, a.file_hash) for a in tags}
         p.extra_generation_params[infotext.FIELD_HASHES] = infotext.format_hashes(
-            sorted({(a.name, a.file_hash) for a in tags}))
+            sorted(state.tag_files))
     actives += tags
     if not actives:
         return None

@@ -729,6 +729,17 @@ def test_a_tag_applies_to_the_pass_whose_prompt_carries_it(sd1, hyper_file, scri
     tagged, plain = ((2, 4), (0, 2)) if where == "hires_prompt" else ((0, 2), (2, 4))
     assert check_rows(calls(p, *tagged), unet, lambda c, r: None if r else "a cat", refs) > 1e-3
     check_rows(calls(p, *plain), unet, lambda c, r: None, {})  # the base model
+    assert p.extra_generation_params["UnHype hashes"].startswith("erase_cat: ")
+
+
+def test_tags_of_both_passes_are_all_in_the_hashes(sd1, hyper_file, script, webui_dirs):
+    import shutil
+
+    shutil.copy(hyper_file, webui_dirs["unhype"] / "erase_dog.safetensors")
+    p, _ = run(sd1, script, ["a cat <unhype:erase_cat>"], args=(False, None, 1.0, True),
+               enable_hr=True, hr_prompt="a dog <unhype:erase_dog>", steps=2)
+    hashes = p.extra_generation_params["UnHype hashes"]
+    assert "erase_cat: " in hashes and "erase_dog: " in hashes
 
 
 def test_uncond_rows_split_from_their_cond_rows_get_their_own_items_lora(sd1, hyper_file,
