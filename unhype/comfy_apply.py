@@ -94,7 +94,10 @@ class RowMatcher:
             groups.setdefault(row.shape[0], []).append((index, row.detach()))
         self._groups = {n: (torch.tensor([i for i, _ in rows]), torch.stack([r for _, r in rows]))
                         for n, rows in groups.items()}
-        self._pooled = pooled.detach().float() if pooled is not None and \
+        # only needed (and read per call) when some recorded rows share their context
+        shared = any(torch.equal(rows[i], rows[j]) for _, rows in self._groups.values()
+                     for i in range(len(rows)) for j in range(i))
+        self._pooled = pooled.detach().float() if shared and pooled is not None and \
             pooled.shape[0] == len(cross_rows) else None
         self._on_device: dict = {}
 
