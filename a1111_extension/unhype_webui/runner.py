@@ -139,9 +139,11 @@ def item_prompts(p, prompts, hires_only: bool = False) -> list[list[tuple[str, S
     """(prompt, schedule) of each batch item's conditioning in one pass: the first pass's
     prompts, or with `hires_only` the hires prompts (scheduled as the hires pass is)."""
     if hires_only:
-        return [[(x, hires_schedule(p))] for x in (getattr(p, "hr_prompts", None) or [])]
+        schedule = hires_schedule(p)
+        return [[(x, schedule)] for x in (getattr(p, "hr_prompts", None) or [])]
+    schedule = first_pass_schedule(p)
     prompts = list(prompts if prompts is not None else getattr(p, "prompts", []))
-    return [[(x, first_pass_schedule(p))] for x in prompts]
+    return [[(x, schedule)] for x in prompts]
 
 
 def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
