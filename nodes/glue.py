@@ -11,8 +11,7 @@ import os
 
 import folder_paths
 
-from unhype.comfy_apply import (ApplyPlan, UnHypeWrapper, merge_rounding_loss, merged_delta,
-                                 merged_deltas)
+from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merge_rounding_loss, merged_delta
 from unhype.dynamic_lora import resolve_modules
 from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, load_hypernet
@@ -259,9 +258,29 @@ def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
             "(per-row) adds it at the compute precision instead.")
 
 
+def lora_patches(plan: ApplyPlan, keys: dict[str, str], row: int = 0) -> dict:
+    """ComfyUI weight patches carrying prompt row `row`'s LoRA as its low-rank factors, built
+    by ComfyUI's own LoRA loader (comfy.lora.load_lora: tuples in older ComfyUI, weight adapters
+    in current ones). ComfyUI forms a layer's B A^T only while it patches that layer; dense diffs
+    would hold the whole update at once (full-size FLUX: gigabytes per prompt)."""
+    import comfy.lora
+
+    tensors, to_load = {}, {}
+    for i, (name, (a, b)) in enumerate(plan.factors.items()):
+        prefix = f"unhype_{i}"
+        tensors[f"{prefix}.lora_up.weight"] = (plan.strength * b[row]).contiguous()
+        tensors[f"{prefix}.lora_down.weight"] = a[row].transpose(0, 1).contiguous()
+        to_load[prefix] = keys[name]
+    patches = comfy.lora.load_lora(tensors, to_load)
+    if len(patches) != len(to_load):
+        raise UnHypeError(f"UnHype: ComfyUI's LoRA loader read {len(patches)} of {len(to_load)} "
+                          "layers; refusing a partial erasure")
+    return patches
+
+
 def apply_merged(model, plan: ApplyPlan, keys: dict[str, str]):
     patched = model.clone()
-    patches = {keys[name]: (delta,) for name, delta in merged_deltas(plan, 0).items()}
+    patches = lora_patches(plan, keys, 0)
     added = patched.add_patches(patches, 1.0)
     if len(added) != len(patches):
         raise UnHypeError(f"UnHype: ComfyUI accepted {len(added)} of {len(patches)} weight "
@@ -270,7 +289,8 @@ def apply_merged(model, plan: ApplyPlan, keys: dict[str, str]):
 
 
 def apply_hooks(model, plan: ApplyPlan, keys: dict[str, str], conditioning):
-    """One ComfyUI WeightHook per conditioning entry, carrying that entry's LoRA as weight diffs.
+    """One ComfyUI WeightHook per conditioning entry, carrying that entry's LoRA
+    (low-rank, `lora_patches`).
 
     ComfyUI registers the hooks at sampling time and patches the weights only while the hooked
     conditioning runs; the negative (no hooks) runs the base weights.
@@ -285,7 +305,7 @@ def apply_hooks(model, plan: ApplyPlan, keys: dict[str, str], conditioning):
                               "ComfyUI's hooks give one LoRA per entry: use 'auto'")
         group = hooks.HookGroup()
         hook = hooks.WeightHook(strength_model=1.0, strength_clip=0.0)
-        hook.weights = {keys[name]: (delta,) for name, delta in merged_deltas(plan, row).items()}
+        hook.weights = lora_patches(plan, keys, row)
         hook.need_weight_init = False
         group.add(hook)
         out += hooks.set_hooks_for_conditioning([entry], group)

@@ -309,11 +309,6 @@ def merged_delta(plan: ApplyPlan, name: str, index: int = 0) -> Tensor:
     return plan.strength * delta_weight(a[index], b[index])
 
 
-def merged_deltas(plan: ApplyPlan, index: int = 0) -> dict[str, Tensor]:
-    """Canonical name -> strength * B A^T ([out, in]) of prompt row `index` (merge fallback)."""
-    return {name: merged_delta(plan, name, index) for name in plan.factors}
-
-
 def merge_rounding_loss(pairs) -> float:
     """The share of an update that writing it into weights stored in their own dtype loses, for
     (W, dW) pairs taken one at a time: ||round(W + dW) - W - dW|| / ||dW|| over all layers,

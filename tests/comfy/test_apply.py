@@ -163,6 +163,26 @@ def test_every_target_key_resolves_in_comfys_key_map(pack, tiny_parts, loaded, p
                             mode="merge into weights (both branches)")
     assert "BOTH" in info
     assert sorted(merged.patches) == sorted(keys.values())  # all 32 accepted as patches
+    # each patch holds the rank-r factors, never the dense out x in update (FLUX: GiBs)
+    rank = loaded.meta.config.rank
+    for name, key in keys.items():
+        (patch,) = merged.patches[key]
+        held = patch_tensors(patch[1])
+        t = next(t for t in loaded.meta.config.targets if t.name == name)
+        assert sum(x.numel() for x in held) == rank * (t.out_dim + t.in_dim)
+
+
+def patch_tensors(value) -> list:
+    """The tensors a ComfyUI weight patch holds: a weight adapter's (current ComfyUI) or a
+    ("lora", (...)) / (diff,) tuple's (older ones)."""
+    value = getattr(value, "weights", value)
+    out = []
+    for item in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, (tuple, list)):
+            out += patch_tensors(item)
+    return out
 
 
 def test_merge_path_matches_per_row_on_the_positive(pack, tiny_parts, loaded, prompts):
