@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements-test.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/unhype train --config_file trainer/configs/toy_demo.toml
+	$(VENV)/bin/unhype train --config_file unhype/trainer/configs/toy_demo.toml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -34,8 +34,6 @@ else:
         except BaseException:
             del sys.modules["unhype"]
             raise
-    if importlib.util.find_spec("trainer") is None:
-        sys.path.append(_ROOT)  # appended: never shadow ComfyUI's own top-level `nodes` module
 
 
 def _inside_comfyui() -> bool:

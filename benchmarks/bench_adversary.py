@@ -1,4 +1,4 @@
-"""Cost of adversarial gate training (`--adversarial_eps`, trainer/adversary.py) per removal batch.
+"""Cost of adversarial gate training (`--adversarial_eps`, unhype/trainer/adversary.py) per removal batch.
 
 The search runs through the hypernetwork only (no UNet pass): this prints its time for a batch
 of 8 prompts next to one hypernetwork forward, for the toy and SD1.5 target layers (the SD1.5
@@ -30,7 +30,7 @@ def main(argv=None):
     from diffusers import UNet2DConditionModel
 
     from benchmarks.bench_speed import timed
-    from trainer.adversary import ball_points, worst_case_embedding
+    from unhype.trainer.adversary import ball_points, worst_case_embedding
     from unhype.families import get_family
     from unhype.hypernet import HyperNetConfig, TargetSpec, build_hypernet, default_hidden
 

@@ -9,7 +9,7 @@ trained on the GPU.
   to the base model's, per-row and merged outputs agree (gap relative to the LoRA's effect).
 - training, the real `unhype train` loop (latent cache of one sampling per prompt): seconds per
   step after a warm-up step, the z_t sampling time, peak GPU memory, the written file loads.
-- toy: `unhype train --config_file trainer/configs/toy_demo.toml` (the README's main job) on the
+- toy: `unhype train --config_file unhype/trainer/configs/toy_demo.toml` (the README's main job) on the
   GPU, with its own erasure evaluation (`eval = true`), to set beside the CPU figures.
 
 Text encoders are tiny random ones with the real widths and token counts (77 CLIP tokens, 512
@@ -105,8 +105,8 @@ def xformers_status() -> str:
 
 # --- models -------------------------------------------------------------------------------------
 def denoiser_config(kind: str, tiny: bool) -> dict:
-    from trainer.backends.tiny import tiny_unet_config
-    from trainer.backends.tiny_flux import tiny_flux_config
+    from unhype.trainer.backends.tiny import tiny_unet_config
+    from unhype.trainer.backends.tiny_flux import tiny_flux_config
     from unhype.families import get_family
 
     if not tiny:
@@ -315,10 +315,10 @@ def backend_for(kind, model, args, device, dtype, full_text: bool = False):
     """`full_text`: full-size random text encoders (bench_training_memory's: CLIP-L, bigG,
     T5-XXL) built on `device`, with the tiny vocabularies' token ids."""
     from bench_training_memory import clip_bigg, clip_l, t5_xxl
-    from trainer.backends.diffusers_sd import DiffusersSD
-    from trainer.backends.flux import DiffusersFlux
-    from trainer.backends.tiny import tiny_components, tiny_text_encoder, tiny_tokenizer
-    from trainer.backends.tiny_flux import flux_scheduler, tiny_t5, tiny_t5_tokenizer
+    from unhype.trainer.backends.diffusers_sd import DiffusersSD
+    from unhype.trainer.backends.flux import DiffusersFlux
+    from unhype.trainer.backends.tiny import tiny_components, tiny_text_encoder, tiny_tokenizer
+    from unhype.trainer.backends.tiny_flux import flux_scheduler, tiny_t5, tiny_t5_tokenizer
 
     def built(make):  # made on the device in `dtype`: no fp32 copy of T5-XXL's 4.8 B weights
         saved = torch.get_default_dtype()
@@ -354,9 +354,9 @@ def backend_for(kind, model, args, device, dtype, full_text: bool = False):
 
 def training_case(kind, model, dtype_name, attention, mode, checkpointing, memory, args,
                   device) -> dict:
-    import trainer.samples as samples
-    from trainer import loop
-    from trainer.config import resolve
+    import unhype.trainer.samples as samples
+    from unhype.trainer import loop
+    from unhype.trainer.config import resolve
     from unhype.fileformat import check_targets_in_model, load_hypernet
 
     samples.SampleGrids.before = lambda self: None  # grids are not what is measured
@@ -424,7 +424,7 @@ def training_case(kind, model, dtype_name, attention, mode, checkpointing, memor
 def toy_case(args, device, seconds_left: float) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench_gpu_toy_"))
     cmd = [sys.executable, "-m", "unhype", "train", "--config_file",
-           "trainer/configs/toy_demo.toml", "--device", str(device), "--output_dir", str(out),
+           "unhype/trainer/configs/toy_demo.toml", "--device", str(device), "--output_dir", str(out),
            "--cpu_threads", "0",
            "--save_every_n_steps", "0"]
     if args.tiny:
@@ -549,7 +549,7 @@ def report(paths: list[str], toy_metrics: str | None = None) -> None:
     if toy_metrics:
         m = json.loads(Path(toy_metrics).read_text())
         u, b = m["unhype"], m["base"]
-        print(f"\nThe README's main job (`trainer/configs/toy_demo.toml`) trained on the GPU "
+        print(f"\nThe README's main job (`unhype/trainer/configs/toy_demo.toml`) trained on the GPU "
               f"(`--device cuda`), its own evaluation, {m['per_class']} images per class: "
               f"base Acc_e {100 * b['acc_e']:.1f}% / Acc_s {100 * b['acc_s']:.1f}%; UnHype "
               f"Acc_e {100 * u['acc_e']:.1f}%, Acc_s {100 * u['acc_s']:.1f}%, Acc_g "

@@ -30,10 +30,10 @@ def one(kind: str, mode: str, cache: int, steps: int, resolution: int, threads: 
 
     sys.path.insert(0, ROOT)
     torch.set_num_threads(threads)
-    from trainer import loop
-    from trainer.backends.diffusers_sd import DiffusersSD
-    from trainer.backends.tiny import tiny_components
-    from trainer.config import resolve
+    from unhype.trainer import loop
+    from unhype.trainer.backends.diffusers_sd import DiffusersSD
+    from unhype.trainer.backends.tiny import tiny_components
+    from unhype.trainer.config import resolve
     from unhype.families import sd15_unet_config
 
     out = tempfile.mkdtemp(prefix="bench_train_")
@@ -56,7 +56,7 @@ def one(kind: str, mode: str, cache: int, steps: int, resolution: int, threads: 
                               if kind == "sd15" else None, description=kind)
         session = loop.prepare(cfg, quiet=True, backend=backend)
     setup = time.time() - t0
-    import trainer.samples as samples  # grids are not what is measured here
+    import unhype.trainer.samples as samples  # grids are not what is measured here
     samples.SampleGrids.before = lambda self: None
     samples.SampleGrids.after = lambda self, step: []
     timings = {}

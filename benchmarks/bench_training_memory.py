@@ -1,9 +1,9 @@
 """Weights the trainer keeps on the GPU per memory option: full-size SD1.5, SDXL, FLUX.1-dev.
 
 Every component is built at full size on the `meta` device (exact shapes, no memory) and the
-options are applied as `unhype train` applies them (`trainer/memory.py`: diffusers' layerwise
+options are applied as `unhype train` applies them (`unhype/trainer/memory.py`: diffusers' layerwise
 casting for `--fp8_base`, the bytes bitsandbytes' NF4 takes for the same layers for
-`--nf4_base` (`trainer.memory.nf4_weight_bytes`: NF4 cannot be quantised on the meta device),
+`--nf4_base` (`unhype.trainer.memory.nf4_weight_bytes`: NF4 cannot be quantised on the meta device),
 the text encoders moved off the device for `--cache_text_encoder_outputs`); the table counts the bytes left on the training device. No GPU
 is needed, and none of this is a measured peak: the estimate column adds what the H200 run
 measured on top of the weights (its peak minus the memory allocated after `prepare`, i.e.
@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.memory import nf4_weight_bytes, store_in_fp8, weight_bytes  # noqa: E402
+from unhype.trainer.memory import nf4_weight_bytes, store_in_fp8, weight_bytes  # noqa: E402
 from unhype.families import get_family  # noqa: E402
 
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux"}

@@ -143,14 +143,14 @@ def unhype_name(spec: str) -> str:
 def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     """The trainer's own loop on the toy demo config; returns an UnHypeMethod with the gate floor
     the saved file gets (unhype/gate_floor.py)."""
-    from trainer.config import resolve
-    from trainer.loop import gate_reference, index_cache, prepare, train
+    from unhype.trainer.config import resolve
+    from unhype.trainer.loop import gate_reference, index_cache, prepare, train
     from unhype.baselines.esd import latent_cache
     from unhype.evaluation.methods import UnHypeMethod
 
     v = parse_variant(spec)
     over = {"learning_rate": 1e-3, "retain_learning_rate": 1e-3} if v.mode == "direct" else {}
-    cfg = resolve({"config_file": str(ROOT / "trainer/configs/toy_demo.toml"),
+    cfg = resolve({"config_file": str(ROOT / "unhype/trainer/configs/toy_demo.toml"),
                    "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
                    "variant": v.variant, "mode": v.mode, "max_train_steps": steps, "seed": seed,
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
@@ -484,7 +484,7 @@ def main(argv=None):
 
     import torch
 
-    from trainer.backends.toy import ToyBackend
+    from unhype.trainer.backends.toy import ToyBackend
     from unhype.evaluation.harness import ToyGenerator
     from unhype.evaluation.prompts import load_prompt_set
     from unhype.evaluation.zero_shot import load_classifier
@@ -555,7 +555,7 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
            "in the sections below (other runs)"),
         f"- every trained method: {args.steps} steps, seed {args.seed}, the trainer's concepts "
         f"(toy templates x colours), latent cache and ESD-with-anchor target (anchor '', "
-        f"eta 1); UnHype uses trainer/configs/toy_demo.toml otherwise",
+        f"eta 1); UnHype uses unhype/trainer/configs/toy_demo.toml otherwise",
         f"- settings: `{json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, sort_keys=True)}`",
         *([f"- note: {args.note}"] if args.note else []),
         "", text, "", "Goals (issue 7):", ""]

@@ -37,7 +37,7 @@ def main(argv=None):
     import torch
     from torchvision.utils import save_image
 
-    from trainer.backends.toy import ToyBackend
+    from unhype.trainer.backends.toy import ToyBackend
     from unhype.baselines.registry import build
     from unhype.evaluation.harness import ToyGenerator, evaluate
     from unhype.evaluation.methods import Method, UnHypeMethod

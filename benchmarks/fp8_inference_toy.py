@@ -73,7 +73,7 @@ def round_weights(unet: torch.nn.Module, kinds: tuple, rounding) -> int:
 
 
 def main(argv=None):
-    from trainer.backends.toy import ToyBackend
+    from unhype.trainer.backends.toy import ToyBackend
     from unhype.evaluation.harness import ToyGenerator, evaluate, generate
     from unhype.evaluation.metrics import paired_change
     from unhype.evaluation.methods import Method, UnHypeMethod

@@ -9,7 +9,7 @@ then evaluate both files (MACE protocol, toy judge) on the full-precision toy an
 NF4-rounded copy with `fp8_inference_toy.py`. The toy is tiny; FLUX's own sensitivity is not
 measured here.
 
-    python benchmarks/lowbit_training_toy.py trainer/configs/toy_robust.toml \
+    python benchmarks/lowbit_training_toy.py unhype/trainer/configs/toy_robust.toml \
         --out runs/lowbit_train [--steps 400] [--per_class 50] [--concepts square] [--train_only]
 """
 
@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def train_file(config: str, out_dir: Path, steps: int | None, nf4: bool,
                concepts: str | None = None) -> Path:
     """Train `config` into out_dir (on the NF4 toy when nf4); the saved file's path."""
-    from trainer.backends.toy import ToyBackend
-    from trainer.config import add_arguments, resolve
-    from trainer.loop import prepare, train
-    from trainer.memory import store_in_nf4
+    from unhype.trainer.backends.toy import ToyBackend
+    from unhype.trainer.config import add_arguments, resolve
+    from unhype.trainer.loop import prepare, train
+    from unhype.trainer.memory import store_in_nf4
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -56,7 +56,7 @@ def main(argv=None):
     import fp8_inference_toy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", help="a toy training config, e.g. trainer/configs/toy_robust.toml")
+    ap.add_argument("config", help="a toy training config, e.g. unhype/trainer/configs/toy_robust.toml")
     ap.add_argument("--out", default="runs/lowbit_train")
     ap.add_argument("--steps", type=int, default=None, help="override max_train_steps")
     ap.add_argument("--per_class", type=int, default=50)

@@ -61,7 +61,7 @@ def main(argv=None):
     if args.unhype_file and args.variants == ap.get_default("variants"):
         args.variants = ""
 
-    from trainer.backends.toy import ToyBackend
+    from unhype.trainer.backends.toy import ToyBackend
     from unhype.evaluation.harness import ToyGenerator
     from unhype.evaluation.prompts import load_prompt_set
     from unhype.evaluation.zero_shot import load_classifier
@@ -265,7 +265,7 @@ def gate_at_worst_case(method, gen, prompts, eps, steps):
     ||B A^T|| at the prompt (UnHype methods; None for the others)."""
     import torch
 
-    from trainer.adversary import worst_case_embedding
+    from unhype.trainer.adversary import worst_case_embedding
     from unhype.hypernet import delta_norm
 
     hypernet = getattr(method, "hypernet", None)

@@ -1,7 +1,7 @@
 """The toy-world erasure table: one concept (averaged over shapes), three concepts in one
-hypernetwork, both variants x both modes, measured with the toy judge (trainer/evaluate.py).
+hypernetwork, both variants x both modes, measured with the toy judge (unhype/trainer/evaluate.py).
 
-Each cell is a real `unhype train --config_file trainer/configs/toy_demo.toml --eval` run with
+Each cell is a real `unhype train --config_file unhype/trainer/configs/toy_demo.toml --eval` run with
 the concept/variant/mode flags overridden; results are collected from each run's metrics.json.
 
     python benchmarks/toy_erasure_table.py [--shapes circle,square,triangle] [--steps 600]
@@ -27,7 +27,7 @@ def run_one(concepts: str, variant: str, mode: str, out: Path, args) -> dict | N
     if args.report_only:
         return None
     cmd = [sys.executable, "-m", "unhype", "train", "--config_file",
-           str(ROOT / "trainer/configs/toy_demo.toml"), "--concepts", concepts, "--variant",
+           str(ROOT / "unhype/trainer/configs/toy_demo.toml"), "--concepts", concepts, "--variant",
            variant, "--mode", mode, "--output_dir", str(out), "--output_name", "hypernet",
            "--eval_images", str(args.per_class), "--save_every_n_steps", "0"]
     if args.steps:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from trainer.backends.diffusers_sd import single_file_config
+from unhype.trainer.backends.diffusers_sd import single_file_config
 from unhype.checkpoint_prediction import SD2_PROBE_KEY, checkpoint_prediction
 from unhype.errors import UnHypeError
 from unhype.fileformat import atomic_save_safetensors

@@ -203,7 +203,7 @@ def test_every_command_prints_its_help(capsys):
         out = capsys.readouterr().out
         assert "usage: unhype" in out
         # the files a help text names as examples exist (argparse may wrap them at a "-")
-        for name in re.findall(r"trainer/configs/[\w.-]+\.toml", re.sub(r"-\n\s*", "-", out)):
+        for name in re.findall(r"unhype/trainer/configs/[\w.-]+\.toml", re.sub(r"-\n\s*", "-", out)):
             assert (root / name).is_file(), (path, name)
 
 
@@ -228,7 +228,7 @@ def test_a_text_encoder_folder_finds_its_tokenizer(tmp_path, capsys, monkeypatch
 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from trainer.backends.tiny import build_pipeline_folder
+    from unhype.trainer.backends.tiny import build_pipeline_folder
     from unhype.embedding import builtin_tokenizer, load_embedder
     from unhype.families import get_family
 

@@ -19,7 +19,7 @@ SUBCOMMAND_MODULES = (
     "unhype.commands.bake_cmd",
     "unhype.commands.stamp_cmd",
     "unhype.toy.cli",
-    "trainer.cli",
+    "unhype.trainer.cli",
     "unhype.evaluation.cli",
 )
 

@@ -1,7 +1,7 @@
 """FLUX latents and the rectified-flow Euler sampler, shared by every FLUX code path.
 
 One implementation for the toy flow model (`unhype.toy.flow`) and the trainer's FLUX backends
-(`trainer.backends.flux`): latents [N, C, H, W] are packed in 2x2 patches into [N, H/2 * W/2, 4C]
+(`unhype.trainer.backends.flux`): latents [N, C, H, W] are packed in 2x2 patches into [N, H/2 * W/2, 4C]
 tokens by diffusers' `FluxPipeline._pack_latents` and addressed by
 `_prepare_latent_image_ids`. Flow convention (diffusers FlowMatch): z_sigma = (1 - sigma) x0 +
 sigma noise, the model predicts v = noise - x0, and sampling is `FlowMatchEulerDiscreteScheduler`

@@ -72,7 +72,7 @@ def reference_norm(hypernet: Callable[[Tensor], LoraFactors], embed: Callable[[l
 def concepts_reference(hypernet: Callable[[Tensor], LoraFactors], embed: Callable[[list], Tensor],
                        concepts) -> float | None:
     """The reference a file stores: `reference_norm` over each concept's own training prompts
-    (`trainer.concepts.Concept.prompts`); None while the update is still exactly zero."""
+    (`unhype.trainer.concepts.Concept.prompts`); None while the update is still exactly zero."""
     groups = [[p for p, _ in c.prompts()] for c in concepts]
     ref = reference_norm(hypernet, embed, groups)
     return ref if ref > 0 and math.isfinite(ref) else None

@@ -253,7 +253,7 @@ def delta_weight(a: Tensor, b: Tensor) -> Tensor:
 def update_size_sq(factors: LoraFactors) -> Tensor:
     """[N] squared Frobenius norm of each prompt's full update, sum over layers of ||B A^T||^2,
     as trace((B^T B)(A^T A)): r x r products, never the out x in matrix (and no sqrt, whose
-    gradient at B = 0 is not finite: trainer/adversary.py differentiates this)."""
+    gradient at B = 0 is not finite: unhype/trainer/adversary.py differentiates this)."""
     total = 0
     for a, b in factors.values():
         total = total + ((b.transpose(1, 2) @ b) * (a.transpose(1, 2) @ a)).flatten(1).sum(1)

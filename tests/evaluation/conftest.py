@@ -29,7 +29,7 @@ def random_toy(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_backend(random_toy):
-    from trainer.backends.toy import ToyBackend
+    from unhype.trainer.backends.toy import ToyBackend
 
     return ToyBackend("cpu", random_toy)
 

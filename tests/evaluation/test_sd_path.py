@@ -14,7 +14,7 @@ from tests.helpers import tiny_open_clip
 from unhype.cli import main
 
 def test_eval_on_a_tiny_sd1_folder(tmp_path):
-    from trainer.backends.tiny import build_pipeline_folder
+    from unhype.trainer.backends.tiny import build_pipeline_folder
 
     torch.set_num_threads(1)
     model = build_pipeline_folder("sd1", tmp_path / "sd1")
@@ -38,9 +38,9 @@ def test_eval_on_a_tiny_flux_folder_in_bf16_with_low_bit_weights(tmp_path, stora
     encoders on the CPU between encodings."""
     if storage == "nf4":
         pytest.importorskip("bitsandbytes")
-    from trainer import loop
-    from trainer.backends.tiny_flux import build_flux_folder
-    from trainer.config import resolve
+    from unhype.trainer import loop
+    from unhype.trainer.backends.tiny_flux import build_flux_folder
+    from unhype.trainer.config import resolve
 
     torch.set_num_threads(1)
     model = build_flux_folder(tmp_path / "flux")
@@ -71,7 +71,7 @@ def test_eval_on_a_tiny_flux_folder_in_bf16_with_low_bit_weights(tmp_path, stora
 def test_eval_reads_a_v_prediction_zero_snr_model_as_the_trainer_does(tmp_path, capsys):
     """`unhype eval --v_parameterization --zero_terminal_snr` loads the model on the schedule it
     was trained on; zero terminal SNR alone on an epsilon model is refused before any work."""
-    from trainer.backends.tiny import build_pipeline_folder
+    from unhype.trainer.backends.tiny import build_pipeline_folder
     from unhype.cli import build_parser
     from unhype.evaluation.cli import load_model
 
@@ -93,7 +93,7 @@ def test_eval_on_an_sd_model_needs_real_classifier_weights_and_a_fitting_file(tm
     accuracy be noise: refused before the model loads. A hypernetwork for another model of the
     family is refused once the model is loaded, before any image is made."""
     from tests.helpers import hypernet_for, tiny_sd_unet
-    from trainer.backends.tiny import build_pipeline_folder
+    from unhype.trainer.backends.tiny import build_pipeline_folder
     from unhype.fileformat import save_hypernet
 
     torch.set_num_threads(1)

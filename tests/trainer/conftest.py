@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from trainer import loop
-from trainer.backends.tiny import build_pipeline_folder
-from trainer.backends.tiny_flux import build_flux_folder
-from trainer.config import resolve
+from unhype.trainer import loop
+from unhype.trainer.backends.tiny import build_pipeline_folder
+from unhype.trainer.backends.tiny_flux import build_flux_folder
+from unhype.trainer.config import resolve
 
 # 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls (50x on conv).
 torch.set_num_threads(1)

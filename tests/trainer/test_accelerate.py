@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.launch import launch
-from trainer import checkpoint as ckpt
-from trainer import distributed as tdist
-from trainer.config import resolve
+from unhype.trainer import checkpoint as ckpt
+from unhype.trainer import distributed as tdist
+from unhype.trainer.config import resolve
 from unhype.cli import main
 from unhype.distributed import split
 from unhype.errors import UnHypeError

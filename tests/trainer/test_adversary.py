@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from tests.trainer.test_train import run_training
-from trainer import adversary
-from trainer.adversary import (adversarial_batch, adversarial_rows, ball_points,
+from unhype.trainer import adversary
+from unhype.trainer.adversary import (adversarial_batch, adversarial_rows, ball_points,
                                nearest_retained_distance, worst_case_embedding)
-from trainer.config import resolve
-from trainer.losses import consistency_loss
+from unhype.trainer.config import resolve
+from unhype.trainer.losses import consistency_loss
 from unhype.hypernet import delta_norm, update_size_sq
 from unhype.errors import UnHypeError
 from unhype.evaluation.attack import project
@@ -214,7 +214,7 @@ def test_bad_adversarial_options_are_refused(over, text):
 def test_every_shipped_config_resolves_and_the_robust_one_trains_adversarially():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).resolve().parents[2] / "trainer/configs").glob("*.toml"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "unhype/trainer/configs").glob("*.toml"))
     assert len(configs) >= 5
     for path in configs:
         resolve({"config_file": str(path)})  # no unknown keys, valid values
@@ -228,7 +228,7 @@ def test_the_consistency_loss_trains_the_removal_term_on_clean_prompts(tiny_sd1,
                                                                         monkeypatch):
     import json
 
-    from trainer import loop
+    from unhype.trainer import loop
 
     seen, real = [], loop._removal_term
 

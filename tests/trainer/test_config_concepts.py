@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 
-from trainer import concepts as C
-from trainer.config import add_arguments, resolve
+from unhype.trainer import concepts as C
+from unhype.trainer.config import add_arguments, resolve
 from unhype.errors import UnHypeError
 
 
@@ -178,7 +178,7 @@ def test_a_long_inline_concept_list_in_a_config_file(tmp_path):
 
 def test_sample_grids_of_non_latin_and_long_concepts_stay_apart(tiny_sd1, tmp_path):
     from tests.trainer.conftest import fast_options
-    from trainer import loop
+    from unhype.trainer import loop
 
     long = "a very long concept " * 15
     cfg = resolve(fast_options(tiny_sd1, tmp_path, max_train_steps=1,
@@ -204,17 +204,18 @@ def test_logging_dir_and_sample_prompts_are_checked_before_any_model_loads(tmp_p
 
 
 def test_the_shipped_configs_are_found_outside_a_checkout(tmp_path, monkeypatch):
-    """The docs' `--config_file trainer/configs/toy_demo.toml` also works from a pip install
+    """The docs' `--config_file unhype/trainer/configs/toy_demo.toml` also works from a pip install
     (run from any folder: the shipped file of that name); a missing one lists the shipped."""
-    from trainer.config import SHIPPED_CONFIGS, _read_toml, find_config_file
+    from unhype.trainer.config import SHIPPED_CONFIGS, _read_toml, find_config_file
 
     monkeypatch.chdir(tmp_path)
-    assert find_config_file("trainer/configs/toy_demo.toml") == SHIPPED_CONFIGS / "toy_demo.toml"
+    assert find_config_file("unhype/trainer/configs/toy_demo.toml") == SHIPPED_CONFIGS / "toy_demo.toml"
     assert find_config_file("toy_robust.toml") == SHIPPED_CONFIGS / "toy_robust.toml"
-    assert _read_toml("trainer/configs/toy_demo.toml")["mode"] == "fields"
-    mine = tmp_path / "trainer" / "configs" / "toy_demo.toml"  # a user's own file wins
+    assert find_config_file("trainer/configs/toy_robust.toml") == SHIPPED_CONFIGS / "toy_robust.toml"
+    assert _read_toml("unhype/trainer/configs/toy_demo.toml")["mode"] == "fields"
+    mine = tmp_path / "unhype" / "trainer" / "configs" / "toy_demo.toml"  # a user's own file wins
     mine.parent.mkdir(parents=True)
     mine.write_text('mode = "direct"\n')
-    assert _read_toml("trainer/configs/toy_demo.toml")["mode"] == "direct"
+    assert _read_toml("unhype/trainer/configs/toy_demo.toml")["mode"] == "direct"
     with pytest.raises(UnHypeError, match="no such file \\(shipped configs: .*toy_demo.toml"):
         find_config_file("elsewhere/toy_demo.toml")

@@ -1,9 +1,9 @@
-"""The base-prediction cache key of trainer/evaluate.py: one key per family and weight set."""
+"""The base-prediction cache key of unhype/trainer/evaluate.py: one key per family and weight set."""
 
 import os
 from types import SimpleNamespace
 
-from trainer import evaluate
+from unhype.trainer import evaluate
 
 
 def fake_weights(root):

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import save_file
 
 from tests.trainer.conftest import flux_cfg, removal_gradient
-from trainer import losses, loop
-from trainer.backends import load_backend
-from trainer.backends.tiny_flux import build_flux_folder
-from trainer.config import resolve
+from unhype.trainer import losses, loop
+from unhype.trainer.backends import load_backend
+from unhype.trainer.backends.tiny_flux import build_flux_folder
+from unhype.trainer.config import resolve
 from unhype.errors import UnHypeError
 from unhype.fileformat import check_targets_in_model, load_hypernet
 
@@ -135,7 +135,7 @@ def test_cfg_model_without_guidance_embedding(tmp_path):
 def test_flux_dev_example_config_prepares(tiny_flux, tmp_path):
     from pathlib import Path
 
-    config = Path(__file__).resolve().parents[2] / "trainer/configs/flux_dev_erase_nudity.toml"
+    config = Path(__file__).resolve().parents[2] / "unhype/trainer/configs/flux_dev_erase_nudity.toml"
     cfg = resolve({"config_file": str(config), "pretrained_model_name_or_path": str(tiny_flux),
                    "output_dir": str(tmp_path), "resolution": 16, "max_train_steps": 1,
                    "network_hidden": 8})

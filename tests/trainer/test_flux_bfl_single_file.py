@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer.backends import load_backend
-from trainer.backends.tiny import tiny_text_encoder, tiny_tokenizer
-from trainer.backends.tiny_flux import flux_scheduler, tiny_t5_tokenizer
-from trainer.config import resolve
+from unhype.trainer.backends import load_backend
+from unhype.trainer.backends.tiny import tiny_text_encoder, tiny_tokenizer
+from unhype.trainer.backends.tiny_flux import flux_scheduler, tiny_t5_tokenizer
+from unhype.trainer.config import resolve
 from unhype.families import get_family
 from unhype.naming import flux_inner_dim, host_path
 

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from trainer.backends.diffusers_sd import load_diffusers
+from unhype.trainer.backends.diffusers_sd import load_diffusers
 from unhype.embedding import load_embedder
 from unhype.fileformat import atomic_save_safetensors
 from unhype.checkpoint_prediction import SD2_PROBE_KEY

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.trainer.conftest import INLINE_CONCEPTS, fast_options, removal_gradient
-from trainer import loop
-from trainer.backends import load_backend
-from trainer.config import resolve
+from unhype.trainer import loop
+from unhype.trainer.backends import load_backend
+from unhype.trainer.config import resolve
 from unhype.errors import UnHypeError
 from unhype.fileformat import atomic_save_safetensors, load_hypernet, read_header
 
@@ -169,7 +169,7 @@ def test_xformers_missing_is_said_clearly(tiny_sd1, tmp_path, capsys):
 
 
 def test_probe_lambda_reports_sgd_outcome(tiny_sd1, tmp_path):
-    from trainer.calibrate import probe
+    from unhype.trainer.calibrate import probe
 
     session = loop.prepare(cfg_for(tiny_sd1, tmp_path, hyper_steps=3), quiet=True)
     rows = probe(session, [1e-6, 50.0])
@@ -335,8 +335,8 @@ def test_an_sdxl_refiner_folder_is_named_as_such(tmp_path):
 
     from diffusers import UNet2DConditionModel
 
-    from trainer.backends.diffusers_sd import folder_family
-    from trainer.backends.tiny import tiny_unet_config
+    from unhype.trainer.backends.diffusers_sd import folder_family
+    from unhype.trainer.backends.tiny import tiny_unet_config
 
     config = tiny_unet_config("sdxl")
     time_ids = 5 * config["addition_time_embed_dim"]  # the refiner's 5: aesthetic score

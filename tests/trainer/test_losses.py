@@ -2,7 +2,7 @@
 
 import torch
 
-from trainer import losses
+from unhype.trainer import losses
 from unhype.hypernet import HyperNetConfig, TargetSpec, build_hypernet, delta_norm
 
 

@@ -1,4 +1,4 @@
-"""Memory options of the trainer (trainer/memory.py): fp8 base weights, text encoders on the CPU."""
+"""Memory options of the trainer (unhype/trainer/memory.py): fp8 base weights, text encoders on the CPU."""
 
 import types
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.trainer.conftest import flux_cfg, inline_cfg, removal_gradient
-from trainer import loop, memory
-from trainer.config import resolve
+from unhype.trainer import loop, memory
+from unhype.trainer.config import resolve
 from unhype.errors import UnHypeError
 from unhype.fileformat import load_hypernet
 
@@ -175,7 +175,7 @@ class MoveLog:
 
 
 def test_text_encoders_wait_on_the_cpu_and_come_back_for_each_encoding(tiny_flux, tmp_path):
-    from trainer.backends import load_backend
+    from unhype.trainer.backends import load_backend
 
     cfg = flux_cfg(tiny_flux, tmp_path, cache_text_encoder_outputs=True, device="cpu")
     backend = load_backend(cfg)
@@ -199,7 +199,7 @@ def test_the_denoiser_reaches_the_device_only_after_fp8_and_the_encoders_left(ti
     device for the up-front encoding, then leave; the transformer is stored in fp8 on the CPU
     and only then moved, so the device never holds it in full precision (on a 24 GB card the
     bf16 FLUX.1-dev transformer plus its encoders, 31 GiB, would not fit while loading)."""
-    from trainer.backends import load_backend
+    from unhype.trainer.backends import load_backend
 
     cfg = flux_cfg(tiny_flux, tmp_path, cache_text_encoder_outputs=True, fp8_base=True,
                    mixed_precision="bf16", device="cpu")
@@ -222,7 +222,7 @@ def test_the_denoiser_reaches_the_device_only_after_fp8_and_the_encoders_left(ti
 
 def test_sdxl_text_encoders_come_back_together(tiny_sdxl, tmp_path):
     """SDXL reads both encoders for its conditioning and the second one's pooled vector."""
-    from trainer.backends import load_backend
+    from unhype.trainer.backends import load_backend
 
     cfg = inline_cfg(tiny_sdxl, tmp_path, cache_text_encoder_outputs=True, device="cpu")
     backend = load_backend(cfg)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
-from trainer import loop
-from trainer.backends import load_backend
-from trainer.config import resolve
+from unhype.trainer import loop
+from unhype.trainer.backends import load_backend
+from unhype.trainer.config import resolve
 from unhype.fileformat import atomic_save_safetensors, load_hypernet
 
 

@@ -7,8 +7,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
-from trainer import loop
-from trainer.config import resolve
+from unhype.trainer import loop
+from unhype.trainer.config import resolve
 from unhype.cli import main
 from unhype.fileformat import load_hypernet, read_header
 
@@ -105,7 +105,7 @@ def test_custom_templates_need_the_concept_file(tiny_sd1, tmp_path, capsys):
 
 
 def test_a_concept_file_entry_without_templates_gets_the_set_the_file_was_trained_on(tmp_path):
-    from trainer.concepts import concepts_of_file, template_set
+    from unhype.trainer.concepts import concepts_of_file, template_set
 
     table = [{"target": "circle", "anchor": "", "synonyms": ["disk"], "template_set": "toy",
               "templates": len(template_set("toy")), "train_on_synonyms": False}]

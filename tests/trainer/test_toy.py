@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from trainer import evaluate, loop
-from trainer.config import resolve
+from unhype.trainer import evaluate, loop
+from unhype.trainer.config import resolve
 from unhype.fileformat import load_hypernet
 from unhype.toy.model import weights_dir
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (weights_dir() / "unet" / "config.json").is_
 def test_toy_run_writes_hypernet_grid_and_metrics(tmp_path):
     retain = tmp_path / "retain.txt"
     retain.write_text("a red square\na blue star\nsomething green\n")
-    cfg = resolve({"config_file": "trainer/configs/toy_demo.toml", "output_dir": str(tmp_path),
+    cfg = resolve({"config_file": "unhype/trainer/configs/toy_demo.toml", "output_dir": str(tmp_path),
                    "retain_prompts": str(retain),
                    "max_train_steps": 3, "ddim_steps": 3, "sample_steps": 2, "sample_seeds": 1,
                    "train_batch_size": 2, "retain_batch_size": 16, "log_every": 1,

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 from tests.trainer.conftest import fast_options
-from trainer import loop
-from trainer.config import resolve
+from unhype.trainer import loop
+from unhype.trainer.config import resolve
 from unhype.families import get_family
 from unhype.fileformat import check_targets_in_model, load_hypernet
 from unhype.toy import flow
@@ -37,7 +37,7 @@ def test_committed_weights_load_small_fp16(toy_flow):
 
 
 def test_sampling_is_deterministic_and_shared_with_the_trainer_backend(toy_flow, monkeypatch):
-    from trainer.backends.toy_flux import ToyFluxBackend
+    from unhype.trainer.backends.toy_flux import ToyFluxBackend
     from unhype import flow_latents
 
     prompts = ["a red circle", "a blue star"]

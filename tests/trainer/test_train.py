@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.conftest import inline_cfg
-from trainer import checkpoint as ckpt
-from trainer import loop
-from trainer.config import resolve
+from unhype.trainer import checkpoint as ckpt
+from unhype.trainer import loop
+from unhype.trainer.config import resolve
 from unhype.fileformat import check_targets_in_model, load_hypernet
 
 
@@ -106,12 +106,13 @@ def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tiny_sd1, tmp_path, mon
 
     out = tmp_path / "interrupted"
     monkeypatch.setattr(loop, "retain_loss", interrupted)
+    handler = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     code, _ = run_training(tiny_sd1, out, max_train_steps=3)
     assert code == loop.EXIT_INTERRUPTED
     assert "stopping after this step" in capsys.readouterr().err
     saved = ckpt.list_checkpoints(out / "checkpoints")
     assert [p.name for p in saved] == ["step-0000002.safetensors"]  # the step completed
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler restored
     monkeypatch.setattr(loop, "retain_loss", real)
     code, _ = run_training(tiny_sd1, out, max_train_steps=3, resume=str(saved[0]))
     assert code == 0

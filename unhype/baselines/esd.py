@@ -1,7 +1,7 @@
 """ESD-x, ESD-u and the SPM-style adapter: static LoRAs trained with the ESD loss.
 
-The data pipeline and the loss are the trainer's (`trainer.loop.prepare / build_cache /
-draw_batch`, `trainer.losses.esd_loss_per_prompt`): the same concepts, templates, z_t and
+The data pipeline and the loss are the trainer's (`unhype.trainer.loop.prepare / build_cache /
+draw_batch`, `unhype.trainer.losses.esd_loss_per_prompt`): the same concepts, templates, z_t and
 ESD-with-anchor targets UnHype trains on; only the trained object differs: one LoRA shared by
 every prompt instead of a hypernetwork. SPM adds its latent-anchoring loss (retained prompts'
 predictions kept equal to the base model's on the same z_t) and, at inference, scales its
@@ -40,9 +40,9 @@ class StaticSettings:
 def trainer_run(backend, concepts: list[str], seed: int = 0, ddim_steps: int = 20,
                 batch: int = 8, template_set: str | None = None, output_dir: str | None = None,
                 extra: dict | None = None):
-    """A `trainer.loop.Run` (concept prompts, anchors, retained prompts, cond) for `concepts`."""
-    from trainer.config import resolve
-    from trainer.loop import prepare
+    """A `unhype.trainer.loop.Run` (concept prompts, anchors, retained prompts, cond) for `concepts`."""
+    from unhype.trainer.config import resolve
+    from unhype.trainer.loop import prepare
 
     toy = backend.family.name == "toy"
     values = {"pretrained_model_name_or_path": "toy" if toy else "given",
@@ -62,7 +62,7 @@ _CACHES: dict = {}
 
 def latent_cache(run) -> dict:
     """The trainer's latent cache for a run's prompts, shared by every method with the same ones."""
-    from trainer.loop import build_cache
+    from unhype.trainer.loop import build_cache
 
     key = (id(run.backend), tuple(p for _, p, _ in run.items), tuple(a for _, _, a in run.items),
            run.cfg.seed, run.cfg.ddim_steps, run.guidance)
@@ -74,8 +74,8 @@ def latent_cache(run) -> dict:
 def train_static_lora(backend, concepts: list[str], dims: dict[str, tuple[int, int]],
                       s: StaticSettings, progress: bool = False, run=None) -> tuple[FactorBank, dict]:
     """One LoRA on the layers `dims` (module paths of backend.unet) minimising the ESD loss."""
-    from trainer import losses
-    from trainer.loop import draw_batch, index_cache
+    from unhype.trainer import losses
+    from unhype.trainer.loop import draw_batch, index_cache
 
     if s.steps < 1 or s.rank < 1:
         raise UnHypeError(f"static LoRA: steps and rank must be >= 1 ({s.steps}, {s.rank})")

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from trainer.concepts import concepts_of_file
+    from unhype.trainer.concepts import concepts_of_file
     from unhype.atomic import check_output
     from unhype.embedding import load_embedder
     from unhype.errors import UnHypeError

@@ -44,7 +44,7 @@ def eos_index(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
 
 def project(delta, norms, eps):
     """Rows of `delta` (its last dimension) scaled into ||delta_i|| <= eps * norms_i; `norms`
-    has delta's shape without the last dimension. Also the trainer's (trainer/adversary.py)."""
+    has delta's shape without the last dimension. Also the trainer's (unhype/trainer/adversary.py)."""
     scale = (eps * norms / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
     return delta * scale.unsqueeze(-1)
 

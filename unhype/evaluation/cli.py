@@ -82,7 +82,7 @@ def register(subparsers) -> None:
                    help="dtype of the diffusers model (as unhype train's; the toy stays fp32)")
     p.add_argument("--fp8_base", action="store_true", help="store the denoiser's linear weights "
                    "in fp8, computed in the --mixed_precision dtype (as unhype train's: "
-                   "trainer/memory.py); every method is then measured on that rounded model")
+                   "unhype/trainer/memory.py); every method is then measured on that rounded model")
     p.add_argument("--nf4_base", action="store_true", help="store them in 4-bit NF4 instead "
                    "(bitsandbytes; as unhype train's): every method is measured on that model")
     p.add_argument("--cache_text_encoder_outputs", action="store_true", help="keep the text "
@@ -95,7 +95,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from trainer.config import check_device
+    from unhype.trainer.config import check_device
     from unhype.atomic import check_output_folder
     from unhype.baselines.registry import BASELINES
     from unhype.errors import UnHypeError
@@ -273,9 +273,9 @@ def process_group(args):
 def load_model(model: str, args):
     """(trainer backend, harness generator, memory options' note) for 'toy' or a diffusers
     model."""
-    from trainer import memory
-    from trainer.backends import load_backend
-    from trainer.config import resolve
+    from unhype.trainer import memory
+    from unhype.trainer.backends import load_backend
+    from unhype.trainer.config import resolve
     from unhype.evaluation.harness import BackendGenerator, ToyGenerator
 
     toy = model == "toy"

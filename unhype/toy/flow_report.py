@@ -3,7 +3,7 @@
 Base quality: the same prompt sets as `unhype toy report` (canonical, synonyms, shape only;
 judge CNN, class means) at the flow model's defaults, a guidance sweep, determinism and timing.
 Erasure (`--hypernet FILE`, a hypernetwork trained on the flow model with `unhype train
---pretrained_model_name_or_path toy_flux`): the SD toy's protocol (`trainer.evaluate`): Acc_e on
+--pretrained_model_name_or_path toy_flux`): the SD toy's protocol (`unhype.trainer.evaluate`): Acc_e on
 the erased shape prompted by name, Acc_s on the nine others, Acc_g on its synonyms, H_o, the
 same seeds with and without the LoRA (cond rows only), and the same bars (erased <= 10%, others
 >= 90% of base, synonyms <= 20%).
@@ -45,8 +45,8 @@ def base_quality(toy, judge_net, per_class: int, sweep: bool = True) -> dict:
 
 def erasure(path, per_class: int = 24, seed: int = 777, weights=None) -> dict:
     """The SD toy's erasure protocol on the flow model for one hypernetwork file."""
-    from trainer import evaluate as ev
-    from trainer.backends.toy_flux import ToyFluxBackend
+    from unhype.trainer import evaluate as ev
+    from unhype.trainer.backends.toy_flux import ToyFluxBackend
     from unhype.dynamic_lora import DynamicLoRA
     from unhype.fileformat import check_targets_in_model, load_hypernet
 
@@ -84,7 +84,7 @@ def write_markdown(path: Path, r: dict) -> None:
         "",
         "A tiny diffusers `FluxTransformer2DModel` trained by rectified flow on the toy world "
         "(`unhype/toy/flow.py`, weights in `unhype/toy/weights/flow/`), so the FLUX code path of "
-        "the trainer (`trainer/backends/flux.py`: velocity ESD target, FlowMatch Euler sampling, "
+        "the trainer (`unhype/trainer/backends/flux.py`: velocity ESD target, FlowMatch Euler sampling, "
         "packed latents) is measured end to end on CPU. Written by `unhype toy flow-report`; "
         "rebuild the weights with `unhype toy build --stages flow`.",
         "",

@@ -1,4 +1,4 @@
-"""Backends: the frozen base model behind one interface (`trainer.backends.base.Backend`)."""
+"""Backends: the frozen base model behind one interface (`unhype.trainer.backends.base.Backend`)."""
 
 from __future__ import annotations
 
@@ -27,15 +27,15 @@ def load_backend(cfg):
               "in float32 (they are tiny); the option applies to SD and FLUX models",
               file=sys.stderr)
     if path == "toy" or family == "toy":
-        from trainer.backends.toy import ToyBackend
+        from unhype.trainer.backends.toy import ToyBackend
 
         return ToyBackend(cfg.device, path if path != "toy" else None)
     if path == "toy_flux" or family == "toy_flux":
-        from trainer.backends.toy_flux import ToyFluxBackend
+        from unhype.trainer.backends.toy_flux import ToyFluxBackend
 
         return ToyFluxBackend(cfg.device, path if path != "toy_flux" else None,
                               cfg.guidance_scale)
-    from trainer.backends import flux
+    from unhype.trainer.backends import flux
 
     # with a memory option the models are built on the CPU and the denoiser reaches the device
     # only once trainer.memory has made it small (Backend.stage / place_denoiser)
@@ -50,7 +50,7 @@ def load_backend(cfg):
         backend = flux.load_flux(path, cfg.model_config, device, cfg.mixed_precision,
                                  cfg.resolution, cfg.guidance_scale)
     else:
-        from trainer.backends.diffusers_sd import load_diffusers
+        from unhype.trainer.backends.diffusers_sd import load_diffusers
 
         backend = load_diffusers(path, family, cfg.model_config, device, cfg.mixed_precision,
                                  cfg.resolution)

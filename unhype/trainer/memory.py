@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from trainer.backends import MEMORY_OPTIONS, TOY_FAMILIES
+from unhype.trainer.backends import MEMORY_OPTIONS, TOY_FAMILIES
 from unhype.errors import UnHypeError
 
 FP8 = torch.float8_e4m3fn

@@ -44,7 +44,7 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("fp8_base", bool, False, "keep the frozen denoiser's linear weights in float8 (e4m3), "
      "each layer upcast to the --mixed_precision dtype for its forward; norm, modulation and "
      "convolution layers stay as they are (FLUX.1-dev 22.2 -> 14.1 GiB); diffusers >= 0.33; "
-     "trainer/memory.py"),
+     "unhype/trainer/memory.py"),
     ("nf4_base", bool, False, "keep the same linear weights in 4-bit NF4 instead (bitsandbytes "
      "Linear4bit, QLoRA's format; FLUX.1-dev 22.2 -> ~10.2 GiB), each computed in the "
      "--mixed_precision dtype; needs bitsandbytes; trained against the 4-bit-rounded model"),
@@ -110,14 +110,14 @@ OPTIONS: list[tuple[str, type, object, str]] = [
      "trajectories per prompt once and reuse all their steps (same distribution, far cheaper)"),
     ("adversarial_eps", float, 0.0, "adversarial gate training: the removal loss reads the "
      "pooled embedding within this relative L2 distance of each target prompt that most "
-     "weakens the generated LoRA (0: off; trainer/adversary.py)"),
+     "weakens the generated LoRA (0: off; unhype/trainer/adversary.py)"),
     ("adversarial_steps", int, 3, "PGD steps of that search (hypernetwork only, no UNet pass)"),
     ("adversarial_fraction", float, 1.0, "share of each removal batch's target prompts replaced "
      "by their worst case; the rest stay clean, so the prompts themselves are still trained on"),
     ("adversarial_loss", str, "removal", "removal: the removal loss reads the worst case | "
      "consistency: the removal loss reads the clean prompt and a second term pulls the model's "
      "prediction under the worst case's LoRA to the clean prompt's (TRADES-style; "
-     "trainer/adversary.py)"),
+     "unhype/trainer/adversary.py)"),
     ("consistency_weight", float, 1.0, "weight of that consistency term (mean squared "
      "difference of the model's predictions, the ESD loss's units)"),
     ("gate_floor", float, 0.03, "stored in the file: hosts give a prompt whose update is under "
@@ -184,13 +184,14 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 def find_config_file(path: str) -> Path:
     """`path`, or the shipped config of that name when `path` is one of the repository-relative
-    names the docs use (``trainer/configs/toy_demo.toml``) and unhype runs from a pip install,
-    not a checkout."""
+    names the docs use (``unhype/trainer/configs/toy_demo.toml``; ``trainer/configs/...`` before
+    the trainer moved into the package) and that file is not there (a pip install, another
+    folder)."""
     p = Path(path)
     if p.is_file():
         return p
     shipped = SHIPPED_CONFIGS / p.name
-    if p.parent.as_posix() in (".", "configs", "trainer/configs") and shipped.is_file():
+    if p.parent.as_posix() in (".", "configs", "trainer/configs", "unhype/trainer/configs") and shipped.is_file():
         return shipped
     names = ", ".join(sorted(c.name for c in SHIPPED_CONFIGS.glob("*.toml")))
     raise UnHypeError(f"--config_file {p}: no such file (shipped configs: {names})")
@@ -218,7 +219,7 @@ def _read_toml(path: str) -> dict:
 
 def resolve(args: argparse.Namespace | dict) -> TrainConfig:
     """Defaults < TOML (--config_file) < flags given on the command line; then validated."""
-    from trainer.concepts import could_be_path
+    from unhype.trainer.concepts import could_be_path
 
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     values = {name: default for name, _, default, _ in OPTIONS}
@@ -344,7 +345,7 @@ def _check_places(v: dict) -> list[str]:
         except UnHypeError as exc:
             problems.append(str(exc))
     if isinstance(v["sample_prompts"], str):
-        from trainer.concepts import read_lines
+        from unhype.trainer.concepts import read_lines
 
         path = Path(v["sample_prompts"])
         if not path.is_file():

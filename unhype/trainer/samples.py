@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.concepts import fill, read_lines
+from unhype.trainer.concepts import fill, read_lines
 
 
 def prompt_sets(run) -> list[tuple[str, list[str]]]:

@@ -9,7 +9,7 @@ base model's predictions for target (e_p) and anchor (e_a) prompts; then
 and the removal Adam steps; then L_retain = ||H(e_r, s) - H(e_r, 0)||^2 on a batch of cached
 retained embeddings and the retention Adam steps. Every `prepare` check runs before step one.
 
-Under `accelerate launch` (trainer/distributed.py) every process draws the same global batch and
+Under `accelerate launch` (unhype/trainer/distributed.py) every process draws the same global batch and
 works on its share of the rows; gradients are averaged before each optimiser step; the latent
 cache and the retain embeddings are computed by the main process and broadcast; only the main
 process writes checkpoints, samples, logs and the result.
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer import distributed as tdist
-from trainer import losses, memory
-from trainer.adversary import adversarial_batch
-from trainer.backends.base import Backend, Cond
-from trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
-from trainer.config import TrainConfig, check_output_dir, pick_device
+from unhype.trainer import checkpoint as ckpt
+from unhype.trainer import distributed as tdist
+from unhype.trainer import losses, memory
+from unhype.trainer.adversary import adversarial_batch
+from unhype.trainer.backends.base import Backend, Cond
+from unhype.trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
+from unhype.trainer.config import TrainConfig, check_output_dir, pick_device
 from unhype.atomic import atomic_write_text
 from unhype.distributed import Dist, split
 from unhype.dynamic_lora import DynamicLoRA
@@ -154,7 +154,7 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     if backend is None:
-        from trainer.backends import load_backend
+        from unhype.trainer.backends import load_backend
 
         backend = load_backend(cfg)
     family = backend.family
@@ -164,7 +164,7 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
         raise UnHypeError("--eval measures erasure with the toy judge, so it needs the toy model "
                           f"(this is {family.name})")
     if cfg.eval:  # its concepts must be toy shapes: refused now, not after training
-        from trainer.evaluate import erased_shapes
+        from unhype.trainer.evaluate import erased_shapes
 
         erased_shapes(concepts)
     memory.shrink(cfg, backend)  # NF4 replaces the linear layers: before they are hooked
@@ -344,7 +344,7 @@ def removal_loss(run: Run, items, z, t, e_p, e_a, gen) -> tuple[torch.Tensor, di
 
 def _consistency_term(run: Run, worst, emb, items, z, t) -> torch.Tensor:
     """The model's prediction with the worst cases' LoRA against its prediction with the clean
-    prompts' (s = T, held fixed): TRADES' consistency, in the output space (trainer/adversary.py)."""
+    prompts' (s = T, held fixed): TRADES' consistency, in the output space (unhype/trainer/adversary.py)."""
     hn, lora = run.hypernet, run.lora
     cond, rows = run.cond_t.index(items), torch.arange(len(items))
     with torch.no_grad():
@@ -501,7 +501,7 @@ def lr_schedules(cfg: TrainConfig, optimisers: dict, step: int = 0) -> dict:
 # --- the loop ---------------------------------------------------------------------------------
 def train(run: Run, progress: bool = True) -> int:
     """Train; returns an exit code (0 done, 3 NaN, 130 interrupted). Writes all outputs (the
-    main process). Runs under `accelerate launch` as well: see trainer/distributed.py."""
+    main process). Runs under `accelerate launch` as well: see unhype/trainer/distributed.py."""
     cfg, hn = run.cfg, run.hypernet
     if run.accelerator is None:
         run.accelerator = tdist.make_accelerator(cfg)
@@ -549,7 +549,7 @@ def train(run: Run, progress: bool = True) -> int:
                                                  if dist.world > 1 else ""))
     sampler = None
     if main and step < cfg.max_train_steps:
-        from trainer.samples import SampleGrids
+        from unhype.trainer.samples import SampleGrids
 
         sampler = SampleGrids(run)
         sampler.before(progress)

@@ -8,8 +8,8 @@ def register(subparsers) -> None:
         "train", help="train a hypernetwork that erases concepts (ESD + Hypernet Fields)",
         description="Train an UnHype hypernetwork. Options come from --config_file (TOML) and "
                     "the command line; flags win. Example: unhype train --config_file "
-                    "trainer/configs/toy_demo.toml")
-    from trainer.config import add_arguments
+                    "unhype/trainer/configs/toy_demo.toml")
+    from unhype.trainer.config import add_arguments
 
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -17,9 +17,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """`unhype train ...` and `accelerate launch -m unhype train ...`: the same code path."""
-    from trainer.config import resolve
-    from trainer.distributed import make_accelerator
-    from trainer.loop import prepare, train
+    from unhype.trainer.config import resolve
+    from unhype.trainer.distributed import make_accelerator
+    from unhype.trainer.loop import prepare, train
 
     cfg = resolve(args)
     accelerator = make_accelerator(cfg)
@@ -27,8 +27,8 @@ def run(args) -> int:
     if cfg.probe_lambda:
         if not accelerator.is_main_process:  # a probe is one process's job
             return 0
-        from trainer.calibrate import probe
-        from trainer.loop import build_cache, index_cache
+        from unhype.trainer.calibrate import probe
+        from unhype.trainer.loop import build_cache, index_cache
 
         if cfg.latent_cache:
             session.cache = build_cache(session, progress=True)
@@ -37,7 +37,7 @@ def run(args) -> int:
         return 0
     code = train(session)
     if code == 0 and cfg.eval and accelerator.is_main_process:
-        from trainer.evaluate import evaluate_run
+        from unhype.trainer.evaluate import evaluate_run
 
         evaluate_run(session)
     accelerator.wait_for_everyone()

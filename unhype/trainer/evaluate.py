@@ -225,7 +225,7 @@ def evaluate_run(run) -> dict:
 
 def evaluate_file(path, per_class: int = 24, device: str = "cpu") -> dict:
     """Metrics of a saved toy hypernetwork file."""
-    from trainer.backends.toy import ToyBackend
+    from unhype.trainer.backends.toy import ToyBackend
     from unhype.dynamic_lora import DynamicLoRA
     from unhype.fileformat import check_targets_in_model, load_hypernet
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.backends.tiny import CHARS, tiny_text_encoder, tiny_tokenizer
+from unhype.trainer.backends.tiny import CHARS, tiny_text_encoder, tiny_tokenizer
 
 T5_DIM = 32
 LATENT_CHANNELS = 4

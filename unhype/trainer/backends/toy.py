@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.backends.base import Backend, Cond
+from unhype.trainer.backends.base import Backend, Cond
 from unhype.families import get_family
 
 

@@ -2,7 +2,7 @@
 
 The transformer predicts the velocity v = noise - x0 of diffusers' FlowMatch convention
 (z_sigma = (1 - sigma) x0 + sigma noise), so the ESD target v_a - eta (v_p - v_a) is built in
-velocity space (`trainer.losses.esd_target` is linear in the prediction; the coefficients sum to
+velocity space (`unhype.trainer.losses.esd_target` is linear in the prediction; the coefficients sum to
 one, so it is the same target as in x0 or noise space). z_t comes from the frozen model sampled
 with `FlowMatchEulerDiscreteScheduler` from pure noise, stopped at a random step.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.backends.base import Backend, Cond, latent_preview
+from unhype.trainer.backends.base import Backend, Cond, latent_preview
 from unhype import flow_latents
 from unhype.errors import UnHypeError
 from unhype.families import get_family

@@ -138,7 +138,7 @@ class Backend:
     shrunk: str | None = None  # trainer.memory.shrink's note once the denoiser is fp8 / NF4
 
     def stage(self, device) -> None:
-        """Built on the CPU for `trainer.memory`: the text encoders go to `device` now (every
+        """Built on the CPU for `unhype.trainer.memory`: the text encoders go to `device` now (every
         prompt is encoded next), the denoiser and the VAE wait on the CPU until
         `place_denoiser`, after the memory options have stored the denoiser in fp8 and sent
         the text encoders away, so the device never holds the full-precision model (FLUX.1-dev:

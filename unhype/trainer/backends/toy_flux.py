@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.backends.flux import FluxBackend
-from trainer.backends.toy import ToyBackend
+from unhype.trainer.backends.flux import FluxBackend
+from unhype.trainer.backends.toy import ToyBackend
 
 
 class ToyFluxBackend(FluxBackend):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.backends.base import Backend, Cond, latent_preview
+from unhype.trainer.backends.base import Backend, Cond, latent_preview
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 

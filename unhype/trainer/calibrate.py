@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer import losses
-from trainer.loop import draw_batch, say
+from unhype.trainer import losses
+from unhype.trainer.loop import draw_batch, say
 from unhype.hypernet import delta_norm
 
 

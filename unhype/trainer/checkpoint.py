@@ -9,7 +9,7 @@ atomically (temp file + rename); older ones beyond `keep` are deleted after the 
 Nothing in a checkpoint depends on the number of processes that wrote it (`accelerate launch`):
 the network and Adam states are the same in every process, `rng.gen` is the one global
 generator every process shares, and per-process randomness is derived from (seed, step, process
-index) (trainer/distributed.py), so a checkpoint resumes with any process count. The count that
+index) (unhype/trainer/distributed.py), so a checkpoint resumes with any process count. The count that
 wrote it is recorded in `info.processes`.
 """
 

@@ -12,7 +12,7 @@ targets (`unhype.probe`-style check: `nearest_retained_distance`).
 
 `adversarial_loss = "consistency"` trains the other way round (as TRADES does for classifiers):
 the removal loss reads the clean prompt, as without an adversary, and a consistency term
-(`trainer.losses.consistency_loss`) pulls the model's prediction under the worst case's LoRA to
+(`unhype.trainer.losses.consistency_loss`) pulls the model's prediction under the worst case's LoRA to
 its prediction under the clean prompt's (held fixed), so the erasure is trained to be the same
 over the ball rather than strong enough at its weakest point. The term lives in the model's
 output space: in weight space (||B A^T|| distances) a large update along input directions the

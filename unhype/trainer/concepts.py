@@ -6,7 +6,7 @@ trained on only with `train_on_synonyms = true`) and `templates` (a built-in set
 list of strings with one `{}`). Concept files: TOML (`[[concepts]]`), YAML (a list or
 `concepts:`), CSV (target,anchor,synonyms separated by `;`) or TXT (one target a line).
 
-Built-in template sets: objects, people, styles, nudity (trainer/data/templates_*.txt) and toy.
+Built-in template sets: objects, people, styles, nudity (unhype/trainer/data/templates_*.txt) and toy.
 Built-in retain sets: cifar100 (CIFAR-100 class names), captions (general captions), toy (the
 toy world's captions of other shapes). Retained prompts that name a target or synonym are dropped.
 """
