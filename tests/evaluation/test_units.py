@@ -175,7 +175,7 @@ def test_zero_shot_predicts_and_scores():
     assert scores.tolist() == pytest.approx([100.0, 100.0, 0.0])
 
 
-def test_open_clip_path_from_config_and_safetensors(tmp_path):
+def test_open_clip_path_from_config_and_safetensors(tmp_path, caplog):
     from safetensors.torch import save_file
 
     import open_clip
@@ -187,7 +187,10 @@ def test_open_clip_path_from_config_and_safetensors(tmp_path):
     model = open_clip.create_model("tiny-clip-test")
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    caplog.clear()
     clf = load_classifier(str(path), ["a", "b"], [["a cat"], ["a dog"]], str(weights))
+    # open_clip's "initialized randomly" is false once the local weights are loaded into it
+    assert not [r for r in caplog.records if "randomly" in r.getMessage()]
     images = torch.rand(3, 3, 20, 24)
     assert clf.predict(images).shape == (3,) and clf.clip_score(images, ["x"] * 3).shape == (3,)
     # the same weights, loaded through our path, give open_clip's own embeddings
@@ -197,6 +200,11 @@ def test_open_clip_path_from_config_and_safetensors(tmp_path):
     assert enc_t(tok(["a cat"])).shape == (1, 16)
     with pytest.raises(UnHypeError, match="no pickle"):
         load_open_clip(str(path), str(tmp_path / "w.bin"))
+    wide = json.loads(json.dumps(TINY_OPEN_CLIP))  # another model's weights: sizes differ
+    wide["embed_dim"] = 2 * wide["embed_dim"]
+    (tmp_path / "tiny-clip-wide.json").write_text(json.dumps(wide))
+    with pytest.raises(UnHypeError, match="not weights of tiny-clip-wide .*size mismatch"):
+        load_open_clip(str(tmp_path / "tiny-clip-wide.json"), str(weights))
     with pytest.raises(UnHypeError, match="not an open_clip model"):
         load_open_clip("no-such-model")
 

@@ -9,6 +9,8 @@ through exactly the same code (`unhype.toy.judge.zero_shot_classify`'s three cal
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -137,9 +139,15 @@ def load_open_clip(model: str, weights: str | None = None, device: str = "cpu"):
             state = load_file(str(wpath))
         else:
             pretrained = weights  # an open_clip tag; open_clip downloads it (network needed)
-    clip = open_clip.create_model(name, pretrained=pretrained, device=device)
+    with _quiet_random_init_warning(state is not None):
+        clip = open_clip.create_model(name, pretrained=pretrained, device=device)
     if state is not None:
-        missing, unexpected = clip.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = clip.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # torch's "size mismatch for ..." list
+            first = str(exc).split("\n\t")[1:2] or [str(exc)]
+            raise UnHypeError(f"--clip_weights {weights}: not weights of {name} "
+                              f"({first[0].strip()})") from None
         if missing:
             raise UnHypeError(f"--clip_weights {weights}: not weights of {name} "
                               f"({len(missing)} missing keys, e.g. {missing[:3]})")
@@ -157,6 +165,23 @@ def load_open_clip(model: str, weights: str | None = None, device: str = "cpu"):
         return clip.encode_text(tokens.to(device))
 
     return image_encoder, text_encoder, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" when it builds a
+    model whose weights we load from a local file right after: a false alarm, filtered."""
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return "initialized randomly" not in record.getMessage()
+
+    root, drop = logging.getLogger(), Drop()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def load_classifier(spec: str, class_names, class_prompts, weights: str | None = None,
