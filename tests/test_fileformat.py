@@ -102,6 +102,27 @@ CASES = {
                          "'unhype.created' is a JSON str, expected an object"),
     "concepts_of_strings": (lambda p: edit_meta(p, "unhype.concepts", lambda s: '["cat"]'),
                             "must list objects with a 'target' text"),
+    "synonyms_not_texts": (lambda p: edit_meta(p, "unhype.concepts", lambda s: json.dumps(
+        [{"target": "cat", "synonyms": [1, 2]}])), "'synonyms' must be a list of texts"),
+    "synonyms_a_text": (lambda p: edit_meta(p, "unhype.concepts", lambda s: json.dumps(
+        [{"target": "cat", "synonyms": "kitten"}])), "'synonyms' must be a list of texts"),
+    "anchor_a_list": (lambda p: edit_meta(p, "unhype.concepts", lambda s: json.dumps(
+        [{"target": "cat", "anchor": ["dog"]}])), "'anchor' must be a text"),
+    "gate_floor_a_text": (lambda p: edit_meta(p, "unhype.training", lambda s: json.dumps(
+        {"gate_reference": 1.0, "gate_floor": "0.03"})), "gate_floor must be a number"),
+    # config values that would crash or allocate before the tensors are compared
+    "negative_in_dim": (lambda p: edit_config(p, targets=[
+        {**t, "in_dim": -1} for t in json.loads(read_header(p)[0]["unhype.config"])["targets"]]),
+        "invalid in_dim"),
+    "text_out_dim": (lambda p: edit_config(p, targets=[
+        {**t, "out_dim": "64"} for t in json.loads(read_header(p)[0]["unhype.config"])["targets"]]),
+        "invalid out_dim"),
+    "targets_not_objects": (lambda p: edit_config(p, targets=["a", "b"]),
+                            "'targets' must be a list of objects"),
+    "huge_rank": (lambda p: edit_config(p, rank=10 ** 9), "has shape"),
+    "huge_hidden": (lambda p: edit_config(p, hidden=10 ** 9), "has shape"),
+    "seed_a_text": (lambda p: edit_config(p, seed="x"), "seed must be an integer"),
+    "seed_too_big": (lambda p: edit_config(p, seed=2 ** 80), "seed must be an integer"),
 }
 
 

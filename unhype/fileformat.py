@@ -82,8 +82,11 @@ class LoadedHypernet:
         """The floor the file was trained to be used with (`--gate_floor`; default 0.03)."""
         from unhype.gate_floor import DEFAULT_FLOOR, check_floor
 
+        value = self.meta.training.get("gate_floor", DEFAULT_FLOOR)
         try:
-            return check_floor(self.meta.training.get("gate_floor", DEFAULT_FLOOR))
+            if isinstance(value, (str, bool)):  # a JSON number in the file, not "0.03"
+                raise UnHypeError(f"gate_floor must be a number, got {value!r}")
+            return check_floor(value)
         except UnHypeError as exc:
             raise UnHypeError(f"{self.path}: training.{exc}") from None
 
@@ -202,6 +205,16 @@ def _concepts(path, metadata) -> list[dict]:
     if bad:
         raise UnHypeError(f"{path}: metadata 'unhype.concepts' must list objects with a "
                           f"'target' text; found {str(bad[0])[:60]!r}")
+    for c in concepts:
+        synonyms = c.get("synonyms", [])
+        if "anchor" in c and not isinstance(c["anchor"], str):
+            problem = "'anchor' must be a text"
+        elif not isinstance(synonyms, list) or not all(isinstance(x, str) for x in synonyms):
+            problem = "'synonyms' must be a list of texts"
+        else:
+            continue
+        raise UnHypeError(f"{path}: metadata 'unhype.concepts': concept {c['target'][:60]!r}: "
+                          f"{problem}")
     return concepts
 
 
@@ -268,13 +281,24 @@ def save_hypernet(path, hypernet: HyperNetwork, family: str, concepts=(), traini
     return Path(path)
 
 
+def _expected_shapes(path, config: HyperNetConfig) -> dict[str, tuple]:
+    """The tensor shapes `config` builds, from a network on the meta device: a config that
+    claims a huge rank or width is compared with the file's tensors before anything is
+    allocated."""
+    try:
+        with torch.device("meta"):
+            network = build_hypernet(config)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        raise UnHypeError(f"{path}: invalid hypernetwork config ({exc})") from None
+    return {k: tuple(v.shape) for k, v in network.state_dict().items()}
+
+
 def load_hypernet(path, device="cpu") -> LoadedHypernet:
     """Load and fully validate a hypernetwork file (shapes, dtypes, finiteness)."""
     path = Path(path)
     metadata, infos = read_header(path)
     meta = _parse_meta(path, metadata)
-    hypernet = build_hypernet(meta.config)
-    expected = {k: tuple(v.shape) for k, v in hypernet.state_dict().items()}
+    expected = _expected_shapes(path, meta.config)
     missing = sorted(set(expected) - set(infos))
     extra = sorted(set(infos) - set(expected))
     if missing:
@@ -295,6 +319,7 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise UnHypeError(f"{path}: NaN/Inf values in {bad[:3]}")
+    hypernet = build_hypernet(meta.config)  # its size is now the file's own tensors'
     hypernet.load_state_dict({k: v.float() for k, v in state.items()})
     hypernet.eval().requires_grad_(False)
     loaded = LoadedHypernet(path=path, hypernet=hypernet.to(device), meta=meta)

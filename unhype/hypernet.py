@@ -43,6 +43,10 @@ class TargetSpec:
     path: str = ""  # diffusers module path
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class HyperNetConfig:
     variant: str
@@ -58,21 +62,40 @@ class HyperNetConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.targets, (list, tuple)) or not all(
+                isinstance(t, (TargetSpec, dict)) for t in self.targets):
+            raise UnHypeError("invalid hypernetwork config: 'targets' must be a list of objects")
         self.targets = [t if isinstance(t, TargetSpec) else TargetSpec(**{
             k: t[k] for k in ("name", "module_type", "in_dim", "out_dim", "path") if k in t})
             for t in self.targets]
         problems = []
+        for t in self.targets:
+            bad = [key for key in ("name", "module_type") if not isinstance(getattr(t, key), str)
+                   or not getattr(t, key)]
+            bad += [key for key in ("in_dim", "out_dim") if not _positive_int(getattr(t, key))]
+            if not isinstance(t.path, str):
+                bad.append("path")
+            if bad:
+                problems.append(f"target {str(t.name)[:60]!r} has an invalid {', '.join(bad)} "
+                                "(names are texts, dims positive integers)")
+                break
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or \
+                not 0 <= self.seed < 2 ** 63:
+            problems.append(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if not isinstance(self.extra, dict):
+            problems.append("extra must be an object")
         if self.variant not in VARIANTS:
             problems.append(f"variant {self.variant!r} is not one of {VARIANTS}")
         for key in ("embed_dim", "rank", "hidden", "head_hidden", "hyper_steps", "fourier_freqs"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _positive_int(value):
                 problems.append(f"{key} must be a positive integer, got {value!r}")
         if not self.targets:
             problems.append("no target layers")
         if len({t.name for t in self.targets}) != len(self.targets):
             problems.append("duplicate target names")
-        if not math.isfinite(self.alpha_base):
+        if not isinstance(self.alpha_base, (int, float)) or isinstance(self.alpha_base, bool) \
+                or not math.isfinite(self.alpha_base):
             problems.append("alpha_base is not finite")
         if problems:
             raise UnHypeError("invalid hypernetwork config: " + "; ".join(problems))

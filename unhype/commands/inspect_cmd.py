@@ -62,6 +62,8 @@ def run(args) -> int:
                      "rounded model)" if stored else ""))
         if training.get("adversarial_eps"):  # says how hard the gate is to switch off
             fraction = training.get("adversarial_fraction", 1.0)
+            if not isinstance(fraction, (int, float)):  # free-form record: shown, not trusted
+                fraction = 1.0
             print(f"  robustness adversarial gate training, eps {training['adversarial_eps']}"
                   f" ({training.get('adversarial_steps')} PGD steps"
                   + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "")
