@@ -75,6 +75,55 @@ def test_resume_from_foreign_or_other_run_file(tiny_sd1, tmp_path):
                              resume=str(first / "erase.safetensors")), quiet=True)
 
 
+def _corrupt(tensors, meta, case):
+    first_net = next(k for k in tensors if k.startswith("hypernet."))
+    if case == "missing":
+        del tensors[first_net]
+    elif case == "nan":
+        tensors[first_net] = tensors[first_net].clone().view(-1).index_fill(
+            0, torch.tensor([0]), float("nan")).view_as(tensors[first_net])
+    elif case == "integer":
+        tensors[first_net] = tensors[first_net].to(torch.int64)
+    elif case == "shape":
+        tensors[first_net] = torch.zeros(tensors[first_net].numel() + 1)
+    elif case == "step":
+        meta["step"] = "abc"
+    elif case == "optimisers":
+        meta["optimisers"] = "{not json"
+    elif case == "rng":
+        del tensors["rng.torch"]
+    return tensors, meta
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "network tensor.* missing"), ("nan", "NaN/Inf"), ("integer", "expected floats"),
+    ("shape", "has shape"), ("step", "step 'abc'"), ("optimisers", "not valid JSON"),
+    ("rng", "RNG state"), ("truncated", "unreadable data|truncated")])
+def test_corrupt_checkpoint_is_named_before_training(tiny_sd1, tmp_path, case, needle):
+    """A damaged checkpoint gets 'corrupt checkpoint (what)' from prepare, before any sample
+    or step, instead of a traceback, a NaN blamed on the learning rate, or integer weights."""
+    from safetensors.torch import load_file, save_file
+
+    from unhype.trainer import checkpoint as ckpt
+
+    first = tmp_path / "first"
+    assert loop.train(loop.prepare(cfg_for(tiny_sd1, first, max_train_steps=1), quiet=True),
+                      progress=False) == 0
+    (saved,) = ckpt.list_checkpoints(first / "checkpoints")
+    bad = tmp_path / "bad" / saved.name
+    bad.parent.mkdir()
+    if case == "truncated":
+        bad.write_bytes(saved.read_bytes()[:-64])
+    else:
+        meta, _ = read_header(saved)
+        tensors, meta = _corrupt(load_file(str(saved)), dict(meta), case)
+        save_file(tensors, str(bad), meta)  # not the atomic writer: it refuses NaN
+    with pytest.raises(UnHypeError, match=f"corrupt checkpoint.*({needle})|{needle}"):
+        loop.prepare(cfg_for(tiny_sd1, tmp_path / "again", max_train_steps=2,
+                             resume=str(bad)), quiet=True)
+    assert nothing_written(tmp_path / "again")
+
+
 def test_header_length_128_mod_256_is_not_a_pickle(tmp_path):
     for pad in range(0, 300, 7):  # some of these headers have a first byte of 0x80
         path = tmp_path / f"t{pad}.safetensors"

@@ -106,8 +106,9 @@ def find_checkpoint(spec: str, default_folder: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, expected_fp: str):
-    """(step, tensors, metadata) of a checkpoint, after checking it belongs to this run."""
+def load_checkpoint(path: Path, expected_fp: str, hypernet=None):
+    """(step, tensors, metadata) of a checkpoint, after checking it belongs to this run and
+    that its contents are whole (tensor shapes against `hypernet`'s, when given)."""
     try:
         metadata, _ = read_header(path)
     except UnHypeError as exc:
@@ -123,14 +124,67 @@ def load_checkpoint(path: Path, expected_fp: str):
                           "with the same options it was made with")
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors' own parse errors
+        raise UnHypeError(f"--resume {path}: corrupt checkpoint (unreadable data: {exc})") \
+            from None
+    problem = _checkpoint_problem(tensors, metadata, hypernet)
+    if problem:
+        raise UnHypeError(f"--resume {path}: corrupt checkpoint ({problem})")
     return int(metadata["step"]), tensors, metadata
+
+
+def _checkpoint_problem(tensors: dict, metadata: dict, hypernet) -> str | None:
+    """What is wrong with a checkpoint's contents (None: nothing): its step, optimiser
+    record, network tensors (against `hypernet`'s, when given), RNG states, finiteness."""
+    step = metadata.get("step", "")
+    if not step.isdigit():
+        return f"step {step!r} is not a whole number"
+    try:
+        optim = json.loads(metadata.get("optimisers", ""))
+    except json.JSONDecodeError:
+        return "its optimiser record is not valid JSON"
+    if not isinstance(optim, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("scalars"), dict)
+            and isinstance(v.get("param_groups"), list) for v in optim.values()):
+        return "its optimiser record is malformed"
+    net = {k[len("hypernet."):]: v for k, v in tensors.items() if k.startswith("hypernet.")}
+    if hypernet is not None:
+        expected = {k: tuple(v.shape) for k, v in hypernet.state_dict().items()}
+        missing = sorted(set(expected) - set(net))
+        if missing:
+            return f"network tensor(s) {missing[:3]} missing"
+        wrong = [k for k, shape in expected.items() if tuple(net[k].shape) != shape]
+        if wrong:
+            return f"network tensor {wrong[0]!r} has shape {list(net[wrong[0]].shape)}, " \
+                   f"expected {list(expected[wrong[0]])}"
+    not_float = [k for k, v in tensors.items()
+                 if not k.startswith("rng.") and not v.is_floating_point()]
+    if not_float:
+        return f"tensor {not_float[0]!r} is {tensors[not_float[0]].dtype}, expected floats"
+    for key in ("rng.gen", "rng.torch"):
+        if key not in tensors or tensors[key].dtype != torch.uint8:
+            return f"RNG state {key!r} missing or not bytes"
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        return f"NaN/Inf values in {bad[:3]}"
+    return None
 
 
 def restore(tensors: dict, metadata: dict, hypernet, optimisers: dict) -> dict:
     """Load network + optimiser states; returns the RNG tensors."""
     net = {k[len("hypernet."):]: v for k, v in tensors.items() if k.startswith("hypernet.")}
-    hypernet.load_state_dict(net)
+    try:
+        hypernet.load_state_dict(net)
+        _restore_optimisers(tensors, metadata, optimisers)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise UnHypeError(f"--resume: corrupt checkpoint ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from None
+    return {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+
+
+def _restore_optimisers(tensors: dict, metadata: dict, optimisers: dict) -> None:
     meta_optim = json.loads(metadata["optimisers"])
     for name, optimiser in optimisers.items():
         saved = meta_optim[name]
@@ -144,4 +198,3 @@ def restore(tensors: dict, metadata: dict, hypernet, optimisers: dict) -> dict:
             pid, field = key.split(".", 1)
             state.setdefault(int(pid), {})[field] = value
         optimiser.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    return {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}

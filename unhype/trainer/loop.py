@@ -193,7 +193,7 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
         "batch": cfg.train_batch_size, "seed": cfg.seed, "latent_cache": cfg.latent_cache})
     start_step = 0
     if resume_path is not None:  # check before any work; restored in train()
-        start_step, _, _ = ckpt.load_checkpoint(resume_path, fp)
+        start_step, _, _ = ckpt.load_checkpoint(resume_path, fp, hypernet)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else backend.default_guidance
     run = Run(cfg=cfg, backend=backend, concepts=concepts, hypernet=hypernet, lora=lora,
               items=items, item_emb=backend.embed([p for _, p, _ in items]).to(backend.device),
