@@ -65,6 +65,12 @@ def test_toml_inline_concepts_and_relative_paths(tmp_path):
     (["--resolution", "24", "--model_family", "flux"], "positive multiple of 16, got 24"),
     (["--probe_lambda", "a,b"], "probe_lambda must be comma-separated positive numbers"),
     (["--probe_lambda", "1e-3,-1"], "probe_lambda must be comma-separated positive numbers"),
+    (["--eta", "nan"], "eta must be a finite number, got nan"),
+    (["--learning_rate", "inf"], "learning_rate must be a finite number"),
+    (["--guidance_scale", "nan"], "guidance_scale must be a finite number"),
+    (["--retain_weight", "-5"], "retain_weight must be >= 0"),
+    (["--network_alpha", "0"], "network_alpha must be > 0"),
+    (["--network_hidden", "0"], "network_hidden must be >= 1"),
 ])
 def test_bad_options(argv, needle):
     with pytest.raises(UnHypeError, match=needle):
@@ -121,6 +127,12 @@ def test_concept_files(tmp_path):
     ('[[concepts]]\ntarget = "cat"\ncolour = 1\n', ".toml", "unknown concept key"),
     ("concepts: [target: cat\n", ".yaml", "unreadable"),
     ("x", ".json", "unknown type"),
+    ('[[concepts]]\ntarget = "cat"\ntrain_on_synonyms = "false"\n', ".toml",
+     "'train_on_synonyms' must be true or false, got 'false'"),
+    ('[[concepts]]\ntarget = "cat"\nanchor = ["dog"]\n', ".toml", "'anchor' must be a text"),
+    ('[[concepts]]\ntarget = 5\n', ".toml", "'target' must be a text"),
+    ('[[concepts]]\ntarget = "cat"\nsynonyms = [1, 2]\n', ".toml",
+     "'synonyms' must be a list of texts"),
 ])
 def test_bad_concept_files(tmp_path, content, suffix, needle):
     path = tmp_path / f"c{suffix}"

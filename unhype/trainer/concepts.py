@@ -118,6 +118,10 @@ def _concept(entry, where: str, default_set: str, default_anchor: str | None) ->
     unknown = sorted(set(entry) - known)
     if unknown:
         raise UnHypeError(f"{where}: unknown concept key(s) {unknown}; known: {sorted(known)}")
+    for key in ("target", "anchor"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise UnHypeError(f"{where}: a concept's {key!r} must be a text, got "
+                              f"{entry[key]!r}")
     target = str(entry.get("target") or "").strip()
     if not target:
         raise UnHypeError(f"{where}: a concept has no 'target'")
@@ -140,8 +144,12 @@ def _concept(entry, where: str, default_set: str, default_anchor: str | None) ->
     synonyms = entry.get("synonyms", [])
     if isinstance(synonyms, str):
         synonyms = [s.strip() for s in synonyms.split(";") if s.strip()]
-    if not isinstance(synonyms, list):
-        raise UnHypeError(f"{where}: concept {target!r}: 'synonyms' must be a list")
+    if not isinstance(synonyms, list) or not all(isinstance(x, str) for x in synonyms):
+        raise UnHypeError(f"{where}: concept {target!r}: 'synonyms' must be a list of texts")
+    train_on_synonyms = entry.get("train_on_synonyms", False)
+    if not isinstance(train_on_synonyms, bool):  # bool("false") is True
+        raise UnHypeError(f"{where}: concept {target!r}: 'train_on_synonyms' must be true or "
+                          f"false, got {train_on_synonyms!r}")
     if _norm(target) == _norm(anchor):
         raise UnHypeError(f"{where}: concept {target!r} equals its anchor; the anchor is what "
                           "the concept should turn into (another concept, or '' for ESD's "
@@ -149,7 +157,7 @@ def _concept(entry, where: str, default_set: str, default_anchor: str | None) ->
     synonyms = [str(s).strip() for s in synonyms]  # a blank one would match every prompt
     return Concept(target=target, anchor=anchor, synonyms=[s for s in synonyms if s],
                    templates=templates, template_set=set_name,
-                   train_on_synonyms=bool(entry.get("train_on_synonyms", False)))
+                   train_on_synonyms=train_on_synonyms)
 
 
 def _norm(text: str) -> str:

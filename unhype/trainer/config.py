@@ -262,20 +262,28 @@ def validate(cfg: TrainConfig) -> None:
             v[name] = value = float(value)
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             problems.append(f"{name} must be {typ.__name__}, got {value!r}")
+    for name, typ in types.items():
+        if typ is float and isinstance(v[name], float) and not math.isfinite(v[name]):
+            problems.append(f"{name} must be a finite number, got {v[name]}")
     for name, options in CHOICES.items():
         if v[name] not in options:
             problems.append(f"{name} must be one of {options}, got {v[name]!r}")
     for name in ("network_dim", "max_train_steps", "train_batch_size", "hyper_steps",
                  "ddim_steps", "retain_batch_size", "sample_steps", "sample_seeds", "log_every",
-                 "eval_images", "gradient_accumulation_steps", "adversarial_steps"):
+                 "eval_images", "gradient_accumulation_steps", "adversarial_steps",
+                 "network_hidden", "network_head_hidden"):
         if isinstance(v[name], int) and v[name] < 1:
             problems.append(f"{name} must be >= 1, got {v[name]}")
     for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache", "lr_warmup_steps"):
         if isinstance(v[name], int) and v[name] < 0:
             problems.append(f"{name} must be >= 0, got {v[name]}")
-    for name in ("learning_rate", "retain_learning_rate", "fields_lambda", "consistency_weight"):
+    for name in ("learning_rate", "retain_learning_rate", "fields_lambda", "consistency_weight",
+                 "network_alpha"):
         if isinstance(v[name], float) and not v[name] > 0:
             problems.append(f"{name} must be > 0, got {v[name]}")
+    for name in ("retain_weight", "guidance_scale"):  # negative: rewards damaging the rest
+        if isinstance(v[name], float) and not v[name] >= 0:
+            problems.append(f"{name} must be >= 0, got {v[name]}")
     if isinstance(v["adversarial_eps"], float) and not 0 <= v["adversarial_eps"] < 2:
         problems.append(f"adversarial_eps must be in [0, 2), got {v['adversarial_eps']}")
     if isinstance(v["adversarial_fraction"], float) and not 0 < v["adversarial_fraction"] <= 1:
