@@ -94,6 +94,13 @@ def test_prompt_set_errors(tmp_path):
     bad.write_text('templates = ["a {}"]\nkind = "peopel"\n' + classes)
     with pytest.raises(UnHypeError, match="'kind' must be one of objects, people, not 'peopel'"):
         load_prompt_set(str(bad))
+    for colours in ('"red"', "5", "[1, 2]"):  # "red" would be the colours r, e, d
+        bad.write_text(f'templates = ["a {{colour}} {{}}"]\ncolours = {colours}\n' + classes)
+        with pytest.raises(UnHypeError, match="'colours' must be a list of texts"):
+            load_prompt_set(str(bad))
+    bad.write_text('templates = ["a {}"]\nclassifer_templates = ["a {}"]\n' + classes)
+    with pytest.raises(UnHypeError, match="unknown key.*classifer_templates"):
+        load_prompt_set(str(bad))
 
 
 def test_the_built_in_prompt_sets_are_package_data():

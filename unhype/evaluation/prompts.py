@@ -102,6 +102,8 @@ def available() -> list[str]:
 
 
 KINDS = ("objects", "people")  # people: H_c is reported too
+KEYS = {"name", "kind", "classes", "templates", "colours", "paraphrase_templates",
+        "classifier_templates"}
 
 
 def load_prompt_set(name_or_path: str) -> PromptSet:
@@ -135,11 +137,18 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
             not all(isinstance(t, str) and t.count("{}") == 1 for t in zero_shot):
         problems.append("'classifier_templates' must be a list of strings with exactly one "
                         "'{}' (else every class gets the same zero-shot prompt)")
+    colours = data.get("colours", [])
+    if not isinstance(colours, list) or not all(isinstance(c, str) and c for c in colours):
+        problems.append("'colours' must be a list of texts (\"red\" alone would be r, e, d)")
+    if not isinstance(data.get("name", ""), str):
+        problems.append("'name' must be a text")
+    unknown = sorted(set(data) - KEYS)
+    if unknown:  # a typo would silently fall back to a default
+        problems.append(f"unknown key(s) {unknown}; known: {sorted(KEYS)}")
     if data.get("kind", "objects") not in KINDS:
         problems.append(f"'kind' must be one of {', '.join(KINDS)}, not {data.get('kind')!r}")
     if problems:
         raise UnHypeError(f"{path}: " + "; ".join(problems))
-    colours = list(data.get("colours", []))
     if any("{colour}" in t for t in templates) and not colours:
         raise UnHypeError(f"{path}: templates use {{colour}} but 'colours' is empty")
     return PromptSet(name=str(data.get("name", path.stem)), classes=dict(classes),
