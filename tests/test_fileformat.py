@@ -122,6 +122,10 @@ CASES = {
     "huge_rank": (lambda p: edit_config(p, rank=10 ** 9), "has shape"),
     "huge_hidden": (lambda p: edit_config(p, hidden=10 ** 9), "has shape"),
     "seed_a_text": (lambda p: edit_config(p, seed="x"), "seed must be an integer"),
+    "version_zero": (lambda p: edit_meta(p, "unhype.format_version", lambda s: "0"),
+                     "format version 0 does not exist"),
+    "embedding_dim_text": (lambda p: edit_meta(p, "unhype.embedding", lambda s: json.dumps(
+        {"source": "clip_l_pooled", "dim": "768"})), "needs a whole-number 'dim', got '768'"),
     "seed_too_big": (lambda p: edit_config(p, seed=2 ** 80), "seed must be an integer"),
 }
 
@@ -139,6 +143,8 @@ def test_bad_file_gets_specific_error_naming_the_file(saved, case):
 def test_missing_file(tmp_path):
     with pytest.raises(UnHypeError, match="no such file"):
         load_hypernet(tmp_path / "nope.safetensors")
+    with pytest.raises(UnHypeError, match="a folder, not a .safetensors file"):
+        load_hypernet(tmp_path)
 
 
 def test_unwritable_output_and_nan_weights_are_refused(tmp_path, unet):

@@ -127,6 +127,8 @@ def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> No
 def read_header(path) -> tuple[dict, dict]:
     """(metadata, tensor infos) of a safetensors file, with a specific error for each defect."""
     path = Path(path)
+    if path.is_dir():
+        raise UnHypeError(f"{path}: a folder, not a .safetensors file")
     if not path.is_file():
         raise UnHypeError(f"{path}: no such file")
     size = path.stat().st_size
@@ -233,6 +235,8 @@ def _parse_meta(path, metadata) -> HypernetMeta:
         version = int(metadata.get("unhype.format_version", ""))
     except ValueError:
         raise UnHypeError(f"{path}: format version missing or not a number") from None
+    if version < 1:
+        raise UnHypeError(f"{path}: format version {version} does not exist (1 is the first)")
     if version > FORMAT_VERSION:
         raise UnHypeError(f"{path}: format version {version} is newer than this UnHype "
                           f"understands ({FORMAT_VERSION}); update UnHype")
@@ -251,6 +255,9 @@ def _parse_meta(path, metadata) -> HypernetMeta:
         raise UnHypeError(f"{path}: {exc}") from None
     except (TypeError, KeyError) as exc:
         raise UnHypeError(f"{path}: malformed hypernetwork config ({exc})") from None
+    if not isinstance(embedding.get("dim"), int) or isinstance(embedding.get("dim"), bool):
+        raise UnHypeError(f"{path}: metadata 'unhype.embedding' needs a whole-number 'dim', "
+                          f"got {embedding.get('dim')!r}")
     if embedding.get("dim") != config.embed_dim:
         raise UnHypeError(f"{path}: embedding dim {embedding.get('dim')} disagrees with the "
                           f"network's input dim {config.embed_dim}")
