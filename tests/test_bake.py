@@ -175,3 +175,22 @@ def test_flux_lora_loads_in_diffusers_and_matches_dynamic_lora(tmp_path):
         baked = transformer(**kwargs).sample
     assert (expected - base).abs().max() > 1e-2
     torch.testing.assert_close(baked, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_modelspec_of_sd2_follows_the_prediction_it_was_trained_for():
+    """sd-scripts writes 768-v only for a v-prediction SD 2.x; an epsilon (512) model is
+    stable-diffusion-v2-512 at 512x512."""
+    from types import SimpleNamespace
+
+    from unhype.bake import _modelspec_architecture
+    from unhype.families import get_family
+
+    def fake(family, training):
+        return SimpleNamespace(family=get_family(family), meta=SimpleNamespace(training=training))
+
+    assert _modelspec_architecture(fake("sd2", {"prediction_type": "epsilon"})) == \
+        ("stable-diffusion-v2-512/lora", "512x512")
+    assert _modelspec_architecture(fake("sd2", {"prediction_type": "v_prediction"})) == \
+        ("stable-diffusion-v2-768-v/lora", "768x768")
+    assert _modelspec_architecture(fake("sdxl", {})) == \
+        ("stable-diffusion-xl-v1-base/lora", "1024x1024")

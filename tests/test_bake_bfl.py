@@ -38,6 +38,9 @@ def test_bfl_tensors_sum_to_the_slice_deltas_on_each_fused_layer(tmp_path):
     emb = torch.randn(768, generator=torch.Generator().manual_seed(2))
     tensors, meta = bake_lora(loaded, emb, "a cat", 0.5, fmt="kohya_bfl")
     assert "kohya_bfl" in FORMATS and meta["ss_base_model_version"] == "flux1"
+    assert meta["ss_network_module"] == "networks.lora_flux"  # as sd-scripts' FLUX LoRAs
+    ranks = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    assert len(ranks) > 1 and meta["ss_network_dim"] == meta["ss_network_alpha"] == "Dynamic"
     with torch.no_grad():
         factors = loaded.hypernet(emb[None])
     h = 32

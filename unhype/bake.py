@@ -98,16 +98,42 @@ def kohya_hashes(tensors: dict, metadata: dict) -> tuple[str, str]:
     return model_hash, legacy_hash
 
 
-def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: str) -> dict:
+def _ranks(tensors: dict | None, rank: int) -> tuple[str, str]:
+    """ss_network_dim / ss_network_alpha: one rank (alpha = rank: scale 1), or sd-scripts'
+    "Dynamic" when layers differ (kohya_bfl: a fused layer's rank is the sum of its slices')."""
+    alphas = {float(v) for k, v in (tensors or {}).items() if k.endswith(".alpha")}
+    if len(alphas) > 1:
+        return "Dynamic", "Dynamic"
+    r = int(alphas.pop()) if alphas else rank
+    return str(r), str(float(r))
+
+
+def _modelspec_architecture(loaded: LoadedHypernet) -> tuple[str, str]:
+    """(modelspec.architecture, modelspec.resolution) as sd-scripts writes them: SD 2.x is
+    768-v only for a v-prediction model (the file records what it was trained on)."""
+    family = loaded.family
+    if family.name == "sd2" and loaded.meta.training.get("prediction_type") == "epsilon":
+        return "stable-diffusion-v2-512/lora", "512x512"
+    if family.name == "sd2":
+        return family.modelspec_architecture, "768x768"
+    return family.modelspec_architecture, \
+        "1024x1024" if family.name in ("sdxl", "flux") else "512x512"
+
+
+def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: str,
+                  tensors: dict | None = None) -> dict:
     family = loaded.family
     cfg = loaded.meta.config
     now = _dt.datetime.now(_dt.timezone.utc)
     erased = [c.get("target", "") for c in loaded.meta.concepts]
+    dim, alpha = _ranks(tensors, cfg.rank)
+    architecture, resolution = _modelspec_architecture(loaded)
     return {
         "ss_base_model_version": family.base_model_version,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": str(float(cfg.rank)),
+        # sd-scripts' own FLUX LoRAs name networks.lora_flux
+        "ss_network_module": "networks.lora_flux" if family.name == "flux" else "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
         "ss_network_args": json.dumps({"unhype_prompt": prompt, "unhype_strength": strength}),
         "ss_output_name": title,
         "ss_training_comment": f"baked by UnHype {__version__} from {loaded.path.name} for "
@@ -115,13 +141,13 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
         "ss_v2": str(family.name == "sd2"),
         "ss_sd_model_name": loaded.meta.training.get("pretrained_model_name_or_path", ""),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if family.name != "flux" else "https://github.com/black-forest-labs/flux",
         "modelspec.title": title,
         "modelspec.description": f"UnHype concept-erasure LoRA for {prompt!r} (erases {erased})",
         "modelspec.date": now.date().isoformat(),
-        "modelspec.resolution": "1024x1024" if family.name in ("sdxl", "flux") else "512x512",
+        "modelspec.resolution": resolution,
     }
 
 
@@ -153,7 +179,8 @@ def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
     if bad:
         raise UnHypeError(f"the LoRA for {prompt!r} at strength {strength:g} overflows "
                           f"float32 (Inf/NaN in {bad[0]}): use a smaller strength")
-    metadata = lora_metadata(loaded, prompt, strength, title or f"unhype_{loaded.path.stem}")
+    metadata = lora_metadata(loaded, prompt, strength, title or f"unhype_{loaded.path.stem}",
+                             tensors)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     return tensors, metadata
 

@@ -91,7 +91,10 @@ def bake_ui(name, prompt, strength, out_name, overwrite=False, sd_model=None,
         embed = _embedder(loaded, sd_model or host.current_model())
         emb = strongest_embedding(loaded, embed([prompt] + prompt_windows(plain_text(prompt))))
         os.makedirs(folder, exist_ok=True)
-        tensors, metadata = bake_lora(loaded, emb, prompt, float(strength), stem)
+        # FLUX runs only in Forge, and every Forge reads sd-scripts' fused BFL names (older
+        # ones lack the lora_transformer_* rule)
+        fmt = "kohya_bfl" if loaded.meta.family == "flux" else "kohya"
+        tensors, metadata = bake_lora(loaded, emb, prompt, float(strength), stem, fmt=fmt)
         save_lora(target, tensors, metadata)
         return f"saved `{html.escape(target)}`; use it as `<lora:{html.escape(stem)}:1>`"
     except UnHypeError as exc:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from unhype.errors import UnHypeError
-from unhype.fileformat import load_hypernet, save_hypernet
+from unhype.fileformat import host_paths, load_hypernet, save_hypernet
 from unhype.hypernet import delta_weight
 from unhype.model_check import detect_family, weight_shape
 from unhype.prompt_tags import plain_text
@@ -243,9 +243,16 @@ def test_tab_probe_and_bake_on_forge_flux(webui_dirs, forge_flux):
     loaded = load_hypernet(path)
     with torch.no_grad():
         factors = loaded.hypernet(forge_flux.pooled(["a cat"]))
-    for name, (a, b) in factors.items():  # kohya's lora_transformer_* names: Forge reads them
-        assert name.startswith("lora_transformer_")
-        torch.testing.assert_close(lora[f"{name}.lora_up.weight"], 0.5 * b[0])
+    # sd-scripts' fused BFL names, which every Forge reads (older ones lack lora_transformer_*)
+    assert all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))
+               for k in lora)
+    for name, hp in host_paths(loaded.meta, "ldm").items():
+        key = "lora_unet_" + hp.path.replace(".", "_")
+        fused = lora[f"{key}.lora_up.weight"] @ lora[f"{key}.lora_down.weight"]
+        rows = slice(*hp.out_slice) if hp.out_slice else slice(None)
+        a, b = factors[name]
+        torch.testing.assert_close(fused[rows], 0.5 * delta_weight(a[0], b[0]),
+                                   rtol=1e-5, atol=1e-6)
 
     no_vector = copy.copy(forge_flux)  # and no CLIP-L engine to read the vector from instead
     no_vector.text_processing_engine_l = None
