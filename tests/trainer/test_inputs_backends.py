@@ -396,3 +396,19 @@ def test_an_sdxl_refiner_folder_is_named_as_such(tmp_path):
         folder_family(tmp_path)
     with pytest.raises(UnHypeError, match="an SDXL refiner"):
         load_backend(resolve(fast_options(tmp_path, tmp_path / "out", device="cpu")))
+
+
+def test_the_file_records_the_precision_the_base_model_ran_in(tiny_sd1, tmp_path):
+    """--mixed_precision bf16 is what an SD model runs in; the toy models ignore it and run in
+    float32, and their file says so (inspect showed 'base model bf16 weights')."""
+    from unhype.fileformat import read_meta
+
+    sd = loop.prepare(cfg_for(tiny_sd1, tmp_path / "sd", max_train_steps=1,
+                              mixed_precision="bf16"), quiet=True)
+    assert loop.train(sd, progress=False) == 0
+    assert read_meta(sd.result_path).training["mixed_precision"] == "bf16"
+    toy = loop.prepare(resolve(fast_options("toy", tmp_path / "toy", max_train_steps=1,
+                                            concepts="circle", mixed_precision="bf16")),
+                       quiet=True)
+    assert loop.train(toy, progress=False) == 0
+    assert read_meta(toy.result_path).training["mixed_precision"] == "no"

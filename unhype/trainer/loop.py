@@ -662,7 +662,10 @@ def save_result(run: Run, step: int) -> Path:
     cfg = run.cfg
     path = run.out_dir / f"{cfg.output_name}.safetensors"
     training = {k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}
-    training.update(steps_done=step, method="unhype", retained_prompts=len(run.retain_prompts),
+    # the precision the base model really ran in (the toy models ignore --mixed_precision)
+    ran = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(run.backend.dtype, "no")
+    training.update(mixed_precision=ran,
+                    steps_done=step, method="unhype", retained_prompts=len(run.retain_prompts),
                     prediction_type=run.backend.prediction_type,
                     esd_space=f"native model output ({run.backend.prediction_type})",
                     final=run.log[-1] if run.log else {})
