@@ -10,7 +10,8 @@ import re
 import folder_paths
 import torch
 
-from unhype.bake import FORMATS as BAKE_FORMATS, bake_lora, save_lora, strongest_embedding
+from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, save_lora,
+                         strongest_embedding, update_norm)
 from unhype.comfy_apply import (WINDOWS_KEY, build_plan, long_prompt_rows, pooled_rows,
                                 rows_under_floor, window_rows)
 from unhype.errors import UnHypeError
@@ -208,7 +209,11 @@ class UnHypeBakeLoRA:
         os.makedirs(folders[0], exist_ok=True)
         save_lora(path, tensors, metadata)
         _step(bar)
-        return {"ui": {"text": [path]}, "result": (path,)}
+        shown = path
+        if update_norm(tensors) == 0:
+            log.warning("UnHype Bake LoRA: %s: %s", path, NO_OP_NOTE)
+            shown = f"{path} ({NO_OP_NOTE})"
+        return {"ui": {"text": [shown]}, "result": (path,)}
 
 
 class UnHypeInspect:

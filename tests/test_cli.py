@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tests.helpers import hypernet_for, tiny_sd_unet
 from unhype.cli import main
@@ -118,10 +119,20 @@ def test_bake_cli_writes_a_kohya_lora(tmp_path, hyper_file, capsys):
     out = tmp_path / "cat_lora.safetensors"
     assert main(["bake", str(hyper_file), "--prompt", "a cat", "--strength", "0.5",
                  "-o", str(out), "--text_encoder", str(folder)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "wrote" in printed.out and "changes nothing" not in printed.err
     with safe_open(out, "pt") as fh:
         assert fh.metadata()["ss_network_dim"] == "1"
         assert any(k.endswith("lora_up.weight") for k in fh.keys())
+    # the printed size is the update's, ||sum of (alpha/r) up @ down||, not lora_up's
+    lora = load_file(out)
+    dense = sum(float(((lora[k] @ lora[k.replace("lora_up", "lora_down")]) ** 2).sum())
+                for k in lora if k.endswith("lora_up.weight")) ** 0.5
+    assert f"update ||dW|| = {dense:.4g}" in printed.out
+    assert main(["bake", str(hyper_file), "--prompt", "a cat", "--strength", "0",
+                 "-o", str(out), "--text_encoder", str(folder)]) == 0
+    printed = capsys.readouterr()
+    assert "update ||dW|| = 0," in printed.out and "this LoRA changes nothing" in printed.err
     assert main(["bake", str(hyper_file), "--prompt", "a cat", "-o", str(out)]) == 2
     assert "--text_encoder" in capsys.readouterr().err
     assert main(["bake", str(hyper_file), "--prompt", "x", "--strength", "nan",
@@ -164,7 +175,7 @@ def test_bake_refuses_a_strength_that_overflows(tmp_path, hyper_file, capsys):
     out = tmp_path / "lora.safetensors"
     assert main(["bake", str(hyper_file), "--prompt", "a cat", "--strength", "1e39",
                  "-o", str(out), "--text_encoder", str(folder)]) == 2
-    assert "overflows float32" in capsys.readouterr().err
+    assert "strength 1e+39 is outside [-100, 100]" in capsys.readouterr().err
     assert not out.exists()
 
 

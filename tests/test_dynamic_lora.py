@@ -126,6 +126,14 @@ def test_compute_dtype_runs_the_lora_matmuls_in_fp32_in_a_bf16_model(monkeypatch
         assert seen == [(expect, expect)] * 2
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=0.1)  # bf16 output rounding
+    # with fp32 compute the update is added in fp32 and rounded once: exactly
+    # round(base + delta), not round(base + round(delta))
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    with torch.no_grad():
+        base = lin(x)
+        delta = real_bmm(real_bmm(x[:1].float(), a), b.transpose(1, 2))
+    assert torch.equal(y[:1], (base[:1].float() + delta).to(torch.bfloat16))
+    assert torch.equal(y[1:], base[1:])
 
 
 def test_row_map_is_moved_once_per_row_map_not_per_layer(monkeypatch):

@@ -17,6 +17,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import math
 
 import torch
 from safetensors.torch import save
@@ -149,6 +150,25 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
         "modelspec.date": now.date().isoformat(),
         "modelspec.resolution": resolution,
     }
+
+
+NO_OP_NOTE = ("its update is zero: the prompt does not switch on an erased concept, or is "
+              "under the file's gate floor; this LoRA changes nothing")
+
+
+def update_norm(tensors: dict) -> float:
+    """||dW|| of a baked LoRA, the root of the sum over layers of ||(alpha / r) up down||^2,
+    in float64 (never forming up @ down: trace((up^T up)(down down^T)))."""
+    total = 0.0
+    for key, up in tensors.items():
+        if not key.endswith(".lora_up.weight"):
+            continue
+        stem = key[:-len(".lora_up.weight")]
+        up, down = up.double(), tensors[stem + ".lora_down.weight"].double()
+        scale = float(tensors[stem + ".alpha"]) / down.shape[0] if stem + ".alpha" in tensors \
+            else 1.0
+        total += scale ** 2 * float(((up.T @ up) * (down @ down.T)).sum())
+    return math.sqrt(max(total, 0.0))
 
 
 def strongest_embedding(loaded: LoadedHypernet, candidates: torch.Tensor) -> torch.Tensor:

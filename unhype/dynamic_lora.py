@@ -85,6 +85,9 @@ def silent_prompts(factors: LoraFactors) -> Tensor:
     return silent.cpu() if silent is not None else torch.zeros(0, dtype=torch.bool)
 
 
+MAX_STRENGTH = 100.0
+
+
 def check_strength(strength) -> float:
     try:
         value = float(strength)
@@ -92,6 +95,9 @@ def check_strength(strength) -> float:
         raise UnHypeError(f"strength must be a number, got {strength!r}") from None
     if not math.isfinite(value):
         raise UnHypeError(f"strength must be finite, got {strength!r}")
+    if abs(value) > MAX_STRENGTH:  # fp16 activations overflow to NaN from about 1e4
+        raise UnHypeError(f"strength {value:g} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]"
+                          " (1 is the trained erasure; 2 is already strong)")
     return value
 
 
@@ -257,10 +263,11 @@ class DynamicLoRA:
                 flat_out = output.reshape(n, -1, output.shape[-1])
                 return torch.baddbmm(flat_out, mid, b_rows.transpose(1, 2)).view(output.shape)
             delta = torch.bmm(mid, b_rows.transpose(1, 2))
-            delta = delta.reshape(*output.shape[:-1], delta.shape[-1]).to(output.dtype)
+            delta = delta.reshape(*output.shape[:-1], delta.shape[-1])
+            # added at the LoRA's precision, rounded to the layer's dtype once
             if binding.out_slice is None:
-                return output + delta
+                return (output.to(delta.dtype) + delta).to(output.dtype)
             start, stop = binding.out_slice
-            return torch.cat([output[..., :start], output[..., start:stop] + delta,
-                              output[..., stop:]], dim=-1)
+            part = (output[..., start:stop].to(delta.dtype) + delta).to(output.dtype)
+            return torch.cat([output[..., :start], part, output[..., stop:]], dim=-1)
         return hook

@@ -11,7 +11,7 @@ import os
 import re
 
 from unhype import infotext
-from unhype.bake import bake_lora, save_lora, strongest_embedding
+from unhype.bake import NO_OP_NOTE, bake_lora, save_lora, strongest_embedding, update_norm
 from unhype.errors import UnHypeError
 from unhype.model_check import detect_family
 from unhype.probe import ROW_HEADERS, concept_texts, probe
@@ -96,6 +96,7 @@ def bake_ui(name, prompt, strength, out_name, overwrite=False, sd_model=None,
         fmt = "kohya_bfl" if loaded.meta.family == "flux" else "kohya"
         tensors, metadata = bake_lora(loaded, emb, prompt, float(strength), stem, fmt=fmt)
         save_lora(target, tensors, metadata)
-        return f"saved `{html.escape(target)}`; use it as `<lora:{html.escape(stem)}:1>`"
+        note = f" (**{NO_OP_NOTE}**)" if update_norm(tensors) == 0 else ""
+        return f"saved `{html.escape(target)}`; use it as `<lora:{html.escape(stem)}:1>`{note}"
     except UnHypeError as exc:
         return f"**{html.escape(str(exc))}**"

@@ -27,7 +27,8 @@ def test_tags_found_with_and_without_strength():
 
 @pytest.mark.parametrize("items, message", [
     (["a", "strong"], "not a number"), (["a", "nan"], "finite"), ([""], "without a"),
-    (["a", "1", "2"], "3 fields")])
+    (["a", "1", "2"], "3 fields"),
+    (["a", "10000"], r"outside \[-100, 100\]")])  # fp16 activations became NaN
 def test_bad_tags_name_the_problem(items, message):
     with pytest.raises(UnHypeError, match=message):
         parse_tag_items(items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from unhype.atomic import check_output
-    from unhype.bake import bake_lora, save_lora, strongest_embedding
+    from unhype.bake import NO_OP_NOTE, bake_lora, save_lora, strongest_embedding, update_norm
     from unhype.dynamic_lora import check_strength
     from unhype.embedding import load_embedder
     from unhype.fileformat import load_hypernet
@@ -40,8 +41,10 @@ def run(args) -> int:
     tensors, metadata = bake_lora(loaded, embedding, args.prompt, strength,
                                   title=Path(args.output).stem, fmt=args.format)
     save_lora(args.output, tensors, metadata)
-    norm = sum(float((t.float() ** 2).sum()) for k, t in tensors.items()
-               if k.endswith("lora_up.weight")) ** 0.5
-    print(f"wrote {args.output} ({args.format}): {len(tensors) // 3} layers, rank {loaded.meta.config.rank}, "
-          f"|lora_up| = {norm:.4g}, sshs_model_hash {metadata['sshs_model_hash'][:12]}")
+    norm = update_norm(tensors)
+    print(f"wrote {args.output} ({args.format}): {len(tensors) // 3} layers, rank "
+          f"{loaded.meta.config.rank}, update ||dW|| = {norm:.4g}, sshs_model_hash "
+          f"{metadata['sshs_model_hash'][:12]}")
+    if norm == 0:
+        print(f"unhype bake: note: {NO_OP_NOTE}", file=sys.stderr)
     return 0
