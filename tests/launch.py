@@ -23,8 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch -m unhype <args>` with `processes` CPU processes, one thread each."""
+def _command(args: list[str], processes: int) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
@@ -32,6 +31,25 @@ def launch(args: list[str], processes: int = 2, timeout: int = 240) -> subproces
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "TQDM_DISABLE": "1"}
+    return cmd, env
+
+
+def start(args: list[str], processes: int = 2) -> subprocess.Popen:
+    """The same launch, running, in its own process group (a terminal's foreground job: Ctrl-C
+    there is os.killpg(proc.pid, SIGINT)); its output goes to files proc.out / proc.err."""
+    import tempfile
+
+    cmd, env = _command(args, processes)
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True,
+                            start_new_session=True)
+    proc.out, proc.err = out, err
+    return proc
+
+
+def launch(args: list[str], processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`accelerate launch -m unhype <args>` with `processes` CPU processes, one thread each."""
+    cmd, env = _command(args, processes)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if done.returncode != 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import launch
+from tests.launch import launch, start
 from unhype.trainer import checkpoint as ckpt
 from unhype.trainer import distributed as tdist
 from unhype.trainer.config import resolve
@@ -163,3 +163,41 @@ def test_global_batch_must_split_evenly(config):
     tdist.check_batch(cfg, 1)
     assert [split(5, r, 2) for r in (0, 1)] == [slice(0, 2), slice(2, 5)]
     assert [split(4, r, 2) for r in (0, 1)] == [slice(0, 2), slice(2, 4)]
+
+
+def test_ctrl_c_with_two_processes_stops_both_after_the_same_step(config, tmp_path):
+    """Ctrl-C in the terminal of `accelerate launch` (SIGINT to the launcher and both workers,
+    then the launcher's own copy to each worker): both finish the same step, the main process
+    saves it, and resuming from it ends where an uninterrupted run of one more step does."""
+    import os
+    import signal
+    import time
+
+    long = tmp_path / "long.toml"
+    long.write_text(config.read_text().replace("max_train_steps = 4", "max_train_steps = 400")
+                    .replace("save_every_n_steps = 2", "save_every_n_steps = 0"))
+    out = tmp_path / "two"
+    proc = start(["train", "--config_file", str(long), "--output_dir", str(out)])
+    log = out / "erase-loss.jsonl"
+    deadline = time.monotonic() + 200
+    while not (log.is_file() and log.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no training step within 200 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    proc.err.seek(0)
+    stderr = proc.err.read()
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    assert len(saved) == 1, stderr[-3000:]
+    step = int(saved[0].stem.split("-")[1])
+    assert 1 <= step < 400 and f"interrupted after step {step}; saved" in stderr
+    assert "not saved" not in stderr and not (out / "erase.safetensors").exists()
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 1))
+    # resumed in one process for one more step = one process straight to that step
+    ref = tmp_path / "ref"
+    assert main(["train", "--config_file", str(long), "--output_dir", str(ref),
+                 "--max_train_steps", str(step + 1)]) == 0
+    assert main(["train", "--config_file", str(long), "--output_dir", str(out),
+                 "--max_train_steps", str(step + 1), "--resume", str(saved[0])]) == 0
+    diff = _max_diff(_tensors(ref / "erase.safetensors"), _tensors(out / "erase.safetensors"))
+    assert diff < TOL, diff

@@ -57,14 +57,27 @@ class DeferredInterrupt:
     """Ctrl-C during a step stops the run once the step is complete, so the checkpoint it
     saves is what a run of that many steps holds (weights, both Adam states, the RNGs), and
     resuming continues exactly; a second Ctrl-C stops at once, without a checkpoint of the
-    half-done step. Only in a single process's main thread: with several processes every one
-    must stop at the same step, so there Ctrl-C stops at once (as before)."""
+    half-done step. Only in the main thread.
 
-    def __init__(self, say, active: bool):
-        self.say, self.active, self.requested, self._previous = say, active, False, None
+    With several processes (`dist`), every one must stop after the same step: `check` takes the
+    maximum of the requests over the processes at each step's end. torchrun (accelerate launch)
+    starts its workers in sessions of their own and forwards the terminal's Ctrl-C to them,
+    then kills them after its shutdown timeout (30 s); where workers share the terminal's
+    process group they get it twice, so a second SIGINT within `echo_s` of the first is taken
+    for that echo, not for a second Ctrl-C."""
+
+    echo_s = 2.0
+
+    def __init__(self, say, dist: Dist | None = None):
+        self.say, self.dist, self.requested, self._previous = say, dist, False, None
+        self._first_at = None
+
+    @property
+    def active(self) -> bool:
+        return self._previous is not None
 
     def __enter__(self):
-        if self.active and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -74,14 +87,22 @@ class DeferredInterrupt:
         return False
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
+            if self._first_at is not None and now - self._first_at < self.echo_s and \
+                    self.dist is not None and self.dist.world > 1:
+                return  # the launcher's copy of the same Ctrl-C
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first_at = True, now
         self.say("\nunhype train: stopping after this step (Ctrl-C again to stop at once, "
                  "without saving it)")
 
     def check(self):
-        if self.requested:
+        requested = self.requested
+        if self.dist is not None and self.dist.world > 1:  # the same answer in every process
+            flag = torch.tensor([1.0 if requested else 0.0])
+            requested = bool(self.dist.max(flag).item() > 0)
+        if requested:
             raise StopAtStepEnd
 
 
@@ -578,7 +599,7 @@ def train(run: Run, progress: bool = True) -> int:
         return retain_loss(run, gen), {}, None
 
     log = open(log_path, "a", encoding="utf-8") if main else None
-    stop = DeferredInterrupt(say if main else (lambda _: None), dist.world == 1)
+    stop = DeferredInterrupt(say if main else (lambda _: None), dist)
     try:
         stop.__enter__()
         while step < cfg.max_train_steps:
@@ -630,15 +651,12 @@ def train(run: Run, progress: bool = True) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        if stop.active:  # stopped in the middle of a step: its state is half updated
-            where = f"the last checkpoint is {last_good} (resume with --resume {last_good})" \
-                if last_good else "no checkpoint was saved (use --save_every_n_steps)"
-            if main:
-                say(f"\nunhype train: stopped during step {step + 1}, not saved; {where}")
-        elif main:  # several processes: each holds the same weights after a completed step
-            path = checkpoint(step)
-            say(f"\nunhype train: interrupted at step {step}; saved {path}; continue with "
-                f"--resume {path}")
+        # stopped in the middle of a step (a second Ctrl-C, or outside the main thread): its
+        # state is half updated, so nothing is saved for it
+        where = f"the last checkpoint is {last_good} (resume with --resume {last_good})" \
+            if last_good else "no checkpoint was saved (use --save_every_n_steps)"
+        if main:
+            say(f"\nunhype train: stopped during step {step + 1}, not saved; {where}")
         return EXIT_INTERRUPTED
     finally:
         stop.__exit__()
