@@ -105,6 +105,7 @@ class UnHypeApply:
     def apply(self, model, conditioning, unhype, strength, mode="auto"):
         glue.check_model(model, unhype)
         plan = build_plan(unhype, conditioning, strength)
+        glue.check_context(model, conditioning)
         keys = glue.resolve_keys(model, plan)
         path = glue.choose_path(model, mode)
         prompts = next(iter(plan.factors.values()))[0].shape[0]

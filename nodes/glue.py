@@ -98,6 +98,36 @@ def check_model(model, loaded: LoadedHypernet) -> None:
                           f"the model is {family}; load a hypernetwork for this model family")
 
 
+def context_width(model) -> int | None:
+    """The text-embedding width the model's cross-attention reads (FLUX: its txt_in), or
+    None when it cannot be told."""
+    root = diffusion_model(model)
+    txt_in = getattr(root, "txt_in", None)
+    if isinstance(getattr(txt_in, "in_features", None), int):
+        return txt_in.in_features
+    for name, module in root.named_modules():
+        if name.endswith("attn2.to_k"):
+            if isinstance(getattr(module, "in_features", None), int):
+                return module.in_features
+            weight = getattr(module, "weight", None)
+            # packed NF4 / GGUF storage does not show the logical width
+            return int(weight.shape[-1]) if weight is not None and weight.dim() == 2 and \
+                weight.dtype.is_floating_point else None
+    return None
+
+
+def check_context(model, conditioning) -> None:
+    """Refuse conditioning another model's text encoder made: FLUX's clip_l and SD1's CLIP
+    pool to the same 768-d vector, so the pooled width alone lets it through, and sampling
+    then fails in the first cross-attention layer."""
+    width = context_width(model)
+    for i, entry in enumerate(conditioning):
+        if width is not None and entry[0].shape[-1] != width:
+            raise UnHypeError(f"UnHype: conditioning entry {i} is {entry[0].shape[-1]}-wide text "
+                              f"but this model reads {width}-wide: it comes from another "
+                              "model's text encoder (wrong CLIP for this model?)")
+
+
 def lora_key_map(model) -> dict[str, str]:
     """ComfyUI's own LoRA key map (kohya/diffusers names -> state-dict keys) for the model."""
     import comfy.lora

@@ -50,7 +50,12 @@ def pooled_rows(conditioning, embed_dim: int, source: str) -> list[Tensor]:
         if not isinstance(cross, Tensor) or cross.dim() != 3:
             raise UnHypeError(f"UnHype Apply: conditioning entry {i} has no [batch, tokens, dim] "
                               "cross-attention tensor")
+        if cross.shape[0] == 0:
+            raise UnHypeError(f"UnHype Apply: conditioning entry {i} holds no prompt (batch 0)")
         pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+        if pooled is not None and (not isinstance(pooled, Tensor) or pooled.dim() == 0):
+            raise UnHypeError(f"UnHype Apply: conditioning entry {i}'s 'pooled_output' is not "
+                              f"a [batch, dim] tensor ({type(pooled).__name__})")
         if pooled is None:
             raise UnHypeError(
                 f"UnHype Apply: conditioning entry {i} has no 'pooled_output'; this hypernetwork "

@@ -56,8 +56,9 @@ def short_hash(path) -> str:
 class InfotextEntry:
     name: str
     hash: str | None
-    strength: float
+    strength: float | None  # None: the pasted strength is unusable (`problem` says why)
     cond_only: bool = True
+    problem: str | None = None
 
 
 def format_fields(name: str, file_hash: str | None, strength: float,
@@ -91,16 +92,15 @@ def parse_fields(params: dict) -> InfotextEntry | None:
         return None
     m = _NAME_HASH.match(str(raw))
     name, file_hash = m[1], (m[2].lower() if m[2] else None)
-    if not name:
+    if not name and not file_hash:
         raise UnHypeError(f"infotext field {FIELD_NAME}: {raw!r} names no hypernetwork")
-    strength = params.get(FIELD_STRENGTH, 1.0)
+    raw_strength, problem = params.get(FIELD_STRENGTH, 1.0), None
     try:
-        strength = check_strength(strength)
-    except UnHypeError:
-        raise UnHypeError(f"infotext field {FIELD_STRENGTH}: {strength!r} is not a "
-                          "number") from None
+        strength = check_strength(raw_strength)
+    except UnHypeError as exc:  # the file is still named: only the strength is unusable
+        strength, problem = None, f"infotext field {FIELD_STRENGTH}: {exc}"
     cond_only = str(params.get(FIELD_COND_ONLY, "True")).strip().lower() not in ("false", "0")
-    return InfotextEntry(name, file_hash, strength, cond_only)
+    return InfotextEntry(name, file_hash, strength, cond_only, problem)
 
 
 def find_file(choices: dict[str, str], name: str, file_hash: str | None = None) -> str | None:
@@ -112,10 +112,12 @@ def find_file(choices: dict[str, str], name: str, file_hash: str | None = None) 
                     return key
             except UnHypeError:
                 continue
+    if not name:
+        return None
     if name in choices:
         return name
-    stems = {os.path.splitext(os.path.basename(k))[0]: k for k in choices}
-    return stems.get(name)
+    stems = [k for k in choices if os.path.splitext(os.path.basename(k))[0] == name]
+    return stems[0] if len(stems) == 1 else None  # two files of that name: neither is sure
 
 
 def _num(x: float) -> str:

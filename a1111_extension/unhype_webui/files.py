@@ -33,9 +33,13 @@ def resolve(name: str, folder: str | None = None) -> tuple[str, str]:
     files = list_files(folder)
     if name in files:
         return name, files[name]
-    stems = {k.rsplit("/", 1)[-1]: k for k in files}
-    if name in stems:
-        return stems[name], files[stems[name]]
+    same = [k for k in files if k.rsplit("/", 1)[-1] == name]
+    if len(same) > 1:  # a bare stem of files in two subfolders: which concept is not sure
+        raise UnHypeError(f"UnHype: {name!r} names {len(same)} hypernetworks in "
+                          f"{folder or host.unhype_dir()} ({', '.join(same)}); write the "
+                          "subfolder too")
+    if same:
+        return same[0], files[same[0]]
     raise UnHypeError(f"UnHype: no hypernetwork named {name!r} in {folder or host.unhype_dir()}"
                       f" (found: {', '.join(list(files)[:8]) or 'none'})")
 

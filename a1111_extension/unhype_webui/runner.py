@@ -40,19 +40,44 @@ def remove_all() -> int:
     return n
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _flag(value, what: str, default: bool) -> bool:
+    """A checkbox value as the UI sends it, or as an API caller may (0/1, "false"): strict,
+    since bool("false") is True."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise UnHypeError(f"UnHype: script argument '{what}' must be true or false, got {value!r}")
+
+
 @dataclass
 class PanelArgs:
     enabled: bool = False
     name: str | None = None
     strength: float = 1.0
     cond_only: bool = True
+    problem: str | None = None  # an argument that cannot be read: the generation stops
 
     @classmethod
     def from_args(cls, args) -> "PanelArgs":
         args = list(args) + [None] * 4
         enabled, name, strength, cond_only = args[:4]
-        return cls(bool(enabled), name or None, 1.0 if strength is None else strength,
-                   True if cond_only is None else bool(cond_only))
+        try:
+            if name is not None and not isinstance(name, str):
+                raise UnHypeError(f"UnHype: script argument 'hypernetwork' must be a name, "
+                                  f"got {name!r}")
+            return cls(_flag(enabled, "enabled", False), name or None,
+                       1.0 if strength is None else strength,
+                       _flag(cond_only, "cond only", True))
+        except UnHypeError as exc:
+            return cls(problem=str(exc))
 
 
 @dataclass
@@ -79,7 +104,9 @@ def process(p, *args) -> RunState:
     remove_all()
     state = RunState(PanelArgs.from_args(args))
     panel = state.panel
-    if panel.enabled and panel.name:
+    if panel.problem:
+        state.error = panel.problem
+    elif panel.enabled and panel.name:
         try:
             strength = check_strength(panel.strength)
             name, path = files.resolve(panel.name)
@@ -321,8 +348,10 @@ def paste_values(params: dict, choices: dict[str, str], warn: bool = False) -> d
         return {"enabled": False, "name": None, "strength": None, "cond_only": None}
     choice = infotext.find_file(choices, entry.name, entry.hash)
     if choice is None and warn:
-        log.warning("UnHype: pasted hypernetwork %s [%s] is not in %s", entry.name, entry.hash,
-                    host.unhype_dir())
+        log.warning("UnHype: pasted hypernetwork %s [%s] is not in %s, or more than one file "
+                    "has that name", entry.name, entry.hash, host.unhype_dir())
+    if entry.problem and warn:  # the image was made with UnHype: the panel stays on, at the
+        log.warning("UnHype: %s; the strength slider keeps its value", entry.problem)  # slider
     return {"enabled": choice is not None, "name": choice, "strength": entry.strength,
             "cond_only": entry.cond_only}
 

@@ -12,6 +12,7 @@ import re
 
 from unhype import infotext
 from unhype.bake import NO_OP_NOTE, bake_lora, save_lora, strongest_embedding, update_norm
+from unhype.dynamic_lora import check_strength
 from unhype.errors import UnHypeError
 from unhype.model_check import detect_family
 from unhype.probe import ROW_HEADERS, concept_texts, probe
@@ -50,8 +51,16 @@ def _embedder(loaded, sd_model):
     return embed
 
 
+def _texts(**values) -> None:
+    """The tab's text inputs are texts (None: empty); an API caller may send anything."""
+    for what, value in values.items():
+        if value is not None and not isinstance(value, str):
+            raise UnHypeError(f"{what} must be a text, got {value!r}")
+
+
 def probe_ui(name, prompts_text, sd_model=None):
     try:
+        _texts(hypernetwork=name, prompts=prompts_text)
         if not name:
             raise UnHypeError("choose a hypernetwork")
         prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
@@ -74,18 +83,21 @@ def probe_ui(name, prompts_text, sd_model=None):
 def bake_ui(name, prompt, strength, out_name, overwrite=False, sd_model=None,
             out_dir=None) -> str:
     try:
+        _texts(hypernetwork=name, prompt=prompt, **{"output name": out_name})
         if not name:
             raise UnHypeError("choose a hypernetwork")
         if not (prompt or "").strip():
             raise UnHypeError("write the prompt to bake the LoRA for")
+        strength = check_strength(strength)
         _, path = files.resolve(name)
         loaded = files.load(path)
         words = re.sub(r"[^\w]+", "_", plain_text(prompt))[:40]
-        stem = re.sub(r"[^\w.-]+", "_", (out_name or "").strip()) or \
-            f"unhype_{loaded.path.stem}_{words}"
+        # no hidden file ("..") and within file-name limits
+        stem = (re.sub(r"[^\w.-]+", "_", (out_name or "").strip()).lstrip(".") or
+                f"unhype_{loaded.path.stem}_{words}")[:120]
         folder = out_dir or host.lora_dir()
         target = os.path.join(folder, stem + ".safetensors")
-        if os.path.exists(target) and not overwrite:
+        if os.path.exists(target) and overwrite is not True:  # only a ticked box replaces
             raise UnHypeError(f"{target} exists; choose another output name or tick 'Replace "
                               "an existing file of that name'")
         embed = _embedder(loaded, sd_model or host.current_model())
@@ -94,7 +106,7 @@ def bake_ui(name, prompt, strength, out_name, overwrite=False, sd_model=None,
         # FLUX runs only in Forge, and every Forge reads sd-scripts' fused BFL names (older
         # ones lack the lora_transformer_* rule)
         fmt = "kohya_bfl" if loaded.meta.family == "flux" else "kohya"
-        tensors, metadata = bake_lora(loaded, emb, prompt, float(strength), stem, fmt=fmt)
+        tensors, metadata = bake_lora(loaded, emb, prompt, strength, stem, fmt=fmt)
         save_lora(target, tensors, metadata)
         note = f" (**{NO_OP_NOTE}**)" if update_norm(tensors) == 0 else ""
         return f"saved `{html.escape(target)}`; use it as `<lora:{html.escape(stem)}:1>`{note}"

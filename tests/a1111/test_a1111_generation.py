@@ -438,6 +438,37 @@ def test_missing_file_and_bad_tag_stop_the_generation_with_a_message(sd1, hyper_
         run(sd1, script, ["a cat"], args=(True, None, 1.0, True))
 
 
+
+@pytest.mark.parametrize("args,needle", [
+    (("false", "erase_cat", 1.0, True), None),  # API callers: "false" is off (bool() said on)
+    (("maybe", "erase_cat", 1.0, True), "'enabled' must be true or false, got 'maybe'"),
+    ((True, "erase_cat", 1.0, "nope"), "'cond only' must be true or false"),
+    ((True, 7, 1.0, True), "'hypernetwork' must be a name, got 7")])
+def test_api_script_arguments_are_read_strictly(sd1, hyper_file, script, args, needle):
+    if needle is None:
+        p, res = run(sd1, script, ["a cat"], args=args)
+        assert "UnHype" not in res.infotexts[0]
+        return
+    with pytest.raises(UnHypeError, match=needle):
+        run(sd1, script, ["a cat"], args=args)
+
+
+def test_a_bare_name_two_subfolders_share_is_refused(sd1, hyper_file, script, webui_dirs):
+    import shutil
+
+    for sub in ("a", "b"):
+        (webui_dirs["unhype"] / sub).mkdir()
+        shutil.copy(hyper_file, webui_dirs["unhype"] / sub / "twin.safetensors")
+    try:
+        with pytest.raises(UnHypeError, match="'twin' names 2 hypernetworks.*a/twin, b/twin"):
+            run(sd1, script, ["a cat <unhype:twin>"], args=(False, None, 1.0, True))
+        p, res = run(sd1, script, ["a cat <unhype:b/twin>"], args=(False, None, 1.0, True))
+        assert "b/twin" in res.infotexts[0]  # the subfolder names one of them
+    finally:
+        for sub in ("a", "b"):
+            shutil.rmtree(webui_dirs["unhype"] / sub)
+
+
 def test_an_unexpected_error_in_process_stops_the_generation(sd1, hyper_file, script,
                                                              monkeypatch):
     """The web UI only logs what a script's process raises (scripts.py L840-846) and goes on:
@@ -485,6 +516,13 @@ def test_infotext_round_trip_restores_the_panel(sd1, hyper_file, script):
     assert {k: params.get(name) for k, name in runner.PASTE_FIELDS.items()} == values
     hyper_file.rename(hyper_file.with_name("renamed.safetensors"))  # found again by hash
     assert runner.paste_values(params, files.list_files())["name"] == "renamed"
+    # an unusable pasted strength leaves the slider as it is, the panel on; a hash alone finds
+    # the file
+    edited = {**params, "UnHype strength": "1e9"}
+    assert runner.paste_values(edited, files.list_files()) == \
+        {"enabled": True, "name": "renamed", "strength": None, "cond_only": False}
+    hash_only = {**params, "UnHype": "[" + params["UnHype"].split("[")[1]}
+    assert runner.paste_values(hash_only, files.list_files())["name"] == "renamed"
     p, res = run(sd1, script, ["a cat"], args=(False, None, 1.0, True))
     params = infotext_utils.parse_generation_parameters(res.infotexts[0])
     assert "UnHype" not in params
@@ -517,6 +555,20 @@ def test_tab_lists_probes_and_bakes(sd1, hyper_file, webui_dirs):
     assert "exists" in msg and (webui_dirs["lora"] / "baked.safetensors").read_bytes() == before
     msg = tab_logic.bake_ui("erase_cat", "a dog", 1.0, "baked", True, sd_model=sd1)
     assert "saved" in msg and (webui_dirs["lora"] / "baked.safetensors").read_bytes() != before
+    # what an API caller may send: a message each, nothing written
+    assert "exists" in tab_logic.bake_ui("erase_cat", "a dog", 1.0, "baked", "false",
+                                         sd_model=sd1)
+    for args, needle in ((("erase_cat", "a cat", None, "x"), "strength must be a number"),
+                         (("erase_cat", "a cat", "abc", "x"), "strength must be a number"),
+                         (("erase_cat", 5, 1.0, "x"), "prompt must be a text"),
+                         (("erase_cat", "a cat", 1.0, 5), "output name must be a text")):
+        assert needle in tab_logic.bake_ui(*args, sd_model=sd1)
+    assert "hypernetwork must be a text" in tab_logic.probe_ui(["x"], "a cat", sd_model=sd1)[1]
+    before = set(webui_dirs["lora"].iterdir())
+    msg = tab_logic.bake_ui("erase_cat", "a cat", 1.0, "..", sd_model=sd1)  # not a hidden file
+    msg = tab_logic.bake_ui("erase_cat", "a cat", 1.0, "y" * 300, sd_model=sd1)
+    made = sorted(p.name for p in set(webui_dirs["lora"].iterdir()) - before)
+    assert made == sorted(["unhype_erase_cat_a_cat.safetensors", "y" * 120 + ".safetensors"])
 
 
 def test_extra_networks_card_inserts_the_tag_and_shows_metadata(hyper_file, script):

@@ -61,8 +61,12 @@ def test_infotext_fields_and_parse(tmp_path):
     entry = infotext.parse_fields(fields)
     assert (entry.name, entry.hash, entry.strength, entry.cond_only) == ("h", h, 0.75, False)
     assert infotext.parse_fields({"Steps": "20"}) is None
-    with pytest.raises(UnHypeError, match="strength"):
-        infotext.parse_fields({"UnHype": "h", "UnHype strength": "lots"})
+    for bad, why in (("lots", "must be a number"), ("150", "outside"), ("nan", "finite")):
+        entry = infotext.parse_fields({"UnHype": "h", "UnHype strength": bad})
+        assert entry.name == "h" and entry.strength is None and why in entry.problem
+    # a hash alone finds the file; a bare name two files share finds neither
+    assert infotext.parse_fields({"UnHype": f"[{h}]"}).hash == h
+    assert infotext.find_file({"a/h": str(f), "b/h": str(f)}, "h", None) is None
     renamed = tmp_path / "renamed.safetensors"
     f.rename(renamed)
     assert infotext.find_file({"renamed": str(renamed)}, "h", h) == "renamed"

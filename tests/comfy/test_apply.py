@@ -447,6 +447,20 @@ def test_conditioning_without_pooled_output_is_refused(pack, tiny_parts, loaded,
         apply(pack, model, wrong_dim, loaded)
     with pytest.raises(UnHypeError, match="strength"):
         apply(pack, model, cond, loaded, strength=float("nan"))
+    # another model's text: FLUX's t5xxl (4096-wide) with clip_l's 768-d pooled vector passed
+    # the pooled check, then failed in the first cross-attention layer while sampling
+    wide = [[torch.zeros(1, 77, 4096), {"pooled_output": cond[0][1]["pooled_output"]}]]
+    with pytest.raises(UnHypeError, match="4096-wide text but this model reads"):
+        apply(pack, model, wide, loaded)
+    for bad, needle in ((torch.zeros(0, 77, cond[0][0].shape[-1]), "holds no prompt"),
+                        ([0.5] * 768, "'pooled_output' is not a \\[batch, dim\\] tensor")):
+        entry = [[bad, {"pooled_output": cond[0][1]["pooled_output"]}]] \
+            if isinstance(bad, torch.Tensor) else [[cond[0][0], {"pooled_output": bad}]]
+        with pytest.raises(UnHypeError, match=needle):
+            apply(pack, model, entry, loaded)
+        bake = pack.nodes.definitions.UnHypeBakeLoRA()
+        with pytest.raises(UnHypeError, match=needle):
+            bake.bake(loaded, entry, "never_written", 1.0, False)
     assert model.model_options == options and not model.patches
 
 
