@@ -12,8 +12,8 @@ import torch
 
 from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, save_lora,
                          strongest_embedding, update_norm)
-from unhype.comfy_apply import (WINDOWS_KEY, build_plan, long_prompt_rows, pooled_rows,
-                                rows_under_floor, window_rows)
+from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_prompt_rows,
+                                pooled_rows, rows_under_floor, window_rows)
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, concept_texts, probe
 from unhype.prompt_windows import prompt_windows
@@ -324,6 +324,9 @@ class UnHypeTextEncode:
         else:
             cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
             conditioning = [[cond, {"pooled_output": pooled}]]
+        if glue.is_sd2_clip(clip):  # ComfyUI's pooled_output is not what the file reads
+            own = glue.sd2_embedding(clip, text)
+            conditioning = [[c, {**extra, EMBEDDING_KEY: own}] for c, extra in conditioning]
         windows = prompt_windows(text)
         if windows:
             stored = torch.cat([_encode_pooled(clip, w) for w in windows])
@@ -381,6 +384,9 @@ UNPOOLED_STREAMS = ("t5xxl",)
 
 
 def _encode_pooled(clip, text: str) -> torch.Tensor:
+    """[1, D] embedding UnHype reads for `text` (SD 2.x: not ComfyUI's pooled_output)."""
+    if glue.is_sd2_clip(clip):
+        return glue.sd2_embedding(clip, text)
     tokens = clip.tokenize(text)
     if isinstance(tokens, dict) and any(k not in UNPOOLED_STREAMS for k in tokens):
         tokens = {k: [v[0][:1]] if k in UNPOOLED_STREAMS and v and v[0] else v

@@ -10,6 +10,7 @@ import logging
 import os
 
 import folder_paths
+import torch
 
 from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merge_rounding_loss, merged_delta
 from unhype.dynamic_lora import resolve_modules
@@ -126,6 +127,30 @@ def check_context(model, conditioning) -> None:
             raise UnHypeError(f"UnHype: conditioning entry {i} is {entry[0].shape[-1]}-wide text "
                               f"but this model reads {width}-wide: it comes from another "
                               "model's text encoder (wrong CLIP for this model?)")
+
+
+def is_sd2_clip(clip) -> bool:
+    """ComfyUI's SD 2.x text encoder (sd2_clip.SD2ClipModel: OpenCLIP-H as 'clip_h')."""
+    return getattr(getattr(clip, "cond_stage_model", None), "clip", None) == "clip_h"
+
+
+def sd2_embedding(clip, text: str) -> torch.Tensor:
+    """[1, 1024] SD 2.x embedding UnHype reads: the EOS row of the penultimate layer's output
+    after the final layer norm (diffusers' 23-layer SD2 text encoder's pooler_output, what the
+    trainer computes), of the prompt's first chunk. ComfyUI's pooled_output is another vector
+    (the last layer, projected). Read at the penultimate layer whatever CLIP Set Last Layer
+    says; token weights leave the EOS row alone."""
+    penultimate = clip.clone()
+    penultimate.clip_layer(-2)
+    tokens = penultimate.tokenize(text)
+    chunk = tokens["h"][0]
+    end = getattr(getattr(penultimate.tokenizer, "clip_h", None), "end_token", 49407)
+    ids = [t[0] for t in chunk]
+    eos = next((i for i, t in enumerate(ids) if isinstance(t, int) and t == end), None)
+    if eos is None:
+        raise UnHypeError("UnHype: no end-of-text token in the prompt's first chunk")
+    cond, _ = penultimate.encode_from_tokens({"h": [chunk]}, return_pooled=True)
+    return cond[:1, eos].float().reshape(1, -1)
 
 
 def lora_key_map(model) -> dict[str, str]:

@@ -114,3 +114,53 @@ def gate_between(loaded, pooled, strong: str, weak: str, concept: str):
              for n in range(2)]
     assert norms[0] > 10 * norms[1], norms
     return pair[0], pair[1]
+
+
+def tiny_open_clip_model(layers: int = 2, width: int = 64, heads: int = 4):
+    """A tiny open_clip CLIP (SD2's text encoder class) whose text projection is the
+    identity."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=width, vision_cfg=CLIPVisionCfg(width=64, layers=1, patch_size=16,
+                                                           image_size=32),
+                 text_cfg=CLIPTextCfg(width=width, heads=heads, layers=layers,
+                                      mlp_ratio=64 / width)).eval()
+    with torch.no_grad():
+        if isinstance(model.text_projection, torch.nn.Linear):
+            model.text_projection.weight.copy_(torch.eye(width))
+        else:
+            model.text_projection.copy_(torch.eye(width))
+    return model
+
+
+def sd2_trained_embedding(model, texts, tmp_dir):
+    """What the trainer and `unhype bake` read for SD 2.x, from an open_clip model's weights:
+    unhype's own embedder on the weights converted as a single-file SD2 checkpoint is (diffusers'
+    SD2 text encoder keeps all layers but the last)."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from unhype.embedding import PromptEmbedder, _checkpoint_text_encoder, builtin_tokenizer
+    from unhype.families import get_family
+    from unhype.model_configs import config_folder
+
+    family, folder = get_family("sd2"), Path(tmp_dir) / "sd2_tiny_config"
+    shutil.copytree(config_folder("sd2-v"), folder, dirs_exist_ok=True)
+    text = model.transformer
+    width, blocks = text.width, len(text.resblocks)
+    heads = text.resblocks[0].attn.num_heads
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(hidden_size=width, num_attention_heads=heads,
+                  intermediate_size=text.resblocks[0].mlp.c_fc.out_features,
+                  num_hidden_layers=blocks - 1, projection_dim=width)
+    config_path.write_text(json.dumps(config))
+    tensors = {"cond_stage_model.model." + k.replace("token_embedding.wrapped.",  # TI hijack
+                                                     "token_embedding."): v.detach().clone()
+               for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    encoder = _checkpoint_text_encoder(family, folder, "text_encoder", tensors,
+                                       Path("tiny.safetensors")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(builtin_tokenizer(family))
+    return PromptEmbedder(family, tokenizer, encoder)(list(texts))

@@ -33,6 +33,15 @@ from unhype.prompt_windows import strongest
 log = logging.getLogger("unhype")
 
 UNCOND = 1  # ComfyUI's index of the negative branch in cond_or_uncond
+# the pooled embeddings of a long prompt's word windows [W, D], stored in the conditioning by
+# UnHype Text Encode (unhype.prompt_windows; ComfyUI's own pooled_output is the first chunk's)
+WINDOWS_KEY = "unhype_pooled_windows"
+# the embedding itself, where ComfyUI's pooled_output is another vector (SD 2.x: UnHype Text
+# Encode stores it)
+EMBEDDING_KEY = "unhype_embedding"
+# SD 2.x: ComfyUI's pooled_output is OpenCLIP-H's last layer, projected; the trainer reads the
+# penultimate layer's EOS row (diffusers' SD2 text encoder drops the last layer)
+OWN_EMBEDDING_SOURCES = {"openclip_h_pooled"}
 
 
 def pooled_rows(conditioning, embed_dim: int, source: str) -> list[Tensor]:
@@ -52,7 +61,15 @@ def pooled_rows(conditioning, embed_dim: int, source: str) -> list[Tensor]:
                               "cross-attention tensor")
         if cross.shape[0] == 0:
             raise UnHypeError(f"UnHype Apply: conditioning entry {i} holds no prompt (batch 0)")
-        pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+        own = extra.get(EMBEDDING_KEY) if isinstance(extra, dict) else None
+        pooled = own if own is not None else \
+            extra.get("pooled_output") if isinstance(extra, dict) else None
+        if own is None and source in OWN_EMBEDDING_SOURCES and pooled is not None:
+            raise UnHypeError(
+                f"UnHype Apply: conditioning entry {i}: on SD 2.x ComfyUI's pooled_output is "
+                f"another vector than the {source} this hypernetwork reads (OpenCLIP-H's last "
+                "layer, projected, where it was trained on the penultimate layer's): encode "
+                "the prompt with 'UnHype Text Encode', which stores the right one")
         if pooled is not None and (not isinstance(pooled, Tensor) or pooled.dim() == 0):
             raise UnHypeError(f"UnHype Apply: conditioning entry {i}'s 'pooled_output' is not "
                               f"a [batch, dim] tensor ({type(pooled).__name__})")
@@ -161,11 +178,6 @@ class ApplyPlan:
     apply_to: str = "cond_only"  # the family's rule: "all" also matches unconditional chunks
     silent: Tensor | None = None  # [K] bool: rows with a zero update (gate floor): base weights
     warned: set = field(default_factory=set)
-
-
-# the pooled embeddings of a long prompt's word windows [W, D], stored in the conditioning by
-# UnHype Text Encode (unhype.prompt_windows; ComfyUI's own pooled_output is the first chunk's)
-WINDOWS_KEY = "unhype_pooled_windows"
 
 
 def window_rows(conditioning, pooled: list[Tensor]) -> tuple[list[Tensor], list[int]]:

@@ -2,8 +2,10 @@
 
 SD1/SD2/FLUX: ``CLIPTextModel.pooler_output`` (EOS token after the final layer norm,
 unprojected). SDXL: ``CLIPTextModelWithProjection.text_embeds`` of the second (bigG) encoder.
-Toy: the toy CLIP's pooled output. Hosts that already hold this vector (ComfyUI's
-``pooled_output``) pass it straight to the hypernetwork.
+Toy: the toy CLIP's pooled output. SD2's is the penultimate OpenCLIP-H layer's (diffusers'
+SD2 text encoder drops the last layer). Hosts that already hold this vector (ComfyUI's
+``pooled_output``, except SD2's: the last layer, projected) pass it straight to the
+hypernetwork.
 """
 
 from __future__ import annotations

@@ -193,6 +193,9 @@ def _fixes_cleared(ccm):
 
 
 def _open_clip_pooled(model, texts, tokens=None):
+    """SD 2.x's embedding from ldm's open_clip model: the EOS row of the penultimate layer's
+    output after ln_final, as ldm's FrozenOpenCLIPEmbedder (layer "penultimate") encodes and
+    as diffusers' 23-layer SD2 text encoder, which the trainer reads, pools it."""
     import open_clip
 
     if tokens is None:
@@ -202,7 +205,8 @@ def _open_clip_pooled(model, texts, tokens=None):
     batch_first = getattr(model.transformer, "batch_first", False)
     if not batch_first:
         x = x.permute(1, 0, 2)
-    x = model.transformer(x, attn_mask=model.attn_mask)
+    for block in model.transformer.resblocks[:-1]:  # the last block is not SD2's
+        x = block(x, attn_mask=model.attn_mask)
     if not batch_first:
         x = x.permute(1, 0, 2)
     x = model.ln_final(x)

@@ -280,18 +280,14 @@ class ForgeFlux:
         return self.text_processing_engine_l(texts)[1]
 
 
-def tiny_open_clip():
-    """A tiny open_clip CLIP (SD2's text encoder class) whose text projection is the identity,
-    so ``encode_text`` is the pooled output SD2's embedding must equal."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+def tiny_open_clip(layers: int = 2, width: int = 64, heads: int = 4):
+    """A tiny open_clip CLIP (SD2's text encoder class), text projection the identity."""
+    from tests.helpers import tiny_open_clip_model
 
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=64, vision_cfg=CLIPVisionCfg(width=64, layers=1, patch_size=16,
-                                                        image_size=32),
-                 text_cfg=CLIPTextCfg(width=64, heads=4, layers=2)).eval()
-    with torch.no_grad():
-        if isinstance(model.text_projection, torch.nn.Linear):
-            model.text_projection.weight.copy_(torch.eye(64))
-        else:
-            model.text_projection.copy_(torch.eye(64))
-    return model
+    return tiny_open_clip_model(layers, width, heads)
+
+
+def sd2_trained_embedding(model, texts, tmp_dir):
+    from tests.helpers import sd2_trained_embedding as reference
+
+    return reference(model, texts, tmp_dir)

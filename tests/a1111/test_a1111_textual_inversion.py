@@ -64,10 +64,10 @@ def test_fixes_do_not_outlive_a_failing_encoder(monkeypatch):
     assert sd1.cond_stage_model.hijack.fixes is None  # the host's next prompt is not touched
 
 
-def test_sd2_open_clip_ti_name_is_read_as_its_vectors():
+def test_sd2_open_clip_ti_name_is_read_as_its_vectors(tmp_path):
     open_clip = pytest.importorskip("open_clip")
 
-    model = fake_models.tiny_open_clip()
+    model = fake_models.tiny_open_clip(layers=3, width=1024, heads=16)  # SD2's 1024-d embedding
     tokenizer = open_clip.tokenizer._tokenizer  # what A1111's open_clip wrapper encodes with
     hijack = custom_words.Hijack()
     model.token_embedding = custom_words.EmbeddingsWithFixes(model.token_embedding, hijack)
@@ -81,8 +81,9 @@ def test_sd2_open_clip_ti_name_is_read_as_its_vectors():
     sd2 = SimpleNamespace(cond_stage_model=ccm)
     with torch.no_grad():
         got = host.pooled_embeddings(sd2, "sd2", [f"a photo of {TI_NAME}", "a red car"])
-        want = model.encode_text(open_clip.tokenize(["a photo of cat", "a red car"]))
-        as_words = model.encode_text(open_clip.tokenize([f"a photo of {TI_NAME}"]))
+        want = fake_models.sd2_trained_embedding(model, ["a photo of cat", "a red car"],
+                                                 tmp_path)
+        as_words = fake_models.sd2_trained_embedding(model, [f"a photo of {TI_NAME}"], tmp_path)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert float((got[0] - as_words[0]).abs().max()) > 0.05
     assert hijack.fixes is None

@@ -180,18 +180,23 @@ def test_probe_reads_long_prompts_through_windows_when_asked():
 
 
 # --- SD2 (A1111: ldm FrozenOpenCLIPEmbedder.model = open_clip CLIP) --------------------
-def test_open_clip_pooled_is_encode_text_without_projection():
+def test_open_clip_pooled_is_what_the_trainer_reads(tmp_path):
+    """A1111's SD2 embedding equals unhype's embedder's on the same weights (the penultimate
+    layer's EOS row after ln_final: diffusers' SD2 text encoder drops the last layer); running
+    every layer, as it did, gave another vector (cosine ~0.7 on random weights)."""
     open_clip = pytest.importorskip("open_clip")
 
     import fake_models
     from unhype_webui import host
 
-    model = fake_models.tiny_open_clip()
+    model = fake_models.tiny_open_clip(layers=3, width=1024, heads=16)  # SD2's 1024-d embedding
+    texts = ["a photo of a cat", "a red car", ""]
     with torch.no_grad():
-        texts = ["a photo of a cat", "a red car"]
-        want = model.encode_text(open_clip.tokenize(texts))
+        want = fake_models.sd2_trained_embedding(model, texts, tmp_path)
         got = host._open_clip_pooled(model, texts)
+        every_layer = model.encode_text(open_clip.tokenize(texts))  # projection: identity
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert float((every_layer - want).abs().max()) > 1e-2
 
 
 @pytest.fixture
