@@ -164,3 +164,70 @@ def sd2_trained_embedding(model, texts, tmp_dir):
                                        Path("tiny.safetensors")).eval()
     tokenizer = CLIPTokenizer.from_pretrained(builtin_tokenizer(family))
     return PromptEmbedder(family, tokenizer, encoder)(list(texts))
+
+
+def tiny_sdxl_text_checkpoint(layers: int = 3) -> dict:
+    """The text encoders of a tiny SDXL single-file checkpoint, in its (SGM) layout: CLIP-L as
+    ``conditioner.embedders.0.transformer.*`` (width 64, one 64-wide head) and OpenCLIP bigG as
+    ``conditioner.embedders.1.model.*`` with a random text projection. bigG keeps its width
+    (1280: the pooled vector's size, and ComfyUI's text projection is square) and head size
+    (20 heads of 64); both have `layers` blocks with a 64-wide MLP."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    bigg = tiny_open_clip_model(layers=layers, width=1280, heads=20)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in bigg.parameters():  # away from open_clip's small init: layers that matter
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        projection = torch.randn(1280, 1280, generator=gen) / 1280 ** 0.5  # [width, embed]
+        if isinstance(bigg.text_projection, torch.nn.Linear):
+            bigg.text_projection.weight.copy_(projection.T)
+        else:
+            bigg.text_projection.copy_(projection)
+    torch.manual_seed(1)
+    clip_l = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, hidden_size=64, intermediate_size=64,
+        num_attention_heads=1, num_hidden_layers=layers, hidden_act="quick_gelu")).eval()
+    checkpoint = {}
+    for k, v in clip_l.state_dict().items():
+        k = k if k.startswith("text_model.") else "text_model." + k  # transformers >= 5.6
+        if "position_ids" not in k:
+            checkpoint["conditioner.embedders.0.transformer." + k] = v.detach().clone()
+    for k, v in bigg.state_dict().items():
+        if not k.startswith("visual."):
+            checkpoint["conditioner.embedders.1.model." + k] = v.detach().clone()
+    return checkpoint
+
+
+def sdxl_trained_embedding(checkpoint: dict, texts, tmp_dir):
+    """What the trainer and `unhype bake` read for SDXL from a single-file checkpoint's text
+    encoders (`checkpoint`: SGM keys): unhype's own embedder on its bigG tensors, with the
+    built-in sdxl-base config made as small as the tensors (CLIPTextModelWithProjection's
+    text_embeds)."""
+    import re
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from unhype.embedding import (CHECKPOINT_TEXT, PromptEmbedder, _checkpoint_text_encoder,
+                                  builtin_tokenizer)
+    from unhype.model_configs import config_folder
+
+    family = get_family("sdxl")
+    prefix, sub, name = CHECKPOINT_TEXT["sdxl"]
+    folder = Path(tmp_dir) / "sdxl_tiny_config"
+    shutil.copytree(config_folder(name), folder, dirs_exist_ok=True)
+    tensors = {k: v for k, v in checkpoint.items() if k.startswith(prefix)}
+    fc1 = tensors[prefix + "transformer.resblocks.0.mlp.c_fc.weight"]
+    config_path = folder / sub / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(hidden_size=fc1.shape[1], intermediate_size=fc1.shape[0],
+                  num_attention_heads=fc1.shape[1] // 64,
+                  num_hidden_layers=len({re.search(r"resblocks\.(\d+)\.", k)[1]
+                                         for k in tensors if ".resblocks." in k}),
+                  projection_dim=tensors[prefix + "text_projection"].shape[-1])
+    config_path.write_text(json.dumps(config))
+    encoder = _checkpoint_text_encoder(family, folder, sub, tensors,
+                                       Path("tiny.safetensors")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(builtin_tokenizer(family))
+    return PromptEmbedder(family, tokenizer, encoder)(list(texts))
