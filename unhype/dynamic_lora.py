@@ -138,6 +138,7 @@ class DynamicLoRA:
         self.strength = 1.0
         self.silent: Tensor | None = None  # set by set(skip_silent=True)
         self._rows = row_cache if row_cache is not None else RowCache()
+        self._own_rows = row_cache is None  # a host's shared cache outlives these hooks
         self._handles = [b.module.register_forward_hook(self._hook(b)) for b in bindings.values()]
 
     @classmethod
@@ -185,6 +186,8 @@ class DynamicLoRA:
             handle.remove()
         self._handles = []
         self.clear()
+        if self._own_rows:
+            self._rows.reset()  # a removed hook set holds no factors
 
     def state(self) -> tuple:
         """What the hooks apply now (factors, row map, strength, silent prompts)."""

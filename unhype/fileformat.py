@@ -9,13 +9,14 @@ message before safetensors sees them.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load, save_file
 
 from unhype import __version__
 from unhype.atomic import atomic_path, check_output
@@ -293,11 +294,16 @@ def _expected_shapes(path, config: HyperNetConfig) -> dict[str, tuple]:
     claims a huge rank or width is compared with the file's tensors before anything is
     allocated."""
     try:
-        with torch.device("meta"):
-            network = build_hypernet(config)
+        return dict(_shapes_of(json.dumps(config.to_dict(), sort_keys=True)))
     except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
         raise UnHypeError(f"{path}: invalid hypernetwork config ({exc})") from None
-    return {k: tuple(v.shape) for k, v in network.state_dict().items()}
+
+
+@functools.lru_cache(maxsize=16)  # a host reloads the same few files: build each config once
+def _shapes_of(config_json: str) -> tuple:
+    with torch.device("meta"):
+        network = build_hypernet(HyperNetConfig.from_dict(json.loads(config_json)))
+    return tuple((k, tuple(v.shape)) for k, v in network.state_dict().items())
 
 
 def load_hypernet(path, device="cpu") -> LoadedHypernet:
@@ -320,7 +326,9 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
             raise UnHypeError(f"{path}: tensor {name!r} has dtype {infos[name]['dtype']}, "
                               "expected a float type")
     try:
-        state = load_file(str(path))
+        # from bytes: safetensors' load_file keeps ~57 bytes per tensor for good (0.8.0), which
+        # a web UI that reloads files for days would pile up; a hypernetwork is small
+        state = safetensors_load(path.read_bytes())
     except Exception as exc:  # safetensors' own parse errors
         raise UnHypeError(f"{path}: unreadable safetensors data ({exc})") from None
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
@@ -339,7 +347,7 @@ def save_with_training(loaded: LoadedHypernet, path, **training) -> Path:
     atomically to `path` (which may be the file itself): the tensors as stored, bit for bit, and
     every other metadata entry unchanged."""
     metadata, _ = read_header(loaded.path)
-    state = load_file(str(loaded.path))
+    state = safetensors_load(loaded.path.read_bytes())
     metadata = {**metadata, "unhype.training": json.dumps({**loaded.meta.training, **training},
                                                           allow_nan=False)}
     atomic_save_safetensors(state, path, metadata)

@@ -42,6 +42,13 @@ class CondBank:
         self._entries.append((cond.float().cpu().clone(), int(index)))
         self._on.clear()
 
+    def release(self) -> None:
+        """Forget every row (the bank's owner is done with it): entries, device copies,
+        remembered latents."""
+        self._entries.clear()
+        self._on.clear()
+        self._latents.clear()
+
     def _entries_on(self, device) -> list[tuple[Tensor, Tensor, int]]:
         if device not in self._on:
             self._on[device] = [(e.to(device), e.to(device).norm().clamp_min(1e-12), i)

@@ -89,6 +89,10 @@ class Session:
             self._pre_handle = None
         while self.loras:
             self.loras.pop().remove()
+        # a session is never attached again (each pass builds its own): what it held for its
+        # rows goes now, not when the generation ends (one per batch-count iteration and pass)
+        self.bank.release()
+        self.factors = []
 
     def row_maps(self, context, latents=None) -> dict[bool, list[int]]:
         maps = {}

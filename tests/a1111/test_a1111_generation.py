@@ -147,6 +147,31 @@ def test_each_prompt_gets_its_own_lora_on_cond_rows_only(sd1, hyper_file, script
     assert "sample" not in p.__dict__  # the wrapper is gone after postprocess
 
 
+def test_a_generation_keeps_only_its_current_session(sd1, hyper_file, script, monkeypatch):
+    """Batch count 4: p.sample runs four times, each with its own session; a removed session
+    lets go of its factors and rows at once (each iteration's were held until the end)."""
+    from modules.processing import StableDiffusionProcessingTxt2Img, process_images
+
+    from unhype_webui import runner
+
+    held, real = [], runner.use_session
+
+    def spy(p, session):  # what the sessions of this generation hold at each switch
+        real(p, session)
+        held.append(sum(len(s.factors) + len(s.bank._entries) for s in p.unhype_state.sessions))
+    monkeypatch.setattr(runner, "use_session", spy)
+
+    p = StableDiffusionProcessingTxt2Img(
+        sd_model=sd1, prompt=["a photo of a cat", "a red car"] * 4, batch_size=2, n_iter=4,
+        negative_prompt="ugly", scripts=[(script, [True, "erase_cat", 1.0, False])])
+    res = process_images(p)
+    assert len(res.images) == 8 and hooks_left(sd1.model.diffusion_model) == 0
+    sessions = p.unhype_state.sessions
+    assert len(sessions) == 4 and held == [3, 0] * 4  # 1 file's factors + 2 rows, then none
+    assert all(not s.factors and not s.bank._entries and not s.bank._on and not s.bank._latents
+               for s in sessions)
+
+
 def test_apply_to_all_rows_gives_uncond_rows_their_items_lora(sd1, hyper_file, script):
     prompts = ["a cat", "a dog"]
     unet = sd1.model.diffusion_model

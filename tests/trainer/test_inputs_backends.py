@@ -412,3 +412,21 @@ def test_the_file_records_the_precision_the_base_model_ran_in(tiny_sd1, tmp_path
                        quiet=True)
     assert loop.train(toy, progress=False) == 0
     assert read_meta(toy.result_path).training["mixed_precision"] == "no"
+
+
+def test_a_backend_reused_by_a_second_run_carries_one_set_of_hooks(tiny_sd1, tmp_path):
+    """Benchmarks and harnesses pass one backend to several runs: each prepare leaves one set
+    of LoRA hooks (they piled up, one per run), the earlier run's gradient checkpointing is
+    undone when the next run does not ask for it, and a removed hook set holds no factors."""
+    first = loop.prepare(cfg_for(tiny_sd1, tmp_path / "a", max_train_steps=1,
+                                 gradient_checkpointing=True), quiet=True)
+    assert loop.train(first, progress=False) == 0
+    unet = first.backend.unet
+    hooked = sum(len(m._forward_hooks) for m in unet.modules())
+    assert hooked == len(first.hypernet.config.targets) and unet.is_gradient_checkpointing
+    second = loop.prepare(cfg_for(tiny_sd1, tmp_path / "b", max_train_steps=1),
+                          backend=first.backend, quiet=True)
+    assert sum(len(m._forward_hooks) for m in unet.modules()) == hooked
+    assert not unet.is_gradient_checkpointing
+    assert first.lora._rows.factors is None and first.lora.factors is None
+    assert loop.train(second, progress=False) == 0

@@ -47,6 +47,7 @@ from unhype.hypernet import (HyperNetConfig, TargetSpec, build_hypernet, default
 
 EXIT_NAN = 3
 EXIT_INTERRUPTED = 130
+_DEFAULT_THREADS: int | None = None  # torch's thread count before any run set its own
 
 
 class StopAtStepEnd(Exception):
@@ -172,8 +173,11 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
         device = accelerator.device
         cfg.values["device"] = "cpu" if device.type == "cpu" else str(device)
     cfg.values["device"] = pick_device(cfg.device)
-    if cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
+    global _DEFAULT_THREADS
+    if _DEFAULT_THREADS is None:
+        _DEFAULT_THREADS = torch.get_num_threads()
+    # 0: torch's default, not what an earlier run in this process set
+    torch.set_num_threads(cfg.cpu_threads or _DEFAULT_THREADS)
     if backend is None:
         from unhype.trainer.backends import load_backend
 
@@ -203,10 +207,16 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
         head_hidden=cfg.network_head_hidden, hyper_steps=cfg.hyper_steps,
         alpha_base=cfg.network_alpha / cfg.network_dim, seed=cfg.seed)
     hypernet = build_hypernet(net_cfg).to(backend.device)
-    lora = DynamicLoRA.attach(backend.unet, {t.name: t.path for t in targets},
-                              {t.name: (t.in_dim, t.out_dim) for t in targets})
+    earlier = getattr(backend, "training_lora", None)
+    if earlier is not None:  # a backend reused by a later run: one set of hooks, not two
+        earlier.remove()
+    lora = backend.training_lora = DynamicLoRA.attach(
+        backend.unet, {t.name: t.path for t in targets},
+        {t.name: (t.in_dim, t.out_dim) for t in targets})
     if cfg.gradient_checkpointing:  # recomputed blocks must see their forward's LoRA
         backend.unet.enable_gradient_checkpointing(lora.checkpointing_function())
+    elif getattr(backend.unet, "is_gradient_checkpointing", False):  # an earlier run's
+        backend.unet.disable_gradient_checkpointing()
     items = [(i, p, a) for i, c in enumerate(concepts) for p, a in c.prompts()]
     fp = ckpt.fingerprint(net_cfg.to_dict(), {
         "family": family.name, "model": str(cfg.pretrained_model_name_or_path),
