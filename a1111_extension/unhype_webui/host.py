@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -88,7 +89,8 @@ def pooled_embeddings(sd_model, family: str, texts: list[str], cond=None) -> tor
         return _forge_flux_pooled(sd_model, texts)
     if family in POOLED_IN_VECTOR:
         width = POOLED_IN_VECTOR[family]
-        cond = cond if cond is not None else learned_conditioning(sd_model, texts)
+        cond = cond if cond is not None else \
+            learned_conditioning(sd_model, [literal(t) for t in texts])
         if not isinstance(cond, dict) or "vector" not in cond:
             raise UnHypeError(f"UnHype: this {family.upper()} model's conditioning has no "
                               "'vector'")
@@ -117,7 +119,7 @@ def _forge_flux_pooled(sd_model, texts):
     # windows) skip the T5 engine, the costly half
     _load_forge_text_encoders(sd_model)
     with torch.inference_mode():
-        _, pooled = sd_model.text_processing_engine_l(texts)
+        _, pooled = sd_model.text_processing_engine_l([literal(t) for t in texts])
     if pooled.shape[-1] < POOLED_IN_VECTOR["flux"]:
         raise UnHypeError(f"UnHype: this FLUX model's CLIP-L pooled vector is "
                           f"{pooled.shape[-1]}-d, expected {POOLED_IN_VECTOR['flux']}")
@@ -135,7 +137,7 @@ def _forge_pooled(sd_model, texts):
     engine.return_pooled = True
     try:
         with torch.inference_mode():
-            _, pooled = engine(texts)
+            _, pooled = engine([literal(t) for t in texts])
     finally:
         engine.return_pooled = old
     return pooled.float().cpu().clone()
@@ -164,6 +166,12 @@ def _a1111_pooled(sd_model, texts):
     raise UnHypeError("UnHype: cannot find this model's CLIP text encoder for the embedding")
 
 
+def literal(text: str) -> str:
+    """`text` (plain_text's: no emphasis left, its brackets are the prompt's escaped ones)
+    escaped for the web UI's parsers, which would read a bare bracket as emphasis again."""
+    return re.sub(r"([()\[\]\\])", r"\\\1", text)
+
+
 def _webui_tokens(ccm, texts):
     """The first prompt chunk of each text as A1111 tokenizes it (``tokenize_line``), with its
     textual-inversion fixes put where the hijacked token embedding reads them, so a TI name in
@@ -172,7 +180,7 @@ def _webui_tokens(ccm, texts):
     hijack = getattr(ccm, "hijack", None)
     if not hasattr(ccm, "tokenize_line") or hijack is None:
         return None
-    chunks = [ccm.tokenize_line(text)[0][0] for text in texts]
+    chunks = [ccm.tokenize_line(literal(text))[0][0] for text in texts]
     tokens = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long)
     if ccm.id_end != ccm.id_pad:  # SD2: what follows the end token is padding (process_tokens)
         for row, chunk in enumerate(chunks):

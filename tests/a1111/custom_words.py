@@ -11,12 +11,14 @@ Mirrored here with the same names and signatures, written from their documented 
 ``tokenize_line(line) -> (chunks, token_count)``, chunks of ``chunk_length + 2`` tokens
 (start, 75 tokens padded with the end token, end), ``id_start`` / ``id_end`` / ``id_pad``,
 ``hijack.embedding_db.find_embedding_at_position(tokens, offset) -> (embedding, n_tokens)``,
-``Embedding.vec`` / ``.vectors`` / ``.name``. Not mirrored: emphasis parsing (the extension hands
-it plain text), comma backtracking, BREAK.
+``Embedding.vec`` / ``.vectors`` / ``.name``. Emphasis is parsed as ``prompt_parser.
+parse_prompt_attention`` does (its token text only: the weights are not applied), so an escaped
+bracket is a literal one and a bare one is syntax. Not mirrored: comma backtracking, BREAK.
 """
 
 from __future__ import annotations
 
+import re
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -24,6 +26,27 @@ import torch
 from torch import nn
 
 PromptChunkFix = namedtuple("PromptChunkFix", ["offset", "embedding"])
+_WEIGHT_CLOSE = re.compile(r":\s*[+-]?[.\d]+\s*\)")
+
+
+def attention_text(line: str) -> list[str]:
+    """The text pieces the web UI's attention parser leaves of `line`: ``\\(`` ``\\)``
+    ``\\[`` ``\\]`` ``\\\\`` are literal characters; other brackets and ``:weight)`` are
+    syntax."""
+    pieces, i = [""], 0
+    while i < len(line):
+        if line[i] == "\\" and i + 1 < len(line) and line[i + 1] in "()[]\\":
+            pieces[-1] += line[i + 1]
+            i += 2
+            continue
+        close = _WEIGHT_CLOSE.match(line, i)
+        if close or line[i] in "()[]":  # a change of weight: the text goes on in a new piece
+            pieces.append("")
+            i = close.end() if close else i + 1
+            continue
+        pieces[-1] += line[i]
+        i += 1
+    return [p for p in pieces if p] or [""]
 
 
 class PromptChunk:
@@ -116,7 +139,7 @@ class CustomWords(nn.Module):
             embedding, SimpleNamespace(cond_stage_model=self))
 
     def tokenize_line(self, line):
-        tokens = self.tokenize([line])[0]
+        tokens = [t for piece in self.tokenize(attention_text(line)) for t in piece]
         chunks, chunk, token_count = [], PromptChunk(), 0
 
         def next_chunk(is_last=False):

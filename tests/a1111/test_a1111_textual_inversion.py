@@ -51,6 +51,20 @@ def test_sd1_plain_prompts_read_the_same_with_and_without_the_hijack():
                                rtol=0)
 
 
+def test_escaped_brackets_stay_literal_brackets():
+    """A booru tag such as `ganyu \\(genshin impact\\)`: the web UI's conditioning holds the
+    brackets as text; plain_text keeps them as `(...)`, which the web UI's tokenize_line would
+    read as emphasis again unless they are escaped for it."""
+    from unhype.prompt_tags import plain_text
+
+    sd1 = sd1_with_ti()
+    text = plain_text(r"a photo of ganyu \(genshin impact\)")
+    assert text == "a photo of ganyu (genshin impact)"
+    got = host.pooled_embeddings(sd1, "sd1", [text])
+    torch.testing.assert_close(got, sd1.pooled([text]), atol=1e-6, rtol=0)
+    assert float((got[0] - sd1.pooled(["a photo of ganyu genshin impact"])[0]).abs().max()) > 1e-3
+
+
 def test_fixes_do_not_outlive_a_failing_encoder(monkeypatch):
     sd1 = sd1_with_ti()
     text = sd1.cond_stage_model.wrapped.transformer
