@@ -251,3 +251,41 @@ def test_unknown_lr_schedule_is_refused():
 
     with pytest.raises(UnHypeError, match="lr_scheduler"):
         resolve({"pretrained_model_name_or_path": "toy", "lr_scheduler": "adafactor"})
+
+
+def test_deferred_interrupt_agrees_across_processes_and_ignores_the_launchers_echo(monkeypatch):
+    """With several processes: a stop asked for by any process stops every one after the same
+    step (the maximum over processes); a second SIGINT within 2 s of the first is the
+    launcher's copy of the same Ctrl-C, a later one stops at once."""
+    import signal
+    from types import SimpleNamespace
+
+    asked_elsewhere = {"flag": 0.0}
+    dist = SimpleNamespace(world=2, max=lambda t: torch.maximum(
+        t, torch.tensor([asked_elsewhere["flag"]])))
+    clock = {"now": 100.0}
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock["now"])
+    said = []
+    stop = loop.DeferredInterrupt(said.append, dist)
+    with stop:
+        stop.check()  # nobody asked
+        asked_elsewhere["flag"] = 1.0  # the other process got the Ctrl-C first
+        with pytest.raises(loop.StopAtStepEnd):
+            stop.check()
+        asked_elsewhere["flag"] = 0.0
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)  # this process's own Ctrl-C: stop after the step
+        assert said and stop.requested
+        clock["now"] += 0.5
+        handler(signal.SIGINT, None)  # the launcher's echo: ignored
+        with pytest.raises(loop.StopAtStepEnd):
+            stop.check()
+        clock["now"] += 5
+        with pytest.raises(KeyboardInterrupt):  # a real second Ctrl-C
+            handler(signal.SIGINT, None)
+    single = loop.DeferredInterrupt(said.append, None)  # one process: no echo to expect
+    with single:
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
