@@ -16,6 +16,7 @@ from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merge_rounding_loss, me
 from unhype.dynamic_lora import resolve_modules
 from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, load_hypernet
+from unhype.model_check import context_dim
 
 log = logging.getLogger("unhype")
 
@@ -106,15 +107,7 @@ def context_width(model) -> int | None:
     txt_in = getattr(root, "txt_in", None)
     if isinstance(getattr(txt_in, "in_features", None), int):
         return txt_in.in_features
-    for name, module in root.named_modules():
-        if name.endswith("attn2.to_k"):
-            if isinstance(getattr(module, "in_features", None), int):
-                return module.in_features
-            weight = getattr(module, "weight", None)
-            # packed NF4 / GGUF storage does not show the logical width
-            return int(weight.shape[-1]) if weight is not None and weight.dim() == 2 and \
-                weight.dtype.is_floating_point else None
-    return None
+    return context_dim(root)  # attn2.to_k's logical width, NF4 / GGUF included
 
 
 def check_context(model, conditioning) -> None:
