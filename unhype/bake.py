@@ -158,17 +158,19 @@ NO_OP_NOTE = ("its update is zero: the prompt does not switch on an erased conce
 
 def update_norm(tensors: dict) -> float:
     """||dW|| of a baked LoRA, the root of the sum over layers of ||(alpha / r) up down||^2,
-    in float64 (never forming up @ down: trace((up^T up)(down down^T)))."""
-    total = 0.0
+    in float64, by the hypernetwork's own measure (never forming up @ down)."""
+    from unhype.hypernet import update_size_sq
+
+    factors = {}
     for key, up in tensors.items():
         if not key.endswith(".lora_up.weight"):
             continue
         stem = key[:-len(".lora_up.weight")]
-        up, down = up.double(), tensors[stem + ".lora_down.weight"].double()
+        down = tensors[stem + ".lora_down.weight"].double()
         scale = float(tensors[stem + ".alpha"]) / down.shape[0] if stem + ".alpha" in tensors \
             else 1.0
-        total += scale ** 2 * float(((up.T @ up) * (down @ down.T)).sum())
-    return math.sqrt(max(total, 0.0))
+        factors[stem] = ((scale * down).T[None], up.double()[None])
+    return math.sqrt(max(float(update_size_sq(factors)), 0.0)) if factors else 0.0
 
 
 def strongest_embedding(loaded: LoadedHypernet, candidates: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from unhype import __version__
 from unhype.atomic import atomic_path, check_output
 from unhype.errors import UnHypeError
 from unhype.families import get_family
-from unhype.hypernet import HyperNetConfig, HyperNetwork, build_hypernet
+from unhype.hypernet import HyperNetConfig, HyperNetwork, build_hypernet, is_whole_number
 
 FORMAT_NAME = "unhype.hypernetwork"
 FORMAT_VERSION = 1
@@ -167,8 +167,9 @@ def read_header(path) -> tuple[dict, dict]:
             dtype, shape = info["dtype"], info["shape"]
         except (KeyError, TypeError, ValueError):
             raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} in header") from None
-        if not (_count(start) and _count(stop) and isinstance(dtype, str)
-                and isinstance(shape, list) and all(_count(d) for d in shape)) or start > stop:
+        whole = is_whole_number
+        if not (whole(start) and whole(stop) and isinstance(dtype, str)
+                and isinstance(shape, list) and all(whole(d) for d in shape)) or start > stop:
             raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} in header (offsets, "
                               "dtype or shape of the wrong kind)")
         if stop > data_len:
@@ -180,11 +181,6 @@ def read_header(path) -> tuple[dict, dict]:
         if dtype in _DTYPES and stop - start != count * _DTYPES[dtype]:
             raise UnHypeError(f"{path}: corrupt entry for tensor {name!r} (size mismatch)")
     return metadata, header
-
-
-def _count(value) -> bool:
-    """A whole number >= 0 (JSON's true/false are not)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _json_field(path, metadata, key, kind=dict, default=None):

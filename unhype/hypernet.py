@@ -43,8 +43,9 @@ class TargetSpec:
     path: str = ""  # diffusers module path
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def is_whole_number(value, minimum: int = 0) -> bool:
+    """An int >= `minimum` (JSON's true/false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 @dataclass
@@ -72,7 +73,8 @@ class HyperNetConfig:
         for t in self.targets:
             bad = [key for key in ("name", "module_type") if not isinstance(getattr(t, key), str)
                    or not getattr(t, key)]
-            bad += [key for key in ("in_dim", "out_dim") if not _positive_int(getattr(t, key))]
+            bad += [key for key in ("in_dim", "out_dim")
+                    if not is_whole_number(getattr(t, key), 1)]
             if not isinstance(t.path, str):
                 bad.append("path")
             if bad:
@@ -88,7 +90,7 @@ class HyperNetConfig:
             problems.append(f"variant {self.variant!r} is not one of {VARIANTS}")
         for key in ("embed_dim", "rank", "hidden", "head_hidden", "hyper_steps", "fourier_freqs"):
             value = getattr(self, key)
-            if not _positive_int(value):
+            if not is_whole_number(value, 1):
                 problems.append(f"{key} must be a positive integer, got {value!r}")
         if not self.targets:
             problems.append("no target layers")

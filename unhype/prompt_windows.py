@@ -114,11 +114,11 @@ def window_spans(words: list[str], window: int = CHUNK_TOKENS, stride: int = STR
 
 
 def update_norms(factors: LoraFactors) -> torch.Tensor:
-    """[N] squared Frobenius norm of each row's update B A^T, summed over layers: the diagonal
-    of probe.gram (N is a few prompts and their windows)."""
-    from unhype.probe import gram
+    """[N] squared Frobenius norm of each row's update B A^T, summed over layers, in float64
+    (close windows' updates differ in the last float32 digits)."""
+    from unhype.hypernet import update_size_sq
 
-    return gram(factors, factors).diagonal()
+    return update_size_sq({name: (a.double(), b.double()) for name, (a, b) in factors.items()})
 
 
 def strongest(factors: LoraFactors, owner: list[int], n: int) -> LoraFactors:
