@@ -113,7 +113,66 @@ def main():
             cond = {"vector": torch.cat([pooled, torch.zeros(3, 16)], 1)}
             out[family]["cond_vector"] = float((host.pooled_embeddings(
                 sd_model, family, PROMPTS[:3], cond) - trained[:3]).abs().max())
+    out["sdxl"] = _sdxl(IntegratedCLIP, CLIP, Engine)
     print("RESULT " + json.dumps(out))
+
+
+def _sdxl(IntegratedCLIP, CLIP, Engine):
+    """SDXL: the vector of Forge's own SDXL conditioning (``StableDiffusionXL.
+    get_learned_conditioning``, run on a stand-in ``self`` that carries Forge's two engines as
+    its constructor builds them) against CLIPTextModelWithProjection's text_embeds."""
+    import torch
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPTokenizer)
+
+    sys.modules["huggingface_guess"] = types.SimpleNamespace(  # only its model list is read
+        model_list=types.SimpleNamespace(SDXL=None, SDXLRefiner=None))
+    sys.modules["modules.shared"].opts.__dict__.update(sdxl_crop_left=0, sdxl_crop_top=0)
+    from backend.diffusion_engine.sdxl import StableDiffusionXL
+    from backend.nn.unet import Timestep
+    from unhype_webui import host
+
+    from unhype.embedding import PromptEmbedder, builtin_tokenizer
+    from unhype.families import get_family
+    from unhype.prompt_tags import plain_text
+
+    hf = FORGE / "backend" / "huggingface" / "stabilityai" / "stable-diffusion-xl-base-1.0"
+    models, tokenizers = {}, {}
+    for key, sub, projected in (("clip_l", "", False), ("clip_g", "_2", True)):
+        config = CLIPTextConfig.from_pretrained(hf / f"text_encoder{sub}")
+        config.num_hidden_layers = 2
+        torch.manual_seed(1)
+        models[key] = IntegratedCLIP(CLIPTextModel, config, add_text_projection=projected)
+        models[key].eval()
+        tokenizers[key] = CLIPTokenizer.from_pretrained(hf / f"tokenizer{sub}")
+    clip = CLIP(model_dict=models, tokenizer_dict=tokenizers)
+    engines = {key: Engine(text_encoder=getattr(clip.cond_stage_model, key),
+                           tokenizer=getattr(clip.tokenizer, key), embedding_dir=None,
+                           embedding_key=key, embedding_expected_shape=config.hidden_size,
+                           emphasis_name="Original", text_projection=key == "clip_g",
+                           minimal_clip_skip=2, clip_skip=2, return_pooled=key == "clip_g",
+                           final_layer_norm=False)  # as sdxl.py's constructor
+               for key, config in (("clip_l", models["clip_l"].transformer.config),
+                                   ("clip_g", models["clip_g"].transformer.config))}
+    sd_model = types.SimpleNamespace(
+        forge_objects=types.SimpleNamespace(clip=clip), embedder=Timestep(256),
+        text_processing_engine_l=engines["clip_l"], text_processing_engine_g=engines["clip_g"])
+    with torch.inference_mode():
+        cond = StableDiffusionXL.get_learned_conditioning(sd_model, PROMPTS[:4])
+    got = host.pooled_embeddings(sd_model, "sdxl", PROMPTS[:4], cond)
+
+    g = models["clip_g"].transformer
+    trainer_side = CLIPTextModelWithProjection(CLIPTextConfig(
+        **{**g.config.to_dict(), "projection_dim": g.config.hidden_size})).eval()
+    state = {k.replace(".wrapped.", "."): v for k, v in g.state_dict().items()  # TI wrapper
+             if k.startswith("text_model.")}
+    state["text_projection.weight"] = g.text_projection.weight
+    trainer_side.load_state_dict(state)
+    fam = get_family("sdxl")
+    trained = PromptEmbedder(fam, CLIPTokenizer.from_pretrained(builtin_tokenizer(fam)),
+                             trainer_side)([plain_text(p) for p in PROMPTS[:4]])
+    return {"per_prompt": (got - trained).abs().amax(1).tolist(),
+            "scale": float(trained.abs().max())}
 
 
 if __name__ == "__main__":

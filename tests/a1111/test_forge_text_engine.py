@@ -1,5 +1,5 @@
 """The vector UnHype reads in Forge, through Forge's real text engines, is the one the trainer
-computes (unhype.embedding) for the same text and weights: SD1, SD2 and FLUX's CLIP-L, with
+computes (unhype.embedding) for the same text and weights: SD1, SD2, SDXL and FLUX's CLIP-L, with
 emphasis, escaped brackets, BREAK and CLIP skip. Needs ``FORGE_PATH`` (a Forge checkout) and a
 transformers that Forge's engine runs on (before 5.6; DEVELOPERS.md says how to run it);
 skipped otherwise, with the reason."""
@@ -58,3 +58,13 @@ def test_clip_skip_leaves_the_vector_alone(probe, family):
 def test_forge_flux_conditioning_vector(probe):
     # sampling reads the vector of Forge's own FLUX conditioning, of the raw prompts
     assert probe["flux"]["cond_vector"] <= 1e-5 * probe["flux"]["scale"]
+
+
+def test_forge_sdxl_conditioning_vector(probe):
+    got = probe["sdxl"]
+    # Forge's own SDXL conditioning (its get_learned_conditioning, bigG projected): the
+    # trained vector for a plain prompt, emphasis and escaped brackets
+    assert max(got["per_prompt"][:3]) <= 1e-5 * got["scale"]
+    # BREAK ends SDXL's first chunk, whose pooled output is the vector; the extension also
+    # reads such a prompt whole (session.py) and keeps the stronger update
+    assert got["per_prompt"][3] > 1e-3
