@@ -61,14 +61,20 @@ class CondBank:
             raise UnHypeError("UNet context must be [batch, tokens, dim]")
         ctx = context.detach().float()
         best = torch.full((ctx.shape[0],), float("inf"), device=ctx.device)
+        best_gap = torch.full((ctx.shape[0],), ctx.shape[1] + 1, device=ctx.device)
         index = torch.full((ctx.shape[0],), -1, dtype=torch.long, device=ctx.device)
         for known, norm, i in self._entries_on(ctx.device):
             if known.shape[1] != ctx.shape[2]:
                 continue
             n = min(known.shape[0], ctx.shape[1])
             dist = (ctx[:, :n] - known[:n]).flatten(1).norm(dim=1) / norm
-            better = (dist < self.tolerance) & (dist < best)
+            # a prompt whose conditioning is another's first chunk ("a dog" and "a dog BREAK a
+            # cat") matches that one's rows too: the entry as long as the rows wins
+            gap = abs(known.shape[0] - ctx.shape[1])
+            better = (dist < self.tolerance) & ((gap < best_gap) | ((gap == best_gap) &
+                                                                    (dist < best)))
             best = torch.where(better, dist, best)
+            best_gap = torch.where(better, torch.full_like(best_gap, gap), best_gap)
             index = torch.where(better, torch.full_like(index, i), index)
         return index.tolist()
 

@@ -92,6 +92,23 @@ def test_cond_bank_matches_rows_by_content_despite_padding_and_fp16():
         bank.match(a)
 
 
+def test_cond_bank_tells_a_prompt_from_a_longer_one_that_begins_with_it():
+    # "a dog" is [77] and "a dog BREAK a cat" is [154] whose first chunk is "a dog"'s: the
+    # longer prompt's rows also match "a dog" over 77 tokens; each must get its own index,
+    # whatever order the texts were registered in
+    torch.manual_seed(0)
+    dog, cat = torch.randn(77, 8), torch.randn(77, 8)
+    dog_cat = torch.cat([dog, cat])
+    padded_dog = torch.cat([dog, dog[-1:].repeat(77, 1)])  # A1111's stack_conds padding
+    for order in ([(dog, 0), (dog_cat, 1)], [(dog_cat, 1), (dog, 0)]):
+        bank = CondBank()
+        for cond, index in order:
+            bank.add(cond, index)
+        assert bank.match(torch.stack([padded_dog, dog_cat])) == [0, 1]
+        assert bank.match(torch.stack([dog_cat, padded_dog])) == [1, 0]
+        assert bank.match(dog[None]) == [0]  # a call of its own, not padded
+
+
 # --- family ----------------------------------------------------------------------------
 def test_family_detection_from_context_width():
     from torch import nn
