@@ -89,6 +89,8 @@ class RunState:
     original_sample: object = None
     prompts: list | None = None  # p.sample's prompts (this batch), for a session built again
     sampling: bool = False  # inside p.sample: a setup_conds call is the refiner switch
+    hires_switch: str | None = None  # set while the hires pass waits for its conds (a label)
+    hires_pending: bool = False
     tag_files: set = field(default_factory=set)  # (name, hash) of every tag used, both passes
 
 
@@ -270,7 +272,11 @@ def install_sample_wrapper(p) -> None:
     ``finally``. Inside it the web UI can switch checkpoints, and the session follows the
     model, built on the new one (its UNet, its text encoder's embeddings and conditioning):
 
-    * hires checkpoint: loaded before ``p.sample_hr_pass``, which is wrapped;
+    * hires pass: ``p.sample_hr_pass`` is wrapped; its session is built once the web UI has
+      made the hires conds (``p.calculate_hr_conds``, also wrapped), which it does after
+      activating the hires prompt's extra networks: a text-encoder LoRA there changes the
+      conds the session must recognise (processing.py L1501-1506). A hires checkpoint is
+      loaded before ``sample_hr_pass``;
     * refiner: ``sd_samplers_common.apply_refiner`` loads it mid-sampling and calls
       ``p.setup_conds()``, which is wrapped (a call while sampling is that switch).
 
@@ -282,6 +288,7 @@ def install_sample_wrapper(p) -> None:
     original = p.sample
     original_hr = getattr(p, "sample_hr_pass", None)
     original_setup = getattr(p, "setup_conds", None)
+    original_hr_conds = getattr(p, "calculate_hr_conds", None)
 
     def sample(*args, **kwargs):
         state.prompts = kwargs.get("prompts")
@@ -300,9 +307,23 @@ def install_sample_wrapper(p) -> None:
         # the model current now (a hires checkpoint; or Forge's reload of the same one for other
         # hires VAE / text encoder, processing.py L1402-1419, whose callback took the hooks off)
         name = hires_checkpoint(p)
-        use_session(p, prepare(p, hires_only=True,
-                               switch=f"hires checkpoint {name}" if name else None))
-        return original_hr(*args, **kwargs)
+        switch = f"hires checkpoint {name}" if name else None
+        if original_hr_conds is None:  # no calculate_hr_conds to wait for
+            use_session(p, prepare(p, hires_only=True, switch=switch))
+            return original_hr(*args, **kwargs)
+        use_session(p, None)  # the first pass's rows are gone; no UNet call until the conds
+        state.hires_switch, state.hires_pending = switch, True
+        try:
+            return original_hr(*args, **kwargs)
+        finally:
+            state.hires_pending = False
+
+    def calculate_hr_conds(*args, **kwargs):
+        out = original_hr_conds(*args, **kwargs)
+        if state.hires_pending:  # in the hires pass, its extra networks active now
+            state.hires_pending = False
+            use_session(p, prepare(p, hires_only=True, switch=state.hires_switch))
+        return out
 
     def setup_conds(*args, **kwargs):
         out = original_setup(*args, **kwargs)
@@ -315,7 +336,9 @@ def install_sample_wrapper(p) -> None:
     state.original_sample = original
     for name, wrapper, wrapped in (("sample", sample, original),
                                    ("sample_hr_pass", sample_hr_pass, original_hr),
-                                   ("setup_conds", setup_conds, original_setup)):
+                                   ("setup_conds", setup_conds, original_setup),
+                                   ("calculate_hr_conds", calculate_hr_conds,
+                                    original_hr_conds)):
         if wrapped is not None:
             wrapper._unhype_wrapper = True
             setattr(p, name, wrapper)
@@ -327,7 +350,7 @@ def postprocess(p) -> None:
     if state is not None:
         for session in state.sessions:
             session.remove()
-        for name in ("sample", "sample_hr_pass", "setup_conds"):
+        for name in ("sample", "sample_hr_pass", "setup_conds", "calculate_hr_conds"):
             if getattr(p.__dict__.get(name), "_unhype_wrapper", False):
                 delattr(p, name)
     remove_all()

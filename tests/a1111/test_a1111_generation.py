@@ -213,6 +213,53 @@ def test_hires_pass_uses_the_hires_prompt(sd1, hyper_file, script):
     check_rows(p, unet, lambda c, r: None if r else ("a cat" if c < 2 else "a dog"), refs)
 
 
+def test_hires_prompt_with_a_text_encoder_lora_is_still_erased(webui_dirs, sd1_net, script):
+    """The web UI activates the hires prompt's extra networks inside sample_hr_pass, then makes
+    the hires conds: a text-encoder LoRA there changes the conds, so the hires session must
+    be built after them (before, its rows matched no known cond and ran the base model)."""
+    import fake_models
+    from modules import extra_networks
+
+    model = fake_models.A1111SD1(text=fake_models.TinyTextModel(seed=3))
+    text, unet = model.cond_stage_model.wrapped.transformer, model.model.diffusion_model
+    delta = 0.05 * torch.randn(text.proj.weight.shape, generator=torch.Generator().manual_seed(0))
+
+    class TextEncoderLora(extra_networks.ExtraNetwork):  # as the built-in Lora's TE half
+        on = False
+
+        def activate(self, p, params_list):
+            if bool(params_list) != self.on:
+                with torch.no_grad():
+                    text.proj.weight.add_(delta if params_list else -delta)
+                self.on = bool(params_list)
+
+        def deactivate(self, p):
+            pass
+
+    path = webui_dirs["unhype"] / "erase_cat.safetensors"
+    save_hypernet(path, sd1_net, "sd1", concepts=[{"target": "cat", "anchor": ""}])
+    te_lora = TextEncoderLora("telora")
+    extra_networks.register_extra_network(te_lora)
+    try:
+        base = model.pooled(["a cat"])[0]
+        te_lora.activate(None, ["x"])
+        with_lora = model.pooled(["a cat"])[0]
+        before = model.get_learned_conditioning(["a cat"])
+        te_lora.activate(None, [])
+        assert (before - model.get_learned_conditioning(["a cat"])).norm() / before.norm() > 0.05
+        p, _ = run(model, script, ["a cat"], enable_hr=True, hr_prompt="a cat <telora:1>",
+                   steps=2)
+    finally:
+        te_lora.activate(None, [])
+        extra_networks.extra_network_registry.pop("telora")
+    loaded = load_hypernet(path)
+    refs = {"first": merged(unet, loaded, base, 1.0), "hires": merged(unet, loaded, with_lora, 1.0)}
+    # check_rows re-runs each call's rows on the UNet alone: the conds are in the record
+    assert check_rows(p, unet, lambda c, r: None if r else ("first" if c < 2 else "hires"),
+                      refs) > 1e-3
+    assert hooks_left(unet) == 0
+
+
 def calls(p, a, b):
     from types import SimpleNamespace
 

@@ -128,15 +128,22 @@ class StableDiffusionProcessingTxt2Img:
 
     def sample_hr_pass(self, samples, decoded_samples, seeds, subseeds, subseed_strength,
                        prompts):
-        """The second pass on the hires conds (calculate_hr_conds: with the model current now,
-        which encodes the negative prompts again when the hires checkpoint is another)."""
+        """The second pass (Forge L1501-1506, A1111 1.10 alike): the hires prompts' extra
+        networks activated, then the hires conds made, then sampling on them."""
         self.is_hr_pass = True
+        if not getattr(self, "disable_extra_networks", False):
+            extra_networks.activate(self, self.hr_extra_network_data)
+        self.calculate_hr_conds()
+        return self._run(samples, self.hr_c, self.hr_uc, self._hr_steps)
+
+    def calculate_hr_conds(self):
+        """The hires conds with the model current now (which encodes the negative prompts
+        again when the hires checkpoint is another)."""
         steps = self._hr_steps = self._total_steps(self.hr_sampler_name or self.sampler_name,
                                                    self.hr_second_pass_steps or self.steps)
         self.hr_c = self._conds(self.hr_prompts, self.firstpass_steps, steps)
         self.hr_uc = self._conds(self.negative_prompts, self.firstpass_steps, steps) \
             if self.hr_sd_model is not None else self.uc
-        return self._run(samples, self.hr_c, self.hr_uc, steps)
 
     def _apply_refiner(self, step, steps):
         """sd_samplers_common.apply_refiner (A1111 1.10; Forge L166-211): at refiner_switch_at
@@ -266,7 +273,8 @@ def process_images(p):
         p.negative_prompts = p.all_negative_prompts[sl]
         p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
         if p.enable_hr:
-            p.hr_prompts, _ = extra_networks.parse_prompts(p.all_hr_prompts[sl])
+            p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(
+                p.all_hr_prompts[sl])
         extra_networks.activate(p, p.extra_network_data)
         for script, args in p.scripts:
             script.process_batch(p, *args, batch_number=n, prompts=p.prompts)
