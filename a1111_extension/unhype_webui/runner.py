@@ -193,12 +193,17 @@ def prepare(p, prompts=None, hires_only: bool = False, switch: str | None = None
         state.tag_files |= {(a.name, a.file_hash) for a in tags}
         p.extra_generation_params[infotext.FIELD_HASHES] = infotext.format_hashes(
             sorted(state.tag_files))
+    batch = item_prompts(p, prompts, hires_only)
+    if state.panel_entry and tags:  # the panel's file also tagged: the tag's strength there
+        tagged = set().union(*(a.items for a in tags if a.file_hash == actives[0].file_hash))
+        if tagged:
+            actives[0].items = set(range(len(batch))) - tagged
     actives += tags
     if not actives:
         return None
     where = f" [{switch}]" if switch else ""
     try:
-        session = build_session(p.sd_model, actives, item_prompts(p, prompts, hires_only),
+        session = build_session(p.sd_model, actives, batch,
                                 host.option("unhype_on_family_mismatch", MISMATCH_STOP))
     except UnHypeError as exc:
         raise UnHypeError(f"{exc}{where}") from None

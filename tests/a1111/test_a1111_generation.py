@@ -206,6 +206,16 @@ def test_tags_apply_to_the_prompts_that_carry_them(sd1, hyper_file, script):
     assert [t.strength for t in p.unhype_tags] == [0.5]
 
 
+def test_a_tag_of_the_panels_file_replaces_the_panel_for_its_prompt(sd1, hyper_file, script):
+    # the panel's file at 1.0, and the same file tagged at 0.5 in the first prompt: that
+    # prompt gets 0.5 (before: both, 1.5), the other prompt the panel's 1.0
+    unet = sd1.model.diffusion_model
+    p, _ = run(sd1, script, ["a cat <unhype:erase_cat:0.5>", "a dog"])
+    refs = {**refs_for(sd1, unet, hyper_file, ["a cat"], 0.5),
+            **refs_for(sd1, unet, hyper_file, ["a dog"], 1.0)}
+    assert check_rows(p, unet, lambda c, r: ["a cat", "a dog", None, None][r], refs) > 1e-3
+
+
 def test_hires_pass_uses_the_hires_prompt(sd1, hyper_file, script):
     unet = sd1.model.diffusion_model
     p, _ = run(sd1, script, ["a cat"], enable_hr=True, hr_prompt="a dog", steps=2)
