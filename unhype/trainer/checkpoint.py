@@ -62,11 +62,15 @@ def save_checkpoint(folder: Path, step: int, hypernet, optimisers: dict, rng: di
         raise UnHypeError(f"refusing to checkpoint NaN/Inf values ({bad[:3]})")
     metadata = {"format": FORMAT, "step": str(step), "fingerprint": fp,
                 "optimisers": json.dumps(meta_optim), "info": json.dumps(info, default=str)}
-    path = folder / f"step-{step:07d}.safetensors"
+    path = checkpoint_path(folder, step)
     atomic_save_safetensors(tensors, path, metadata)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"step-{step:07d}.safetensors"
 
 
 def set_aside(folder: Path, paths: list[Path]) -> Path:

@@ -585,11 +585,14 @@ def train(run: Run, progress: bool = True) -> int:
         sampler = SampleGrids(run)
         sampler.before(progress)
 
-    def checkpoint(at):
+    def checkpoint(at, note=""):
         rng = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
-        return ckpt.save_checkpoint(ckpt_dir, at, hn, optimisers, rng, run.fingerprint,
-                                    {"config": cfg.to_dict(), "processes": dist.world},
-                                    keep=cfg.save_last_n_checkpoints)
+        def save():
+            return ckpt.save_checkpoint(ckpt_dir, at, hn, optimisers, rng, run.fingerprint,
+                                        {"config": cfg.to_dict(), "processes": dist.world},
+                                        keep=cfg.save_last_n_checkpoints)
+        return written("checkpoint", ckpt.checkpoint_path(ckpt_dir, at), save,
+                       note or _last_note(last_good))
 
     bar = None
     if progress and main:
@@ -674,21 +677,50 @@ def train(run: Run, progress: bool = True) -> int:
             log.close()
     if bar is not None:
         bar.close()
-    if main:
-        final = checkpoint(step)
-        out_path = save_result(run, step)
+    if main:  # the result first: it is what the run is for, and the smaller file
+        out_path = result_path(run)
+        written("the result", out_path, lambda: save_result(run, step), _last_note(last_good))
+        final = checkpoint(step, f"; the result {out_path} was written and is complete (only "
+                                 "this step's resume checkpoint is missing)")
         if sampler is not None:
             grids = sampler.after(step)
             say(f"unhype train: sample grids: {', '.join(str(g) for g in grids)}")
         say(f"unhype train: wrote {out_path} (checkpoint {final.name}); loss log {log_path}")
     dist.barrier()  # the result exists when any process returns
-    run.result_path = run.out_dir / f"{cfg.output_name}.safetensors"
+    run.result_path = result_path(run)
     return 0
+
+
+def _write_errors() -> tuple:
+    try:
+        from safetensors import SafetensorError  # safetensors' own I/O errors (disk full)
+    except ImportError:
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+def written(what: str, path: Path, write, note: str = ""):
+    """`write()` (which writes `path`); a disk error (full, I/O) becomes an UnHypeError that
+    names the file, the cause and `note` (what is safe), instead of a traceback."""
+    try:
+        return write()
+    except _write_errors() as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UnHypeError(f"could not write {what} {path} ({cause}){note}") from None
+
+
+def _last_note(last_good) -> str:
+    return (f"; the last checkpoint is {last_good} (free space, then --resume {last_good})"
+            if last_good else "; no checkpoint was saved before it")
+
+
+def result_path(run: Run) -> Path:
+    return run.out_dir / f"{run.cfg.output_name}.safetensors"
 
 
 def save_result(run: Run, step: int) -> Path:
     cfg = run.cfg
-    path = run.out_dir / f"{cfg.output_name}.safetensors"
+    path = result_path(run)
     training = {k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}
     # the precision the base model really ran in (the toy models ignore --mixed_precision)
     ran = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(run.backend.dtype, "no")
