@@ -60,6 +60,17 @@ def find_tags(prompt: str, default: float = 1.0) -> list[Tag]:
     return tags
 
 
+def rename_tags(prompt: str, names: dict[str, str]) -> str:
+    """The prompt with each ``<unhype:old...>`` tag's name replaced by ``names[old]`` (a pasted
+    prompt whose files were renamed since), strengths and the rest as they were."""
+    def renamed(m):
+        name = m[1].strip()
+        return m[0] if name not in names else \
+            m[0][:m.start(1) - m.start(0)] + names[name] + m[0][m.end(1) - m.start(0):]
+
+    return _TAG.sub(renamed, prompt or "")
+
+
 def strip_tags(prompt: str, all_networks: bool = False) -> str:
     """The prompt without ``<unhype:...>`` tags (or without every ``<name:...>`` tag)."""
     return (_ANY_TAG if all_networks else _TAG).sub("", prompt or "")

@@ -20,7 +20,7 @@ from unhype import infotext
 from unhype.dynamic_lora import check_strength
 from unhype.errors import UnHypeError
 from unhype.model_check import checkpoint_family
-from unhype.prompt_tags import find_tags
+from unhype.prompt_tags import find_tags, rename_tags
 
 from unhype_webui import files, host
 from unhype_webui.session import (MISMATCH_STOP, Active, Schedule, Session, build_session,
@@ -395,6 +395,29 @@ PASTE_FIELDS = {"enabled": "UnHype panel: enabled", "name": "UnHype panel: file"
 def infotext_pasted(text: str, params: dict) -> None:
     """on_infotext_pasted: the panel's values from the pasted UnHype fields (None: left as
     is, so the key is not set)."""
-    values = paste_values(params, files.list_files(), warn=True)
+    choices = files.list_files()
+    values = paste_values(params, choices, warn=True)
     params.update({PASTE_FIELDS[k]: v for k, v in values.items() if v is not None})
+    renamed = tag_renames(params, choices)
+    for key in ("Prompt", "Hires prompt"):
+        if renamed and isinstance(params.get(key), str):
+            params[key] = rename_tags(params[key], renamed)
+
+
+def tag_renames(params: dict, choices: dict[str, str]) -> dict[str, str]:
+    """Tag name -> the name of the file with its recorded hash now (``UnHype hashes``), for the
+    tags whose file was renamed or moved, as the built-in Lora does with ``Lora hashes``."""
+    out = {}
+    for name, file_hash in infotext.parse_hashes(params.get(infotext.FIELD_HASHES, "")).items():
+        found = infotext.find_file(choices, "", file_hash)
+        if found is not None and _resolves_to(name) != choices[found]:
+            out[name] = found
+    return out
+
+
+def _resolves_to(name: str) -> str | None:
+    try:
+        return files.resolve(name)[1]
+    except UnHypeError:
+        return None
 

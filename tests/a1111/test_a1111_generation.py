@@ -611,6 +611,27 @@ def test_infotext_round_trip_restores_the_panel(sd1, hyper_file, script):
     assert runner.paste_values(params, files.list_files())["enabled"] is False
 
 
+def test_pasted_tags_follow_their_file_by_hash(sd1, hyper_file, script, webui_dirs):
+    # a tagged prompt pasted back after its file was renamed: the tag gets the new name from
+    # "UnHype hashes" (as the built-in Lora does with "Lora hashes"), so it generates again
+    from modules import infotext_utils, script_callbacks
+
+    p, res = run(sd1, script, ["a cat <unhype:erase_cat:0.5>"], args=(False, None, 1.0, True),
+                 enable_hr=True, hr_prompt="a dog <unhype:erase_cat>", steps=1)
+    params = infotext_utils.parse_generation_parameters(res.infotexts[0])
+    params.setdefault("Hires prompt", "a dog <unhype:erase_cat>")  # processing.py L1307
+    (webui_dirs["unhype"] / "v2").mkdir()
+    hyper_file.rename(webui_dirs["unhype"] / "v2" / "erase_cat_v2.safetensors")
+    script_callbacks.infotext_pasted_callback(res.infotexts[0], params)
+    assert params["Prompt"].startswith("a cat <unhype:v2/erase_cat_v2:0.5>")
+    assert params["Hires prompt"].startswith("a dog <unhype:v2/erase_cat_v2>")
+    p, _ = run(sd1, script, [params["Prompt"]], args=(False, None, 1.0, True), steps=1)
+    assert [t.strength for t in p.unhype_tags] == [0.5]
+    refs = refs_for(sd1, sd1.model.diffusion_model,
+                    webui_dirs["unhype"] / "v2" / "erase_cat_v2.safetensors", ["a cat"], 0.5)
+    check_rows(p, sd1.model.diffusion_model, lambda c, r: "a cat" if r == 0 else None, refs)
+
+
 # --- tab and cards ---------------------------------------------------------------------
 def test_tab_lists_probes_and_bakes(sd1, hyper_file, webui_dirs):
     from safetensors.torch import load_file

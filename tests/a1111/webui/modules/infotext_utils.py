@@ -36,7 +36,13 @@ def parse_generation_parameters(x, skip_fields=None):
     if len(re_param.findall(lastline)) < 3:
         lines.append(lastline)
         lastline = ''
-    res["Prompt"] = "\n".join(lines).strip()
+    prompt, negative, done_with_prompt = [], [], False  # L283-296
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt, line = True, line[16:].strip()
+        (negative if done_with_prompt else prompt).append(line)
+    res["Prompt"], res["Negative prompt"] = "\n".join(prompt), "\n".join(negative)
     for k, v in re_param.findall(lastline):
         try:
             if v[0] == '"' and v[-1] == '"':
