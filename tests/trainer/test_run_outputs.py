@@ -52,3 +52,56 @@ def test_a_full_disk_at_a_periodic_checkpoint_is_named(tiny_sd1, tmp_path, monke
     with pytest.raises(UnHypeError, match=r"step-0000002\.safetensors \(No space left on device\)"
                                           r"; no checkpoint was saved"):
         run_training(tiny_sd1, tmp_path, max_train_steps=4, save_every_n_steps=2)
+
+
+def test_resume_takes_the_same_model_however_its_path_is_written(tiny_sd1, tmp_path,
+                                                                  monkeypatch, capsys):
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=2)[0] == 0
+    monkeypatch.chdir(tiny_sd1.parent)
+    for steps, spelling in ((3, f"./{tiny_sd1.name}"), (4, f"{tiny_sd1}/")):
+        code, session = run_training(spelling, tmp_path, max_train_steps=steps,
+                                     resume=str(tmp_path / "checkpoints"))
+        assert code == 0 and session.start_step == steps - 1
+        assert session.log[-1]["step"] == steps
+
+
+def test_resume_with_another_batch_size_goes_on_and_says_so(tiny_sd1, tmp_path, capsys):
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=2)[0] == 0
+    cfg = inline_cfg(tiny_sd1, tmp_path, max_train_steps=3, train_batch_size=3,
+                     resume=str(tmp_path / "checkpoints"))
+    session = loop.prepare(cfg, quiet=True)
+    assert session.start_step == 2 and loop.train(session, progress=False) == 0
+    assert "train_batch_size 2 -> 3" in capsys.readouterr().err
+
+
+def test_resume_names_the_options_that_differ(tiny_sd1, tmp_path):
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=2)[0] == 0
+    cfg = inline_cfg(tiny_sd1, tmp_path, max_train_steps=3, network_dim=2, mode="direct",
+                     resume=str(tmp_path / "checkpoints"))
+    with pytest.raises(UnHypeError) as err:
+        loop.prepare(cfg, quiet=True)
+    message = str(err.value)
+    assert "network_dim (1 in the checkpoint, 2 now)" in message
+    assert "mode (fields in the checkpoint, direct now)" in message
+    assert "seed" not in message and "concepts" not in message
+
+
+def test_a_checkpoint_from_before_the_inputs_were_recorded_still_resumes(tiny_sd1, tmp_path):
+    """Older checkpoints hold only the digest, which covered the model path as typed and the
+    batch size."""
+    from safetensors.torch import load_file, save_file
+
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=2)[0] == 0
+    path = ckpt.list_checkpoints(tmp_path / "checkpoints")[-1]
+    metadata, _ = ckpt.read_header(path)
+    inputs = loop.prepare(inline_cfg(tiny_sd1, tmp_path), quiet=True).fingerprint
+    del metadata["fingerprint_inputs"]
+    metadata["fingerprint"] = ckpt.fingerprint({**inputs, "model": str(tiny_sd1), "batch": 2})
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    code, session = run_training(tiny_sd1, tmp_path, max_train_steps=3,
+                                 resume=str(tmp_path / "checkpoints"))
+    assert code == 0 and session.start_step == 2
+    metadata["fingerprint"] = "0" * 16  # another run's: refused, without a list of options
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    with pytest.raises(UnHypeError, match="another model, targets"):
+        run_training(tiny_sd1, tmp_path, max_train_steps=4, resume=str(path))

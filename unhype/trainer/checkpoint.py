@@ -2,8 +2,9 @@
 
 Tensors: the hypernetwork's state (`hypernet.*`), both Adam states (`optim.<name>.<param
 index>.<key>`) and the RNG states (`rng.*` as uint8). Header metadata: format tag, step, a
-fingerprint of everything that shapes the network (so `--resume` from another run's or a foreign
-file fails clearly), the optimisers' param groups and the JSON-able rest. Files are written
+fingerprint of everything that shapes the network and its inputs (so `--resume` from another
+run's or a foreign file fails clearly, naming what differs), the optimisers' param groups and
+the JSON-able rest. Files are written
 atomically (temp file + rename); older ones beyond `keep` are deleted after the new one exists.
 
 Nothing in a checkpoint depends on the number of processes that wrote it (`accelerate launch`):
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -29,9 +31,75 @@ FORMAT = "unhype.train_checkpoint"
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
-def fingerprint(hypernet_config: dict, extra: dict) -> str:
-    data = json.dumps({"net": hypernet_config, **extra}, sort_keys=True, default=str)
+def fingerprint(inputs: dict) -> str:
+    """Digest of what shapes a run (`inputs`: {"net": hypernetwork config, "model", ...}); a
+    checkpoint resumes only a run with the same. The inputs are stored beside it."""
+    data = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def model_identity(spec) -> str:
+    """The model as compared on resume: a local path resolved (`./m`, `/abs/m/` and `/abs/m`
+    are one model), anything else (a hub id, `toy`) as given."""
+    text = str(spec)
+    return os.path.realpath(text) if os.path.exists(text) else text
+
+
+# fingerprint input -> the option that sets it (net.* are HyperNetConfig fields)
+_OPTION_OF = {"model": "pretrained_model_name_or_path", "family": "model family",
+              "concepts": "concepts", "mode": "mode", "seed": "seed",
+              "latent_cache": "latent_cache", "net.variant": "variant", "net.rank": "network_dim",
+              "net.hidden": "network_hidden", "net.head_hidden": "network_head_hidden",
+              "net.hyper_steps": "hyper_steps", "net.alpha_base": "network_alpha",
+              "net.targets": "target layers (target_preset)", "net.seed": "seed",
+              "net.embed_dim": "embedding size (another model)"}
+_SHOWN = {"model", "family", "mode", "seed", "latent_cache", "net.variant", "net.rank",
+          "net.hidden", "net.head_hidden", "net.hyper_steps", "net.alpha_base", "net.seed",
+          "net.embed_dim"}
+
+
+def _flat(inputs: dict) -> dict:
+    out = {k: v for k, v in inputs.items() if k != "net"}
+    out.update({f"net.{k}": v for k, v in inputs.get("net", {}).items()})
+    return json.loads(json.dumps(out, default=str))
+
+
+def _differences(metadata: dict, inputs: dict) -> list[str]:
+    """The options whose recorded value differs from this run's (none known for a
+    checkpoint from before the inputs were recorded)."""
+    try:
+        recorded = _flat(json.loads(metadata["fingerprint_inputs"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return []
+    now = _flat(inputs)
+    out = []
+    for key in sorted(set(recorded) | set(now)):
+        if recorded.get(key) != now.get(key):
+            name = _OPTION_OF.get(key, key)
+            shown = f" ({recorded.get(key)} in the checkpoint, {now.get(key)} now)" \
+                if key in _SHOWN else ""
+            if f"{name}{shown}" not in out:
+                out.append(f"{name}{shown}")
+    return out
+
+
+def recorded_config(metadata: dict) -> dict:
+    try:
+        config = json.loads(metadata.get("info", "")).get("config", {})
+    except (ValueError, AttributeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _legacy_match(metadata: dict, inputs: dict) -> bool:
+    """A checkpoint from before the inputs were recorded: its digest also covered the model
+    path as typed and the batch size."""
+    config = recorded_config(metadata)
+    model, batch = config.get("pretrained_model_name_or_path"), config.get("train_batch_size")
+    if model is None or model_identity(model) != inputs.get("model"):
+        return False
+    return fingerprint({**inputs, "model": str(model), "batch": batch}) == \
+        metadata.get("fingerprint")
 
 
 def _optim_tensors(name: str, optimiser: torch.optim.Optimizer):
@@ -47,7 +115,7 @@ def _optim_tensors(name: str, optimiser: torch.optim.Optimizer):
 
 
 def save_checkpoint(folder: Path, step: int, hypernet, optimisers: dict, rng: dict,
-                    fp: str, info: dict, keep: int = 2) -> Path:
+                    inputs: dict, info: dict, keep: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"hypernet.{k}": v.detach().float() for k, v in hypernet.state_dict().items()}
     meta_optim = {}
@@ -60,7 +128,8 @@ def save_checkpoint(folder: Path, step: int, hypernet, optimisers: dict, rng: di
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise UnHypeError(f"refusing to checkpoint NaN/Inf values ({bad[:3]})")
-    metadata = {"format": FORMAT, "step": str(step), "fingerprint": fp,
+    metadata = {"format": FORMAT, "step": str(step), "fingerprint": fingerprint(inputs),
+                "fingerprint_inputs": json.dumps(inputs, sort_keys=True, default=str),
                 "optimisers": json.dumps(meta_optim), "info": json.dumps(info, default=str)}
     path = checkpoint_path(folder, step)
     atomic_save_safetensors(tensors, path, metadata)
@@ -110,9 +179,10 @@ def find_checkpoint(spec: str, default_folder: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, expected_fp: str, hypernet=None):
-    """(step, tensors, metadata) of a checkpoint, after checking it belongs to this run and
-    that its contents are whole (tensor shapes against `hypernet`'s, when given)."""
+def load_checkpoint(path: Path, inputs: dict, hypernet=None):
+    """(step, tensors, metadata) of a checkpoint, after checking it belongs to this run (its
+    fingerprint against `inputs`') and that its contents are whole (tensor shapes against
+    `hypernet`'s, when given)."""
     try:
         metadata, _ = read_header(path)
     except UnHypeError as exc:
@@ -122,10 +192,13 @@ def load_checkpoint(path: Path, expected_fp: str, hypernet=None):
             "unhype.hypernetwork" else "not an UnHype training checkpoint"
         raise UnHypeError(f"--resume {path}: {what}; give a checkpoint from "
                           "<output_dir>/checkpoints")
-    if metadata.get("fingerprint") != expected_fp:
-        raise UnHypeError(f"--resume {path}: the checkpoint comes from a run with another "
-                          "model, targets or network shape (fingerprint mismatch); resume "
-                          "with the same options it was made with")
+    same = metadata.get("fingerprint") == fingerprint(inputs)
+    if not same and not _legacy_match(metadata, inputs):
+        differ = _differences(metadata, inputs)
+        what = "these options differ: " + "; ".join(differ) if differ else \
+            "another model, targets, network shape, concepts, mode, seed or batch size"
+        raise UnHypeError(f"--resume {path}: the checkpoint comes from another run ({what}); "
+                          "resume with the options it was made with")
     from safetensors.torch import load_file
 
     try:

@@ -126,7 +126,7 @@ class Run:
     retain_prompts: list[str]
     retain_emb: torch.Tensor  # [R, D]
     out_dir: Path
-    fingerprint: str
+    fingerprint: dict  # what a checkpoint must match to resume (checkpoint.fingerprint)
     guidance: float
     start_step: int = 0
     resume_from: Path | None = None
@@ -218,10 +218,12 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     elif getattr(backend.unet, "is_gradient_checkpointing", False):  # an earlier run's
         backend.unet.disable_gradient_checkpointing()
     items = [(i, p, a) for i, c in enumerate(concepts) for p, a in c.prompts()]
-    fp = ckpt.fingerprint(net_cfg.to_dict(), {
-        "family": family.name, "model": str(cfg.pretrained_model_name_or_path),
-        "concepts": [c.metadata() for c in concepts], "mode": cfg.mode,
-        "batch": cfg.train_batch_size, "seed": cfg.seed, "latent_cache": cfg.latent_cache})
+    # not the batch size: it changes only how many prompts each later step draws (kohya too
+    # lets a resumed run change it)
+    fp = {"net": net_cfg.to_dict(), "family": family.name,
+          "model": ckpt.model_identity(cfg.pretrained_model_name_or_path),
+          "concepts": [c.metadata() for c in concepts], "mode": cfg.mode, "seed": cfg.seed,
+          "latent_cache": cfg.latent_cache}
     start_step = 0
     if resume_path is not None:  # check before any work; restored in train()
         start_step, _, _ = ckpt.load_checkpoint(resume_path, fp, hypernet)
@@ -559,7 +561,8 @@ def train(run: Run, progress: bool = True) -> int:
         if main:
             _truncate_log(log_path, step)
             say(f"unhype train: resumed from {run.resume_from} at step {step}"
-                + (f" ({dist.world} processes)" if dist.world > 1 else ""))
+                + (f" ({dist.world} processes)" if dist.world > 1 else "")
+                + _batch_note(meta, cfg.train_batch_size))
     else:
         if main and log_path.exists():
             log_path.unlink()
@@ -689,6 +692,13 @@ def train(run: Run, progress: bool = True) -> int:
     dist.barrier()  # the result exists when any process returns
     run.result_path = result_path(run)
     return 0
+
+
+def _batch_note(meta: dict, batch: int) -> str:
+    before = ckpt.recorded_config(meta).get("train_batch_size")
+    if before is None or before == batch:
+        return ""
+    return f"; train_batch_size {before} -> {batch}: the steps from here draw {batch} prompts"
 
 
 def _write_errors() -> tuple:
