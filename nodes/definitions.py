@@ -15,7 +15,7 @@ from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, save_lo
 from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_prompt_rows,
                                 pooled_rows, rows_under_floor, window_rows)
 from unhype.errors import UnHypeError
-from unhype.probe import ROW_HEADERS, concept_texts, probe
+from unhype.probe import ROW_HEADERS, ROW_NOTE, concept_texts, probe
 from unhype.prompt_windows import prompt_windows
 
 from . import glue
@@ -235,9 +235,10 @@ class UnHypeInspect:
     FUNCTION = "inspect"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
-    DESCRIPTION = ("Shows an UnHype file's metadata and, for given prompts, how strongly each one "
-                   "fires: the norm of its generated LoRA relative to the strongest trained "
-                   "concept.")
+    DESCRIPTION = ("Shows an UnHype file's metadata and, for given prompts, the update Apply "
+                   "gives each (after the gate floor): its norm, its share of the file's gate "
+                   "reference (the concepts' median update), whether the floor zeroes it, and the "
+                   "nearest concept by direction.")
 
     def inspect(self, unhype, clip=None, prompts=""):
         lines = [describe_file(unhype)]
@@ -255,12 +256,13 @@ class UnHypeInspect:
                     _step(bar)
                 return torch.cat(out)
 
-            # as Apply: the gate floor and saturation (loaded.generate), long prompts through
-            # their windows (what UnHype Text Encode stores)
-            results = probe(unhype.generate, embed, texts, concepts, windows=True)
+            # as Apply: the gate floor and saturation, long prompts through their windows
+            # (what UnHype Text Encode stores)
+            results = probe(unhype, embed, texts, concepts, windows=True)
             lines.append("")
             lines.append(" | ".join(ROW_HEADERS))
             lines += [" | ".join(str(v) for v in r.as_row()) for r in results]
+            lines.append(ROW_NOTE)
         report = "\n".join(lines)
         return {"ui": {"text": [report]}, "result": (report,)}
 

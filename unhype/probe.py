@@ -1,15 +1,21 @@
 """Probe a hypernetwork: how strongly does a prompt switch it on, and for which concept?
 
 For each prompt the generated update of every layer is dW = B A^T. Its size and its direction
-are compared with the updates generated for the file's own concept targets (the texts it was
-trained to erase), using factor algebra only (no [out, in] matrix is formed):
+are compared with a reference size and with the updates generated for the file's own concept
+targets (the texts it was trained to erase), using factor algebra only (no [out, in] matrix is
+formed):
 
     <B1 A1^T, B2 A2^T>_F = sum((A1^T A2) * (B1^T B2))
 
-* ``magnitude``: ||dW(prompt)||, summed over layers in quadrature;
-* per concept, ``relative`` = ||dW(prompt)|| / ||dW(concept)|| (1.0: as strong as the concept
-  itself, ~0: the switch is off) and ``cosine`` = direction agreement of the two updates.
-A concept "fires" when relative >= threshold (default 0.5) and cosine > 0.
+* ``magnitude``: ||dW(prompt)|| as the hosts apply it (after the gate floor and saturation,
+  unhype.gate_floor), summed over layers in quadrature; ``raw``: the same before the floor;
+* ``relative`` = magnitude / reference. The reference is the file's ``gate_reference`` (the
+  median ||dW|| over the concepts' training prompts: the scale the floor and saturation use);
+  a file without one (trained before it existed, no floor) is measured against each concept
+  text's own update, as before;
+* per concept, ``cosine`` = direction agreement of the two (unfloored) updates. The nearest
+  concept is the one of largest cosine; the prompt fires (for it) when relative >= threshold
+  (default 0.5) and the cosine is positive.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch
 
 from unhype.errors import UnHypeError
 from unhype.hypernet import LoraFactors
+
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass
@@ -35,19 +43,79 @@ class ProbeResult:
     prompt: str
     magnitude: float
     concepts: list[ConceptScore] = field(default_factory=list)
+    raw: float | None = None           # before the gate floor (None: as magnitude)
+    reference: float | None = None     # the file's gate_reference (None: per-concept)
+    layers: dict[str, float] | None = None
+
+    @property
+    def nearest(self) -> ConceptScore | None:
+        """The concept whose update points most the same way (ties: the first listed); None
+        when none points the same way at all (cosine <= 0, e.g. no update)."""
+        top = max(self.concepts, key=lambda c: c.cosine, default=None)
+        return top if top is not None and top.cosine > 0 else None
 
     @property
     def fired(self) -> list[str]:
         return [c.concept for c in self.concepts if c.fires]
 
+    @property
+    def share(self) -> float | None:
+        """Applied ||dW|| / the file's gate_reference (None: the file has none)."""
+        return self.magnitude / self.reference if self.reference else None
+
+    @property
+    def gate_scale(self) -> float:
+        """What the gate floor and saturation did: applied / raw (0: zeroed, 1: untouched)."""
+        raw = self.magnitude if self.raw is None else self.raw
+        return self.magnitude / raw if raw > 0 else 1.0
+
+    @property
+    def zeroed(self) -> bool:
+        """Whether the gate floor turns an update the network generates into none."""
+        return self.magnitude == 0 and (self.raw or 0.0) > 0
+
+    def gate_text(self) -> str:
+        if self.reference is None:
+            return "no floor"
+        if self.zeroed:
+            return f"zeroed (raw {self.raw / self.reference:.1%} of the reference: under the floor)"
+        scale = self.gate_scale
+        if scale < 1:
+            return f"faded x{scale:.3g} (near the floor)"
+        if scale > 1:
+            return f"raised x{scale:.3g} (saturated)"
+        return "-"
+
     def as_row(self) -> list:
-        top = max(self.concepts, key=lambda c: c.relative, default=None)
+        top = self.nearest
+        relative = self.share if self.reference else top.relative if top else 0.0
         return [self.prompt, round(self.magnitude, 6), ", ".join(self.fired) or "-",
-                top.concept if top else "-", round(top.relative, 4) if top else 0.0,
-                round(top.cosine, 4) if top else 0.0]
+                top.concept if top else "-", round(relative, 4),
+                round(top.cosine, 4) if top else 0.0, self.gate_text()]
+
+    def as_dict(self) -> dict:
+        top = self.nearest
+        return {"prompt": self.prompt, "applied_norm": self.magnitude,
+                "raw_norm": self.magnitude if self.raw is None else self.raw,
+                "gate_reference": self.reference, "share_of_reference": self.share,
+                "gate_scale": self.gate_scale, "zeroed_by_floor": self.zeroed,
+                "fires": self.fired,
+                "nearest": None if top is None else {"concept": top.concept,
+                                                     "relative": top.relative,
+                                                     "cosine": top.cosine},
+                "concepts": [{"concept": c.concept, "relative": c.relative,
+                              "cosine": c.cosine} for c in self.concepts],
+                **({"layers": self.layers} if self.layers is not None else {})}
 
 
-ROW_HEADERS = ["prompt", "LoRA magnitude", "fires", "nearest concept", "relative", "cosine"]
+ROW_HEADERS = ["prompt", "applied ||dW||", "fires", "nearest concept (direction)",
+               "share of reference", "cosine", "gate floor"]
+
+ROW_NOTE = ("applied ||dW||: the update's norm after the gate floor, as generation applies it. "
+            "share of reference: that / the file's gate_reference (the median ||dW|| of the "
+            "concepts' training prompts, the floor's scale; a file without one: / the concept "
+            "text's own ||dW||). nearest concept: largest cosine between the updates. fires: "
+            f"share >= {DEFAULT_THRESHOLD:g} and cosine > 0.")
 
 
 def gram(f1: LoraFactors, f2: LoraFactors) -> torch.Tensor:
@@ -64,6 +132,16 @@ def gram(f1: LoraFactors, f2: LoraFactors) -> torch.Tensor:
     return total
 
 
+def layer_norms(factors: LoraFactors) -> dict[str, torch.Tensor]:
+    """{layer: [N] ||B A^T||_F} of each prompt's update, layer by layer."""
+    out = {}
+    for name, (a, b) in factors.items():
+        a, b = a.double(), b.double()
+        sq = ((a.transpose(1, 2) @ a) * (b.transpose(1, 2) @ b)).flatten(1).sum(1)
+        out[name] = sq.clamp_min(0).sqrt()
+    return out
+
+
 def concept_texts(meta) -> list[str]:
     """The concept targets a file was trained to erase (from its metadata)."""
     texts = []
@@ -74,40 +152,75 @@ def concept_texts(meta) -> list[str]:
     return texts
 
 
+def _networks(source):
+    """(applied, raw, gate_reference) of a LoadedHypernet (`generate`: with its gate floor and
+    saturation, `hypernet`: without) or of a bare network (no floor, no reference)."""
+    if hasattr(source, "generate") and hasattr(source, "hypernet"):
+        return source.generate, source.hypernet, source.gate_reference
+    return source, None, None
+
+
+def _pick(factors: LoraFactors, owner: list[int], n: int) -> list[int]:
+    """Per prompt, the row of its strongest candidate (the hosts' choice for a long prompt,
+    unhype.prompt_windows.strongest; ties: the prompt itself)."""
+    from unhype.prompt_windows import update_norms
+
+    norms, owner_t = update_norms(factors).cpu(), torch.tensor(owner)
+    rows = [torch.nonzero(owner_t == i).flatten() for i in range(n)]
+    return [int(r[int(torch.argmax(norms[r]))]) for r in rows]
+
+
+def _rows(factors: LoraFactors, index: list[int]) -> LoraFactors:
+    idx = torch.tensor(index)
+    return {name: (a[idx.to(a.device)], b[idx.to(b.device)]) for name, (a, b) in factors.items()}
+
+
 @torch.no_grad()
-def probe(hypernet, embed, prompts: list[str], concepts: list[str],
-          threshold: float = 0.5, windows: bool = False) -> list[ProbeResult]:
+def probe(source, embed, prompts: list[str], concepts: list[str],
+          threshold: float = DEFAULT_THRESHOLD, windows: bool = False,
+          per_layer: bool = False) -> list[ProbeResult]:
     """Score `prompts` against `concepts` (texts) with `embed`: list[str] -> [N, D].
+    `source`: a LoadedHypernet (what the hosts apply: its gate floor and saturation, measured
+    against its gate_reference) or a bare network (embeddings -> factors).
     `windows`: read long prompts also through word windows and score each prompt's strongest
-    update, as the A1111 extension applies them (unhype.prompt_windows)."""
-    from unhype.prompt_windows import prompt_windows, strongest
+    update, as the hosts apply them (unhype.prompt_windows). `per_layer`: also each layer's
+    applied ||dW||."""
+    from unhype.prompt_windows import prompt_windows
 
     prompts = [p for p in prompts if p is not None]
     if not prompts:
         raise UnHypeError("probe: no prompt given")
+    generate, hypernet, reference = _networks(source)
     texts, owner = [], []
     for i, prompt in enumerate(prompts):
         for text in [prompt] + (prompt_windows(prompt) if windows else []):
             texts.append(text)
             owner.append(i)
-    factors = hypernet(embed(texts + list(concepts)).float())
-    k = len(texts)
-    if k > len(prompts):
-        chosen = strongest({n: (a[:k], b[:k]) for n, (a, b) in factors.items()}, owner,
-                           len(prompts))
-        factors = {n: (torch.cat([chosen[n][0], a[k:]]), torch.cat([chosen[n][1], b[k:]]))
-                   for n, (a, b) in factors.items()}
-    g = gram(factors, factors)
-    n = len(prompts)
-    norms = g.diagonal().clamp_min(0).sqrt()
+    emb = embed(texts + list(concepts)).float()
+    applied = generate(emb)
+    raw = hypernet(emb) if hypernet is not None else applied
+    n, k = len(prompts), len(texts)
+    index = (_pick(_rows(applied, list(range(k))), owner, n) if k > n else list(range(n))) + \
+        list(range(k, k + len(concepts)))
+    applied, raw = _rows(applied, index), _rows(raw, index)
+    g = gram(raw, raw)  # directions: the floor scales a prompt's update, never turns it
+    raw_norms = g.diagonal().clamp_min(0).sqrt()
+    norms = gram(applied, applied).diagonal().clamp_min(0).sqrt()
+    layers = layer_norms(applied) if per_layer else None
     results = []
     for i, prompt in enumerate(prompts):
         scores = []
         for j, concept in enumerate(concepts):
-            ref = float(norms[n + j])
+            ref = reference if reference else float(norms[n + j])
             rel = float(norms[i]) / ref if ref > 0 else 0.0
-            denom = float(norms[i]) * ref
-            cos = float(g[i, n + j]) / denom if denom > 0 else 0.0
-            scores.append(ConceptScore(concept, rel, cos, rel >= threshold and cos > 0))
-        results.append(ProbeResult(prompt, float(norms[i]), scores))
+            denom = float(raw_norms[i]) * float(raw_norms[n + j])
+            scores.append(ConceptScore(concept, rel, float(g[i, n + j]) / denom if denom > 0
+                                       else 0.0, False))
+        result = ProbeResult(prompt, float(norms[i]), scores, float(raw_norms[i]), reference,
+                             None if layers is None else
+                             {name: float(v[i]) for name, v in layers.items()})
+        top = result.nearest
+        if top is not None:
+            top.fires = top.relative >= threshold
+        results.append(result)
     return results

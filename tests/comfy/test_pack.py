@@ -125,7 +125,7 @@ def test_inspect_reports_metadata_and_firing(pack, tiny_parts, loaded):
     assert "a photo of a cat" in report  # the erased concept from the metadata
     report = node.inspect(loaded, tiny_parts["clip"], "a photo of a cat\na red car")["result"][0]
     lines = report.splitlines()
-    assert any(line.startswith("prompt | LoRA magnitude") for line in lines)
+    assert any(line.startswith("prompt | applied ||dW|| | fires") for line in lines)
     cat = next(line for line in lines if line.startswith("a photo of a cat |"))
     car = next(line for line in lines if line.startswith("a red car |"))
     # the concept's own prompt is exactly as strong as itself
@@ -228,5 +228,9 @@ def test_inspect_reports_the_update_apply_applies(pack, tiny_parts, loaded, tmp_
     for file, prompts in ((floored, texts), (saturated, texts), (gated, [LONG])):
         want = [applied(file, t) for t in prompts]
         assert reported(file, prompts) == pytest.approx(want, rel=1e-4, abs=1e-6), file.path
+    # the share column is on the floor's scale: applied ||dW|| / the file's gate_reference
+    report = defs.UnHypeInspect().inspect(saturated, clip, "a red car")["result"][0]
+    row = next(line.split(" | ") for line in report.splitlines() if line.startswith("a red car |"))
+    assert float(row[4]) == pytest.approx(applied(saturated, "a red car") / (car * 5), abs=1e-4)
     assert reported(floored, ["a red car"]) == [0.0]
     assert applied(saturated, "a red car") > 2 * car  # raised: the raw network's would be car
