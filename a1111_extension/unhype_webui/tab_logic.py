@@ -15,15 +15,16 @@ from unhype.bake import NO_OP_NOTE, bake_lora, save_lora, strongest_embedding, u
 from unhype.dynamic_lora import check_strength
 from unhype.errors import UnHypeError
 from unhype.model_check import detect_family
-from unhype.probe import ROW_HEADERS, concept_texts, probe
+from unhype.probe import ROW_HEADERS, ROW_NOTE, concept_texts, probe
 from unhype.prompt_tags import plain_text
 from unhype.prompt_windows import prompt_windows
 
 from unhype_webui import files, host
-from unhype_webui.session import host_family_problem
+from unhype_webui.session import Schedule, conditioning_texts, host_family_problem
 
 FILE_HEADERS = ["name", "family", "erases", "variant", "rank", "layers", "hash", "size MB"]
 PROBE_HEADERS = ROW_HEADERS
+PROBE_STEPS = 150  # the web UI's most steps: every edit of a schedule happens within them
 
 
 def file_rows(folder: str | None = None) -> list[list]:
@@ -58,6 +59,17 @@ def _texts(**values) -> None:
             raise UnHypeError(f"{what} must be a text, got {value!r}")
 
 
+def probe_texts(prompts: list[str]) -> list[str]:
+    """The texts generation embeds for `prompts`: each AND part and each prompt-editing /
+    alternation text of its schedule (session.conditioning_texts), once each."""
+    texts = []
+    for prompt in prompts:
+        for text in conditioning_texts(prompt, Schedule(PROBE_STEPS)):
+            if text.strip() and text not in texts:
+                texts.append(text)
+    return texts
+
+
 def probe_ui(name, prompts_text, sd_model=None):
     try:
         _texts(hypernetwork=name, prompts=prompts_text)
@@ -71,11 +83,13 @@ def probe_ui(name, prompts_text, sd_model=None):
         concepts = concept_texts(loaded.meta)
         if not concepts:
             raise UnHypeError(f"{name} lists no concepts in its metadata; nothing to compare")
-        # loaded.generate: the gate floor and saturation included, as generation applies it
-        results = probe(loaded.generate, _embedder(loaded, sd_model or host.current_model()),
-                        prompts, concepts, windows=True)
+        # the gate floor and saturation included, as generation applies them
+        results = probe(loaded, _embedder(loaded, sd_model or host.current_model()),
+                        probe_texts(prompts), concepts, windows=True)
         fired = sum(1 for r in results if r.fired)
-        return [r.as_row() for r in results], f"{fired} of {len(results)} prompt(s) switch it on"
+        return ([r.as_row() for r in results],
+                f"{fired} of {len(results)} prompt(s) switch it on (a row per text generation "
+                f"embeds: AND parts, prompt edits). {ROW_NOTE}")
     except UnHypeError as exc:
         return [], f"**{html.escape(str(exc))}**"
 

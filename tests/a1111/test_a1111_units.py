@@ -196,6 +196,40 @@ def test_probe_reads_long_prompts_through_windows_when_asked():
     assert result[0].concepts[0].relative == pytest.approx(1.0)
 
 
+def test_tab_probe_reads_each_text_generation_embeds(tmp_path, monkeypatch):
+    """Prompt editing and AND: the tab probes "a photo of a dog" and "a photo of a cat", and
+    each AND part, as generation embeds them (not "a photo of a dog:cat:10" nor one text)."""
+    from dataclasses import replace
+
+    from tests.helpers import hypernet_for, tiny_sd_unet
+    from unhype.fileformat import load_hypernet, save_hypernet
+    from unhype_webui import tab_logic
+
+    path = tmp_path / "erase_cat.safetensors"
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}])
+
+    def net(emb):  # an update for texts that name the cat only
+        return {"layer": (emb[:, :1, None].expand(-1, 3, 1).clone(), torch.ones(len(emb), 2, 1))}
+
+    embedded = []
+
+    def embed(texts):
+        embedded.extend(texts)
+        return torch.tensor([[1.0 if "cat" in t.split() else 0.0, 1.0] for t in texts])
+
+    loaded = replace(load_hypernet(path), hypernet=net)
+    monkeypatch.setattr(tab_logic.files, "resolve", lambda name: (name, path))
+    monkeypatch.setattr(tab_logic.files, "load", lambda p: loaded)
+    monkeypatch.setattr(tab_logic, "_embedder", lambda loaded, model: embed)
+    table, status = tab_logic.probe_ui("erase_cat", "a photo of a [dog:cat:10]\n"
+                                       "a dog AND a cat\na dog", sd_model=object())
+    assert [row[0] for row in table] == ["a photo of a dog", "a photo of a cat", "a dog", "a cat"]
+    assert [row[2] for row in table] == ["-", "cat", "-", "cat"]
+    assert "2 of 4 prompt(s) switch it on" in status
+    assert not any(":" in t or "AND" in t for t in embedded)
+
+
 # --- SD2 (A1111: ldm FrozenOpenCLIPEmbedder.model = open_clip CLIP) --------------------
 def test_open_clip_pooled_is_what_the_trainer_reads(tmp_path):
     """A1111's SD2 embedding equals unhype's embedder's on the same weights (the penultimate
