@@ -40,6 +40,7 @@ class HypernetMeta:
     training: dict = field(default_factory=dict)
     created: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    history: list = field(default_factory=list)  # later edits: {date, by, tool, changed}
 
     def to_metadata(self) -> dict[str, str]:
         return {
@@ -51,6 +52,7 @@ class HypernetMeta:
             "unhype.concepts": json.dumps(self.concepts),
             "unhype.training": json.dumps(self.training),
             "unhype.created": json.dumps(self.created),
+            **({"unhype.history": json.dumps(self.history)} if self.history else {}),
         }
 
 
@@ -265,7 +267,8 @@ def _parse_meta(path, metadata) -> HypernetMeta:
         family=family.name, embedding=embedding, config=config,
         concepts=_concepts(path, metadata),
         training=_json_field(path, metadata, "unhype.training", dict, "{}"),
-        created=_json_field(path, metadata, "unhype.created", dict, "{}"), format_version=version)
+        created=_json_field(path, metadata, "unhype.created", dict, "{}"), format_version=version,
+        history=_json_field(path, metadata, "unhype.history", list, "[]"))
 
 
 def save_hypernet(path, hypernet: HyperNetwork, family: str, concepts=(), training=None,
@@ -338,14 +341,22 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
     return loaded
 
 
-def save_with_training(loaded: LoadedHypernet, path, **training) -> Path:
+def save_with_training(loaded: LoadedHypernet, path, tool: str = "", **training) -> Path:
     """`loaded`'s file with `training` keys added to (or replacing) its training metadata, written
     atomically to `path` (which may be the file itself): the tensors as stored, bit for bit, and
-    every other metadata entry unchanged."""
+    every other metadata entry unchanged. What changed, from what, by which `tool` and when is
+    appended to the file's history (``unhype.history``), so the values the file was trained
+    with stay on record."""
     metadata, _ = read_header(loaded.path)
     state = safetensors_load(loaded.path.read_bytes())
-    metadata = {**metadata, "unhype.training": json.dumps({**loaded.meta.training, **training},
-                                                          allow_nan=False)}
+    old = loaded.meta.training
+    changed = {k: [old.get(k), v] for k, v in training.items() if old.get(k) != v}
+    history = list(loaded.meta.history)
+    if changed:
+        history.append({"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "by": f"unhype {__version__}", "tool": tool, "changed": changed})
+    metadata = {**metadata, "unhype.training": json.dumps({**old, **training}, allow_nan=False),
+                "unhype.history": json.dumps(history, allow_nan=False)}
     atomic_save_safetensors(state, path, metadata)
     return Path(path)
 

@@ -48,8 +48,12 @@ def test_stamp_gives_an_old_file_the_trainers_reference(tiny_sd1, tiny_sd2, tmp_
     assert before.keys() == after.keys()
     assert all(before[k].equal(after[k]) for k in before)
     meta_old, meta_new = read_header(old)[0], read_header(new)[0]
-    assert {k: v for k, v in meta_old.items() if k != "unhype.training"} == \
-        {k: v for k, v in meta_new.items() if k != "unhype.training"}
+    changes = ("unhype.training", "unhype.history")
+    assert {k: v for k, v in meta_old.items() if k not in changes} == \
+        {k: v for k, v in meta_new.items() if k not in changes}
+    [change] = json.loads(meta_new["unhype.history"])
+    assert set(change["changed"]) == {"gate_reference", "gate_floor", "gate_reference_source"}
+    assert change["changed"]["gate_reference"][0] is None
     t_old, t_new = json.loads(meta_old["unhype.training"]), json.loads(meta_new["unhype.training"])
     assert {k: t_new[k] for k in t_old if k != "gate_floor"} == \
         {k: v for k, v in t_old.items() if k != "gate_floor"}
@@ -138,6 +142,12 @@ def test_gate_saturate_is_stored_by_the_trainer_and_by_stamp_floor(tiny_sd1, tmp
     assert "gate_saturate true" in capsys.readouterr().out
     assert main(["stamp-floor", str(out), "-o", str(out), "--no-gate_saturate"]) == 0
     assert load_hypernet(out).gate_saturate is False
+    # the trained value stays on record: each change, from what to what, by what tool
+    history = load_hypernet(out).meta.history
+    assert [h["changed"] for h in history] == [{"gate_saturate": [False, True]},
+                                               {"gate_saturate": [True, False]}]
+    assert all(h["tool"] == "unhype stamp-floor" and h["date"] for h in history)
+    assert load_hypernet(plain).meta.history == []
 
     fields, _ = trained(tiny_sd1, tmp_path / "fields", concepts="dog", mode="fields")
     assert main(["stamp-floor", str(fields), "-o", str(tmp_path / "f.safetensors"),

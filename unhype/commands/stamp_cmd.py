@@ -12,6 +12,7 @@ concepts' strength). On a file that already has its reference, `--gate_floor` an
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -62,7 +63,7 @@ def run(args) -> int:
             raise UnHypeError(f"{loaded.path} already stores gate_reference "
                               f"{loaded.gate_reference:.6g}; give --gate_floor or "
                               "--gate_saturate to change those, or --force to recompute it")
-        save_with_training(loaded, out, **settings)
+        save_with_training(loaded, out, tool="unhype stamp-floor", **settings)
         print(f"wrote {out}: " + ", ".join(f"{k} {str(v).lower()}" for k, v in settings.items())
               + f" (gate_reference {loaded.gate_reference:.6g} kept)")
         return 0
@@ -74,9 +75,12 @@ def run(args) -> int:
                           "floor has nothing to be relative to (an untrained file?)")
     floor = loaded.gate_floor if floor is None else floor
     saturate = {} if args.gate_saturate is None else {"gate_saturate": args.gate_saturate}
-    save_with_training(loaded, out, gate_reference=reference, gate_floor=floor, **saturate,
+    encoder = Path(args.text_encoder).name if args.text_encoder else "the toy CLIP"
+    save_with_training(loaded, out, tool="unhype stamp-floor", gate_reference=reference,
+                       gate_floor=floor, **saturate,
                        gate_reference_source=f"unhype stamp-floor, "
-                       f"{sum(len(c.prompts()) for c in concepts)} concept prompts")
+                       f"{sum(len(c.prompts()) for c in concepts)} concept prompts, "
+                       f"text encoder {encoder}")
     print(f"wrote {out}: gate_reference {reference:.6g} (the smallest median update norm over "
           f"{len(concepts)} concept(s)), gate_floor {floor:g}")
     return 0
