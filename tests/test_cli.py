@@ -57,7 +57,8 @@ def test_inspect_text_and_json(hyper_file, capsys):
     with safe_open(str(hyper_file), "pt") as f:  # every stored tensor is a network parameter
         stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     assert info["parameters"] == stored > 0
-    sizes = {row["rank"]: row for row in info["variant_sizes_sd1"]}
+    sizes = {row["rank"]: row for row in info["variant_sizes"]}
+    assert {row["family"] for row in info["variant_sizes"]} == {"sd1"}
     assert sizes[1]["per_layer"] / sizes[1]["shared"] >= 10
     assert "robustness" not in text  # trained without adversarial gate training
 
@@ -104,6 +105,113 @@ def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
                   concepts=[{"target": "cat"}], training={"mode": "direct", "gate_reference": 42.5})
     assert main(["inspect", str(path)]) == 0
     assert "under 3% of 42.5 (the concepts' median ||dW||) get none, full from 6%" in \
+        capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("t") / "erase_circle.safetensors"
+    save_hypernet(path, hypernet_for(None, family="toy", rank=1), "toy",
+                  concepts=[{"target": "circle", "synonyms": ["disk"]}],
+                  training={"mode": "direct"})
+    return path
+
+
+def test_inspect_tests_prompts_with_the_update_the_hosts_apply(toy_file, tmp_path, capsys):
+    """--prompt: per prompt the update after the gate floor (loaded.generate), its share of
+    gate_reference, whether the floor zeroes it, the nearest concept; --per_layer: per layer."""
+    from unhype.embedding import load_embedder
+    from unhype.fileformat import load_hypernet, save_with_training
+    from unhype.hypernet import delta_norm
+
+    prompts = ["a red circle", "a blue square"]
+    plain = load_hypernet(toy_file)
+    embed = load_embedder(plain.family)
+    with torch.no_grad():
+        raw = delta_norm(plain.hypernet(embed(prompts))).tolist()
+    ref = min(raw) / 0.02  # the weaker prompt is under the 3% floor
+    path = save_with_training(plain, tmp_path / "floored.safetensors", gate_reference=ref)
+    loaded = load_hypernet(path)
+    with torch.no_grad():
+        applied = delta_norm(loaded.generate(embed(prompts))).tolist()
+    args = ["inspect", str(path)] + [a for p in prompts for a in ("--prompt", p)]
+    assert main(args + ["--json", "--per_layer"]) == 0
+    rows = json.loads(capsys.readouterr().out)["prompts"]
+    assert [r["prompt"] for r in rows] == prompts
+    assert [r["applied_norm"] for r in rows] == pytest.approx(applied, rel=1e-4, abs=1e-6)
+    assert [r["raw_norm"] for r in rows] == pytest.approx(raw, rel=1e-4)
+    assert [r["share_of_reference"] for r in rows] == pytest.approx([a / ref for a in applied],
+                                                                    rel=1e-4, abs=1e-6)
+    weak = raw.index(min(raw))
+    assert rows[weak]["zeroed_by_floor"] and rows[weak]["applied_norm"] == 0
+    assert rows[weak]["fires"] == []
+    assert set(rows[0]["layers"]) == {t.name for t in loaded.meta.config.targets}
+    assert sum(v ** 2 for v in rows[1 - weak]["layers"].values()) == pytest.approx(
+        applied[1 - weak] ** 2, rel=1e-4)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if "applied ||dW||" in line).split()
+    assert header[:4] == ["prompt", "applied", "||dW||", "fires"]
+    assert "zeroed (raw 2.0% of the reference: under the floor)" in text
+    assert "toy default preset (20 layers)" in text and "SD1" not in text
+
+
+def test_inspect_prompt_needs_the_text_encoder_of_sd_families(hyper_file, tmp_path, capsys):
+    """An SD1 file reads prompts with the base model's text encoder, as `unhype bake`: the
+    update inspect reports is the one bake writes."""
+    assert main(["inspect", str(hyper_file), "--prompt", "a cat"]) == 2
+    assert "needs --text_encoder" in capsys.readouterr().err
+    assert main(["inspect", str(hyper_file), "--prompt", " "]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    folder = tiny_text_encoder_folder(tmp_path / "te")
+    assert main(["inspect", str(hyper_file), "--prompt", "a cat", "--text_encoder", str(folder),
+                 "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["prompts"]
+    assert row["gate_reference"] is None and row["share_of_reference"] is None
+    assert main(["bake", str(hyper_file), "--prompt", "a cat", "--text_encoder", str(folder),
+                 "-o", str(tmp_path / "cat.safetensors")]) == 0
+    baked = float(capsys.readouterr().out.split("||dW|| = ")[1].split(",")[0])
+    assert row["applied_norm"] == pytest.approx(baked, rel=1e-3)
+
+
+def test_inspect_warns_when_retain_prompts_are_above_the_floor(toy_file, tmp_path, capsys):
+    from unhype.fileformat import load_hypernet, save_with_training
+
+    plain = load_hypernet(toy_file)
+    for mode, retain, warned in (("fields", 1.6, True), ("direct", 0.05, False)):
+        path = save_with_training(plain, tmp_path / f"{mode}.safetensors", mode=mode,
+                                  gate_reference=10.0, final={"delta_target": 9.8,
+                                                              "delta_retain": retain})
+        assert main(["inspect", str(path)]) == 0
+        text = capsys.readouterr().out
+        assert f"retain) prompts got {retain / 10:.1%} of the reference ||dW||" in text
+        assert ("warning    that is above the 3% floor" in text) is warned
+        assert main(["inspect", str(path), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["retain_share"] == pytest.approx(retain / 10)
+        assert info["retain_above_floor"] is warned
+
+
+def test_inspect_labels_held_out_synonyms(toy_file, tmp_path, capsys):
+    assert main(["inspect", str(toy_file)]) == 0
+    assert "(synonyms: disk (held out, not trained on))" in capsys.readouterr().out
+    path = tmp_path / "trained_syn.safetensors"
+    save_hypernet(path, hypernet_for(None, family="toy", rank=1), "toy",
+                  concepts=[{"target": "circle", "synonyms": ["disk"],
+                             "train_on_synonyms": True}])
+    assert main(["inspect", str(path)]) == 0
+    assert "(synonyms: disk (trained on))" in capsys.readouterr().out
+
+
+def test_inspect_shows_crafted_training_values_as_text(tmp_path, capsys):
+    path = tmp_path / "crafted.safetensors"
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}],
+                  training={"mode": "direct", "adversarial_eps": "big", "adversarial_steps": 3,
+                            "adversarial_fraction": "most", "adversarial_loss": "consistency",
+                            "consistency_weight": "heavy", "final": {"delta_retain": "x"}})
+    assert main(["inspect", str(path)]) == 0
+    assert "eps 'big' (3 PGD steps, consistency loss weight 'heavy')" in \
         capsys.readouterr().out
 
 

@@ -1,24 +1,77 @@
-"""`unhype inspect FILE`: what a hypernetwork file holds, as text or JSON."""
+"""`unhype inspect FILE [--prompt P ...]`: what a hypernetwork file holds and, for given prompts,
+the update it applies to each, as text or JSON."""
 
 from __future__ import annotations
 
 import json
+import math
+import textwrap
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="show a hypernetwork file's metadata")
+    p = subparsers.add_parser("inspect", help="show a hypernetwork file's metadata and test "
+                                              "prompts against it")
     p.add_argument("file", help="UnHype hypernetwork .safetensors")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--prompt", action="append", default=None, metavar="P",
+                   help="a prompt to test (repeat for more): the update the hosts apply to it "
+                        "(after the gate floor), its share of the file's gate_reference, whether "
+                        "the floor zeroes it, the nearest concept by direction")
+    p.add_argument("--text_encoder", default=None,
+                   help="the base model's text encoder, as `unhype bake --text_encoder` takes "
+                        "it (a checkpoint, a diffusers folder or a CLIP-L file); not needed for "
+                        "the toy family")
+    p.add_argument("--per_layer", action="store_true",
+                   help="with --prompt: also each layer's applied update norm")
     p.set_defaults(func=run)
 
 
-def describe(path) -> dict:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _fmt(value, spec: str = "g") -> str:
+    """A metadata value: numbers formatted, anything else (a crafted file) shown as text."""
+    return format(value, spec) if _number(value) else repr(value)
+
+
+def retain_share(training: dict, reference: float | None) -> float | None:
+    """Retained (unrelated) prompts' mean ||dW|| at the last logged step over the reference
+    (gate_reference, else the concept prompts' mean then): the trainer's `final` record."""
+    final = training.get("final") if isinstance(training, dict) else None
+    if not isinstance(final, dict) or not _number(final.get("delta_retain")):
+        return None
+    ref = reference if reference else final.get("delta_target")
+    return final["delta_retain"] / ref if _number(ref) and ref > 0 else None
+
+
+def probe_prompts(loaded, prompts: list[str], text_encoder: str | None = None,
+                  per_layer: bool = False):
+    """unhype.probe of `prompts` with the family's text encoder (long prompts: their strongest
+    window, as the hosts and `unhype bake` apply them)."""
+    from unhype.embedding import load_embedder
+    from unhype.errors import UnHypeError
+    from unhype.probe import concept_texts, probe
+
+    if any(not p.strip() for p in prompts):
+        raise UnHypeError("--prompt is empty; give the text to test")
+    embedder = load_embedder(loaded.family, text_encoder)
+    return probe(loaded, embedder, prompts, concept_texts(loaded.meta), windows=True,
+                 per_layer=per_layer)
+
+
+def inspect(path, prompts: list[str] | None = None, text_encoder: str | None = None,
+            per_layer: bool = False) -> tuple[dict, list]:
+    """(the file's description, unhype.probe results of `prompts`)."""
+    from unhype.families import get_family
     from unhype.fileformat import load_hypernet
     from unhype.sizes import variant_size_table
 
     loaded = load_hypernet(path)
     meta, cfg = loaded.meta, loaded.meta.config
-    return {
+    share = retain_share(meta.training or {}, loaded.gate_reference)
+    info = {
         "file": str(path), "size_bytes": loaded.path.stat().st_size,
         "format_version": meta.format_version, "family": meta.family,
         "embedding": meta.embedding, "variant": cfg.variant, "rank": cfg.rank,
@@ -27,12 +80,99 @@ def describe(path) -> dict:
         "targets": [{"name": t.name, "in_dim": t.in_dim, "out_dim": t.out_dim}
                     for t in cfg.targets],
         "concepts": meta.concepts, "training": meta.training, "created": meta.created,
-        "variant_sizes_sd1": variant_size_table(),
+        "gate_reference": loaded.gate_reference, "gate_floor": loaded.gate_floor,
+        "gate_saturate": loaded.gate_saturate, "retain_share": share,
+        "retain_above_floor": bool(share is not None and loaded.gate_reference is not None
+                                   and share > loaded.gate_floor),
+        "variant_sizes": variant_size_table(meta.family),
+        "variant_sizes_layers": len(get_family(meta.family).targets()),
     }
+    results = probe_prompts(loaded, prompts, text_encoder, per_layer) if prompts else []
+    if prompts:
+        info["prompts"] = [r.as_dict() for r in results]
+    return info, results
+
+
+def describe(path, prompts: list[str] | None = None, text_encoder: str | None = None,
+             per_layer: bool = False) -> dict:
+    return inspect(path, prompts, text_encoder, per_layer)[0]
+
+
+def _concept_line(c) -> str:
+    if not isinstance(c, dict):
+        return f"  concept    {c!r}"
+    synonyms = c.get("synonyms") or []
+    syn = (", ".join(map(str, synonyms)) if isinstance(synonyms, list) else repr(synonyms)) or "-"
+    if synonyms:  # the trainer's default: synonyms are for evaluation only
+        syn += " (trained on)" if c.get("train_on_synonyms") is True else \
+            " (held out, not trained on)"
+    return (f"  concept    erase {c.get('target')!r} -> anchor {c.get('anchor', '')!r} "
+            f"(synonyms: {syn})")
+
+
+def _training_lines(training: dict) -> list[str]:
+    keys = ("mode", "max_train_steps", "learning_rate", "eta", "pretrained_model_name_or_path")
+    lines = ["  training   " + ", ".join(f"{k}={training[k]}" for k in keys if k in training)]
+    precision = training.get("mixed_precision")
+    stored = "fp8" if training.get("fp8_base") else "4-bit NF4" if training.get(
+        "nf4_base") else None
+    if precision or stored:  # what the frozen model was when trained
+        flag = "--fp8_base" if stored == "fp8" else "--nf4_base"
+        lines.append(f"  base model {'fp32' if precision in (None, 'no') else precision} weights"
+                     + (f", linear layers stored in {stored} ({flag}: trained against the "
+                        "rounded model)" if stored else ""))
+    if training.get("adversarial_eps"):  # says how hard the gate is to switch off
+        fraction = training.get("adversarial_fraction", 1.0)
+        if not _number(fraction):  # free-form record: shown, not trusted
+            fraction = 1.0
+        lines.append(
+            f"  robustness adversarial gate training, eps {_fmt(training['adversarial_eps'])}"
+            f" ({training.get('adversarial_steps')} PGD steps"
+            + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "")
+            + (f", consistency loss weight {_fmt(training.get('consistency_weight', 1.0))}"
+               if training.get("adversarial_loss") == "consistency" else "") + ")")
+    return lines
+
+
+def _gate_lines(info: dict) -> list[str]:
+    ref, floor = info["gate_reference"], info["gate_floor"]
+    if ref is None:
+        lines = ["  gate floor none (the file stores no gate reference: trained before it "
+                 "existed; `unhype stamp-floor` adds it)"]
+    else:
+        lines = [f"  gate floor prompts whose update is under {floor:.0%} of {ref:.4g} (the "
+                 f"concepts' median ||dW||) get none, full from {2 * floor:.0%}"
+                 + (", saturated: raised to the concepts' strength from there"
+                    if info["gate_saturate"] else "")]
+    share = info["retain_share"]
+    if share is not None:
+        of = "the reference ||dW||" if ref else "the concept prompts' ||dW||"
+        lines.append(f"  retained   unrelated (retain) prompts got {share:.1%} of {of} at the "
+                     "last training step")
+    if info["retain_above_floor"]:
+        lines.append(f"  warning    that is above the {floor:.0%} floor: prompts unrelated to "
+                     "the concepts still get an update (test yours with --prompt)")
+    return lines
+
+
+def _table(rows: list[list], headers: list[str]) -> list[str]:
+    cells = [[str(v) for v in row] for row in [headers] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return ["    " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+
+
+def _prompt_lines(results) -> list[str]:
+    from unhype.probe import ROW_HEADERS, ROW_NOTE
+
+    lines = ["  prompts"] + _table([r.as_row() for r in results], ROW_HEADERS)
+    for r in results:
+        for name, norm in (r.layers or {}).items():
+            lines.append(f"      {r.prompt!r} {name}: {norm:.4g}")
+    return lines + textwrap.wrap(ROW_NOTE, 96, initial_indent="    ", subsequent_indent="    ")
 
 
 def run(args) -> int:
-    info = describe(args.file)
+    info, results = inspect(args.file, args.prompt, args.text_encoder, args.per_layer)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -44,46 +184,16 @@ def run(args) -> int:
     print(f"  params     {info['parameters']:,}")
     print(f"  targets    {len(info['targets'])} layers, e.g. {info['targets'][0]['name']}")
     for c in info["concepts"]:
-        syn = ", ".join(c.get("synonyms", [])) or "-"
-        print(f"  concept    erase {c.get('target')!r} -> anchor {c.get('anchor', '')!r} "
-              f"(synonyms: {syn})")
+        print(_concept_line(c))
     if info["training"]:
-        keys = ("mode", "max_train_steps", "learning_rate", "eta", "pretrained_model_name_or_path")
-        print("  training   " + ", ".join(f"{k}={info['training'][k]}" for k in keys
-                                          if k in info["training"]))
-        training = info["training"]
-        precision = training.get("mixed_precision")
-        stored = "fp8" if training.get("fp8_base") else "4-bit NF4" if training.get(
-            "nf4_base") else None
-        if precision or stored:  # what the frozen model was when trained
-            flag = "--fp8_base" if stored == "fp8" else "--nf4_base"
-            print(f"  base model {'fp32' if precision in (None, 'no') else precision} weights"
-                  + (f", linear layers stored in {stored} ({flag}: trained against the "
-                     "rounded model)" if stored else ""))
-        if training.get("adversarial_eps"):  # says how hard the gate is to switch off
-            fraction = training.get("adversarial_fraction", 1.0)
-            if not isinstance(fraction, (int, float)):  # free-form record: shown, not trusted
-                fraction = 1.0
-            print(f"  robustness adversarial gate training, eps {training['adversarial_eps']}"
-                  f" ({training.get('adversarial_steps')} PGD steps"
-                  + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "")
-                  + (f", consistency loss weight {training.get('consistency_weight', 1.0):g}"
-                     if training.get("adversarial_loss") == "consistency" else "") + ")")
-    ref = info["training"].get("gate_reference") if info["training"] else None
-    if ref:
-        from unhype.gate_floor import DEFAULT_FLOOR
-
-        floor = info["training"].get("gate_floor", DEFAULT_FLOOR)
-        print(f"  gate floor prompts whose update is under {floor:.0%} of {ref:.4g} (the "
-              f"concepts' median ||dW||) get none, full from {2 * floor:.0%}"
-              + (", saturated: raised to the concepts' strength from there"
-                 if info["training"].get("gate_saturate") else ""))
-    else:
-        print("  gate floor none (the file stores no gate reference: trained before it existed; "
-              "`unhype stamp-floor` adds it)")
+        print("\n".join(_training_lines(info["training"])))
+    print("\n".join(_gate_lines(info)))
     print(f"  created    {info['created']}")
-    print("  parameter counts of both variants, SD1 default preset (32 layers):")
-    for row in info["variant_sizes_sd1"]:
+    print(f"  parameter counts of both variants, {info['family']} default preset "
+          f"({info['variant_sizes_layers']} layers):")
+    for row in info["variant_sizes"]:
         print(f"    rank {row['rank']}: per_layer {row['per_layer']:>12,}   shared "
               f"{row['shared']:>10,}   ratio {row['ratio']:.1f}x")
+    if results:
+        print("\n".join(_prompt_lines(results)))
     return 0
