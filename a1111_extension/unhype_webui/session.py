@@ -175,11 +175,14 @@ def build_session(sd_model, actives: list[Active],
         return Session(unet, [], bank, [], [], warnings)
 
     cond_texts, owners, groups = [], [], []
+    guiding, avoiding = set(), set()  # texts of AND parts weighted >= 0 / < 0
     for i, prompts in enumerate(item_prompts):
         for prompt, schedule in prompts:
-            for group in conditioning_groups(prompt, schedule):
+            weights = [w for _, w in split_and(prompt)] or [1.0]
+            for group, weight in zip(conditioning_groups(prompt, schedule), weights):
                 if group not in groups:
                     groups.append(group)
+                (guiding if weight >= 0 else avoiding).update(group)
                 for text in group:
                     if text not in cond_texts:
                         cond_texts.append(text)
@@ -196,7 +199,8 @@ def build_session(sd_model, actives: list[Active],
     for group in groups:
         cond = host.learned_conditioning(sd_model, group)
         for text, row in zip(group, host.crossattn(cond)):
-            bank.add(row, text_k[cond_texts.index(text)])
+            if text in guiding:  # a part weighted below 0 steers away: the base model's, as
+                bank.add(row, text_k[cond_texts.index(text)])  # the negative prompt is
         if model_family in host.POOLED_IN_VECTOR:
             for text, vec in zip(group, host.pooled_embeddings(sd_model, model_family, group,
                                                                cond)):

@@ -193,6 +193,15 @@ def test_and_parts_and_prompt_editing_use_each_rows_own_text(sd1, hyper_file, sc
     check_rows(p, unet, lambda c, r: layout(c // 3)[(c % 3) * 2 + r], refs)
 
 
+def test_and_parts_weighted_below_zero_run_the_base_model(sd1, hyper_file, script):
+    # "a dog AND a cat :-0.8" steers away from a cat: that part is negative guidance, which
+    # runs the base model as the negative prompt does (erasing it undid the user's "avoid")
+    unet = sd1.model.diffusion_model
+    p, _ = run(sd1, script, ["a dog AND a cat :-0.8"], steps=1)
+    refs = refs_for(sd1, unet, hyper_file, ["a dog"])
+    assert check_rows(p, unet, lambda c, r: ["a dog", None, None][r], refs) > 1e-3
+
+
 def test_tags_apply_to_the_prompts_that_carry_them(sd1, hyper_file, script):
     prompts = ["a cat <unhype:erase_cat:0.5>", "a cat"]
     unet = sd1.model.diffusion_model
