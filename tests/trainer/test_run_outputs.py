@@ -35,8 +35,12 @@ def test_a_full_disk_at_the_final_checkpoint_keeps_the_result(tiny_sd1, tmp_path
 
 def test_a_full_disk_at_the_result_names_it_and_the_last_checkpoint(tiny_sd1, tmp_path,
                                                                      monkeypatch):
-    def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+    real = loop.save_hypernet
+
+    def full(path, *args, **kwargs):  # the step results fit, the final one does not
+        if path.name == "erase.safetensors":
+            raise SafetensorError("Error while serializing: No space left on device")
+        return real(path, *args, **kwargs)
 
     monkeypatch.setattr(loop, "save_hypernet", full)
     with pytest.raises(UnHypeError) as err:
@@ -105,3 +109,33 @@ def test_a_checkpoint_from_before_the_inputs_were_recorded_still_resumes(tiny_sd
     save_file(load_file(str(path)), str(path), metadata=metadata)
     with pytest.raises(UnHypeError, match="another model, targets"):
         run_training(tiny_sd1, tmp_path, max_train_steps=4, resume=str(path))
+
+
+def test_periodic_saves_write_usable_hypernetworks_pruned_with_the_checkpoints(tiny_sd1,
+                                                                               tmp_path):
+    code, _ = run_training(tiny_sd1, tmp_path, max_train_steps=6, save_every_n_steps=2,
+                           save_last_n_checkpoints=2)
+    assert code == 0
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == \
+        ["step-0000004.safetensors", "step-0000006.safetensors"]
+    steps = sorted(p.name for p in tmp_path.glob("erase-step*.safetensors"))
+    assert steps == ["erase-step00000004.safetensors"]  # step 2's went with its checkpoint
+    at_4 = load_hypernet(tmp_path / steps[0])
+    final = load_hypernet(tmp_path / "erase.safetensors")
+    assert at_4.meta.training["steps_done"] == 4 and final.meta.training["steps_done"] == 6
+    assert at_4.meta.concepts == final.meta.concepts
+    assert at_4.meta.config.to_dict() == final.meta.config.to_dict()
+    changed = [k for k, v in at_4.hypernet.state_dict().items()
+               if not (v == final.hypernet.state_dict()[k]).all()]
+    assert changed  # the step's own weights, not the final ones
+
+
+def test_save_last_n_checkpoints_zero_keeps_all_and_negative_is_refused(tiny_sd1, tmp_path):
+    from unhype.trainer.config import resolve
+
+    with pytest.raises(UnHypeError, match="save_last_n_checkpoints must be >= 0, got -1"):
+        resolve({"pretrained_model_name_or_path": "toy", "save_last_n_checkpoints": -1})
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=3, save_every_n_steps=1,
+                        save_last_n_checkpoints=0)[0] == 0
+    assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 3
+    assert len(list(tmp_path.glob("erase-step*.safetensors"))) == 2

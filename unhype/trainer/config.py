@@ -62,8 +62,10 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("output_dir", str, "output", "folder for the hypernetwork, checkpoints, logs, grids"),
     ("output_name", str, "unhype", "file name stem of the hypernetwork"),
     ("save_model_as", str, "safetensors", "only safetensors"),
-    ("save_every_n_steps", int, 0, "checkpoint every N steps (0: only at the end)"),
-    ("save_last_n_checkpoints", int, 2, "keep this many checkpoints"),
+    ("save_every_n_steps", int, 0, "every N steps write a usable hypernetwork "
+     "<output_name>-stepNNNNNNNN.safetensors and a resume checkpoint (0: only at the end)"),
+    ("save_last_n_checkpoints", int, 2, "keep this many checkpoints, and the step "
+     "hypernetworks of those steps (0: keep all)"),
     ("sample_every_n_steps", int, 0, "before/after sample grids every N steps (0: end only)"),
     ("sample_prompts", str, None, "text file, one prompt a line, for the sample grids "
      "(default: each concept's prompt, its synonyms and two retained prompts)"),
@@ -274,7 +276,8 @@ def validate(cfg: TrainConfig) -> None:
                  "network_hidden", "network_head_hidden"):
         if isinstance(v[name], int) and v[name] < 1:
             problems.append(f"{name} must be >= 1, got {v[name]}")
-    for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache", "lr_warmup_steps"):
+    for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache", "lr_warmup_steps",
+                 "save_last_n_checkpoints"):
         if isinstance(v[name], int) and v[name] < 0:
             problems.append(f"{name} must be >= 0, got {v[name]}")
     for name in ("learning_rate", "retain_learning_rate", "fields_lambda", "consistency_weight",

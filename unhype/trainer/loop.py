@@ -594,8 +594,20 @@ def train(run: Run, progress: bool = True) -> int:
             return ckpt.save_checkpoint(ckpt_dir, at, hn, optimisers, rng, run.fingerprint,
                                         {"config": cfg.to_dict(), "processes": dist.world},
                                         keep=cfg.save_last_n_checkpoints)
-        return written("checkpoint", ckpt.checkpoint_path(ckpt_dir, at), save,
+        before = set(ckpt.list_checkpoints(ckpt_dir))
+        path = written("checkpoint", ckpt.checkpoint_path(ckpt_dir, at), save,
                        note or _last_note(last_good))
+        for gone in before - set(ckpt.list_checkpoints(ckpt_dir)):  # pruned: its result too
+            step_result_path(run, int(gone.stem.split("-")[1])).unlink(missing_ok=True)
+        return path
+
+    def save_point(at):
+        """--save_every_n_steps: a usable hypernetwork of this step (as kohya's
+        <name>-stepNNNNNNNN), then the resume checkpoint."""
+        path = step_result_path(run, at)
+        written("the step result", path, lambda: save_result(run, at, path),
+                _last_note(last_good))
+        return checkpoint(at)
 
     bar = None
     if progress and main:
@@ -636,7 +648,7 @@ def train(run: Run, progress: bool = True) -> int:
                                 refresh=False)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
                     and step < cfg.max_train_steps and main:
-                last_good = checkpoint(step)
+                last_good = save_point(step)
             if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
                     and step < cfg.max_train_steps and main:
                 sampler.after(step)
@@ -728,9 +740,14 @@ def result_path(run: Run) -> Path:
     return run.out_dir / f"{run.cfg.output_name}.safetensors"
 
 
-def save_result(run: Run, step: int) -> Path:
+def step_result_path(run: Run, step: int) -> Path:
+    return run.out_dir / f"{run.cfg.output_name}-step{step:08d}.safetensors"
+
+
+def save_result(run: Run, step: int, path: Path | None = None) -> Path:
+    """The hypernetwork file (`path`, default the result) with the run's metadata."""
     cfg = run.cfg
-    path = result_path(run)
+    path = path or result_path(run)
     training = {k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}
     # the precision the base model really ran in (the toy models ignore --mixed_precision)
     ran = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(run.backend.dtype, "no")
