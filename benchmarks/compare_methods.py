@@ -556,7 +556,7 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         f"- every trained method: {args.steps} steps, seed {args.seed}, the trainer's concepts "
         f"(toy templates x colours), latent cache and ESD-with-anchor target (anchor '', "
         f"eta 1); UnHype uses unhype/trainer/configs/toy_demo.toml otherwise",
-        f"- settings: `{json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, sort_keys=True)}`",
+        f"- settings: `{json.dumps(shown_settings(args), sort_keys=True)}`",
         *([f"- note: {args.note}"] if args.note else []),
         "", text, "", "Goals (issue 7):", ""]
     lines += ["- " + g for g in goals(single, multi_rows, per_target)]
@@ -578,6 +578,12 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         lines += ["", f"## From `{where}`", "", Path(path).read_text().strip()]
     lines.append("")
     return "\n".join(lines)
+
+
+def shown_settings(args) -> dict:
+    """The run's options for the page's settings line (the note has a line of its own)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k != "note"}
 
 
 def record_settings(args) -> None:
