@@ -77,6 +77,30 @@ def test_bad_options(argv, needle):
         resolve(parse(argv))
 
 
+def test_every_relative_input_path_of_a_toml_is_looked_for_next_to_it_then_here(
+        tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "retain.txt").write_text("a photo of a tree\n")
+    (conf / "samples.txt").write_text("a dog\n")
+    (conf / "tpl.txt").write_text("a drawing of a {}\n")
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "mine.txt").write_text("a photo of a house\n")
+    monkeypatch.chdir(here)
+    (conf / "run.toml").write_text(
+        'pretrained_model_name_or_path = "toy"\nretain_prompts = "retain.txt, cifar100, mine.txt"'
+        '\nsample_prompts = "samples.txt"\noutput_dir = "out"\n'
+        '[[concepts]]\ntarget = "cat"\ntemplates = "tpl.txt"\n')
+    cfg = resolve(parse(["--config_file", str(conf / "run.toml")]))
+    assert cfg.retain_prompts == f"{conf / 'retain.txt'},cifar100,mine.txt"
+    assert cfg.sample_prompts == str(conf / "samples.txt")
+    assert cfg.output_dir == "out"  # an output: relative to the working directory
+    assert C.resolve_concepts(cfg)[0].prompts() == [("a drawing of a cat", "")]
+    retained = C.resolve_retain(cfg.retain_prompts, C.resolve_concepts(cfg))
+    assert "a photo of a tree" in retained and "a photo of a house" in retained
+
+
 def test_bad_toml(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("learning_rate = = 3\n")

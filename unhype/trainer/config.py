@@ -219,6 +219,36 @@ def _read_toml(path: str) -> dict:
     return flat
 
 
+# Input files a TOML file names by a relative path are looked for next to it first, then in the
+# working directory; outputs (output_dir, logging_dir) are relative to the working directory.
+TOML_INPUTS = ("pretrained_model_name_or_path", "model_config", "concepts", "sample_prompts",
+               "template_set", "resume")
+TOML_INPUT_LISTS = ("retain_prompts",)  # comma-separated: each item on its own
+
+
+def _next_to(base: Path, value: str) -> str:
+    from unhype.trainer.concepts import could_be_path
+
+    if not value.strip() or not could_be_path(value) or Path(value).is_absolute():
+        return value
+    found = base / value
+    return str(found) if found.exists() else value
+
+
+def _inputs_next_to(toml: dict, concept_entries: list | None, base: Path) -> None:
+    """The one rule for a TOML file's relative input paths, in place (TOML_INPUTS)."""
+    for key in TOML_INPUTS:
+        if isinstance(toml.get(key), str):
+            toml[key] = _next_to(base, toml[key])
+    for key in TOML_INPUT_LISTS:
+        if isinstance(toml.get(key), str):
+            toml[key] = ",".join(_next_to(base, v.strip()) for v in toml[key].split(","))
+    for entry in concept_entries or []:  # [[concepts]] tables: their template files
+        for key in ("templates", "template_set"):
+            if isinstance(entry.get(key), str):
+                entry[key] = _next_to(base, entry[key])
+
+
 def resolve(args: argparse.Namespace | dict) -> TrainConfig:
     """Defaults < TOML (--config_file) < flags given on the command line; then validated."""
     from unhype.trainer.concepts import could_be_path
@@ -236,11 +266,7 @@ def resolve(args: argparse.Namespace | dict) -> TrainConfig:
         if isinstance(toml.get("concepts"), list):
             entries = toml.pop("concepts")
             concept_entries = [e if isinstance(e, dict) else {"target": e} for e in entries]
-        base = Path(config_file).parent
-        for key in ("concepts", "sample_prompts"):  # relative paths: relative to the TOML file
-            if isinstance(toml.get(key), str) and could_be_path(toml[key]) \
-                    and (base / toml[key]).exists():
-                toml[key] = str(base / toml[key])
+        _inputs_next_to(toml, concept_entries, find_config_file(config_file).parent)
         values.update(toml)
     for name in known:
         if given.get(name) is not None:
