@@ -163,6 +163,9 @@ def test_inspect_prompt_needs_the_text_encoder_of_sd_families(hyper_file, tmp_pa
     assert "needs --text_encoder" in capsys.readouterr().err
     assert main(["inspect", str(hyper_file), "--prompt", " "]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+    assert main(["inspect", str(hyper_file), "--per_layer"]) == 2
+    assert "--per_layer shows the layers of the prompts given with --prompt" in \
+        capsys.readouterr().err
     folder = tiny_text_encoder_folder(tmp_path / "te")
     assert main(["inspect", str(hyper_file), "--prompt", "a cat", "--text_encoder", str(folder),
                  "--json"]) == 0

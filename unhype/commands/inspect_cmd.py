@@ -172,6 +172,11 @@ def _prompt_lines(results) -> list[str]:
 
 
 def run(args) -> int:
+    if args.per_layer and not args.prompt:
+        from unhype.errors import UnHypeError
+
+        raise UnHypeError("--per_layer shows the layers of the prompts given with --prompt; "
+                          "give at least one")
     info, results = inspect(args.file, args.prompt, args.text_encoder, args.per_layer)
     if args.json:
         print(json.dumps(info, indent=2))
