@@ -1,6 +1,7 @@
 """End-to-end training on tiny random diffusers models: output file, resume, Ctrl-C, NaN."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -251,6 +252,26 @@ def test_unknown_lr_schedule_is_refused():
 
     with pytest.raises(UnHypeError, match="lr_scheduler"):
         resolve({"pretrained_model_name_or_path": "toy", "lr_scheduler": "adafactor"})
+    with pytest.raises(UnHypeError, match="constant has no warm-up .*constant_with_warmup"):
+        resolve({"pretrained_model_name_or_path": "toy", "lr_warmup_steps": 10})
+    for bad in ({"lr_scheduler_num_cycles": 0}, {"lr_scheduler_power": 0.0}):
+        with pytest.raises(UnHypeError, match=list(bad)[0]):
+            resolve({"pretrained_model_name_or_path": "toy", **bad})
+
+
+@pytest.mark.parametrize("schedule, option, at, factor", [
+    ("cosine_with_restarts", {"lr_scheduler_num_cycles": 2}, 5, 1.0),  # the second cycle's top
+    ("cosine_with_restarts", {"lr_scheduler_num_cycles": 2}, 2, 0.5 * (1 + math.cos(0.4 * math.pi))),
+    ("cosine_with_restarts", {}, 5, 0.5),
+    ("polynomial", {"lr_scheduler_power": 2.0}, 5, 0.25), ("polynomial", {}, 5, 0.5)])
+def test_lr_schedule_cycles_and_power(schedule, option, at, factor):
+    cfg = resolve({"pretrained_model_name_or_path": "toy", "lr_scheduler": schedule,
+                   "max_train_steps": 10, "learning_rate": 1e-3, **option})
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimisers = {"remove": torch.optim.Adam([p], lr=5.0), "retain": torch.optim.Adam([p], lr=5.0)}
+    loop.lr_schedules(cfg, optimisers, step=at)
+    end = 1e-7 if schedule == "polynomial" else 0.0  # diffusers' polynomial ends at lr_end
+    assert optimisers["remove"].param_groups[0]["lr"] == pytest.approx((1e-3 - end) * factor + end)
 
 
 def test_deferred_interrupt_agrees_across_processes_and_ignores_the_launchers_echo(monkeypatch):

@@ -86,7 +86,10 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("lr_scheduler", str, "constant", "schedule of both learning rates (diffusers' "
      "get_scheduler, kohya's names): constant | constant_with_warmup | linear | cosine | "
      "cosine_with_restarts | polynomial"),
-    ("lr_warmup_steps", int, 0, "warm-up steps of the learning-rate schedule"),
+    ("lr_warmup_steps", int, 0, "warm-up steps of the learning-rate schedule (not with "
+     "constant: use constant_with_warmup)"),
+    ("lr_scheduler_num_cycles", int, 1, "cosine_with_restarts: number of cosine cycles (kohya)"),
+    ("lr_scheduler_power", float, 1.0, "polynomial: power of the decay (1: linear; kohya)"),
     ("train_batch_size", int, 1, "target prompts per step: the global batch, split evenly "
      "over the processes of `accelerate launch`"),
     ("seed", int, 42, "seed of everything random (hypernet init, prompts, noise)"),
@@ -299,7 +302,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("network_dim", "max_train_steps", "train_batch_size", "hyper_steps",
                  "ddim_steps", "retain_batch_size", "sample_steps", "sample_seeds", "log_every",
                  "eval_images", "gradient_accumulation_steps", "adversarial_steps",
-                 "network_hidden", "network_head_hidden"):
+                 "network_hidden", "network_head_hidden", "lr_scheduler_num_cycles"):
         if isinstance(v[name], int) and v[name] < 1:
             problems.append(f"{name} must be >= 1, got {v[name]}")
     for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache", "lr_warmup_steps",
@@ -307,7 +310,7 @@ def validate(cfg: TrainConfig) -> None:
         if isinstance(v[name], int) and v[name] < 0:
             problems.append(f"{name} must be >= 0, got {v[name]}")
     for name in ("learning_rate", "retain_learning_rate", "fields_lambda", "consistency_weight",
-                 "network_alpha"):
+                 "network_alpha", "lr_scheduler_power"):
         if isinstance(v[name], float) and not v[name] > 0:
             problems.append(f"{name} must be > 0, got {v[name]}")
     for name in ("retain_weight", "guidance_scale"):  # negative: rewards damaging the rest
@@ -325,7 +328,7 @@ def validate(cfg: TrainConfig) -> None:
             check_floor(v["gate_floor"])
         except UnHypeError as exc:
             problems.append(str(exc).replace("gate floor", "gate_floor", 1))
-    problems += _check_places(v)
+    problems += _check_places(v) + _check_schedule(v)
     if v["fp8_base"] is True and v["nf4_base"] is True:
         problems.append("fp8_base and nf4_base are two storages of the same weights; pick one")
     if v["nf4_base"] is True and importlib.util.find_spec("bitsandbytes") is None:
@@ -346,6 +349,22 @@ def validate(cfg: TrainConfig) -> None:
         v["network_alpha"] = float(v["network_dim"])
     if v["xformers"] and v["sdpa"]:
         raise UnHypeError("--xformers and --sdpa exclude each other; pick one")
+
+
+def _check_schedule(v: dict) -> list[str]:
+    """What diffusers' schedules would ignore or reject once training starts."""
+    problems = []
+    if v["lr_scheduler"] == "constant" and isinstance(v["lr_warmup_steps"], int) \
+            and v["lr_warmup_steps"] > 0:  # kohya refuses it too
+        problems.append(f"lr_scheduler constant has no warm-up (lr_warmup_steps "
+                        f"{v['lr_warmup_steps']}); use lr_scheduler constant_with_warmup, or "
+                        "lr_warmup_steps 0")
+    if v["lr_scheduler"] == "polynomial":  # it decays to diffusers' lr_end, 1e-7
+        low = [n for n in ("learning_rate", "retain_learning_rate")
+               if isinstance(v[n], float) and v[n] <= 1e-7]
+        if low:
+            problems.append(f"lr_scheduler polynomial decays to 1e-7: {low[0]} must be above it")
+    return problems
 
 
 def check_device(name) -> str | None:

@@ -518,11 +518,14 @@ def lr_schedules(cfg: TrainConfig, optimisers: dict, step: int = 0) -> dict:
     out = {}
     for name, optimiser in optimisers.items():
         inner = getattr(optimiser, "optimizer", optimiser)  # accelerate's wrapper
+        rate = cfg.learning_rate if name == "remove" else cfg.retain_learning_rate
+        inner.defaults["lr"] = rate  # polynomial's lr_end is relative to it
         for group in inner.param_groups:  # the schedule's base: the configured rate
-            group["initial_lr"] = group["lr"] = (cfg.learning_rate if name == "remove"
-                                                 else cfg.retain_learning_rate)
+            group["initial_lr"] = group["lr"] = rate
         schedule = get_scheduler(cfg.lr_scheduler, inner, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
+                                 num_training_steps=cfg.max_train_steps,
+                                 num_cycles=cfg.lr_scheduler_num_cycles,
+                                 power=cfg.lr_scheduler_power)
         with warnings.catch_warnings():  # fast-forwarding without optimiser steps is the point
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             for _ in range(step):
