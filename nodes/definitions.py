@@ -12,7 +12,7 @@ import torch
 
 from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, save_lora,
                          strongest_embedding, update_norm)
-from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_prompt_rows,
+from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_prompt_note,
                                 pooled_rows, rows_under_floor, window_rows)
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, ROW_NOTE, concept_texts, probe
@@ -85,10 +85,10 @@ class UnHypeApply:
                                               "0 = off)."}),
             "mode": (glue.available_modes(), {"default": "auto", "tooltip":
                 "auto: per-row on the positive only (as in the paper), every prompt in one "
-                "batched forward. merge: bakes the first prompt's LoRA into the weights, which "
-                "then also changes the negative branch. comfy hooks: ComfyUI's own per-"
-                "conditioning weight hooks (new ComfyUI only; wire this node's CONDITIONING "
-                "output to the sampler)."}),
+                "batched forward. merge: bakes one prompt's LoRA (the strongest) into the "
+                "weights, which then also changes the negative branch. comfy hooks: ComfyUI's "
+                "own per-conditioning weight hooks (new ComfyUI only; wire this node's "
+                "CONDITIONING output to the sampler)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "STRING")
@@ -110,11 +110,14 @@ class UnHypeApply:
         path = glue.choose_path(model, mode)
         prompts = next(iter(plan.factors.values()))[0].shape[0]
         off = rows_under_floor(plan)
+        long = long_prompt_note(conditioning, unhype.meta.family)
         if plan.strength == 0 or off == prompts:  # nothing to add: the inputs, untouched
             info = (f"UnHype: {unhype.path.name} off: " +
                     ("strength 0." if plan.strength == 0 else
                      f"all {prompts} prompt row(s) under the file's gate floor (the "
-                     "hypernetwork does not recognise them); the model is unchanged."))
+                     "hypernetwork does not recognise them); the model is unchanged." + long))
+            if long and plan.strength != 0:
+                log.warning(info)
             return {"ui": {"text": [info]}, "result": (model, conditioning, info)}
         if path == glue.PATH_HOOKS:
             glue.check_hooks_fit(model, plan, keys)
@@ -130,21 +133,17 @@ class UnHypeApply:
                      if plan.apply_to == "all" else "the negative runs the base weights."))
         else:
             glue.check_merge_fits(model, plan, keys)
-            patched = glue.apply_merged(model, plan, keys)
+            patched, row = glue.apply_merged(model, plan, keys)
             info = (f"UnHype: {unhype.path.name} MERGED into {len(keys)} weights: it applies to "
                     "BOTH the positive and the negative branch (not the paper's cond-only "
-                    "semantics)" + (f"; only the first of {prompts} prompt rows is used"
-                                    if prompts > 1 else "") + "."
-                    + glue.weight_rounding_note(model, plan, keys))
+                    "semantics)" + (f"; only prompt row {row + 1} of {prompts} is used (the "
+                                    "strongest update not under the gate floor)"
+                                    if prompts > 1 and row is not None else "") + "."
+                    + glue.weight_rounding_note(model, plan, keys, row or 0))
         if off:  # the hypernetwork did not recognise these prompts: nothing is erased there
             info += (f" {off} of {prompts} prompt row(s) under the file's gate floor: they run "
                      "the base weights.")
-        long = long_prompt_rows(conditioning, unhype.meta.family)
-        if long:
-            info += (f" {long} prompt row(s) are longer than 75 tokens: the pooled embedding "
-                     "UnHype reads covers only their first 75, so a concept named after those "
-                     "is not erased there; encode it with UnHype Text Encode (long prompts), "
-                     "or name the concept early.")
+        info += long
         if path == glue.PATH_MERGE or long:
             log.warning(info)
         return {"ui": {"text": [info]}, "result": (patched, conditioning, info)}

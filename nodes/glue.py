@@ -12,7 +12,8 @@ import os
 import folder_paths
 import torch
 
-from unhype.comfy_apply import ApplyPlan, UnHypeWrapper, merge_rounding_loss, merged_delta
+from unhype.comfy_apply import (ApplyPlan, UnHypeWrapper, merge_rounding_loss, merge_row,
+                                merged_delta)
 from unhype.dynamic_lora import resolve_modules
 from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, load_hypernet
@@ -283,9 +284,9 @@ def check_merge_fits(model, plan: ApplyPlan, keys: dict[str, str]) -> None:
                           "exact on them)")
 
 
-def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
+def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str], row: int = 0) -> str:
     """For the paths that write the update into the weights (merge, ComfyUI's hooks): how much
-    of the first prompt's update the weights' own dtype loses, when they are stored in under 32
+    of prompt row `row`'s update the weights' own dtype loses, when they are stored in under 32
     bits and it is at least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
     stored, quantised = _stored_targets(model, plan, keys)
     low = {name: w for name, w in stored.items() if w.element_size() < 4}
@@ -297,12 +298,13 @@ def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str]) -> str:
     if not low:
         return ""
     # one layer's B A^T at a time: FLUX's full update would be gigabytes at once
-    lost = merge_rounding_loss((w, merged_delta(plan, name)) for name, w in low.items())
+    lost = merge_rounding_loss((w, merged_delta(plan, name, row)) for name, w in low.items())
     if lost < 0.01:
         return ""
     dtype = str(next(iter(low.values())).dtype).replace("torch.", "")
+    which = "first prompt" if row == 0 else f"prompt row {row + 1}"
     return (f" The model's weights are stored in {dtype}: writing the update into them loses "
-            f"about {100 * lost:.0f}% of it (first prompt, {len(low)} layers); 'auto' "
+            f"about {100 * lost:.0f}% of it ({which}, {len(low)} layers); 'auto' "
             "(per-row) adds it at the compute precision instead.")
 
 
@@ -327,13 +329,18 @@ def lora_patches(plan: ApplyPlan, keys: dict[str, str], row: int = 0) -> dict:
 
 
 def apply_merged(model, plan: ApplyPlan, keys: dict[str, str]):
+    """(the model with one prompt row's LoRA merged, that row: `merge_row`, the strongest not
+    under the gate floor; None and no patches when every row is under it)."""
     patched = model.clone()
-    patches = lora_patches(plan, keys, 0)
+    row = merge_row(plan)
+    if row is None:
+        return patched, None
+    patches = lora_patches(plan, keys, row)
     added = patched.add_patches(patches, 1.0)
     if len(added) != len(patches):
         raise UnHypeError(f"UnHype: ComfyUI accepted {len(added)} of {len(patches)} weight "
                           "patches; refusing a partial erasure")
-    return patched
+    return patched, row
 
 
 def apply_hooks(model, plan: ApplyPlan, keys: dict[str, str], conditioning):
@@ -341,7 +348,9 @@ def apply_hooks(model, plan: ApplyPlan, keys: dict[str, str], conditioning):
     (low-rank, `lora_patches`).
 
     ComfyUI registers the hooks at sampling time and patches the weights only while the hooked
-    conditioning runs; the negative (no hooks) runs the base weights.
+    conditioning runs; the negative (no hooks) runs the base weights. An entry whose prompts
+    are all under the gate floor gets no hook: ComfyUI batches it with the base model's rows
+    instead of running it alone with its weights re-patched.
     """
     hooks = comfy_hooks()
     out, row = [], 0
@@ -351,6 +360,10 @@ def apply_hooks(model, plan: ApplyPlan, keys: dict[str, str], conditioning):
         if n > 1 and not bool((pooled == pooled[:1]).all()):
             raise UnHypeError(f"UnHype: conditioning entry {i} holds {n} different prompts; "
                               "ComfyUI's hooks give one LoRA per entry: use 'auto'")
+        if plan.silent is not None and bool(plan.silent[row:row + n].all()):
+            out.append(entry)
+            row += n
+            continue
         group = hooks.HookGroup()
         hook = hooks.WeightHook(strength_model=1.0, strength_clip=0.0)
         hook.weights = lora_patches(plan, keys, row)

@@ -6,9 +6,11 @@ conditional (``cond_or_uncond``) and the batched ``c_crossattn``. UnHype records
 the cross-attention tensor of every positive conditioning row it generated a LoRA for; inside
 the wrapper each conditional row is matched against those tensors by value (ComfyUI pads shorter
 prompts by repeating tokens and repeats rows to the latent batch, so a row's first ``L`` tokens
-equal one recorded ``[L, D]`` row exactly). Matched rows get their prompt's LoRA, unconditional
-and unmatched rows run the base weights. Forward hooks are attached on entry of every call and
-removed in ``finally``: the model is never left changed.
+equal one recorded ``[L, D]`` row exactly). Matched rows get their prompt's LoRA whatever chunk
+ComfyUI put them in (guiders that batch three conditionings label the chunks by their position
+in the list, ``row_map``); the negative of a plain [positive, negative] call and unmatched rows
+run the base weights. Forward hooks are attached on entry of every call and removed in
+``finally``: the model is never left changed.
 
 No ComfyUI import here; ``nodes/`` passes ComfyUI's objects in.
 """
@@ -32,7 +34,11 @@ from unhype.prompt_windows import strongest
 
 log = logging.getLogger("unhype")
 
-UNCOND = 1  # ComfyUI's index of the negative branch in cond_or_uncond
+# ComfyUI labels each chunk of a call with the position of its conditioning in the list given to
+# calc_cond_batch: a plain sampler passes [positive, negative], DualCFGGuider [negative, middle,
+# positive], PerpNegGuider [positive, negative, empty], SAG / PAG / PerpNeg's patch re-run one
+# conditioning alone as [x] (label 0)
+COND, UNCOND = 0, 1
 # the pooled embeddings of a long prompt's word windows [W, D], stored in the conditioning by
 # UnHype Text Encode (unhype.prompt_windows; ComfyUI's own pooled_output is the first chunk's)
 WINDOWS_KEY = "unhype_pooled_windows"
@@ -130,9 +136,13 @@ class RowMatcher:
             self._on_device[key] = (idx.to(device), rows.to(device=device, dtype=dtype))
         return self._on_device[key]
 
-    def match(self, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def match(self, context: Tensor, y: Tensor | None = None, joined: list | None = None
+              ) -> Tensor:
         """[N, Lc, D] cross-attention rows (and their ``y`` [N, Dy], if any) -> [N] LoRA index
-        (-1 where nothing matches)."""
+        (-1 where nothing matches). A longer row matches a recorded one by its first tokens;
+        ComfyUI pads by repeating the row, so a match whose remainder is not that repetition is
+        a row joined to other text after Apply (ConditioningConcat): its index goes to
+        ``joined`` when a list is given."""
         n, length, dim = context.shape
         same_pooled = self._same_pooled(y, n)
         result = torch.full((n,), -1, dtype=torch.long, device=context.device)
@@ -154,6 +164,11 @@ class RowMatcher:
             hit = equal.any(1)
             first = equal.float().argmax(1)
             result[todo[hit]] = idx[first[hit]]
+            if joined is not None and tokens < length and bool(hit.any()):
+                got = context[todo[hit]]
+                blocks = got.reshape(got.shape[0], length // tokens, tokens, dim)
+                padded = (blocks == blocks[:, :1]).flatten(1).all(1)
+                joined += todo[hit][~padded].cpu().tolist()
         return result.cpu()
 
     def _same_pooled(self, y: Tensor | None, n: int) -> Tensor | None:
@@ -178,6 +193,7 @@ class ApplyPlan:
     apply_to: str = "cond_only"  # the family's rule: "all" also matches unconditional chunks
     silent: Tensor | None = None  # [K] bool: rows with a zero update (gate floor): base weights
     warned: set = field(default_factory=set)
+    matched: bool = False  # some call has had a row that came through Apply
 
 
 def window_rows(conditioning, pooled: list[Tensor]) -> tuple[list[Tensor], list[int]]:
@@ -217,12 +233,26 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
 def long_prompt_rows(conditioning, family: str) -> int:
     """Conditioning rows of an SD family longer than one 77-token chunk and without window
     embeddings: ComfyUI's ``pooled_output`` (what the hypernetwork reads) comes from the first
-    chunk alone, so a concept named only after its 75 tokens gets no LoRA there (UnHype Text
-    Encode stores the windows' embeddings; the conditioning itself does not carry the text)."""
+    chunk alone (ConditioningConcat keeps conditioning_to's), so a concept named only after its
+    75 tokens gets no LoRA there (UnHype Text Encode stores the windows' embeddings; the
+    conditioning itself does not carry the text)."""
     if family not in ("sd1", "sd2", "sdxl"):
         return 0  # FLUX's context is T5's, whose length says nothing about CLIP-L's chunks
     return sum(int(entry[0].shape[0]) for entry in conditioning
                if entry[0].shape[1] > 77 and WINDOWS_KEY not in entry[1])
+
+
+def long_prompt_note(conditioning, family: str) -> str:
+    """Apply's info about `long_prompt_rows` ('' when there are none)."""
+    long = long_prompt_rows(conditioning, family)
+    if not long:
+        return ""
+    return (f" {long} prompt row(s) are longer than 75 tokens (a long prompt, or conditioning "
+            "joined by ConditioningConcat) and carry no window embeddings: the pooled embedding "
+            "UnHype reads covers only their first 75 tokens (ConditioningConcat keeps only "
+            "conditioning_to's), so they are judged on that part alone and a concept named "
+            "after it is not erased there; encode the text with UnHype Text Encode (long "
+            "prompts), or name the concept early.")
 
 
 def rows_under_floor(plan: ApplyPlan) -> int:
@@ -230,37 +260,75 @@ def rows_under_floor(plan: ApplyPlan) -> int:
     return int(plan.silent.sum()) if plan.silent is not None else 0
 
 
+def merge_row(plan: ApplyPlan) -> int | None:
+    """The prompt row whose LoRA merge mode writes into the weights (one for every row): the
+    strongest update among the rows not under the gate floor; None when all are under it."""
+    from unhype.prompt_windows import update_norms
+
+    norms = update_norms(plan.factors).cpu()
+    if plan.silent is not None:
+        norms = torch.where(plan.silent.to(norms.device), -1.0, norms)
+    best = int(torch.argmax(norms))
+    return best if norms[best] > 0 else None
+
+
 def row_map(plan: ApplyPlan, context: Tensor, cond_or_uncond, y: Tensor | None = None
             ) -> Tensor:
-    """Batch row -> LoRA index for one call: uncond chunks -1, cond rows matched by value."""
+    """Batch row -> LoRA index for one call (-1: base weights), decided by value: a row equal to
+    a prompt row recorded at Apply gets that prompt's LoRA whatever chunk it is in (DualCFGGuider
+    puts its middle prompt in chunk 1). The chunk label excludes one case: in a plain
+    [positive, negative] call (no chunk labelled 2 or more) the negative runs the base weights
+    even where it equals a positive prompt. Guidance-distilled families (FLUX) match every row."""
     n = context.shape[0]
-    chunks = max(len(cond_or_uncond), 1)
-    if n % chunks:
-        raise UnHypeError(f"batch of {n} rows does not split into {chunks} conditioning chunks")
-    per = n // chunks
-    is_cond = torch.tensor([flag != UNCOND for flag in cond_or_uncond] or [True])
-    is_cond = is_cond.repeat_interleave(per)
+    flags = [int(f) for f in cond_or_uncond] or [COND]
+    if n % len(flags):
+        raise UnHypeError(f"batch of {n} rows does not split into {len(flags)} conditioning "
+                          "chunks")
+    label = torch.tensor(flags).repeat_interleave(n // len(flags))
+    plain = max(flags) <= UNCOND
+    candidate = label != UNCOND if plain and plan.apply_to != APPLY_ALL else \
+        torch.ones(n, dtype=torch.bool)
     rows = torch.full((n,), -1, dtype=torch.long)
-    if plan.apply_to == APPLY_ALL:
-        # guidance-distilled (FLUX): no CFG semantics to keep; any row that came through
-        # UnHype Apply gets its LoRA wherever ComfyUI batched it
-        rows[:] = plan.matcher.match(context, y)
-    elif is_cond.any():
-        cond_idx = is_cond.nonzero().flatten()
-        rows[cond_idx] = plan.matcher.match(
-            context[cond_idx.to(context.device)],
-            y[cond_idx.to(y.device)] if isinstance(y, Tensor) and y.shape[0] == n else None)
-    if is_cond.any():
-        cond_idx = is_cond.nonzero().flatten()
-        missed = int((rows[cond_idx] < 0).sum())
-        if missed and "unmatched" not in plan.warned:
-            plan.warned.add("unmatched")
-            log.warning("UnHype: %d conditional row(s) come from conditioning that did not pass "
-                        "through UnHype Apply (or was changed after it); they run without "
-                        "erasure", missed)
+    joined: list[int] = []
+    if candidate.any():
+        idx = candidate.nonzero().flatten()
+        rows[idx] = plan.matcher.match(
+            context[idx.to(context.device)],
+            y[idx.to(y.device)] if isinstance(y, Tensor) and y.shape[0] == n else None, joined)
+    _warn(plan, rows, label, flags, len(joined))
     if plan.silent is not None:  # no hooks for rows the floor switched off
         rows = torch.where(plan.silent[rows.clamp(min=0)], -1, rows)
     return rows
+
+
+def _warn(plan: ApplyPlan, rows: Tensor, label: Tensor, flags: list[int], joined: int) -> None:
+    """Warn once when rows that should be erased are not: the positive chunk of a plain
+    [positive, negative] call matching nothing, or another call (cfg 1, a three-prompt guider)
+    none of whose rows came through Apply while none ever has. Other unmatched rows are
+    negatives, a guider's extra prompts (PerpNegGuider's empty one), or a negative re-run alone
+    (SAG, SLG): base weights, as meant."""
+    hit = rows >= 0
+    seen_before, plan.matched = plan.matched, plan.matched or bool(hit.any())
+    if joined and "joined" not in plan.warned:
+        plan.warned.add("joined")
+        log.warning("UnHype: %d row(s) begin with a prompt that passed through UnHype Apply but "
+                    "go on with other text (ConditioningConcat after Apply?): they are given "
+                    "that prompt's update, judged on its first part alone; put UnHype Apply "
+                    "last in the positive chain", joined)
+    if "unmatched" in plan.warned:
+        return
+    if set(flags) == {COND, UNCOND}:
+        missed = int((~hit & (label == COND)).sum())
+        kind = "positive row(s)"
+    elif set(flags) != {UNCOND} and not hit.any() and not seen_before:
+        missed = int((label != UNCOND).sum()) if max(flags) <= UNCOND else len(rows)
+        kind = f"row(s) of chunks {sorted(set(flags))}, and none so far,"
+    else:
+        return
+    if missed:
+        plan.warned.add("unmatched")
+        log.warning("UnHype: %d %s come from conditioning that did not pass through UnHype Apply "
+                    "(or was changed after it); they run without erasure", missed, kind)
 
 
 class UnHypeWrapper:
