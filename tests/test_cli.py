@@ -218,6 +218,21 @@ def test_inspect_shows_crafted_training_values_as_text(tmp_path, capsys):
         capsys.readouterr().out
 
 
+def test_inspect_shows_what_stamp_floor_changed(tmp_path, capsys):
+    path, out = tmp_path / "stamped.safetensors", tmp_path / "restamped.safetensors"
+    save_hypernet(path, hypernet_for(None, family="toy", rank=1), "toy",
+                  concepts=[{"target": "circle"}],
+                  training={"mode": "direct", "gate_reference": 2.0, "gate_floor": 0.03})
+    assert main(["stamp-floor", str(path), "-o", str(out), "--gate_floor", "0.2"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "by unhype stamp-floor: gate_floor 0.03 -> 0.2" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)["history"]
+    assert entry["changed"] == {"gate_floor": [0.03, 0.2]}
+
+
 def test_bad_file_gives_exit_code_2_and_message(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x80\x04junk" * 4)

@@ -80,6 +80,7 @@ def inspect(path, prompts: list[str] | None = None, text_encoder: str | None = N
         "targets": [{"name": t.name, "in_dim": t.in_dim, "out_dim": t.out_dim}
                     for t in cfg.targets],
         "concepts": meta.concepts, "training": meta.training, "created": meta.created,
+        "history": meta.history,
         "gate_reference": loaded.gate_reference, "gate_floor": loaded.gate_floor,
         "gate_saturate": loaded.gate_saturate, "retain_share": share,
         "retain_above_floor": bool(share is not None and loaded.gate_reference is not None
@@ -194,6 +195,10 @@ def run(args) -> int:
         print("\n".join(_training_lines(info["training"])))
     print("\n".join(_gate_lines(info)))
     print(f"  created    {info['created']}")
+    for entry in info["history"]:  # later edits (stamp-floor): the trained values stay here
+        changes = "; ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in
+                            (entry.get("changed") or {}).items())
+        print(f"  changed    {entry.get('date', '?')} by {entry.get('tool') or '?'}: {changes}")
     print(f"  parameter counts of both variants, {info['family']} default preset "
           f"({info['variant_sizes_layers']} layers):")
     for row in info["variant_sizes"]:
