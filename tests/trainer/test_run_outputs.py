@@ -139,3 +139,21 @@ def test_save_last_n_checkpoints_zero_keeps_all_and_negative_is_refused(tiny_sd1
                         save_last_n_checkpoints=0)[0] == 0
     assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 3
     assert len(list(tmp_path.glob("erase-step*.safetensors"))) == 2
+
+
+def test_the_result_records_no_local_folders(tiny_sd1, tmp_path):
+    retain = tmp_path / "mine.txt"
+    retain.write_text("a photo of a house\na bowl of soup\n")
+    out = tmp_path / "deep" / "out"
+    code, _ = run_training(tiny_sd1, out, max_train_steps=1, logging_dir=str(tmp_path / "logs"),
+                           retain_prompts=f"{retain},cifar100")
+    assert code == 0
+    training = load_hypernet(out / "erase.safetensors").meta.training
+    assert training["output_dir"] == "out" and training["logging_dir"] == "logs"
+    assert training["pretrained_model_name_or_path"] == tiny_sd1.name
+    assert training["retain_prompts"] == "mine.txt,cifar100"
+    header = (out / "erase.safetensors").read_bytes()[:200_000]
+    assert str(tmp_path).encode() not in header
+    assert loop.public_options({"pretrained_model_name_or_path": "org/model",
+                                "concepts": "dog,cat"}) == \
+        {"pretrained_model_name_or_path": "org/model", "concepts": "dog,cat"}

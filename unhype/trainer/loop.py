@@ -751,7 +751,7 @@ def save_result(run: Run, step: int, path: Path | None = None) -> Path:
     """The hypernetwork file (`path`, default the result) with the run's metadata."""
     cfg = run.cfg
     path = path or result_path(run)
-    training = {k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}
+    training = public_options({k: v for k, v in cfg.to_dict().items() if k not in ("resume",)})
     # the precision the base model really ran in (the toy models ignore --mixed_precision)
     ran = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(run.backend.dtype, "no")
     training.update(mixed_precision=ran,
@@ -765,6 +765,37 @@ def save_result(run: Run, step: int, path: Path | None = None) -> Path:
     concepts = concept_table(run.concepts)
     return save_hypernet(path, run.hypernet, run.backend.family.name, concepts=concepts,
                          training=training)
+
+
+# options that may hold local paths: the shared file keeps only their last part (as kohya)
+PATH_OPTIONS = ("output_dir", "logging_dir", "pretrained_model_name_or_path", "model_config",
+                "concepts", "sample_prompts", "template_set")
+
+
+def _base_name(value):
+    """A local path's last part; anything else (a hub id, 'toy', concept names) as given."""
+    if not isinstance(value, str) or not value:
+        return value
+    from unhype.trainer.concepts import could_be_path
+
+    local = could_be_path(value) and (Path(value).is_absolute() or Path(value).exists())
+    return Path(value).name if local else value
+
+
+def public_options(options: dict) -> dict:
+    """The training options as the result file records them: no local folder names."""
+    out = dict(options)
+    for key in PATH_OPTIONS:
+        if key in out:
+            out[key] = _base_name(out[key])
+    if isinstance(out.get("retain_prompts"), str):
+        out["retain_prompts"] = ",".join(_base_name(v.strip())
+                                         for v in out["retain_prompts"].split(","))
+    if isinstance(out.get("concepts_inline"), list):
+        out["concepts_inline"] = [
+            {k: _base_name(v) if k in ("templates", "template_set") else v for k, v in e.items()}
+            if isinstance(e, dict) else e for e in out["concepts_inline"]]
+    return out
 
 
 def gate_reference(run: Run) -> float | None:
