@@ -255,3 +255,20 @@ def test_the_shipped_configs_are_found_outside_a_checkout(tmp_path, monkeypatch)
     assert _read_toml("unhype/trainer/configs/toy_demo.toml")["mode"] == "direct"
     with pytest.raises(UnHypeError, match="no such file \\(shipped configs: .*toy_demo.toml"):
         find_config_file("elsewhere/toy_demo.toml")
+
+
+@pytest.mark.parametrize("name", ["", " ", "..", "../escaped", "sub/name", "a\\b"])
+def test_output_name_must_be_a_plain_stem(name):
+    with pytest.raises(UnHypeError, match="output_name must be a plain file name stem"):
+        resolve({"pretrained_model_name_or_path": "toy", "output_name": name})
+    assert resolve({"pretrained_model_name_or_path": "toy", "output_name": "v1.2_erase"})
+
+
+def test_an_unknown_train_flag_is_reported_with_train_usage(capsys):
+    from unhype.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "--max_train_steps", "3", "--bogus", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("usage: unhype train") and "unrecognized arguments: --bogus 1" in err

@@ -13,6 +13,19 @@ def register(subparsers) -> None:
 
     add_arguments(parser)
     parser.set_defaults(func=run)
+    parser.__class__ = _strict(type(parser))
+
+
+def _strict(cls):
+    """`cls` that refuses unknown arguments itself: the top-level parser would report them
+    with its own usage (`unhype [-h] COMMAND ...`), not `unhype train`'s."""
+    class Strict(cls):
+        def parse_known_args(self, args=None, namespace=None):
+            parsed, extras = super().parse_known_args(args, namespace)
+            if extras:
+                self.error(f"unrecognized arguments: {' '.join(extras)}")
+            return parsed, extras
+    return Strict
 
 
 def run(args) -> int:

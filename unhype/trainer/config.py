@@ -367,6 +367,17 @@ def _check_schedule(v: dict) -> list[str]:
     return problems
 
 
+def _check_output_name(name) -> str | None:
+    """A file name stem in output_dir: not empty (a hidden '.safetensors'), no folders."""
+    if not isinstance(name, str):
+        return None  # the type check reports it
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name \
+            or os.sep in name or "\0" in name:
+        return (f"output_name must be a plain file name stem (no folders, not empty), got "
+                f"{name!r}; put folders in output_dir")
+    return None
+
+
 def check_device(name) -> str | None:
     """Why `name` is not a device the trainer and `unhype eval` take (None: it is)."""
     if isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
@@ -376,7 +387,7 @@ def check_device(name) -> str | None:
 
 def _check_places(v: dict) -> list[str]:
     """Devices, sizes, numbers and paths that would otherwise fail once the model is loaded."""
-    problems = [p for p in [check_device(v["device"])] if p]
+    problems = [p for p in [check_device(v["device"]), _check_output_name(v["output_name"])] if p]
     if isinstance(v["cpu_threads"], int) and v["cpu_threads"] < 0:
         problems.append(f"cpu_threads must be >= 0 (0: torch's default), got {v['cpu_threads']}")
     if isinstance(v["resolution"], int):
