@@ -4,6 +4,7 @@ import errno
 import os
 
 import pytest
+import torch
 from safetensors import SafetensorError
 
 from tests.trainer.conftest import inline_cfg
@@ -157,3 +158,15 @@ def test_the_result_records_no_local_folders(tiny_sd1, tmp_path):
     assert loop.public_options({"pretrained_model_name_or_path": "org/model",
                                 "concepts": "dog,cat"}) == \
         {"pretrained_model_name_or_path": "org/model", "concepts": "dog,cat"}
+
+
+def test_runs_of_one_seed_save_the_same_global_rng_state(tiny_sd1, tmp_path):
+    from safetensors.torch import load_file
+
+    states = []
+    for name in ("a", "b"):
+        torch.rand(7)  # whatever ran before in this process
+        assert run_training(tiny_sd1, tmp_path / name, max_train_steps=1)[0] == 0
+        states.append(load_file(str(ckpt.list_checkpoints(tmp_path / name / "checkpoints")[-1])))
+    assert torch.equal(states[0]["rng.torch"], states[1]["rng.torch"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

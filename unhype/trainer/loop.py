@@ -567,6 +567,7 @@ def train(run: Run, progress: bool = True) -> int:
                 + (f" ({dist.world} processes)" if dist.world > 1 else "")
                 + _batch_note(meta, cfg.train_batch_size))
     else:
+        torch.manual_seed(cfg.seed)  # what the global RNG draws is the same in every run
         if main and log_path.exists():
             log_path.unlink()
         earlier = ckpt.list_checkpoints(ckpt_dir) if main else []
