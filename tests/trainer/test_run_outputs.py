@@ -170,3 +170,18 @@ def test_runs_of_one_seed_save_the_same_global_rng_state(tiny_sd1, tmp_path):
         states.append(load_file(str(ckpt.list_checkpoints(tmp_path / name / "checkpoints")[-1])))
     assert torch.equal(states[0]["rng.torch"], states[1]["rng.torch"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_resuming_a_finished_checkpoint_stops_before_loading_anything(tiny_sd1, tmp_path,
+                                                                       monkeypatch):
+    assert run_training(tiny_sd1, tmp_path, max_train_steps=2)[0] == 0
+    from unhype.trainer import backends
+
+    def no_model(cfg):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(backends, "load_backend", no_model)
+    for steps in (2, 1):
+        with pytest.raises(UnHypeError, match=f"at step 2, already at --max_train_steps {steps}"):
+            run_training(tiny_sd1, tmp_path, max_train_steps=steps,
+                         resume=str(tmp_path / "checkpoints"))

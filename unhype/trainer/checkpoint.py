@@ -179,6 +179,20 @@ def find_checkpoint(spec: str, default_folder: Path) -> Path:
     return path
 
 
+def check_not_finished(path: Path, max_steps: int) -> None:
+    """Refuse, before any model or cache is built, a checkpoint that has no step left to
+    train (malformed files are left to load_checkpoint)."""
+    try:
+        metadata, _ = read_header(path)
+    except UnHypeError:
+        return
+    step = metadata.get("step", "")
+    if metadata.get("format") == FORMAT and step.isdigit() and int(step) >= max_steps:
+        raise UnHypeError(f"--resume {path}: the checkpoint is at step {int(step)}, already at "
+                          f"--max_train_steps {max_steps}: nothing left to train (its run wrote "
+                          "its result then); give a larger --max_train_steps to train on")
+
+
 def load_checkpoint(path: Path, inputs: dict, hypernet=None):
     """(step, tensors, metadata) of a checkpoint, after checking it belongs to this run (its
     fingerprint against `inputs`') and that its contents are whole (tensor shapes against
@@ -195,8 +209,9 @@ def load_checkpoint(path: Path, inputs: dict, hypernet=None):
     same = metadata.get("fingerprint") == fingerprint(inputs)
     if not same and not _legacy_match(metadata, inputs):
         differ = _differences(metadata, inputs)
-        what = "these options differ: " + "; ".join(differ) if differ else \
-            "another model, targets, network shape, concepts, mode, seed or batch size"
+        what = "fingerprint mismatch: " + ("these options differ: " + "; ".join(differ) if differ
+                                           else "another model, targets, network shape, "
+                                           "concepts, mode, seed or batch size")
         raise UnHypeError(f"--resume {path}: the checkpoint comes from another run ({what}); "
                           "resume with the options it was made with")
     from safetensors.torch import load_file

@@ -167,6 +167,8 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     concepts = resolve_concepts(cfg)  # before loading any model: cheap errors first
     out_dir = check_output_dir(cfg)
     resume_path = ckpt.find_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
+    if resume_path is not None:
+        ckpt.check_not_finished(resume_path, cfg.max_train_steps)
     if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
         raise UnHypeError(f"--sample_prompts {cfg.sample_prompts}: no such file")
     if dist.world > 1:  # each process its own device (cuda:<local rank>, or the CPU)
