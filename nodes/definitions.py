@@ -17,6 +17,7 @@ from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_pro
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, ROW_NOTE, concept_texts, probe
 from unhype.prompt_windows import prompt_windows
+from unhype.summary import summary_lines
 
 from . import glue
 
@@ -139,7 +140,7 @@ class UnHypeApply:
                     "semantics)" + (f"; only prompt row {row + 1} of {prompts} is used (the "
                                     "strongest update not under the gate floor)"
                                     if prompts > 1 and row is not None else "") + "."
-                    + glue.weight_rounding_note(model, plan, keys, row or 0))
+                    + glue.weight_rounding_note(model, plan, keys, row))
         if off:  # the hypernetwork did not recognise these prompts: nothing is erased there
             info += (f" {off} of {prompts} prompt row(s) under the file's gate floor: they run "
                      "the base weights.")
@@ -267,26 +268,7 @@ class UnHypeInspect:
 
 
 def describe_file(loaded) -> str:
-    meta, cfg = loaded.meta, loaded.meta.config
-    erased = [c.get("target", "?") + (f" (anchor {c['anchor']!r})" if c.get("anchor") else "")
-              for c in meta.concepts if isinstance(c, dict)]
-    return "\n".join([
-        f"file: {loaded.path.name}",
-        f"family: {meta.family}; reads {meta.embedding.get('source')} "
-        f"({meta.embedding.get('dim')}-d)",
-        f"network: {cfg.variant}, rank {cfg.rank}, hidden {cfg.hidden}, T={cfg.hyper_steps}, "
-        f"{len(cfg.targets)} target layers, {loaded.hypernet.num_parameters(False):,} parameters",
-        f"erases: {'; '.join(erased) or '(no concepts recorded)'}",
-        gate_text(loaded),
-    ])
-
-
-def gate_text(loaded) -> str:
-    if loaded.gate_reference is None:
-        return "gate: no floor (trained before the gate reference; `unhype stamp-floor` adds it)"
-    return (f"gate: prompts under {loaded.gate_floor:.0%} of the concepts' update get none"
-            + ("; saturated: every other prompt gets at least the concepts' strength"
-               if loaded.gate_saturate else ""))
+    return "\n".join(summary_lines(loaded))
 
 
 def _check_clip(clip, node: str) -> None:

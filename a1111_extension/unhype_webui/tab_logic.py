@@ -18,6 +18,7 @@ from unhype.model_check import detect_family
 from unhype.probe import ROW_HEADERS, ROW_NOTE, concept_texts, probe
 from unhype.prompt_tags import plain_text
 from unhype.prompt_windows import prompt_windows
+from unhype.summary import summary_lines
 
 from unhype_webui import files, host
 from unhype_webui.session import Schedule, conditioning_texts, host_family_problem
@@ -57,6 +58,20 @@ def _texts(**values) -> None:
     for what, value in values.items():
         if value is not None and not isinstance(value, str):
             raise UnHypeError(f"{what} must be a text, got {value!r}")
+
+
+def details_md(name) -> str:
+    """The Details tab: what the file erases and how it was made (unhype.summary, the same
+    summary as ComfyUI's Inspect node), with its SHA-256 as the infotext records it."""
+    try:
+        _texts(hypernetwork=name)
+        if not name:
+            raise UnHypeError("choose a hypernetwork")
+        _, path = files.resolve(name)
+        lines = summary_lines(files.load(path)) + [f"sha256: {infotext.file_sha256(path)}"]
+        return "\n".join(f"- {html.escape(line)}" for line in lines)
+    except UnHypeError as exc:
+        return f"**{html.escape(str(exc))}**"
 
 
 def probe_texts(prompts: list[str]) -> list[str]:

@@ -94,6 +94,11 @@ def tab():
         table = gr.Dataframe(headers=tab_logic.FILE_HEADERS, value=tab_logic.file_rows(),
                              interactive=False, wrap=True)
         names = _names()
+        with gr.Tab("Details"):
+            d_file = gr.Dropdown(choices=names, value=names[0] if names else None,
+                                 label="Hypernetwork")
+            d_info = gr.Markdown(tab_logic.details_md(names[0]) if names else "")
+            d_file.change(fn=tab_logic.details_md, inputs=[d_file], outputs=[d_info])
         with gr.Tab("Probe"):
             p_file = gr.Dropdown(choices=names, value=names[0] if names else None,
                                  label="Hypernetwork")
@@ -119,7 +124,7 @@ def tab():
         def refresh_all():
             choices = _names()
             up = gr.update(choices=choices)
-            return tab_logic.file_rows(), up, up
+            return tab_logic.file_rows(), up, up, up
 
-        refresh.click(fn=refresh_all, outputs=[table, p_file, b_file])
+        refresh.click(fn=refresh_all, outputs=[table, d_file, p_file, b_file])
     return [(block, "UnHype", "unhype")]

@@ -645,10 +645,16 @@ def test_pasted_tags_follow_their_file_by_hash(sd1, hyper_file, script, webui_di
 def test_tab_lists_probes_and_bakes(sd1, hyper_file, webui_dirs):
     from safetensors.torch import load_file
 
+    from unhype import infotext
     from unhype_webui import tab_logic
 
     rows = tab_logic.file_rows()
     assert rows[0][:3] == ["erase_cat", "sd1", "cat"]
+    details = tab_logic.details_md("erase_cat")  # the summary ComfyUI's Inspect shows too
+    assert "- concept: erase &#x27;cat&#x27; -&gt; anchor" in details
+    assert "- gate floor: none" in details
+    assert f"- sha256: {infotext.file_sha256(hyper_file)}" in details
+    assert tab_logic.details_md("nope").startswith("**UnHype: no hypernetwork named")
     table, status = tab_logic.probe_ui("erase_cat", "cat\na car on a road", sd_model=sd1)
     assert table[0][0] == "cat" and table[0][2] == "cat" and table[0][4] == pytest.approx(1.0)
     assert "prompt(s) switch it on" in status

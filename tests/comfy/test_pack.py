@@ -132,7 +132,7 @@ def test_inspect_reports_metadata_and_firing(pack, tiny_parts, loaded):
     assert cat.split(" | ")[4] == "1.0"
     assert float(car.split(" | ")[1]) > 0
     assert "connect a CLIP" in node.inspect(loaded, None, "x")["result"][0]
-    assert "gate: no floor" in report  # the fixture predates the gate reference
+    assert "gate floor: none" in report  # the fixture predates the gate reference
 
 
 def test_inspect_names_the_gate_floor_and_saturation(pack, loaded, tmp_path):
@@ -140,9 +140,15 @@ def test_inspect_names_the_gate_floor_and_saturation(pack, loaded, tmp_path):
 
     node = pack.nodes.definitions.UnHypeInspect()
     path = save_with_training(loaded, tmp_path / "sat.safetensors", gate_reference=2.0,
-                              gate_floor=0.05, gate_saturate=True)
+                              gate_floor=0.05, gate_saturate=True,
+                              final={"delta_target": 2.0, "delta_retain": 0.4})
     report = node.inspect(load_hypernet(path))["result"][0]
-    assert "gate: prompts under 5% of the concepts' update get none; saturated" in report
+    assert "gate floor: prompts whose update is under 5% of 2 (the concepts' median ||dW||) " \
+        "get none, full from 10%; saturated" in report
+    # the same summary as `unhype inspect`: retain share and its warning, the file's history
+    assert "retained: unrelated (retain) prompts got 20.0% of the reference" in report
+    assert "WARNING: that is above the 5% floor" in report
+    assert "changed: " in report and "gate_saturate None -> True" in report
 
 
 LONG = "masterpiece, best quality, " * 20 + "a photo of a cat"

@@ -4,8 +4,10 @@ the update it applies to each, as text or JSON."""
 from __future__ import annotations
 
 import json
-import math
 import textwrap
+
+from unhype.summary import concept_text, fmt, gate_text, history_lines, is_number, \
+    retain_share, retain_text
 
 
 def register(subparsers) -> None:
@@ -26,26 +28,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value)
-
-
-def _fmt(value, spec: str = "g") -> str:
-    """A metadata value: numbers formatted, anything else (a crafted file) shown as text."""
-    return format(value, spec) if _number(value) else repr(value)
-
-
-def retain_share(training: dict, reference: float | None) -> float | None:
-    """Retained (unrelated) prompts' mean ||dW|| at the last logged step over the reference
-    (gate_reference, else the concept prompts' mean then): the trainer's `final` record."""
-    final = training.get("final") if isinstance(training, dict) else None
-    if not isinstance(final, dict) or not _number(final.get("delta_retain")):
-        return None
-    ref = reference if reference else final.get("delta_target")
-    return final["delta_retain"] / ref if _number(ref) and ref > 0 else None
-
-
 def probe_prompts(loaded, prompts: list[str], text_encoder: str | None = None,
                   per_layer: bool = False):
     """unhype.probe of `prompts` with the family's text encoder (long prompts: their strongest
@@ -62,8 +44,8 @@ def probe_prompts(loaded, prompts: list[str], text_encoder: str | None = None,
 
 
 def inspect(path, prompts: list[str] | None = None, text_encoder: str | None = None,
-            per_layer: bool = False) -> tuple[dict, list]:
-    """(the file's description, unhype.probe results of `prompts`)."""
+            per_layer: bool = False) -> tuple[dict, list, object]:
+    """(the file's description, unhype.probe results of `prompts`, the loaded file)."""
     from unhype.families import get_family
     from unhype.fileformat import load_hypernet
     from unhype.sizes import variant_size_table
@@ -91,24 +73,12 @@ def inspect(path, prompts: list[str] | None = None, text_encoder: str | None = N
     results = probe_prompts(loaded, prompts, text_encoder, per_layer) if prompts else []
     if prompts:
         info["prompts"] = [r.as_dict() for r in results]
-    return info, results
+    return info, results, loaded
 
 
 def describe(path, prompts: list[str] | None = None, text_encoder: str | None = None,
              per_layer: bool = False) -> dict:
     return inspect(path, prompts, text_encoder, per_layer)[0]
-
-
-def _concept_line(c) -> str:
-    if not isinstance(c, dict):
-        return f"  concept    {c!r}"
-    synonyms = c.get("synonyms") or []
-    syn = (", ".join(map(str, synonyms)) if isinstance(synonyms, list) else repr(synonyms)) or "-"
-    if synonyms:  # the trainer's default: synonyms are for evaluation only
-        syn += " (trained on)" if c.get("train_on_synonyms") is True else \
-            " (held out, not trained on)"
-    return (f"  concept    erase {c.get('target')!r} -> anchor {c.get('anchor', '')!r} "
-            f"(synonyms: {syn})")
 
 
 def _training_lines(training: dict) -> list[str]:
@@ -124,36 +94,22 @@ def _training_lines(training: dict) -> list[str]:
                         "rounded model)" if stored else ""))
     if training.get("adversarial_eps"):  # says how hard the gate is to switch off
         fraction = training.get("adversarial_fraction", 1.0)
-        if not _number(fraction):  # free-form record: shown, not trusted
+        if not is_number(fraction):  # free-form record: shown, not trusted
             fraction = 1.0
         lines.append(
-            f"  robustness adversarial gate training, eps {_fmt(training['adversarial_eps'])}"
+            f"  robustness adversarial gate training, eps {fmt(training['adversarial_eps'])}"
             f" ({training.get('adversarial_steps')} PGD steps"
             + (f", on {fraction:.0%} of target prompts" if fraction < 1 else "")
-            + (f", consistency loss weight {_fmt(training.get('consistency_weight', 1.0))}"
+            + (f", consistency loss weight {fmt(training.get('consistency_weight', 1.0))}"
                if training.get("adversarial_loss") == "consistency" else "") + ")")
     return lines
 
 
-def _gate_lines(info: dict) -> list[str]:
-    ref, floor = info["gate_reference"], info["gate_floor"]
-    if ref is None:
-        lines = ["  gate floor none (the file stores no gate reference: trained before it "
-                 "existed; `unhype stamp-floor` adds it)"]
-    else:
-        lines = [f"  gate floor prompts whose update is under {floor:.0%} of {ref:.4g} (the "
-                 f"concepts' median ||dW||) get none, full from {2 * floor:.0%}"
-                 + (", saturated: raised to the concepts' strength from there"
-                    if info["gate_saturate"] else "")]
-    share = info["retain_share"]
-    if share is not None:
-        of = "the reference ||dW||" if ref else "the concept prompts' ||dW||"
-        lines.append(f"  retained   unrelated (retain) prompts got {share:.1%} of {of} at the "
-                     "last training step")
-    if info["retain_above_floor"]:
-        lines.append(f"  warning    that is above the {floor:.0%} floor: prompts unrelated to "
-                     "the concepts still get an update (test yours with --prompt)")
-    return lines
+def _gate_lines(loaded) -> list[str]:
+    retain, warning = retain_text(loaded)
+    return [f"  gate floor {gate_text(loaded)}"] + \
+        ([f"  retained   {retain}"] if retain else []) + \
+        ([f"  warning    {warning} with --prompt"] if warning else [])
 
 
 def _table(rows: list[list], headers: list[str]) -> list[str]:
@@ -178,7 +134,7 @@ def run(args) -> int:
 
         raise UnHypeError("--per_layer shows the layers of the prompts given with --prompt; "
                           "give at least one")
-    info, results = inspect(args.file, args.prompt, args.text_encoder, args.per_layer)
+    info, results, loaded = inspect(args.file, args.prompt, args.text_encoder, args.per_layer)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -190,15 +146,13 @@ def run(args) -> int:
     print(f"  params     {info['parameters']:,}")
     print(f"  targets    {len(info['targets'])} layers, e.g. {info['targets'][0]['name']}")
     for c in info["concepts"]:
-        print(_concept_line(c))
+        print(f"  concept    {concept_text(c)}")
     if info["training"]:
         print("\n".join(_training_lines(info["training"])))
-    print("\n".join(_gate_lines(info)))
+    print("\n".join(_gate_lines(loaded)))
     print(f"  created    {info['created']}")
-    for entry in info["history"]:  # later edits (stamp-floor): the trained values stay here
-        changes = "; ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in
-                            (entry.get("changed") or {}).items())
-        print(f"  changed    {entry.get('date', '?')} by {entry.get('tool') or '?'}: {changes}")
+    for line in history_lines(loaded.meta):  # later edits: the trained values stay here
+        print(f"  changed    {line}")
     print(f"  parameter counts of both variants, {info['family']} default preset "
           f"({info['variant_sizes_layers']} layers):")
     for row in info["variant_sizes"]:

@@ -1,0 +1,113 @@
+"""What a hypernetwork file erases and how it was made, in a few lines for people: the one
+summary the hosts show (ComfyUI's Inspect node, the A1111 / Forge tab's Details) and the pieces
+`unhype inspect` prints. Reads only the file's metadata; numbers a crafted file stores as
+anything else are shown as text, never trusted."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def fmt(value, spec: str = "g") -> str:
+    """A metadata value: numbers formatted, anything else shown as text."""
+    return format(value, spec) if is_number(value) else repr(value)
+
+
+def retain_share(training: dict, reference: float | None) -> float | None:
+    """Retained (unrelated) prompts' mean ||dW|| at the last logged step over the reference
+    (gate_reference, else the concept prompts' mean then): the trainer's `final` record."""
+    final = training.get("final") if isinstance(training, dict) else None
+    if not isinstance(final, dict) or not is_number(final.get("delta_retain")):
+        return None
+    ref = reference if reference else final.get("delta_target")
+    return final["delta_retain"] / ref if is_number(ref) and ref > 0 else None
+
+
+def concept_text(c) -> str:
+    """``erase 'cat' -> anchor '' (synonyms: kitten (held out, not trained on))``."""
+    if not isinstance(c, dict):
+        return repr(c)
+    synonyms = c.get("synonyms") or []
+    syn = (", ".join(map(str, synonyms)) if isinstance(synonyms, list) else repr(synonyms)) or "-"
+    if synonyms:  # the trainer's default: synonyms are for evaluation only
+        syn += " (trained on)" if c.get("train_on_synonyms") is True else \
+            " (held out, not trained on)"
+    return f"erase {c.get('target')!r} -> anchor {c.get('anchor', '')!r} (synonyms: {syn})"
+
+
+def gate_text(loaded) -> str:
+    ref, floor = loaded.gate_reference, loaded.gate_floor
+    if ref is None:
+        return ("none (the file stores no gate reference: trained before it existed; "
+                "`unhype stamp-floor` adds it)")
+    return (f"prompts whose update is under {floor:.0%} of {ref:.4g} (the concepts' median "
+            f"||dW||) get none, full from {2 * floor:.0%}"
+            + ("; saturated: raised to the concepts' strength from there"
+               if loaded.gate_saturate else ""))
+
+
+def retain_text(loaded) -> tuple[str | None, str | None]:
+    """The stored share of the update unrelated prompts got, and a warning when it is above
+    the floor (they are not left alone)."""
+    share = retain_share(loaded.meta.training or {}, loaded.gate_reference)
+    if share is None:
+        return None, None
+    of = "the reference ||dW||" if loaded.gate_reference else "the concept prompts' ||dW||"
+    text = f"unrelated (retain) prompts got {share:.1%} of {of} at the last training step"
+    warning = None
+    if loaded.gate_reference is not None and share > loaded.gate_floor:
+        warning = (f"that is above the {loaded.gate_floor:.0%} floor: prompts unrelated to the "
+                   "concepts still get an update; test yours")
+    return text, warning
+
+
+def training_text(training: dict) -> str:
+    keys = ("mode", "max_train_steps", "learning_rate", "eta")
+    parts = [f"{k}={training[k]}" for k in keys if k in training]
+    base = training.get("pretrained_model_name_or_path")
+    if isinstance(base, str) and base:  # a basename or hub id (older files: a full path)
+        parts.append(f"base model {Path(base).name if Path(base).is_absolute() else base}")
+    return ", ".join(parts)
+
+
+def history_lines(meta) -> list[str]:
+    """Each later edit of the file's settings (stamp-floor): when, by what, from what to what."""
+    out = []
+    for entry in meta.history:
+        if not isinstance(entry, dict):
+            continue
+        changed = entry.get("changed") if isinstance(entry.get("changed"), dict) else {}
+        changes = "; ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()
+                            if isinstance(v, list) and len(v) == 2)
+        out.append(f"{entry.get('date', '?')} by {entry.get('tool') or '?'}: {changes}")
+    return out
+
+
+def summary_lines(loaded) -> list[str]:
+    """The file's summary for a host's info panel."""
+    meta, cfg = loaded.meta, loaded.meta.config
+    lines = [f"file: {loaded.path.name}",
+             f"family: {meta.family}; reads {meta.embedding.get('source')} "
+             f"({meta.embedding.get('dim')}-d)",
+             f"network: {cfg.variant}, rank {cfg.rank}, hidden {cfg.hidden}, "
+             f"T={cfg.hyper_steps}, {len(cfg.targets)} target layers, "
+             f"{loaded.hypernet.num_parameters(False):,} parameters"]
+    lines += [f"concept: {concept_text(c)}" for c in meta.concepts] or \
+        ["concept: (no concepts recorded)"]
+    lines.append(f"gate floor: {gate_text(loaded)}")
+    retain, warning = retain_text(loaded)
+    lines += [f"retained: {retain}"] if retain else []
+    lines += [f"WARNING: {warning}"] if warning else []
+    if meta.training:
+        lines.append(f"training: {training_text(meta.training)}")
+    created = meta.created if isinstance(meta.created, dict) else {}
+    if created:
+        lines.append(f"created: {created.get('date', '?')} by {created.get('by', '?')}")
+    lines += [f"changed: {h}" for h in history_lines(meta)]
+    return lines
