@@ -284,10 +284,13 @@ def check_merge_fits(model, plan: ApplyPlan, keys: dict[str, str]) -> None:
                           "exact on them)")
 
 
-def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str], row: int = 0) -> str:
+def weight_rounding_note(model, plan: ApplyPlan, keys: dict[str, str],
+                         row: int | None = None) -> str:
     """For the paths that write the update into the weights (merge, ComfyUI's hooks): how much
-    of prompt row `row`'s update the weights' own dtype loses, when they are stored in under 32
-    bits and it is at least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
+    of prompt row `row`'s update (default: the strongest not under the gate floor, the one merge
+    writes) the weights' own dtype loses, when they are stored in under 32 bits and it is at
+    least 1% (fp8 models: UNETLoader's fp8 weight dtypes). '' otherwise."""
+    row = (merge_row(plan) or 0) if row is None else row
     stored, quantised = _stored_targets(model, plan, keys)
     low = {name: w for name, w in stored.items() if w.element_size() < 4}
     if quantised:

@@ -85,6 +85,20 @@ def test_merge_into_fp8_weights_says_how_much_of_the_update_it_loses(pack, fp8_m
     assert_untouched(stored, before)
 
 
+def test_rounding_note_measures_the_row_written_not_a_floored_first_one(pack, fp8_models,
+                                                                        loaded, prompts):
+    """With the first prompt under the gate floor, the note measures the prompt whose update
+    is written into the weights (merge's strongest row; the hooks' note as well)."""
+    from test_row_kinds import gated_on_cat
+
+    stored, _ = fp8_models
+    gated = gated_on_cat(loaded, prompts)
+    pos = prompts["a red car on a road"] + prompts["a photo of a cat"]
+    for mode in pack.nodes.glue.available_modes()[2:]:  # merge, and comfy hooks where present
+        _, _, info = apply(pack, stored, pos, gated, mode=mode)
+        assert "of it (prompt row 2, 32 layers)" in info, (mode, info)
+
+
 def test_merge_rounding_loss_on_known_tensors():
     from unhype.comfy_apply import merge_rounding_loss
 

@@ -22,6 +22,10 @@ NOT_APPLIED = "did not pass through UnHype Apply"
 
 @pytest.fixture(scope="module")
 def gated(loaded, prompts):
+    return gated_on_cat(loaded, prompts)
+
+
+def gated_on_cat(loaded, prompts):
     """`loaded` with a ConceptGate on the cat, half open between the cat and the car, and a
     gate reference (the cat's update) so the car is under the file's gate floor."""
     from tests.helpers import ConceptGate
