@@ -185,3 +185,31 @@ def test_resuming_a_finished_checkpoint_stops_before_loading_anything(tiny_sd1, 
         with pytest.raises(UnHypeError, match=f"at step 2, already at --max_train_steps {steps}"):
             run_training(tiny_sd1, tmp_path, max_train_steps=steps,
                          resume=str(tmp_path / "checkpoints"))
+
+
+def test_kohya_sample_prompt_options_are_used_or_named(tiny_sd1, tmp_path, capsys):
+    from unhype.trainer.samples import SamplePrompt, generate, parse_prompt
+
+    ignored = set()
+    assert parse_prompt("a red circle --n blurry, dark --w 512 --h 512 --d 42 --s 20 --l 7.5",
+                        ignored) == SamplePrompt("a red circle", "blurry, dark", 42, 20, 7.5)
+    assert ignored == {"--w", "--h"}
+    with pytest.raises(UnHypeError, match="--d needs a number"):
+        parse_prompt("a dog --d x")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --d 3 --w 64 --ss euler\na cat --s 2\na dog --h 64\n")
+    code, run = run_training(tiny_sd1, tmp_path / "out", max_train_steps=1,
+                             sample_prompts=str(prompts))
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("ignored per-prompt option(s) --h, --ss, --w") == 1
+    rows = (tmp_path / "out" / "samples" / "custom-prompts.txt").read_text().splitlines()[1:]
+    assert rows == ["a dog", "a cat", "a dog"]
+    same = generate(run, [SamplePrompt("a dog", seed=3, steps=2)], 1, 5, True, 7)
+    assert torch.equal(same, generate(run, [SamplePrompt("a dog")], 1, 2, True, 3))
+    mixed = generate(run, [SamplePrompt("a dog", seed=3), SamplePrompt("a cat")], 1, 2, False, 7)
+    assert torch.equal(mixed[:1], generate(run, [SamplePrompt("a dog")], 1, 2, False, 3))
+    assert torch.equal(mixed[1:], generate(run, [SamplePrompt("a cat")], 1, 2, False, 7))
+    negative = generate(run, [SamplePrompt("a dog", "a cat", scale=7.5)], 1, 2, False, 7)
+    assert not torch.equal(negative, generate(run, [SamplePrompt("a dog", scale=7.5)], 1, 2,
+                                              False, 7))

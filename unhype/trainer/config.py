@@ -412,14 +412,14 @@ def _check_places(v: dict) -> list[str]:
         except UnHypeError as exc:
             problems.append(str(exc))
     if isinstance(v["sample_prompts"], str):
-        from unhype.trainer.concepts import read_lines
+        from unhype.trainer.samples import read_sample_prompts
 
         path = Path(v["sample_prompts"])
         if not path.is_file():
             problems.append(f"sample_prompts {path}: no such file")
         else:
             try:
-                if not read_lines(path):
+                if not read_sample_prompts(path):
                     problems.append(f"sample_prompts {path}: no prompts in it (one a line)")
             except UnHypeError as exc:
                 problems.append(f"sample_prompts {exc}")

@@ -3,6 +3,10 @@
 Rows: the concept's prompt, its synonyms and two retained prompts (or `--sample_prompts`);
 columns: `sample_seeds` images from the base model, then the same seeds with the hypernetwork's
 LoRA (s = T, conditional branch only, as the hosts apply it). PNGs under <output_dir>/samples/.
+
+A `--sample_prompts` line may end in kohya's per-prompt options: `--n` negative prompt, `--d`
+seed, `--s` steps, `--l` (or `--g`) guidance scale are used; the others (`--w`, `--h`, `--ss`,
+...) are cut off the prompt and named once as ignored.
 """
 
 from __future__ import annotations
@@ -10,34 +14,102 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from unhype.errors import UnHypeError
 from unhype.trainer.concepts import fill, read_lines
 
 
-def prompt_sets(run) -> list[tuple[str, list[str]]]:
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One grid row; None: the run's setting (--seed, --sample_steps, --guidance_scale)."""
+    text: str
+    negative: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    scale: float | None = None
+
+
+_OPTION = re.compile(r"([A-Za-z]+)\s+(.*\S)\s*$", re.S)
+
+
+def parse_prompt(line: str, ignored: set | None = None) -> SamplePrompt:
+    """A sample prompts line with kohya's options (` --n blurry --d 42`) cut off; options
+    this sampler has no use for go into `ignored`."""
+    text, *options = line.split(" --")
+    found = {}
+    for option in options:
+        m = _OPTION.match(option.strip())
+        key = m.group(1).lower() if m else option.strip().split(" ")[0].lower()
+        try:
+            if key == "n" and m:
+                found["negative"] = m.group(2)
+            elif key == "d" and m:
+                found["seed"] = int(m.group(2))
+            elif key == "s" and m:
+                found["steps"] = max(1, min(1000, int(m.group(2))))
+            elif key in ("l", "g") and m:
+                found.setdefault("scale", float(m.group(2)))
+            elif ignored is not None:
+                ignored.add(f"--{key}")
+        except ValueError:
+            raise UnHypeError(f"sample prompt {line!r}: --{key} needs a number, got "
+                              f"{m.group(2)!r}") from None
+    return SamplePrompt(text.strip(), **found)
+
+
+def read_sample_prompts(path: Path, ignored: set | None = None) -> list[SamplePrompt]:
+    return [parse_prompt(line, ignored) for line in read_lines(path)]
+
+
+def prompt_sets(run) -> list[tuple[str, list[SamplePrompt]]]:
     if run.cfg.sample_prompts:
-        return [("custom", read_lines(Path(run.cfg.sample_prompts)))]
+        ignored: set = set()
+        prompts = read_sample_prompts(Path(run.cfg.sample_prompts), ignored)
+        if ignored:
+            print(f"unhype train: --sample_prompts: ignored per-prompt option(s) "
+                  f"{', '.join(sorted(ignored))} (the grids use --n, --d, --s, --l/--g; size "
+                  "and sampler are the run's)", file=sys.stderr, flush=True)
+        return [("custom", prompts)]
     retained = run.retain_prompts[:: max(1, len(run.retain_prompts) // 2)][:2]
     sets = []
     for c in run.concepts:
         tpl = c.templates[0]
-        sets.append((c.target, [fill(tpl, c.target)] + [fill(tpl, s) for s in c.synonyms[:3]]
-                     + retained))
+        texts = [fill(tpl, c.target)] + [fill(tpl, s) for s in c.synonyms[:3]] + retained
+        sets.append((c.target, [SamplePrompt(t) for t in texts]))
     return sets
 
 
 @torch.no_grad()
-def generate(run, prompts: list[str], seeds: int, steps: int, with_lora: bool,
+def generate(run, prompts: list[SamplePrompt], seeds: int, steps: int, with_lora: bool,
              seed: int) -> torch.Tensor:
-    """[len(prompts) * seeds, 3, H, W] images; the same noise for before and after."""
+    """[len(prompts) * seeds, 3, H, W] images; the same noise for before and after. Prompts
+    with the same options are sampled in one batch (all of them, without options)."""
+    groups: dict = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault((p.negative, p.seed, p.steps, p.scale), []).append(i)
+    out = [None] * len(prompts)
+    for (negative, own_seed, own_steps, scale), members in groups.items():
+        images = _generate(run, [prompts[i].text for i in members], negative, seeds,
+                           own_steps or steps, with_lora, seed if own_seed is None else own_seed,
+                           run.guidance if scale is None else scale)
+        for k, i in enumerate(members):
+            out[i] = images[k * seeds:(k + 1) * seeds]
+    return torch.cat(out)
+
+
+def _generate(run, texts, negative, seeds, steps, with_lora, seed, guidance) -> torch.Tensor:
     b = run.backend
-    all_prompts = [p for p in prompts for _ in range(seeds)]
+    all_prompts = [p for p in texts for _ in range(seeds)]
     cond = b.encode(all_prompts)
-    uncond = run.uncond.index(torch.zeros(len(all_prompts), dtype=torch.long))
+    if negative:
+        uncond = b.encode([negative] * len(all_prompts))
+    else:
+        uncond = run.uncond.index(torch.zeros(len(all_prompts), dtype=torch.long))
     gen = torch.Generator().manual_seed(seed)
     lora, rows = None, None
     if with_lora:
@@ -45,7 +117,7 @@ def generate(run, prompts: list[str], seeds: int, steps: int, with_lora: bool,
         run.lora.set(factors, torch.arange(len(all_prompts)))
         lora, rows = run.lora, torch.arange(len(all_prompts))
     try:
-        z = b.sample(cond, uncond, gen, steps, run.guidance, lora=lora, rows=rows)
+        z = b.sample(cond, uncond, gen, steps, guidance, lora=lora, rows=rows)
     finally:
         run.lora.clear()
     return b.decode(z)
@@ -117,6 +189,6 @@ class SampleGrids:
             paths.append(save_grid(both, len(prompts),
                                    self.folder / f"{slug}-step{step:06d}.png", scale))
             (self.folder / f"{slug}-prompts.txt").write_text(
-                "rows (left: base model, right: with the hypernetwork):\n" + "\n".join(prompts)
-                + "\n")
+                "rows (left: base model, right: with the hypernetwork):\n"
+                + "\n".join(p.text for p in prompts) + "\n")
         return paths
