@@ -218,6 +218,21 @@ def test_inspect_shows_crafted_training_values_as_text(tmp_path, capsys):
         capsys.readouterr().out
 
 
+def test_inspect_names_the_base_model_by_hash(tmp_path, capsys):
+    from unhype.fileformat import load_hypernet
+    from unhype.summary import summary_lines
+
+    path = tmp_path / "based.safetensors"
+    save_hypernet(path, hypernet_for(None, family="toy", rank=1), "toy",
+                  concepts=[{"target": "circle"}],
+                  training={"pretrained_model_name_or_path": "v1-5-pruned.safetensors",
+                            "base_model_sha256": "6ce0161689" + "0" * 54})
+    assert main(["inspect", str(path)]) == 0
+    assert "base model sha256 6ce0161689" in capsys.readouterr().out
+    assert "training: base model v1-5-pruned.safetensors [6ce0161689]" in \
+        summary_lines(load_hypernet(path))
+
+
 def test_inspect_shows_what_stamp_floor_changed(tmp_path, capsys):
     path, out = tmp_path / "stamped.safetensors", tmp_path / "restamped.safetensors"
     save_hypernet(path, hypernet_for(None, family="toy", rank=1), "toy",

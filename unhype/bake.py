@@ -141,6 +141,10 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
                                f"prompt {prompt!r} at strength {strength}; erases {erased}",
         "ss_v2": str(family.name == "sd2"),
         "ss_sd_model_name": loaded.meta.training.get("pretrained_model_name_or_path", ""),
+        # the base model's hashes where the trainer had one file to hash (unhype.model_hash)
+        **{key: str(loaded.meta.training[field]) for key, field in (
+            ("ss_new_sd_model_hash", "base_model_sha256"),
+            ("ss_sd_model_hash", "base_model_legacy_hash")) if field in loaded.meta.training},
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"

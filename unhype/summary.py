@@ -72,7 +72,9 @@ def training_text(training: dict) -> str:
     parts = [f"{k}={training[k]}" for k in keys if k in training]
     base = training.get("pretrained_model_name_or_path")
     if isinstance(base, str) and base:  # a basename or hub id (older files: a full path)
-        parts.append(f"base model {Path(base).name if Path(base).is_absolute() else base}")
+        sha = training.get("base_model_sha256")
+        parts.append(f"base model {Path(base).name if Path(base).is_absolute() else base}"
+                     + (f" [{sha[:10]}]" if isinstance(sha, str) else ""))  # A1111's AutoV2
     return ", ".join(parts)
 
 

@@ -111,6 +111,18 @@ def test_single_file_trains_a_hypernet(sd1_single_file, tmp_path):
     assert loaded.meta.family == "sd1" and loaded.meta.training["steps_done"] == 2
     assert len(loaded.meta.config.targets) == len(run.backend.family.targets(
         None, model=run.backend.unet))
+    # the base model by content, as A1111 / Civitai / kohya hash it, and carried into a bake
+    import hashlib
+
+    data = path.read_bytes()
+    assert loaded.meta.training["base_model_sha256"] == hashlib.sha256(data).hexdigest()
+    assert loaded.meta.training["base_model_legacy_hash"] == \
+        hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    from unhype.bake import lora_metadata
+
+    meta = lora_metadata(loaded, "a cat", 1.0, "t")
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert meta["ss_sd_model_hash"] == loaded.meta.training["base_model_legacy_hash"]
 
 
 def with_markers(path, out, *markers):

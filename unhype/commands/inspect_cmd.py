@@ -84,6 +84,8 @@ def describe(path, prompts: list[str] | None = None, text_encoder: str | None = 
 def _training_lines(training: dict) -> list[str]:
     keys = ("mode", "max_train_steps", "learning_rate", "eta", "pretrained_model_name_or_path")
     lines = ["  training   " + ", ".join(f"{k}={training[k]}" for k in keys if k in training)]
+    if isinstance(training.get("base_model_sha256"), str):  # AutoV2 is its first 10 digits
+        lines.append(f"  base model sha256 {training['base_model_sha256']}")
     precision = training.get("mixed_precision")
     stored = "fp8" if training.get("fp8_base") else "4-bit NF4" if training.get(
         "nf4_base") else None

@@ -42,6 +42,7 @@ from unhype.distributed import Dist, split
 from unhype.dynamic_lora import DynamicLoRA
 from unhype.errors import UnHypeError
 from unhype.fileformat import save_hypernet
+from unhype.model_hash import base_model_hashes
 from unhype.hypernet import (HyperNetConfig, TargetSpec, build_hypernet, default_hidden,
                              delta_norm)
 
@@ -765,6 +766,7 @@ def save_result(run: Run, step: int, path: Path | None = None) -> Path:
     ref = gate_reference(run)
     if ref is not None:
         training["gate_reference"] = ref
+    training.update(base_model_hashes(cfg.pretrained_model_name_or_path))  # cached per file
     concepts = concept_table(run.concepts)
     return save_hypernet(path, run.hypernet, run.backend.family.name, concepts=concepts,
                          training=training)
