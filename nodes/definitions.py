@@ -200,6 +200,8 @@ class UnHypeBakeLoRA:
         name = _safe_name(filename)
         name = name if name.endswith(".safetensors") else name + ".safetensors"
         path = os.path.join(folders[0], name)
+        if os.path.exists(folders[0]) and not os.path.isdir(folders[0]):
+            raise UnHypeError(f"UnHype Bake LoRA: the loras folder {folders[0]} is a file")
         if os.path.exists(path) and not overwrite:
             raise UnHypeError(f"UnHype Bake LoRA: {path} exists; pick another name or turn on "
                               "'overwrite'")

@@ -99,3 +99,17 @@ def test_a_safetensors_write_with_inf_is_refused(tmp_path):
         atomic_save_safetensors({"w": torch.tensor([1.0, float("inf")])},
                                 tmp_path / "x.safetensors", {})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_symlinked_target_updates_the_file_it_points_to(tmp_path):
+    # model folders shared between UIs by symlinks: the link stays a link, the file it names
+    # gets the new content (before, the link was replaced by a regular file of its own)
+    real = tmp_path / "shared" / "erase_cat.safetensors"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "erase_cat.safetensors"
+    link.symlink_to(real)
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["erase_cat.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["erase_cat.safetensors", "shared"]

@@ -248,6 +248,28 @@ def test_inspect_shows_what_stamp_floor_changed(tmp_path, capsys):
     assert entry["changed"] == {"gate_floor": [0.03, 0.2]}
 
 
+def test_a_full_disk_is_a_message_and_the_input_is_intact(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import unhype.atomic
+
+    path = tmp_path / "stamped.safetensors"
+    save_hypernet(path, hypernet_for(None, family="toy", rank=1), "toy",
+                  concepts=[{"target": "circle"}],
+                  training={"mode": "direct", "gate_reference": 2.0, "gate_floor": 0.03})
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(unhype.atomic.os, "fsync", full)
+    assert main(["stamp-floor", str(path), "-o", str(path), "--gate_floor", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "unhype stamp-floor: error: No space left on device" in err and "Traceback" not in err
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stamped.safetensors"]
+
+
 def test_bad_file_gives_exit_code_2_and_message(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x80\x04junk" * 4)

@@ -34,19 +34,34 @@ def _final_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """A fresh temp path for the block to write; renamed onto `path` if the block succeeds,
-    deleted if it raises."""
+    deleted if it raises. A symlinked `path` (a model folder shared between UIs) updates the
+    file it points to and stays a link. The data reach the disk before the rename and the
+    rename before returning, so a power loss leaves the old file or the new one."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         os.chmod(tmp, _final_mode(path))  # writers such as safetensors create it 0600
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # not every file system lets a folder be synced
+        _fsync(path.parent)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

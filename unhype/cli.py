@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unhype {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine's side (disk full, permissions): a message, not a trace
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"unhype {args.command}: error: {exc.strerror or exc}{where}; what was written "
+              "before is kept, no file was half-written", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -96,6 +96,17 @@ def test_bake_writes_a_lora_comfys_loader_applies_like_the_per_row_path(
     assert Path(path).parent == comfy_dirs["loras"] and Path(path).name == "baked_cat.safetensors"
     with pytest.raises(UnHypeError, match="exists"):
         node.bake(loaded, conditioning, "baked cat", 1.0, False)
+    import folder_paths
+
+    blocked = comfy_dirs["loras"].parent / "loras_file"
+    blocked.write_bytes(b"")  # a file where the loras folder should be: a message
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(blocked)], {".safetensors"})
+    try:
+        with pytest.raises(UnHypeError, match="loras folder .* is a file"):
+            node.bake(loaded, conditioning, "other", 1.0, False)
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = saved
     sd = comfy.utils.load_torch_file(path, safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(sd, key_map)
