@@ -7,7 +7,10 @@ hypernetwork files and baselines on the toy model or a Stable Diffusion model.
     unhype eval --model toy --erase circle --baselines uce,negative_prompt,esd_x
     unhype eval --model toy --erase circle --nudenet --fid_reference refs/ --fid_extractor toy_clip
 
-Writes results.json, results.md and one image grid per method to --out.
+Writes results.json, results.md and one image grid per method to --out. Each row is saved to
+--out/rows/ as it finishes (unhype.evaluation.rows): Ctrl-C writes the report of the finished rows
+and exits 130, and the same command again computes only the missing rows (a row whose settings
+changed is recomputed; --force recomputes all).
 
 `accelerate launch -m unhype eval ...` (or torchrun) shares the image generation between the
 processes (whole seeded batches each, so the images and the numbers are those of one process);
@@ -88,7 +91,11 @@ def register(subparsers) -> None:
     p.add_argument("--cache_text_encoder_outputs", action="store_true", help="keep the text "
                    "encoders in CPU memory between encodings (as unhype train's): each batch "
                    "brings them to the device for its own encoding (FLUX's T5-XXL: 8.9 GiB)")
-    p.add_argument("--out", default="eval_out", help="output folder")
+    p.add_argument("--out", default="eval_out", help="output folder; each finished row is "
+                   "kept in its rows/ folder, so a rerun with the same --out and settings "
+                   "computes only the rows still missing")
+    p.add_argument("--force", action="store_true", help="recompute every row, even those a "
+                   "previous run with the same settings finished in --out")
     p.set_defaults(func=run)
 
 
@@ -100,8 +107,8 @@ def run(args) -> int:
     from unhype.baselines.registry import BASELINES
     from unhype.errors import UnHypeError
     from unhype.evaluation import extras as extras_mod
-    from unhype.evaluation.harness import evaluate
-    from unhype.evaluation.methods import Method, UnHypeMethod
+    from unhype.evaluation.harness import EvalInterrupted, evaluate
+    from unhype.evaluation.rows import BASE_SLOT, RowStore
     from unhype.evaluation.prompts import load_prompt_set, parse_generality
     from unhype.evaluation.report import columns_for, table, write_report
     from unhype.evaluation.zero_shot import load_classifier
@@ -184,20 +191,12 @@ def run(args) -> int:
                                      device=args.device, toy_weights=args.toy_weights)
         except UnHypeError as exc:
             notes.append(f"CLIP score not measured: {exc}")
-    methods = [] if args.no_base else [Method()]
-    for path in args.hypernet:
-        loaded = load_hypernet(path, args.device)
-        methods.append(UnHypeMethod.from_loaded(loaded, args.strength,
-                                                f"UnHype {loaded.meta.config.variant} ({path})",
-                                                args.gate_floor, args.gate_saturate))
-    if baselines:
-        from unhype.baselines.registry import build
-
-        for name in baselines:
-            methods.append(build(name, generator, backend, erased, ps, args.baseline_steps,
-                                 args.seed, progress=dist.is_main))
-    if not methods:
+    store = RowStore(args.out, write=dist.is_main)
+    slots = plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
+                      backend, generator, dist)
+    if not slots:
         raise UnHypeError("no method to evaluate (give --hypernet or --baselines, or drop --no_base)")
+    reference = reuse_rows(args, slots, store, dist, notes)
     extras = []
     fid = extras_mod.fid_extra(args.fid_reference, args.fid_extractor,
                                fid_features(args, toy, classifier), args.device) \
@@ -207,18 +206,132 @@ def run(args) -> int:
             notes.append(note)
         if fn is not None:
             extras.append(fn)
-    result = evaluate(generator, methods, ps, erased, classifier, args.per_class, args.seed,
-                      args.batch_size, clip_scorer=scorer, keep_images=args.keep_images,
-                      extras=extras, dist=dist, generality=generality)
+    def save_row(slot, name, row, others):
+        store.save(slot, name, row)
+        if slot.id == BASE_SLOT:  # every later row's change_s / kept_s is against these
+            store.save_reference(slot.key, others)
+
+    try:
+        result = evaluate(generator, slots, ps, erased, classifier, args.per_class, args.seed,
+                          args.batch_size, clip_scorer=scorer, keep_images=args.keep_images,
+                          extras=extras, dist=dist, generality=generality, reference=reference,
+                          on_row=save_row)
+    except EvalInterrupted as stop:
+        if not dist.is_main:
+            return EXIT_INTERRUPTED
+        result = {**stop.result, "missing": stop.missing}
+        notes.append(f"interrupted: no row for {', '.join(stop.missing)}; the same command "
+                     "computes only those (the finished rows are reused)")
+        paths = write_report(result, args.out, settings_of(args), notes)
+        if result["methods"]:
+            print(table(result["methods"], columns_for(generality),
+                        reference=None if args.no_base else "base model"))
+        print(f"\nunhype eval: interrupted; wrote {paths['json']} and {paths['md']} with the "
+              f"{len(result['methods'])} finished row(s); missing: {', '.join(stop.missing)}. "
+              f"Rerun the same command (--out {args.out}) to compute only those",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not dist.is_main:
         return 0
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    paths = write_report(result, args.out, settings, notes)
+    paths = write_report(result, args.out, settings_of(args), notes)
     print(table(result["methods"], columns_for(generality),
                 reference=None if args.no_base else "base model"))
+    reused = sum(1 for s in slots if s.row is not None)
     print(f"unhype eval: wrote {paths['json']}, {paths['md']} and "
-          f"{sum(1 for k in paths if k.startswith('grid'))} grids", file=sys.stderr)
+          f"{sum(1 for k in paths if k.startswith('grid'))} grids"
+          + (f" ({reused} reused row(s) not redrawn: their grids are the earlier run's)"
+             if reused else ""), file=sys.stderr)
     return 0
+
+
+EXIT_INTERRUPTED = 130
+
+
+def settings_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model, backend,
+              generator, dist) -> list:
+    """One `rows.Slot` per row, in report order: base model, hypernetworks, baselines. Each is
+    built only when its row is due (a baseline trains then), and not at all when reused."""
+    import hashlib
+    from pathlib import Path
+
+    from unhype.evaluation.methods import Method, UnHypeMethod
+    from unhype.evaluation.report import slug
+    from unhype.evaluation.rows import (BASE_SLOT, Slot, baselines_code_sha, run_key,
+                                        sha256_file)
+    from unhype.fileformat import load_hypernet
+
+    key = run_key(args, model, ps, erased, generality, classifier)
+    slots = [] if args.no_base else [Slot(BASE_SLOT, {**key, "method": "base"}, "base model",
+                                          Method)]
+    for path, meta in zip(args.hypernet, metas):
+        name = f"UnHype {meta.config.variant} ({path})"
+
+        def make(path=path, name=name):
+            return UnHypeMethod.from_loaded(load_hypernet(path, args.device), args.strength,
+                                            name, args.gate_floor, args.gate_saturate)
+
+        where = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
+        slots.append(Slot(f"unhype_{slug(Path(path).stem)}_{where}",
+                          {**key, "method": "unhype", "name": name,
+                           "file_sha256": sha256_file(path), "strength": args.strength,
+                           "gate_floor": args.gate_floor, "gate_saturate": args.gate_saturate},
+                          name, make))
+    for b in baselines:
+        def make(b=b):
+            from unhype.baselines.registry import build
+
+            return build(b, generator, backend, erased, ps, args.baseline_steps, args.seed,
+                         progress=dist.is_main)
+
+        slots.append(Slot(f"baseline_{b}", {**key, "method": b, "steps": args.baseline_steps,
+                                            "recipe": baselines_code_sha()},
+                          f"{b} (baseline)", make))
+    return slots
+
+
+def reuse_rows(args, slots, store, dist, notes):
+    """Mark the rows a previous run into --out finished with the same settings (`slot.row`);
+    returns the base model's stored other-class images when rows still to compute need them
+    (else None). The main process decides; the others learn which rows to skip."""
+    import torch
+
+    from unhype.evaluation.rows import BASE_SLOT
+
+    reference = None
+    if dist.is_main and not args.force:
+        for slot in slots:
+            slot.row, why = store.load(slot)
+            if why:
+                print(f"unhype eval: recomputing {slot.label}: {why}", file=sys.stderr)
+        base = next((s for s in slots if s.id == BASE_SLOT), None)
+        if base is not None and base.row is not None and any(s.row is None for s in slots):
+            reference = store.load_reference(base.key)
+            if reference is None:
+                base.row = None
+                print("unhype eval: recomputing the base model row: its stored images, which "
+                      "the rows still to compute are compared with, are missing",
+                      file=sys.stderr)
+    if dist.world > 1:  # every process must skip the same rows and compare with the same images
+        flags = torch.tensor([s.row is not None for s in slots] + [reference is not None],
+                             dtype=torch.uint8)
+        flags = dist.broadcast({"f": flags} if dist.is_main else None, ["f"])["f"].tolist()
+        for slot, reused in zip(slots, flags):
+            if reused and slot.row is None:
+                slot.row = {"name": slot.label}  # only the main process reports
+        if flags[-1]:
+            reference = dist.broadcast({"r": reference} if dist.is_main else None, ["r"])["r"]
+    reused = [s for s in slots if s.row is not None]
+    if reused and dist.is_main:
+        names = ", ".join(s.row.get("name", s.label) for s in reused)
+        print(f"unhype eval: reused {len(reused)} finished row(s) from a previous run in "
+              f"{args.out} ({names}); --force to recompute", file=sys.stderr)
+        notes.append(f"reused from an earlier run into this folder, same settings: {names} "
+                     "(their grids are not redrawn)")
+    return reference
 
 
 def default_fid_extractor(toy: bool) -> str:

@@ -28,6 +28,7 @@ from unhype.evaluation.methods import Method
 from unhype.evaluation.metrics import accuracy, h_c, h_o, paired_change
 from unhype.evaluation.prompts import (PromptSet, build_sets, generality_kinds,
                                       parse_generality)
+from unhype.evaluation.rows import Slot
 
 
 class _NegativeContext(nn.Module):
@@ -207,10 +208,24 @@ def accuracy_by_kind(preds: Tensor, items: list[tuple[str, int]], kinds: list[st
     return out
 
 
-def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str], classifier,
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `evaluate`: `result` holds the rows that finished (evaluate's return value,
+    rows in order), `missing` the names (or labels) of the methods that did not."""
+
+    def __init__(self, result: dict, missing: list[str]):
+        super().__init__(f"interrupted; missing rows: {', '.join(missing)}")
+        self.result, self.missing = result, missing
+
+
+def _name(method) -> str:
+    """A Method's name, or a Slot's (unhype.evaluation.rows) label until it is built."""
+    return method.label if isinstance(method, Slot) else method.name
+
+
+def evaluate(generator, methods: list, ps: PromptSet, erased: list[str], classifier,
              per_class: int = 10, seed: int = 1234, batch_size: int = 32, clip_scorer=None,
              keep_images: int = 8, progress: bool = True, extras=(), dist: Dist | None = None,
-             reference: Tensor | None = None, generality=("synonyms",)) -> dict:
+             reference: Tensor | None = None, generality=("synonyms",), on_row=None) -> dict:
     """Run every method on the same prompt sets; returns {"sets": ..., "methods": {name: row}}.
 
     Each row: the scores, `clip_score` (mean over the other-class prompts, when `clip_scorer`
@@ -218,6 +233,10 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
     `change_s` / `kept_s` (metrics.paired_change) against `reference`, the unmodified
     model's other-class images at these seeds: given, or made by a plain `Method()` (the base
     model) earlier in `methods`.
+    `methods`: Methods, or `unhype.evaluation.rows.Slot`s: built (`slot.make()`) only when
+    their turn comes, or taken as they are when `slot.row` holds a finished row (reused, no
+    images). `on_row(method or slot, name, row, other-class images)` is called as each row is
+    scored (to save it). Ctrl-C raises `EvalInterrupted` with the rows finished so far.
     `extras`: callables (images, prompts, sets) -> dict of extra numbers (NudeNet, FID).
     `dist`: the processes of `accelerate launch` share the generation (see `generate`); the
     gathered images are scored in every process, so every process returns the same numbers.
@@ -230,17 +249,34 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
         raise UnHypeError(f"the reference holds {len(reference)} other-class images, this "
                           f"evaluation makes {len(sets['others'])}: not the same prompt sets")
     n_prompts = sum(len(v) for v in sets.values())
+    todo = [m for m in methods if not isinstance(m, Slot) or m.row is None]
     total = sum(min(batch_size, n_prompts - s)
-                for s in _my_starts(n_prompts, batch_size, dist)) * len(methods)
+                for s in _my_starts(n_prompts, batch_size, dist)) * len(todo)
     bar = None
-    if progress and dist.is_main:
+    if progress and dist.is_main and todo:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="unhype eval", unit="img", file=sys.stderr,
                    dynamic_ncols=True)
-    results = {}
+    results, finished = {}, 0  # finished: how many of `methods` have their row
+
+    def result() -> dict:
+        return {"sets": {k: [p for p, _ in v] for k, v in sets.items()},
+                "erased": [ps.class_names[i] for i in sorted({ps.index(w) for w in erased})],
+                "classifier": getattr(classifier, "description", type(classifier).__name__),
+                "per_class": per_class, "seed": seed, "processes": dist.world,
+                "generality": list(generality), "methods": results}
+
     try:
         for method in methods:
+            slot = None
+            if isinstance(method, Slot):
+                if method.row is not None:  # reused: scored by an earlier run
+                    row = dict(method.row)
+                    results[row.pop("name", method.label)] = row
+                    finished += 1
+                    continue
+                slot, method = method, method.make()
             t0 = time.time()
             method.attach(generator.unet)
             # one list for all three sets: full batches, the same noise for every method
@@ -272,11 +308,15 @@ def evaluate(generator, methods: list[Method], ps: PromptSet, erased: list[str],
             row["images"] = {k: v[:keep_images] for k, v in images.items()}
             row["prompts"] = {k: [p for p, _ in sets[k][:keep_images]] for k in sets}
             results[method.name] = row
+            finished += 1
+            if on_row is not None:
+                on_row(slot or method, method.name, row, images["others"])
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        raise EvalInterrupted(result(), [_name(m) for m in methods[finished:]]) from None
     finally:
         if bar is not None:
             bar.close()
-    return {"sets": {k: [p for p, _ in v] for k, v in sets.items()},
-            "erased": [ps.class_names[i] for i in sorted({ps.index(w) for w in erased})],
-            "classifier": getattr(classifier, "description", type(classifier).__name__),
-            "per_class": per_class, "seed": seed, "processes": dist.world,
-            "generality": list(generality), "methods": results}
+    return result()

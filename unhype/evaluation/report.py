@@ -1,4 +1,5 @@
-"""Evaluation outputs: `results.json`, `results.md` (one markdown table) and one image grid per method.
+"""Evaluation outputs: `results.json`, `results.md` (one markdown table) and one image grid per method
+(rows reused from an earlier run into the folder have no images: their earlier grid is kept).
 
 All writes are atomic (temp file, then rename). Numbers are fractions in JSON and percentages in
 the table; a missing measurement is written as "n/a" with the reason in the notes.
@@ -120,7 +121,9 @@ def write_report(result: dict, out_dir: Path, settings: dict, notes=()) -> dict[
     md += ["", "Settings: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     _atomic_text(paths["md"], "\n".join(md))
     grids = save_grids(result, out_dir)
-    for stale in set(out_dir.glob("grid_*.png")) - set(grids):  # an earlier run's methods
+    # an earlier run's other methods; a row reused from it (no images) keeps its grid
+    kept = {out_dir / f"grid_{slug(name)}.png" for name in rows}
+    for stale in set(out_dir.glob("grid_*.png")) - set(grids) - kept:
         stale.unlink(missing_ok=True)
     for i, p in enumerate(grids):
         paths[f"grid{i}"] = p
