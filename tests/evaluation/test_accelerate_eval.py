@@ -34,6 +34,18 @@ def test_eval_two_processes_equal_one(random_toy, toy_hypernet_file, tmp_path):
     assert grids and grids == sorted(p.name for p in two.glob("grid_*.png"))
     for g in grids:  # the same images, pixel for pixel
         assert (one / g).read_bytes() == (two / g).read_bytes()
+    # only the main process wrote the rows; a two-process rerun into the single-process
+    # folder reuses the base row (its images go to both processes for change_s / kept_s) and
+    # computes the hypernetwork's row, as the single-process run did
+    rows = sorted(p.name for p in (two / "rows").iterdir())
+    assert rows[:2] == ["base_model.json", "base_others.safetensors"] and len(rows) == 3
+    (one / "rows" / rows[2]).unlink()
+    again = launch(args + ["--out", str(one)])
+    assert "reused 1 finished row(s)" in again.stderr and again.stdout.count("| base model |") == 1
+    r3 = json.loads((one / "results.json").read_text())
+    for name, row in r1["methods"].items():
+        for key in KEYS + ("change_s", "kept_s"):
+            assert r3["methods"][name][key] == row[key], (name, key)
 
 
 def test_gather_in_one_process_is_the_concatenation():
