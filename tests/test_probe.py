@@ -22,7 +22,11 @@ def two_way(emb):
 
 
 EMB = {"circle": (2.0, 0.0), "square": (0.0, 1.0), "a blue circle": (0.85, 0.0),
-       "a faint circle": (0.02, 0.0), "a box": (0.0, 0.7)}
+       "a faint circle": (0.02, 0.0), "a box": (0.0, 0.7),
+       # cosines to circle / square: 0.725 / 0.689 (within 0.05), 0.743 / 0.669 (not)
+       "a circle and a square": (1.0, 0.95), "a circle by a square": (1.0, 0.9),
+       # 0.447 / 0.894: square on top, circle within nothing
+       "a square by a circle": (0.5, 1.0)}
 
 
 def embed(texts):
@@ -95,3 +99,44 @@ def test_per_layer_norms_are_the_dense_updates(plain, tmp_path):
     got = layer_norms(f)
     for name, (a, b) in f.items():
         assert float(got[name][1]) == pytest.approx(float((b[1] @ a[1].T).norm()), rel=1e-5)
+
+
+def test_a_prompt_naming_two_concepts_fires_both(plain, tmp_path):
+    """The update of "a circle and a square" points between the two: both within the cosine
+    margin of the top one (and above 0.5), both above the threshold, so both fire (the old
+    probe fired the top one only); 0.074 apart, only the top one fires."""
+    loaded = with_gate(plain, tmp_path, gate_reference=SCALE, gate_floor=0.03)
+    both, one, other = probe(loaded, embed, ["a circle and a square", "a circle by a square",
+                                             "a square by a circle"], ["circle", "square"])
+    assert [round(c.cosine, 3) for c in both.concepts] == [0.725, 0.689]
+    assert both.fired == ["circle", "square"] and both.as_row()[2] == "circle, square"
+    assert both.as_dict()["fires"] == ["circle", "square"]
+    assert [c["fires"] for c in both.as_dict()["concepts"]] == [True, True]
+    assert one.fired == ["circle"]
+    assert other.fired == ["square"] and other.nearest.concept == "square"
+
+
+def test_each_concept_is_measured_against_its_own_reference(plain, tmp_path):
+    """With concept_references, a prompt's share differs per concept: "a blue circle" (0.85 of
+    the gate_reference) is only 0.425 of the circle's own median update, so it no longer fires;
+    "a box" is 1.4 of the square's own."""
+    loaded = with_gate(plain, tmp_path, gate_reference=SCALE * 0.5, gate_floor=0.03,
+                       concept_references={"circle": SCALE * 2, "square": SCALE * 0.5})
+    blue, box, both = probe(loaded, embed, ["a blue circle", "a box", "a circle and a square"],
+                            ["circle", "square"])
+    assert [c.relative for c in blue.concepts] == pytest.approx([0.425, 1.7])
+    assert [c.reference for c in blue.concepts] == pytest.approx([SCALE * 2, SCALE * 0.5])
+    assert blue.fired == [] and blue.as_row()[4] == pytest.approx(0.425)
+    assert box.fired == ["square"] and box.as_row()[4] == pytest.approx(1.4)
+    assert box.as_dict()["nearest"]["reference"] == pytest.approx(SCALE * 0.5)
+    norm = (1.0 ** 2 + 0.95 ** 2) ** 0.5
+    assert [c.relative for c in both.concepts] == pytest.approx([norm / 2, norm / 0.5])
+    assert both.fired == ["circle", "square"]  # circle: 0.69 of its own reference
+
+
+def test_a_malformed_concept_reference_falls_back_to_the_gate_reference(plain, tmp_path):
+    loaded = with_gate(plain, tmp_path, gate_reference=SCALE, gate_floor=0.03,
+                       concept_references={"circle": -1, "square": "x"})
+    (blue,) = probe(loaded, embed, ["a blue circle"], ["circle", "square"])
+    assert [c.relative for c in blue.concepts] == pytest.approx([0.85, 0.85])
+    assert [c.reference for c in blue.concepts] == pytest.approx([SCALE, SCALE])

@@ -9,17 +9,22 @@ formed):
 
 * ``magnitude``: ||dW(prompt)|| as the hosts apply it (after the gate floor and saturation,
   unhype.gate_floor), summed over layers in quadrature; ``raw``: the same before the floor;
-* ``relative`` = magnitude / reference. The reference is the file's ``gate_reference`` (the
-  median ||dW|| over the concepts' training prompts: the scale the floor and saturation use);
-  a file without one (trained before it existed, no floor) is measured against each concept
-  text's own update, as before;
+* per concept, ``relative`` = magnitude / that concept's reference: its own entry of the
+  file's ``concept_references`` ({target: the median ||dW|| over that concept's training
+  prompts}) where the file stores one, else the file's ``gate_reference`` (the median over all
+  the concepts' training prompts: the scale the floor and saturation use); a file without
+  either (trained before they existed, no floor) is measured against each concept text's own
+  update, as before;
 * per concept, ``cosine`` = direction agreement of the two (unfloored) updates. The nearest
-  concept is the one of largest cosine; the prompt fires (for it) when relative >= threshold
-  (default 0.5) and the cosine is positive.
+  concept is the one of largest cosine. A prompt naming several concepts ("a circle and a
+  square") points between them, so every concept whose cosine is the largest, or within
+  COSINE_MARGIN (0.05) of it and above MIN_COSINE (0.5), is a candidate; a candidate fires when
+  its relative >= threshold (default 0.5). The top one needs only a positive cosine.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +33,8 @@ from unhype.errors import UnHypeError
 from unhype.hypernet import LoraFactors
 
 DEFAULT_THRESHOLD = 0.5
+COSINE_MARGIN = 0.05  # a concept this close to the top cosine is named by the prompt as well
+MIN_COSINE = 0.5      # ... when it points at least this much the same way
 
 
 @dataclass
@@ -36,6 +43,7 @@ class ConceptScore:
     relative: float
     cosine: float
     fires: bool
+    reference: float | None = None  # what relative divides by (None: the concept text's update)
 
 
 @dataclass
@@ -46,6 +54,14 @@ class ProbeResult:
     raw: float | None = None           # before the gate floor (None: as magnitude)
     reference: float | None = None     # the file's gate_reference (None: per-concept)
     layers: dict[str, float] | None = None
+    threshold: float = DEFAULT_THRESHOLD
+
+    @property
+    def relative(self) -> float | None:
+        """The nearest concept's relative (its own reference), else the share of the file's
+        gate_reference; None: neither exists."""
+        top = self.nearest
+        return top.relative if top is not None else self.share
 
     @property
     def nearest(self) -> ConceptScore | None:
@@ -88,7 +104,7 @@ class ProbeResult:
 
     def as_row(self) -> list:
         top = self.nearest
-        relative = self.share if self.reference else top.relative if top else 0.0
+        relative = self.relative or 0.0
         return [self.prompt, round(self.magnitude, 6), ", ".join(self.fired) or "-",
                 top.concept if top else "-", round(relative, 4),
                 round(top.cosine, 4) if top else 0.0, self.gate_text()]
@@ -99,12 +115,14 @@ class ProbeResult:
                 "raw_norm": self.magnitude if self.raw is None else self.raw,
                 "gate_reference": self.reference, "share_of_reference": self.share,
                 "gate_scale": self.gate_scale, "zeroed_by_floor": self.zeroed,
-                "fires": self.fired,
+                "fires": self.fired, "threshold": self.threshold,
                 "nearest": None if top is None else {"concept": top.concept,
                                                      "relative": top.relative,
-                                                     "cosine": top.cosine},
+                                                     "cosine": top.cosine,
+                                                     "reference": top.reference},
                 "concepts": [{"concept": c.concept, "relative": c.relative,
-                              "cosine": c.cosine} for c in self.concepts],
+                              "cosine": c.cosine, "fires": c.fires,
+                              "reference": c.reference} for c in self.concepts],
                 **({"layers": self.layers} if self.layers is not None else {})}
 
 
@@ -112,10 +130,13 @@ ROW_HEADERS = ["prompt", "applied ||dW||", "fires", "nearest concept (direction)
                "share of reference", "cosine", "gate floor"]
 
 ROW_NOTE = ("applied ||dW||: the update's norm after the gate floor, as generation applies it. "
-            "share of reference: that / the file's gate_reference (the median ||dW|| of the "
-            "concepts' training prompts, the floor's scale; a file without one: / the concept "
-            "text's own ||dW||). nearest concept: largest cosine between the updates. fires: "
-            f"share >= {DEFAULT_THRESHOLD:g} and cosine > 0.")
+            "share of reference: that / the nearest concept's reference (its own median ||dW|| "
+            "where the file stores concept_references, else the file's gate_reference: the "
+            "median ||dW|| of the concepts' training prompts, the floor's scale; a file without "
+            "either: / the concept text's own ||dW||). nearest concept: largest cosine between "
+            "the updates. fires: every concept at the largest cosine (> 0), or within "
+            f"{COSINE_MARGIN:g} of it and above {MIN_COSINE:g} (a prompt naming several), whose "
+            f"share of its own reference is >= {DEFAULT_THRESHOLD:g}.")
 
 
 def gram(f1: LoraFactors, f2: LoraFactors) -> torch.Tensor:
@@ -152,12 +173,39 @@ def concept_texts(meta) -> list[str]:
     return texts
 
 
+def concept_references(meta) -> dict[str, float]:
+    """{target: reference ||dW||} of the file's training["concept_references"] (the median
+    update norm over each concept's own training prompts); entries that are not a positive
+    finite number are left out (that concept falls back to gate_reference)."""
+    refs = (getattr(meta, "training", None) or {}).get("concept_references")
+    if not isinstance(refs, dict):
+        return {}
+    out = {}
+    for target, value in refs.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                math.isfinite(value) and value > 0:
+            out[str(target)] = float(value)
+    return out
+
+
 def _networks(source):
-    """(applied, raw, gate_reference) of a LoadedHypernet (`generate`: with its gate floor and
-    saturation, `hypernet`: without) or of a bare network (no floor, no reference)."""
+    """(applied, raw, gate_reference, concept_references) of a LoadedHypernet (`generate`: with
+    its gate floor and saturation, `hypernet`: without) or of a bare network (no floor, no
+    references)."""
     if hasattr(source, "generate") and hasattr(source, "hypernet"):
-        return source.generate, source.hypernet, source.gate_reference
-    return source, None, None
+        return source.generate, source.hypernet, source.gate_reference, \
+            concept_references(getattr(source, "meta", None))
+    return source, None, None, {}
+
+
+def mark_firing(result: ProbeResult, threshold: float) -> None:
+    """Set each concept's `fires`: the top-cosine concept and every concept pointing nearly as
+    much its way (COSINE_MARGIN, MIN_COSINE) whose relative reaches `threshold`."""
+    top = result.nearest
+    for c in result.concepts:
+        near = top is not None and (c is top or (c.cosine > MIN_COSINE and
+                                                 c.cosine >= top.cosine - COSINE_MARGIN))
+        c.fires = near and c.relative >= threshold
 
 
 def _pick(factors: LoraFactors, owner: list[int], n: int) -> list[int]:
@@ -190,7 +238,7 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
     prompts = [p for p in prompts if p is not None]
     if not prompts:
         raise UnHypeError("probe: no prompt given")
-    generate, hypernet, reference = _networks(source)
+    generate, hypernet, reference, per_concept = _networks(source)
     texts, owner = [], []
     for i, prompt in enumerate(prompts):
         for text in [prompt] + (prompt_windows(prompt) if windows else []):
@@ -211,16 +259,15 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
     for i, prompt in enumerate(prompts):
         scores = []
         for j, concept in enumerate(concepts):
-            ref = reference if reference else float(norms[n + j])
+            own = per_concept.get(concept) or reference
+            ref = own if own else float(norms[n + j])
             rel = float(norms[i]) / ref if ref > 0 else 0.0
             denom = float(raw_norms[i]) * float(raw_norms[n + j])
             scores.append(ConceptScore(concept, rel, float(g[i, n + j]) / denom if denom > 0
-                                       else 0.0, False))
+                                       else 0.0, False, own))
         result = ProbeResult(prompt, float(norms[i]), scores, float(raw_norms[i]), reference,
                              None if layers is None else
-                             {name: float(v[i]) for name, v in layers.items()})
-        top = result.nearest
-        if top is not None:
-            top.fires = top.relative >= threshold
+                             {name: float(v[i]) for name, v in layers.items()}, threshold)
+        mark_firing(result, threshold)
         results.append(result)
     return results
