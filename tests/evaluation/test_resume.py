@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import unhype.baselines.registry as registry
 import unhype.evaluation.harness as harness
@@ -154,3 +155,23 @@ def test_harness_reports_the_finished_rows_on_ctrl_c(random_toy, toy_backend):
     assert list(stop.value.result["methods"]) == ["base model"]
     assert stop.value.missing == ["later", "other"]
     assert saved == [("base model", len(stop.value.result["sets"]["others"]))]
+
+
+def test_a_damaged_hypernetwork_is_refused_before_any_row(random_toy, toy_hypernet_file,
+                                                          tmp_path, counted, capsys):
+    # rows are computed one by one now: a file that cannot load must still stop the run before
+    # the first image, not after the earlier rows
+    made, _ = counted
+    from safetensors.torch import load_file, save_file
+
+    from unhype.fileformat import read_header
+
+    damaged = tmp_path / "damaged.safetensors"  # its header is fine: NaN weights
+    tensors = load_file(str(toy_hypernet_file))
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(damaged), read_header(toy_hypernet_file)[0])
+    out = tmp_path / "out"
+    assert main(_args(random_toy, toy_hypernet_file, out, "--hypernet", str(damaged))) == 2
+    assert "NaN/Inf values" in capsys.readouterr().err
+    assert made == [] and not (out / "rows").exists()

@@ -173,11 +173,11 @@ def run(args) -> int:
     dist = process_group(args)
 
     backend, generator, memory_note = load_model(model, args)
-    if not toy:  # a file for another model of the family: refused before any image is made
-        from unhype.fileformat import check_targets_in_model
+    # a damaged file, or one for another model of the family: refused before any image is made
+    from unhype.fileformat import check_targets_in_model
 
-        for path in args.hypernet:
-            check_targets_in_model(load_hypernet(path, "cpu"), backend.unet)
+    for path in args.hypernet:
+        check_targets_in_model(load_hypernet(path, "cpu"), backend.unet)
     classifier = load_classifier(args.classifier or ("judge" if toy else "ViT-B-32"),
                                  ps.class_names, ps.class_prompts(), args.clip_weights,
                                  args.device, args.toy_weights)
