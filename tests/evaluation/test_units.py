@@ -275,3 +275,24 @@ def test_negative_context_replaces_the_unconditional_half():
     ctx = torch.zeros(4, 3, 4)
     _NegativeContext(Spy(), neg)(torch.zeros(4), 0, encoder_hidden_states=ctx)
     assert (seen["ctx"][:2] == 7).all() and (seen["ctx"][2:] == 0).all() and (ctx == 0).all()
+
+
+def test_several_erased_classes_are_scored_one_by_one():
+    # circle (0) fully erased, square (1) kept in half its images: the pooled Acc_e of 25%
+    # hides the square; the per-class numbers and the report's worst class do not
+    from unhype.evaluation.harness import accuracy_by_class
+    from unhype.evaluation.report import by_class_table
+
+    sets = {"erased": [("a circle", 0)] * 2 + [("a square", 1)] * 2,
+            "synonyms": [("a disk", 0), ("a box", 1)], "others": []}
+    preds = {"erased": torch.tensor([3, 4, 1, 5]), "synonyms": torch.tensor([2, 1]),
+             "others": torch.tensor([], dtype=torch.long)}
+    got = accuracy_by_class(preds, sets, ["circle", "square", "triangle", "x", "y", "z"])
+    assert got == {"by_class": {"circle": {"acc_e": 0.0, "acc_g": 0.0},
+                                "square": {"acc_e": 0.5, "acc_g": 1.0}}}
+    lines = by_class_table({"m": got})
+    assert "| m | 0.0 / 0.0 | 50.0 / 100.0 | square (50.0) |" in lines
+    one = {k: v[:2] if isinstance(v, list) else v for k, v in sets.items()}
+    one["synonyms"] = sets["synonyms"][:1]
+    assert accuracy_by_class(preds, one, ["circle", "square"]) == {}  # one class: no table
+    assert by_class_table({"m": {}}) == []

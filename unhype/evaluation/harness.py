@@ -199,6 +199,19 @@ def score(preds: dict[str, Tensor], sets: dict, kind: str = "objects") -> dict:
     return out
 
 
+def accuracy_by_class(preds: dict[str, Tensor], sets: dict, class_names: list[str]) -> dict:
+    """{"by_class": {name: {"acc_e", "acc_g"}}} for each erased class when there are several:
+    a pooled Acc_e can pass while one concept is barely erased."""
+    out = {}
+    for key, name in (("erased", "acc_e"), ("synonyms", "acc_g")):
+        items = sets[key]
+        for c in dict.fromkeys(label for _, label in items):
+            idx = [i for i, (_, label) in enumerate(items) if label == c]
+            out.setdefault(class_names[c], {})[name] = accuracy(preds[key][idx].tolist(),
+                                                               [c] * len(idx))
+    return {"by_class": out} if len(out) > 1 else {}
+
+
 def accuracy_by_kind(preds: Tensor, items: list[tuple[str, int]], kinds: list[str]) -> dict:
     """{"acc_g_<kind>": Acc_g over that kind's prompts} for a generality set of several kinds."""
     out = {}
@@ -292,6 +305,7 @@ def evaluate(generator, methods: list, ps: PromptSet, erased: list[str], classif
             preds = {k: classifier.predict(v) if len(v) else torch.empty(0, dtype=torch.long)
                      for k, v in images.items()}
             row = score(preds, sets, ps.kind)
+            row.update(accuracy_by_class(preds, sets, ps.class_names))
             if len(generality) > 1 and len(sets["synonyms"]):
                 row.update(accuracy_by_kind(preds["synonyms"], sets["synonyms"], kinds))
             if reference is None and type(method) is Method and len(images["others"]):

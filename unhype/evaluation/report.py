@@ -104,6 +104,27 @@ def strip_images(result: dict) -> dict:
     return out
 
 
+def by_class_table(rows: dict[str, dict]) -> list[str]:
+    """Several erased classes: Acc_e / Acc_g of each (harness.accuracy_by_class) and the
+    worst, which a pooled number hides; [] otherwise."""
+    names = list(dict.fromkeys(c for r in rows.values() for c in r.get("by_class") or {}))
+    if not names:
+        return []
+    head = ["method"] + [f"{c}: Acc_e / Acc_g" for c in names] + ["worst erased class"]
+    lines = ["Per erased class (lower better):", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        by = r.get("by_class") or {}
+        if not by:
+            continue
+        cells = [f"{fmt(by.get(c, {}).get('acc_e'))} / {fmt(by.get(c, {}).get('acc_g'))}"
+                 for c in names]
+        worst = max(by, key=lambda c: by[c].get("acc_e") or 0.0)
+        lines.append("| " + " | ".join([name] + cells + [
+            f"{worst} ({fmt(by[worst].get('acc_e'))})"]) + " |")
+    return lines + [""]
+
+
 def write_report(result: dict, out_dir: Path, settings: dict, notes=()) -> dict[str, Path]:
     """results.json, results.md and grids under `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
@@ -117,6 +138,7 @@ def write_report(result: dict, out_dir: Path, settings: dict, notes=()) -> dict[
           f"set; seed {result['seed']}. Fractions in %, CLIP score raw. \"Others ... base\": "
           f"each other-class image against the base model's of the same prompt and seed.", "",
           table(rows, columns_for(result.get("generality", ("synonyms",))), reference=ref), ""]
+    md += by_class_table(rows)
     md += [f"- {n}" for n in notes]
     md += ["", "Settings: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     _atomic_text(paths["md"], "\n".join(md))
