@@ -194,3 +194,56 @@ def test_modelspec_of_sd2_follows_the_prediction_it_was_trained_for():
         ("stable-diffusion-v2-768-v/lora", "768x768")
     assert _modelspec_architecture(fake("sdxl", {})) == \
         ("stable-diffusion-xl-v1-base/lora", "1024x1024")
+
+
+def _two_way(emb):
+    """Layer "a" grows with the embedding's first entry, "b" with its second (tests/test_probe)."""
+    n = len(emb)
+    return {"a": (emb[:, :1, None].expand(-1, 3, 1).clone(), torch.ones(n, 2, 1)),
+            "b": (emb[:, 1:2, None].expand(-1, 3, 1).clone(), torch.ones(n, 2, 1))}
+
+
+def test_metadata_says_what_the_baked_prompt_fires_not_every_concept(tmp_path):
+    """A LoRA baked for one prompt of a two-concept file: the metadata names the concept the
+    prompt fires and its share of the reference (it claimed "erases ['circle', 'square']"
+    for any prompt); a prompt at 0.3 of the reference fires nothing and gets the weak note."""
+    from dataclasses import replace
+
+    from unhype.bake import probe_embedding, weak_note
+    from unhype.fileformat import save_with_training
+
+    save_hypernet(tmp_path / "h.safetensors", hypernet_for(tiny_sd_unet(), rank=1), "sd1",
+                  concepts=[{"target": "circle"}, {"target": "square"}])
+    scale = 6 ** 0.5  # ||dW|| of (1, 0) in _two_way
+    loaded = replace(load_hypernet(save_with_training(
+        load_hypernet(tmp_path / "h.safetensors"), tmp_path / "g.safetensors",
+        gate_reference=scale, gate_floor=0.03)), hypernet=_two_way)
+    words = {"circle": (1.0, 0.0), "square": (0.0, 1.0)}
+
+    def embed(texts):
+        return torch.tensor([words[t] for t in texts])
+
+    strong, weak = torch.tensor([1.2, 0.0]), torch.tensor([0.3, 0.05])
+    probed = probe_embedding(loaded, strong, "a red circle", embed)
+    assert probed.fired == ["circle"] and weak_note(probed) is None
+    _, meta = bake_lora(loaded, strong, "a red circle", 1.0, probed=probed)
+    text = meta["modelspec.description"]
+    assert "for prompt 'a red circle': fires circle; nearest concept circle at cosine 1.00; " \
+           "1.20 of circle's reference" in text
+    assert "the hypernetwork file erases ['circle', 'square']" in text
+    assert "fires circle" in meta["ss_training_comment"]
+    args = json.loads(meta["ss_network_args"])
+    assert args["unhype_fires"] == ["circle"] and args["unhype_share_of_reference"] == \
+        pytest.approx(1.2) and args["unhype_nearest_concept"] == "circle"
+    probed = probe_embedding(loaded, weak, "a red circle, a blue heart", embed)
+    assert probed.fired == [] and probed.relative == pytest.approx((0.3 ** 2 + 0.05 ** 2) ** 0.5)
+    _, meta = bake_lora(loaded, weak, "a red circle, a blue heart", 1.0, probed=probed)
+    assert "fires nothing; nearest concept circle at cosine 0.99; 0.30 of circle's reference, " \
+           "under the firing threshold 0.5" in meta["modelspec.description"]
+    assert weak_note(probed).startswith("this LoRA is weak for this prompt (fires nothing")
+    # without a text encoder (ComfyUI Bake with no CLIP): the share alone, still weak
+    _, meta = bake_lora(loaded, weak, "x", 1.0)
+    assert "concepts not measured (no text encoder); 0.30 of the reference, under the firing " \
+           "threshold 0.5" in meta["modelspec.description"]
+    assert weak_note(probe_embedding(loaded, weak, "x")) is not None
+    assert weak_note(probe_embedding(loaded, strong, "x")) is None

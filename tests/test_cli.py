@@ -433,3 +433,35 @@ def test_a_text_encoder_folder_finds_its_tokenizer(tmp_path, capsys, monkeypatch
         shutil.copy(builtin_tokenizer(sd1) / name, small / name)
     with pytest.raises(Exception, match="do not belong together"):
         load_embedder(sd1, str(small))
+
+
+def test_bake_records_and_warns_what_the_prompt_fires(toy_file, tmp_path, capsys):
+    """unhype bake probes the embedding it bakes: the metadata names the concept the prompt
+    fires and its share of the reference, and a prompt at 0.3 of the reference gets the weak
+    warning (the old CLI warned only for an exactly zero update)."""
+    from unhype.embedding import load_embedder
+    from unhype.fileformat import load_hypernet, save_with_training
+    from unhype.hypernet import delta_norm
+
+    plain = load_hypernet(toy_file)
+    with torch.no_grad():
+        norm = float(delta_norm(plain.hypernet(load_embedder(plain.family)(["a red circle"]))))
+    out = tmp_path / "lora.safetensors"
+    for share in (0.3, 1.5):
+        path = save_with_training(plain, tmp_path / f"g{share}.safetensors",
+                                  gate_reference=norm / share, gate_floor=0.03)
+        assert main(["bake", str(path), "--prompt", "a red circle", "-o", str(out)]) == 0
+        printed = capsys.readouterr()
+        with safe_open(out, "pt") as fh:
+            meta = fh.metadata()
+        claim = f"{share:.2f} of circle's reference"
+        assert claim in printed.out and claim in meta["modelspec.description"]
+        assert "for prompt 'a red circle': fires " in meta["modelspec.description"]
+        assert "the hypernetwork file erases ['circle']" in meta["ss_training_comment"]
+        args = json.loads(meta["ss_network_args"])
+        assert args["unhype_share_of_reference"] == pytest.approx(share, rel=1e-4)
+        if share < 0.5:
+            assert "warning: this LoRA is weak for this prompt (fires nothing" in printed.err
+            assert args["unhype_fires"] == []
+        else:
+            assert "weak" not in printed.err and args["unhype_fires"] == ["circle"]

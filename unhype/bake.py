@@ -121,12 +121,68 @@ def _modelspec_architecture(loaded: LoadedHypernet) -> tuple[str, str]:
         "1024x1024" if family.name in ("sdxl", "flux") else "512x512"
 
 
+def probe_embedding(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
+                    embed=None):
+    """unhype.probe of the very embedding a bake uses (not re-encoded: a long prompt's strongest
+    window stays that window), against the file's concept texts encoded with `embed`
+    (list[str] -> [N, D]); without `embed` no concept is measured, only the share of the
+    file's gate_reference."""
+    from unhype.probe import concept_texts, probe
+
+    concepts = concept_texts(loaded.meta) if embed is not None else []
+    own = embedding.reshape(1, -1).float()
+
+    def encode(texts):  # texts = [prompt] + concepts
+        rest = texts[1:]
+        return torch.cat([own, embed(rest).float().to(own.device)]) if rest else own
+
+    return probe(loaded, encode, [prompt or ""], concepts)[0]
+
+
+def prompt_claim(result) -> str:
+    """What the baked LoRA does for its prompt, from its unhype.probe result: the concept(s) it
+    fires, the nearest by direction and the update's share of the reference."""
+    top, rel, threshold = result.nearest, result.relative, result.threshold
+    if result.magnitude == 0:
+        return "fires nothing, its update is zero"
+    if result.fired:
+        parts = [f"fires {', '.join(result.fired)}"]
+    else:
+        parts = ["fires nothing" if result.concepts else
+                 "concepts not measured (no text encoder)"]
+    if result.concepts:
+        parts.append(f"nearest concept {top.concept} at cosine {top.cosine:.2f}" if top else
+                     "no concept in its direction")
+    if rel is not None:
+        parts.append(f"{rel:.2f} of {top.concept + chr(39) + 's' if top else 'the'} reference"
+                     + (f", under the firing threshold {threshold:g}" if rel < threshold else ""))
+    return "; ".join(parts)
+
+
+def weak_note(result) -> str | None:
+    """The warning for a LoRA whose prompt fires no concept (None: it fires one, or its update
+    is exactly zero, NO_OP_NOTE's case)."""
+    if result.magnitude == 0:
+        return None
+    rel = result.relative
+    weak = not result.fired if result.concepts else rel is not None and rel < result.threshold
+    if not weak:
+        return None
+    return (f"this LoRA is weak for this prompt ({prompt_claim(result)}): it erases little; "
+            "bake a prompt that names the concept")
+
+
 def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: str,
-                  tensors: dict | None = None) -> dict:
+                  tensors: dict | None = None, probed=None) -> dict:
     family = loaded.family
     cfg = loaded.meta.config
     now = _dt.datetime.now(_dt.timezone.utc)
     erased = [c.get("target", "") for c in loaded.meta.concepts]
+    claim = f"for prompt {prompt!r}: {prompt_claim(probed)}; " if probed is not None else \
+        f"for prompt {prompt!r}; "
+    probe_args = {} if probed is None else {
+        "unhype_fires": probed.fired, "unhype_share_of_reference": probed.relative,
+        "unhype_nearest_concept": probed.nearest.concept if probed.nearest else None}
     dim, alpha = _ranks(tensors, cfg.rank)
     architecture, resolution = _modelspec_architecture(loaded)
     return {
@@ -135,10 +191,12 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
         "ss_network_module": "networks.lora_flux" if family.name == "flux" else "networks.lora",
         "ss_network_dim": dim,
         "ss_network_alpha": alpha,
-        "ss_network_args": json.dumps({"unhype_prompt": prompt, "unhype_strength": strength}),
+        "ss_network_args": json.dumps({"unhype_prompt": prompt, "unhype_strength": strength,
+                                       **probe_args}),
         "ss_output_name": title,
-        "ss_training_comment": f"baked by UnHype {__version__} from {loaded.path.name} for "
-                               f"prompt {prompt!r} at strength {strength}; erases {erased}",
+        "ss_training_comment": f"baked by UnHype {__version__} from {loaded.path.name} at "
+                               f"strength {strength} {claim}the hypernetwork file erases "
+                               f"{erased}",
         "ss_v2": str(family.name == "sd2"),
         "ss_sd_model_name": loaded.meta.training.get("pretrained_model_name_or_path", ""),
         # the base model's hashes where the trainer had one file to hash (unhype.model_hash)
@@ -150,7 +208,8 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if family.name != "flux" else "https://github.com/black-forest-labs/flux",
         "modelspec.title": title,
-        "modelspec.description": f"UnHype concept-erasure LoRA for {prompt!r} (erases {erased})",
+        "modelspec.description": f"UnHype concept-erasure LoRA {claim}the hypernetwork file "
+                                 f"erases {erased}",
         "modelspec.date": now.date().isoformat(),
         "modelspec.resolution": resolution,
     }
@@ -193,8 +252,10 @@ def strongest_embedding(loaded: LoadedHypernet, candidates: torch.Tensor) -> tor
 
 def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
               strength: float = 1.0, title: str | None = None,
-              fmt: str = "kohya") -> tuple[dict, dict]:
-    """(kohya tensors, metadata) of the LoRA the hypernetwork generates for one embedding."""
+              fmt: str = "kohya", probed=None) -> tuple[dict, dict]:
+    """(kohya tensors, metadata) of the LoRA the hypernetwork generates for one embedding.
+    `probed`: `probe_embedding` of it with the text encoder (names the concept(s) it fires in
+    the metadata); None: probed here without concept texts (the share of the reference only)."""
     if fmt not in FORMATS:
         raise UnHypeError(f"unknown LoRA format {fmt!r}; choose one of {list(FORMATS)}")
     with torch.no_grad():
@@ -205,8 +266,10 @@ def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
     if bad:
         raise UnHypeError(f"the LoRA for {prompt!r} at strength {strength:g} overflows "
                           f"float32 (Inf/NaN in {bad[0]}): use a smaller strength")
+    if probed is None:
+        probed = probe_embedding(loaded, embedding, prompt)
     metadata = lora_metadata(loaded, prompt, strength, title or f"unhype_{loaded.path.stem}",
-                             tensors)
+                             tensors, probed)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     return tensors, metadata
 

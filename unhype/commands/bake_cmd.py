@@ -26,7 +26,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from unhype.atomic import check_output
-    from unhype.bake import NO_OP_NOTE, bake_lora, save_lora, strongest_embedding, update_norm
+    from unhype.bake import NO_OP_NOTE, bake_lora, probe_embedding, prompt_claim, save_lora, \
+        strongest_embedding, update_norm, weak_note
     from unhype.dynamic_lora import check_strength
     from unhype.embedding import load_embedder
     from unhype.fileformat import load_hypernet
@@ -38,13 +39,18 @@ def run(args) -> int:
     embedder = load_embedder(loaded.family, args.text_encoder)
     # a long prompt: the strongest of it and its windows, as the hosts apply it
     embedding = strongest_embedding(loaded, embedder([args.prompt] + prompt_windows(args.prompt)))
+    # what the LoRA does for this prompt (the same embedding), recorded in its metadata
+    probed = probe_embedding(loaded, embedding, args.prompt, embedder)
     tensors, metadata = bake_lora(loaded, embedding, args.prompt, strength,
-                                  title=Path(args.output).stem, fmt=args.format)
+                                  title=Path(args.output).stem, fmt=args.format, probed=probed)
     save_lora(args.output, tensors, metadata)
     norm = update_norm(tensors)
     print(f"wrote {args.output} ({args.format}): {len(tensors) // 3} layers, rank "
           f"{loaded.meta.config.rank}, update ||dW|| = {norm:.4g}, sshs_model_hash "
           f"{metadata['sshs_model_hash'][:12]}")
+    print(f"  for {args.prompt!r}: {prompt_claim(probed)}")
     if norm == 0:
         print(f"unhype bake: note: {NO_OP_NOTE}", file=sys.stderr)
+    elif weak_note(probed):
+        print(f"unhype bake: warning: {weak_note(probed)}", file=sys.stderr)
     return 0
