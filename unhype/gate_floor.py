@@ -4,7 +4,8 @@ A trained hypernetwork leaves unrelated prompts a small update: 0.3-2% of a conc
 `direct` mode with the adversarial gate, ~13% in `fields` mode (docs/training.md). It moves
 their images by a fraction of a level to a few levels, which no classifier notices but a user
 comparing renders does. The trainer stores `gate_reference` in the file: over the concepts, the
-smallest median ||dW|| = ||B A^T|| (all layers) of a concept's own training prompts. With a
+smallest median ||dW|| = ||B A^T|| (all layers) of a concept's own training prompts (and each
+concept's own median as `concept_references`, for tools; the floor reads only the minimum). With a
 floor f, a prompt whose update is rel = ||dW|| / gate_reference is scaled by
 clamp((rel - f) / f, 0, 1): nothing below f, untouched from 2f up, linear between, so a prompt
 near the floor fades rather than switching on and off. Files without `gate_reference` (trained
@@ -73,9 +74,23 @@ def concepts_reference(hypernet: Callable[[Tensor], LoraFactors], embed: Callabl
                        concepts) -> float | None:
     """The reference a file stores: `reference_norm` over each concept's own training prompts
     (`unhype.trainer.concepts.Concept.prompts`); None while the update is still exactly zero."""
-    groups = [[p for p, _ in c.prompts()] for c in concepts]
-    ref = reference_norm(hypernet, embed, groups)
+    refs = concept_references(hypernet, embed, concepts)
+    ref = min(refs.values()) if refs else 0.0
     return ref if ref > 0 and math.isfinite(ref) else None
+
+
+def concept_references(hypernet: Callable[[Tensor], LoraFactors],
+                       embed: Callable[[list], Tensor], concepts) -> dict[str, float]:
+    """{target: median update norm of that concept's own training prompts}, the per-concept
+    values whose minimum is `concepts_reference` (files store both: `concept_references`)."""
+    out = {}
+    for c in concepts:
+        prompts = [p for p, _ in c.prompts()]
+        if prompts:
+            out[c.target] = reference_norm(hypernet, embed, [prompts])
+    if not out:
+        raise UnHypeError("gate reference: no concept prompts")
+    return out
 
 
 def floor_scale(norms: Tensor, reference: float, floor: float, saturate: bool = False) -> Tensor:

@@ -36,6 +36,9 @@ def test_toy_run_writes_hypernet_grid_and_metrics(tmp_path):
     # `unhype train --eval`: scored with the floor the written file applies
     run_metrics = evaluate.evaluate_run(session)
     assert (tmp_path / "metrics.json").is_file() and run_metrics["erased"] == ["circle"]
+    assert set(run_metrics["unhype"]["per_concept"]["circle"]) == {"acc_e", "acc_g"}
+    assert run_metrics["bars_on"]["erased<=10%"]["concept"] == "circle"
+    assert loaded.meta.training["concept_references"] == {"circle": loaded.gate_reference}
     grid = list((tmp_path / "samples").glob("circle-step*.png"))
     assert grid
     images = session.backend.decode(torch.zeros(2, *session.backend.latent_shape))

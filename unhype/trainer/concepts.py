@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,7 +229,62 @@ def resolve_concepts(cfg) -> list[Concept]:
         if _norm(c.target) in seen:
             raise UnHypeError(f"{where}: concept {c.target!r} is listed twice")
         seen.add(_norm(c.target))
+    warn_anchor_conflicts(concepts, where)
     return concepts
+
+
+def anchor_conflicts(concepts: list[Concept]) -> list[tuple[Concept, Concept, str]]:
+    """(concept, other, word): `concept`'s anchor names `other`'s target or a synonym (a whole
+    word, plural -s/-es allowed), `other` being erased by the same file. The concept's prompts are then
+    trained towards what the file erases elsewhere: every circle prompt with anchor 'square'
+    draws a square, since square's own erasure fires only for prompts that name a square."""
+    found = []
+    for c in concepts:
+        anchor = _norm(c.anchor)
+        if not anchor:
+            continue
+        for other in concepts:
+            if other is c:
+                continue
+            for word in [other.target, *other.synonyms]:
+                w = _norm(word)
+                if w and re.search(r"\b" + re.escape(w) + r"(?:s|es)?\b", anchor):
+                    found.append((c, other, word))
+                    break
+    return found
+
+
+def warn_anchor_conflicts(concepts: list[Concept], where: str, skip=()) -> list:
+    """Print a warning for each `anchor_conflicts` entry (not refused: a shared word is not
+    always a contradiction, e.g. anchor 'a dog on grass' while 'dog breed' is erased); returns
+    the (concept target, other target) pairs warned about, `skip` ones left out."""
+    warned = []
+    for c, other, word in anchor_conflicts(concepts):
+        pair = (c.target, other.target)
+        if pair in skip or pair in warned:
+            continue
+        warned.append(pair)
+        print(f"unhype train: warning: {where}: concept {c.target!r} has anchor {c.anchor!r}, "
+              f"which names {word!r}" + (f" (a synonym of {other.target!r})"
+                                         if _norm(word) != _norm(other.target) else "")
+              + f", a concept this file also erases: {c.target!r} prompts will be trained "
+              f"to draw {other.target!r}, and the erasure of {other.target!r} does not fire "
+              f"for them. Use an anchor that is not erased (or '' for ESD's default)",
+              file=sys.stderr, flush=True)
+    return warned
+
+
+def exposure_note(n_concepts: int, steps: int, batch: int, accumulation: int = 1) -> str | None:
+    """For several concepts: how many steps' worth of prompts each gets (concepts are drawn
+    uniformly per prompt, so at a fixed step count each gets 1/K of them)."""
+    if n_concepts < 2:
+        return None
+    prompts = steps * batch * accumulation
+    return (f"{n_concepts} concepts share {steps} steps x {batch * accumulation} prompts, drawn "
+            f"uniformly over the concepts: each concept gets ~{prompts / n_concepts:.0f} prompt "
+            f"draws on average, what a one-concept run gets in ~{steps / n_concepts:.0f} steps. "
+            f"To give each the exposure of an N-step one-concept run, train {n_concepts} x N "
+            "steps (longer runs want a decaying --lr_scheduler; docs/training.md)")
 
 
 def resolve_retain(spec: str | None, concepts: list[Concept], backend=None) -> list[str]:

@@ -155,12 +155,32 @@ def base_outputs(backend, sets, seed) -> tuple[dict, torch.Tensor]:
 
 
 def scores(preds: dict, sets: dict) -> dict:
+    """Class-mean accuracies of every set (`acc_e`, `acc_s`, `acc_g`, pooled over the erased
+    concepts as before), H_o, and `per_concept`: {shape: {"acc_e", "acc_g"}} of each erased
+    concept alone (a pooled Acc_e of 8% can be one concept at 25% and two at 0%)."""
     from unhype.evaluation.metrics import h_o
+    from unhype.toy import data
 
     acc = {k: _class_mean(preds[k], sets[k][1]) for k in sets if len(sets[k][0])}
     out = {"acc_e": acc["erased"], "acc_s": acc["others"], "acc_g": acc["synonyms"]}
     out["h_o"] = h_o(out["acc_e"], out["acc_s"], out["acc_g"])
+    per = {}
+    for kind, key in (("erased", "acc_e"), ("synonyms", "acc_g")):
+        pred, truth = preds[kind], sets[kind][1]
+        for c in np.unique(truth):
+            per.setdefault(data.SHAPES[int(c)], {})[key] = float((pred[truth == c] == c).mean())
+    out["per_concept"] = per
     return out
+
+
+def weakest(after: dict, key: str) -> tuple[str | None, float]:
+    """(concept, value) of the erased concept with the highest `key` ("acc_e" or "acc_g");
+    the pooled value when there is no per-concept breakdown."""
+    per = {c: v[key] for c, v in after.get("per_concept", {}).items() if key in v}
+    if not per:
+        return None, after[key]
+    name = max(per, key=per.get)
+    return name, per[name]
 
 
 def evaluate(backend, hypernet, lora, concepts, per_class: int = 24, seed: int = 777) -> dict:
@@ -172,16 +192,31 @@ def evaluate(backend, hypernet, lora, concepts, per_class: int = 24, seed: int =
     images = {k: sample_images(backend, p, seed, hypernet, lora) for k, (p, _) in sets.items()}
     after = scores({k: judge(backend, v) for k, v in images.items()}, sets)
     after.update(paired_change(images["others"], base_others))
+    passes = bars(base, after)
     return {"erased": erased, "per_class": per_class, "base": base, "unhype": after,
-            "passes": bars(base, after), "seconds": round(time.time() - t0, 1)}
+            "passes": passes, "bars_on": bars_on(after),
+            "seconds": round(time.time() - t0, 1)}
 
 
 def bars(base: dict, after: dict) -> dict:
-    """The toy erasure bars; adds `acc_s_rel` (Acc_s as a share of the base's) to `after`."""
+    """The toy erasure bars; adds `acc_s_rel` (Acc_s as a share of the base's) to `after`.
+    The erased and synonym bars hold for the WORST erased concept (`bars_on` names it), not
+    the pooled mean: one concept left at 25% among three at 0% misses them."""
     after["acc_s_rel"] = after["acc_s"] / base["acc_s"] if base["acc_s"] else 0.0
-    return {"erased<=10%": after["acc_e"] <= 0.10,
+    _, worst_e = weakest(after, "acc_e")
+    _, worst_g = weakest(after, "acc_g")
+    return {"erased<=10%": worst_e <= 0.10,
             "others>=90% of base": after["acc_s_rel"] >= 0.90,
-            "synonyms<=20%": after["acc_g"] <= 0.20}
+            "synonyms<=20%": worst_g <= 0.20}
+
+
+def bars_on(after: dict) -> dict:
+    """{bar: {"concept", "value"}}: which erased concept each per-concept bar was judged on."""
+    out = {}
+    for bar, key in (("erased<=10%", "acc_e"), ("synonyms<=20%", "acc_g")):
+        name, value = weakest(after, key)
+        out[bar] = {"concept": name, "value": value}
+    return out
 
 
 def format_metrics(m: dict) -> str:
@@ -191,12 +226,29 @@ def format_metrics(m: dict) -> str:
             "|---|---|---|---|---|",
             f"| base | {b['acc_e']:.1%} | {b['acc_s']:.1%} | {b['acc_g']:.1%} | {b['h_o']:.1%} |",
             f"| UnHype | {u['acc_e']:.1%} | {u['acc_s']:.1%} ({u['acc_s_rel']:.0%} of base) | "
-            f"{u['acc_g']:.1%} | {u['h_o']:.1%} |",
-            f"other-shape images against the base model's (same prompt and seed): "
-            f"{u['kept_s']:.0%} within 1 of 255 levels everywhere, mean change "
-            f"{u['change_s']:.2f} levels",
-            "targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}"
-                                    for k, v in m["passes"].items())]
+            f"{u['acc_g']:.1%} | {u['h_o']:.1%} |"]
+    per = u.get("per_concept", {})
+    if len(per) > 1:
+        for name, v in per.items():
+            base = b.get("per_concept", {}).get(name, {})
+            rows.append(f"| UnHype, {name} | {v['acc_e']:.1%} (base {base.get('acc_e', 0):.0%})"
+                        f" | | {v['acc_g']:.1%} (base {base.get('acc_g', 0):.0%}) | |")
+    rows.append(f"other-shape images against the base model's (same prompt and seed): "
+                f"{u['kept_s']:.0%} within 1 of 255 levels everywhere, mean change "
+                f"{u['change_s']:.2f} levels")
+    on = m.get("bars_on", {})
+
+    def bar(k, v):
+        where = on.get(k)
+        note = f" (worst: {where['concept']} {where['value']:.1%})" \
+            if where and where.get("concept") and len(per) > 1 else ""
+        return f"{k} {'ok' if v else 'MISSED'}{note}"
+    rows.append("targets: " + ", ".join(bar(k, v) for k, v in m["passes"].items()))
+    if len(per) > 1:
+        name, value = weakest(u, "acc_e")
+        name_g, value_g = weakest(u, "acc_g")
+        rows.append(f"weakest concept: {name} (Acc_e {value:.1%}, pooled {u['acc_e']:.1%}); "
+                    f"synonyms: {name_g} (Acc_g {value_g:.1%}, pooled {u['acc_g']:.1%})")
     return "\n".join(rows)
 
 

@@ -35,7 +35,8 @@ from unhype.trainer import distributed as tdist
 from unhype.trainer import losses, memory
 from unhype.trainer.adversary import adversarial_batch
 from unhype.trainer.backends.base import Backend, Cond
-from unhype.trainer.concepts import Concept, concept_table, resolve_concepts, resolve_retain
+from unhype.trainer.concepts import (Concept, concept_table, exposure_note, resolve_concepts,
+                                     resolve_retain, warn_anchor_conflicts)
 from unhype.trainer.config import TrainConfig, check_output_dir, pick_device
 from unhype.atomic import atomic_write_text
 from unhype.distributed import Dist, split
@@ -141,6 +142,7 @@ class Run:
     noise_gen: torch.Generator | None = None  # per-process generator of fresh z_t noise
     optimisers: dict = field(default_factory=dict)
     schedulers: dict = field(default_factory=dict)  # learning-rate schedules, one per optimiser
+    concept_refs: dict | None = None  # per-concept update medians of the last saved result
 
     @property
     def is_main(self) -> bool:
@@ -198,9 +200,12 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     memory.shrink(cfg, backend)  # NF4 replaces the linear layers: before they are hooked
     targets = family.targets(cfg.target_preset, model=backend.unet)
     _attention(cfg, backend)
+    warned = anchor_conflicts_named(concepts)
     for c in concepts:  # e.g. the toy knows its shapes' synonyms (evaluation only)
         if not c.synonyms:
             c.synonyms = backend.default_synonyms(c.target)
+    if dist.is_main:  # an anchor naming a synonym the backend just supplied
+        warn_anchor_conflicts(concepts, "concepts", skip=warned)
     retain = resolve_retain(cfg.retain_prompts, concepts, backend)
     specs = [TargetSpec(t.name, t.module_type, t.in_dim, t.out_dim, t.path) for t in targets]
     embed_dim = backend.embed([""]).shape[1]
@@ -247,7 +252,18 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
             f"{hypernet.num_parameters():,} parameters, rank {cfg.network_dim}, T "
             f"{cfg.hyper_steps}; mode {cfg.mode}; {len(concepts)} concept(s), {len(items)} "
             f"prompts; {len(retain)} retained prompts")
+        note = exposure_note(len(concepts), cfg.max_train_steps, cfg.train_batch_size,
+                             cfg.gradient_accumulation_steps)
+        if note:
+            say(f"unhype train: note: {note}")
     return run
+
+
+def anchor_conflicts_named(concepts) -> list:
+    """The (concept, other) target pairs `resolve_concepts` already warned about."""
+    from unhype.trainer.concepts import anchor_conflicts
+
+    return [(c.target, o.target) for c, o, _ in anchor_conflicts(concepts)]
 
 
 def _embed_chunks(backend, prompts, chunk=256):
@@ -451,7 +467,81 @@ def monitor(run: Run, items, z, t, e_p, e_a) -> dict:
     return {"esd_T": float(esd_t.mean()), "esd_base": float(esd_0.mean()),
             "esd_T_rel": float(esd_t.mean() / esd_0.mean().clamp(min=1e-12)),
             "delta_target": float(delta_norm(f_t).mean()),
-            "delta_retain": float(delta_norm(f_r).mean())}
+            "delta_retain": float(delta_norm(f_r).mean()),
+            "concepts": concept_monitor(run, items, esd_t, esd_0)}
+
+
+CONCEPT_MONITOR_PROMPTS = 32  # per concept, evenly spread over its training prompts
+
+
+@torch.no_grad()
+def concept_monitor(run: Run, items, esd_t, esd_0) -> dict:
+    """{target: {"delta_target": median update norm of (up to 32 of) the concept's own training
+    prompts, and over this batch's rows of the concept: "esd_T", "esd_base", "esd_T_rel",
+    "rows"}}. The pooled `delta_target` hides a concept the hypernetwork barely fires for; the
+    ESD numbers come from the batch (summed over processes), so a concept drawn in no row of
+    it gets "rows": 0 and no ESD numbers at that step."""
+    n = len(run.concepts)
+    picks = []
+    for c in range(n):
+        own = [i for i, it in enumerate(run.items) if it[0] == c]
+        count = min(CONCEPT_MONITOR_PROMPTS, len(own))
+        picks.append([own[j] for j in torch.linspace(0, len(own) - 1, count).round().long()])
+    norms = delta_norm(run.hypernet(run.item_emb[[i for p in picks for i in p]]))
+    owner = torch.as_tensor([run.items[int(i)][0] for i in items.tolist()] if len(items) else [],
+                            dtype=torch.long)
+    sums = torch.zeros(n, 3, dtype=torch.float64)
+    if len(owner):
+        sums.index_add_(0, owner, torch.stack([esd_t.double().cpu(), esd_0.double().cpu(),
+                                               torch.ones(len(owner), dtype=torch.float64)], 1))
+    if run.world > 1:
+        sums = run.dist.sum(sums)
+    out, start = {}, 0
+    for c, concept in enumerate(run.concepts):
+        own = norms[start:start + len(picks[c])]
+        start += len(picks[c])
+        entry = {"delta_target": float(own.median()), "rows": int(sums[c, 2])}
+        if sums[c, 2] > 0:
+            entry.update(esd_T=float(sums[c, 0] / sums[c, 2]),
+                         esd_base=float(sums[c, 1] / sums[c, 2]),
+                         esd_T_rel=float(sums[c, 0] / sums[c, 1].clamp(min=1e-12)))
+        out[concept.target] = entry
+    return out
+
+
+def concept_summary(run: Run, refs: dict | None) -> str | None:
+    """The end-of-training line for several concepts: each one's update size (median over its
+    training prompts, what the file stores as `concept_references`) and its ESD ratio with the
+    LoRA on, averaged over the last quarter of the logged steps; the weakest concept is the one
+    whose ESD loss fell least (highest ratio), else the one with the smallest update."""
+    if len(run.concepts) < 2:
+        return None
+    tail = run.log[-max(1, len(run.log) // 4):]
+    ratio = {}
+    for c in run.concepts:
+        values = [r["concepts"][c.target]["esd_T_rel"] for r in tail
+                  if "esd_T_rel" in r.get("concepts", {}).get(c.target, {})]
+        if values:
+            ratio[c.target] = sum(values) / len(values)
+    parts = []
+    for c in run.concepts:
+        bits = []
+        if refs and c.target in refs:
+            bits.append(f"update {refs[c.target]:.3g}")
+        if c.target in ratio:
+            bits.append(f"ESD ratio {ratio[c.target]:.2f}")
+        parts.append(f"{c.target} ({', '.join(bits) or 'no numbers'})")
+    if ratio:
+        weak = max(ratio, key=ratio.get)
+        why = f"its ESD loss fell least (ratio {ratio[weak]:.2f} of the base's)"
+    elif refs:
+        weak = min(refs, key=refs.get)
+        why = f"smallest update ({refs[weak]:.3g})"
+    else:
+        return None
+    return (f"per concept: {'; '.join(parts)}; weakest: {weak}, {why}. Update sizes and ESD "
+            "ratios are training signals, not measured erasure: score the file per concept "
+            "(--eval on the toy, or unhype eval)")
 
 
 def _finite(value: float, what: str, step: int):
@@ -642,9 +732,11 @@ def train(run: Run, progress: bool = True) -> int:
             l_retain, _, _ = _phase(run, "retain", step, retention_step, params)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-                seen = _mean_over_processes(run, {**extra, **monitor(run, *batch)})
+                seen = {**extra, **monitor(run, *batch)}
+                per_concept = seen.pop("concepts")  # already global (concept_monitor)
+                seen = _mean_over_processes(run, seen)
                 record = {"step": step, "remove": l_remove, "retain": l_retain, **seen,
-                          "time": round(time.time() - t_start, 2)}
+                          "concepts": per_concept, "time": round(time.time() - t_start, 2)}
                 if main:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
@@ -708,6 +800,9 @@ def train(run: Run, progress: bool = True) -> int:
             grids = sampler.after(step)
             say(f"unhype train: sample grids: {', '.join(str(g) for g in grids)}")
         say(f"unhype train: wrote {out_path} (checkpoint {final.name}); loss log {log_path}")
+        summary = concept_summary(run, run.concept_refs)
+        if summary:
+            say(f"unhype train: {summary}")
     dist.barrier()  # the result exists when any process returns
     run.result_path = result_path(run)
     return 0
@@ -763,9 +858,13 @@ def save_result(run: Run, step: int, path: Path | None = None) -> Path:
                     prediction_type=run.backend.prediction_type,
                     esd_space=f"native model output ({run.backend.prediction_type})",
                     final=run.log[-1] if run.log else {})
-    ref = gate_reference(run)
-    if ref is not None:
+    refs = concept_references(run)
+    ref = min(refs.values()) if refs else None
+    if ref is not None and ref > 0 and math.isfinite(ref):
         training["gate_reference"] = ref
+        # each concept's own median, for tools that measure a prompt against its own concept
+        # (the hosts' floor reads only gate_reference, the minimum)
+        training["concept_references"] = refs
     training.update(base_model_hashes(cfg.pretrained_model_name_or_path))  # cached per file
     concepts = concept_table(run.concepts)
     return save_hypernet(path, run.hypernet, run.backend.family.name, concepts=concepts,
@@ -810,6 +909,15 @@ def gate_reference(run: Run) -> float | None:
     from unhype.gate_floor import concepts_reference
 
     return concepts_reference(run.hypernet, run.backend.embed, run.concepts)
+
+
+def concept_references(run: Run) -> dict[str, float]:
+    """{target: median update norm of the concept's own training prompts} (gate_floor), kept
+    on the run for the end-of-training summary."""
+    from unhype.gate_floor import concept_references as refs
+
+    run.concept_refs = refs(run.hypernet, run.backend.embed, run.concepts)
+    return run.concept_refs
 
 
 def _truncate_log(path: Path, step: int):
