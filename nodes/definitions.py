@@ -10,8 +10,8 @@ import re
 import folder_paths
 import torch
 
-from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, save_lora,
-                         strongest_embedding, update_norm)
+from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, probe_embedding,
+                         prompt_claim, save_lora, strongest_embedding, update_norm, weak_note)
 from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_prompt_note,
                                 pooled_rows, rows_under_floor, window_rows)
 from unhype.errors import UnHypeError
@@ -175,6 +175,10 @@ class UnHypeBakeLoRA:
             "format": (list(BAKE_FORMATS), {"default": "kohya", "tooltip":
                 "kohya: canonical names (FLUX: lora_transformer_*, ComfyUI and diffusers). "
                 "kohya_bfl (FLUX only): sd-scripts' fused-layer names, for Forge too."}),
+            "clip": ("CLIP", {"tooltip": "Optional: the text encoder, to name the concept(s) "
+                              "this prompt switches on (in the LoRA's metadata and the note "
+                              "shown here); without it only the update's share of the "
+                              "file's reference."}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -185,10 +189,13 @@ class UnHypeBakeLoRA:
     OUTPUT_NODE = True
     DESCRIPTION = ("Writes the LoRA the hypernetwork generates for one prompt into models/loras "
                    "(kohya format), for the stock LoRA loader and other UIs. A static LoRA "
-                   "applies to every prompt and both CFG branches.")
+                   "applies to every prompt and both CFG branches. It shows (and records in the "
+                   "LoRA's metadata) the concept(s) the prompt switches on, with a CLIP "
+                   "connected, and the update's share of the file's reference, and warns when "
+                   "the LoRA is weak for the prompt (it fires no concept).")
 
     def bake(self, unhype, conditioning, filename, strength, overwrite, prompt_note="",
-             format="kohya"):  # noqa: A002  (ComfyUI passes inputs by name)
+             format="kohya", clip=None):  # noqa: A002  (ComfyUI passes inputs by name)
         rows = pooled_rows(conditioning, unhype.meta.config.embed_dim,
                            unhype.meta.embedding.get("source", "?"))
         windows, _ = window_rows(conditioning[:1], rows[:1])  # from UnHype Text Encode
@@ -206,16 +213,24 @@ class UnHypeBakeLoRA:
             raise UnHypeError(f"UnHype Bake LoRA: {path} exists; pick another name or turn on "
                               "'overwrite'")
         bar = _progress(2)
+        embed = None if clip is None else \
+            (lambda texts: torch.cat([_encode_pooled(clip, t) for t in texts]))
+        # what the LoRA does for this row's prompt (the concepts need the CLIP)
+        probed = probe_embedding(unhype, pooled, prompt_note, embed)
         tensors, metadata = bake_lora(unhype, pooled, prompt_note, strength,
-                                      title=os.path.splitext(name)[0], fmt=format)
+                                      title=os.path.splitext(name)[0], fmt=format,
+                                      probed=probed)
         _step(bar)
         os.makedirs(folders[0], exist_ok=True)
         save_lora(path, tensors, metadata)
         _step(bar)
-        shown = path
+        shown = f"{path} ({prompt_claim(probed)})"
         if update_norm(tensors) == 0:
             log.warning("UnHype Bake LoRA: %s: %s", path, NO_OP_NOTE)
             shown = f"{path} ({NO_OP_NOTE})"
+        elif weak_note(probed):
+            log.warning("UnHype Bake LoRA: %s: %s", path, weak_note(probed))
+            shown = f"{path} ({weak_note(probed)})"
         return {"ui": {"text": [shown]}, "result": (path,)}
 
 

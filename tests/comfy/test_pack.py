@@ -251,3 +251,39 @@ def test_inspect_reports_the_update_apply_applies(pack, tiny_parts, loaded, tmp_
     assert float(row[4]) == pytest.approx(applied(saturated, "a red car") / (car * 5), abs=1e-4)
     assert reported(floored, ["a red car"]) == [0.0]
     assert applied(saturated, "a red car") > 2 * car  # raised: the raw network's would be car
+
+
+def test_bake_shows_what_its_prompt_fires_and_warns_when_weak(pack, tiny_parts, loaded,
+                                                              comfy_dirs, tmp_path):
+    """Bake LoRA probes the row it bakes: with a CLIP it names the concept the prompt fires
+    (in the note and the LoRA's metadata); a prompt at 0.3 of the file's reference gets the
+    weak note, with or without a CLIP (the old node noted only an exactly zero update)."""
+    from safetensors import safe_open
+
+    from unhype.fileformat import load_hypernet, save_with_training
+    from unhype.hypernet import delta_norm
+
+    clip = tiny_parts["clip"]
+    with torch.no_grad():
+        cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"),
+                                               return_pooled=True)
+        norm = float(delta_norm(loaded.hypernet(pooled.float()))[0])
+    conditioning = [[cond, {"pooled_output": pooled}]]
+    node = pack.nodes.definitions.UnHypeBakeLoRA()
+    out = node.bake(loaded, conditioning, "cat_fires", 1.0, True, "a photo of a cat",
+                    clip=clip)
+    (shown,) = out["ui"]["text"]
+    assert "fires a photo of a cat; nearest concept a photo of a cat at cosine 1.00; " \
+           "1.00 of a photo of a cat's reference" in shown and "weak" not in shown
+    with safe_open(out["result"][0], "pt") as fh:
+        assert "fires a photo of a cat" in fh.metadata()["modelspec.description"]
+    weak = load_hypernet(save_with_training(loaded, tmp_path / "weak.safetensors",
+                                            gate_reference=norm / 0.3, gate_floor=0.03))
+    (shown,) = node.bake(weak, conditioning, "cat_weak", 1.0, True, "a photo of a cat",
+                         clip=clip)["ui"]["text"]
+    assert "this LoRA is weak for this prompt (fires nothing; nearest concept a photo of a " \
+           "cat at cosine 1.00; 0.30 of a photo of a cat's reference, under the firing " \
+           "threshold 0.5)" in shown
+    (shown,) = node.bake(weak, conditioning, "cat_weak", 1.0, True)["ui"]["text"]
+    assert "weak for this prompt (concepts not measured (no text encoder); 0.30 of the " \
+           "reference" in shown
