@@ -11,7 +11,8 @@ import os
 import re
 
 from unhype import infotext
-from unhype.bake import NO_OP_NOTE, bake_lora, save_lora, strongest_embedding, update_norm
+from unhype.bake import NO_OP_NOTE, bake_lora, probe_embedding, prompt_claim, save_lora, \
+    strongest_embedding, update_norm, weak_note
 from unhype.dynamic_lora import check_strength
 from unhype.errors import UnHypeError
 from unhype.model_check import detect_family
@@ -135,9 +136,13 @@ def bake_ui(name, prompt, strength, out_name, overwrite=False, sd_model=None,
         # FLUX runs only in Forge, and every Forge reads sd-scripts' fused BFL names (older
         # ones lack the lora_transformer_* rule)
         fmt = "kohya_bfl" if loaded.meta.family == "flux" else "kohya"
-        tensors, metadata = bake_lora(loaded, emb, prompt, strength, stem, fmt=fmt)
+        probed = probe_embedding(loaded, emb, prompt, embed)  # recorded in the metadata
+        tensors, metadata = bake_lora(loaded, emb, prompt, strength, stem, fmt=fmt,
+                                      probed=probed)
         save_lora(target, tensors, metadata)
-        note = f" (**{NO_OP_NOTE}**)" if update_norm(tensors) == 0 else ""
+        weak = weak_note(probed)
+        note = f" (**{NO_OP_NOTE}**)" if update_norm(tensors) == 0 else \
+            f" (**{html.escape(weak)}**)" if weak else f" ({html.escape(prompt_claim(probed))})"
         return f"saved `{html.escape(target)}`; use it as `<lora:{html.escape(stem)}:1>`{note}"
     except UnHypeError as exc:
         return f"**{html.escape(str(exc))}**"

@@ -643,6 +643,7 @@ def test_pasted_tags_follow_their_file_by_hash(sd1, hyper_file, script, webui_di
 
 # --- tab and cards ---------------------------------------------------------------------
 def test_tab_lists_probes_and_bakes(sd1, hyper_file, webui_dirs):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from unhype import infotext
@@ -687,6 +688,25 @@ def test_tab_lists_probes_and_bakes(sd1, hyper_file, webui_dirs):
     msg = tab_logic.bake_ui("erase_cat", "a cat", 1.0, "y" * 300, sd_model=sd1)
     made = sorted(p.name for p in set(webui_dirs["lora"].iterdir()) - before)
     assert made == sorted(["unhype_erase_cat_a_cat.safetensors", "y" * 120 + ".safetensors"])
+    # the message and the LoRA's metadata say what the prompt fires; a prompt at 0.3 of the
+    # file's reference is weak for it (the old tab noted only an exactly zero update)
+    msg = tab_logic.bake_ui("erase_cat", "a cat", 1.0, "fires", sd_model=sd1)
+    assert "(fires cat; nearest concept cat at cosine" in msg and "weak" not in msg
+    meta = safe_open(str(webui_dirs["lora"] / "fires.safetensors"), "pt").metadata()
+    assert "for prompt 'a cat': fires cat;" in meta["modelspec.description"]
+    from unhype.fileformat import save_with_training
+    from unhype.hypernet import delta_norm
+
+    with torch.no_grad():
+        norm = float(delta_norm(loaded.hypernet(sd1.pooled(["a cat"])))[0])
+    weak = save_with_training(loaded, webui_dirs["unhype"] / "weak_cat.safetensors",
+                              gate_reference=norm / 0.3, gate_floor=0.03)
+    try:
+        msg = tab_logic.bake_ui("weak_cat", "a cat", 1.0, "weak", sd_model=sd1)
+    finally:
+        weak.unlink()
+    assert "**this LoRA is weak for this prompt (fires nothing; nearest concept cat at " \
+           "cosine" in msg and "0.30 of cat&#x27;s reference, under the firing threshold 0.5" in msg
 
 
 def test_extra_networks_card_inserts_the_tag_and_shows_metadata(hyper_file, script):
