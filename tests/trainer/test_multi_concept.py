@@ -56,6 +56,15 @@ def test_bars_hold_for_the_worst_concept_not_the_pooled_mean():
     assert "erased<=10% MISSED (worst: circle 25.0%)" in text
     assert "weakest concept: circle (Acc_e 25.0%, pooled 8.3%)" in text
     assert "| UnHype, circle | 25.0% (base 100%)" in text
+    assert "; synonyms: triangle (Acc_g 33.3%, pooled 11.1%)" in text
+    clean = evaluate.scores({k: _preds(sets, {s: 0 for s in erased}, k) if k != "others"
+                             else sets[k][1].copy() for k in sets}, sets)
+    evaluate.bars(base, clean)
+    text = evaluate.format_metrics({"erased": erased, "per_class": 12, "base": base,
+                                    "unhype": {**clean, "kept_s": 1.0, "change_s": 0.0},
+                                    "passes": evaluate.bars(base, clean),
+                                    "bars_on": evaluate.bars_on(clean)})
+    assert "weakest concept: none, every concept at Acc_e 0.0%" in text
 
 
 def test_one_concept_keeps_its_bars_and_table():

@@ -245,10 +245,13 @@ def format_metrics(m: dict) -> str:
         return f"{k} {'ok' if v else 'MISSED'}{note}"
     rows.append("targets: " + ", ".join(bar(k, v) for k, v in m["passes"].items()))
     if len(per) > 1:
-        name, value = weakest(u, "acc_e")
-        name_g, value_g = weakest(u, "acc_g")
-        rows.append(f"weakest concept: {name} (Acc_e {value:.1%}, pooled {u['acc_e']:.1%}); "
-                    f"synonyms: {name_g} (Acc_g {value_g:.1%}, pooled {u['acc_g']:.1%})")
+        def weakest_text(key, label):
+            name, value = weakest(u, key)
+            if len({v[key] for v in per.values()}) == 1:  # a tie names no concept
+                return f"none, every concept at {label} {value:.1%}"
+            return f"{name} ({label} {value:.1%}, pooled {u[key]:.1%})"
+        rows.append(f"weakest concept: {weakest_text('acc_e', 'Acc_e')}; synonyms: "
+                    f"{weakest_text('acc_g', 'Acc_g')}")
     return "\n".join(rows)
 
 
