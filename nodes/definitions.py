@@ -252,10 +252,11 @@ class UnHypeInspect:
     FUNCTION = "inspect"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
-    DESCRIPTION = ("Shows an UnHype file's metadata and, for given prompts, the update Apply "
-                   "gives each (after the gate floor): its norm, its share of the file's gate "
-                   "reference (the concepts' median update), whether the floor zeroes it, and the "
-                   "nearest concept by direction.")
+    DESCRIPTION = ("Shows what an UnHype file erases and how it was made (concepts, synonyms, "
+                   "gate floor, base model, later edits) and, for given prompts, the update "
+                   "Apply gives each (after the gate floor): its norm, its share of the nearest "
+                   "concept's reference, whether the floor zeroes it, the nearest concept by "
+                   "direction and every concept the prompt fires.")
 
     def inspect(self, unhype, clip=None, prompts=""):
         lines = [describe_file(unhype)]
