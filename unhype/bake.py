@@ -154,7 +154,8 @@ def prompt_claim(result) -> str:
         parts.append(f"nearest concept {top.concept} at cosine {top.cosine:.2f}" if top else
                      "no concept in its direction")
     if rel is not None:
-        parts.append(f"{rel:.2f} of {top.concept + chr(39) + 's' if top else 'the'} reference"
+        whose = f"{top.concept}'s" if top else "the"
+        parts.append(f"{rel:.2f} of {whose} reference"
                      + (f", under the firing threshold {threshold:g}" if rel < threshold else ""))
     return "; ".join(parts)
 
