@@ -91,6 +91,7 @@ class RunState:
     sampling: bool = False  # inside p.sample: a setup_conds call is the refiner switch
     hires_switch: str | None = None  # set while the hires pass waits for its conds (a label)
     hires_pending: bool = False
+    hires_early: list = field(default_factory=list)  # the session built before the hires conds
     tag_files: set = field(default_factory=set)  # (name, hash) of every tag used, both passes
 
 
@@ -313,11 +314,14 @@ def install_sample_wrapper(p) -> None:
         # hires VAE / text encoder, processing.py L1402-1419, whose callback took the hooks off)
         name = hires_checkpoint(p)
         switch = f"hires checkpoint {name}" if name else None
-        if original_hr_conds is None:  # no calculate_hr_conds to wait for
-            use_session(p, prepare(p, hires_only=True, switch=switch))
+        # built now, and again once the web UI has made the hires conds (calculate_hr_conds,
+        # below): a web UI that makes them elsewhere still samples with this one
+        before = len(state.sessions)
+        use_session(p, prepare(p, hires_only=True, switch=switch))
+        if original_hr_conds is None:
             return original_hr(*args, **kwargs)
-        use_session(p, None)  # the first pass's rows are gone; no UNet call until the conds
         state.hires_switch, state.hires_pending = switch, True
+        state.hires_early = state.sessions[before:]
         try:
             return original_hr(*args, **kwargs)
         finally:
@@ -327,6 +331,9 @@ def install_sample_wrapper(p) -> None:
         out = original_hr_conds(*args, **kwargs)
         if state.hires_pending:  # in the hires pass, its extra networks active now
             state.hires_pending = False
+            for early in state.hires_early:  # replaced: the conds it matched may have changed
+                early.remove()
+                state.sessions.remove(early)
             use_session(p, prepare(p, hires_only=True, switch=state.hires_switch))
         return out
 

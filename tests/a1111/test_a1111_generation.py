@@ -279,6 +279,28 @@ def test_hires_prompt_with_a_text_encoder_lora_is_still_erased(webui_dirs, sd1_n
     assert hooks_left(unet) == 0
 
 
+def test_hires_pass_erased_when_the_web_ui_makes_its_conds_elsewhere(sd1, hyper_file, script):
+    # a web UI whose sample_hr_pass does not go through p.calculate_hr_conds: the session built
+    # at the start of the pass applies (it used to be the only one)
+    from modules.processing import StableDiffusionProcessingTxt2Img, process_images
+
+    class CondsElsewhere(StableDiffusionProcessingTxt2Img):
+        def sample_hr_pass(self, *args, **kwargs):
+            self.is_hr_pass = True
+            StableDiffusionProcessingTxt2Img.calculate_hr_conds(self)  # not the instance's
+            return self._run(args[0], self.hr_c, self.hr_uc, self._hr_steps)
+
+    unet = sd1.model.diffusion_model
+    p = CondsElsewhere(sd_model=sd1, prompt=["a cat"], batch_size=1, negative_prompt="ugly",
+                       scripts=[(script, [True, "erase_cat", 1.0, True])], enable_hr=True,
+                       hr_prompt="a dog", steps=2)
+    process_images(p)
+    refs = refs_for(sd1, unet, hyper_file, ["a cat", "a dog"])
+    assert check_rows(p, unet, lambda c, r: None if r else ("a cat" if c < 2 else "a dog"),
+                      refs) > 1e-3
+    assert hooks_left(unet) == 0
+
+
 def calls(p, a, b):
     from types import SimpleNamespace
 
