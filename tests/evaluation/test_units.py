@@ -296,3 +296,19 @@ def test_several_erased_classes_are_scored_one_by_one():
     one["synonyms"] = sets["synonyms"][:1]
     assert accuracy_by_class(preds, one, ["circle", "square"]) == {}  # one class: no table
     assert by_class_table({"m": {}}) == []
+
+
+def test_row_keys_change_with_any_code_of_the_package(tmp_path, monkeypatch):
+    # the sampler, hooks and gate floor make the images too: a row made by other code of the
+    # package (not only unhype/evaluation) must not be reused
+    import unhype
+    from unhype.evaluation.rows import package_code_sha
+
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "toy" / "model.py").write_text("STEPS = 20\n")
+    monkeypatch.setattr(unhype, "__file__", str(tmp_path / "__init__.py"))
+    before = package_code_sha()
+    assert package_code_sha() == before
+    (tmp_path / "toy" / "model.py").write_text("STEPS = 21\n")
+    assert package_code_sha() != before

@@ -77,6 +77,19 @@ def evaluation_code_sha() -> str:
     return sources_sha(Path(__file__).parent, _CODE)
 
 
+def package_code_sha() -> str:
+    """SHA-256 (16 hex) of every .py file of the unhype package: the sampler, the LoRA hooks,
+    the gate floor and the backends make the images too, so a row made by other code is made
+    again (the safe direction; --force is not needed after an upgrade)."""
+    import unhype
+
+    root = Path(unhype.__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def baselines_code_sha() -> str:
     """The baseline recipes (registry constants, ESD/SPM/UCE settings and training code)."""
     import unhype.baselines
@@ -195,5 +208,6 @@ def run_key(args, model: str, ps, erased: list[str], generality, classifier) -> 
                        "random": args.allow_random_classifier},
         "nudenet": args.nudenet, "fid_reference": path_identity(args.fid_reference),
         "fid_extractor": args.fid_extractor, "with_base": not args.no_base,
-        "code": {"unhype": unhype.__version__, "evaluation": evaluation_code_sha()},
+        "code": {"unhype": unhype.__version__, "evaluation": evaluation_code_sha(),
+                 "package": package_code_sha()},
     }
