@@ -208,21 +208,6 @@ def mark_firing(result: ProbeResult, threshold: float) -> None:
         c.fires = near and c.relative >= threshold
 
 
-def _pick(factors: LoraFactors, owner: list[int], n: int) -> list[int]:
-    """Per prompt, the row of its strongest candidate (the hosts' choice for a long prompt,
-    unhype.prompt_windows.strongest; ties: the prompt itself)."""
-    from unhype.prompt_windows import update_norms
-
-    norms, owner_t = update_norms(factors).cpu(), torch.tensor(owner)
-    rows = [torch.nonzero(owner_t == i).flatten() for i in range(n)]
-    return [int(r[int(torch.argmax(norms[r]))]) for r in rows]
-
-
-def _rows(factors: LoraFactors, index: list[int]) -> LoraFactors:
-    idx = torch.tensor(index)
-    return {name: (a[idx.to(a.device)], b[idx.to(b.device)]) for name, (a, b) in factors.items()}
-
-
 @torch.no_grad()
 def probe(source, embed, prompts: list[str], concepts: list[str],
           threshold: float = DEFAULT_THRESHOLD, windows: bool = False,
@@ -233,7 +218,7 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
     `windows`: read long prompts also through word windows and score each prompt's strongest
     update, as the hosts apply them (unhype.prompt_windows). `per_layer`: also each layer's
     applied ||dW||."""
-    from unhype.prompt_windows import prompt_windows
+    from unhype.prompt_windows import prompt_windows, select_rows, strongest_rows
 
     prompts = [p for p in prompts if p is not None]
     if not prompts:
@@ -248,9 +233,10 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
     applied = generate(emb)
     raw = hypernet(emb) if hypernet is not None else applied
     n, k = len(prompts), len(texts)
-    index = (_pick(_rows(applied, list(range(k))), owner, n) if k > n else list(range(n))) + \
+    prompt_rows = select_rows(applied, list(range(k)))
+    index = (strongest_rows(prompt_rows, owner, n) if k > n else list(range(n))) + \
         list(range(k, k + len(concepts)))
-    applied, raw = _rows(applied, index), _rows(raw, index)
+    applied, raw = select_rows(applied, index), select_rows(raw, index)
     g = gram(raw, raw)  # directions: the floor scales a prompt's update, never turns it
     raw_norms = g.diagonal().clamp_min(0).sqrt()
     norms = gram(applied, applied).diagonal().clamp_min(0).sqrt()

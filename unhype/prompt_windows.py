@@ -121,15 +121,19 @@ def update_norms(factors: LoraFactors) -> torch.Tensor:
     return update_size_sq({name: (a.double(), b.double()) for name, (a, b) in factors.items()})
 
 
+def strongest_rows(factors: LoraFactors, owner: list[int], n: int) -> list[int]:
+    """Per prompt (0..n-1), the row of its candidate with the largest update (the first on
+    ties, i.e. the prompt itself); `owner[j]` is row j's prompt."""
+    norms, owner_t = update_norms(factors).cpu(), torch.tensor(owner)
+    rows = [torch.nonzero(owner_t == i).flatten() for i in range(n)]
+    return [int(r[int(torch.argmax(norms[r]))]) for r in rows]
+
+
+def select_rows(factors: LoraFactors, index: list[int]) -> LoraFactors:
+    idx = torch.tensor(index)
+    return {name: (a[idx.to(a.device)], b[idx.to(b.device)]) for name, (a, b) in factors.items()}
+
+
 def strongest(factors: LoraFactors, owner: list[int], n: int) -> LoraFactors:
-    """Per prompt (0..n-1), the factors of its candidate with the largest update (the first on
-    ties, i.e. the prompt itself)."""
-    norms = update_norms(factors).cpu()
-    owner_t = torch.tensor(owner)
-    pick = []
-    for i in range(n):
-        rows = torch.nonzero(owner_t == i).flatten()
-        pick.append(int(rows[int(torch.argmax(norms[rows]))]))
-    index = torch.tensor(pick)
-    return {name: (a[index.to(a.device)], b[index.to(b.device)])
-            for name, (a, b) in factors.items()}
+    """Per prompt (0..n-1), the factors of its candidate with the largest update."""
+    return select_rows(factors, strongest_rows(factors, owner, n))
