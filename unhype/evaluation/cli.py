@@ -260,9 +260,9 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
 
     from unhype.evaluation.methods import Method, UnHypeMethod
     from unhype.evaluation.report import slug
-    from unhype.evaluation.rows import (BASE_SLOT, Slot, baselines_code_sha, run_key,
-                                        sha256_file)
+    from unhype.evaluation.rows import BASE_SLOT, Slot, baselines_code_sha, run_key
     from unhype.fileformat import load_hypernet
+    from unhype.infotext import file_sha256
 
     key = run_key(args, model, ps, erased, generality, classifier)
     slots = [] if args.no_base else [Slot(BASE_SLOT, {**key, "method": "base"}, "base model",
@@ -277,7 +277,7 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
         where = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
         slots.append(Slot(f"unhype_{slug(Path(path).stem)}_{where}",
                           {**key, "method": "unhype", "name": name,
-                           "file_sha256": sha256_file(path), "strength": args.strength,
+                           "file_sha256": file_sha256(path), "strength": args.strength,
                            "gate_floor": args.gate_floor, "gate_saturate": args.gate_saturate},
                           name, make))
     for b in baselines:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from unhype.atomic import atomic_path, atomic_write_text
+from unhype.infotext import file_sha256
 
 FORMAT = "unhype.eval_row"
 VERSION = 1
@@ -38,12 +39,6 @@ class Slot:
     label: str
     make: Callable
     row: dict | None = field(default=None, repr=False)
-
-
-def sha256_file(path) -> str:
-    from unhype.infotext import file_sha256
-
-    return file_sha256(path)
 
 
 def path_identity(path) -> dict | None:
@@ -199,7 +194,7 @@ def run_key(args, model: str, ps, erased: list[str], generality, classifier) -> 
         "fp8_base": args.fp8_base, "nf4_base": args.nf4_base,
         "cache_text_encoder_outputs": args.cache_text_encoder_outputs,
         "device": torch.device(args.device).type,
-        "prompt_set": {"name": Path(ps.path).name, "sha256": sha256_file(ps.path)[:16]},
+        "prompt_set": {"name": Path(ps.path).name, "sha256": file_sha256(ps.path)[:16]},
         "erased": list(erased), "per_class": args.per_class, "generality": list(generality),
         "seed": args.seed, "batch_size": args.batch_size,
         "classifier": {"spec": args.classifier,
