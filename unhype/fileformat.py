@@ -113,7 +113,32 @@ class LoadedHypernet:
 
         f = self.gate_floor if floor is None else check_floor(floor)
         sat = self.gate_saturate if saturate is None else bool(saturate)
-        return apply_floor(self.hypernet(embeddings), self.gate_reference, f, sat)
+        return apply_floor(self.hypernet(embeddings), self.gate_reference, f, sat,
+                           self.signatures)
+
+    @property
+    def signatures(self):
+        """The concepts' updates by which a prompt's concept is named
+        (unhype.concept_signatures), made by the current network once; None for files that
+        do not store them."""
+        from unhype.concept_signatures import ConceptSignatures, read_embeddings
+        from unhype.probe import concept_references
+
+        cached = self.__dict__.get("_signatures")
+        if cached is not None and cached[0] is self.hypernet:
+            return cached[1]
+        try:
+            embeddings = read_embeddings(self.meta.training, self.meta.config.embed_dim)
+        except UnHypeError as exc:
+            raise UnHypeError(f"{self.path}: {exc}") from None
+        made = ConceptSignatures.of(self.hypernet, embeddings, concept_references(self.meta))
+        self.__dict__["_signatures"] = (self.hypernet, made)
+        return made
+
+    def concepts_of(self, factors):
+        """[N] index into `signatures.targets` of each row's concept (-1: none); None when
+        the file stores no signatures."""
+        return None if self.signatures is None else self.signatures.nearest(factors)
 
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
@@ -338,6 +363,7 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
     hypernet.eval().requires_grad_(False)
     loaded = LoadedHypernet(path=path, hypernet=hypernet.to(device), meta=meta)
     loaded.gate_reference, loaded.gate_floor, loaded.gate_saturate  # malformed: fail here
+    loaded.signatures
     return loaded
 
 

@@ -285,6 +285,21 @@ def update_size_sq(factors: LoraFactors) -> Tensor:
     return total
 
 
+def update_gram(f1: LoraFactors, f2: LoraFactors) -> Tensor:
+    """[N1, N2] Frobenius inner products <B1 A1^T, B2 A2^T> of two factor sets' updates, summed
+    over layers, in float64, as sum((A1^T A2) * (B1^T B2)): r x r products only."""
+    total = None
+    for name, (a1, b1) in f1.items():
+        a2, b2 = f2[name]
+        aa = torch.einsum("nir,mis->nmrs", a1.double(), a2.to(a1.device).double())
+        bb = torch.einsum("nor,mos->nmrs", b1.double(), b2.to(b1.device).double())
+        g = (aa * bb).sum(dim=(2, 3))
+        total = g if total is None else total + g
+    if total is None:
+        raise ValueError("update_gram: no layers")
+    return total
+
+
 def delta_norm(factors: LoraFactors) -> Tensor:
     """[N] Frobenius norm of the full weight update of each prompt (all layers)."""
     return update_size_sq(factors).clamp(min=0).sqrt()

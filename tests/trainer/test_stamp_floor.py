@@ -4,6 +4,7 @@ have stored, from a real (tiny) diffusers text encoder; weights and other metada
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from tests.trainer.conftest import INLINE_CONCEPTS, fast_options
@@ -183,3 +184,42 @@ def test_a_new_floor_on_a_file_with_its_reference_needs_no_text_encoder(tiny_sd1
                      "--gate_floor", "0.1"]) == 2
         assert message in capsys.readouterr().err
     assert concepts.read_text() == '[[concept]]\ntarget = "dog"\n'
+
+
+def test_the_trainer_and_stamp_store_each_concepts_signature(tiny_sd1, tmp_path, capsys):
+    """concept_embeddings: the mean embedding of each concept's own training prompts, by which
+    hosts name a prompt's concept (unhype.concept_signatures); stamp-floor --force writes the
+    same from the text encoder, with each concept's reference."""
+    from unhype.concept_signatures import KEY
+    from unhype.embedding import load_embedder
+    from unhype.trainer.concepts import concepts_of_file
+
+    path, _ = trained(tiny_sd1, tmp_path / "run", concepts="dog,sailboat")
+    loaded = load_hypernet(path)
+    stored = loaded.meta.training[KEY]
+    assert list(stored) == ["dog", "sailboat"]
+    embed = load_embedder(loaded.family, str(tiny_sd1))
+    for c in concepts_of_file(loaded.meta.concepts, None, where="test"):
+        mean = embed([p for p, _ in c.prompts()]).float().mean(0)
+        assert torch.allclose(torch.tensor(stored[c.target]), mean, atol=1e-5)
+    sig = loaded.signatures
+    assert sig.targets == ["dog", "sailboat"]
+    assert sig.references == [pytest.approx(v) for v in
+                              loaded.meta.training["concept_references"].values()]
+    # an old file without them: stamp --force adds both tables
+    metadata, _ = read_header(path)
+    training = json.loads(metadata["unhype.training"])
+    for key in (KEY, "concept_references"):
+        del training[key]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), {**metadata,
+                                               "unhype.training": json.dumps(training)})
+    assert load_hypernet(old).signatures is None
+    new = tmp_path / "new.safetensors"
+    assert main(["stamp-floor", str(old), "-o", str(new), "--text_encoder", str(tiny_sd1),
+                 "--force"]) == 0
+    t_new = load_hypernet(new).meta.training
+    assert t_new["concept_references"] == pytest.approx(
+        loaded.meta.training["concept_references"], rel=1e-5)
+    for target, values in stored.items():
+        assert torch.allclose(torch.tensor(t_new[KEY][target]), torch.tensor(values), atol=1e-5)

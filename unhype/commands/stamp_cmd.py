@@ -3,7 +3,8 @@
 The trainer stores `gate_reference` (unhype/gate_floor.py) in every file it writes; hosts apply
 the floor only where it is there. This computes it for an older file the way the trainer does,
 from the concepts' own training prompts (rebuilt from the file's metadata) and the base model's
-text encoder, and writes the file again with it: the weights bit for bit, atomically.
+text encoder, and writes the file again with it (and each concept's own reference and signature,
+unhype.concept_signatures): the weights bit for bit, atomically.
 `--gate_saturate` also stores saturation (hosts raise every prompt above the floor to the
 concepts' strength). On a file that already has its reference, `--gate_floor` and
 `--gate_saturate` only set those, without the text encoder; `--force` recomputes the reference.
@@ -12,6 +13,7 @@ concepts' strength). On a file that already has its reference, `--gate_floor` an
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -46,7 +48,8 @@ def run(args) -> int:
     from unhype.embedding import load_embedder
     from unhype.errors import UnHypeError
     from unhype.fileformat import load_hypernet, save_with_training
-    from unhype.gate_floor import check_floor, concepts_reference, saturate_refusal
+    from unhype.concept_signatures import KEY as SIGNATURES, mean_embeddings
+    from unhype.gate_floor import check_floor, concept_references, saturate_refusal
 
     # before the text encoder loads, not after; the hypernetwork itself may be the output
     out = check_output(args.output, [args.text_encoder, args.concepts], "-o")
@@ -69,15 +72,18 @@ def run(args) -> int:
         return 0
     concepts = concepts_of_file(loaded.meta.concepts, args.concepts, where=str(loaded.path))
     embedder = load_embedder(loaded.family, args.text_encoder)
-    reference = concepts_reference(loaded.hypernet, embedder, concepts)
-    if reference is None:
+    refs = concept_references(loaded.hypernet, embedder, concepts)
+    reference = min(refs.values())
+    if not (reference > 0 and math.isfinite(reference)):
         raise UnHypeError(f"{loaded.path}: the update is zero on its own concepts' prompts, so a "
                           "floor has nothing to be relative to (an untrained file?)")
     floor = loaded.gate_floor if floor is None else floor
     saturate = {} if args.gate_saturate is None else {"gate_saturate": args.gate_saturate}
     encoder = Path(args.text_encoder).name if args.text_encoder else "the toy CLIP"
+    # with each concept's own reference and signature (unhype.concept_signatures)
     save_with_training(loaded, out, tool="unhype stamp-floor", gate_reference=reference,
-                       gate_floor=floor, **saturate,
+                       gate_floor=floor, **saturate, concept_references=refs,
+                       **{SIGNATURES: mean_embeddings(embedder, concepts)},
                        gate_reference_source=f"unhype stamp-floor, "
                        f"{sum(len(c.prompts()) for c in concepts)} concept prompts, "
                        f"text encoder {encoder}")

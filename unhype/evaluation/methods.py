@@ -76,10 +76,11 @@ class UnHypeMethod(LoraMethod):
 
     def __init__(self, hypernet: nn.Module, paths: dict, dims: dict, strength: float = 1.0,
                  name: str = "UnHype", gate_reference: float | None = None, floor: float = 0.0,
-                 saturate: bool = False):
+                 saturate: bool = False, signatures=None):
         super().__init__(paths, dims, strength)
         self.hypernet, self.name = hypernet, name
         self.gate_reference, self.floor, self.saturate = gate_reference, floor, saturate
+        self.signatures = signatures  # the file's (unhype.concept_signatures), as hosts use
 
     @classmethod
     def from_loaded(cls, loaded, strength: float = 1.0, name: str | None = None,
@@ -93,13 +94,14 @@ class UnHypeMethod(LoraMethod):
         return cls(loaded.hypernet, paths, dims, strength,
                    name or f"UnHype ({cfg.variant}, {loaded.meta.training.get('mode', '?')})",
                    loaded.gate_reference, loaded.gate_floor if floor is None else check_floor(floor),
-                   loaded.gate_saturate if saturate is None else bool(saturate))
+                   loaded.gate_saturate if saturate is None else bool(saturate),
+                   loaded.signatures)
 
     def factors(self, hidden, pooled):
         from unhype.gate_floor import apply_floor
 
         return apply_floor(self.hypernet(pooled.float()), self.gate_reference, self.floor,
-                           self.saturate)
+                           self.saturate, self.signatures)
 
     def settings(self):
         floored = self.gate_reference is not None

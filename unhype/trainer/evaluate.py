@@ -260,13 +260,12 @@ def evaluate_run(run) -> dict:
     if run.backend.family.name != "toy":
         raise UnHypeError("--eval measures erasure on the toy model only; for SD use "
                           "`unhype eval` with open_clip")
-    from unhype.fileformat import read_meta
-    from unhype.gate_floor import apply_floor
+    from unhype.fileformat import load_hypernet
 
-    ref = read_meta(run.result_path).training.get("gate_reference")  # as the file applies it
+    loaded = load_hypernet(run.result_path)  # as the hosts apply the file: floor, saturation
 
     def hypernet(emb):
-        return apply_floor(run.hypernet(emb), ref, run.cfg.gate_floor, run.cfg.gate_saturate)
+        return loaded.generate(emb)
 
     metrics = evaluate(run.backend, hypernet, run.lora, run.concepts, run.cfg.eval_images)
     path = run.out_dir / "metrics.json"

@@ -865,6 +865,11 @@ def save_result(run: Run, step: int, path: Path | None = None) -> Path:
         # each concept's own median, for tools that measure a prompt against its own concept
         # (the hosts' floor reads only gate_reference, the minimum)
         training["concept_references"] = refs
+    # each concept's signature: a prompt's concept is named by its update's direction, for
+    # saturation to that concept's own reference and for long prompts' windows
+    from unhype.concept_signatures import KEY, mean_embeddings
+
+    training[KEY] = mean_embeddings(run.backend.embed, run.concepts)
     training.update(base_model_hashes(cfg.pretrained_model_name_or_path))  # cached per file
     concepts = concept_table(run.concepts)
     return save_hypernet(path, run.hypernet, run.backend.family.name, concepts=concepts,

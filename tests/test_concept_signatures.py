@@ -1,0 +1,124 @@
+"""Concept signatures (unhype.concept_signatures): a prompt's concept named by its update's
+direction; saturation to that concept's own reference (unhype.gate_floor); a long prompt's
+windows of different concepts combined (unhype.prompt_windows.combine)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from unhype.concept_signatures import ConceptSignatures, read_embeddings
+from unhype.errors import UnHypeError
+from unhype.fileformat import load_hypernet, read_header
+from unhype.gate_floor import apply_floor
+from unhype.hypernet import delta_norm, delta_weight
+from unhype.prompt_windows import combine, combined_rows
+
+IN, OUT = 6, 5
+
+
+def _direction(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(IN, 1, generator=g), torch.randn(OUT, 1, generator=g)
+
+
+def factors_of(rows):
+    """One layer's rank-1 factors: row i = scale_i * (the direction of seed_i)."""
+    a = torch.stack([s * _direction(seed)[0] for seed, s in rows])
+    b = torch.stack([_direction(seed)[1] for seed, _ in rows])
+    return {"layer": (a, b)}
+
+
+def signatures(references):
+    """Concept k's update: direction seed k at norm 1; its reference references[k]."""
+    f = factors_of([(k, 1.0) for k in range(len(references))])
+    norms = delta_norm(f)
+    f = {n: (a / norms[:, None, None], b) for n, (a, b) in f.items()}
+    return ConceptSignatures([f"c{k}" for k in range(len(references))], f, list(references))
+
+
+def norms_of(factors):
+    return [float(v) for v in delta_norm(factors)]
+
+
+def scaled(seed, norm):
+    f = factors_of([(seed, 1.0)])
+    return norm / float(delta_norm(f)[0])
+
+
+def test_nearest_names_each_concept_by_direction_and_none_for_others():
+    sig = signatures([1.0, 4.0])
+    f = factors_of([(0, 0.3), (1, 2.0), (7, 1.0), (0, 0.0)])
+    assert sig.nearest(f).tolist() == [0, 1, -1, -1]  # seed 7 points no concept's way
+
+
+def test_saturation_raises_a_prompt_to_its_own_concepts_reference():
+    sig = signatures([1.0, 4.0])  # gate_reference = 1.0, the smallest
+    f = factors_of([(0, scaled(0, 0.5)), (1, scaled(1, 1.5)), (1, scaled(1, 6.0)),
+                    (7, scaled(7, 0.5)), (1, scaled(1, 0.01))])
+    old = norms_of(apply_floor(f, 1.0, 0.03, saturate=True))
+    new = norms_of(apply_floor(f, 1.0, 0.03, saturate=True, signatures=sig))
+    # concept 0 to 1.0 either way; concept 1 at 1.5: to its own 4.0 (before: left at 1.5);
+    # above its reference: untouched; no concept's: the smallest reference; under the floor: 0
+    assert old == pytest.approx([1.0, 1.5, 6.0, 1.0, 0.0], rel=1e-5)
+    assert new == pytest.approx([1.0, 4.0, 6.0, 1.0, 0.0], rel=1e-5)
+    # without saturation the signatures change nothing
+    assert norms_of(apply_floor(f, 1.0, 0.03, signatures=sig)) == \
+        pytest.approx(norms_of(apply_floor(f, 1.0, 0.03)), rel=1e-6)
+
+
+def test_combine_sums_the_windows_of_different_concepts_once_each():
+    sig = signatures([1.0, 1.0])
+    # prompt 0: itself (concept 0, 1.0), windows: concept 0 again (0.8), concept 1 (0.5),
+    # nothing (0); prompt 1: only itself (concept 1)
+    f = factors_of([(0, 1.0), (0, 0.8), (1, 0.5), (7, 0.0), (1, 2.0)])
+    owner = [0, 0, 0, 0, 1]
+    concepts = sig.nearest(f)
+    assert combined_rows(f, owner, 2, concepts) == [[0, 2], [4]]
+    out = combine(f, owner, 2, concepts)
+    a, b = out["layer"]
+    assert a.shape == (2, IN, 2) and b.shape == (2, OUT, 2)  # rank 1 x 2 windows, padded
+    fa, fb = f["layer"]
+    assert torch.allclose(delta_weight(a[0], b[0]),
+                          delta_weight(fa[0], fb[0]) + delta_weight(fa[2], fb[2]), atol=1e-6)
+    assert torch.allclose(delta_weight(a[1], b[1]), delta_weight(fa[4], fb[4]), atol=1e-6)
+    # a file without signatures: the strongest reading only, as before
+    assert combined_rows(f, owner, 2) == [[0], [4]]
+    plain = combine(f, owner, 2)
+    assert plain["layer"][0].shape == (2, IN, 1)
+    assert torch.equal(plain["layer"][0][0], fa[0])
+
+
+def test_combine_only_adds_to_a_prompt_whose_strongest_reading_is_a_concept():
+    sig = signatures([1.0, 1.0])
+    f = factors_of([(7, 2.0), (1, 0.5)])  # strongest is no concept's: no sum (could be c1)
+    assert combined_rows(f, [0, 0], 1, sig.nearest(f)) == [[0]]
+
+
+def test_read_embeddings_refuses_malformed_tables():
+    assert read_embeddings({}, 3) == {}
+    good = read_embeddings({"concept_embeddings": {"cat": [0.0, 1.0, 2.5]}}, 3)
+    assert good["cat"].tolist() == [0.0, 1.0, 2.5]
+    for bad in ({"cat": [0.0, 1.0]}, {"cat": [0.0, float("nan"), 1.0]}, {"cat": "0 1 2"},
+                {"cat": [True, 1.0, 2.0]}, {}, [[0.0, 1.0, 2.0]]):
+        with pytest.raises(UnHypeError, match="concept_embeddings"):
+            read_embeddings({"concept_embeddings": bad}, 3)
+
+
+def test_a_file_with_malformed_signatures_is_refused_at_load(tmp_path):
+    from tests.helpers import hypernet_for, tiny_sd_unet
+    from unhype.fileformat import save_hypernet
+
+    net = hypernet_for(tiny_sd_unet())
+    path = save_hypernet(tmp_path / "h.safetensors", net, "sd1",
+                         training={"concept_embeddings": {"cat": [0.0] * net.config.embed_dim}})
+    assert load_hypernet(path).signatures.targets == ["cat"]
+    metadata, _ = read_header(path)
+    training = json.loads(metadata["unhype.training"])
+    training["concept_embeddings"]["cat"] = [0.0] * 3
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), {**metadata,
+                                               "unhype.training": json.dumps(training)})
+    with pytest.raises(UnHypeError, match=r"bad.safetensors: .*concept_embeddings\['cat'\]"):
+        load_hypernet(bad)

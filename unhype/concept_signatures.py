@@ -1,0 +1,105 @@
+"""Which of a file's erased concepts a prompt's update belongs to, named by its direction.
+
+A file that erases several concepts gives each its own kind of update: on the five-concept toy
+file the updates of two prompts of one concept point the same way (cosine 0.95-0.99) and those
+of two concepts mostly apart (0.04-0.6; triangle / crescent 0.9). The trainer stores, per
+concept, the mean pooled embedding of its own training prompts (training["concept_embeddings"]:
+{target: [D numbers]}); the file's own network turns them into each concept's update once, and a
+prompt is that concept whose update points most its way (the Frobenius cosine over all layers,
+unhype.hypernet.update_gram), if it does by at least MIN_COSINE. Two uses:
+
+* saturation (unhype.gate_floor) raises a prompt to its own concept's reference
+  (training["concept_references"]), not to the smallest over the concepts;
+* a long prompt whose windows erase different concepts gets each of those updates, not only
+  the strongest window's (unhype.prompt_windows.combine).
+
+Files without the entry (trained before it existed) keep the old behaviour: saturation to
+gate_reference, the strongest window only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from unhype.errors import UnHypeError
+from unhype.hypernet import LoraFactors, update_gram, update_size_sq
+
+MIN_COSINE = 0.5  # below this a prompt's update is no concept's in particular (probe's value)
+KEY = "concept_embeddings"
+
+
+def read_embeddings(training: dict, dim: int) -> dict[str, Tensor]:
+    """{target: [dim] embedding} of a file's training["concept_embeddings"] ({} when absent);
+    a malformed entry is an error (a file with wrong signatures would name wrong concepts)."""
+    raw = (training or {}).get(KEY)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise UnHypeError(f"training.{KEY} must be a non-empty {{concept: [numbers]}} table")
+    out = {}
+    for target, values in raw.items():
+        ok = isinstance(values, list) and len(values) == dim and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values)
+        if not ok:
+            raise UnHypeError(f"training.{KEY}[{target!r}] must be {dim} finite numbers (the "
+                              "file's embedding width)")
+        out[str(target)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def mean_embeddings(embed, concepts) -> dict[str, list[float]]:
+    """What the trainer stores: {target: the mean embedding of that concept's own training
+    prompts (`unhype.trainer.concepts.Concept.prompts`)}, as JSON numbers."""
+    out = {}
+    with torch.no_grad():
+        for c in concepts:
+            prompts = [p for p, _ in c.prompts()]
+            if prompts:
+                mean = embed(prompts).float().mean(0).cpu()
+                out[c.target] = [float(v) for v in mean.tolist()]
+    return out
+
+
+def _norms(factors: LoraFactors) -> Tensor:
+    return update_size_sq({k: (a.double(), b.double()) for k, (a, b) in factors.items()}
+                          ).clamp_min(0).sqrt()
+
+
+@dataclass
+class ConceptSignatures:
+    targets: list[str]
+    factors: LoraFactors        # each concept's update (before the gate floor)
+    references: list[float | None]  # each concept's own reference (None: not stored)
+
+    @classmethod
+    def of(cls, hypernet, embeddings: dict[str, Tensor], references: dict[str, float]
+           ) -> "ConceptSignatures | None":
+        if not embeddings:
+            return None
+        targets = list(embeddings)
+        device = next(hypernet.parameters()).device
+        with torch.no_grad():
+            factors = hypernet(torch.stack([embeddings[t] for t in targets]).to(device))
+        return cls(targets, factors, [references.get(t) for t in targets])
+
+    def nearest(self, factors: LoraFactors) -> Tensor:
+        """[N] index of each row's concept (-1: no update, or no concept's direction within
+        MIN_COSINE); ties go to the concept listed first."""
+        if not self.targets:
+            return torch.full((next(iter(factors.values()))[0].shape[0],), -1)
+        g = update_gram(factors, self.factors)
+        denom = _norms(factors)[:, None] * _norms(self.factors).to(g.device)[None, :]
+        cos = torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
+        best, index = cos.max(dim=1)
+        return torch.where(best >= MIN_COSINE, index, torch.full_like(index, -1)).cpu()
+
+    def saturation_targets(self, index: Tensor, fallback: float) -> Tensor:
+        """[N] the reference each row is raised to: its concept's own, else `fallback`."""
+        refs = [fallback if i < 0 or self.references[i] is None else self.references[i]
+                for i in index.tolist()]
+        return torch.tensor(refs, dtype=torch.float64)
