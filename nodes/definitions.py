@@ -10,8 +10,8 @@ import re
 import folder_paths
 import torch
 
-from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, probe_embedding,
-                         prompt_claim, save_lora, strongest_embedding, update_norm, weak_note)
+from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, bake_readings,
+                         probe_embedding, prompt_claim, save_lora, update_norm, weak_note)
 from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_prompt_note,
                                 pooled_rows, rows_under_floor, window_rows)
 from unhype.errors import UnHypeError
@@ -199,8 +199,8 @@ class UnHypeBakeLoRA:
         rows = pooled_rows(conditioning, unhype.meta.config.embed_dim,
                            unhype.meta.embedding.get("source", "?"))
         windows, _ = window_rows(conditioning[:1], rows[:1])  # from UnHype Text Encode
-        # the strongest of the prompt and its windows: the update Apply gives this row
-        pooled = strongest_embedding(unhype, torch.cat([rows[0][:1].float()] + windows[:1]))
+        # the readings of the prompt and its windows whose updates Apply gives this row
+        pooled = bake_readings(unhype, torch.cat([rows[0][:1].float()] + windows[:1]))
         folders = folder_paths.get_folder_paths("loras")
         if not folders:
             raise UnHypeError("UnHype Bake LoRA: ComfyUI has no 'loras' models folder")

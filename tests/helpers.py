@@ -231,3 +231,68 @@ def sdxl_trained_embedding(checkpoint: dict, texts, tmp_dir):
                                        Path("tiny.safetensors")).eval()
     tokenizer = CLIPTokenizer.from_pretrained(builtin_tokenizer(family))
     return PromptEmbedder(family, tokenizer, encoder)(list(texts))
+
+
+class ReadingGate(torch.nn.Module):
+    """A stand-in of a network trained to erase a concept, for texts whose meaning a tiny random
+    CLIP cannot tell: a file's own network with its A factors zeroed except for the embeddings
+    of the texts that name the concept (`keys`, matched at cosine > 0.9999)."""
+
+    def __init__(self, net, keys: torch.Tensor):
+        super().__init__()
+        self.net, self.keys = net, keys
+
+    def num_parameters(self, *args, **kwargs):
+        return self.net.num_parameters(*args, **kwargs)
+
+    def forward(self, emb, *args, **kwargs):
+        cos = torch.nn.functional.cosine_similarity(emb[:, None], self.keys.to(emb)[None], dim=2)
+        gate = (cos.max(dim=1).values > 0.9999).to(emb)
+        return {k: (a * gate[:, None, None], b) for k, (a, b) in
+                self.net(emb, *args, **kwargs).items()}
+
+
+class TwoConcepts(torch.nn.Module):
+    """A two-concept stand-in of a trained file: two gated networks with unrelated weights side
+    by side along the rank, so each concept's update points its own way (as training makes
+    the updates of different concepts: cosine 0.04-0.6 on the toy)."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def num_parameters(self, *args, **kwargs):
+        return self.first.num_parameters(*args, **kwargs)
+
+    def forward(self, emb, *args, **kwargs):
+        f, s = self.first(emb, *args, **kwargs), self.second(emb, *args, **kwargs)
+        return {k: (torch.cat([f[k][0], s[k][0]], -1), torch.cat([f[k][1], s[k][1]], -1))
+                for k in f}
+
+
+def two_concepts(loaded, embed, texts, concepts: dict[str, str], holds=None, seed: int = 5):
+    """Give `loaded` a TwoConcepts network whose concept {target: phrase} is switched on by
+    exactly the texts that hold its phrase (`holds`: what each text's embedding reads, if not
+    the text itself: a long prompt's embedding reads its first 75 tokens), and the signatures
+    a trainer would store (training["concept_embeddings"]: here the embedding of a text that
+    names the concept). Returns the embeddings of `texts`."""
+    import dataclasses
+
+    emb = embed(list(texts)).float()
+    gates, signatures = [], {}
+    for i, (target, phrase) in enumerate(concepts.items()):
+        named = [n for n, t in enumerate(holds or texts) if phrase in t]
+        assert named and len(named) < len(texts), f"{phrase!r} must be named by some texts only"
+        net = loaded.hypernet
+        if i:  # another initialisation, its B heads made non-zero as hypernet_for does
+            net = build_hypernet(dataclasses.replace(loaded.meta.config, seed=seed))
+            gen = torch.Generator().manual_seed(seed + 1)
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            net.eval()
+        gates.append(ReadingGate(net, emb[named]))
+        signatures[target] = emb[named[0]].tolist()
+    loaded.hypernet = TwoConcepts(*gates)
+    loaded.meta.training["concept_embeddings"] = signatures
+    return emb

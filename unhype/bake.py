@@ -99,7 +99,7 @@ def kohya_hashes(tensors: dict, metadata: dict) -> tuple[str, str]:
     return model_hash, legacy_hash
 
 
-def _ranks(tensors: dict | None, rank: int) -> tuple[str, str]:
+def network_dim_alpha(tensors: dict | None, rank: int) -> tuple[str, str]:
     """ss_network_dim / ss_network_alpha: one rank (alpha = rank: scale 1), or sd-scripts'
     "Dynamic" when layers differ (kohya_bfl: a fused layer's rank is the sum of its slices')."""
     alphas = {float(v) for k, v in (tensors or {}).items() if k.endswith(".alpha")}
@@ -123,20 +123,16 @@ def _modelspec_architecture(loaded: LoadedHypernet) -> tuple[str, str]:
 
 def probe_embedding(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
                     embed=None):
-    """unhype.probe of the very embedding a bake uses (not re-encoded: a long prompt's strongest
-    window stays that window), against the file's concept texts encoded with `embed`
-    (list[str] -> [N, D]); without `embed` no concept is measured, only the share of the
-    file's gate_reference."""
-    from unhype.probe import concept_texts, probe
+    """unhype.probe of the very embedding(s) a bake uses (not re-encoded: a long prompt's
+    readings [M, D] stay those readings), against the file's concept texts encoded with
+    `embed` (list[str] -> [N, D]); without `embed` no concept is measured, only the share of
+    the file's gate_reference."""
+    from unhype.probe import concept_texts, probe_readings
 
     concepts = concept_texts(loaded.meta) if embed is not None else []
-    own = embedding.reshape(1, -1).float()
-
-    def encode(texts):  # texts = [prompt] + concepts
-        rest = texts[1:]
-        return torch.cat([own, embed(rest).float().to(own.device)]) if rest else own
-
-    return probe(loaded, encode, [prompt or ""], concepts)[0]
+    own = embedding.reshape(-1, embedding.shape[-1]).float()
+    others = embed(concepts).float() if concepts else own.new_zeros(0, own.shape[1])
+    return probe_readings(loaded, own, [0] * len(own), [prompt or ""], others, concepts)[0]
 
 
 def prompt_claim(result) -> str:
@@ -184,7 +180,7 @@ def lora_metadata(loaded: LoadedHypernet, prompt: str, strength: float, title: s
     probe_args = {} if probed is None else {
         "unhype_fires": probed.fired, "unhype_share_of_reference": probed.relative,
         "unhype_nearest_concept": probed.nearest.concept if probed.nearest else None}
-    dim, alpha = _ranks(tensors, cfg.rank)
+    dim, alpha = network_dim_alpha(tensors, cfg.rank)
     architecture, resolution = _modelspec_architecture(loaded)
     return {
         "ss_base_model_version": family.base_model_version,
@@ -237,30 +233,42 @@ def update_norm(tensors: dict) -> float:
     return math.sqrt(max(float(update_size_sq(factors)), 0.0)) if factors else 0.0
 
 
-def strongest_embedding(loaded: LoadedHypernet, candidates: torch.Tensor) -> torch.Tensor:
-    """Of a prompt's candidate embeddings [K, D] (the prompt's own, then its windows'), the one
-    whose update is strongest: what the hosts apply to a long prompt (unhype.prompt_windows),
-    so a baked LoRA is the update the prompt gets when applied live."""
-    from unhype.prompt_windows import update_norms
+def bake_readings(loaded: LoadedHypernet, candidates: torch.Tensor) -> torch.Tensor:
+    """Of a prompt's candidate embeddings [K, D] (the prompt's own, then its windows'), those
+    [M, D] whose updates the hosts apply to it (unhype.prompt_windows.combine): the strongest,
+    and with a file that names its concepts, the strongest of each other concept a window
+    switches on. A baked LoRA is their sum, the update the prompt gets when applied live."""
+    from unhype.prompt_windows import combined_rows
 
-    candidates = candidates.reshape(-1, candidates.shape[-1])
+    candidates = candidates.reshape(-1, candidates.shape[-1]).float()
     if candidates.shape[0] == 1:
-        return candidates[0]
+        return candidates
     with torch.no_grad():
-        norms = update_norms(loaded.generate(candidates.float()))
-    return candidates[int(torch.argmax(norms.cpu()))]  # ties: the first, the prompt itself
+        factors = loaded.generate(candidates)
+        [picks] = combined_rows(factors, [0] * len(candidates), 1, loaded.concepts_of(factors))
+    return candidates[picks]  # ties: the first, the prompt itself
+
+
+def baked_factors(loaded: LoadedHypernet, readings: torch.Tensor):
+    """The factors of one prompt whose readings are `readings` [M, D] (`bake_readings`): their
+    updates summed, side by side along the rank."""
+    from unhype.prompt_windows import stack_rows
+
+    readings = readings.reshape(-1, readings.shape[-1])
+    with torch.no_grad():
+        return stack_rows(loaded.generate(readings), [list(range(len(readings)))])
 
 
 def bake_lora(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str,
               strength: float = 1.0, title: str | None = None,
               fmt: str = "kohya", probed=None) -> tuple[dict, dict]:
-    """(kohya tensors, metadata) of the LoRA the hypernetwork generates for one embedding.
+    """(kohya tensors, metadata) of the LoRA the hypernetwork generates for one embedding, or
+    the sum of a long prompt's readings [M, D] (`bake_readings`).
     `probed`: `probe_embedding` of it with the text encoder (names the concept(s) it fires in
     the metadata); None: probed here without concept texts (the share of the reference only)."""
     if fmt not in FORMATS:
         raise UnHypeError(f"unknown LoRA format {fmt!r}; choose one of {list(FORMATS)}")
-    with torch.no_grad():
-        factors = loaded.generate(embedding.reshape(1, -1))
+    factors = baked_factors(loaded, embedding)
     tensors = lora_state_dict(factors, strength) if fmt == "kohya" else \
         bfl_state_dict(loaded, factors, strength)
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]

@@ -30,7 +30,7 @@ from unhype.errors import UnHypeError
 from unhype.families import APPLY_ALL, get_family
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.hypernet import LoraFactors, delta_weight
-from unhype.prompt_windows import strongest
+from unhype.prompt_windows import combine
 
 log = logging.getLogger("unhype")
 
@@ -222,8 +222,10 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
     emb = torch.cat(pooled)
     extra, read_for = window_rows(conditioning, pooled)
     factors = generate_factors(loaded, torch.cat([emb] + extra))
-    if extra:  # each row keeps the strongest of its own and its windows' updates
-        factors = strongest(factors, list(range(len(emb))) + read_for, len(emb))
+    if extra:  # each row: the strongest of its own and its windows' updates, and those of
+        # other concepts its windows switch on (unhype.prompt_windows.combine)
+        factors = combine(factors, list(range(len(emb))) + read_for, len(emb),
+                          loaded.concepts_of(factors))
     return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows, emb), strength=strength,
                      paths=host_paths(meta, "ldm"),
                      dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets},

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unhype.errors import UnHypeError
-from unhype.hypernet import LoraFactors
+from unhype.hypernet import LoraFactors, update_gram
 
 DEFAULT_THRESHOLD = 0.5
 COSINE_MARGIN = 0.05  # a concept this close to the top cosine is named by the prompt as well
@@ -141,16 +141,10 @@ ROW_NOTE = ("applied ||dW||: the update's norm after the gate floor, as generati
 
 def gram(f1: LoraFactors, f2: LoraFactors) -> torch.Tensor:
     """[N1, N2] Frobenius inner products of the updates of two factor sets, over all layers."""
-    total = None
-    for name, (a1, b1) in f1.items():
-        a2, b2 = f2[name]
-        aa = torch.einsum("nir,mis->nmrs", a1.double(), a2.double())
-        bb = torch.einsum("nor,mos->nmrs", b1.double(), b2.double())
-        g = (aa * bb).sum(dim=(2, 3))
-        total = g if total is None else total + g
-    if total is None:
-        raise UnHypeError("probe: the hypernetwork generated no layers")
-    return total
+    try:
+        return update_gram(f1, f2)
+    except ValueError:
+        raise UnHypeError("probe: the hypernetwork generated no layers") from None
 
 
 def layer_norms(factors: LoraFactors) -> dict[str, torch.Tensor]:
@@ -215,28 +209,46 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
     """Score `prompts` against `concepts` (texts) with `embed`: list[str] -> [N, D].
     `source`: a LoadedHypernet (what the hosts apply: its gate floor and saturation, measured
     against its gate_reference) or a bare network (embeddings -> factors).
-    `windows`: read long prompts also through word windows and score each prompt's strongest
-    update, as the hosts apply them (unhype.prompt_windows). `per_layer`: also each layer's
-    applied ||dW||."""
-    from unhype.prompt_windows import prompt_windows, select_rows, strongest_rows
+    `windows`: read long prompts also through word windows and score the update each prompt
+    gets from its readings, as the hosts apply them (unhype.prompt_windows.combine).
+    `per_layer`: also each layer's applied ||dW||."""
+    from unhype.prompt_windows import prompt_windows
 
     prompts = [p for p in prompts if p is not None]
     if not prompts:
         raise UnHypeError("probe: no prompt given")
-    generate, hypernet, reference, per_concept = _networks(source)
     texts, owner = [], []
     for i, prompt in enumerate(prompts):
         for text in [prompt] + (prompt_windows(prompt) if windows else []):
             texts.append(text)
             owner.append(i)
     emb = embed(texts + list(concepts)).float()
+    return probe_readings(source, emb[:len(texts)], owner, prompts, emb[len(texts):], concepts,
+                          threshold, per_layer)
+
+
+@torch.no_grad()
+def probe_readings(source, readings: torch.Tensor, owner: list[int], prompts: list[str],
+                   concept_embeddings: torch.Tensor, concepts: list[str],
+                   threshold: float = DEFAULT_THRESHOLD, per_layer: bool = False
+                   ) -> list[ProbeResult]:
+    """`probe` of embeddings already made: `readings` [K, D], each a reading of prompt
+    `owner[k]` (the prompt itself, its windows); `concept_embeddings` [C, D] of `concepts`."""
+    from unhype.prompt_windows import combined_rows, select_rows, stack_rows
+
+    generate, hypernet, reference, per_concept = _networks(source)
+    emb = torch.cat([readings.float(), concept_embeddings.float().to(readings.device)])
     applied = generate(emb)
     raw = hypernet(emb) if hypernet is not None else applied
-    n, k = len(prompts), len(texts)
-    prompt_rows = select_rows(applied, list(range(k)))
-    index = (strongest_rows(prompt_rows, owner, n) if k > n else list(range(n))) + \
-        list(range(k, k + len(concepts)))
-    applied, raw = select_rows(applied, index), select_rows(raw, index)
+    n, k = len(prompts), len(readings)
+    if k > n:  # the readings each prompt gets, as the hosts combine them
+        prompt_rows = select_rows(applied, list(range(k)))
+        named = source.concepts_of(prompt_rows) if hasattr(source, "concepts_of") else None
+        picks = combined_rows(prompt_rows, owner, n, named)
+    else:
+        picks = [[i] for i in range(n)]
+    picks += [[k + j] for j in range(len(concepts))]
+    applied, raw = stack_rows(applied, picks), stack_rows(raw, picks)
     g = gram(raw, raw)  # directions: the floor scales a prompt's update, never turns it
     raw_norms = g.diagonal().clamp_min(0).sqrt()
     norms = gram(applied, applied).diagonal().clamp_min(0).sqrt()

@@ -6,7 +6,10 @@ pooled embedding UnHype reads (CLIP's end-of-text state; SDXL's ``vector``) come
 chunk alone. A concept named after the first 75 tokens (quality tags first, the subject later,
 as many prompts are written) would get no LoRA. So a long prompt is also read through
 overlapping windows of its words, each short enough for one chunk, and each prompt gets the
-LoRA of whichever of its texts (the prompt itself or a window) gives the strongest update.
+LoRA of whichever of its texts (the prompt itself or a window) gives the strongest update; with a
+file that names its concepts by direction (unhype.concept_signatures), also the strongest update
+of each other erased concept a window switches on (`combine`): "a cat ... [80 tokens] ... nude"
+gets both erasures, not only the stronger.
 
 Windows are made of words (also cut after commas: ``score_9,score_8_up,...`` tag prompts
 have no spaces) and measured in CLIP tokens, counted with CLIP's own BPE (the copy the toy
@@ -137,3 +140,51 @@ def select_rows(factors: LoraFactors, index: list[int]) -> LoraFactors:
 def strongest(factors: LoraFactors, owner: list[int], n: int) -> LoraFactors:
     """Per prompt (0..n-1), the factors of its candidate with the largest update."""
     return select_rows(factors, strongest_rows(factors, owner, n))
+
+
+def combined_rows(factors: LoraFactors, owner: list[int], n: int,
+                  concepts: torch.Tensor | None = None) -> list[list[int]]:
+    """Per prompt (0..n-1), the rows whose updates it gets: its strongest candidate (the first
+    on ties) and, where `concepts` names each row's concept (unhype.concept_signatures; -1:
+    none), the strongest candidate of every other concept its texts switch on. A concept named
+    in two windows counts once, so its update is never doubled; without `concepts` (a file
+    that stores no signatures) only the strongest."""
+    norms = update_norms(factors).cpu()
+    picks = []
+    for i in range(n):
+        rows = sorted((j for j, o in enumerate(owner) if o == i), key=lambda j: -float(norms[j]))
+        chosen = rows[:1]
+        if concepts is not None and int(concepts[chosen[0]]) >= 0:
+            seen = {int(concepts[chosen[0]])}
+            for j in rows[1:]:
+                concept = int(concepts[j])
+                if norms[j] > 0 and concept >= 0 and concept not in seen:
+                    chosen.append(j)
+                    seen.add(concept)
+        picks.append(chosen)
+    return picks
+
+
+def stack_rows(factors: LoraFactors, picks: list[list[int]]) -> LoraFactors:
+    """Per prompt, the sum of its picked rows' updates: their factors side by side along the
+    rank (B A^T of the stack is the sum), zero-padded to the prompt with the most."""
+    most = max((len(p) for p in picks), default=1)
+    if most == 1:
+        return select_rows(factors, [p[0] for p in picks])
+    out = {}
+    for name, (a, b) in factors.items():
+        r = a.shape[-1]
+        a_out = a.new_zeros(len(picks), a.shape[1], r * most)
+        b_out = b.new_zeros(len(picks), b.shape[1], r * most)
+        for i, rows in enumerate(picks):
+            for k, j in enumerate(rows):
+                a_out[i, :, k * r:(k + 1) * r] = a[j]
+                b_out[i, :, k * r:(k + 1) * r] = b[j]
+        out[name] = (a_out, b_out)
+    return out
+
+
+def combine(factors: LoraFactors, owner: list[int], n: int,
+            concepts: torch.Tensor | None = None) -> LoraFactors:
+    """Per prompt, the updates of `combined_rows`, summed (`stack_rows`)."""
+    return stack_rows(factors, combined_rows(factors, owner, n, concepts))

@@ -20,7 +20,7 @@ from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.model_check import detect_family, family_problem
 from unhype.prompt_tags import has_break, plain_text, split_and
-from unhype.prompt_windows import prompt_windows, strongest
+from unhype.prompt_windows import combine, prompt_windows
 from unhype.row_match import CondBank
 
 from unhype_webui import host
@@ -209,7 +209,7 @@ def build_session(sd_model, actives: list[Active],
         emb = torch.stack([vectors[k] for k in range(len(embed_texts))])
     else:
         emb = host.pooled_embeddings(sd_model, model_family, embed_texts)
-    # long prompts: also read through word windows; each prompt keeps its strongest update.
+    # long prompts: also read through word windows (unhype.prompt_windows.combine).
     # SDXL / FLUX: the host's vector is its first chunk's pooled output, which ends at a BREAK;
     # such a prompt is also read whole, without BREAK, as SD1 / SD2 prompts are (plain_text)
     broken = sorted({text_k[j] for j, text in enumerate(cond_texts) if has_break(text)}) \
@@ -233,8 +233,8 @@ def build_session(sd_model, actives: list[Active],
                               f"text encoder gives {emb.shape[1]}-d")
         with torch.no_grad():
             f = active.loaded.generate(emb.to(next(active.loaded.hypernet.parameters()).device))
-        if windows:
-            f = strongest(f, read_for, len(embed_texts))
+        if windows:  # the strongest reading, and those of other concepts windows switch on
+            f = combine(f, read_for, len(embed_texts), active.loaded.concepts_of(f))
         if active.items is not None:  # a tag applies only to the prompts that carry it
             keep = torch.zeros(len(embed_texts))
             for j, owner in enumerate(owners):

@@ -11,8 +11,8 @@ import os
 import re
 
 from unhype import infotext
-from unhype.bake import NO_OP_NOTE, bake_lora, probe_embedding, prompt_claim, save_lora, \
-    strongest_embedding, update_norm, weak_note
+from unhype.bake import NO_OP_NOTE, bake_lora, bake_readings, probe_embedding, prompt_claim, \
+    save_lora, update_norm, weak_note
 from unhype.dynamic_lora import check_strength
 from unhype.errors import UnHypeError
 from unhype.model_check import detect_family
@@ -131,7 +131,7 @@ def bake_ui(name, prompt, strength, out_name, overwrite=False, sd_model=None,
             raise UnHypeError(f"{target} exists; choose another output name or tick 'Replace "
                               "an existing file of that name'")
         embed = _embedder(loaded, sd_model or host.current_model())
-        emb = strongest_embedding(loaded, embed([prompt] + prompt_windows(plain_text(prompt))))
+        emb = bake_readings(loaded, embed([prompt] + prompt_windows(plain_text(prompt))))
         os.makedirs(folder, exist_ok=True)
         # FLUX runs only in Forge, and every Forge reads sd-scripts' fused BFL names (older
         # ones lack the lora_transformer_* rule)

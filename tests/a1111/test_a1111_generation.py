@@ -845,6 +845,62 @@ def test_a_long_prompt_gets_the_strongest_update_of_its_windows(sd1, hyper_file,
         torch.testing.assert_close(lora[f"{name}.lora_up.weight"], b[best], rtol=1e-5, atol=1e-6)
 
 
+def test_a_long_prompt_naming_two_erased_concepts_far_apart_gets_both_updates(sd1, hyper_file,
+                                                                              script, webui_dirs):
+    """A file that erases a cat and a dog, a prompt that names the cat first and the dog after
+    80 tokens of tags: no one reading holds both, so each concept's strongest reading is
+    applied, summed (it used to get the stronger one only, and the other concept was drawn).
+    The file's signatures (training["concept_embeddings"]) name the readings' concepts."""
+    from tests.helpers import two_concepts
+    from unhype.prompt_windows import prompt_windows
+    from unhype_webui import files
+
+    long = "a photo of a cat, " + "masterpiece, best quality, " * 20 + "a photo of a dog"
+    windows = prompt_windows(plain_text(long))
+    texts = [plain_text(long)] + windows
+    holds = windows[:1] + windows  # the prompt's own embedding reads its first 75 tokens
+    loaded = files.load(str(hyper_file))  # the instance the extension uses (its cache)
+    emb = two_concepts(loaded, sd1.pooled, texts, {"cat": "a photo of a cat",
+                                                    "dog": "a photo of a dog"}, holds=holds)
+    with torch.no_grad():
+        f = loaded.generate(emb)
+    norms = [sum(float(delta_weight(a[n], b[n]).pow(2).sum()) for a, b in f.values())
+             for n in range(len(texts))]
+    cat = max((n for n, t in enumerate(holds) if "a photo of a cat" in t), key=norms.__getitem__)
+    dog = max((n for n, t in enumerate(holds) if "a photo of a dog" in t), key=norms.__getitem__)
+    assert not any("a photo of a cat" in t and "a photo of a dog" in t for t in holds)
+    unet = sd1.model.diffusion_model
+    both = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, hp in host_paths(loaded.meta, "ldm").items():
+            a, b = f[name]
+            both.get_submodule(hp.path).weight += delta_weight(a[cat], b[cat]) + \
+                delta_weight(a[dog], b[dog])
+    p, _ = run(sd1, script, [long])
+    assert check_rows(p, unet, lambda c, r: ["both", None][r], {"both": both}) > 1e-3
+    # the tab reads it the same way: Probe reports the summed update, Bake writes it
+    from safetensors.torch import load_file
+
+    from unhype_webui import tab_logic
+
+    deltas = {name: delta_weight(a[cat], b[cat]) + delta_weight(a[dog], b[dog])
+              for name, (a, b) in f.items()}
+    table, _ = tab_logic.probe_ui("erase_cat", long, sd_model=sd1)
+    assert table[0][1] == pytest.approx(
+        sum(float(d.pow(2).sum()) for d in deltas.values()) ** 0.5, rel=1e-4)
+    assert "baked_two" in tab_logic.bake_ui("erase_cat", long, 1.0, "baked_two", sd_model=sd1)
+    lora = load_file(str(webui_dirs["lora"] / "baked_two.safetensors"))
+    for name, d in deltas.items():
+        torch.testing.assert_close(lora[f"{name}.lora_up.weight"] @
+                                   lora[f"{name}.lora_down.weight"], d, rtol=1e-4, atol=1e-6)
+    # without the signatures: the strongest reading only, as before
+    del loaded.meta.training["concept_embeddings"]
+    loaded.__dict__.pop("_signatures", None)  # made again from the file's (now none)
+    one = max((cat, dog), key=norms.__getitem__)
+    p, _ = run(sd1, script, [long])
+    check_rows(p, unet, lambda c, r: ["one", None][r], {"one": merged(unet, loaded, emb[one], 1.0)})
+
+
 def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper_file, script):
     import fake_models
 

@@ -612,6 +612,52 @@ def test_text_encode_stores_windows_and_apply_keeps_the_strongest(pack, tiny_par
         build_plan(gated, bad, 1.0)
 
 
+def test_a_long_prompt_naming_two_erased_concepts_far_apart_gets_both_updates(pack, tiny_parts,
+                                                                              loaded):
+    """A file erasing a cat and a dog, a prompt naming the cat first and the dog after 80 tokens
+    of tags: Apply gives the row each concept's strongest reading, summed (it used to give the
+    stronger one only); the file's signatures name the readings' concepts. Without them: the
+    strongest only."""
+    from dataclasses import replace
+
+    from tests.helpers import two_concepts
+    from unhype.comfy_apply import build_plan
+    from unhype.hypernet import delta_weight
+    from unhype.prompt_windows import prompt_windows
+
+    clip = tiny_parts["clip"]
+    long = "a photo of a cat, " + "masterpiece, best quality, " * 20 + "a photo of a dog"
+    (cond,) = pack.nodes.definitions.UnHypeTextEncode().encode(clip, long)
+    windows = prompt_windows(long)
+    texts, holds = [long] + windows, windows[:1] + windows
+
+    def pooled(ts):
+        with torch.no_grad():
+            return torch.cat([clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)[1]
+                              for t in ts])
+
+    mine = replace(loaded, meta=replace(loaded.meta, training=dict(loaded.meta.training)))
+    emb = two_concepts(mine, pooled, texts, {"cat": "a photo of a cat", "dog": "a photo of a dog"},
+                       holds=holds)
+    with torch.no_grad():
+        f = mine.generate(emb)
+    norms = [float(sum(delta_weight(a[n], b[n]).pow(2).sum() for a, b in f.values()))
+             for n in range(len(texts))]
+    cat = max((n for n, t in enumerate(holds) if "a photo of a cat" in t), key=norms.__getitem__)
+    dog = max((n for n, t in enumerate(holds) if "a photo of a dog" in t), key=norms.__getitem__)
+    plan = build_plan(mine, cond, 1.0)
+    for name, (a, b) in plan.factors.items():
+        want = delta_weight(f[name][0][cat], f[name][1][cat]) + \
+            delta_weight(f[name][0][dog], f[name][1][dog])
+        torch.testing.assert_close(delta_weight(a[0], b[0]), want.float(), rtol=1e-4, atol=1e-6)
+    del mine.meta.training["concept_embeddings"]
+    mine.__dict__.pop("_signatures", None)
+    one = max((cat, dog), key=norms.__getitem__)
+    for name, (a, b) in build_plan(mine, cond, 1.0).factors.items():
+        torch.testing.assert_close(delta_weight(a[0], b[0]),
+                                   delta_weight(f[name][0][one], f[name][1][one]).float())
+
+
 def test_also_read_text_adds_a_texts_embeddings_and_apply_keeps_the_strongest(pack, tiny_parts,
                                                                               loaded, prompts):
     """A concept named only in a text the pooled output does not cover (FLUX's t5xxl text,

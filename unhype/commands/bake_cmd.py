@@ -26,8 +26,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from unhype.atomic import check_output
-    from unhype.bake import NO_OP_NOTE, bake_lora, probe_embedding, prompt_claim, save_lora, \
-        strongest_embedding, update_norm, weak_note
+    from unhype.bake import NO_OP_NOTE, bake_lora, bake_readings, network_dim_alpha, \
+        probe_embedding, prompt_claim, save_lora, update_norm, weak_note
     from unhype.dynamic_lora import check_strength
     from unhype.embedding import load_embedder
     from unhype.fileformat import load_hypernet
@@ -37,8 +37,8 @@ def run(args) -> int:
     check_output(args.output, [args.hypernet, args.text_encoder], "-o")
     loaded = load_hypernet(args.hypernet)
     embedder = load_embedder(loaded.family, args.text_encoder)
-    # a long prompt: the strongest of it and its windows, as the hosts apply it
-    embedding = strongest_embedding(loaded, embedder([args.prompt] + prompt_windows(args.prompt)))
+    # a long prompt: the readings of it and its windows the hosts apply (prompt_windows.combine)
+    embedding = bake_readings(loaded, embedder([args.prompt] + prompt_windows(args.prompt)))
     # what the LoRA does for this prompt (the same embedding), recorded in its metadata
     probed = probe_embedding(loaded, embedding, args.prompt, embedder)
     tensors, metadata = bake_lora(loaded, embedding, args.prompt, strength,
@@ -46,7 +46,8 @@ def run(args) -> int:
     save_lora(args.output, tensors, metadata)
     norm = update_norm(tensors)
     print(f"wrote {args.output} ({args.format}): {len(tensors) // 3} layers, rank "
-          f"{loaded.meta.config.rank}, update ||dW|| = {norm:.4g}, sshs_model_hash "
+          f"{network_dim_alpha(tensors, loaded.meta.config.rank)[0]}, update ||dW|| = "
+          f"{norm:.4g}, sshs_model_hash "
           f"{metadata['sshs_model_hash'][:12]}")
     print(f"  for {args.prompt!r}: {prompt_claim(probed)}")
     if norm == 0:
