@@ -28,6 +28,12 @@ def _names():
     return list(files.list_files())
 
 
+def _table(rows, headers):
+    """A Dataframe value that keeps its column names when it has no rows: gradio 3.41 cuts the
+    headers to the first row's length, so an empty list showed a table without any."""
+    return rows if rows else {"headers": list(headers), "data": [[]]}
+
+
 def describe_md(name):
     if not name:
         return ""
@@ -85,14 +91,19 @@ def _queued(fn):
     return wrap_queued_call(fn)
 
 
+def _probe(name, prompts_text):
+    rows, status = tab_logic.probe_ui(name, prompts_text)
+    return _table(rows, tab_logic.PROBE_HEADERS), status
+
+
 def tab():
     with gr.Blocks(analytics_enabled=False) as block:
         gr.Markdown(f"Hypernetworks in `{html.escape(host.unhype_dir())}` "
                     "(Settings > UnHype to change)")
         with gr.Row():
             refresh = gr.Button("Refresh list")
-        table = gr.Dataframe(headers=tab_logic.FILE_HEADERS, value=tab_logic.file_rows(),
-                             interactive=False, wrap=True)
+        table = gr.Dataframe(headers=tab_logic.FILE_HEADERS, interactive=False, wrap=True,
+                             value=_table(tab_logic.file_rows(), tab_logic.FILE_HEADERS))
         names = _names()
         with gr.Tab("Details"):
             d_file = gr.Dropdown(choices=names, value=names[0] if names else None,
@@ -106,7 +117,7 @@ def tab():
             p_button = gr.Button("Probe", variant="primary")
             p_table = gr.Dataframe(headers=tab_logic.PROBE_HEADERS, interactive=False)
             p_status = gr.Markdown("")
-            p_button.click(fn=_queued(tab_logic.probe_ui), inputs=[p_file, p_prompts],
+            p_button.click(fn=_queued(_probe), inputs=[p_file, p_prompts],
                            outputs=[p_table, p_status])
         with gr.Tab("Bake LoRA"):
             b_file = gr.Dropdown(choices=names, value=names[0] if names else None,
@@ -124,7 +135,7 @@ def tab():
         def refresh_all():
             choices = _names()
             up = gr.update(choices=choices)
-            return tab_logic.file_rows(), up, up, up
+            return _table(tab_logic.file_rows(), tab_logic.FILE_HEADERS), up, up, up
 
         refresh.click(fn=refresh_all, outputs=[table, d_file, p_file, b_file])
     return [(block, "UnHype", "unhype")]

@@ -306,7 +306,8 @@ def test_tab_buttons_run_under_the_hosts_queue_lock(ui_module, monkeypatch):
 
     seen = []
     monkeypatch.setattr(call_queue, "queue_lock", Recording())
-    monkeypatch.setattr(tab_logic, "probe_ui", lambda *a: seen.append(("probe", held[-1])))
+    monkeypatch.setattr(tab_logic, "probe_ui",
+                        lambda *a: seen.append(("probe", held[-1])) or ([], ""))
     monkeypatch.setattr(tab_logic, "bake_ui", lambda *a: seen.append(("bake", held[-1])))
     import gradio_stub
 
