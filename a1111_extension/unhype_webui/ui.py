@@ -7,6 +7,7 @@ components and ``gr.update`` common to both are used).
 from __future__ import annotations
 
 import html
+import warnings
 
 import gradio as gr
 
@@ -26,6 +27,16 @@ def _tool_button(value):
 
 def _names():
     return list(files.list_files())
+
+
+def _file_dropdown(names, **kwargs):
+    """A file dropdown whose value is a text also when the folder is empty: the host converts a
+    pasted infotext value to the type of the value the component was built with
+    (infotext_utils.connect_paste), and ``type(None)(name)`` fails, so a panel built before any
+    file existed never took a pasted file."""
+    with warnings.catch_warnings():  # gradio 4: "" is not among the (no) choices
+        warnings.filterwarnings("ignore", message="The value passed into gr.Dropdown")
+        return gr.Dropdown(choices=names, value=names[0] if names else "", **kwargs)
 
 
 def _table(rows, headers):
@@ -56,8 +67,8 @@ def panel(script, is_img2img):
             cond_only = gr.Checkbox(True, label="Apply to conditional branch only (paper)",
                                     elem_id=script.elem_id("unhype_cond_only"))
         with gr.Row():
-            hypernet = gr.Dropdown(choices=names, value=names[0] if names else None,
-                                   label="Hypernetwork", elem_id=script.elem_id("unhype_file"))
+            hypernet = _file_dropdown(names, label="Hypernetwork",
+                                      elem_id=script.elem_id("unhype_file"))
             refresh = _tool_button("\U0001f504")
             strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
                                  elem_id=script.elem_id("unhype_strength"))
@@ -67,7 +78,7 @@ def panel(script, is_img2img):
     def do_refresh(current):
         choices = _names()
         return gr.update(choices=choices, value=current if current in choices else
-                         (choices[0] if choices else None))
+                         (choices[0] if choices else ""))
 
     refresh.click(fn=do_refresh, inputs=[hypernet], outputs=[hypernet])
     hypernet.change(fn=describe_md, inputs=[hypernet], outputs=[info])

@@ -281,6 +281,22 @@ def test_panel_refresh_lists_new_files_and_keeps_the_choice(page, webui_dirs):
     assert "erases: zebra" in info
 
 
+def test_panel_built_without_files_takes_a_pasted_file(page, webui_dirs):
+    """First use: the web UI started before any file was in the folder. A pasted infotext
+    (PNG Info, the paste button) of an image made with a file put there since must set the
+    panel's file, not only tick Enable (then Generate stops: no hypernetwork selected). The
+    host converts a pasted string to the type of the component's value at UI build time."""
+    from unhype import infotext
+
+    p = page()
+    path = write_file(webui_dirs["unhype"], "erase_cat", "cat")
+    fields = infotext.format_fields("erase_cat", infotext.short_hash(str(path)), 0.75)
+    text = "a photo of a cat\n" + "\n".join(f"{k}: {v}" for k, v in fields.items())
+    updates = p.fire(p.paste, "click", [text])
+    enabled, name, strength, cond_only = [update_value(u) for u in updates]
+    assert (enabled, name, strength) == (True, "erase_cat", 0.75)
+
+
 # --- the UnHype tab ------------------------------------------------------------------------
 def table(payload):
     return payload["headers"], [row for row in payload["data"] if row]
