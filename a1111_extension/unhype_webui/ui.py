@@ -80,8 +80,13 @@ def panel(script, is_img2img):
         return gr.update(choices=choices, value=current if current in choices else
                          (choices[0] if choices else ""))
 
+    def on_change(name):
+        # a pasted or sent file may be newer than this dropdown's list, and gradio 4 shows a
+        # value missing from the choices as empty while generation uses it
+        return describe_md(name), gr.update(choices=_names())
+
     refresh.click(fn=do_refresh, inputs=[hypernet], outputs=[hypernet])
-    hypernet.change(fn=describe_md, inputs=[hypernet], outputs=[info])
+    hypernet.change(fn=on_change, inputs=[hypernet], outputs=[info, hypernet])
 
     # string names (runner.PASTE_FIELDS): what "Send to img2img" copies and what a pasted
     # infotext sets, through runner.infotext_pasted

@@ -297,6 +297,26 @@ def test_panel_built_without_files_takes_a_pasted_file(page, webui_dirs):
     assert (enabled, name, strength) == (True, "erase_cat", 0.75)
 
 
+def test_pasted_or_sent_file_is_listed_by_the_dropdown(page, webui_dirs):
+    """A file pasted into a panel (or sent to img2img) that this panel's list does not hold yet
+    (added since the page was built): gradio 4's dropdown shows a value missing from its
+    choices as empty (js/dropdown/shared/Dropdown.svelte set_input_text) while generation uses
+    it. The change the new value fires must list it."""
+    write_file(webui_dirs["unhype"], "erase_cat", "cat")
+    p = page()
+    write_file(webui_dirs["unhype"], "erase_dog", "dog")
+    txt, img = p.panels["txt2img"], p.panels["img2img"]
+    sent = p.fire(p.send, "click", [True, "erase_dog", 1.25, False])
+    assert [update_value(u) if isinstance(u, dict) else u for u in sent] == \
+        [True, "erase_dog", 1.25, False]
+    out = p.fire(img[1], "change", ["erase_dog"])
+    assert "erases: dog" in out[0]
+    assert [update_choices(u) for u in out[1:]] == [["erase_cat", "erase_dog"]]
+    if MAJOR >= 4:  # what the session's dropdown lists from now on
+        assert choices(img[1], p.state) == ["erase_cat", "erase_dog"]
+    assert choices(txt[1], p.state) == ["erase_cat"]  # the other tab's list is its own
+
+
 # --- the UnHype tab ------------------------------------------------------------------------
 def table(payload):
     return payload["headers"], [row for row in payload["data"] if row]
