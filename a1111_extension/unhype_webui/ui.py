@@ -7,6 +7,7 @@ components and ``gr.update`` common to both are used).
 from __future__ import annotations
 
 import html
+import warnings
 
 import gradio as gr
 
@@ -26,6 +27,22 @@ def _tool_button(value):
 
 def _names():
     return list(files.list_files())
+
+
+def _file_dropdown(names, **kwargs):
+    """A file dropdown whose value is a text also when the folder is empty: the host converts a
+    pasted infotext value to the type of the value the component was built with
+    (infotext_utils.connect_paste), and ``type(None)(name)`` fails, so a panel built before any
+    file existed never took a pasted file."""
+    with warnings.catch_warnings():  # gradio 4: "" is not among the (no) choices
+        warnings.filterwarnings("ignore", message="The value passed into gr.Dropdown")
+        return gr.Dropdown(choices=names, value=names[0] if names else "", **kwargs)
+
+
+def _table(rows, headers):
+    """A Dataframe value that keeps its column names when it has no rows: gradio 3.41 cuts the
+    headers to the first row's length, so an empty list showed a table without any."""
+    return rows if rows else {"headers": list(headers), "data": [[]]}
 
 
 def describe_md(name):
@@ -50,8 +67,8 @@ def panel(script, is_img2img):
             cond_only = gr.Checkbox(True, label="Apply to conditional branch only (paper)",
                                     elem_id=script.elem_id("unhype_cond_only"))
         with gr.Row():
-            hypernet = gr.Dropdown(choices=names, value=names[0] if names else None,
-                                   label="Hypernetwork", elem_id=script.elem_id("unhype_file"))
+            hypernet = _file_dropdown(names, label="Hypernetwork",
+                                      elem_id=script.elem_id("unhype_file"))
             refresh = _tool_button("\U0001f504")
             strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
                                  elem_id=script.elem_id("unhype_strength"))
@@ -61,10 +78,15 @@ def panel(script, is_img2img):
     def do_refresh(current):
         choices = _names()
         return gr.update(choices=choices, value=current if current in choices else
-                         (choices[0] if choices else None))
+                         (choices[0] if choices else ""))
+
+    def on_change(name):
+        # a pasted or sent file may be newer than this dropdown's list, and gradio 4 shows a
+        # value missing from the choices as empty while generation uses it
+        return describe_md(name), gr.update(choices=_names())
 
     refresh.click(fn=do_refresh, inputs=[hypernet], outputs=[hypernet])
-    hypernet.change(fn=describe_md, inputs=[hypernet], outputs=[info])
+    hypernet.change(fn=on_change, inputs=[hypernet], outputs=[info, hypernet])
 
     # string names (runner.PASTE_FIELDS): what "Send to img2img" copies and what a pasted
     # infotext sets, through runner.infotext_pasted
@@ -85,14 +107,19 @@ def _queued(fn):
     return wrap_queued_call(fn)
 
 
+def _probe(name, prompts_text):
+    rows, status = tab_logic.probe_ui(name, prompts_text)
+    return _table(rows, tab_logic.PROBE_HEADERS), status
+
+
 def tab():
     with gr.Blocks(analytics_enabled=False) as block:
         gr.Markdown(f"Hypernetworks in `{html.escape(host.unhype_dir())}` "
                     "(Settings > UnHype to change)")
         with gr.Row():
             refresh = gr.Button("Refresh list")
-        table = gr.Dataframe(headers=tab_logic.FILE_HEADERS, value=tab_logic.file_rows(),
-                             interactive=False, wrap=True)
+        table = gr.Dataframe(headers=tab_logic.FILE_HEADERS, interactive=False, wrap=True,
+                             value=_table(tab_logic.file_rows(), tab_logic.FILE_HEADERS))
         names = _names()
         with gr.Tab("Details"):
             d_file = gr.Dropdown(choices=names, value=names[0] if names else None,
@@ -106,7 +133,7 @@ def tab():
             p_button = gr.Button("Probe", variant="primary")
             p_table = gr.Dataframe(headers=tab_logic.PROBE_HEADERS, interactive=False)
             p_status = gr.Markdown("")
-            p_button.click(fn=_queued(tab_logic.probe_ui), inputs=[p_file, p_prompts],
+            p_button.click(fn=_queued(_probe), inputs=[p_file, p_prompts],
                            outputs=[p_table, p_status])
         with gr.Tab("Bake LoRA"):
             b_file = gr.Dropdown(choices=names, value=names[0] if names else None,
@@ -124,7 +151,7 @@ def tab():
         def refresh_all():
             choices = _names()
             up = gr.update(choices=choices)
-            return tab_logic.file_rows(), up, up, up
+            return _table(tab_logic.file_rows(), tab_logic.FILE_HEADERS), up, up, up
 
         refresh.click(fn=refresh_all, outputs=[table, d_file, p_file, b_file])
     return [(block, "UnHype", "unhype")]

@@ -252,13 +252,17 @@ def test_open_clip_pooled_is_what_the_trainer_reads(tmp_path):
 
 @pytest.fixture
 def ui_module(monkeypatch):
-    """unhype_webui.ui imported against the gradio stand-in."""
+    """unhype_webui.ui imported afresh against the gradio stand-in (import_module: `from
+    unhype_webui import ui` would return a copy another test imported against real gradio)."""
+    import importlib
+
     import gradio_stub
+    import unhype_webui
 
     monkeypatch.setitem(sys.modules, "gradio", gradio_stub.module())
     monkeypatch.delitem(sys.modules, "unhype_webui.ui", raising=False)
-    from unhype_webui import ui
-
+    ui = importlib.import_module("unhype_webui.ui")
+    monkeypatch.setattr(unhype_webui, "ui", ui)
     return ui
 
 
@@ -302,7 +306,8 @@ def test_tab_buttons_run_under_the_hosts_queue_lock(ui_module, monkeypatch):
 
     seen = []
     monkeypatch.setattr(call_queue, "queue_lock", Recording())
-    monkeypatch.setattr(tab_logic, "probe_ui", lambda *a: seen.append(("probe", held[-1])))
+    monkeypatch.setattr(tab_logic, "probe_ui",
+                        lambda *a: seen.append(("probe", held[-1])) or ([], ""))
     monkeypatch.setattr(tab_logic, "bake_ui", lambda *a: seen.append(("bake", held[-1])))
     import gradio_stub
 
