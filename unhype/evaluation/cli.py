@@ -97,9 +97,11 @@ def register(subparsers) -> None:
                    "brings them to the device for its own encoding (FLUX's T5-XXL: 8.9 GiB)")
     p.add_argument("--out", default="eval_out", help="output folder; each finished row is "
                    "kept in its rows/ folder, so a rerun with the same --out and settings "
-                   "computes only the rows still missing")
-    p.add_argument("--force", action="store_true", help="recompute every row, even those a "
-                   "previous run with the same settings finished in --out")
+                   "computes only the rows still missing, and each trained baseline in its "
+                   "trained/ folder, so it is not trained again")
+    p.add_argument("--force", action="store_true", help="recompute every row and train every "
+                   "baseline again, even those a previous run with the same settings finished "
+                   "in --out")
     p.set_defaults(func=run)
 
 

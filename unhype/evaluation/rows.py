@@ -6,8 +6,8 @@ model's other-class images, which every later row is compared with (`change_s` /
 to `rows/base_others.safetensors`. A rerun with the same --out reuses a row only when its stored
 key equals the new one, field for field; a row whose settings differ is recomputed and
 overwritten, never mixed in. A `Slot` is one planned row: its file name, key, the display name
-when known before the method is built, and how to build it (a baseline trains only when its row
-is due).
+when known before the method is built, and how to build it (a baseline trains, or loads the
+weights an earlier run trained, unhype.evaluation.trained, only when its row is due).
 """
 
 from __future__ import annotations
