@@ -160,6 +160,13 @@ class SimilarityGate:
         self.tau = float((hi + lo) / 2)
         self.temp = float(max((hi - lo).abs() / 8, 1e-3))
 
+    @classmethod
+    def restore(cls, ref: Tensor, tau: float, temp: float) -> "SimilarityGate":
+        """The gate as it was computed (`ref`: the normalised concept embeddings)."""
+        gate = cls.__new__(cls)
+        gate.ref, gate.tau, gate.temp = ref.float(), float(tau), float(temp)
+        return gate
+
     def similarity(self, emb: Tensor) -> Tensor:
         return (F.normalize(emb.float(), dim=-1) @ self.ref.T).max(1).values
 

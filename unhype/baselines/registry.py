@@ -5,8 +5,21 @@ from __future__ import annotations
 from unhype.errors import UnHypeError
 
 BASELINES = ("negative_prompt", "uce", "esd_x", "esd_u", "spm")
+# the baselines that train (minutes on the toy, hours on SD): {name: the layers they train}
+TRAINED = {"esd_x": "xattn", "esd_u": "non_xattn", "spm": "all"}
 UCE_TEMPLATES = ("{}", "a {}", "a picture of a {}", "a photo of a {}")
 UCE_PRESERVE_SCALE = 10.0
+
+
+def training_settings(name: str, steps: int = 300, seed: int = 0):
+    """The `esd.StaticSettings` a trained baseline (one of TRAINED) is trained with."""
+    from unhype.baselines.esd import StaticSettings
+
+    if name == "spm":
+        return StaticSettings(steps=steps, seed=seed, rank=1, anchor_weight=1.0)
+    if name in TRAINED:
+        return StaticSettings(steps=steps, seed=seed)
+    raise UnHypeError(f"{name} is not a trained baseline; trained: {', '.join(TRAINED)}")
 
 
 def build(name: str, generator, backend, erased: list[str], ps, steps: int = 300, seed: int = 0,
@@ -28,9 +41,8 @@ def build(name: str, generator, backend, erased: list[str], ps, steps: int = 300
         # changed retained prompts' keys/values more than the erased ones' (measured proxy)
         return uce(generator, erased, preserve, UCE_TEMPLATES, preserve_scale=UCE_PRESERVE_SCALE)
     if name in ("esd_x", "esd_u"):
-        settings = esd_mod.StaticSettings(steps=steps, seed=seed)
-        return esd_mod.esd(backend, erased, name[-1], settings, progress)
+        return esd_mod.esd(backend, erased, name[-1], training_settings(name, steps, seed),
+                           progress)
     if name == "spm":
-        settings = esd_mod.StaticSettings(steps=steps, seed=seed, rank=1, anchor_weight=1.0)
-        return esd_mod.spm(backend, erased, settings, progress)
+        return esd_mod.spm(backend, erased, training_settings(name, steps, seed), progress)
     raise UnHypeError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")

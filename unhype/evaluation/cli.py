@@ -10,7 +10,9 @@ hypernetwork files and baselines on the toy model or a Stable Diffusion model.
 Writes results.json, results.md and one image grid per method to --out. Each row is saved to
 --out/rows/ as it finishes (unhype.evaluation.rows): Ctrl-C writes the report of the finished rows
 and exits 130, and the same command again computes only the missing rows (a row whose settings
-changed is recomputed; --force recomputes all).
+changed is recomputed; --force recomputes all). ESD-x/u and SPM are saved to --out/trained/ as
+soon as their training ends (unhype.evaluation.trained): a rerun, or a run that changes only how
+they are evaluated, loads them instead of training again (an interrupted training starts over).
 
 `accelerate launch -m unhype eval ...` (or torchrun) shares the image generation between the
 processes (whole seeded batches each, so the images and the numbers are those of one process);
@@ -69,6 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("--baselines", default="", help="comma-separated: negative_prompt, uce, "
                    "esd_x, esd_u, spm")
     p.add_argument("--baseline_steps", type=int, default=300, help="training steps of esd_x/u, spm")
+    p.add_argument("--baseline_seed", type=int, default=None, help="training seed of esd_x/u, "
+                   "spm (default: --seed); fix it to compare eval seeds without training again")
     p.add_argument("--no_base", action="store_true", help="skip the base model row")
     p.add_argument("--nudenet", action="store_true", help="count NudeNet exposed-part "
                    "detections at 0.6 (needs the nudenet package)")
@@ -93,9 +97,11 @@ def register(subparsers) -> None:
                    "brings them to the device for its own encoding (FLUX's T5-XXL: 8.9 GiB)")
     p.add_argument("--out", default="eval_out", help="output folder; each finished row is "
                    "kept in its rows/ folder, so a rerun with the same --out and settings "
-                   "computes only the rows still missing")
-    p.add_argument("--force", action="store_true", help="recompute every row, even those a "
-                   "previous run with the same settings finished in --out")
+                   "computes only the rows still missing, and each trained baseline in its "
+                   "trained/ folder, so it is not trained again")
+    p.add_argument("--force", action="store_true", help="recompute every row and train every "
+                   "baseline again, even those a previous run with the same settings finished "
+                   "in --out")
     p.set_defaults(func=run)
 
 
@@ -109,6 +115,7 @@ def run(args) -> int:
     from unhype.evaluation import extras as extras_mod
     from unhype.evaluation.harness import EvalInterrupted, evaluate
     from unhype.evaluation.rows import BASE_SLOT, RowStore
+    from unhype.evaluation.trained import TrainedStore
     from unhype.evaluation.prompts import load_prompt_set, parse_generality
     from unhype.evaluation.report import columns_for, table, write_report
     from unhype.evaluation.zero_shot import load_classifier
@@ -192,8 +199,9 @@ def run(args) -> int:
         except UnHypeError as exc:
             notes.append(f"CLIP score not measured: {exc}")
     store = RowStore(args.out, write=dist.is_main)
+    trained = TrainedStore(args.out, write=dist.is_main)
     slots = plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
-                      backend, generator, dist)
+                      backend, generator, dist, trained)
     if not slots:
         raise UnHypeError("no method to evaluate (give --hypernet or --baselines, or drop --no_base)")
     reference = reuse_rows(args, slots, store, dist, notes)
@@ -220,19 +228,25 @@ def run(args) -> int:
         if not dist.is_main:
             return EXIT_INTERRUPTED
         result = {**stop.result, "missing": stop.missing}
+        notes += trained_notes(trained, args.out)
+        kept = [n for n in trained.saved + trained.loaded if baseline_label(n) in stop.missing]
         notes.append(f"interrupted: no row for {', '.join(stop.missing)}; the same command "
-                     "computes only those (the finished rows are reused)")
+                     "computes only those (the finished rows are reused)"
+                     + (f"; the trained weights of {', '.join(kept)} are kept in "
+                        f"{trained.dir}, so it does not train them again" if kept else ""))
         paths = write_report(result, args.out, settings_of(args), notes)
         if result["methods"]:
             print(table(result["methods"], columns_for(generality),
                         reference=None if args.no_base else "base model"))
         print(f"\nunhype eval: interrupted; wrote {paths['json']} and {paths['md']} with the "
               f"{len(result['methods'])} finished row(s); missing: {', '.join(stop.missing)}. "
-              f"Rerun the same command (--out {args.out}) to compute only those",
-              file=sys.stderr)
+              f"Rerun the same command (--out {args.out}) to compute only those"
+              + (f" (trained weights kept, not trained again: {', '.join(kept)})"
+                 if kept else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     if not dist.is_main:
         return 0
+    notes += trained_notes(trained, args.out)
     paths = write_report(result, args.out, settings_of(args), notes)
     print(table(result["methods"], columns_for(generality),
                 reference=None if args.no_base else "base model"))
@@ -252,15 +266,19 @@ def settings_of(args) -> dict:
 
 
 def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model, backend,
-              generator, dist) -> list:
+              generator, dist, trained) -> list:
     """One `rows.Slot` per row, in report order: base model, hypernetworks, baselines. Each is
-    built only when its row is due (a baseline trains then), and not at all when reused."""
+    built only when its row is due, and not at all when reused. A trained baseline is loaded
+    from `trained` (an `evaluation.trained.TrainedStore`) when stored with its training key, else
+    trained then and stored at once; its row's key holds that training key."""
     import hashlib
     from pathlib import Path
 
+    from unhype.baselines.registry import TRAINED
     from unhype.evaluation.methods import Method, UnHypeMethod
     from unhype.evaluation.report import slug
     from unhype.evaluation.rows import BASE_SLOT, Slot, baselines_code_sha, run_key
+    from unhype.evaluation.trained import load_or_train, training_key
     from unhype.fileformat import load_hypernet
     from unhype.infotext import file_sha256
 
@@ -280,17 +298,46 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
                            "file_sha256": file_sha256(path), "strength": args.strength,
                            "gate_floor": args.gate_floor, "gate_saturate": args.gate_saturate},
                           name, make))
+    seed = args.seed if args.baseline_seed is None else args.baseline_seed
+    say = say_above_bars if dist.is_main else None
     for b in baselines:
-        def make(b=b):
+        training = training_key(args, model, b, erased, seed) if b in TRAINED else None
+
+        def make(b=b, training=training):
             from unhype.baselines.registry import build
 
-            return build(b, generator, backend, erased, ps, args.baseline_steps, args.seed,
-                         progress=dist.is_main)
+            def train():
+                return build(b, generator, backend, erased, ps, args.baseline_steps, seed,
+                             progress=dist.is_main)
 
-        slots.append(Slot(f"baseline_{b}", {**key, "method": b, "steps": args.baseline_steps,
-                                            "recipe": baselines_code_sha()},
-                          f"{b} (baseline)", make))
+            if training is None:  # UCE (closed form), negative prompt: nothing to keep
+                return train()
+            return load_or_train(trained, b, training, train, backend.unet, args.force, say)
+
+        slots.append(Slot(f"baseline_{b}", {**key, "method": b, "recipe": baselines_code_sha(),
+                                            "training": training},
+                          baseline_label(b), make))
     return slots
+
+
+def say_above_bars(message: str) -> None:
+    """A line on stderr that leaves the progress bars whole."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def baseline_label(name: str) -> str:
+    """A baseline's row until it is built (then its method's name)."""
+    return f"{name} (baseline)"
+
+
+def trained_notes(trained, out) -> list[str]:
+    """The report's word on the baselines loaded instead of trained (unhype.evaluation.trained)."""
+    if not trained.loaded:
+        return []
+    return [f"not trained again: {', '.join(trained.loaded)} (weights trained by an earlier run "
+            f"into {out} with the same training settings, loaded from {trained.dir})"]
 
 
 def reuse_rows(args, slots, store, dist, notes):

@@ -6,8 +6,8 @@ model's other-class images, which every later row is compared with (`change_s` /
 to `rows/base_others.safetensors`. A rerun with the same --out reuses a row only when its stored
 key equals the new one, field for field; a row whose settings differ is recomputed and
 overwritten, never mixed in. A `Slot` is one planned row: its file name, key, the display name
-when known before the method is built, and how to build it (a baseline trains only when its row
-is due).
+when known before the method is built, and how to build it (a baseline trains, or loads the
+weights an earlier run trained, unhype.evaluation.trained, only when its row is due).
 """
 
 from __future__ import annotations
@@ -171,14 +171,10 @@ class RowStore:
             return None
 
 
-def run_key(args, model: str, ps, erased: list[str], generality, classifier) -> dict:
-    """What determines every row of an `unhype eval` run (the method adds its own part): the
-    model and its options, the prompt sets, seeds and counts, the classifier and the extra
-    measurements, and the evaluation code. Not in it: --out, --keep_images, --hypernet and
-    --baselines (each row's own), the number of processes (their numbers are one process's)."""
+def model_key(args, model: str) -> dict:
+    """The model a run samples with (and a baseline trains on) and the options that change its
+    numbers: its identity, config, prediction type, precision and storage, the device type."""
     import torch
-
-    import unhype
 
     if model == "toy":
         from unhype.toy.model import weights_dir
@@ -189,11 +185,22 @@ def run_key(args, model: str, ps, erased: list[str], generality, classifier) -> 
     return {
         "model": model_id, "model_config": args.model_config,
         "v_parameterization": args.v_parameterization,
-        "zero_terminal_snr": args.zero_terminal_snr, "steps": args.steps,
-        "guidance": args.guidance, "mixed_precision": args.mixed_precision,
+        "zero_terminal_snr": args.zero_terminal_snr, "mixed_precision": args.mixed_precision,
         "fp8_base": args.fp8_base, "nf4_base": args.nf4_base,
         "cache_text_encoder_outputs": args.cache_text_encoder_outputs,
         "device": torch.device(args.device).type,
+    }
+
+
+def run_key(args, model: str, ps, erased: list[str], generality, classifier) -> dict:
+    """What determines every row of an `unhype eval` run (the method adds its own part): the
+    model and its options, the prompt sets, seeds and counts, the classifier and the extra
+    measurements, and the evaluation code. Not in it: --out, --keep_images, --hypernet and
+    --baselines (each row's own), the number of processes (their numbers are one process's)."""
+    import unhype
+
+    return {
+        **model_key(args, model), "steps": args.steps, "guidance": args.guidance,
         "prompt_set": {"name": Path(ps.path).name, "sha256": file_sha256(ps.path)[:16]},
         "erased": list(erased), "per_class": args.per_class, "generality": list(generality),
         "seed": args.seed, "batch_size": args.batch_size,

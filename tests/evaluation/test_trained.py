@@ -1,0 +1,161 @@
+"""A trained baseline (ESD-x/u, SPM) is kept in out/trained/ as soon as its training ends: a Ctrl-C
+during its images, or a run that changes only how it is evaluated, does not train it again; a
+damaged or mismatched file is refused and the baseline trained again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import unhype.baselines.esd as esd
+import unhype.evaluation.harness as harness
+from unhype.cli import main
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """The settings of every static-LoRA training run (ESD-x/u, SPM)."""
+    runs = []
+    real = esd.train_static_lora
+
+    def train(backend, concepts, dims, s, *a, **k):
+        runs.append((s.rank, s.steps, s.seed))
+        return real(backend, concepts, dims, s, *a, **k)
+
+    monkeypatch.setattr(esd, "train_static_lora", train)
+    return runs
+
+
+def _args(random_toy, out, *extra, baselines="esd_x,spm"):
+    return ["eval", "--model", "toy", "--erase", "circle", "--toy_weights", str(random_toy),
+            "--baselines", baselines, "--baseline_steps", "2", "--per_class", "1",
+            "--steps", "2", "--batch_size", "8", "--classifier", "judge", "--out", str(out),
+            *extra]
+
+
+def _numbers(out):
+    data = json.loads((out / "results.json").read_text())
+    return {name: {k: v for k, v in row.items() if k != "seconds"}
+            for name, row in data["methods"].items()}
+
+
+def test_ctrl_c_during_a_baselines_images_keeps_its_training(random_toy, tmp_path, monkeypatch,
+                                                              trainings, capsys):
+    full, out = tmp_path / "full", tmp_path / "out"
+    assert main(_args(random_toy, full)) == 0
+    expected = _numbers(full)
+    assert list(expected)[2] == "SPM (gated rank-1)" and len(trainings) == 2
+    trainings.clear()
+
+    real_generate = harness.generate
+
+    def ctrl_c_on_spm(generator, method, *a, **k):  # SPM trained, its images under way
+        if isinstance(method, esd.SPMMethod):
+            raise KeyboardInterrupt
+        return real_generate(generator, method, *a, **k)
+
+    monkeypatch.setattr(harness, "generate", ctrl_c_on_spm)
+    capsys.readouterr()
+    assert main(_args(random_toy, out)) == 130
+    err = capsys.readouterr().err
+    assert len(trainings) == 2  # both trained in this run
+    assert sorted(p.name for p in (out / "trained").iterdir()) == ["esd_x.safetensors",
+                                                                  "spm.safetensors"]
+    assert "missing: spm (baseline)" in err and "not trained again: spm" in err
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["missing"] == ["spm (baseline)"]
+    assert "trained weights of spm are kept" in (out / "results.md").read_text()
+
+    monkeypatch.setattr(harness, "generate", real_generate)
+    trainings.clear()
+    assert main(_args(random_toy, out)) == 0
+    err = capsys.readouterr().err
+    assert trainings == []  # SPM loaded, not trained; ESD-x's row reused
+    assert "spm: loaded its trained weights" in err
+    assert _numbers(out) == expected  # the very numbers of the uninterrupted run
+    assert "not trained again: spm" in (out / "results.md").read_text()
+
+    assert main(_args(random_toy, out, "--force")) == 0  # --force trains everything again
+    assert len(trainings) == 2 and "loaded its trained weights" not in capsys.readouterr().err
+    assert _numbers(out) == expected
+
+
+def test_only_training_settings_train_again(random_toy, tmp_path, trainings, capsys):
+    out = tmp_path / "out"
+    args = lambda *extra: _args(random_toy, out, *extra, baselines="esd_x")  # noqa: E731
+    assert main(args()) == 0 and trainings == [(4, 2, 1234)]
+    trainings.clear()
+    capsys.readouterr()
+    # evaluation settings only: the row is made again, with the stored weights
+    assert main(args("--per_class", "2")) == 0
+    err = capsys.readouterr().err
+    assert "recomputing esd_x (baseline): its settings changed (per_class)" in err
+    assert "esd_x: loaded its trained weights" in err and trainings == []
+    # the eval seed is the training seed unless --baseline_seed fixes it
+    assert main(args("--seed", "7", "--baseline_seed", "1234")) == 0
+    assert trainings == [] and "loaded its trained weights" in capsys.readouterr().err
+    assert main(args("--seed", "7")) == 0
+    assert trainings == [(4, 2, 7)]
+    assert "trained with other settings (settings.seed)" in capsys.readouterr().err
+    trainings.clear()
+    assert main(args("--seed", "7", "--baseline_steps", "3")) == 0
+    assert trainings == [(4, 3, 7)]
+    assert "trained with other settings (settings.steps)" in capsys.readouterr().err
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return {k: v.tolist() for k, v in load_file(str(path)).items()}
+
+
+def test_a_damaged_trained_file_is_refused_and_trained_again(random_toy, tmp_path, trainings,
+                                                               capsys):
+    out = tmp_path / "out"
+    args = _args(random_toy, out, baselines="esd_x")
+    assert main(args) == 0
+    expected = _numbers(out)
+    path, row = out / "trained" / "esd_x.safetensors", out / "rows" / "baseline_esd_x.json"
+    good = path.read_bytes()
+    (out / "good.safetensors").write_bytes(good)
+    trainings.clear()
+
+    def rerun():
+        row.unlink()  # the row must be made again, so its weights are wanted
+        capsys.readouterr()
+        assert main(args) == 0
+        assert _numbers(out) == expected
+        return capsys.readouterr().err
+
+    damaged = bytearray(good)
+    damaged[-3] ^= 0xFF  # one weight's bits
+    path.write_bytes(bytes(damaged))
+    err = rerun()
+    assert "training esd_x again" in err and "do not match their SHA-256" in err
+    assert len(trainings) == 1 and _tensors(path) == _tensors(out / "good.safetensors")
+    path.write_bytes(good[:100])  # cut short
+    assert "cannot be read" in rerun() and len(trainings) == 2
+    meta_flip = good.replace(b'"kind":"static"', b'"kind":"spm"   ')  # same size, other method
+    assert meta_flip != good
+    path.write_bytes(meta_flip)
+    err = rerun()
+    assert "do not match their SHA-256" in err and len(trainings) == 3
+    assert "loaded its trained weights" in rerun() and len(trainings) == 3  # intact again
+
+
+def test_stored_factors_must_fit_the_model(random_toy, toy_backend):
+    from unhype.baselines.esd import StaticSettings, esd as train_esd
+    from unhype.baselines.saved import from_tensors, to_tensors
+
+    method = train_esd(toy_backend, ["circle"], "x", StaticSettings(steps=1))
+    tensors, meta = to_tensors(method)
+    again = from_tensors(tensors, meta, method.dims)
+    assert again.name == method.name and again.settings() == method.settings()
+    assert all((a == b).all() for a, b in zip(again.bank.parameters(), method.bank.parameters()))
+    fewer = dict(list(method.dims.items())[1:])
+    with pytest.raises(ValueError, match="layers"):
+        from_tensors(tensors, meta, fewer)
+    wider = {k: (i + 1, o) for k, (i, o) in method.dims.items()}
+    with pytest.raises(ValueError, match="this model needs"):
+        from_tensors(tensors, meta, wider)
