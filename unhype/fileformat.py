@@ -376,7 +376,8 @@ def save_with_training(loaded: LoadedHypernet, path, tool: str = "", **training)
     metadata, _ = read_header(loaded.path)
     state = safetensors_load(loaded.path.read_bytes())
     old = loaded.meta.training
-    changed = {k: [old.get(k), v] for k, v in training.items() if old.get(k) != v}
+    changed = {k: [_on_record(k, old.get(k)), _on_record(k, v)]
+               for k, v in training.items() if old.get(k) != v}
     history = list(loaded.meta.history)
     if changed:
         history.append({"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -385,6 +386,16 @@ def save_with_training(loaded: LoadedHypernet, path, tool: str = "", **training)
                 "unhype.history": json.dumps(history, allow_nan=False)}
     atomic_save_safetensors(state, path, metadata)
     return Path(path)
+
+
+def _on_record(key: str, value):
+    """A training value as the history keeps it: concept signatures (thousands of numbers) by
+    the concepts they are for."""
+    from unhype.concept_signatures import KEY
+
+    if key == KEY and isinstance(value, dict):
+        return f"signatures of {', '.join(map(str, value))}"
+    return value
 
 
 def check_targets_in_model(loaded: LoadedHypernet, model, host: str = "diffusers"):

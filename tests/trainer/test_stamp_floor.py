@@ -218,7 +218,10 @@ def test_the_trainer_and_stamp_store_each_concepts_signature(tiny_sd1, tmp_path,
     new = tmp_path / "new.safetensors"
     assert main(["stamp-floor", str(old), "-o", str(new), "--text_encoder", str(tiny_sd1),
                  "--force"]) == 0
-    t_new = load_hypernet(new).meta.training
+    stamped = load_hypernet(new)
+    t_new = stamped.meta.training
+    [change] = stamped.meta.history  # the signatures on record by name, not by their numbers
+    assert change["changed"][KEY] == [None, "signatures of dog, sailboat"]
     assert t_new["concept_references"] == pytest.approx(
         loaded.meta.training["concept_references"], rel=1e-5)
     for target, values in stored.items():
