@@ -38,6 +38,13 @@ def signatures(references):
     return ConceptSignatures([f"c{k}" for k in range(len(references))], f, list(references))
 
 
+def _cosine(f):
+    from unhype.hypernet import update_gram
+
+    g = update_gram(f, f)
+    return g[0, 1] / (g[0, 0] * g[1, 1]).sqrt()
+
+
 def norms_of(factors):
     return [float(v) for v in delta_norm(factors)]
 
@@ -49,8 +56,18 @@ def scaled(seed, norm):
 
 def test_nearest_names_each_concept_by_direction_and_none_for_others():
     sig = signatures([1.0, 4.0])
+    assert abs(float(_cosine(sig.factors))) < 0.3  # the two concepts point apart
     f = factors_of([(0, 0.3), (1, 2.0), (7, 1.0), (0, 0.0)])
     assert sig.nearest(f).tolist() == [0, 1, -1, -1]  # seed 7 points no concept's way
+    # halfway between two concepts (cosine ~0.7 with each): no clear concept
+    from unhype.prompt_windows import stack_rows
+
+    halves = factors_of([(0, scaled(0, 1.0)), (1, scaled(1, 1.0))])
+    between = stack_rows(halves, [[0, 1]])
+    assert sig.nearest(between).tolist() == [-1]
+    # ... which saturation raises to the smallest reference, as files without signatures do
+    assert norms_of(apply_floor(between, 1.0, 0.03, saturate=True, signatures=sig)) == \
+        pytest.approx(norms_of(apply_floor(between, 1.0, 0.03, saturate=True)), rel=1e-6)
 
 
 def test_saturation_raises_a_prompt_to_its_own_concepts_reference():

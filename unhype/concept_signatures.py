@@ -6,7 +6,8 @@ of two concepts mostly apart (0.04-0.6; triangle / crescent 0.9). The trainer st
 concept, the mean pooled embedding of its own training prompts (training["concept_embeddings"]:
 {target: [D numbers]}); the file's own network turns them into each concept's update once, and a
 prompt is that concept whose update points most its way (the Frobenius cosine over all layers,
-unhype.hypernet.update_gram), if it does by at least MIN_COSINE. Two uses:
+unhype.hypernet.update_gram), if it does clearly: a cosine of at least MIN_COSINE (0.8), MARGIN
+(0.05) above the next concept's. A prompt of no clear concept keeps the old behaviour. Two uses:
 
 * saturation (unhype.gate_floor) raises a prompt to its own concept's reference
   (training["concept_references"]), not to the smallest over the concepts;
@@ -28,7 +29,12 @@ from torch import Tensor
 from unhype.errors import UnHypeError
 from unhype.hypernet import LoraFactors, update_gram, update_size_sq
 
-MIN_COSINE = 0.5  # below this a prompt's update is no concept's in particular (probe's value)
+# a prompt is named a concept only when its update points clearly that way: prompts of a concept
+# score 0.89-0.99 with it on the five-concept toy file, while a long tag window naming a circle
+# scored 0.41-0.57 with every concept (saturating it to the largest reference would multiply an
+# update of no clear direction by 9)
+MIN_COSINE = 0.8
+MARGIN = 0.05     # ... and more than the next concept (triangle / crescent point 0.9 alike)
 KEY = "concept_embeddings"
 
 
@@ -88,15 +94,18 @@ class ConceptSignatures:
         return cls(targets, factors, [references.get(t) for t in targets])
 
     def nearest(self, factors: LoraFactors) -> Tensor:
-        """[N] index of each row's concept (-1: no update, or no concept's direction within
-        MIN_COSINE); ties go to the concept listed first."""
+        """[N] index of each row's concept: the largest cosine, if at least MIN_COSINE and
+        MARGIN above the next concept's (-1: no update, or no clear concept)."""
         if not self.targets:
             return torch.full((next(iter(factors.values()))[0].shape[0],), -1)
         g = update_gram(factors, self.factors)
         denom = _norms(factors)[:, None] * _norms(self.factors).to(g.device)[None, :]
         cos = torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
-        best, index = cos.max(dim=1)
-        return torch.where(best >= MIN_COSINE, index, torch.full_like(index, -1)).cpu()
+        top = cos.topk(min(2, cos.shape[1]), dim=1)
+        best, index = top.values[:, 0], top.indices[:, 0]
+        second = top.values[:, 1] if cos.shape[1] > 1 else torch.full_like(best, -1.0)
+        clear = (best >= MIN_COSINE) & (best - second >= MARGIN)
+        return torch.where(clear, index, torch.full_like(index, -1)).cpu()
 
     def saturation_targets(self, index: Tensor, fallback: float) -> Tensor:
         """[N] the reference each row is raised to: its concept's own, else `fallback`."""
