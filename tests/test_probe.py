@@ -140,3 +140,22 @@ def test_a_malformed_concept_reference_falls_back_to_the_gate_reference(plain, t
     (blue,) = probe(loaded, embed, ["a blue circle"], ["circle", "square"])
     assert [c.relative for c in blue.concepts] == pytest.approx([0.85, 0.85])
     assert [c.reference for c in blue.concepts] == pytest.approx([SCALE, SCALE])
+
+
+def test_concepts_are_measured_by_the_files_stored_signatures(tmp_path):
+    """A file with concept signatures (training["concept_embeddings"], what the hosts name
+    concepts by) is probed against them, not against the concept words' own updates."""
+    def wide(texts):  # SD1's 768-d embeddings, of which `two_way` reads the first two
+        return torch.nn.functional.pad(embed(texts), (0, 766))
+
+    stored = {"circle": [1.0, 0.2] + [0.0] * 766, "square": [0.0, 1.0] + [0.0] * 766}
+    path = tmp_path / "two.safetensors"
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "circle"}, {"target": "square"}],
+                  training={"mode": "direct", "concept_embeddings": stored})
+    loaded = replace(load_hypernet(path), hypernet=two_way)
+    [blue] = probe(loaded, wide, ["a blue circle"], ["circle", "square"])
+    # (0.85, 0) against the stored (1.0, 0.2): cosine 1 / sqrt(1.04); against the word's
+    # (2, 0) it would be 1
+    assert blue.nearest.concept == "circle"
+    assert blue.nearest.cosine == pytest.approx(1.04 ** -0.5)

@@ -127,11 +127,15 @@ def probe_embedding(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str
     readings [M, D] stay those readings), against the file's concept texts encoded with
     `embed` (list[str] -> [N, D]); without `embed` no concept is measured, only the share of
     the file's gate_reference."""
-    from unhype.probe import concept_texts, probe_readings
+    from unhype.probe import concept_texts, probe_readings, stored_signatures
 
     concepts = concept_texts(loaded.meta) if embed is not None else []
     own = embedding.reshape(-1, embedding.shape[-1]).float()
-    others = embed(concepts).float() if concepts else own.new_zeros(0, own.shape[1])
+    stored = stored_signatures(loaded)
+    fresh = [c for c in concepts if c not in stored]
+    made = iter(embed(fresh).float().to(own.device) if fresh else [])
+    others = torch.stack([stored[c].to(own) if c in stored else next(made) for c in concepts]) \
+        if concepts else own.new_zeros(0, own.shape[1])
     return probe_readings(loaded, own, [0] * len(own), [prompt or ""], others, concepts)[0]
 
 

@@ -88,7 +88,8 @@ class ConceptSignatures:
         if not embeddings:
             return None
         targets = list(embeddings)
-        device = next(hypernet.parameters()).device
+        params = next(iter(getattr(hypernet, "parameters", lambda: [])()), None)
+        device = params.device if params is not None else "cpu"
         with torch.no_grad():
             factors = hypernet(torch.stack([embeddings[t] for t in targets]).to(device))
         return cls(targets, factors, [references.get(t) for t in targets])

@@ -15,7 +15,10 @@ formed):
   the concepts' training prompts: the scale the floor and saturation use); a file without
   either (trained before they existed, no floor) is measured against each concept text's own
   update, as before;
-* per concept, ``cosine`` = direction agreement of the two (unfloored) updates. The nearest
+* per concept, ``cosine`` = direction agreement of the two (unfloored) updates; a concept's
+  update is that of its stored signature (the mean embedding of its training prompts,
+  unhype.concept_signatures: what the hosts name concepts by) where the file has one, else
+  that of the concept text. The nearest
   concept is the one of largest cosine. A prompt naming several concepts ("a circle and a
   square") points between them, so every concept whose cosine is the largest, or within
   COSINE_MARGIN (0.05) of it and above MIN_COSINE (0.5), is a candidate; a candidate fires when
@@ -222,9 +225,25 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
         for text in [prompt] + (prompt_windows(prompt) if windows else []):
             texts.append(text)
             owner.append(i)
-    emb = embed(texts + list(concepts)).float()
-    return probe_readings(source, emb[:len(texts)], owner, prompts, emb[len(texts):], concepts,
+    stored = stored_signatures(source)  # the concepts as the hosts name them, where stored
+    emb = embed(texts + [c for c in concepts if c not in stored]).float()
+    rest = iter(emb[len(texts):])
+    concept_emb = torch.stack([stored[c].to(emb) if c in stored else next(rest)
+                               for c in concepts]) if concepts else emb[:0]
+    return probe_readings(source, emb[:len(texts)], owner, prompts, concept_emb, concepts,
                           threshold, per_layer)
+
+
+def stored_signatures(source) -> dict:
+    """{target: embedding} of a file's concept signatures (unhype.concept_signatures: the mean
+    embedding of the concept's training prompts, what the hosts name concepts by); {} for a
+    bare network or a file without them."""
+    from unhype.concept_signatures import read_embeddings
+
+    meta = getattr(source, "meta", None)
+    if meta is None or getattr(source, "signatures", None) is None:
+        return {}
+    return read_embeddings(meta.training, meta.config.embed_dim)
 
 
 @torch.no_grad()
