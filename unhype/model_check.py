@@ -71,8 +71,7 @@ RELATIVES = (("FLUX.2", ("double_stream_modulation_img.",)),
              ("HunyuanVideo", ("txt_in.individual_token_refiner.", "txt_in.input_embedder.",
                                "context_embedder.token_refiner.", "double_blocks.0.img_attn_qkv.")),
              ("SD3", ("joint_blocks.",)))
-FLUX_BFL = {"double_blocks.0.img_attn.qkv.weight", "vector_in.in_layer.weight",
-            "time_in.in_layer.weight"}
+FLUX_BFL = {"double_blocks.0.img_attn.qkv.weight", "vector_in.in_layer.weight"}
 FLUX_DIFFUSERS = {"x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
                   "single_transformer_blocks.0.proj_out.weight"}
 FLUX_LIKE = "transformer with FLUX-style blocks but no FLUX.1 pooled CLIP-L input (vector_in)"
