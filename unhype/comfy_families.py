@@ -54,3 +54,17 @@ def family_problem(name: str | None, file_name: str, file_family: str) -> str | 
     return (f"UnHype: {file_name} was trained for {file_family} but the model is {family}; "
             "load a hypernetwork for this model family")
 
+
+def clip_problem(width: int | None, loaded, node: str) -> str | None:
+    """Why a CLIP whose pooled vectors are `width`-d (None: it gives none) cannot embed prompts
+    for hypernetwork `loaded` in node `node`; None when it can. A width other than the file's
+    embedding is another model family's text encoder (SD1's CLIP-L and FLUX's are both 768-d:
+    the width cannot tell those apart)."""
+    meta = loaded.meta
+    source = meta.embedding.get("source", "?")
+    if width == meta.config.embed_dim:
+        return None
+    what = "gives no pooled output" if width is None else f"gives {width}-d pooled vectors"
+    return (f"{node}: this CLIP {what}, but {loaded.path.name} reads {source} "
+            f"({meta.config.embed_dim}-d): it is another model family's CLIP; connect the text "
+            f"encoder of the {meta.family} model the file is for")

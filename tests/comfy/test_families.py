@@ -1,9 +1,11 @@
 """Which UnHype family every model config class of this ComfyUI (comfy.supported_models.models)
-is, and what Apply says for the classes it refuses."""
+is, and what Apply says for the classes it refuses; Bake LoRA and Inspect name themselves and
+the wrong CLIP in their errors."""
 
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 # the exact text-to-image classes of the supported families; every other class is None
 FAMILIES = {"SD15": "sd1", "SD15_instructpix2pix": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2",
@@ -57,3 +59,59 @@ def test_apply_refuses_other_models_by_name(pack, name, family, needle):
         pytest.skip(f"this ComfyUI has no {name}")
     with pytest.raises(UnHypeError, match=needle):
         pack.nodes.glue.check_model(patcher(cls), hyper(family))
+
+
+def test_bake_lora_names_itself_in_conditioning_errors(pack, loaded):
+    from unhype.errors import UnHypeError
+
+    bake = pack.nodes.definitions.UnHypeBakeLoRA().bake
+    no_pooled = [[torch.zeros(1, 77, 768), {}]]
+    with pytest.raises(UnHypeError, match="^UnHype Bake LoRA: conditioning entry 0 has no "
+                                          "'pooled_output'"):
+        bake(loaded, no_pooled, "x", 1.0, True)
+    wide = [[torch.zeros(1, 77, 4096), {"pooled_output": torch.zeros(1, 2048)}]]
+    with pytest.raises(UnHypeError, match="^UnHype Bake LoRA: conditioning entry 0 has a "
+                                          "2048-d pooled_output"):
+        bake(loaded, wide, "x", 1.0, True)
+
+
+def sdxl_file(tmp_path):
+    """An sdxl file (the full SDXL targets at rank 1, tiny heads: small on disk)."""
+    from unhype.families import get_family
+    from unhype.fileformat import load_hypernet, save_hypernet
+    from unhype.hypernet import HyperNetConfig, build_hypernet
+
+    fam = get_family("sdxl")
+    net = build_hypernet(HyperNetConfig(variant="shared", embed_dim=fam.embedding.dim, rank=1,
+                                        targets=[t.as_dict() for t in fam.targets()], hidden=8,
+                                        head_hidden=4))
+    return load_hypernet(save_hypernet(tmp_path / "xl.safetensors", net.eval(), "sdxl", concepts=[
+        {"target": "a photo of a cat", "anchor": "a photo", "synonyms": []}]))
+
+
+def test_inspect_and_bake_say_the_clip_is_another_familys(pack, tiny_parts, tmp_path):
+    """The tiny SD1 CLIP (768-d pooled) with an sdxl file (1280-d), and a CLIP without a pooled
+    output (T5 only, as Chroma's, AuraFlow's, Wan's)."""
+    from unhype.errors import UnHypeError
+
+    defs = pack.nodes.definitions
+    xl = sdxl_file(tmp_path)
+    needle = ("UnHype Inspect: this CLIP gives 768-d pooled vectors, but xl.safetensors reads "
+              "clip_g_pooled_projected .1280-d.: it is another model family's CLIP")
+    with pytest.raises(UnHypeError, match=needle):
+        defs.UnHypeInspect().inspect(xl, tiny_parts["clip"], "a photo of a cat")
+    cond = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    with pytest.raises(UnHypeError, match="UnHype Bake LoRA: this CLIP gives 768-d"):
+        defs.UnHypeBakeLoRA().bake(xl, cond, "x", 1.0, True, "a photo of a cat",
+                                   clip=tiny_parts["clip"])
+
+    class T5Only:  # ComfyUI's CLIP answers for a T5-only text encoder: no pooled output
+        def tokenize(self, text):
+            return {"t5xxl": [[(1, 1.0)] * 3]}
+
+        def encode_from_tokens(self, tokens, return_pooled=False):
+            return torch.zeros(1, 3, 4096), None
+
+    with pytest.raises(UnHypeError, match="UnHype Inspect: this CLIP gives no pooled output, "
+                                          "but xl.safetensors reads"):
+        defs.UnHypeInspect().inspect(xl, T5Only(), "a photo of a cat")
