@@ -104,7 +104,8 @@ def check_flux_file(path: Path) -> None:
 
         raise UnHypeError(f"{path}: {unsupported_checkpoint(path)}; {FLUX_ONLY}: not "
                           "supported")
-    pairs = (("img_in.weight", "final_layer.linear.weight"), ("x_embedder.weight", "proj_out.weight"))
+    pairs = (("img_in.weight", "final_layer.linear.weight"),  # BFL names
+             ("x_embedder.weight", "proj_out.weight"))  # diffusers names
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = {k.removeprefix("model.diffusion_model."): k for k in f.keys()}
