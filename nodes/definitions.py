@@ -14,6 +14,7 @@ from unhype.bake import (FORMATS as BAKE_FORMATS, NO_OP_NOTE, bake_lora, bake_re
                          probe_embedding, prompt_claim, save_lora, update_norm, weak_note)
 from unhype.comfy_apply import (EMBEDDING_KEY, WINDOWS_KEY, build_plan, long_prompt_note,
                                 pooled_rows, rows_under_floor, window_rows)
+from unhype.comfy_families import clip_problem
 from unhype.errors import UnHypeError
 from unhype.probe import ROW_HEADERS, ROW_NOTE, concept_texts, probe
 from unhype.prompt_windows import prompt_windows
@@ -197,7 +198,7 @@ class UnHypeBakeLoRA:
     def bake(self, unhype, conditioning, filename, strength, overwrite, prompt_note="",
              format="kohya", clip=None):  # noqa: A002  (ComfyUI passes inputs by name)
         rows = pooled_rows(conditioning, unhype.meta.config.embed_dim,
-                           unhype.meta.embedding.get("source", "?"))
+                           unhype.meta.embedding.get("source", "?"), "UnHype Bake LoRA")
         windows, _ = window_rows(conditioning[:1], rows[:1])  # from UnHype Text Encode
         # the readings of the prompt and its windows whose updates Apply gives this row
         pooled = bake_readings(unhype, torch.cat([rows[0][:1].float()] + windows[:1]))
@@ -214,7 +215,8 @@ class UnHypeBakeLoRA:
                               "'overwrite'")
         bar = _progress(2)
         embed = None if clip is None else \
-            (lambda texts: torch.cat([_encode_pooled(clip, t) for t in texts]))
+            (lambda texts: torch.cat([_encode_pooled(clip, t, unhype, "UnHype Bake LoRA")
+                                      for t in texts]))
         # what the LoRA does for this row's prompt (the concepts need the CLIP)
         probed = probe_embedding(unhype, pooled, prompt_note, embed)
         tensors, metadata = bake_lora(unhype, pooled, prompt_note, strength,
@@ -270,7 +272,7 @@ class UnHypeInspect:
             def embed(batch):
                 out = []
                 for text in batch:
-                    out.append(_encode_pooled(clip, text))
+                    out.append(_encode_pooled(clip, text, unhype, "UnHype Inspect"))
                     _step(bar)
                 return torch.cat(out)
 
@@ -384,17 +386,22 @@ class UnHypeAlsoReadText:
 UNPOOLED_STREAMS = ("t5xxl",)
 
 
-def _encode_pooled(clip, text: str) -> torch.Tensor:
-    """[1, D] embedding UnHype reads for `text` (SD 2.x: not ComfyUI's pooled_output)."""
+def _encode_pooled(clip, text: str, loaded=None, node: str = "UnHype") -> torch.Tensor:
+    """[1, D] embedding UnHype reads for `text` (SD 2.x: not ComfyUI's pooled_output); with
+    hypernetwork `loaded`, refused when `clip` is another family's."""
     if glue.is_sd2_clip(clip):
-        return glue.sd2_embedding(clip, text)
-    tokens = clip.tokenize(text)
-    if isinstance(tokens, dict) and any(k not in UNPOOLED_STREAMS for k in tokens):
-        tokens = {k: [v[0][:1]] if k in UNPOOLED_STREAMS and v and v[0] else v
-                  for k, v in tokens.items()}
-    _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    if pooled is None:
-        raise UnHypeError("UnHype: this CLIP gives no pooled output")
+        pooled = glue.sd2_embedding(clip, text)
+    else:
+        tokens = clip.tokenize(text)
+        if isinstance(tokens, dict) and any(k not in UNPOOLED_STREAMS for k in tokens):
+            tokens = {k: [v[0][:1]] if k in UNPOOLED_STREAMS and v and v[0] else v
+                      for k, v in tokens.items()}
+        _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    width = None if pooled is None else pooled.shape[-1]
+    problem = clip_problem(width, loaded, node) if loaded is not None else \
+        f"{node}: this CLIP gives no pooled output" if pooled is None else None
+    if problem:
+        raise UnHypeError(problem)
     return pooled.reshape(1, -1).float()
 
 

@@ -12,6 +12,7 @@ import os
 import folder_paths
 import torch
 
+from unhype.comfy_families import config_name, family_of, family_problem
 from unhype.comfy_apply import (ApplyPlan, UnHypeWrapper, merge_rounding_loss, merge_row,
                                 merged_delta)
 from unhype.dynamic_lora import resolve_modules
@@ -64,21 +65,9 @@ def load_cached(path: str) -> LoadedHypernet:
     return loaded
 
 
-# ComfyUI model-config class names (and their subclasses, via the MRO) -> UnHype family.
-_FAMILY_BY_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SDXLRefiner": "sdxl_refiner",
-                     "Flux": "flux", "FluxSchnell": "flux"}
-_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-
-
 def model_family(model) -> str | None:
-    """UnHype family of a ComfyUI MODEL (ModelPatcher), or None if unknown."""
-    inner = getattr(model, "model", None)
-    config = getattr(inner, "model_config", None)
-    for cls in type(config).__mro__ if config is not None else ():
-        if cls.__name__ in _FAMILY_BY_CONFIG:
-            return _FAMILY_BY_CONFIG[cls.__name__]
-    unet_config = getattr(config, "unet_config", None) or {}
-    return _FAMILY_BY_CONTEXT.get(unet_config.get("context_dim"))
+    """UnHype family of a ComfyUI MODEL (ModelPatcher), or None if unknown or unsupported."""
+    return family_of(config_name(model))
 
 
 def diffusion_model(model):
@@ -92,13 +81,9 @@ def diffusion_model(model):
 
 def check_model(model, loaded: LoadedHypernet) -> None:
     """Refuse a file for another family, and one whose targets do not all exist in the model."""
-    family = model_family(model)
-    if family is None:
-        raise UnHypeError(f"UnHype: cannot tell the family of this model; "
-                          f"{loaded.path.name} is for {loaded.meta.family}")
-    if family != loaded.meta.family:
-        raise UnHypeError(f"UnHype: {loaded.path.name} was trained for {loaded.meta.family} but "
-                          f"the model is {family}; load a hypernetwork for this model family")
+    problem = family_problem(config_name(model), loaded.path.name, loaded.meta.family)
+    if problem:
+        raise UnHypeError(problem)
 
 
 def context_width(model) -> int | None:

@@ -68,7 +68,7 @@ def test_wrong_or_broken_files_are_refused(clip_l, tmp_path, monkeypatch):
     with pytest.raises(UnHypeError, match="is an sdxl checkpoint, but this hypernetwork is for "
                                           "sd1"):
         load_embedder(get_family("sd1"), str(xl))
-    with pytest.raises(UnHypeError, match="not an SD checkpoint.*for flux.*CLIP-L"):
+    with pytest.raises(UnHypeError, match="not an SD or FLUX.1 checkpoint.*for flux.*clip_l"):
         other = tmp_path / "other.safetensors"
         atomic_save_safetensors({"x": torch.zeros(1)}, other, {})
         load_embedder(get_family("flux"), str(other))
@@ -85,3 +85,44 @@ def test_wrong_or_broken_files_are_refused(clip_l, tmp_path, monkeypatch):
     pickle.write_bytes(b"\x80\x02")
     with pytest.raises(UnHypeError, match="only .safetensors"):
         load_embedder(get_family("sd1"), str(pickle))
+
+
+FLUX_KEYS = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8),
+             "vector_in.in_layer.weight": torch.zeros(8, 768)}
+
+
+def test_flux_checkpoints_give_clip_l_or_say_they_hold_none(clip_l, tmp_path, monkeypatch):
+    """ComfyUI's all-in-one FLUX checkpoint (CheckpointSave: the Flux config's "text_encoders."
+    + FluxClipModel's clip_l SDClipModel, T5 beside it) holds CLIP-L; BFL's transformer file
+    holds none; Chroma and FLUX.2 share the blocks but are not FLUX.1."""
+    model, tensors, cache = clip_l
+    monkeypatch.setenv("UNHYPE_CACHE", str(cache))
+    comfy = tmp_path / "flux1-schnell-fp8.safetensors"
+    atomic_save_safetensors({
+        **{f"model.diffusion_model.{k}": v for k, v in FLUX_KEYS.items()},
+        **{f"text_encoders.clip_l.transformer.{k}": v for k, v in tensors.items()},
+        "text_encoders.clip_l.logit_scale": torch.tensor(4.6),
+        "text_encoders.clip_l.transformer.text_projection.weight": torch.zeros(768, 768),
+        "text_encoders.t5xxl.transformer.shared.weight": torch.zeros(8, 4)}, comfy, {})
+    got = load_embedder(get_family("flux"), str(comfy))(PROMPTS)
+    torch.testing.assert_close(got, reference(model, PROMPTS), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnHypeError, match="is a flux checkpoint, but this hypernetwork is for "
+                                          "sd1"):
+        load_embedder(get_family("sd1"), str(comfy))
+
+    bfl = tmp_path / "flux1-schnell.safetensors"
+    atomic_save_safetensors(dict(FLUX_KEYS), bfl, {})
+    with pytest.raises(UnHypeError, match="a FLUX transformer file: it holds no CLIP-L text "
+                                          "encoder; pass FLUX's clip_l.safetensors"):
+        load_embedder(get_family("flux"), str(bfl))
+    relatives = {"Chroma": {"distilled_guidance_layer.in_proj.weight": torch.zeros(8, 64)},
+                 "FLUX.2": {"double_stream_modulation_img.lin.weight": torch.zeros(48, 8)}}
+    for name, extra in relatives.items():
+        path = tmp_path / f"{name}.safetensors"
+        atomic_save_safetensors({"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8),
+                                 **extra}, path, {})
+        for family in ("flux", "sd1"):
+            with pytest.raises(UnHypeError, match=f"is a {name} transformer, which UnHype does "
+                                                  f"not support; this hypernetwork is for "
+                                                  f"{family}"):
+                load_embedder(get_family(family), str(path))

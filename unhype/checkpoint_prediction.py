@@ -21,6 +21,8 @@ from unhype.errors import UnHypeError
 SD2_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 SD2_PROBE_KEY = f"model.diffusion_model.{SD2_PROBE}"
 SD2_V_STD = 0.09  # ComfyUI's threshold
+EDM_REFUSAL = ("an EDM model ({kind}: continuous sigma schedule); the trainer samples with DDIM "
+               "on the 1000-step schedule and would learn from wrong images: not supported")
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,7 @@ def checkpoint_prediction(path, family: str) -> Prediction:
             keys = set(f.keys())
             if "edm_vpred.sigma_max" in keys or {"edm_mean", "edm_std"} <= keys:
                 kind = "CosXL" if "edm_vpred.sigma_max" in keys else "Playground v2.5"
-                raise UnHypeError(
-                    f"{path}: an EDM model ({kind}: continuous sigma schedule); the trainer "
-                    "samples with DDIM on the 1000-step schedule and would learn from wrong "
-                    "images: not supported")
+                raise UnHypeError(f"{path}: " + EDM_REFUSAL.format(kind=kind))
             zero_snr = "ztsnr" in keys
             if "v_pred" in keys:
                 return Prediction("v_prediction", zero_snr, "its v_pred key", True)

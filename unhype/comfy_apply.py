@@ -50,53 +50,55 @@ EMBEDDING_KEY = "unhype_embedding"
 OWN_EMBEDDING_SOURCES = {"openclip_h_pooled"}
 
 
-def pooled_rows(conditioning, embed_dim: int, source: str) -> list[Tensor]:
-    """The pooled embedding rows [k, D] of each conditioning entry, with clear errors."""
+def pooled_rows(conditioning, embed_dim: int, source: str,
+                node: str = "UnHype Apply") -> list[Tensor]:
+    """The pooled embedding rows [k, D] of each conditioning entry, with clear errors that name
+    the node reading them."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise UnHypeError("UnHype Apply: the conditioning is empty; connect a CLIP Text Encode "
+        raise UnHypeError(f"{node}: the conditioning is empty; connect a CLIP Text Encode "
                           "output")
     out = []
     for i, entry in enumerate(conditioning):
         try:
             cross, extra = entry[0], entry[1]
         except (TypeError, IndexError, KeyError):
-            raise UnHypeError(f"UnHype Apply: conditioning entry {i} is not a "
+            raise UnHypeError(f"{node}: conditioning entry {i} is not a "
                               "[tensor, dict] pair") from None
         if not isinstance(cross, Tensor) or cross.dim() != 3:
-            raise UnHypeError(f"UnHype Apply: conditioning entry {i} has no [batch, tokens, dim] "
+            raise UnHypeError(f"{node}: conditioning entry {i} has no [batch, tokens, dim] "
                               "cross-attention tensor")
         if cross.shape[0] == 0:
-            raise UnHypeError(f"UnHype Apply: conditioning entry {i} holds no prompt (batch 0)")
+            raise UnHypeError(f"{node}: conditioning entry {i} holds no prompt (batch 0)")
         own = extra.get(EMBEDDING_KEY) if isinstance(extra, dict) else None
         pooled = own if own is not None else \
             extra.get("pooled_output") if isinstance(extra, dict) else None
         if own is None and source in OWN_EMBEDDING_SOURCES and pooled is not None:
             raise UnHypeError(
-                f"UnHype Apply: conditioning entry {i}: on SD 2.x ComfyUI's pooled_output is "
+                f"{node}: conditioning entry {i}: on SD 2.x ComfyUI's pooled_output is "
                 f"another vector than the {source} this hypernetwork reads (OpenCLIP-H's last "
                 "layer, projected, where it was trained on the penultimate layer's): encode "
                 "the prompt with 'UnHype Text Encode', which stores the right one")
         if pooled is not None and (not isinstance(pooled, Tensor) or pooled.dim() == 0):
-            raise UnHypeError(f"UnHype Apply: conditioning entry {i}'s 'pooled_output' is not "
+            raise UnHypeError(f"{node}: conditioning entry {i}'s 'pooled_output' is not "
                               f"a [batch, dim] tensor ({type(pooled).__name__})")
         if pooled is None:
             raise UnHypeError(
-                f"UnHype Apply: conditioning entry {i} has no 'pooled_output'; this hypernetwork "
+                f"{node}: conditioning entry {i} has no 'pooled_output'; this hypernetwork "
                 f"reads {source} ({embed_dim}-d) from it. Use a CLIP Text Encode output directly "
                 "(nodes such as ConditioningZeroOut or some custom encoders drop it)")
         pooled = pooled.reshape(-1, pooled.shape[-1]) if pooled.dim() != 2 else pooled
         if pooled.shape[-1] != embed_dim:
             raise UnHypeError(
-                f"UnHype Apply: conditioning entry {i} has a {pooled.shape[-1]}-d pooled_output; "
+                f"{node}: conditioning entry {i} has a {pooled.shape[-1]}-d pooled_output; "
                 f"this hypernetwork reads {source} ({embed_dim}-d): wrong CLIP or wrong file")
         if pooled.shape[0] != cross.shape[0]:
             if pooled.shape[0] == 1:
                 pooled = pooled.expand(cross.shape[0], -1)
             else:
-                raise UnHypeError(f"UnHype Apply: conditioning entry {i} has {cross.shape[0]} "
+                raise UnHypeError(f"{node}: conditioning entry {i} has {cross.shape[0]} "
                                   f"cross-attention rows but {pooled.shape[0]} pooled rows")
         if not torch.isfinite(pooled.float()).all():
-            raise UnHypeError(f"UnHype Apply: conditioning entry {i} has NaN/Inf in pooled_output")
+            raise UnHypeError(f"{node}: conditioning entry {i} has NaN/Inf in pooled_output")
         out.append(pooled.float())
     return out
 

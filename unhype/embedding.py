@@ -44,12 +44,17 @@ CHECKPOINT_TEXT = {"sd1": ("cond_stage_model.transformer.", "text_encoder", "sd1
                    "sd2": ("cond_stage_model.model.", "text_encoder", "sd2-v"),
                    "sdxl": ("conditioner.embedders.1.model.", "text_encoder_2", "sdxl-base")}
 CLIP_L_FILE_KEY = "text_model.embeddings.token_embedding.weight"  # a standalone CLIP-L file
+# ComfyUI's all-in-one FLUX checkpoints (CheckpointSave, Comfy-Org's fp8 files): the Flux model
+# config's text_encoder_key_prefix "text_encoders." + FluxClipModel's clip_l (an SDClipModel,
+# whose HF-named CLIP is .transformer)
+COMFY_FLUX_CLIP_L = "text_encoders.clip_l.transformer."
 
 
 def load_embedder(family, path: str | None = None, device="cpu") -> PromptEmbedder:
     """Text encoder for `family` from a diffusers pipeline folder, a text-encoder folder, or a
-    single `.safetensors` file: an A1111 / ComfyUI checkpoint (SD1, SD2, SDXL), or a standalone
-    CLIP-L text encoder (ComfyUI's ``clip_l.safetensors``: SD1, FLUX)."""
+    single `.safetensors` file: an A1111 / ComfyUI checkpoint (SD1, SD2, SDXL; FLUX when ComfyUI
+    saved it with its text encoders), or a standalone CLIP-L text encoder (ComfyUI's
+    ``clip_l.safetensors``: SD1, FLUX)."""
     if family.name in ("toy", "toy_flux"):
         from unhype.toy.model import load_toy
 
@@ -125,14 +130,17 @@ def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
                 tensors = {k: f.get_tensor(k) for k in keys if k.startswith("text_model.")}
                 encoder = _clip_l_from_tensors(folder, tensors, path)
                 tok_sub = "tokenizer"
+            elif family.name == "flux" and COMFY_FLUX_CLIP_L + CLIP_L_FILE_KEY in keys and \
+                    checkpoint_family(path) == "flux":
+                folder = config_folder("sd15")
+                tensors = {k.removeprefix(COMFY_FLUX_CLIP_L): f.get_tensor(k) for k in keys
+                           if k.startswith(COMFY_FLUX_CLIP_L + "text_model.")}
+                encoder = _clip_l_from_tensors(folder, tensors, path)
+                tok_sub = "tokenizer"
             else:
                 found = checkpoint_family(path)
                 if family.name not in CHECKPOINT_TEXT or found != family.name:
-                    raise UnHypeError(
-                        f"{path} is {'an ' + found if found else 'not an SD'} checkpoint, but "
-                        f"this hypernetwork is for {family.name}: give the {family.name} "
-                        "model's checkpoint, diffusers folder"
-                        + (" or CLIP-L text encoder file" if family.name == "flux" else ""))
+                    raise UnHypeError(wrong_checkpoint(path, family.name, found))
                 prefix, sub, name = CHECKPOINT_TEXT[family.name]
                 folder = config_folder(name)
                 tensors = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
@@ -146,6 +154,29 @@ def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
         raise UnHypeError(f"{path}: its text encoder is incomplete (tensors missing)")
     tokenizer = CLIPTokenizer.from_pretrained(folder / tok_sub)
     return PromptEmbedder(family, tokenizer, encoder.to(device).eval())
+
+
+def wrong_checkpoint(path: Path, family: str, found: str | None) -> str:
+    """Why checkpoint `path` (of family `found`, as model_check reads it) gives no embedding for
+    a hypernetwork of `family`."""
+    from unhype.model_check import article, unsupported_checkpoint
+
+    if family == "flux" and found == "flux":
+        return (f"{path} is a FLUX transformer file: it holds no CLIP-L text encoder; pass "
+                "FLUX's clip_l.safetensors (ComfyUI models/clip or models/text_encoders) or "
+                "the FLUX.1 diffusers folder")
+    what = unsupported_checkpoint(path)
+    if what:
+        what += ", which UnHype does not support;"
+    elif found in (None, "unknown"):
+        what = "not an SD or FLUX.1 checkpoint;"
+    else:
+        what = f"{article(found)} {found} checkpoint, but"
+    if family == "flux":
+        give = "FLUX's clip_l.safetensors or the FLUX.1 diffusers folder"
+    else:
+        give = f"the {family} model's checkpoint or diffusers folder"
+    return f"{path} is {what} this hypernetwork is for {family}: give {give}"
 
 
 def _checkpoint_text_encoder(family, folder: Path, sub: str, tensors: dict, path: Path):

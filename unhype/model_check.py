@@ -3,8 +3,9 @@
 Read from the model itself (the cross-attention context width of its ``attn2.to_k`` layers and
 whether it takes a pooled ``vector``), so every host answers the same way without relying on
 host flags: 768 -> sd1, 1024 -> sd2, 2048 -> sdxl; a BFL-layout transformer (``double_blocks``
-with a fused ``img_attn.qkv``) is flux. Other widths (SDXL refiner 1280, SD3, ...) are "unknown"
-and refused.
+with a fused ``img_attn.qkv``) that reads CLIP-L's pooled vector (``vector_in``) is flux. Other
+widths (SDXL refiner 1280, ...) and transformers sharing FLUX's blocks (Chroma, FLUX.2,
+HunyuanVideo) are "unknown" and refused; `checkpoint_architecture` names them for messages.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from unhype.errors import UnHypeError
 
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+REFINER_CONTEXT = 1280  # the SDXL refiner reads OpenCLIP-G alone
 
 
 def weight_shape(weight: torch.Tensor) -> torch.Size:
@@ -47,27 +49,104 @@ def is_flux(model: nn.Module) -> bool:
         hasattr(getattr(blocks[0], "img_attn", None), "qkv") and hasattr(model, "vector_in")
 
 
-def checkpoint_family(path) -> str | None:
-    """The family of a single-file checkpoint (A1111 / Forge / ComfyUI layout), from its
-    safetensors header alone: no weight is read. None when the file is not a readable
-    .safetensors or holds no denoiser key this recognises (other formats are never opened:
-    a .ckpt is a pickle)."""
+def header_keys(path) -> list[str] | None:
+    """The tensor names of a .safetensors file (header only), or None when it is not one or
+    cannot be read (other formats are never opened: a .ckpt is a pickle)."""
     if not str(path).lower().endswith(".safetensors"):
         return None
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if "double_blocks.0.img_attn.qkv" in key:
-                    return "flux"
-                if "diffusion_model." in key and key.endswith("attn2.to_k.weight"):
-                    shape = f.get_slice(key).get_shape()
-                    return CONTEXT_FAMILY.get(int(shape[1]), "unknown") if len(shape) == 2 \
-                        else None
+            return list(f.keys())
     except Exception:  # unreadable header: the check at load time still applies
         return None
+
+
+# transformers with FLUX.1's double/single blocks (or close) that UnHype does not support, by
+# a key only they have (bare, BFL or diffusers names); ComfyUI model_detection tells them
+# apart by the same keys
+RELATIVES = (("FLUX.2", ("double_stream_modulation_img.",)),
+             ("Chroma", ("distilled_guidance_layer.",)),
+             ("HunyuanVideo", ("txt_in.individual_token_refiner.", "txt_in.input_embedder.",
+                               "context_embedder.token_refiner.", "double_blocks.0.img_attn_qkv.")),
+             ("SD3", ("joint_blocks.",)))
+FLUX_BFL = {"double_blocks.0.img_attn.qkv.weight", "vector_in.in_layer.weight"}
+FLUX_DIFFUSERS = {"x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
+                  "single_transformer_blocks.0.proj_out.weight"}
+FLUX_LIKE = "transformer with FLUX-style blocks but no FLUX.1 pooled CLIP-L input (vector_in)"
+
+
+def transformer_architecture(keys) -> str | None:
+    """'flux' when tensor names `keys` are a FLUX.1 transformer's (BFL layout, bare or under
+    ``model.diffusion_model.``, or diffusers layout); the name of a transformer UnHype does not
+    support (FLUX.2, Chroma, HunyuanVideo, SD3, `FLUX_LIKE`); None for anything else (UNets)."""
+    names = {k.removeprefix("model.diffusion_model.") for k in keys}
+    for name, marks in RELATIVES:
+        if any(n.startswith(marks) for n in names):
+            return name
+    if FLUX_BFL <= names or FLUX_DIFFUSERS <= names:
+        return "flux"
+    if any(n.startswith(("double_blocks.", "single_transformer_blocks.")) for n in names):
+        return FLUX_LIKE
     return None
+
+
+def checkpoint_architecture(path) -> str | None:
+    """`transformer_architecture` of a single-file checkpoint, from its header."""
+    keys = header_keys(path)
+    return transformer_architecture(keys) if keys else None
+
+
+def checkpoint_family(path) -> str | None:
+    """The family of a single-file checkpoint (A1111 / Forge / ComfyUI layout), from its
+    safetensors header alone: no weight is read. 'unknown' for a denoiser UnHype does not
+    support (SDXL refiner, Chroma, FLUX.2, ...); None when the file is not a readable
+    .safetensors or holds no denoiser key this recognises (other formats are never opened:
+    a .ckpt is a pickle)."""
+    keys = header_keys(path)
+    if not keys:
+        return None
+    architecture = transformer_architecture(keys)
+    if architecture is not None:
+        return "flux" if architecture == "flux" else "unknown"
+    width = checkpoint_context_width(path, keys)
+    return None if width is None else CONTEXT_FAMILY.get(width, "unknown")
+
+
+def checkpoint_context_width(path, keys=None) -> int | None:
+    """The cross-attention context width of a single-file checkpoint's UNet (its first
+    ``attn2.to_k``), from its header; None when it has none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys if keys is not None else f.keys():
+                if "diffusion_model." in key and key.endswith("attn2.to_k.weight"):
+                    shape = f.get_slice(key).get_shape()
+                    return int(shape[1]) if len(shape) == 2 else None
+    except Exception:
+        return None
+    return None
+
+
+def unsupported_checkpoint(path) -> str | None:
+    """What a single-file checkpoint is, when it is a model UnHype knows and does not support
+    ('an SDXL refiner UNet', 'a Chroma transformer', ...), for messages; else None."""
+    architecture = checkpoint_architecture(path)
+    if architecture == FLUX_LIKE:
+        return f"a {FLUX_LIKE}"
+    if architecture not in (None, "flux"):
+        return f"{article(architecture)} {architecture} transformer"
+    if architecture is None and checkpoint_context_width(path) == REFINER_CONTEXT:
+        return "an SDXL refiner UNet (OpenCLIP-G only, 1280-d context)"
+    return None
+
+
+def article(name: str) -> str:
+    """'a' or 'an' before a family or model name as it is read out ('an sdxl', 'an SD3',
+    'a flux', 'a Chroma')."""
+    return "an" if name[:1].lower() in "aeiou" or name.lower().startswith("sd") else "a"
 
 
 def checkpoint_input_channels(path) -> int | None:

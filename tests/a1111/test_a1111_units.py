@@ -146,9 +146,16 @@ def test_checkpoint_family_from_the_safetensors_header_alone(tmp_path):
         assert checkpoint_family(checkpoint(f"{family}.safetensors", unet.state_dict())) == family
     sd2 = {"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024)}
     assert checkpoint_family(checkpoint("sd2.SAFETENSORS", sd2)) == "sd2"
-    qkv = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8)}
-    assert checkpoint_family(checkpoint("flux.safetensors", qkv, prefix="")) == "flux"
-    assert checkpoint_family(checkpoint("flux_ldm.safetensors", qkv)) == "flux"
+    qkv = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8),
+           "time_in.in_layer.weight": torch.zeros(8, 256)}
+    flux = dict(qkv, **{"vector_in.in_layer.weight": torch.zeros(8, 768)})
+    assert checkpoint_family(checkpoint("flux.safetensors", flux, prefix="")) == "flux"
+    assert checkpoint_family(checkpoint("flux_ldm.safetensors", flux)) == "flux"
+    # FLUX's blocks without its pooled CLIP-L input: Chroma, FLUX.2 (refused before the switch)
+    chroma = dict(qkv, **{"distilled_guidance_layer.in_proj.weight": torch.zeros(8, 64)})
+    flux2 = dict(qkv, **{"double_stream_modulation_img.lin.weight": torch.zeros(48, 8)})
+    for name, state in (("chroma", chroma), ("flux2", flux2), ("blocks", qkv)):
+        assert checkpoint_family(checkpoint(f"{name}.safetensors", state)) == "unknown", name
     vae = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
     assert checkpoint_family(checkpoint("vae.safetensors", vae, prefix="")) is None
     (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 64)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from unhype.trainer.backends.base import Backend, Cond, latent_preview
+from unhype.trainer.backends.preflight import CHANNELS_REFUSAL, check_sd_folder
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 
@@ -36,18 +37,33 @@ def detect_family(unet_config: dict) -> str:
     return {768: "sd1", 1024: "sd2"}.get(cross, "sd1" if cross and cross < 1024 else "sd2")
 
 
+REFINER_REFUSAL = ("{what}; UnHype trains on the SDXL base model, and its files erase there "
+                   "(the refiner only refines what the base drew)")
+
+
 def folder_family(path: Path) -> str:
     config = path / "unet" / "config.json"
     if not config.is_file():
+        pipeline = _pipeline_class(path)
+        if pipeline:
+            raise UnHypeError(f"{path}: a {pipeline} folder (no unet/); UnHype trains SD 1.x / "
+                              "2.x / XL and FLUX.1 (dev / schnell): not supported")
         raise UnHypeError(f"{path}: not a diffusers pipeline folder (unet/config.json missing)")
     unet = json.loads(config.read_text())
+    check_sd_folder(path, unet)
     family = detect_family(unet)
     if family == "sdxl" and (unet.get("cross_attention_dim") == 1280 or
                              not (path / "text_encoder").is_dir()):
-        raise UnHypeError(f"{path}: an SDXL refiner (OpenCLIP-G only, 1280-d context); UnHype "
-                          "trains on the SDXL base model, and its files erase there (the "
-                          "refiner only refines what the base drew)")
+        raise UnHypeError(f"{path}: " + REFINER_REFUSAL.format(
+            what="an SDXL refiner (OpenCLIP-G only, 1280-d context)"))
     return family
+
+
+def _pipeline_class(path: Path) -> str:
+    try:
+        return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 class DiffusersSD(Backend):
@@ -192,7 +208,8 @@ def single_file_config(src: Path, family: str | None, model_config: str | None):
     a user's folder is overridden only by what the file states (a v_pred / ztsnr key), not by
     the SD 2.x weight rule."""
     from unhype.checkpoint_prediction import checkpoint_prediction
-    from unhype.model_check import checkpoint_family, checkpoint_input_channels
+    from unhype.model_check import (checkpoint_family, checkpoint_input_channels,
+                                    unsupported_checkpoint)
     from unhype.model_configs import BUILTIN, builtin_for, config_folder
 
     what = not_a_checkpoint(src)
@@ -213,9 +230,13 @@ def single_file_config(src: Path, family: str | None, model_config: str | None):
     found = checkpoint_family(src)
     channels = checkpoint_input_channels(src)
     if channels not in (None, 4):
-        raise UnHypeError(f"{src}: its UNet takes {channels} input channels (an inpainting or "
-                          "instruct model); the trainer erases with text-to-image models: train "
-                          "on the base model, whose file the hosts also apply to this one")
+        raise UnHypeError(f"{src}: " + CHANNELS_REFUSAL.format(channels=channels))
+    unsupported = unsupported_checkpoint(src)
+    if unsupported and "refiner" in unsupported:
+        raise UnHypeError(f"{src}: {REFINER_REFUSAL.format(what=unsupported)}")
+    if unsupported:
+        raise UnHypeError(f"{src}: {unsupported}; UnHype trains SD 1.x / 2.x / XL and FLUX.1: "
+                          "not supported")
     if found not in ("sd1", "sd2", "sdxl"):
         raise UnHypeError(f"{src}: no SD 1.x / 2.x / XL UNet found in this checkpoint's keys "
                           f"({found or 'none recognised'}); give --model_config <a diffusers "

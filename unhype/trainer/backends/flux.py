@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from unhype.trainer.backends.base import Backend, Cond, latent_preview
+from unhype.trainer.backends.preflight import check_flux_file, check_flux_folder
 from unhype import flow_latents
 from unhype.errors import UnHypeError
 from unhype.families import get_family
@@ -279,6 +280,7 @@ def _dtype(mixed_precision: str):
 
 
 def is_flux_folder(path: Path) -> bool:
+    """A diffusers folder of the FLUX line (FLUX.1 or a relative `load_flux` refuses by name)."""
     index = path / "model_index.json"
     if index.is_file():
         try:
@@ -289,15 +291,11 @@ def is_flux_folder(path: Path) -> bool:
 
 
 def is_flux_file(path: Path) -> bool:
-    """A single-file FLUX transformer, by its tensor names (BFL or diffusers layout)."""
-    from unhype.fileformat import read_header
+    """A single-file transformer, by its tensor names: FLUX.1 (BFL or diffusers layout), or one
+    sharing its blocks (Chroma, FLUX.2, HunyuanVideo, SD3) that `load_flux` refuses by name."""
+    from unhype.model_check import checkpoint_architecture
 
-    try:
-        keys = read_header(path)[1]
-    except Exception:
-        return False
-    return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.",
-                             "single_transformer_blocks.")) for k in keys)
+    return checkpoint_architecture(path) is not None
 
 
 CONFIG_HELP = ("a local diffusers FLUX folder of the same model (model_index.json, "
@@ -315,6 +313,7 @@ def load_flux(path: str, model_config: str | None, device: str, mixed_precision:
         if not (src / "transformer" / "config.json").is_file():
             raise UnHypeError(f"{src}: not a diffusers FLUX folder (transformer/config.json "
                               "missing)")
+        check_flux_folder(src)
         transformer = _load(lambda: _transformer_cls().from_pretrained(
             src, subfolder="transformer", torch_dtype=dtype), src)
         return _assemble(transformer, src, device, dtype, resolution, guidance,
@@ -326,6 +325,7 @@ def load_flux(path: str, model_config: str | None, device: str, mixed_precision:
     if src.suffix.lower() != ".safetensors":
         raise UnHypeError(f"{src}: only .safetensors checkpoints are loaded (no .ckpt/.pt "
                           "pickles); convert it first")
+    check_flux_file(src)
     if not model_config:
         raise UnHypeError(f"{src} is a single-file FLUX transformer; loading it offline needs "
                           f"--model_config <{CONFIG_HELP}>; the text encoders come from there")
@@ -333,6 +333,7 @@ def load_flux(path: str, model_config: str | None, device: str, mixed_precision:
     if not (cfg_dir / "transformer" / "config.json").is_file():
         raise UnHypeError(f"--model_config {cfg_dir}: not a diffusers FLUX folder "
                           f"(transformer/config.json missing); it must be {CONFIG_HELP}")
+    check_flux_folder(cfg_dir, "--model_config ")
     transformer = _load(lambda: _transformer_cls().from_single_file(
         str(src), config=str(cfg_dir), subfolder="transformer", local_files_only=True,
         torch_dtype=dtype), src, f" with --model_config {cfg_dir}")
