@@ -92,6 +92,9 @@ class ConceptSignatures:
         device = params.device if params is not None else "cpu"
         with torch.no_grad():
             factors = hypernet(torch.stack([embeddings[t] for t in targets]).to(device))
+        # in CPU memory: one prompt's LoRA factors each (rank 4: 0.8 MB for SD1's paper preset,
+        # 7 MB SDXL's, 25 MB FLUX attn_all), which a GPU need not hold
+        factors = {k: (a.float().cpu(), b.float().cpu()) for k, (a, b) in factors.items()}
         return cls(targets, factors, [references.get(t) for t in targets])
 
     def nearest(self, factors: LoraFactors) -> Tensor:
@@ -99,8 +102,9 @@ class ConceptSignatures:
         MARGIN above the next concept's (-1: no update, or no clear concept)."""
         if not self.targets:
             return torch.full((next(iter(factors.values()))[0].shape[0],), -1)
+        factors = {k: (a.detach().cpu(), b.detach().cpu()) for k, (a, b) in factors.items()}
         g = update_gram(factors, self.factors)
-        denom = _norms(factors)[:, None] * _norms(self.factors).to(g.device)[None, :]
+        denom = _norms(factors)[:, None] * _norms(self.factors)[None, :]
         cos = torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
         top = cos.topk(min(2, cos.shape[1]), dim=1)
         best, index = top.values[:, 0], top.indices[:, 0]
