@@ -465,3 +465,24 @@ def test_bake_records_and_warns_what_the_prompt_fires(toy_file, tmp_path, capsys
             assert args["unhype_fires"] == []
         else:
             assert "weak" not in printed.err and args["unhype_fires"] == ["circle"]
+
+
+def test_inspect_says_whether_a_file_of_several_concepts_tells_them_apart(tmp_path, capsys):
+    from unhype.fileformat import load_hypernet
+    from unhype.summary import summary_lines
+
+    net = hypernet_for(None, family="toy", rank=1)
+    two = [{"target": "circle"}, {"target": "square"}]
+    with_sig, without = tmp_path / "sig.safetensors", tmp_path / "old.safetensors"
+    save_hypernet(with_sig, net, "toy", concepts=two, training={"concept_embeddings": {
+        "circle": [0.1] * net.config.embed_dim, "square": [-0.1] * net.config.embed_dim}})
+    save_hypernet(without, net, "toy", concepts=two, training={})
+    assert main(["inspect", str(with_sig)]) == 0
+    assert "told apart stored for circle, square" in capsys.readouterr().out
+    assert main(["inspect", str(without)]) == 0
+    assert "`unhype stamp-floor --force` adds them" in capsys.readouterr().out
+    assert any(line.startswith("concepts told apart: stored for circle, square")
+               for line in summary_lines(load_hypernet(with_sig)))
+    one = tmp_path / "one.safetensors"  # one concept: nothing to tell apart, no line
+    save_hypernet(one, net, "toy", concepts=two[:1], training={})
+    assert not any("told apart" in line for line in summary_lines(load_hypernet(one)))

@@ -48,8 +48,24 @@ def gate_text(loaded) -> str:
                 "`unhype stamp-floor` adds it)")
     return (f"prompts whose update is under {floor:.0%} of {ref:.4g} (the concepts' median "
             f"||dW||) get none, full from {2 * floor:.0%}"
-            + ("; saturated: raised to the concepts' strength from there"
+            + ("; saturated: raised to the concept's strength from there"
                if loaded.gate_saturate else ""))
+
+
+def signatures_text(loaded) -> str | None:
+    """Whether a file of several concepts tells them apart (unhype.concept_signatures); None
+    for a file of one concept, where there is nothing to tell apart."""
+    targets = [c.get("target") for c in loaded.meta.concepts if isinstance(c, dict)]
+    if len(targets) < 2:
+        return None
+    sig = loaded.signatures
+    if sig is None:
+        return ("not stored (trained before they existed): saturation raises a prompt to the "
+                "weakest concept's strength, and a long prompt gets its strongest window's "
+                "update only; `unhype stamp-floor --force` adds them")
+    return (f"stored for {', '.join(sig.targets)}: a prompt's concept is named by its "
+            "update's direction; saturation raises it to that concept's own strength, and a "
+            "long prompt gets the strongest window of each concept it names")
 
 
 def retain_text(loaded) -> tuple[str | None, str | None]:
@@ -103,6 +119,8 @@ def summary_lines(loaded) -> list[str]:
     lines += [f"concept: {concept_text(c)}" for c in meta.concepts] or \
         ["concept: (no concepts recorded)"]
     lines.append(f"gate floor: {gate_text(loaded)}")
+    signatures = signatures_text(loaded)
+    lines += [f"concepts told apart: {signatures}"] if signatures else []
     retain, warning = retain_text(loaded)
     lines += [f"retained: {retain}"] if retain else []
     lines += [f"WARNING: {warning}"] if warning else []

@@ -7,7 +7,7 @@ import json
 import textwrap
 
 from unhype.summary import concept_text, fmt, gate_text, history_lines, is_number, \
-    retain_share, retain_text
+    retain_share, retain_text, signatures_text
 
 
 def register(subparsers) -> None:
@@ -109,7 +109,9 @@ def _training_lines(training: dict) -> list[str]:
 
 def _gate_lines(loaded) -> list[str]:
     retain, warning = retain_text(loaded)
+    signatures = signatures_text(loaded)
     return [f"  gate floor {gate_text(loaded)}"] + \
+        ([f"  told apart {signatures}"] if signatures else []) + \
         ([f"  retained   {retain}"] if retain else []) + \
         ([f"  warning    {warning} with --prompt"] if warning else [])
 
