@@ -295,4 +295,5 @@ def two_concepts(loaded, embed, texts, concepts: dict[str, str], holds=None, see
         signatures[target] = emb[named[0]].tolist()
     loaded.hypernet = TwoConcepts(*gates)
     loaded.meta.training["concept_embeddings"] = signatures
+    loaded.meta.concepts = [{"target": target} for target in concepts]
     return emb

@@ -70,6 +70,17 @@ def test_nearest_names_each_concept_by_direction_and_none_for_others():
         pytest.approx(norms_of(apply_floor(between, 1.0, 0.03, saturate=True)), rel=1e-6)
 
 
+def test_saturation_blends_to_the_smallest_reference_as_the_concept_grows_unclear():
+    """No jump where a prompt stops being clearly one concept: the target falls from the
+    concept's own reference (cosine >= 0.8) to the smallest (0.5) linearly."""
+    sig = signatures([1.0, 4.0])
+    cos = torch.tensor([[0.0, 0.9], [0.0, 0.8], [0.0, 0.65], [0.0, 0.5], [0.0, 0.3],
+                        [0.78, 0.8]], dtype=torch.float64)
+    targets = sig.saturation_targets(cos, 1.0).tolist()
+    # the last: clear enough, but only 0.02 above the next concept (margin 0.05): 0.4 of it
+    assert targets == pytest.approx([4.0, 4.0, 2.5, 1.0, 1.0, 1.0 + 0.4 * 3.0])
+
+
 def test_saturation_raises_a_prompt_to_its_own_concepts_reference():
     sig = signatures([1.0, 4.0])  # gate_reference = 1.0, the smallest
     f = factors_of([(0, scaled(0, 0.5)), (1, scaled(1, 1.5)), (1, scaled(1, 6.0)),
@@ -91,9 +102,9 @@ def test_combine_sums_the_windows_of_different_concepts_once_each():
     # nothing (0); prompt 1: only itself (concept 1)
     f = factors_of([(0, 1.0), (0, 0.8), (1, 0.5), (7, 0.0), (1, 2.0)])
     owner = [0, 0, 0, 0, 1]
-    concepts = sig.nearest(f)
-    assert combined_rows(f, owner, 2, concepts) == [[0, 2], [4]]
-    out = combine(f, owner, 2, concepts)
+    cos = sig.cosines(f)
+    assert combined_rows(f, owner, 2, cos) == [[0, 2], [4]]
+    out = combine(f, owner, 2, cos)
     a, b = out["layer"]
     assert a.shape == (2, IN, 2) and b.shape == (2, OUT, 2)  # rank 1 x 2 windows, padded
     fa, fb = f["layer"]
@@ -107,10 +118,33 @@ def test_combine_sums_the_windows_of_different_concepts_once_each():
     assert torch.equal(plain["layer"][0][0], fa[0])
 
 
-def test_combine_only_adds_to_a_prompt_whose_strongest_reading_is_a_concept():
+def test_combine_adds_a_named_concept_that_no_picked_reading_points_to():
     sig = signatures([1.0, 1.0])
-    f = factors_of([(7, 2.0), (1, 0.5)])  # strongest is no concept's: no sum (could be c1)
-    assert combined_rows(f, [0, 0], 1, sig.nearest(f)) == [[0]]
+    # the strongest reading is no concept's: the window of concept 1 is added all the same
+    f = factors_of([(7, 2.0), (1, 0.5)])
+    assert combined_rows(f, [0, 0], 1, sig.cosines(f)) == [[0, 1]]
+    # the strongest points halfway between both concepts (two in one window): a window of
+    # either adds nothing, it is erased in part already (no doubling)
+    from unhype.prompt_windows import stack_rows
+
+    halves = factors_of([(0, scaled(0, 1.0)), (1, scaled(1, 1.0))])
+    between = stack_rows(halves, [[0, 1]])  # rank 2
+    single = factors_of([(0, 0.3)])
+    rows = {"layer": (torch.cat([between["layer"][0],
+                                 torch.nn.functional.pad(single["layer"][0], (0, 1))]),
+                      torch.cat([between["layer"][1],
+                                 torch.nn.functional.pad(single["layer"][1], (0, 1))]))}
+    assert combined_rows(rows, [0, 0], 1, sig.cosines(rows)) == [[0]]
+
+
+def test_readings_are_ranked_before_saturation_which_makes_them_tie():
+    """Saturation raises every reading to the same reference; the strongest is the one the
+    network switches on most (`rank_by`), not the last digit of equal norms."""
+    sig = signatures([1.0, 1.0])
+    f = factors_of([(0, scaled(0, 0.5)), (0, scaled(0, 0.9))])
+    applied = apply_floor(f, 1.0, 0.03, saturate=True, signatures=sig)
+    assert norms_of(applied) == pytest.approx([1.0, 1.0], rel=1e-5)
+    assert combined_rows(applied, [0, 0], 1, sig.cosines(f), rank_by=delta_norm(f)) == [[1]]
 
 
 def test_read_embeddings_refuses_malformed_tables():
@@ -128,14 +162,27 @@ def test_a_file_with_malformed_signatures_is_refused_at_load(tmp_path):
     from unhype.fileformat import save_hypernet
 
     net = hypernet_for(tiny_sd_unet())
+    dim = net.config.embed_dim
     path = save_hypernet(tmp_path / "h.safetensors", net, "sd1",
-                         training={"concept_embeddings": {"cat": [0.0] * net.config.embed_dim}})
-    assert load_hypernet(path).signatures.targets == ["cat"]
+                         concepts=[{"target": "cat"}, {"target": "dog"}],
+                         training={"concept_embeddings": {"cat": [0.0] * dim,
+                                                          "dog": [0.1] * dim}})
+    assert load_hypernet(path).signatures.targets == ["cat", "dog"]
     metadata, _ = read_header(path)
-    training = json.loads(metadata["unhype.training"])
-    training["concept_embeddings"]["cat"] = [0.0] * 3
-    bad = tmp_path / "bad.safetensors"
-    save_file(load_file(str(path)), str(bad), {**metadata,
-                                               "unhype.training": json.dumps(training)})
+
+    def edited(name, change):
+        training = json.loads(metadata["unhype.training"])
+        change(training["concept_embeddings"])
+        out = tmp_path / name
+        save_file(load_file(str(path)), str(out), {**metadata,
+                                                   "unhype.training": json.dumps(training)})
+        return out
+
+    bad = edited("bad.safetensors", lambda t: t.update(cat=[0.0] * 3))
     with pytest.raises(UnHypeError, match=r"bad.safetensors: .*concept_embeddings\['cat'\]"):
         load_hypernet(bad)
+    foreign = edited("foreign.safetensors", lambda t: t.update(horse=[0.2] * dim))
+    with pytest.raises(UnHypeError, match=r"names \['horse'\], not among the file's concepts"):
+        load_hypernet(foreign)
+    one = edited("one.safetensors", lambda t: t.pop("dog"))  # nothing to tell apart
+    assert load_hypernet(one).signatures is None

@@ -242,14 +242,11 @@ def bake_readings(loaded: LoadedHypernet, candidates: torch.Tensor) -> torch.Ten
     [M, D] whose updates the hosts apply to it (unhype.prompt_windows.combine): the strongest,
     and with a file that names its concepts, the strongest of each other concept a window
     switches on. A baked LoRA is their sum, the update the prompt gets when applied live."""
-    from unhype.prompt_windows import combined_rows
-
     candidates = candidates.reshape(-1, candidates.shape[-1]).float()
     if candidates.shape[0] == 1:
         return candidates
     with torch.no_grad():
-        factors = loaded.generate(candidates)
-        [picks] = combined_rows(factors, [0] * len(candidates), 1, loaded.concepts_of(factors))
+        _, [picks] = loaded.pick_readings(candidates, [0] * len(candidates), 1)
     return candidates[picks]  # ties: the first, the prompt itself
 
 

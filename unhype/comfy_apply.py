@@ -30,7 +30,7 @@ from unhype.errors import UnHypeError
 from unhype.families import APPLY_ALL, get_family
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.hypernet import LoraFactors, delta_weight
-from unhype.prompt_windows import combine
+from unhype.prompt_windows import stack_rows
 
 log = logging.getLogger("unhype")
 
@@ -104,10 +104,18 @@ def pooled_rows(conditioning, embed_dim: int, source: str,
 
 
 @torch.no_grad()
-def generate_factors(loaded: LoadedHypernet, embeddings: Tensor) -> LoraFactors:
-    """LoRA factors (on the CPU, fp32) for K embedding rows, at the inference hyper step T."""
+def generate_factors(loaded: LoadedHypernet, embeddings: Tensor, owner: list[int] | None = None,
+                     n: int | None = None) -> LoraFactors:
+    """LoRA factors (on the CPU, fp32) for K embedding rows, at the inference hyper step T;
+    with `owner` (row k reads prompt owner[k], of n), per prompt the sum of the readings it
+    gets (unhype.prompt_windows.combined_rows: a long prompt's strongest window, and those of
+    other concepts its windows name)."""
     device = next(loaded.hypernet.parameters()).device
-    factors = loaded.generate(embeddings.to(device))
+    if owner is None:
+        factors = loaded.generate(embeddings.to(device))
+    else:
+        applied, picks = loaded.pick_readings(embeddings.to(device), owner, n)
+        factors = stack_rows(applied, picks)
     return {k: (a.float().cpu(), b.float().cpu()) for k, (a, b) in factors.items()}
 
 
@@ -223,11 +231,10 @@ def build_plan(loaded: LoadedHypernet, conditioning, strength: float) -> ApplyPl
     cross_rows = [row for entry in conditioning for row in entry[0]]
     emb = torch.cat(pooled)
     extra, read_for = window_rows(conditioning, pooled)
-    factors = generate_factors(loaded, torch.cat([emb] + extra))
-    if extra:  # each row: the strongest of its own and its windows' updates, and those of
-        # other concepts its windows switch on (unhype.prompt_windows.combine)
-        factors = combine(factors, list(range(len(emb))) + read_for, len(emb),
-                          loaded.concepts_of(factors))
+    # a row with windows: the strongest of its own and its windows' updates, and those of other
+    # concepts its windows name (unhype.prompt_windows.combined_rows)
+    factors = generate_factors(loaded, torch.cat([emb] + extra),
+                               list(range(len(emb))) + read_for if extra else None, len(emb))
     return ApplyPlan(factors=factors, matcher=RowMatcher(cross_rows, emb), strength=strength,
                      paths=host_paths(meta, "ldm"),
                      dims={t.name: (t.in_dim, t.out_dim) for t in meta.config.targets},

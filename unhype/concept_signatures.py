@@ -35,6 +35,9 @@ from unhype.hypernet import LoraFactors, update_gram, update_size_sq
 # update of no clear direction by 9)
 MIN_COSINE = 0.8
 MARGIN = 0.05     # ... and more than the next concept (triangle / crescent point 0.9 alike)
+SOFT_FROM = 0.5   # saturation blends towards the smallest reference from MIN_COSINE down to this
+COVER_COSINE = 0.5  # a reading picked for a long prompt that points this much a concept's way
+                    # erases it (in part): no second reading of that concept is added
 KEY = "concept_embeddings"
 
 
@@ -76,44 +79,70 @@ def _norms(factors: LoraFactors) -> Tensor:
                           ).clamp_min(0).sqrt()
 
 
+def names(cosines: Tensor) -> Tensor:
+    """[N] each row's concept from its cosines [N, K]: the largest, if at least MIN_COSINE and
+    MARGIN above the next concept's (-1: no update, or no clear concept)."""
+    best, index, second = _top_two(cosines)
+    clear = (best >= MIN_COSINE) & (best - second >= MARGIN)
+    return torch.where(clear, index, torch.full_like(index, -1))
+
+
+def _top_two(cosines: Tensor):
+    top = cosines.topk(min(2, cosines.shape[1]), dim=1)
+    best, index = top.values[:, 0], top.indices[:, 0]
+    second = top.values[:, 1] if cosines.shape[1] > 1 else torch.full_like(best, -1.0)
+    return best, index, second
+
+
 @dataclass
 class ConceptSignatures:
     targets: list[str]
-    factors: LoraFactors        # each concept's update (before the gate floor)
+    factors: LoraFactors        # each concept's update (before the gate floor), on the CPU
     references: list[float | None]  # each concept's own reference (None: not stored)
+    norms: Tensor | None = None     # ||dW|| of each concept's update (float64)
+
+    def __post_init__(self):
+        if self.norms is None:
+            self.norms = _norms(self.factors)
 
     @classmethod
     def of(cls, hypernet, embeddings: dict[str, Tensor], references: dict[str, float]
            ) -> "ConceptSignatures | None":
-        if not embeddings:
+        """None for fewer than two concepts: there is nothing to tell apart (one concept's own
+        reference is the file's gate_reference)."""
+        if len(embeddings) < 2:
             return None
         targets = list(embeddings)
         params = next(iter(getattr(hypernet, "parameters", lambda: [])()), None)
-        device = params.device if params is not None else "cpu"
+        device, dtype = (params.device, params.dtype) if params is not None else ("cpu", None)
         with torch.no_grad():
-            factors = hypernet(torch.stack([embeddings[t] for t in targets]).to(device))
+            rows = torch.stack([embeddings[t] for t in targets]).to(device)
+            factors = hypernet(rows if dtype is None else rows.to(dtype))
         # in CPU memory: one prompt's LoRA factors each (rank 4: 0.8 MB for SD1's paper preset,
         # 7 MB SDXL's, 25 MB FLUX attn_all), which a GPU need not hold
         factors = {k: (a.float().cpu(), b.float().cpu()) for k, (a, b) in factors.items()}
         return cls(targets, factors, [references.get(t) for t in targets])
 
-    def nearest(self, factors: LoraFactors) -> Tensor:
-        """[N] index of each row's concept: the largest cosine, if at least MIN_COSINE and
-        MARGIN above the next concept's (-1: no update, or no clear concept)."""
-        if not self.targets:
-            return torch.full((next(iter(factors.values()))[0].shape[0],), -1)
-        factors = {k: (a.detach().cpu(), b.detach().cpu()) for k, (a, b) in factors.items()}
+    def cosines(self, factors: LoraFactors) -> Tensor:
+        """[N, K] Frobenius cosine of each row's update with each concept's (0: no update)."""
+        factors = {k: (a.detach().float().cpu(), b.detach().float().cpu())
+                   for k, (a, b) in factors.items()}
         g = update_gram(factors, self.factors)
-        denom = _norms(factors)[:, None] * _norms(self.factors)[None, :]
-        cos = torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
-        top = cos.topk(min(2, cos.shape[1]), dim=1)
-        best, index = top.values[:, 0], top.indices[:, 0]
-        second = top.values[:, 1] if cos.shape[1] > 1 else torch.full_like(best, -1.0)
-        clear = (best >= MIN_COSINE) & (best - second >= MARGIN)
-        return torch.where(clear, index, torch.full_like(index, -1)).cpu()
+        denom = _norms(factors)[:, None] * self.norms[None, :]
+        return torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
 
-    def saturation_targets(self, index: Tensor, fallback: float) -> Tensor:
-        """[N] the reference each row is raised to: its concept's own, else `fallback`."""
-        refs = [fallback if i < 0 or self.references[i] is None else self.references[i]
-                for i in index.tolist()]
-        return torch.tensor(refs, dtype=torch.float64)
+    def nearest(self, factors: LoraFactors) -> Tensor:
+        """[N] index of each row's concept (`names`; -1: none clear)."""
+        return names(self.cosines(factors))
+
+    def saturation_targets(self, cosines: Tensor, fallback: float) -> Tensor:
+        """[N] the reference each row is raised to: its clearly named concept's own; from
+        there down to a cosine of SOFT_FROM (or no margin over the next concept), blended
+        linearly towards `fallback` (the smallest), so the update does not jump where a prompt
+        stops being clearly one concept."""
+        best, index, second = _top_two(cosines)
+        weight = ((best - SOFT_FROM) / (MIN_COSINE - SOFT_FROM)).clamp(0, 1) * \
+            ((best - second) / MARGIN).clamp(0, 1)
+        own = torch.tensor([fallback if r is None else r for r in self.references],
+                           dtype=torch.float64)[index]
+        return fallback + weight * (own - fallback)

@@ -116,11 +116,29 @@ class LoadedHypernet:
         return apply_floor(self.hypernet(embeddings), self.gate_reference, f, sat,
                            self.signatures)
 
+    def pick_readings(self, embeddings: torch.Tensor, owner: list[int], n: int,
+                      floor: float | None = None, saturate: bool | None = None):
+        """For prompts read several ways (a long prompt and its windows: row k of `embeddings`
+        reads prompt owner[k]): (every row's factors as `generate` gives them, per prompt the
+        rows it gets: unhype.prompt_windows.combined_rows, ranked by the update before the
+        floor, concepts told apart by the file's signatures). `stack_rows` sums them."""
+        from unhype.gate_floor import apply_floor, check_floor
+        from unhype.prompt_windows import combined_rows, update_norms
+
+        f = self.gate_floor if floor is None else check_floor(floor)
+        sat = self.gate_saturate if saturate is None else bool(saturate)
+        raw = self.hypernet(embeddings)
+        sig = self.signatures
+        cosines = sig.cosines(raw) if sig is not None else None
+        applied = apply_floor(raw, self.gate_reference, f, sat, sig, cosines)
+        return applied, combined_rows(applied, owner, n, cosines, rank_by=update_norms(raw))
+
     @property
     def signatures(self):
         """The concepts' updates by which a prompt's concept is named
-        (unhype.concept_signatures), made by the current network once; None for files that
-        do not store them."""
+        (unhype.concept_signatures), made by the current network once (kept while the
+        network object is the same one); None for files that do not store them, or store
+        fewer than two."""
         from unhype.concept_signatures import ConceptSignatures, read_embeddings
         from unhype.probe import concept_references
 
@@ -131,14 +149,15 @@ class LoadedHypernet:
             embeddings = read_embeddings(self.meta.training, self.meta.config.embed_dim)
         except UnHypeError as exc:
             raise UnHypeError(f"{self.path}: {exc}") from None
+        targets = {c.get("target") for c in self.meta.concepts if isinstance(c, dict)}
+        foreign = [t for t in embeddings if t not in targets]
+        if foreign:  # a signature of no concept here would name prompts after it
+            raise UnHypeError(f"{self.path}: training.concept_embeddings names {foreign[:3]}, "
+                              f"not among the file's concepts {sorted(map(str, targets))}")
         made = ConceptSignatures.of(self.hypernet, embeddings, concept_references(self.meta))
         self.__dict__["_signatures"] = (self.hypernet, made)
         return made
 
-    def concepts_of(self, factors):
-        """[N] index into `signatures.targets` of each row's concept (-1: none); None when
-        the file stores no signatures."""
-        return None if self.signatures is None else self.signatures.nearest(factors)
 
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:

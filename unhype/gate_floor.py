@@ -14,9 +14,10 @@ before it existed) are left as they are.
 Saturation (`gate_saturate`, stored in the file or set by the host): a prompt above the floor
 whose update is weaker than the concept's own is raised to the concept's strength, i.e. the
 factor above is multiplied by max(1, 1 / rel). A file that stores its concepts' signatures
-(unhype.concept_signatures) raises a prompt to its own concept's reference instead: on five toy
-concepts the largest is 4.4x the smallest, which a weakened prompt of that concept would
-otherwise be raised to. The hypernetwork then decides whether a prompt
+(unhype.concept_signatures) raises a prompt of a clear concept to that concept's own reference
+instead (on five toy concepts the largest is 4.4x the smallest, to which a weakened prompt of
+that concept would otherwise be raised), blended towards the smallest as the prompt's direction
+grows unclear. The hypernetwork then decides whether a prompt
 is the concept (above the floor or not) and in which direction to edit, and every recognised
 prompt gets at least the concept's edit, like SPM's saturated sigmoid gate: an attack that only
 weakens the update no longer weakens the erasure (docs/training.md: embedding-attack success
@@ -130,17 +131,19 @@ def check_saturate(value) -> bool:
 
 
 def apply_floor(factors: LoraFactors, reference: float | None, floor: float,
-                saturate: bool = False, signatures=None) -> LoraFactors:
+                saturate: bool = False, signatures=None, cosines: Tensor | None = None
+                ) -> LoraFactors:
     """The factors with each prompt's A scaled by `floor_scale` (B A^T scales with it); returned
     as they are when there is no reference or the floor is 0 (saturation needs the floor).
     `signatures` (unhype.concept_signatures, a file's): saturate each prompt to its own
-    concept's reference."""
+    concept's reference (`cosines`: the rows' cosines with the concepts, if already made)."""
     if reference is None or floor <= 0:
         return factors
     targets = None
     if saturate and signatures is not None:
         with torch.no_grad():
-            targets = signatures.saturation_targets(signatures.nearest(factors), reference)
+            cos = signatures.cosines(factors) if cosines is None else cosines
+            targets = signatures.saturation_targets(cos, reference)
     scale = floor_scale(delta_norm(factors).float(), reference, floor, saturate, targets)
     if bool((scale == 1).all()):
         return factors

@@ -253,17 +253,17 @@ def probe_readings(source, readings: torch.Tensor, owner: list[int], prompts: li
                    ) -> list[ProbeResult]:
     """`probe` of embeddings already made: `readings` [K, D], each a reading of prompt
     `owner[k]` (the prompt itself, its windows); `concept_embeddings` [C, D] of `concepts`."""
-    from unhype.prompt_windows import combined_rows, select_rows, stack_rows
+    from unhype.prompt_windows import combined_rows, stack_rows
 
     generate, hypernet, reference, per_concept = _networks(source)
     emb = torch.cat([readings.float(), concept_embeddings.float().to(readings.device)])
     applied = generate(emb)
     raw = hypernet(emb) if hypernet is not None else applied
     n, k = len(prompts), len(readings)
-    if k > n:  # the readings each prompt gets, as the hosts combine them
-        prompt_rows = select_rows(applied, list(range(k)))
-        named = source.concepts_of(prompt_rows) if hasattr(source, "concepts_of") else None
-        picks = combined_rows(prompt_rows, owner, n, named)
+    if k > n:  # the readings each prompt gets, as the hosts pick them
+        picks = source.pick_readings(readings.float(), owner, n)[1] \
+            if hasattr(source, "pick_readings") else \
+            combined_rows({name: (a[:k], b[:k]) for name, (a, b) in applied.items()}, owner, n)
     else:
         picks = [[i] for i in range(n)]
     picks += [[k + j] for j in range(len(concepts))]

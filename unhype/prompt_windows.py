@@ -143,24 +143,32 @@ def strongest(factors: LoraFactors, owner: list[int], n: int) -> LoraFactors:
 
 
 def combined_rows(factors: LoraFactors, owner: list[int], n: int,
-                  concepts: torch.Tensor | None = None) -> list[list[int]]:
-    """Per prompt (0..n-1), the rows whose updates it gets: its strongest candidate (the first
-    on ties) and, where `concepts` names each row's concept (unhype.concept_signatures; -1:
-    none), the strongest candidate of every other concept its texts switch on. A concept named
-    in two windows counts once, so its update is never doubled; without `concepts` (a file
-    that stores no signatures) only the strongest."""
-    norms = update_norms(factors).cpu()
+                  cosines: torch.Tensor | None = None, rank_by: torch.Tensor | None = None
+                  ) -> list[list[int]]:
+    """Per prompt (0..n-1), the rows whose updates it gets: its strongest reading (by
+    `rank_by`, the update before the gate floor and saturation, which would make readings tie
+    or lift a weak one above a strong one; by default the factors' own norms; the first on
+    ties) and, where `cosines` [rows, concepts] tell the rows' concepts apart
+    (unhype.concept_signatures), in order of strength each reading of a clearly named concept
+    that no reading picked so far points to (cosine < COVER_COSINE): "a cat, [80 tokens], a
+    dog" gets both, a concept named twice counts once. Without `cosines` (a file that stores
+    no signatures) only the strongest."""
+    from unhype.concept_signatures import COVER_COSINE, names
+
+    applied = update_norms(factors).cpu()
+    key = applied if rank_by is None else rank_by.detach().double().cpu()
+    named = None if cosines is None else names(cosines)
     picks = []
     for i in range(n):
-        rows = sorted((j for j, o in enumerate(owner) if o == i), key=lambda j: -float(norms[j]))
+        rows = sorted((j for j, o in enumerate(owner) if o == i), key=lambda j: -float(key[j]))
         chosen = rows[:1]
-        if concepts is not None and int(concepts[chosen[0]]) >= 0:
-            seen = {int(concepts[chosen[0]])}
+        if named is not None:
+            covered = set(torch.nonzero(cosines[chosen[0]] >= COVER_COSINE).flatten().tolist())
             for j in rows[1:]:
-                concept = int(concepts[j])
-                if norms[j] > 0 and concept >= 0 and concept not in seen:
+                concept = int(named[j])
+                if applied[j] > 0 and concept >= 0 and concept not in covered:
                     chosen.append(j)
-                    seen.add(concept)
+                    covered |= set(torch.nonzero(cosines[j] >= COVER_COSINE).flatten().tolist())
         picks.append(chosen)
     return picks
 
@@ -185,6 +193,7 @@ def stack_rows(factors: LoraFactors, picks: list[list[int]]) -> LoraFactors:
 
 
 def combine(factors: LoraFactors, owner: list[int], n: int,
-            concepts: torch.Tensor | None = None) -> LoraFactors:
+            cosines: torch.Tensor | None = None, rank_by: torch.Tensor | None = None
+            ) -> LoraFactors:
     """Per prompt, the updates of `combined_rows`, summed (`stack_rows`)."""
-    return stack_rows(factors, combined_rows(factors, owner, n, concepts))
+    return stack_rows(factors, combined_rows(factors, owner, n, cosines, rank_by))

@@ -20,7 +20,7 @@ from unhype.errors import UnHypeError
 from unhype.fileformat import LoadedHypernet, host_paths
 from unhype.model_check import detect_family, family_problem
 from unhype.prompt_tags import has_break, plain_text, split_and
-from unhype.prompt_windows import combine, prompt_windows
+from unhype.prompt_windows import prompt_windows, stack_rows
 from unhype.row_match import CondBank
 
 from unhype_webui import host
@@ -231,10 +231,12 @@ def build_session(sd_model, actives: list[Active],
         if emb.shape[1] != want:
             raise UnHypeError(f"UnHype: {active.name} reads {want}-d embeddings, this model's "
                               f"text encoder gives {emb.shape[1]}-d")
+        rows = emb.to(next(active.loaded.hypernet.parameters()).device)
         with torch.no_grad():
-            f = active.loaded.generate(emb.to(next(active.loaded.hypernet.parameters()).device))
-        if windows:  # the strongest reading, and those of other concepts windows switch on
-            f = combine(f, read_for, len(embed_texts), active.loaded.concepts_of(f))
+            if windows:  # the strongest reading, and those of other concepts windows name
+                f = stack_rows(*active.loaded.pick_readings(rows, read_for, len(embed_texts)))
+            else:
+                f = active.loaded.generate(rows)
         if active.items is not None:  # a tag applies only to the prompts that carry it
             keep = torch.zeros(len(embed_texts))
             for j, owner in enumerate(owners):

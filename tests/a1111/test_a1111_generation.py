@@ -860,6 +860,7 @@ def test_a_long_prompt_naming_two_erased_concepts_far_apart_gets_both_updates(sd
     texts = [plain_text(long)] + windows
     holds = windows[:1] + windows  # the prompt's own embedding reads its first 75 tokens
     loaded = files.load(str(hyper_file))  # the instance the extension uses (its cache)
+    file_concepts = loaded.meta.concepts
     emb = two_concepts(loaded, sd1.pooled, texts, {"cat": "a photo of a cat",
                                                     "dog": "a photo of a dog"}, holds=holds)
     with torch.no_grad():
@@ -899,6 +900,7 @@ def test_a_long_prompt_naming_two_erased_concepts_far_apart_gets_both_updates(sd
     one = max((cat, dog), key=norms.__getitem__)
     p, _ = run(sd1, script, [long])
     check_rows(p, unet, lambda c, r: ["one", None][r], {"one": merged(unet, loaded, emb[one], 1.0)})
+    loaded.meta.concepts = file_concepts
 
 
 def test_textual_inversion_in_the_prompt_gets_the_lora_of_its_vectors(sd1, hyper_file, script):

@@ -869,7 +869,9 @@ def save_result(run: Run, step: int, path: Path | None = None) -> Path:
     # saturation to that concept's own reference and for long prompts' windows
     from unhype.concept_signatures import KEY, mean_embeddings
 
-    training[KEY] = mean_embeddings(run.backend.embed, run.concepts)
+    signatures = mean_embeddings(run.backend.embed, run.concepts)
+    if signatures:
+        training[KEY] = signatures
     training.update(base_model_hashes(cfg.pretrained_model_name_or_path))  # cached per file
     concepts = concept_table(run.concepts)
     return save_hypernet(path, run.hypernet, run.backend.family.name, concepts=concepts,
