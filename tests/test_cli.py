@@ -486,3 +486,35 @@ def test_inspect_says_whether_a_file_of_several_concepts_tells_them_apart(tmp_pa
     one = tmp_path / "one.safetensors"  # one concept: nothing to tell apart, no line
     save_hypernet(one, net, "toy", concepts=two[:1], training={})
     assert not any("told apart" in line for line in summary_lines(load_hypernet(one)))
+
+
+def test_signatures_are_named_not_dumped_and_stamp_says_how_to_add_them(tmp_path, capsys):
+    from unhype.fileformat import load_hypernet
+    from unhype.summary import history_lines
+
+    net = hypernet_for(None, family="toy", rank=1)
+    dim = net.config.embed_dim
+    two = [{"target": "circle"}, {"target": "square"}]
+    path = tmp_path / "sig.safetensors"
+    save_hypernet(path, net, "toy", concepts=two, training={
+        "gate_reference": 2.0, "concept_embeddings": {"circle": [0.1] * dim,
+                                                      "square": [-0.1] * dim}})
+    assert main(["inspect", str(path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["training"]["concept_embeddings"] == ["circle", "square"]
+    assert len(out) < 20000
+    # an older file's history kept the numbers: shown by their keys
+    loaded = load_hypernet(path)
+    loaded.meta.history.append({"date": "d", "tool": "t", "changed": {
+        "concept_embeddings": [None, {"circle": [0.1] * dim, "square": [0.2] * dim}]}})
+    [line] = history_lines(loaded.meta)
+    assert line == "d by t: concept_embeddings None -> <2 entries: circle, square>"
+    # a file of several concepts without them: stamp-floor says --force adds them
+    old = tmp_path / "old.safetensors"
+    save_hypernet(old, net, "toy", concepts=two, training={"gate_reference": 2.0})
+    assert main(["stamp-floor", str(old), "-o", str(tmp_path / "x.safetensors")]) != 0
+    assert "stores no concept signatures" in capsys.readouterr().err
+    assert main(["stamp-floor", str(old), "-o", str(tmp_path / "y.safetensors"),
+                 "--gate_floor", "0.05"]) == 0
+    assert "note: this file of several concepts stores no concept signatures" in \
+        capsys.readouterr().err

@@ -94,6 +94,17 @@ def training_text(training: dict) -> str:
     return ", ".join(parts)
 
 
+def _short(value, limit: int = 120) -> str:
+    """A recorded value for a line: long tables (older files kept signatures' numbers in their
+    history) cut, with their keys."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, dict):
+        return f"<{len(value)} entries: {', '.join(map(str, list(value)[:5]))}>"
+    return text[:limit] + "..."
+
+
 def history_lines(meta) -> list[str]:
     """Each later edit of the file's settings (stamp-floor): when, by what, from what to what."""
     out = []
@@ -101,7 +112,7 @@ def history_lines(meta) -> list[str]:
         if not isinstance(entry, dict):
             continue
         changed = entry.get("changed") if isinstance(entry.get("changed"), dict) else {}
-        changes = "; ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()
+        changes = "; ".join(f"{k} {_short(v[0])} -> {_short(v[1])}" for k, v in changed.items()
                             if isinstance(v, list) and len(v) == 2)
         out.append(f"{entry.get('date', '?')} by {entry.get('tool') or '?'}: {changes}")
     return out

@@ -30,8 +30,8 @@ def register(subparsers) -> None:
 
 def probe_prompts(loaded, prompts: list[str], text_encoder: str | None = None,
                   per_layer: bool = False):
-    """unhype.probe of `prompts` with the family's text encoder (long prompts: their strongest
-    window, as the hosts and `unhype bake` apply them)."""
+    """unhype.probe of `prompts` with the family's text encoder (long prompts: the readings of
+    them and their windows the hosts and `unhype bake` apply, unhype.prompt_windows)."""
     from unhype.embedding import load_embedder
     from unhype.errors import UnHypeError
     from unhype.probe import concept_texts, probe
@@ -61,7 +61,8 @@ def inspect(path, prompts: list[str] | None = None, text_encoder: str | None = N
         "parameters": loaded.hypernet.num_parameters(trainable_only=False),  # loaded frozen
         "targets": [{"name": t.name, "in_dim": t.in_dim, "out_dim": t.out_dim}
                     for t in cfg.targets],
-        "concepts": meta.concepts, "training": meta.training, "created": meta.created,
+        "concepts": meta.concepts, "training": _without_signatures(meta.training),
+        "created": meta.created,
         "history": meta.history,
         "gate_reference": loaded.gate_reference, "gate_floor": loaded.gate_floor,
         "gate_saturate": loaded.gate_saturate, "retain_share": share,
@@ -105,6 +106,16 @@ def _training_lines(training: dict) -> list[str]:
             + (f", consistency loss weight {fmt(training.get('consistency_weight', 1.0))}"
                if training.get("adversarial_loss") == "consistency" else "") + ")")
     return lines
+
+
+def _without_signatures(training: dict) -> dict:
+    """The training record with the concepts' signatures (thousands of numbers each) given by
+    the concepts they are for."""
+    from unhype.concept_signatures import KEY
+
+    if isinstance(training, dict) and isinstance(training.get(KEY), dict):
+        return {**training, KEY: sorted(map(str, training[KEY]))}
+    return training
 
 
 def _gate_lines(loaded) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 
@@ -42,6 +43,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _lacks_signatures(loaded) -> str | None:
+    """What a file of several concepts without their signatures misses, and how to add them
+    (None: it has them, or has one concept)."""
+    from unhype.concept_signatures import KEY
+
+    targets = [c for c in loaded.meta.concepts if isinstance(c, dict)]
+    if len(targets) < 2 or KEY in loaded.meta.training:
+        return None
+    return ("this file of several concepts stores no concept signatures, so hosts cannot tell "
+            "its concepts apart (saturation to each concept's own strength, long prompts "
+            "naming two of them): --force adds them, with the text encoder")
+
+
 def run(args) -> int:
     from unhype.trainer.concepts import concepts_of_file
     from unhype.atomic import check_output
@@ -62,13 +76,17 @@ def run(args) -> int:
         # the floor and saturation are settings on top of the reference: no text encoder
         settings = {k: v for k, v in (("gate_floor", floor),
                                       ("gate_saturate", args.gate_saturate)) if v is not None}
+        unsigned = _lacks_signatures(loaded)
         if not settings:
             raise UnHypeError(f"{loaded.path} already stores gate_reference "
                               f"{loaded.gate_reference:.6g}; give --gate_floor or "
-                              "--gate_saturate to change those, or --force to recompute it")
+                              "--gate_saturate to change those, or --force to recompute it"
+                              + (f" ({unsigned})" if unsigned else ""))
         save_with_training(loaded, out, tool="unhype stamp-floor", **settings)
         print(f"wrote {out}: " + ", ".join(f"{k} {str(v).lower()}" for k, v in settings.items())
               + f" (gate_reference {loaded.gate_reference:.6g} kept)")
+        if unsigned:
+            print(f"unhype stamp-floor: note: {unsigned}", file=sys.stderr)
         return 0
     concepts = concepts_of_file(loaded.meta.concepts, args.concepts, where=str(loaded.path))
     embedder = load_embedder(loaded.family, args.text_encoder)
