@@ -341,7 +341,8 @@ class UnHypeAlsoReadText:
     """Adds a text's pooled embeddings to a conditioning, for a text the conditioning was
     encoded from but its pooled output does not cover: CLIP Text Encode Flux's t5xxl text
     (FLUX's pooled vector is the clip_l text's), CLIP Text Encode SDXL's text_l (SDXL's is
-    text_g's). Apply then gives each row the strongest of its own and these texts' updates."""
+    text_g's). Apply then gives each row the strongest of its own and these texts' updates, and
+    those of other concepts they name (unhype.prompt_windows.combined_rows)."""
 
     @classmethod
     def INPUT_TYPES(cls):
