@@ -1,6 +1,6 @@
 """Concept signatures (unhype.concept_signatures): a prompt's concept named by its update's
 direction; saturation to that concept's own reference (unhype.gate_floor); a long prompt's
-windows of different concepts combined (unhype.prompt_windows.combine)."""
+windows of different concepts combined (unhype.prompt_windows.combined_rows)."""
 
 import json
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from unhype.concept_signatures import ConceptSignatures, read_embeddings
+from unhype.concept_signatures import ConceptSignatures, names, read_embeddings
 from unhype.errors import UnHypeError
 from unhype.fileformat import load_hypernet, read_header
 from unhype.gate_floor import apply_floor
 from unhype.hypernet import delta_norm, delta_weight
-from unhype.prompt_windows import combine, combined_rows
+from unhype.prompt_windows import combined_rows, stack_rows
 
 IN, OUT = 6, 5
 
@@ -58,13 +58,13 @@ def test_nearest_names_each_concept_by_direction_and_none_for_others():
     sig = signatures([1.0, 4.0])
     assert abs(float(_cosine(sig.factors))) < 0.3  # the two concepts point apart
     f = factors_of([(0, 0.3), (1, 2.0), (7, 1.0), (0, 0.0)])
-    assert sig.nearest(f).tolist() == [0, 1, -1, -1]  # seed 7 points no concept's way
+    assert names(sig.cosines(f)).tolist() == [0, 1, -1, -1]  # seed 7 points no concept's way
     # halfway between two concepts (cosine ~0.7 with each): no clear concept
     from unhype.prompt_windows import stack_rows
 
     halves = factors_of([(0, scaled(0, 1.0)), (1, scaled(1, 1.0))])
     between = stack_rows(halves, [[0, 1]])
-    assert sig.nearest(between).tolist() == [-1]
+    assert names(sig.cosines(between)).tolist() == [-1]
     # ... which saturation raises to the smallest reference, as files without signatures do
     assert norms_of(apply_floor(between, 1.0, 0.03, saturate=True, signatures=sig)) == \
         pytest.approx(norms_of(apply_floor(between, 1.0, 0.03, saturate=True)), rel=1e-6)
@@ -104,7 +104,7 @@ def test_combine_sums_the_windows_of_different_concepts_once_each():
     owner = [0, 0, 0, 0, 1]
     cos = sig.cosines(f)
     assert combined_rows(f, owner, 2, cos) == [[0, 2], [4]]
-    out = combine(f, owner, 2, cos)
+    out = stack_rows(f, combined_rows(f, owner, 2, cos))
     a, b = out["layer"]
     assert a.shape == (2, IN, 2) and b.shape == (2, OUT, 2)  # rank 1 x 2 windows, padded
     fa, fb = f["layer"]
@@ -113,7 +113,7 @@ def test_combine_sums_the_windows_of_different_concepts_once_each():
     assert torch.allclose(delta_weight(a[1], b[1]), delta_weight(fa[4], fb[4]), atol=1e-6)
     # a file without signatures: the strongest reading only, as before
     assert combined_rows(f, owner, 2) == [[0], [4]]
-    plain = combine(f, owner, 2)
+    plain = stack_rows(f, combined_rows(f, owner, 2))
     assert plain["layer"][0].shape == (2, IN, 1)
     assert torch.equal(plain["layer"][0][0], fa[0])
 

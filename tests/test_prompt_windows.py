@@ -3,8 +3,9 @@
 import torch
 
 from unhype.hypernet import delta_weight
-from unhype.prompt_windows import (CHUNK_TOKENS, STRIDE_TOKENS, clip_tokens, prompt_pieces,
-                                   prompt_windows, strongest, update_norms, window_spans)
+from unhype.prompt_windows import (CHUNK_TOKENS, STRIDE_TOKENS, clip_tokens, combined_rows,
+                                   prompt_pieces, prompt_windows, stack_rows, update_norms,
+                                   window_spans)
 
 TAGS = ("ultra-detailed, (masterpiece:1.2), best-quality, hyper-realistic, 8k-uhd, "
         "cinematic-lighting, volumetric-fog, award-winning, trending-on-artstation, ")
@@ -67,7 +68,7 @@ def test_update_norms_and_the_strongest_candidate_per_prompt():
                              for a, b in factors.values()) for n in range(5)])
     torch.testing.assert_close(update_norms(factors), dense)
     owner = [0, 0, 0, 1, 1]
-    picked = strongest(factors, owner, 2)
+    picked = stack_rows(factors, combined_rows(factors, owner, 2))
     best = [int(torch.argmax(dense[:3])), 3 + int(torch.argmax(dense[3:]))]
     for name, (a, b) in picked.items():
         torch.testing.assert_close(a, factors[name][0][best])
@@ -77,6 +78,7 @@ def test_update_norms_and_the_strongest_candidate_per_prompt():
     zeroed = {name: (a.clone(), b) for name, (a, b) in tied.items()}
     for a, _ in zeroed.values():
         a[1:] = 0
-    out = strongest(zeroed, [0, 0, 0], 1)  # silent windows: the prompt's own update stays
+    # silent windows: the prompt's own update stays (the first on ties)
+    out = stack_rows(zeroed, combined_rows(zeroed, [0, 0, 0], 1))
     for name, (a, _) in out.items():
         torch.testing.assert_close(a, tied[name][0][:1])

@@ -127,16 +127,12 @@ def probe_embedding(loaded: LoadedHypernet, embedding: torch.Tensor, prompt: str
     readings [M, D] stay those readings), against the file's concept texts encoded with
     `embed` (list[str] -> [N, D]); without `embed` no concept is measured, only the share of
     the file's gate_reference."""
-    from unhype.probe import concept_texts, probe_readings, stored_signatures
+    from unhype.probe import concept_embeddings, concept_texts, probe_readings
 
     concepts = concept_texts(loaded.meta) if embed is not None else []
     own = embedding.reshape(-1, embedding.shape[-1]).float()
-    stored = stored_signatures(loaded)
-    fresh = [c for c in concepts if c not in stored]
-    made = iter(embed(fresh).float().to(own.device) if fresh else [])
-    others = torch.stack([stored[c].to(own) if c in stored else next(made) for c in concepts]) \
-        if concepts else own.new_zeros(0, own.shape[1])
-    return probe_readings(loaded, own, [0] * len(own), [prompt or ""], others, concepts)[0]
+    return probe_readings(loaded, own, [0] * len(own), [prompt or ""],
+                          concept_embeddings(loaded, embed, concepts, own), concepts)[0]
 
 
 def prompt_claim(result) -> str:
@@ -239,7 +235,7 @@ def update_norm(tensors: dict) -> float:
 
 def bake_readings(loaded: LoadedHypernet, candidates: torch.Tensor) -> torch.Tensor:
     """Of a prompt's candidate embeddings [K, D] (the prompt's own, then its windows'), those
-    [M, D] whose updates the hosts apply to it (unhype.prompt_windows.combine): the strongest,
+    [M, D] whose updates the hosts apply to it (unhype.prompt_windows.combined_rows): the strongest,
     and with a file that names its concepts, the strongest of each other concept a window
     switches on. A baked LoRA is their sum, the update the prompt gets when applied live."""
     candidates = candidates.reshape(-1, candidates.shape[-1]).float()

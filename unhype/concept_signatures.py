@@ -12,7 +12,7 @@ unhype.hypernet.update_gram), if it does clearly: a cosine of at least MIN_COSIN
 * saturation (unhype.gate_floor) raises a prompt to its own concept's reference
   (training["concept_references"]), not to the smallest over the concepts;
 * a long prompt whose windows erase different concepts gets each of those updates, not only
-  the strongest window's (unhype.prompt_windows.combine).
+  the strongest window's (unhype.prompt_windows.combined_rows).
 
 Files without the entry (trained before it existed) keep the old behaviour: saturation to
 gate_reference, the strongest window only.
@@ -130,10 +130,6 @@ class ConceptSignatures:
         g = update_gram(factors, self.factors)
         denom = _norms(factors)[:, None] * self.norms[None, :]
         return torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
-
-    def nearest(self, factors: LoraFactors) -> Tensor:
-        """[N] index of each row's concept (`names`; -1: none clear)."""
-        return names(self.cosines(factors))
 
     def saturation_targets(self, cosines: Tensor, fallback: float) -> Tensor:
         """[N] the reference each row is raised to: its clearly named concept's own; from

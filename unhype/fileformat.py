@@ -109,29 +109,27 @@ class LoadedHypernet:
         """LoRA factors for pooled embeddings [N, D], with the gate floor applied (`floor`:
         a fraction of `gate_reference`; None = the file's `gate_floor`, 0 = off; `saturate`:
         None = the file's `gate_saturate`)."""
-        from unhype.gate_floor import apply_floor, check_floor
+        return self._floored(self.hypernet(embeddings), floor, saturate)
 
-        f = self.gate_floor if floor is None else check_floor(floor)
-        sat = self.gate_saturate if saturate is None else bool(saturate)
-        return apply_floor(self.hypernet(embeddings), self.gate_reference, f, sat,
-                           self.signatures)
-
-    def pick_readings(self, embeddings: torch.Tensor, owner: list[int], n: int,
-                      floor: float | None = None, saturate: bool | None = None):
+    def pick_readings(self, embeddings: torch.Tensor, owner: list[int], n: int):
         """For prompts read several ways (a long prompt and its windows: row k of `embeddings`
         reads prompt owner[k]): (every row's factors as `generate` gives them, per prompt the
         rows it gets: unhype.prompt_windows.combined_rows, ranked by the update before the
         floor, concepts told apart by the file's signatures). `stack_rows` sums them."""
-        from unhype.gate_floor import apply_floor, check_floor
         from unhype.prompt_windows import combined_rows, update_norms
+
+        raw = self.hypernet(embeddings)
+        cosines = self.signatures.cosines(raw) if self.signatures is not None else None
+        applied = self._floored(raw, cosines=cosines)
+        return applied, combined_rows(applied, owner, n, cosines, rank_by=update_norms(raw))
+
+    def _floored(self, raw, floor: float | None = None, saturate: bool | None = None,
+                 cosines=None):
+        from unhype.gate_floor import apply_floor, check_floor
 
         f = self.gate_floor if floor is None else check_floor(floor)
         sat = self.gate_saturate if saturate is None else bool(saturate)
-        raw = self.hypernet(embeddings)
-        sig = self.signatures
-        cosines = sig.cosines(raw) if sig is not None else None
-        applied = apply_floor(raw, self.gate_reference, f, sat, sig, cosines)
-        return applied, combined_rows(applied, owner, n, cosines, rank_by=update_norms(raw))
+        return apply_floor(raw, self.gate_reference, f, sat, self.signatures, cosines)
 
     @property
     def signatures(self):

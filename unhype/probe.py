@@ -213,7 +213,7 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
     `source`: a LoadedHypernet (what the hosts apply: its gate floor and saturation, measured
     against its gate_reference) or a bare network (embeddings -> factors).
     `windows`: read long prompts also through word windows and score the update each prompt
-    gets from its readings, as the hosts apply them (unhype.prompt_windows.combine).
+    gets from its readings, as the hosts apply them (unhype.prompt_windows.combined_rows).
     `per_layer`: also each layer's applied ||dW||."""
     from unhype.prompt_windows import prompt_windows
 
@@ -225,13 +225,21 @@ def probe(source, embed, prompts: list[str], concepts: list[str],
         for text in [prompt] + (prompt_windows(prompt) if windows else []):
             texts.append(text)
             owner.append(i)
-    stored = stored_signatures(source)  # the concepts as the hosts name them, where stored
-    emb = embed(texts + [c for c in concepts if c not in stored]).float()
-    rest = iter(emb[len(texts):])
-    concept_emb = torch.stack([stored[c].to(emb) if c in stored else next(rest)
-                               for c in concepts]) if concepts else emb[:0]
-    return probe_readings(source, emb[:len(texts)], owner, prompts, concept_emb, concepts,
+    emb = embed(texts).float()
+    return probe_readings(source, emb, owner, prompts,
+                          concept_embeddings(source, embed, concepts, emb), concepts,
                           threshold, per_layer)
+
+
+def concept_embeddings(source, embed, concepts: list[str], like: torch.Tensor) -> torch.Tensor:
+    """[C, D] embeddings of `concepts`: the file's stored signature where it has one (the
+    concepts as the hosts name them), else `embed` of the concept text; on `like`'s device."""
+    stored = stored_signatures(source)
+    fresh = [c for c in concepts if c not in stored]
+    made = iter(embed(fresh).float().to(like.device) if fresh else [])
+    if not concepts:
+        return like.new_zeros(0, like.shape[-1])
+    return torch.stack([stored[c].to(like) if c in stored else next(made) for c in concepts])
 
 
 def stored_signatures(source) -> dict:

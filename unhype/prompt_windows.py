@@ -8,7 +8,7 @@ as many prompts are written) would get no LoRA. So a long prompt is also read th
 overlapping windows of its words, each short enough for one chunk, and each prompt gets the
 LoRA of whichever of its texts (the prompt itself or a window) gives the strongest update; with a
 file that names its concepts by direction (unhype.concept_signatures), also the strongest update
-of each other erased concept a window switches on (`combine`): "a cat ... [80 tokens] ... nude"
+of each other erased concept a window names (`combined_rows`): "a cat ... [80 tokens] ... nude"
 gets both erasures, not only the stronger.
 
 Windows are made of words (also cut after commas: ``score_9,score_8_up,...`` tag prompts
@@ -124,22 +124,9 @@ def update_norms(factors: LoraFactors) -> torch.Tensor:
     return update_size_sq({name: (a.double(), b.double()) for name, (a, b) in factors.items()})
 
 
-def strongest_rows(factors: LoraFactors, owner: list[int], n: int) -> list[int]:
-    """Per prompt (0..n-1), the row of its candidate with the largest update (the first on
-    ties, i.e. the prompt itself); `owner[j]` is row j's prompt."""
-    norms, owner_t = update_norms(factors).cpu(), torch.tensor(owner)
-    rows = [torch.nonzero(owner_t == i).flatten() for i in range(n)]
-    return [int(r[int(torch.argmax(norms[r]))]) for r in rows]
-
-
 def select_rows(factors: LoraFactors, index: list[int]) -> LoraFactors:
     idx = torch.tensor(index)
     return {name: (a[idx.to(a.device)], b[idx.to(b.device)]) for name, (a, b) in factors.items()}
-
-
-def strongest(factors: LoraFactors, owner: list[int], n: int) -> LoraFactors:
-    """Per prompt (0..n-1), the factors of its candidate with the largest update."""
-    return select_rows(factors, strongest_rows(factors, owner, n))
 
 
 def combined_rows(factors: LoraFactors, owner: list[int], n: int,
@@ -190,10 +177,3 @@ def stack_rows(factors: LoraFactors, picks: list[list[int]]) -> LoraFactors:
                 b_out[i, :, k * r:(k + 1) * r] = b[j]
         out[name] = (a_out, b_out)
     return out
-
-
-def combine(factors: LoraFactors, owner: list[int], n: int,
-            cosines: torch.Tensor | None = None, rank_by: torch.Tensor | None = None
-            ) -> LoraFactors:
-    """Per prompt, the updates of `combined_rows`, summed (`stack_rows`)."""
-    return stack_rows(factors, combined_rows(factors, owner, n, cosines, rank_by))

@@ -209,7 +209,7 @@ def build_session(sd_model, actives: list[Active],
         emb = torch.stack([vectors[k] for k in range(len(embed_texts))])
     else:
         emb = host.pooled_embeddings(sd_model, model_family, embed_texts)
-    # long prompts: also read through word windows (unhype.prompt_windows.combine).
+    # long prompts: also read through word windows (unhype.prompt_windows.combined_rows).
     # SDXL / FLUX: the host's vector is its first chunk's pooled output, which ends at a BREAK;
     # such a prompt is also read whole, without BREAK, as SD1 / SD2 prompts are (plain_text)
     broken = sorted({text_k[j] for j, text in enumerate(cond_texts) if has_break(text)}) \

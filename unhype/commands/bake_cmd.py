@@ -37,7 +37,7 @@ def run(args) -> int:
     check_output(args.output, [args.hypernet, args.text_encoder], "-o")
     loaded = load_hypernet(args.hypernet)
     embedder = load_embedder(loaded.family, args.text_encoder)
-    # a long prompt: the readings of it and its windows the hosts apply (prompt_windows.combine)
+    # a long prompt: the readings of it and its windows the hosts apply (prompt_windows.combined_rows)
     embedding = bake_readings(loaded, embedder([args.prompt] + prompt_windows(args.prompt)))
     # what the LoRA does for this prompt (the same embedding), recorded in its metadata
     probed = probe_embedding(loaded, embedding, args.prompt, embedder)
