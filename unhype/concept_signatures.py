@@ -7,15 +7,17 @@ concept, the mean pooled embedding of its own training prompts (training["concep
 {target: [D numbers]}); the file's own network turns them into each concept's update once, and a
 prompt is that concept whose update points most its way (the Frobenius cosine over all layers,
 unhype.hypernet.update_gram), if it does clearly: a cosine of at least MIN_COSINE (0.8), MARGIN
-(0.05) above the next concept's. A prompt of no clear concept keeps the old behaviour. Two uses:
+(0.05) above the next concept's. Two uses:
 
-* saturation (unhype.gate_floor) raises a prompt to its own concept's reference
-  (training["concept_references"]), not to the smallest over the concepts;
-* a long prompt whose windows erase different concepts gets each of those updates, not only
+* saturation (unhype.gate_floor) raises a prompt of a clear concept to that concept's own
+  reference (training["concept_references"]), not to the smallest over the concepts; as the
+  direction grows unclear (cosine down to SOFT_FROM, or no margin) the target falls linearly
+  to the smallest, as before;
+* a long prompt whose windows name different concepts gets each of those updates, not only
   the strongest window's (unhype.prompt_windows.combined_rows).
 
-Files without the entry (trained before it existed) keep the old behaviour: saturation to
-gate_reference, the strongest window only.
+Files without the entry (trained before it existed), or of one concept, keep the old
+behaviour: saturation to gate_reference, the strongest window only.
 """
 
 from __future__ import annotations
