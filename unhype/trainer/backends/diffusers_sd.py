@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from unhype.trainer.backends.base import Backend, Cond, latent_preview
-from unhype.trainer.backends.preflight import CHANNELS_REFUSAL, check_sd_folder
+from unhype.trainer.backends.preflight import (CHANNELS_REFUSAL, FLUX_ONLY, check_sd_folder,
+                                              pipeline_class)
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 
@@ -44,10 +45,10 @@ REFINER_REFUSAL = ("{what}; UnHype trains on the SDXL base model, and its files 
 def folder_family(path: Path) -> str:
     config = path / "unet" / "config.json"
     if not config.is_file():
-        pipeline = _pipeline_class(path)
+        pipeline = pipeline_class(path)
         if pipeline:
-            raise UnHypeError(f"{path}: a {pipeline} folder (no unet/); UnHype trains SD 1.x / "
-                              "2.x / XL and FLUX.1 (dev / schnell): not supported")
+            raise UnHypeError(f"{path}: a {pipeline} folder (no unet/); {FLUX_ONLY}: not "
+                              "supported")
         raise UnHypeError(f"{path}: not a diffusers pipeline folder (unet/config.json missing)")
     unet = json.loads(config.read_text())
     check_sd_folder(path, unet)
@@ -57,13 +58,6 @@ def folder_family(path: Path) -> str:
         raise UnHypeError(f"{path}: " + REFINER_REFUSAL.format(
             what="an SDXL refiner (OpenCLIP-G only, 1280-d context)"))
     return family
-
-
-def _pipeline_class(path: Path) -> str:
-    try:
-        return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
 
 
 class DiffusersSD(Backend):

@@ -26,10 +26,17 @@ FLUX_ONLY = "UnHype trains SD 1.x / 2.x / XL and FLUX.1 (dev / schnell)"
 
 
 def _json(path: Path) -> dict:
+    """A config file's table ({} when missing, unreadable or not a table)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def pipeline_class(path: Path) -> str:
+    """A diffusers folder's pipeline class (model_index.json's _class_name; '' without one)."""
+    return str(_json(path / "model_index.json").get("_class_name", ""))
 
 
 def check_sd_folder(path: Path, unet: dict) -> None:
@@ -54,7 +61,7 @@ def check_flux_folder(path: Path, what: str = "") -> None:
     """A diffusers FLUX folder (the model, or --model_config for a single file): a FLUX.1
     text-to-image pipeline and transformer."""
     where = f"{what}{path}"
-    cls = _json(path / "model_index.json").get("_class_name", "")
+    cls = pipeline_class(path)
     version = re.match(r"Flux(\d)", cls)
     if version:
         raise UnHypeError(f"{where}: a FLUX.{version.group(1)} pipeline ({cls}); {FLUX_ONLY}: "
