@@ -125,16 +125,11 @@ def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-            if CLIP_L_FILE_KEY in keys and family.name in ("sd1", "flux"):
+            clip_l = _clip_l_prefix(keys, family.name, path)
+            if clip_l is not None:
                 folder = config_folder("sd15")
-                tensors = {k: f.get_tensor(k) for k in keys if k.startswith("text_model.")}
-                encoder = _clip_l_from_tensors(folder, tensors, path)
-                tok_sub = "tokenizer"
-            elif family.name == "flux" and COMFY_FLUX_CLIP_L + CLIP_L_FILE_KEY in keys and \
-                    checkpoint_family(path) == "flux":
-                folder = config_folder("sd15")
-                tensors = {k.removeprefix(COMFY_FLUX_CLIP_L): f.get_tensor(k) for k in keys
-                           if k.startswith(COMFY_FLUX_CLIP_L + "text_model.")}
+                tensors = {k.removeprefix(clip_l): f.get_tensor(k) for k in keys
+                           if k.startswith(clip_l + "text_model.")}
                 encoder = _clip_l_from_tensors(folder, tensors, path)
                 tok_sub = "tokenizer"
             else:
@@ -154,6 +149,19 @@ def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
         raise UnHypeError(f"{path}: its text encoder is incomplete (tensors missing)")
     tokenizer = CLIPTokenizer.from_pretrained(folder / tok_sub)
     return PromptEmbedder(family, tokenizer, encoder.to(device).eval())
+
+
+def _clip_l_prefix(keys: list[str], family: str, path: Path) -> str | None:
+    """Where a file's CLIP-L text encoder sits: '' in a standalone CLIP-L file (SD1, FLUX),
+    COMFY_FLUX_CLIP_L in ComfyUI's all-in-one FLUX checkpoint; None: neither."""
+    from unhype.model_check import checkpoint_family
+
+    if CLIP_L_FILE_KEY in keys and family in ("sd1", "flux"):
+        return ""
+    if family == "flux" and COMFY_FLUX_CLIP_L + CLIP_L_FILE_KEY in keys and \
+            checkpoint_family(path) == "flux":
+        return COMFY_FLUX_CLIP_L
+    return None
 
 
 def wrong_checkpoint(path: Path, family: str, found: str | None) -> str:
