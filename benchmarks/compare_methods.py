@@ -598,7 +598,8 @@ def generality_words(kinds) -> str:
     """What the Acc_g set holds, for the tables' captions."""
     words = {"synonyms": "synonyms (never trained on)", "paraphrases": "the name in paraphrased "
              "wordings (unhype.evaluation.prompts.PARAPHRASE_TEMPLATES)",
-             "misspellings": "misspellings of the name"}
+             "misspellings": "misspellings of the name",
+             "composites": "the name beside a class not erased"}
     return ", ".join(words[k] for k in kinds) + (" in turn" if len(kinds) > 1 else "")
 
 

@@ -58,6 +58,22 @@ def test_harder_generality_set_takes_each_kind_in_turn():
         build_sets(ps, ["circle"], 2, "synonyms,spelling")
 
 
+def test_composites_name_the_erased_class_beside_one_not_erased():
+    ps = load_prompt_set("toy")
+    erased = ["circle", "star"]
+    sets = build_sets(ps, erased, 8, "composites")
+    kept = [n for n in ps.class_names if n not in erased]
+    for k, (prompt, c) in enumerate(p for p in sets["synonyms"] if p[1] == 0):
+        assert c == 0 and "circle" in prompt and "star" not in prompt
+        joiner = (", ", " and ")[(k // 2) % 2]
+        first, second = prompt.split(joiner)
+        mine, other = (first, second) if k % 2 == 0 else (second, first)
+        assert "circle" in mine and [n for n in kept if n in other] == [kept[k]]
+    assert generality_kinds(ps, erased, 4, "synonyms,composites") == \
+        ["synonyms", "composites"] * 4
+    assert build_sets(ps, erased, 8, "composites") == sets  # deterministic
+
+
 def test_generality_kinds_a_class_lacks_are_filled_by_the_others(tmp_path):
     f = tmp_path / "no_synonyms.toml"
     f.write_text('templates = ["a {}"]\nparaphrase_templates = ["{} art"]\n'

@@ -1,5 +1,5 @@
 """Several concepts in one hypernetwork: per-concept scores and bars, per-concept log and
-references, anchors that name another erased concept, the exposure note."""
+references, anchors that name another erased concept, the exposure note, composite prompts."""
 
 import json
 
@@ -12,9 +12,10 @@ from unhype.hypernet import delta_norm
 from unhype.toy import data
 from unhype.trainer import concepts as C
 from unhype.trainer import evaluate, loop
+from unhype.errors import UnHypeError
 from unhype.trainer.config import resolve
 
-from tests.trainer.conftest import fast_options
+from tests.trainer.conftest import fast_options, inline_cfg
 
 
 def _preds(sets, keep: dict, kind: str) -> np.ndarray:
@@ -141,3 +142,53 @@ def test_multi_concept_run_logs_and_stores_each_concept(tiny_sd1, tmp_path, caps
             assert refs[c.target] == pytest.approx(own, rel=1e-5)
             assert last[c.target]["delta_target"] == pytest.approx(own, rel=1e-5)
     assert "unhype train: per concept: dog (update" in err and "; weakest: " in err
+
+
+def test_composite_prompts_pair_each_concept_with_a_retained_prompt():
+    concepts = [C.Concept("circle", templates=["a {}", "a red {}"]),
+                C.Concept("car", anchor="bus", templates=["a {}"])]
+    retained = ["a blue heart", "a tree"]
+    items = C.composite_items(concepts, retained, 6, seed=3)
+    assert [i for i, _, _ in items] == [0] * 6 + [1] * 6
+    joiners = [", ", ", ", " and ", " and ", " next to ", " next to "]
+    for j, (index, prompt, anchor) in enumerate(items):
+        own = ["a circle", "a red circle"] if index == 0 else ["a car"]
+        instead = "" if index == 0 else "a bus"
+        pair = prompt.split(joiners[j % 6])
+        assert len(pair) == 2
+        mine, other = (pair[0], pair[1]) if j % 2 == 0 else (pair[1], pair[0])
+        assert mine in own and other in retained  # the concept first, then second
+        # the target is the retained part alone: beside the anchor where there is one
+        if instead:
+            assert anchor == prompt.replace("a car", instead)
+        else:
+            assert anchor == other
+    assert items == C.composite_items(concepts, retained, 6, seed=3)
+    assert items != C.composite_items(concepts, retained, 6, seed=4)
+    assert C.composite_items(concepts, [], 0, seed=3) == []
+    with pytest.raises(UnHypeError, match="composite_prompts needs retained prompts"):
+        C.composite_items(concepts, [], 2, seed=3)
+
+
+def test_a_run_trains_on_composites_but_measures_the_concepts_own_prompts(tiny_sd1, tmp_path):
+    cfg = resolve(fast_options(tiny_sd1, tmp_path, max_train_steps=2, train_batch_size=4,
+                               log_every=1, composite_prompts=2))
+    cfg.concept_entries = [{"target": "dog", "templates": ["a photo of a {}", "a {}"]},
+                           {"target": "car", "anchor": "a bus", "templates": ["a {}", "a red {}"]}]
+    session = loop.prepare(cfg, quiet=True)
+    assert session.own_items == 4 and len(session.items) == 8
+    composites = session.items[4:]
+    assert [i for i, _, _ in composites] == [0, 0, 1, 1]
+    assert all(p not in ("a photo of a dog", "a dog") for _, p, _ in composites)
+    assert session.fingerprint["composite_prompts"] == 2
+    assert loop.train(session, progress=False) == 0
+    last = [json.loads(ln) for ln in (tmp_path / "erase-loss.jsonl").read_text().splitlines()][-1]
+    hn, embed = session.hypernet, session.backend.embed
+    with torch.no_grad():
+        for c in session.concepts:  # the monitor reads the concept's own prompts only
+            own = float(delta_norm(hn(embed([p for p, _ in c.prompts()]))).median())
+            assert last["concepts"][c.target]["delta_target"] == pytest.approx(own, rel=1e-5)
+    assert load_hypernet(tmp_path / "erase.safetensors").meta.training["composite_prompts"] == 2
+    plain = loop.prepare(inline_cfg(tiny_sd1, tmp_path / "plain"), quiet=True)
+    # without composites the checkpoint fingerprint is as before: older checkpoints resume
+    assert "composite_prompts" not in plain.fingerprint and plain.own_items == len(plain.items)

@@ -49,7 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--per_class", type=int, default=10, help="images per class and set")
     p.add_argument("--generality", default="synonyms", help="the kinds of prompt Acc_g is "
                    "measured on, comma-separated: synonyms (MACE), paraphrases (the class name "
-                   "in the prompt set's paraphrase_templates), misspellings (of the class name)")
+                   "in the prompt set's paraphrase_templates), misspellings (of the class name), "
+                   "composites (the class named beside a class not erased: 'a red circle and a "
+                   "blue heart')")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (toy 20, SD 30)")

@@ -15,6 +15,8 @@ erased classes' prompts in turn from each kind: synonyms as above, the class nam
 `paraphrase_templates` (wordings the trainer's templates never use; optional key, default
 PARAPHRASE_TEMPLATES) and misspellings of the class name (`typos`) in the set's templates. It
 asks what a user who rewords or misspells the prompt gets; the count per class stays `per_class`.
+`composites` names the erased class beside a class that is not erased ("a red circle and a blue
+heart", in either order): does the erasure hold when a prompt also names something else?
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from unhype.errors import UnHypeError
 BUILTIN = Path(__file__).parent / "prompt_sets"
 PARAPHRASE_TEMPLATES = ("an illustration of a {}", "a {} icon", "a small {} in the middle",
                         "there is a {} here", "{}, simple drawing", "one {} on black")
-GENERALITY_KINDS = ("synonyms", "paraphrases", "misspellings")
+GENERALITY_KINDS = ("synonyms", "paraphrases", "misspellings", "composites")
+COMPOSITE_JOINERS = (", ", " and ")
 
 
 def typos(word: str) -> list[str]:
@@ -170,12 +173,14 @@ def build_sets(ps: PromptSet, erased: list[str], per_class: int,
         raise UnHypeError("every class is erased: nothing is left to measure specificity on")
     sets: dict[str, list[tuple[str, int]]] = {"erased": [], "others": [], "synonyms": []}
     n_t = len(ps.templates)
+    others = [c for c in range(len(ps.classes)) if c not in erased_idx]
     for c, (name, words) in enumerate(ps.classes.items()):
         kind = "erased" if c in erased_idx else "others"
         for k in range(per_class):
             sets[kind].append((ps.fill(ps.templates[k % n_t], words[0], k + c), c))
         if c in erased_idx:
-            sets["synonyms"] += [(p, c) for _, p in generality_prompts(ps, c, per_class, generality)]
+            sets["synonyms"] += [(p, c) for _, p in generality_prompts(
+                ps, c, per_class, generality, others)]
     return sets
 
 
@@ -183,18 +188,20 @@ def generality_kinds(ps: PromptSet, erased: list[str], per_class: int,
                      generality=("synonyms",)) -> list[str]:
     """The kind of each prompt of build_sets(...)["synonyms"], in its order."""
     generality = parse_generality(generality)
-    return [kind for c in sorted({ps.index(w) for w in erased})
-            for kind, _ in generality_prompts(ps, c, per_class, generality)]
+    erased_idx = sorted({ps.index(w) for w in erased})
+    others = [c for c in range(len(ps.classes)) if c not in erased_idx]
+    return [kind for c in erased_idx
+            for kind, _ in generality_prompts(ps, c, per_class, generality, others)]
 
 
-def generality_prompts(ps: PromptSet, c: int, per_class: int,
-                       kinds: tuple[str, ...]) -> list[tuple[str, str]]:
+def generality_prompts(ps: PromptSet, c: int, per_class: int, kinds: tuple[str, ...],
+                       others=()) -> list[tuple[str, str]]:
     """`per_class` (kind, prompt) pairs for erased class `c`, the k-th from kind k mod (kinds this
     class has material for): a class without synonyms or misspellings takes its prompts from the
-    others."""
+    others. `others`: the class indices composites pair `c` with (those not erased)."""
     name, *synonyms = ps.classes[ps.class_names[c]]
     material = {"synonyms": synonyms, "paraphrases": ps.paraphrase_templates,
-                "misspellings": typos(name)}
+                "misspellings": typos(name), "composites": list(others)}
     kinds = [k for k in kinds if material[k]]
     n_t = len(ps.templates)
     out = []
@@ -204,6 +211,12 @@ def generality_prompts(ps: PromptSet, c: int, per_class: int,
             prompt = ps.fill(ps.templates[(k + 1) % n_t], synonyms[j % len(synonyms)], k + c)
         elif kind == "paraphrases":
             prompt = ps.fill(ps.paraphrase_templates[j % len(ps.paraphrase_templates)], name, k + c)
+        elif kind == "composites":
+            other = ps.classes[ps.class_names[others[j % len(others)]]][0]
+            mine = ps.fill(ps.templates[k % n_t], name, k + c)
+            theirs = ps.fill(ps.templates[(k + 3) % n_t], other, k + c + 1)
+            pair = (mine, theirs) if j % 2 == 0 else (theirs, mine)
+            prompt = COMPOSITE_JOINERS[(j // 2) % len(COMPOSITE_JOINERS)].join(pair)
         else:
             misspelt = material["misspellings"]
             prompt = ps.fill(ps.templates[(k + 2) % n_t], misspelt[j % len(misspelt)], k + c)

@@ -314,6 +314,42 @@ def resolve_retain(spec: str | None, concepts: list[Concept], backend=None) -> l
     return kept
 
 
+COMPOSITE_JOINERS = (", ", " and ", " next to ")
+
+
+def composite_items(concepts: list[Concept], retained: list[str], per_concept: int,
+                    seed: int) -> list[tuple[int, str, str]]:
+    """`per_concept` training prompts per concept that name it beside a retained prompt, as
+    (concept index, prompt, anchor prompt): "a red circle, a blue heart", anchored to the
+    retained part alone ("a blue heart"; after the concept's own anchor when it has one).
+
+    Trained on only the concept's own prompts, a hypernetwork of several concepts can fire
+    weakly for a prompt that also names something else; these teach it to erase the concept
+    there too, and (the anchor) to keep the other thing. The order and the joiner alternate;
+    which prompts are paired is drawn from `seed`."""
+    import random
+
+    if per_concept <= 0:
+        return []
+    if not retained:
+        raise UnHypeError("composite_prompts needs retained prompts to pair the concepts with")
+    rng = random.Random(seed)
+    items = []
+    for index, concept in enumerate(concepts):
+        pairs = concept.prompts()
+        for j in range(per_concept):
+            prompt, anchor = pairs[rng.randrange(len(pairs))]
+            other = retained[rng.randrange(len(retained))]
+            joiner = COMPOSITE_JOINERS[(j // 2) % len(COMPOSITE_JOINERS)]
+            if j % 2:
+                items.append((index, joiner.join((other, prompt)),
+                              joiner.join((other, anchor)) if anchor else other))
+            else:
+                items.append((index, joiner.join((prompt, other)),
+                              joiner.join((anchor, other)) if anchor else other))
+    return items
+
+
 def concept_table(concepts: list[Concept]) -> list[dict]:
     return [c.metadata() for c in concepts]
 

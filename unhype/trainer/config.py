@@ -100,6 +100,9 @@ OPTIONS: list[tuple[str, type, object, str]] = [
      "styles | nudity | toy | a text file"),
     ("retain_prompts", str, None, "retained prompts: builtin sets 'cifar100', 'captions', "
      "'toy' (comma-separated) and/or text/CSV files (default: cifar100,captions; toy: toy)"),
+    ("composite_prompts", int, 0, "per concept, this many extra training prompts that name "
+     "it beside a retained prompt ('a red circle, a blue heart'), anchored to the retained "
+     "part alone: the concept stays erased when a prompt also names other things (0: off)"),
     ("retain_batch_size", int, 64, "retained prompts per retention step"),
     ("retain_weight", float, 1.0, "multiplies the retention loss"),
     ("eta", float, 1.0, "ESD guidance eta: target = e_anchor - eta (e_target - e_anchor)"),
@@ -306,7 +309,7 @@ def validate(cfg: TrainConfig) -> None:
         if isinstance(v[name], int) and v[name] < 1:
             problems.append(f"{name} must be >= 1, got {v[name]}")
     for name in ("save_every_n_steps", "sample_every_n_steps", "latent_cache", "lr_warmup_steps",
-                 "save_last_n_checkpoints"):
+                 "save_last_n_checkpoints", "composite_prompts"):
         if isinstance(v[name], int) and v[name] < 0:
             problems.append(f"{name} must be >= 0, got {v[name]}")
     for name in ("learning_rate", "retain_learning_rate", "fields_lambda", "consistency_weight",

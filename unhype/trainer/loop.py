@@ -35,8 +35,8 @@ from unhype.trainer import distributed as tdist
 from unhype.trainer import losses, memory
 from unhype.trainer.adversary import adversarial_batch
 from unhype.trainer.backends.base import Backend, Cond
-from unhype.trainer.concepts import (Concept, concept_table, exposure_note, resolve_concepts,
-                                     resolve_retain, warn_anchor_conflicts)
+from unhype.trainer.concepts import (Concept, composite_items, concept_table, exposure_note,
+                                     resolve_concepts, resolve_retain, warn_anchor_conflicts)
 from unhype.trainer.config import TrainConfig, check_output_dir, pick_device
 from unhype.atomic import atomic_write_text
 from unhype.distributed import Dist, split
@@ -120,7 +120,9 @@ class Run:
     concepts: list[Concept]
     hypernet: torch.nn.Module
     lora: DynamicLoRA
-    items: list[tuple[int, str, str]]  # (concept index, target prompt, anchor prompt)
+    # (concept index, target prompt, anchor prompt): the concepts' own prompts, then the
+    # composites (concepts.composite_items) from index `own_items` on
+    items: list[tuple[int, str, str]]
     item_emb: torch.Tensor  # [I, D]
     cond_t: Cond
     cond_a: Cond
@@ -143,6 +145,7 @@ class Run:
     optimisers: dict = field(default_factory=dict)
     schedulers: dict = field(default_factory=dict)  # learning-rate schedules, one per optimiser
     concept_refs: dict | None = None  # per-concept update medians of the last saved result
+    own_items: int | None = None  # None: every item is a concept's own prompt
 
     @property
     def is_main(self) -> bool:
@@ -226,12 +229,16 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
     elif getattr(backend.unet, "is_gradient_checkpointing", False):  # an earlier run's
         backend.unet.disable_gradient_checkpointing()
     items = [(i, p, a) for i, c in enumerate(concepts) for p, a in c.prompts()]
+    composites = composite_items(concepts, retain, cfg.composite_prompts, cfg.seed)
+    items += composites
     # not the batch size: it changes only how many prompts each later step draws (kohya too
     # lets a resumed run change it)
     fp = {"net": net_cfg.to_dict(), "family": family.name,
           "model": ckpt.model_identity(cfg.pretrained_model_name_or_path),
           "concepts": [c.metadata() for c in concepts], "mode": cfg.mode, "seed": cfg.seed,
           "latent_cache": cfg.latent_cache}
+    if composites:  # absent otherwise: checkpoints written before the option still resume
+        fp["composite_prompts"] = cfg.composite_prompts
     start_step = 0
     if resume_path is not None:  # check before any work; restored in train()
         start_step, _, _ = ckpt.load_checkpoint(resume_path, fp, hypernet)
@@ -242,7 +249,8 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
               cond_a=backend.encode([a for _, _, a in items]), uncond=backend.encode([""]),
               retain_prompts=retain, retain_emb=_shared_retain_emb(dist, backend, retain),
               out_dir=out_dir, fingerprint=fp, guidance=guidance, start_step=start_step,
-              resume_from=resume_path, accelerator=accelerator)
+              resume_from=resume_path, accelerator=accelerator,
+              own_items=len(items) - len(composites))
     memory_note = memory.apply(cfg, backend)  # after every prompt above is encoded
     if not quiet and dist.is_main:
         if memory_note:
@@ -251,7 +259,8 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
             f"({cfg.target_preset or family.default_preset}); hypernet {cfg.variant}, "
             f"{hypernet.num_parameters():,} parameters, rank {cfg.network_dim}, T "
             f"{cfg.hyper_steps}; mode {cfg.mode}; {len(concepts)} concept(s), {len(items)} "
-            f"prompts; {len(retain)} retained prompts")
+            f"prompts" + (f" ({len(composites)} beside a retained prompt)" if composites else "")
+            + f"; {len(retain)} retained prompts")
         note = exposure_note(len(concepts), cfg.max_train_steps, cfg.train_batch_size,
                              cfg.gradient_accumulation_steps)
         if note:
@@ -484,7 +493,7 @@ def concept_monitor(run: Run, items, esd_t, esd_0) -> dict:
     n = len(run.concepts)
     picks = []
     for c in range(n):
-        own = [i for i, it in enumerate(run.items) if it[0] == c]
+        own = [i for i, it in enumerate(run.items[:run.own_items]) if it[0] == c]
         count = min(CONCEPT_MONITOR_PROMPTS, len(own))
         picks.append([own[j] for j in torch.linspace(0, len(own) - 1, count).round().long()])
     norms = delta_norm(run.hypernet(run.item_emb[[i for p in picks for i in p]]))
