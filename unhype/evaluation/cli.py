@@ -299,7 +299,7 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
                            "gate_floor": args.gate_floor, "gate_saturate": args.gate_saturate},
                           name, make))
     seed = args.seed if args.baseline_seed is None else args.baseline_seed
-    say = say_above_bars if dist.is_main else None
+    say = (lambda message: say_above_bars(f"unhype eval: {message}")) if dist.is_main else None
     for b in baselines:
         training = training_key(args, model, b, erased, seed) if b in TRAINED else None
 

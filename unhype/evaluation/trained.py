@@ -9,12 +9,15 @@ evaluated (images per class, sampling steps, classifier, ...). A file whose key 
 cannot be read or whose weights fail their checksum is refused, with the reason, and the
 baseline is trained again (the file replaced). An interrupted training keeps nothing: the rerun
 trains from step 0. `--force` trains again whatever is stored.
+
+`benchmarks/compare_methods.py` keeps its trained baselines the same way (one store per setting).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from unhype.atomic import atomic_path
@@ -125,23 +128,26 @@ class TrainedStore:
 def load_or_train(store: TrainedStore, name: str, key: dict, train, unet, force: bool = False,
                   say=None):
     """The baseline `name` from `store` when stored under `key` (not with `force`), else
-    `train()`ed and stored at once. `say(message)`: progress lines (None: silent)."""
+    `train()`ed and stored at once (its info gains `train_seconds`). `say(message)`: progress
+    lines, to be prefixed with the tool's name (None: silent)."""
     say = say or (lambda message: None)
     if not force:
         method, why = store.load(name, key, unet)
         if method is not None:
-            say(f"unhype eval: {name}: loaded its trained weights from {store.path(name)} "
+            say(f"{name}: loaded its trained weights from {store.path(name)} "
                 "(same training settings; not trained again; --force retrains)")
             return method
         if why:
-            say(f"unhype eval: training {name} again: {why}")
+            say(f"training {name} again: {why}")
+    start = time.perf_counter()
     method = train()
+    method.info = {**method.info, "train_seconds": round(time.perf_counter() - start, 1)}
     try:
         path = store.save(name, key, method)
     except OSError as exc:  # the row can still be made; only a rerun would train again
-        say(f"unhype eval: {name}: could not keep its trained weights ({exc}); an interrupted "
-            "run would train it again")
+        say(f"{name}: could not keep its trained weights ({exc}); an interrupted run would "
+            "train it again")
     else:
         if path is not None:
-            say(f"unhype eval: {name}: trained weights kept in {path} (a rerun loads them)")
+            say(f"{name}: trained weights kept in {path} (a rerun loads them)")
     return method
