@@ -11,6 +11,8 @@ baseline is trained again (the file replaced). An interrupted training keeps not
 trains from step 0. `--force` trains again whatever is stored.
 
 `benchmarks/compare_methods.py` keeps its trained baselines the same way (one store per setting).
+Under `accelerate launch` only the main process trains or loads a baseline; the others receive
+its weights (`from_main_process`).
 """
 
 from __future__ import annotations
@@ -151,3 +153,34 @@ def load_or_train(store: TrainedStore, name: str, key: dict, train, unet, force:
         if path is not None:
             say(f"{name}: trained weights kept in {path} (a rerun loads them)")
     return method
+
+
+def from_main_process(dist, name: str, unet, obtain):
+    """`obtain()` (load_or_train) in the main process only; every other process receives its
+    weights, bit for bit (their metadata through `dist.tell`, the tensors through
+    `dist.broadcast`), instead of training a copy of its own. A failure in the main process is
+    told too: the others raise with its reason instead of waiting."""
+    if dist.world == 1:
+        return obtain()
+    from unhype.baselines.layers import linear_layers
+    from unhype.baselines.registry import TRAINED
+    from unhype.baselines.saved import from_tensors, to_tensors
+    from unhype.errors import UnHypeError
+
+    word = f"trained/{name}"
+    if dist.is_main:
+        try:
+            method = obtain()
+            tensors, meta = to_tensors(method)
+        except Exception as exc:
+            dist.tell(word, json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+            raise
+        dist.tell(word, json.dumps({"meta": meta, "names": sorted(tensors)}))
+        dist.broadcast(tensors, sorted(tensors))
+        return method
+    head = json.loads(dist.told(word))
+    if "error" in head:
+        raise UnHypeError(f"{name}: the main process could not train or load it "
+                          f"({head['error']})")
+    tensors = dist.broadcast(None, head["names"])
+    return from_tensors(tensors, head["meta"], linear_layers(unet, TRAINED[name]))
