@@ -10,7 +10,11 @@ of steps. Images are classified by the toy judge CNN (`--classifier toy` for the
     python benchmarks/compare_methods.py                 # defaults: see --help (<= ~30 min)
     python benchmarks/compare_methods.py --variants all --per-class 20 --steps 600
 
-Results of each (setting, method) are cached under --out, so an interrupted run resumes.
+Results of each (setting, method) are cached under --out, with the settings they were made with
+(a row made with others is made again), so an interrupted run resumes. ESD-x/u and SPM are kept
+in <--out>/<setting>/trained/ as soon as their training ends (unhype.evaluation.trained, as
+`unhype eval` keeps them): a rerun, at another strength ('spm@2') or with other evaluation
+settings (--per-class, --eval-seed, ...), loads them instead of training again; --force retrains.
 """
 
 from __future__ import annotations
@@ -214,13 +218,65 @@ def with_counts(row: dict, per_class: int, n_erased: int, n_classes: int) -> dic
     return out
 
 
+def eval_args(args) -> argparse.Namespace:
+    """`unhype eval`'s options for this toy run: with them `training_key` gives a baseline the
+    key `unhype eval --model toy` gives the same training (steps, seed, concepts, weights)."""
+    from unhype.cli import build_parser
+
+    weights = ["--toy_weights", str(args.toy_weights)] if args.toy_weights else []
+    return build_parser().parse_args(["eval", "--model", "toy", "--baseline_steps",
+                                      str(args.steps), *weights])
+
+
+def baseline(args, name, gen, backend, concepts, ps, store):
+    """Baseline `name` for `concepts`. A trained one (ESD-x/u, SPM) is loaded from `store` (an
+    `evaluation.trained.TrainedStore`) when an earlier run trained it with the same settings,
+    else trained and stored at once; --force trains it again."""
+    from unhype.baselines.registry import TRAINED, build
+    from unhype.evaluation.trained import load_or_train, training_key
+
+    def train():
+        return build(name, gen, backend, concepts, ps, args.steps, args.seed)
+
+    if name not in TRAINED:  # UCE (closed form), negative prompt: nothing to keep
+        return train()
+    key = training_key(eval_args(args), "toy", name, concepts, args.seed)
+    return load_or_train(store, name, key, train, backend.unet, args.force,
+                         lambda message: say(f"  {message}"))
+
+
+def row_settings(args) -> dict:
+    """What a cached row was made with besides its setting and method."""
+    return {"steps": args.steps, "seed": args.seed, "per_class": args.per_class,
+            "batch_size": args.batch_size, "eval_seed": args.eval_seed,
+            "classifier": args.classifier, "generality": list(args.generality),
+            "toy_weights": None if args.toy_weights is None else str(args.toy_weights)}
+
+
+def cached_row(args, cache: Path, tag: str) -> dict | None:
+    """The row cached in `cache`, unless it was made with other settings (rows cached before
+    they were recorded are taken as they are; --cached-only takes every row)."""
+    from unhype.evaluation.rows import differing
+
+    if not cache.is_file():
+        return None
+    row = json.loads(cache.read_text())
+    changed = [] if args.cached_only or "settings" not in row else \
+        differing(row["settings"], row_settings(args))
+    if changed:
+        say(f"  {tag}: recomputing {cache.stem}: its settings changed ({', '.join(changed)})")
+        return None
+    return row
+
+
 def method_rows(args, backend, gen, ps, clf, concepts, tag):
     """{method name: scores} for one setting, each (setting, method) cached on disk."""
-    from unhype.baselines.registry import build
     from unhype.evaluation.harness import evaluate
     from unhype.evaluation.methods import Method
+    from unhype.evaluation.trained import TrainedStore
 
     rows, built = {}, {}  # built: baselines trained in this setting, reused at other strengths
+    store = TrainedStore(args.out / tag)
     plan = [("base", None)] + [(b, None) for b in args.baselines] + \
         [("unhype", v) for v in args.variants]
     # the base model's other-class images: every method's change_s / kept_s is against them
@@ -230,8 +286,8 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         key = variant_key(kind) if variant is None else f"unhype-{variant_key(variant)}"
         cache = args.out / tag / f"{key}.json"
         stale = kind == "base" and reference is None and not args.cached_only
-        if cache.is_file() and not args.force and not stale:
-            row = json.loads(cache.read_text())
+        row = None if args.force or stale else cached_row(args, cache, tag)
+        if row is not None:
             rows[row["name"]] = with_counts(row, args.per_class, len(concepts), len(ps.classes))
             continue
         if args.cached_only:
@@ -247,9 +303,10 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         else:
             name, strength = split_strength(kind)
             if name not in built:
-                built[name] = build(name, gen, backend, concepts, ps, args.steps, args.seed)
+                built[name] = baseline(args, name, gen, backend, concepts, ps, store)
             method = at_strength(built[name], strength, kind)
-        train_s = time.time() - t0
+        # a stored baseline: the seconds its training took, not those of loading it
+        train_s = (getattr(method, "info", None) or {}).get("train_seconds", time.time() - t0)
         is_base = kind == "base"
         res = evaluate(gen, [method], ps, concepts, clf, args.per_class, args.eval_seed,
                        args.batch_size, progress=False, keep_images=10 ** 9 if is_base else 0,
@@ -261,7 +318,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
                 save_file({"others": reference}, str(tmp))
         row = {k: v for k, v in res["methods"][method.name].items()
                if k not in ("images", "prompts")}
-        row.update(name=method.name, train_seconds=round(train_s, 1))
+        row.update(name=method.name, train_seconds=round(train_s, 1), settings=row_settings(args))
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, json.dumps(row, indent=1))
         rows[method.name] = with_counts(row, args.per_class, len(concepts), len(ps.classes))
@@ -453,7 +510,8 @@ def main(argv=None):
     ap.add_argument("--note", default="", help="a line for docs/results.md (e.g. which weights)")
     ap.add_argument("--cached-only", dest="cached_only", action="store_true",
                     help="assemble the table from cached rows only (missing ones: n/a)")
-    ap.add_argument("--force", action="store_true", help="ignore cached (setting, method) rows")
+    ap.add_argument("--force", action="store_true", help="ignore cached (setting, method) rows "
+                    "and train every baseline again (not loaded from <setting>/trained/)")
     args = ap.parse_args(argv)
     args.variants = list(ALL_VARIANTS) if args.variants == "all" else \
         [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -23,14 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(args: list[str], processes: int) -> tuple[list[str], dict]:
+def _command(args: list[str], processes: int, module: str = "unhype",
+             env: dict | None = None) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "unhype", *args]
+           "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "TQDM_DISABLE": "1"}
+           "TQDM_DISABLE": "1", **(env or {})}
     return cmd, env
 
 
@@ -47,12 +48,14 @@ def start(args: list[str], processes: int = 2) -> subprocess.Popen:
     return proc
 
 
-def launch(args: list[str], processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch -m unhype <args>` with `processes` CPU processes, one thread each."""
-    cmd, env = _command(args, processes)
+def launch(args: list[str], processes: int = 2, timeout: int = 240, module: str = "unhype",
+           env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch -m <module> <args>` with `processes` CPU processes, one thread each
+    (`env`: more environment; `check`: a failed launch raises)."""
+    cmd, env = _command(args, processes, module, env)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    if done.returncode != 0:
+    if check and done.returncode != 0:
         raise AssertionError(f"accelerate launch failed ({done.returncode}):\n"
                              f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done

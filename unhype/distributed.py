@@ -9,6 +9,8 @@ take exactly the code path they always took.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -54,6 +56,22 @@ class Dist:
         torch.distributed.all_reduce(buf, getattr(torch.distributed.ReduceOp, op))
         return buf.to(tensor.device)
 
+    def tell(self, key: str, text: str) -> None:
+        """The main process leaves `text` under `key` in the process group's store, for `told`."""
+        if self.world > 1 and self.is_main:
+            _store().set(f"unhype/{key}", text)
+
+    def told(self, key: str, poll_s: float = 0.2) -> str:
+        """What the main process `tell`s under `key` (the others wait for it). Polled, not a
+        collective: a wait of hours (the main process training a baseline) meets no NCCL / gloo
+        timeout, and Ctrl-C stops it at once. A main process that dies never tells, but then the
+        launcher ends every process."""
+        key = f"unhype/{key}"
+        store = _store()
+        while not store.check([key]):
+            time.sleep(poll_s)
+        return store.get(key).decode()
+
     def broadcast(self, tensors: dict[str, Tensor] | None, names: list[str]) -> dict[str, Tensor]:
         """The main process's `tensors` (others pass None) on every process, on the CPU."""
         if self.world == 1:
@@ -85,6 +103,13 @@ class Dist:
                 flat[start:start + _CHUNK] = part.cpu()
             out[name] = flat.reshape(shape)
         return out
+
+
+def _store():
+    """The key-value store every process of the group shares (the launcher's rendezvous)."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
 
 
 def split(n: int, rank: int, world: int) -> slice:

@@ -1,5 +1,6 @@
 """`unhype eval` under `accelerate launch` with 2 CPU processes: the batches are shared out, the
-images gathered, and every number (and every grid) equals the single-process run's."""
+images gathered, and every number (and every grid) equals the single-process run's; a trained
+baseline is trained by the main process only and sent to the others."""
 
 import json
 
@@ -46,6 +47,45 @@ def test_eval_two_processes_equal_one(random_toy, toy_hypernet_file, tmp_path):
     for name, row in r1["methods"].items():
         for key in KEYS + ("change_s", "kept_s"):
             assert r3["methods"][name][key] == row[key], (name, key)
+
+
+def _trace(base, rank: int) -> list[dict]:
+    path = base.parent / f"{base.name}.{rank}"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_only_the_main_process_trains_a_baseline(random_toy, tmp_path):
+    from safetensors import safe_open
+
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    args = ["eval", "--model", "toy", "--erase", "circle", "--toy_weights", str(random_toy),
+            "--baselines", "esd_x,spm", "--baseline_steps", "2", "--per_class", "1",
+            "--steps", "2", "--batch_size", "4", "--classifier", "judge", "--no_base",
+            "--device", "cpu", "--out", str(out)]
+    module, env = "tests.evaluation.traced_eval", {"TRACE": str(trace)}
+    launch(args, module=module, env=env)
+    main_run, other = _trace(trace, 0), _trace(trace, 1)
+    assert [e["event"] for e in main_run].count("train") == 2
+    assert not [e for e in other if e["event"] == "train"]  # it received the weights
+    stored = set()
+    for name in ("esd_x", "spm"):
+        with safe_open(str(out / "trained" / f"{name}.safetensors"), "pt") as fh:
+            stored.add(fh.metadata()["sha256"])
+    shas = {rank: {e["name"]: e["sha"] for e in run if e["event"] == "weights"}
+            for rank, run in ((0, main_run), (1, other))}
+    assert len(shas[1]) == 2 and shas[0] == shas[1]  # bit for bit, as the main process kept them
+    assert set(shas[1].values()) == stored
+
+    for path in trace.parent.glob("trace.*"):
+        path.unlink()
+    failed = launch(args + ["--force"], module=module, env={**env, "FAIL_TRAINING": "1"},
+                    check=False)
+    assert failed.returncode != 0
+    other = _trace(trace, 1)
+    assert not [e for e in other if e["event"] == "train"] and other[-1] == {"event": "exit",
+                                                                             "code": 2}
+    assert "esd_x: the main process could not train or load it (RuntimeError: training " \
+           "failed on purpose)" in failed.stderr
 
 
 def test_gather_in_one_process_is_the_concatenation():

@@ -159,3 +159,63 @@ def test_stored_factors_must_fit_the_model(random_toy, toy_backend):
     wider = {k: (i + 1, o) for k, (i, o) in method.dims.items()}
     with pytest.raises(ValueError, match="this model needs"):
         from_tensors(tensors, meta, wider)
+
+
+def _compare(random_toy, out, *extra, baselines="esd_x"):
+    """benchmarks/compare_methods.py on one target, baselines only, tiny settings."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from compare_methods import main as compare
+
+    compare(["--targets", "circle", "--multi", "", "--variants", "", "--baselines", baselines,
+             "--steps", "2", "--per-class", "1", "--batch-size", "8", "--threads", "1",
+             "--toy-weights", str(random_toy), "--out", str(out), "--docs", "", *extra])
+
+
+def _row(out, key="esd_x"):
+    row = json.loads((out / "single-circle" / f"{key}.json").read_text())
+    return {k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
+
+
+def test_compare_methods_keeps_its_trained_baselines(random_toy, tmp_path, monkeypatch,
+                                                     trainings, capsys):
+    full, out = tmp_path / "full", tmp_path / "out"
+    _compare(random_toy, full)
+    expected = _row(full)
+    assert len(trainings) == 1
+    trainings.clear()
+
+    real_evaluate = harness.evaluate
+
+    def ctrl_c_on_esd(generator, methods, *a, **k):  # ESD-x trained, its images under way
+        if isinstance(methods[0], esd.StaticLoraMethod):
+            raise KeyboardInterrupt
+        return real_evaluate(generator, methods, *a, **k)
+
+    monkeypatch.setattr(harness, "evaluate", ctrl_c_on_esd)
+    with pytest.raises(KeyboardInterrupt):
+        _compare(random_toy, out)
+    assert len(trainings) == 1 and not (out / "single-circle" / "esd_x.json").exists()
+    assert (out / "single-circle" / "trained" / "esd_x.safetensors").is_file()
+
+    monkeypatch.setattr(harness, "evaluate", real_evaluate)
+    trainings.clear()
+    capsys.readouterr()
+    _compare(random_toy, out, baselines="esd_x,esd_x@2")  # another strength: the same weights
+    err = capsys.readouterr().err
+    assert trainings == [] and err.count("esd_x: loaded its trained weights") == 1
+    assert _row(out) == expected  # the numbers of the uninterrupted run
+    assert _row(out, "esd_x-x2")["name"] == "ESD-x (LoRA r4), strength 2"
+
+    _compare(random_toy, out, "--per-class", "2")  # evaluation settings only: not trained
+    err = capsys.readouterr().err
+    assert "recomputing esd_x: its settings changed (per_class)" in err
+    assert "esd_x: loaded its trained weights" in err and trainings == []
+
+    _compare(random_toy, out, "--steps", "3")  # a training setting: trained again
+    assert trainings == [(4, 3, 0)]
+    assert "trained with other settings (settings.steps)" in capsys.readouterr().err
+    _compare(random_toy, out, "--steps", "3", "--force")
+    assert len(trainings) == 2 and "loaded its trained weights" not in capsys.readouterr().err

@@ -61,11 +61,12 @@ _CACHES: dict = {}
 
 
 def latent_cache(run) -> dict:
-    """The trainer's latent cache for a run's prompts, shared by every method with the same ones."""
+    """The trainer's latent cache for a run's prompts, shared by every method with the same ones
+    (keyed by all that `build_cache` reads: a shared cache holds what a fresh one would)."""
     from unhype.trainer.loop import build_cache
 
     key = (id(run.backend), tuple(p for _, p, _ in run.items), tuple(a for _, _, a in run.items),
-           run.cfg.seed, run.cfg.ddim_steps, run.guidance)
+           run.cfg.seed, run.cfg.ddim_steps, run.guidance, run.cfg.latent_cache)
     if key not in _CACHES:
         _CACHES[key] = build_cache(run)
     return _CACHES[key]

@@ -16,7 +16,8 @@ they are evaluated, loads them instead of training again (an interrupted trainin
 
 `accelerate launch -m unhype eval ...` (or torchrun) shares the image generation between the
 processes (whole seeded batches each, so the images and the numbers are those of one process);
-the main process writes the outputs.
+the main process trains (or loads) each trained baseline and sends its weights to the others,
+and writes the outputs.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
     """One `rows.Slot` per row, in report order: base model, hypernetworks, baselines. Each is
     built only when its row is due, and not at all when reused. A trained baseline is loaded
     from `trained` (an `evaluation.trained.TrainedStore`) when stored with its training key, else
-    trained then and stored at once; its row's key holds that training key."""
+    trained then and stored at once, by the main process only (the others receive its weights);
+    its row's key holds that training key."""
     import hashlib
     from pathlib import Path
 
@@ -280,7 +282,7 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
     from unhype.evaluation.methods import Method, UnHypeMethod
     from unhype.evaluation.report import slug
     from unhype.evaluation.rows import BASE_SLOT, Slot, baselines_code_sha, run_key
-    from unhype.evaluation.trained import load_or_train, training_key
+    from unhype.evaluation.trained import from_main_process, load_or_train, training_key
     from unhype.fileformat import load_hypernet
     from unhype.infotext import file_sha256
 
@@ -301,7 +303,7 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
                            "gate_floor": args.gate_floor, "gate_saturate": args.gate_saturate},
                           name, make))
     seed = args.seed if args.baseline_seed is None else args.baseline_seed
-    say = say_above_bars if dist.is_main else None
+    say = (lambda message: say_above_bars(f"unhype eval: {message}")) if dist.is_main else None
     for b in baselines:
         training = training_key(args, model, b, erased, seed) if b in TRAINED else None
 
@@ -314,7 +316,8 @@ def plan_rows(args, metas, baselines, erased, ps, generality, classifier, model,
 
             if training is None:  # UCE (closed form), negative prompt: nothing to keep
                 return train()
-            return load_or_train(trained, b, training, train, backend.unet, args.force, say)
+            return from_main_process(dist, b, backend.unet, lambda: load_or_train(
+                trained, b, training, train, backend.unet, args.force, say))
 
         slots.append(Slot(f"baseline_{b}", {**key, "method": b, "recipe": baselines_code_sha(),
                                             "training": training},

@@ -9,12 +9,17 @@ evaluated (images per class, sampling steps, classifier, ...). A file whose key 
 cannot be read or whose weights fail their checksum is refused, with the reason, and the
 baseline is trained again (the file replaced). An interrupted training keeps nothing: the rerun
 trains from step 0. `--force` trains again whatever is stored.
+
+`benchmarks/compare_methods.py` keeps its trained baselines the same way (one store per setting).
+Under `accelerate launch` only the main process trains or loads a baseline; the others receive
+its weights (`from_main_process`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from unhype.atomic import atomic_path
@@ -125,23 +130,57 @@ class TrainedStore:
 def load_or_train(store: TrainedStore, name: str, key: dict, train, unet, force: bool = False,
                   say=None):
     """The baseline `name` from `store` when stored under `key` (not with `force`), else
-    `train()`ed and stored at once. `say(message)`: progress lines (None: silent)."""
+    `train()`ed and stored at once (its info gains `train_seconds`). `say(message)`: progress
+    lines, to be prefixed with the tool's name (None: silent)."""
     say = say or (lambda message: None)
     if not force:
         method, why = store.load(name, key, unet)
         if method is not None:
-            say(f"unhype eval: {name}: loaded its trained weights from {store.path(name)} "
+            say(f"{name}: loaded its trained weights from {store.path(name)} "
                 "(same training settings; not trained again; --force retrains)")
             return method
         if why:
-            say(f"unhype eval: training {name} again: {why}")
+            say(f"training {name} again: {why}")
+    start = time.perf_counter()
     method = train()
+    method.info = {**method.info, "train_seconds": round(time.perf_counter() - start, 1)}
     try:
         path = store.save(name, key, method)
     except OSError as exc:  # the row can still be made; only a rerun would train again
-        say(f"unhype eval: {name}: could not keep its trained weights ({exc}); an interrupted "
-            "run would train it again")
+        say(f"{name}: could not keep its trained weights ({exc}); an interrupted run would "
+            "train it again")
     else:
         if path is not None:
-            say(f"unhype eval: {name}: trained weights kept in {path} (a rerun loads them)")
+            say(f"{name}: trained weights kept in {path} (a rerun loads them)")
     return method
+
+
+def from_main_process(dist, name: str, unet, obtain):
+    """`obtain()` (load_or_train) in the main process only; every other process receives its
+    weights, bit for bit (their metadata through `dist.tell`, the tensors through
+    `dist.broadcast`), instead of training a copy of its own. A failure in the main process is
+    told too: the others raise with its reason instead of waiting."""
+    if dist.world == 1:
+        return obtain()
+    from unhype.baselines.layers import linear_layers
+    from unhype.baselines.registry import TRAINED
+    from unhype.baselines.saved import from_tensors, to_tensors
+    from unhype.errors import UnHypeError
+
+    word = f"trained/{name}"
+    if dist.is_main:
+        try:
+            method = obtain()
+            tensors, meta = to_tensors(method)
+        except Exception as exc:
+            dist.tell(word, json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+            raise
+        dist.tell(word, json.dumps({"meta": meta, "names": sorted(tensors)}))
+        dist.broadcast(tensors, sorted(tensors))
+        return method
+    head = json.loads(dist.told(word))
+    if "error" in head:
+        raise UnHypeError(f"{name}: the main process could not train or load it "
+                          f"({head['error']})")
+    tensors = dist.broadcast(None, head["names"])
+    return from_tensors(tensors, head["meta"], linear_layers(unet, TRAINED[name]))
