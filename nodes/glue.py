@@ -17,7 +17,8 @@ from unhype.comfy_apply import (ApplyPlan, UnHypeWrapper, merge_rounding_loss, m
                                 merged_delta)
 from unhype.dynamic_lora import resolve_modules
 from unhype.errors import UnHypeError
-from unhype.fileformat import LoadedHypernet, load_hypernet
+from unhype.file_cache import FileCache, cache_limit
+from unhype.fileformat import LoadedHypernet
 from unhype.model_check import context_dim
 
 log = logging.getLogger("unhype")
@@ -47,22 +48,14 @@ def register_folder() -> list[str]:
     return paths
 
 
-_CACHE: dict[str, tuple[tuple, LoadedHypernet]] = {}
+CACHE_FILES = 4  # files kept loaded unless $UNHYPE_CACHE_FILES says otherwise
+_CACHE = FileCache()
 
 
 def load_cached(path: str) -> LoadedHypernet:
-    """Load and validate a file once per (path, mtime, size)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise UnHypeError(f"{path}: no such file") from None
-    stamp = (st.st_mtime_ns, st.st_size)
-    hit = _CACHE.get(path)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    loaded = load_hypernet(path)
-    _CACHE[path] = (stamp, loaded)
-    return loaded
+    """Load and validate a file once per (path, mtime, size), keeping the most recently used
+    ``UNHYPE_CACHE_FILES`` files (default CACHE_FILES)."""
+    return _CACHE.get(path, cache_limit(os.environ.get("UNHYPE_CACHE_FILES"), CACHE_FILES))
 
 
 def model_family(model) -> str | None:

@@ -186,3 +186,37 @@ def test_a_file_with_malformed_signatures_is_refused_at_load(tmp_path):
         load_hypernet(foreign)
     one = edited("one.safetensors", lambda t: t.pop("dog"))  # nothing to tell apart
     assert load_hypernet(one).signatures is None
+
+
+def test_concepts_whose_updates_point_the_same_way_are_named(tmp_path, caplog, capsys):
+    """Two concepts of one embedding are never told apart (no margin between their updates):
+    the load warns once, `unhype inspect` and the hosts' summary name the pair."""
+    from tests.helpers import hypernet_for
+    from unhype.cli import main
+    from unhype.fileformat import save_hypernet
+    from unhype.summary import summary_lines
+
+    assert signatures([1.0, 4.0]).same_way() == []  # seeds 0 and 1 point apart
+    net = hypernet_for(None, family="toy", rank=1)
+    dim = net.config.embed_dim
+    shared, other = torch.randn(dim, generator=torch.Generator().manual_seed(3)), -0.1
+    path = save_hypernet(tmp_path / "h.safetensors", net, "toy",
+                         concepts=[{"target": t} for t in ("circle", "disk", "square")],
+                         training={"concept_embeddings": {"circle": shared.tolist(),
+                                                          "disk": shared.tolist(),
+                                                          "square": [other] * dim}})
+    with caplog.at_level("WARNING", logger="unhype"):
+        loaded = load_hypernet(path)
+        assert loaded.signatures is loaded.signatures  # made, and warned, once
+    (a, b, cosine), = loaded.signatures.same_way()
+    assert (a, b) == ("circle", "disk") and cosine == pytest.approx(1.0)
+    said = "circle and disk: their updates point the same way (cosine 1.00): prompts of " \
+        "either are treated as unnamed"
+    assert [r.getMessage() for r in caplog.records] == [f"UnHype: h.safetensors: {said}"]
+    assert f"WARNING: {said}" in summary_lines(loaded)
+    assert main(["inspect", str(path)]) == 0
+    assert f"  warning    {said}" in capsys.readouterr().out.splitlines()
+    assert main(["inspect", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["concepts_same_way"] == [{"concepts": ["circle", "disk"],
+                                         "cosine": pytest.approx(1.0)}]

@@ -16,6 +16,11 @@ unhype.hypernet.update_gram), if it does clearly: a cosine of at least MIN_COSIN
 * a long prompt whose windows name different concepts gets each of those updates, not only
   the strongest window's (unhype.prompt_windows.combined_rows).
 
+Two concepts whose updates point nearly the same way (cosine above SAME_WAY) are never told
+apart: even a prompt whose update is exactly one's is not MARGIN nearer it than the other, so
+prompts of either are unnamed. The pairwise cosines are computed once with the signatures;
+`unhype inspect` and the hosts' summaries name such pairs, and the load logs a warning.
+
 Files without the entry (trained before it existed), or of one concept, keep the old
 behaviour: saturation to gate_reference, the strongest window only.
 """
@@ -40,6 +45,7 @@ MARGIN = 0.05     # ... and more than the next concept (triangle / crescent poin
 SOFT_FROM = 0.5   # saturation blends towards the smallest reference from MIN_COSINE down to this
 COVER_COSINE = 0.5  # a reading picked for a long prompt that points this much a concept's way
                     # erases it (in part): no second reading of that concept is added
+SAME_WAY = 1 - MARGIN  # above it, a concept's own update is within MARGIN of the other's
 KEY = "concept_embeddings"
 
 
@@ -102,10 +108,20 @@ class ConceptSignatures:
     factors: LoraFactors        # each concept's update (before the gate floor), on the CPU
     references: list[float | None]  # each concept's own reference (None: not stored)
     norms: Tensor | None = None     # ||dW|| of each concept's update (float64)
+    pair_cosines: Tensor | None = None  # [K, K] the concepts' updates' cosines with each other
 
     def __post_init__(self):
         if self.norms is None:
             self.norms = _norms(self.factors)
+        if self.pair_cosines is None:
+            self.pair_cosines = self.cosines(self.factors)
+
+    def same_way(self) -> list[tuple[str, str, float]]:
+        """(concept, concept, cosine) of each pair whose updates point the same way (cosine
+        above SAME_WAY): no prompt of either is named."""
+        upper = torch.triu(self.pair_cosines > SAME_WAY, diagonal=1)
+        return [(self.targets[i], self.targets[j], float(self.pair_cosines[i, j]))
+                for i, j in upper.nonzero().tolist()]
 
     @classmethod
     def of(cls, hypernet, embeddings: dict[str, Tensor], references: dict[str, float]
@@ -144,3 +160,9 @@ class ConceptSignatures:
         own = torch.tensor([fallback if r is None else r for r in self.references],
                            dtype=torch.float64)[index]
         return fallback + weight * (own - fallback)
+
+
+def same_way_text(a: str, b: str, cosine: float) -> str:
+    """Why two concepts are never told apart, for a summary line or a log warning."""
+    return (f"{a} and {b}: their updates point the same way (cosine {cosine:.2f}): prompts of "
+            "either are treated as unnamed")

@@ -117,15 +117,16 @@ def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
     from safetensors import safe_open
     from transformers import CLIPTokenizer
 
-    from unhype.model_check import checkpoint_family
+    from unhype.model_check import checkpoint_family, header_of
     from unhype.model_configs import config_folder
 
     if path.suffix.lower() != ".safetensors":
         raise UnHypeError(f"{path}: only .safetensors files are read (no .ckpt/.pt pickles)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            clip_l = _clip_l_prefix(keys, family.name, path)
+            header = header_of(f)
+            keys = header.keys
+            clip_l = _clip_l_prefix(header, family.name, path)
             if clip_l is not None:
                 folder = config_folder("sd15")
                 tensors = {k.removeprefix(clip_l): f.get_tensor(k) for k in keys
@@ -133,9 +134,9 @@ def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
                 encoder = _clip_l_from_tensors(folder, tensors, path)
                 tok_sub = "tokenizer"
             else:
-                found = checkpoint_family(path)
+                found = checkpoint_family(path, header)
                 if family.name not in CHECKPOINT_TEXT or found != family.name:
-                    raise UnHypeError(wrong_checkpoint(path, family.name, found))
+                    raise UnHypeError(wrong_checkpoint(path, family.name, found, header))
                 prefix, sub, name = CHECKPOINT_TEXT[family.name]
                 folder = config_folder(name)
                 tensors = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
@@ -151,31 +152,33 @@ def _single_file_embedder(family, path: Path, device) -> PromptEmbedder:
     return PromptEmbedder(family, tokenizer, encoder.to(device).eval())
 
 
-def _clip_l_prefix(keys: list[str], family: str, path: Path) -> str | None:
-    """Where a file's CLIP-L text encoder sits: '' in a standalone CLIP-L file (SD1, FLUX),
-    COMFY_FLUX_CLIP_L in ComfyUI's all-in-one FLUX checkpoint; None: neither."""
+def _clip_l_prefix(header, family: str, path: Path) -> str | None:
+    """Where a file's CLIP-L text encoder sits (`header`: model_check's of `path`): '' in a
+    standalone CLIP-L file (SD1, FLUX), COMFY_FLUX_CLIP_L in ComfyUI's all-in-one FLUX
+    checkpoint; None: neither."""
     from unhype.model_check import checkpoint_family
 
+    keys = header.shapes
     if CLIP_L_FILE_KEY in keys and family in ("sd1", "flux"):
         return ""
     if family == "flux" and COMFY_FLUX_CLIP_L + CLIP_L_FILE_KEY in keys and \
-            checkpoint_family(path) == "flux":
+            checkpoint_family(path, header) == "flux":
         return COMFY_FLUX_CLIP_L
     return None
 
 
-def wrong_checkpoint(path: Path, family: str, found: str | None) -> str:
-    """Why checkpoint `path` (of family `found`, as model_check reads it) gives no embedding for
-    a hypernetwork of `family`."""
+def wrong_checkpoint(path: Path, family: str, found: str | None, header) -> str:
+    """Why checkpoint `path` (of family `found`, as model_check reads it from `header`) gives
+    no embedding for a hypernetwork of `family`."""
     from unhype.model_check import article, unsupported_checkpoint
 
     if family == "flux" and found == "flux":
         return (f"{path} is a FLUX transformer file: it holds no CLIP-L text encoder; pass "
                 "FLUX's clip_l.safetensors (ComfyUI models/clip or models/text_encoders) or "
                 "the FLUX.1 diffusers folder")
-    what = unsupported_checkpoint(path)
-    if what:
-        what += ", which UnHype does not support;"
+    unsupported = unsupported_checkpoint(path, header)
+    if unsupported:
+        what = f"{unsupported.text}, which UnHype does not support;"
     elif found in (None, "unknown"):
         what = "not an SD or FLUX.1 checkpoint;"
     else:

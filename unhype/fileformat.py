@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from unhype.atomic import atomic_path, check_output
 from unhype.errors import UnHypeError
 from unhype.families import get_family
 from unhype.hypernet import HyperNetConfig, HyperNetwork, build_hypernet, is_whole_number
+
+log = logging.getLogger("unhype")
 
 FORMAT_NAME = "unhype.hypernetwork"
 FORMAT_VERSION = 1
@@ -136,8 +139,8 @@ class LoadedHypernet:
         """The concepts' updates by which a prompt's concept is named
         (unhype.concept_signatures), made by the current network once (kept while the
         network object is the same one); None for files that do not store them, or store
-        fewer than two."""
-        from unhype.concept_signatures import ConceptSignatures, read_embeddings
+        fewer than two. Concepts it can never tell apart are logged as a warning when made."""
+        from unhype.concept_signatures import ConceptSignatures, read_embeddings, same_way_text
         from unhype.probe import concept_references
 
         cached = self.__dict__.get("_signatures")
@@ -154,6 +157,8 @@ class LoadedHypernet:
                               f"not among the file's concepts {sorted(map(str, targets))}")
         made = ConceptSignatures.of(self.hypernet, embeddings, concept_references(self.meta))
         self.__dict__["_signatures"] = (self.hypernet, made)
+        for pair in made.same_way() if made is not None else ():
+            log.warning("UnHype: %s: %s", self.path.name, same_way_text(*pair))
         return made
 
 

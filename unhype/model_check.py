@@ -10,6 +10,8 @@ HunyuanVideo) are "unknown" and refused; `checkpoint_architecture` names them fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -49,18 +51,38 @@ def is_flux(model: nn.Module) -> bool:
         hasattr(getattr(blocks[0], "img_attn", None), "qkv") and hasattr(model, "vector_in")
 
 
-def header_keys(path) -> list[str] | None:
-    """The tensor names of a .safetensors file (header only), or None when it is not one or
-    cannot be read (other formats are never opened: a .ckpt is a pickle)."""
+@dataclass(frozen=True)
+class Header:
+    """A .safetensors file's tensor names and shapes, read once per check (no weight)."""
+    keys: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+
+
+UNREAD = object()  # no header passed: the function reads the file's
+
+
+def header_of(f) -> Header:
+    """The `Header` of a file open with safetensors' ``safe_open``."""
+    keys = tuple(f.keys())
+    return Header(keys, {k: tuple(f.get_slice(k).get_shape()) for k in keys})
+
+
+def checkpoint_header(path) -> Header | None:
+    """The `Header` of a .safetensors file, or None when it is not one or cannot be read
+    (other formats are never opened: a .ckpt is a pickle)."""
     if not str(path).lower().endswith(".safetensors"):
         return None
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+            return header_of(f)
     except Exception:  # unreadable header: the check at load time still applies
         return None
+
+
+def _header(path, header) -> Header | None:
+    return checkpoint_header(path) if header is UNREAD else header
 
 
 # transformers with FLUX.1's double/single blocks (or close) that UnHype does not support, by
@@ -92,54 +114,67 @@ def transformer_architecture(keys) -> str | None:
     return None
 
 
-def checkpoint_architecture(path) -> str | None:
-    """`transformer_architecture` of a single-file checkpoint, from its header."""
-    keys = header_keys(path)
-    return transformer_architecture(keys) if keys else None
+def checkpoint_architecture(path, header=UNREAD) -> str | None:
+    """`transformer_architecture` of a single-file checkpoint, from its header (`header`: the
+    one already read, None for a file that is not a readable .safetensors)."""
+    header = _header(path, header)
+    return transformer_architecture(header.keys) if header else None
 
 
-def checkpoint_family(path) -> str | None:
+def checkpoint_family(path, header=UNREAD) -> str | None:
     """The family of a single-file checkpoint (A1111 / Forge / ComfyUI layout), from its
     safetensors header alone: no weight is read. 'unknown' for a denoiser UnHype does not
     support (SDXL refiner, Chroma, FLUX.2, ...); None when the file is not a readable
     .safetensors or holds no denoiser key this recognises (other formats are never opened:
     a .ckpt is a pickle)."""
-    keys = header_keys(path)
-    if not keys:
+    header = _header(path, header)
+    if not header or not header.keys:
         return None
-    architecture = transformer_architecture(keys)
+    architecture = transformer_architecture(header.keys)
     if architecture is not None:
         return "flux" if architecture == "flux" else "unknown"
-    width = checkpoint_context_width(path, keys)
+    width = checkpoint_context_width(path, header)
     return None if width is None else CONTEXT_FAMILY.get(width, "unknown")
 
 
-def checkpoint_context_width(path, keys=None) -> int | None:
+def checkpoint_context_width(path, header=UNREAD) -> int | None:
     """The cross-attention context width of a single-file checkpoint's UNet (its first
     ``attn2.to_k``), from its header; None when it has none."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys if keys is not None else f.keys():
-                if "diffusion_model." in key and key.endswith("attn2.to_k.weight"):
-                    shape = f.get_slice(key).get_shape()
-                    return int(shape[1]) if len(shape) == 2 else None
-    except Exception:
-        return None
+    header = _header(path, header)
+    for key in header.keys if header else ():
+        if "diffusion_model." in key and key.endswith("attn2.to_k.weight"):
+            shape = header.shapes[key]
+            return int(shape[1]) if len(shape) == 2 else None
     return None
 
 
-def unsupported_checkpoint(path) -> str | None:
-    """What a single-file checkpoint is, when it is a model UnHype knows and does not support
-    ('an SDXL refiner UNet', 'a Chroma transformer', ...), for messages; else None."""
-    architecture = checkpoint_architecture(path)
+REFINER, TRANSFORMER = "refiner", "transformer"
+REFINER_TEXT = "an SDXL refiner UNet (OpenCLIP-G only, 1280-d context)"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A model UnHype knows and does not support: `kind` (REFINER: the SDXL refiner UNet;
+    TRANSFORMER: one sharing FLUX.1's blocks, or SD3) for callers to test, `text` ('an SDXL
+    refiner UNet', 'a Chroma transformer', ...) for messages only."""
+    kind: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def unsupported_checkpoint(path, header=UNREAD) -> Unsupported | None:
+    """What a single-file checkpoint is, when it is a model UnHype knows and does not support;
+    else None. One header read (none when `header` is given)."""
+    header = _header(path, header)
+    architecture = checkpoint_architecture(path, header)
     if architecture == FLUX_LIKE:
-        return f"a {FLUX_LIKE}"
+        return Unsupported(TRANSFORMER, f"a {FLUX_LIKE}")
     if architecture not in (None, "flux"):
-        return f"{article(architecture)} {architecture} transformer"
-    if architecture is None and checkpoint_context_width(path) == REFINER_CONTEXT:
-        return "an SDXL refiner UNet (OpenCLIP-G only, 1280-d context)"
+        return Unsupported(TRANSFORMER, f"{article(architecture)} {architecture} transformer")
+    if architecture is None and checkpoint_context_width(path, header) == REFINER_CONTEXT:
+        return Unsupported(REFINER, REFINER_TEXT)
     return None
 
 
@@ -149,17 +184,12 @@ def article(name: str) -> str:
     return "an" if name[:1].lower() in "aeiou" or name.lower().startswith("sd") else "a"
 
 
-def checkpoint_input_channels(path) -> int | None:
+def checkpoint_input_channels(path, header=UNREAD) -> int | None:
     """The UNet's input channels in a single-file checkpoint, from its header (4: text-to-image;
     9: inpainting; 8: instruct-pix2pix); None when the file or the key is not there."""
-    from safetensors import safe_open
-
-    key = "model.diffusion_model.input_blocks.0.0.weight"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return int(f.get_slice(key).get_shape()[1]) if key in f.keys() else None
-    except Exception:
-        return None
+    header = _header(path, header)
+    shape = header.shapes.get("model.diffusion_model.input_blocks.0.0.weight") if header else None
+    return int(shape[1]) if shape and len(shape) > 1 else None
 
 
 def detect_family(unet: nn.Module) -> str:

@@ -68,6 +68,14 @@ def signatures_text(loaded) -> str | None:
             "long prompt gets the strongest window of each concept it names")
 
 
+def same_way_texts(loaded) -> list[str]:
+    """One line per pair of concepts the file's signatures can never tell apart."""
+    from unhype.concept_signatures import same_way_text
+
+    sig = loaded.signatures
+    return [same_way_text(*pair) for pair in sig.same_way()] if sig is not None else []
+
+
 def retain_text(loaded) -> tuple[str | None, str | None]:
     """The stored share of the update unrelated prompts got, and a warning when it is above
     the floor (they are not left alone)."""
@@ -132,6 +140,7 @@ def summary_lines(loaded) -> list[str]:
     lines.append(f"gate floor: {gate_text(loaded)}")
     signatures = signatures_text(loaded)
     lines += [f"concepts told apart: {signatures}"] if signatures else []
+    lines += [f"WARNING: {text}" for text in same_way_texts(loaded)]
     retain, warning = retain_text(loaded)
     lines += [f"retained: {retain}"] if retain else []
     lines += [f"WARNING: {warning}"] if warning else []

@@ -1,16 +1,16 @@
-"""Hypernetwork files in the UnHype models folder: listing, metadata, a small load cache."""
+"""Hypernetwork files in the UnHype models folder: listing, metadata, the load cache."""
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 from unhype.errors import UnHypeError
+from unhype.file_cache import FileCache, cache_limit
 from unhype.fileformat import LoadedHypernet, load_hypernet, read_header, read_meta
 
 from unhype_webui import host
 
-_loaded: "OrderedDict[tuple, LoadedHypernet]" = OrderedDict()
+_loaded = FileCache(lambda path: load_hypernet(path, device="cpu"))
 
 
 def list_files(folder: str | None = None) -> dict[str, str]:
@@ -45,18 +45,8 @@ def resolve(name: str, folder: str | None = None) -> tuple[str, str]:
 
 
 def load(path: str) -> LoadedHypernet:
-    """Load (validated) with a small LRU cache keyed on path, size and mtime."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key in _loaded:
-        _loaded.move_to_end(key)
-        return _loaded[key]
-    loaded = load_hypernet(path, device="cpu")
-    _loaded[key] = loaded
-    limit = max(1, int(host.option("unhype_cache_files", 2) or 2))
-    while len(_loaded) > limit:
-        _loaded.popitem(last=False)
-    return loaded
+    """Load (validated), keeping the ``unhype_cache_files`` most recently used files."""
+    return _loaded.get(path, cache_limit(host.option("unhype_cache_files", 2) or 2, 2))
 
 
 def describe(path: str) -> dict:

@@ -75,6 +75,24 @@ def test_infotext_fields_and_parse(tmp_path):
         {"a": "12", "bc": "34"}
 
 
+def test_loaded_files_follow_the_cache_setting(webui_dirs, tmp_path, monkeypatch):
+    """unhype_cache_files: how many files stay loaded (the shared unhype.file_cache)."""
+    from modules import shared
+    from unhype.file_cache import FileCache
+    from unhype_webui import files
+
+    monkeypatch.setattr(files, "_loaded", FileCache(lambda path: object()))
+    paths = [tmp_path / f"{name}.safetensors" for name in "abc"]
+    for path in paths:
+        path.write_bytes(b"x")
+    first = [files.load(str(p)) for p in paths]  # the default keeps 2: a goes
+    assert files.load(str(paths[2])) is first[2] and files.load(str(paths[1])) is first[1]
+    assert files.load(str(paths[0])) is not first[0]
+    shared.opts.unhype_cache_files = 3
+    kept = [files.load(str(p)) for p in paths]
+    assert [files.load(str(p)) for p in paths] == kept
+
+
 # --- rows by conditioning --------------------------------------------------------------
 def test_cond_bank_matches_rows_by_content_despite_padding_and_fp16():
     torch.manual_seed(0)

@@ -197,3 +197,49 @@ def test_a_flux1_folder_still_loads(tiny_flux, tmp_path):
     copy = tmp_path / "flux"
     shutil.copytree(tiny_flux, copy)
     assert load(copy, tmp_path, resolution=16).family.name == "flux"
+
+
+def test_the_refiner_is_told_by_kind_not_by_its_text(tmp_path, monkeypatch):
+    """The trainer refuses the refiner with the base-model advice whatever its text says."""
+    from unhype import model_check
+
+    key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    path = checkpoint(tmp_path / "refiner.safetensors", {key: (8, 1280)})
+    assert model_check.unsupported_checkpoint(path).kind == model_check.REFINER
+    monkeypatch.setattr(model_check, "REFINER_TEXT", "a 1280-d UNet")
+    with pytest.raises(UnHypeError, match="a 1280-d UNet; UnHype trains on the SDXL base"):
+        load(path, tmp_path)
+    hunyuan = checkpoint(tmp_path / "hunyuan.safetensors", RELATIVES["HunyuanVideo"])
+    assert model_check.unsupported_checkpoint(hunyuan).kind == model_check.TRANSFORMER
+
+
+def count_opens(monkeypatch):
+    """A list that gets one entry per safetensors file opened."""
+    import safetensors
+
+    opened, real = [], safetensors.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    return opened
+
+
+@pytest.mark.parametrize("name", ["refiner", "Chroma", "flux"])
+def test_one_header_read_per_check(tmp_path, monkeypatch, name):
+    from unhype.model_check import checkpoint_family, unsupported_checkpoint
+    from unhype.trainer.backends.preflight import check_flux_file
+
+    key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    shapes = {"refiner": {key: (8, 1280)}, "flux": FLUX1_BFL}.get(name) or RELATIVES[name]
+    path = checkpoint(tmp_path / "model.safetensors", shapes)
+    opened = count_opens(monkeypatch)
+    for check in (unsupported_checkpoint, checkpoint_family, check_flux_file):
+        opened.clear()
+        try:
+            check(path)
+        except UnHypeError:
+            pass
+        assert len(opened) == 1, check.__name__

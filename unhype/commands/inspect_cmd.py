@@ -7,7 +7,7 @@ import json
 import textwrap
 
 from unhype.summary import concept_text, fmt, gate_text, history_lines, is_number, \
-    retain_share, retain_text, signatures_text
+    retain_share, retain_text, same_way_texts, signatures_text
 
 
 def register(subparsers) -> None:
@@ -68,6 +68,8 @@ def inspect(path, prompts: list[str] | None = None, text_encoder: str | None = N
         "gate_saturate": loaded.gate_saturate, "retain_share": share,
         "retain_above_floor": bool(share is not None and loaded.gate_reference is not None
                                    and share > loaded.gate_floor),
+        "concepts_same_way": [{"concepts": [x, y], "cosine": c} for x, y, c in
+                              (loaded.signatures.same_way() if loaded.signatures else [])],
         "variant_sizes": variant_size_table(meta.family),
         "variant_sizes_layers": len(get_family(meta.family).targets()),
     }
@@ -123,6 +125,7 @@ def _gate_lines(loaded) -> list[str]:
     signatures = signatures_text(loaded)
     return [f"  gate floor {gate_text(loaded)}"] + \
         ([f"  told apart {signatures}"] if signatures else []) + \
+        [f"  warning    {text}" for text in same_way_texts(loaded)] + \
         ([f"  retained   {retain}"] if retain else []) + \
         ([f"  warning    {warning} with --prompt"] if warning else [])
 

@@ -202,8 +202,8 @@ def single_file_config(src: Path, family: str | None, model_config: str | None):
     a user's folder is overridden only by what the file states (a v_pred / ztsnr key), not by
     the SD 2.x weight rule."""
     from unhype.checkpoint_prediction import checkpoint_prediction
-    from unhype.model_check import (checkpoint_family, checkpoint_input_channels,
-                                    unsupported_checkpoint)
+    from unhype.model_check import (REFINER, checkpoint_family, checkpoint_header,
+                                    checkpoint_input_channels, unsupported_checkpoint)
     from unhype.model_configs import BUILTIN, builtin_for, config_folder
 
     what = not_a_checkpoint(src)
@@ -221,16 +221,17 @@ def single_file_config(src: Path, family: str | None, model_config: str | None):
         found = checkpoint_family(src)
         prediction = checkpoint_prediction(src, found) if found else None
         return cfg_dir, (prediction if prediction is not None and prediction.stated else None)
-    found = checkpoint_family(src)
-    channels = checkpoint_input_channels(src)
+    header = checkpoint_header(src)
+    found = checkpoint_family(src, header)
+    channels = checkpoint_input_channels(src, header)
     if channels not in (None, 4):
         raise UnHypeError(f"{src}: " + CHANNELS_REFUSAL.format(channels=channels))
-    unsupported = unsupported_checkpoint(src)
-    if unsupported and "refiner" in unsupported:
-        raise UnHypeError(f"{src}: {REFINER_REFUSAL.format(what=unsupported)}")
+    unsupported = unsupported_checkpoint(src, header)
+    if unsupported and unsupported.kind == REFINER:
+        raise UnHypeError(f"{src}: {REFINER_REFUSAL.format(what=unsupported.text)}")
     if unsupported:
-        raise UnHypeError(f"{src}: {unsupported}; UnHype trains SD 1.x / 2.x / XL and FLUX.1: "
-                          "not supported")
+        raise UnHypeError(f"{src}: {unsupported.text}; UnHype trains SD 1.x / 2.x / XL and "
+                          "FLUX.1: not supported")
     if found not in ("sd1", "sd2", "sdxl"):
         raise UnHypeError(f"{src}: no SD 1.x / 2.x / XL UNet found in this checkpoint's keys "
                           f"({found or 'none recognised'}); give --model_config <a diffusers "

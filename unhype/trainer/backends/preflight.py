@@ -97,31 +97,24 @@ def check_flux_channels(where, inp: int | None, out: int | None) -> None:
 
 
 def check_flux_file(path: Path) -> None:
-    """A single-file transformer: FLUX.1 (BFL or diffusers names), text-to-image."""
-    from safetensors import safe_open
+    """A single-file transformer: FLUX.1 (BFL or diffusers names), text-to-image. One header
+    read."""
+    from unhype.model_check import (checkpoint_architecture, checkpoint_header,
+                                    unsupported_checkpoint)
 
-    from unhype.model_check import checkpoint_architecture
-
-    architecture = checkpoint_architecture(path)
+    header = checkpoint_header(path)
+    architecture = checkpoint_architecture(path, header)
     if architecture is None:
         raise UnHypeError(f"{path}: no FLUX.1 transformer tensors in this file (BFL names "
                           "double_blocks.* with vector_in, or diffusers names)")
     if architecture != "flux":
-        from unhype.model_check import unsupported_checkpoint
-
-        raise UnHypeError(f"{path}: {unsupported_checkpoint(path)}; {FLUX_ONLY}: not "
-                          "supported")
+        raise UnHypeError(f"{path}: {unsupported_checkpoint(path, header).text}; {FLUX_ONLY}: "
+                          "not supported")
     pairs = (("img_in.weight", "final_layer.linear.weight"),  # BFL names
              ("x_embedder.weight", "proj_out.weight"))  # diffusers names
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = {k.removeprefix("model.diffusion_model."): k for k in f.keys()}
-            for first, last in pairs:
-                if first in keys and last in keys:
-                    check_flux_channels(path, f.get_slice(keys[first]).get_shape()[1],
-                                        f.get_slice(keys[last]).get_shape()[0])
-                    return
-    except UnHypeError:
-        raise
-    except Exception:  # the load names an unreadable file
-        return
+    shapes = {k.removeprefix("model.diffusion_model."): v for k, v in header.shapes.items()}
+    for first, last in pairs:
+        if first in shapes and last in shapes:
+            if len(shapes[first]) > 1 and shapes[last]:  # else the load names the odd file
+                check_flux_channels(path, shapes[first][1], shapes[last][0])
+            return
