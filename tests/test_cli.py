@@ -106,6 +106,14 @@ def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     assert "under 3% of 42.5 (the concepts' median ||dW||) get none, full from 6%" in \
         capsys.readouterr().out
+    # a floor of 0 turns the floor and saturation off (apply_floor); older files may store both
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}], training={"mode": "direct", "gate_reference": 42.5,
+                                                          "gate_floor": 0.0, "gate_saturate": True})
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "gate floor off (gate_floor 0" in text and "saturation off too" in text
+    assert "saturated: raised" not in text
 
 
 @pytest.fixture(scope="module")

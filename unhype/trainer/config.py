@@ -339,11 +339,10 @@ def validate(cfg: TrainConfig) -> None:
     if v["gate_saturate"] is True:
         from unhype.gate_floor import saturate_refusal
 
-        refusal = saturate_refusal(v["mode"])
+        floor = v["gate_floor"] if isinstance(v["gate_floor"], float) else None
+        refusal = saturate_refusal(v["mode"], floor)
         if refusal:
             problems.append(refusal)
-    if v["gate_saturate"] is True and v["gate_floor"] == 0:
-        problems.append("gate_saturate needs a gate_floor > 0 (it raises prompts above it)")
     if problems:
         raise UnHypeError("invalid training options: " + "; ".join(problems))
     if v["retain_learning_rate"] is None:
