@@ -389,6 +389,21 @@ def test_every_command_prints_its_help(capsys):
             assert (root / name).is_file(), (path, name)
 
 
+def test_eval_help_gives_the_defaults_the_code_uses(capsys):
+    """--steps: the toy sampler's own default (not a number written by hand); --gate_floor:
+    the file's stored floor."""
+    import re
+
+    from unhype.evaluation import cli as eval_cli
+    from unhype.toy.model import DEFAULT_STEPS
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"sampling steps (default: toy {DEFAULT_STEPS}, SD {eval_cli.SD_STEPS})" in out
+    assert re.search(r"default: the file's gate_floor", out) and "0.03" not in out
+
+
 def test_the_cli_prints_no_bitsandbytes_import_warning(hyper_file):
     """bitsandbytes (installed for the Forge NF4 tests) logs a warning about its optional CPU
     kernels when transformers imports it; a user's `unhype` output must not start with it."""
