@@ -106,6 +106,14 @@ def test_inspect_names_adversarial_gate_training(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     assert "under 3% of 42.5 (the concepts' median ||dW||) get none, full from 6%" in \
         capsys.readouterr().out
+    # a floor of 0 turns the floor and saturation off (apply_floor); older files may store both
+    save_hypernet(path, hypernet_for(tiny_sd_unet(), variant="shared", rank=1), "sd1",
+                  concepts=[{"target": "cat"}], training={"mode": "direct", "gate_reference": 42.5,
+                                                          "gate_floor": 0.0, "gate_saturate": True})
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "gate floor off (gate_floor 0" in text and "saturation off too" in text
+    assert "saturated: raised" not in text
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +387,21 @@ def test_every_command_prints_its_help(capsys):
         # the files a help text names as examples exist (argparse may wrap them at a "-")
         for name in re.findall(r"unhype/trainer/configs/[\w.-]+\.toml", re.sub(r"-\n\s*", "-", out)):
             assert (root / name).is_file(), (path, name)
+
+
+def test_eval_help_gives_the_defaults_the_code_uses(capsys):
+    """--steps: the toy sampler's own default (not a number written by hand); --gate_floor:
+    the file's stored floor."""
+    import re
+
+    from unhype.evaluation import cli as eval_cli
+    from unhype.toy.model import DEFAULT_STEPS
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"sampling steps (default: toy {DEFAULT_STEPS}, SD {eval_cli.SD_STEPS})" in out
+    assert re.search(r"default: the file's gate_floor", out) and "0.03" not in out
 
 
 def test_the_cli_prints_no_bitsandbytes_import_warning(hyper_file):

@@ -41,6 +41,23 @@ def test_presets_widen_the_target_set():
         sd1.targets("everything")
 
 
+def test_target_preset_help_names_every_familys_presets():
+    """`unhype train --help` builds --target_preset's text from unhype.presets' tables: each
+    family uses the table (and default) the help names it with."""
+    from unhype import presets
+    from unhype.families import FAMILIES
+    from unhype.trainer.config import OPTIONS
+
+    groups = {**{f: (presets.SD_PRESETS, presets.SD_DEFAULT) for f in presets.SD_FAMILIES},
+              **{f: (presets.FLUX_PRESETS, presets.FLUX_DEFAULT) for f in presets.FLUX_FAMILIES}}
+    assert set(groups) == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        assert (dict(family.presets), family.default_preset) == groups[name], name
+    [help_text] = [h for n, _, _, h in OPTIONS if n == "target_preset"]
+    assert "sd1 / sd2 / sdxl / toy: xattn_kv (default), xattn_all, attn_all" in help_text
+    assert "flux / toy_flux: paper (default), attn_v_out_all, attn_all" in help_text
+
+
 def test_kohya_names_follow_kohyas_rules():
     sd1, sdxl, flux = get_family("sd1"), get_family("sdxl"), get_family("flux")
     assert kohya_name(sd1, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k") == \

@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 from torch import nn
 
 from unhype.errors import UnHypeError
+from unhype.presets import FLUX_DEFAULT, FLUX_PRESETS, SD_DEFAULT, SD_PRESETS
 from unhype.toy.model import TOY_TEXT_DIM  # cheap: constants only until a function runs
 
 APPLY_COND_ONLY = "cond_only"  # SD-style CFG: the unconditional branch runs the base weights
@@ -104,21 +105,6 @@ def _meta_model(name: str) -> nn.Module:
         return cls.from_config(family.config())
 
 
-SD_PRESETS = {
-    "xattn_kv": ("attn2.to_k", "attn2.to_v"),  # the paper's
-    "xattn_all": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-    "attn_all": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-}
-
-FLUX_PRESETS = {
-    "paper": ("attn.to_v", "attn.add_v_proj", "attn.to_out.0"),  # value + output projections
-    "attn_v_out_all": ("attn.to_v", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out"),
-    "attn_all": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                 "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
-}
-
-
 def sd15_unet_config() -> dict:
     return {
         "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -175,7 +161,7 @@ def register_family(family: Family) -> Family:
 register_family(Family(
     name="sd1", description="Stable Diffusion 1.x (SD1.4, SD1.5 and finetunes)",
     model_class="UNet2DConditionModel", config=sd15_unet_config, embedding=CLIP_L,
-    presets=SD_PRESETS, default_preset="xattn_kv", apply_to=APPLY_COND_ONLY,
+    presets=SD_PRESETS, default_preset=SD_DEFAULT, apply_to=APPLY_COND_ONLY,
     base_model_version="sd_v1", modelspec_architecture="stable-diffusion-v1/lora"))
 register_family(Family(
     name="sd2", description="Stable Diffusion 2.x (512 and 768-v)",
@@ -183,7 +169,7 @@ register_family(Family(
     embedding=EmbeddingSpec("openclip_h_pooled", 1024,
                             "OpenCLIP ViT-H/14 text model as SD2 ships it, EOS token after "
                             "the final layer norm, unprojected"),
-    presets=SD_PRESETS, default_preset="xattn_kv", apply_to=APPLY_COND_ONLY,
+    presets=SD_PRESETS, default_preset=SD_DEFAULT, apply_to=APPLY_COND_ONLY,
     base_model_version="sd_v2", modelspec_architecture="stable-diffusion-v2-768-v/lora"))
 register_family(Family(
     name="sdxl", description="Stable Diffusion XL 1.0 base and finetunes",
@@ -191,19 +177,19 @@ register_family(Family(
     embedding=EmbeddingSpec("clip_g_pooled_projected", 1280,
                             "OpenCLIP ViT-bigG/14 text model with its text projection "
                             "(SDXL's pooled 'vector' input / ComfyUI pooled_output)"),
-    presets=SD_PRESETS, default_preset="xattn_kv", apply_to=APPLY_COND_ONLY,
+    presets=SD_PRESETS, default_preset=SD_DEFAULT, apply_to=APPLY_COND_ONLY,
     base_model_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base/lora"))
 register_family(Family(
     name="flux", description="FLUX.1 dev/schnell (rectified flow, guidance-distilled)",
     model_class="FluxTransformer2DModel", config=flux_dev_transformer_config, embedding=CLIP_L,
-    presets=FLUX_PRESETS, default_preset="paper", apply_to=APPLY_ALL,
+    presets=FLUX_PRESETS, default_preset=FLUX_DEFAULT, apply_to=APPLY_ALL,
     base_model_version="flux1", modelspec_architecture="Flux.1-dev/lora"))
 register_family(Family(
     name="toy", description="UnHype's embedded toy text-to-image model (unhype/toy)",
     model_class="UNet2DConditionModel", config=_toy_config,
     embedding=EmbeddingSpec("toy_clip_pooled", TOY_TEXT_DIM, "the toy CLIP text model, EOS "
                             "token after the final layer norm (unhype.toy.model)"),
-    presets=SD_PRESETS, default_preset="xattn_kv", apply_to=APPLY_COND_ONLY,
+    presets=SD_PRESETS, default_preset=SD_DEFAULT, apply_to=APPLY_COND_ONLY,
     base_model_version="unhype_toy", modelspec_architecture="unhype-toy/lora"))
 
 
@@ -211,7 +197,7 @@ register_family(Family(
     name="toy_flux", description="UnHype's embedded toy flow model (unhype/toy/flow.py, a tiny "
     "FluxTransformer2DModel with CFG)",
     model_class="FluxTransformer2DModel", config=lambda: _toy_flow_config(),
-    embedding=FAMILIES["toy"].embedding, presets=FLUX_PRESETS, default_preset="paper",
+    embedding=FAMILIES["toy"].embedding, presets=FLUX_PRESETS, default_preset=FLUX_DEFAULT,
     apply_to=APPLY_COND_ONLY, base_model_version="unhype_toy_flux",
     modelspec_architecture="unhype-toy-flux/lora"))
 

@@ -113,14 +113,17 @@ def floor_scale(norms: Tensor, reference: float, floor: float, saturate: bool = 
     return scale
 
 
-def saturate_refusal(mode: str | None) -> str | None:
-    """Why a file trained in `mode` must not be saturated (None: it may): the trainer and
-    `unhype stamp-floor` both refuse it."""
+def saturate_refusal(mode: str | None, floor: float | None = None) -> str | None:
+    """Why a file trained in `mode` with gate floor `floor` must not be saturated (None: it
+    may): the trainer and `unhype stamp-floor` both refuse it."""
+    problems = []
     if mode == "fields":
-        return ("gate_saturate needs mode 'direct': in fields mode unrelated prompts get ~13% "
-                "of a concept's update, above the floor, and would be raised to its full "
-                "strength")
-    return None
+        problems.append("gate_saturate needs mode 'direct': in fields mode unrelated prompts get "
+                        "~13% of a concept's update, above the floor, and would be raised to its "
+                        "full strength")
+    if floor is not None and floor <= 0:
+        problems.append("gate_saturate needs a gate_floor > 0 (it raises prompts above it)")
+    return "; ".join(problems) or None
 
 
 def check_saturate(value) -> bool:

@@ -46,6 +46,10 @@ def gate_text(loaded) -> str:
     if ref is None:
         return ("none (the file stores no gate reference: trained before it existed; "
                 "`unhype stamp-floor` adds it)")
+    if floor <= 0:  # apply_floor leaves the factors as they are: no floor, no saturation
+        return (f"off (gate_floor 0: every prompt keeps its update; gate reference {ref:.4g})"
+                + ("; saturation off too (stored on, but it needs a gate_floor > 0)"
+                   if loaded.gate_saturate else ""))
     return (f"prompts whose update is under {floor:.0%} of {ref:.4g} (the concepts' median "
             f"||dW||) get none, full from {2 * floor:.0%}"
             + ("; saturated: raised to the concept's strength from there"

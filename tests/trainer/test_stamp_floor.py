@@ -150,6 +150,18 @@ def test_gate_saturate_is_stored_by_the_trainer_and_by_stamp_floor(tiny_sd1, tmp
     assert all(h["tool"] == "unhype stamp-floor" and h["date"] for h in history)
     assert load_hypernet(plain).meta.history == []
 
+    # saturation needs a floor above 0 (the trainer's check): refused, nothing written
+    for args in (["--gate_floor", "0", "--gate_saturate"], ["--gate_floor", "0"]):
+        source = plain if "--gate_saturate" in args else path  # `path` stores saturation
+        zero = tmp_path / "zero.safetensors"
+        assert main(["stamp-floor", str(source), "-o", str(zero), *args]) == 2
+        assert "gate_saturate needs a gate_floor > 0" in capsys.readouterr().err
+        assert not zero.exists()
+    assert main(["stamp-floor", str(path), "-o", str(tmp_path / "z.safetensors"),
+                 "--gate_floor", "0", "--no-gate_saturate"]) == 0
+    assert load_hypernet(tmp_path / "z.safetensors").gate_floor == 0.0
+    capsys.readouterr()
+
     fields, _ = trained(tiny_sd1, tmp_path / "fields", concepts="dog", mode="fields")
     assert main(["stamp-floor", str(fields), "-o", str(tmp_path / "f.safetensors"),
                  "--gate_saturate"]) == 2

@@ -69,9 +69,13 @@ def run(args) -> int:
     out = check_output(args.output, [args.text_encoder, args.concepts], "-o")
     floor = None if args.gate_floor is None else check_floor(args.gate_floor)
     loaded = load_hypernet(args.hypernet)
-    refusal = saturate_refusal(loaded.meta.training.get("mode"))
-    if args.gate_saturate and refusal:
-        raise UnHypeError(f"{loaded.path}: {refusal}")
+    if args.gate_saturate or (floor is not None and args.gate_saturate is None
+                              and loaded.gate_saturate):
+        # the floor the file will have: saturation needs one above 0, as in the trainer
+        refusal = saturate_refusal(loaded.meta.training.get("mode"),
+                                   loaded.gate_floor if floor is None else floor)
+        if refusal:
+            raise UnHypeError(f"{loaded.path}: {refusal}")
     if loaded.gate_reference is not None and not args.force:
         # the floor and saturation are settings on top of the reference: no text encoder
         settings = {k: v for k, v in (("gate_floor", floor),

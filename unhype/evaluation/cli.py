@@ -25,6 +25,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from unhype.toy import DEFAULT_STEPS as TOY_STEPS
+
+SD_STEPS = 30  # sampling steps on Stable Diffusion models unless --steps
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="measure erasure: Acc_e/Acc_s/Acc_g, H_o, H_c, CLIP "
@@ -55,12 +59,13 @@ def register(subparsers) -> None:
                    "blue heart')")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (toy 20, SD 30)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: toy "
+                   f"{TOY_STEPS}, SD {SD_STEPS})")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (model default)")
     p.add_argument("--strength", type=float, default=1.0, help="hypernetwork LoRA strength")
     p.add_argument("--gate_floor", type=float, default=None, help="prompts whose update is "
-                   "below this fraction of the concept's get none (unhype.gate_floor; default "
-                   "0.03 for files that store a gate reference, 0 = off)")
+                   "below this fraction of the concept's get none (unhype.gate_floor; default: "
+                   "the file's gate_floor, for files that store a gate reference; 0 = off)")
     p.add_argument("--gate_saturate", action=argparse.BooleanOptionalAction, default=None,
                    help="raise every prompt above the floor to the concept's strength "
                    "(unhype.gate_floor; default: what the file says)")
@@ -455,4 +460,4 @@ def load_model(model: str, args):
     note = memory.apply(cfg, backend)
     if toy:
         return backend, ToyGenerator(backend.toy, args.steps, args.guidance), note
-    return backend, BackendGenerator(backend, args.steps or 30, args.guidance), note
+    return backend, BackendGenerator(backend, args.steps or SD_STEPS, args.guidance), note

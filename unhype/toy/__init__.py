@@ -4,3 +4,5 @@ Modules: `data` (shapes, colours, synonyms, captions, renderer), `clip` (toy CLI
 tokenizer), `model` (the loadable model and its sampler), `train` (denoiser training), `judge`
 (CNN and zero-shot CLIP classification), `build` / `report` / `grid` / `cli` (`unhype toy ...`).
 """
+
+DEFAULT_STEPS = 12  # the toy sampler's steps (unhype.toy.model); here without torch, for help

@@ -29,12 +29,13 @@ from typing import Callable, Optional
 
 import torch
 
+from unhype.toy import DEFAULT_STEPS  # noqa: F401  (defined there, without torch, for help texts)
+
 TOY_TEXT_DIM = 64  # pooled text embedding width (= unhype.toy.clip.TEXT_DIM)
 RESOLUTION = 16
 PATCH = 2
 LATENT_CHANNELS = 3 * PATCH * PATCH
 LATENT_SIZE = RESOLUTION // PATCH
-DEFAULT_STEPS = 12
 DEFAULT_GUIDANCE = 2.0
 
 BeforeUnetCall = Callable[[int, int, list], None]

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from unhype.errors import UnHypeError
+from unhype.presets import presets_help
 
 # name, type, default, help. Names shared with kohya's sd-scripts keep kohya's spelling.
 OPTIONS: list[tuple[str, type, object, str]] = [
@@ -71,7 +72,8 @@ OPTIONS: list[tuple[str, type, object, str]] = [
      "(default: each concept's prompt, its synonyms and two retained prompts)"),
     ("sample_steps", int, 25, "DDIM steps of the sample grids"),
     ("sample_seeds", int, 2, "images per prompt in the sample grids"),
-    ("resume", str, None, "checkpoint file or checkpoints folder to continue from"),
+    ("resume", str, None, "checkpoint file, checkpoints folder or output folder to continue "
+     "from (a folder: its last checkpoint)"),
     ("logging_dir", str, None, "folder of the JSONL loss log (default: output_dir)"),
     # network and optimisation (kohya names)
     ("network_dim", int, 1, "LoRA rank r"),
@@ -111,7 +113,7 @@ OPTIONS: list[tuple[str, type, object, str]] = [
     ("variant", str, "per_layer", "per_layer (the paper's) | shared (compact)"),
     ("mode", str, "fields", "fields (the paper's Hypernet-Fields loss) | direct (ESD through "
      "H at s = T)"),
-    ("target_preset", str, None, "target layers (sd: xattn_kv, xattn_all, attn_all)"),
+    ("target_preset", str, None, f"target layers, per family: {presets_help()}"),
     ("ddim_steps", int, 50, "DDIM steps of the partial sampling that makes z_t"),
     ("guidance_scale", float, None, "CFG scale of that sampling (default: model's, 7.5 SD)"),
     ("latent_cache", int, 0, "0: sample z_t fresh every step (paper); N > 0: sample N full "
@@ -339,11 +341,10 @@ def validate(cfg: TrainConfig) -> None:
     if v["gate_saturate"] is True:
         from unhype.gate_floor import saturate_refusal
 
-        refusal = saturate_refusal(v["mode"])
+        floor = v["gate_floor"] if isinstance(v["gate_floor"], float) else None
+        refusal = saturate_refusal(v["mode"], floor)
         if refusal:
             problems.append(refusal)
-    if v["gate_saturate"] is True and v["gate_floor"] == 0:
-        problems.append("gate_saturate needs a gate_floor > 0 (it raises prompts above it)")
     if problems:
         raise UnHypeError("invalid training options: " + "; ".join(problems))
     if v["retain_learning_rate"] is None:
