@@ -122,6 +122,7 @@ def test_multi_concept_run_logs_and_stores_each_concept(tiny_sd1, tmp_path, caps
     err = capsys.readouterr().err
     assert "concept 'car' has anchor 'a dog on a road', which names 'dog'" in err
     assert "note: 2 concepts share 3 steps x 4 prompts" in err and "~6 prompt draws" in err
+    assert "--composite_prompts 15 also trains on such prompts" in err
     assert loop.train(session, progress=False) == 0
     err = capsys.readouterr().err
     records = [json.loads(ln) for ln in (tmp_path / "erase-loss.jsonl").read_text().splitlines()]
@@ -170,12 +171,15 @@ def test_composite_prompts_pair_each_concept_with_a_retained_prompt():
         C.composite_items(concepts, [], 2, seed=3)
 
 
-def test_a_run_trains_on_composites_but_measures_the_concepts_own_prompts(tiny_sd1, tmp_path):
+def test_a_run_trains_on_composites_but_measures_the_concepts_own_prompts(tiny_sd1, tmp_path,
+                                                                           capsys):
     cfg = resolve(fast_options(tiny_sd1, tmp_path, max_train_steps=2, train_batch_size=4,
                                log_every=1, composite_prompts=2))
     cfg.concept_entries = [{"target": "dog", "templates": ["a photo of a {}", "a {}"]},
                            {"target": "car", "anchor": "a bus", "templates": ["a {}", "a red {}"]}]
-    session = loop.prepare(cfg, quiet=True)
+    session = loop.prepare(cfg)
+    err = capsys.readouterr().err
+    assert "8 prompts (4 beside a retained prompt)" in err and "--composite_prompts 15" not in err
     assert session.own_items == 4 and len(session.items) == 8
     composites = session.items[4:]
     assert [i for i, _, _ in composites] == [0, 0, 1, 1]

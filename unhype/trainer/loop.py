@@ -265,6 +265,11 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
                              cfg.gradient_accumulation_steps)
         if note:
             say(f"unhype train: note: {note}")
+        if len(concepts) > 1 and not composites:
+            say("unhype train: note: a file of several concepts can fire weakly for a prompt "
+                "that names a concept beside other things ('a red circle, a blue heart'); "
+                "--composite_prompts 15 also trains on such prompts (docs/training.md, "
+                "'Prompts that name other things too')")
     return run
 
 
