@@ -160,3 +160,22 @@ def test_loaded_file_saturates_only_when_it_says_so(tmp_path):
     save_hypernet(path, net, "sd1", training={"gate_reference": ref, "gate_saturate": "yes"})
     with pytest.raises(UnHypeError, match="training.gate_saturate must be true or false"):
         load_hypernet(path)
+
+
+def test_a_fields_mode_file_is_never_saturated_even_when_it_says_so(tmp_path, caplog):
+    from unhype.summary import gate_text
+
+    net = hypernet_for(tiny_sd_unet(), rank=1)
+    emb = torch.randn(5, 768, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        norms = delta_norm(net(emb))
+    ref = float(norms.max()) * 4
+    path = tmp_path / "h.safetensors"  # as if edited by hand: the trainer refuses to write it
+    save_hypernet(path, net, "sd1", concepts=[{"target": "cat"}],
+                  training={"mode": "fields", "gate_reference": ref, "gate_saturate": True})
+    with caplog.at_level("WARNING", logger="unhype"):
+        loaded = load_hypernet(path)
+    assert loaded.stored_saturate is True and loaded.gate_saturate is False
+    assert "stored gate_saturate is ignored: gate_saturate needs mode 'direct'" in caplog.text
+    assert torch.equal(delta_norm(loaded.generate(emb)), norms)  # as generated, not raised
+    assert "saturation off (stored on, but gate_saturate needs mode 'direct'" in gate_text(loaded)

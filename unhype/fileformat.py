@@ -97,15 +97,29 @@ class LoadedHypernet:
             raise UnHypeError(f"{self.path}: training.{exc}") from None
 
     @property
-    def gate_saturate(self) -> bool:
-        """Whether hosts raise every prompt above the floor to the concept's strength
-        (`--gate_saturate`, unhype.gate_floor); False for files without the entry."""
+    def stored_saturate(self) -> bool:
+        """The file's `gate_saturate` entry as stored (False without one)."""
         from unhype.gate_floor import check_saturate
 
         try:
             return check_saturate(self.meta.training.get("gate_saturate", False))
         except UnHypeError as exc:
             raise UnHypeError(f"{self.path}: training.{exc}") from None
+
+    @property
+    def saturate_ignored(self) -> str | None:
+        """Why a stored `gate_saturate` is not applied (None: it is, or none is stored): a file
+        trained in fields mode, which the trainer and `unhype stamp-floor` refuse to saturate,
+        can still carry it when its metadata was edited by hand."""
+        from unhype.gate_floor import saturate_refusal
+
+        return saturate_refusal(self.meta.training.get("mode")) if self.stored_saturate else None
+
+    @property
+    def gate_saturate(self) -> bool:
+        """Whether hosts raise every prompt above the floor to the concept's strength
+        (`--gate_saturate`, unhype.gate_floor): the stored entry unless `saturate_ignored`."""
+        return self.stored_saturate and self.saturate_ignored is None
 
     def generate(self, embeddings: torch.Tensor, floor: float | None = None,
                  saturate: bool | None = None):
@@ -385,6 +399,9 @@ def load_hypernet(path, device="cpu") -> LoadedHypernet:
     hypernet.eval().requires_grad_(False)
     loaded = LoadedHypernet(path=path, hypernet=hypernet.to(device), meta=meta)
     loaded.gate_reference, loaded.gate_floor, loaded.gate_saturate  # malformed: fail here
+    if loaded.saturate_ignored:
+        log.warning("%s: its stored gate_saturate is ignored: %s (`unhype stamp-floor FILE -o "
+                    "OUT --no-gate_saturate` clears it)", path, loaded.saturate_ignored)
     loaded.signatures
     return loaded
 

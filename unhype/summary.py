@@ -49,11 +49,15 @@ def gate_text(loaded) -> str:
     if floor <= 0:  # apply_floor leaves the factors as they are: no floor, no saturation
         return (f"off (gate_floor 0: every prompt keeps its update; gate reference {ref:.4g})"
                 + ("; saturation off too (stored on, but it needs a gate_floor > 0)"
-                   if loaded.gate_saturate else ""))
+                   if loaded.stored_saturate else ""))
+    if loaded.saturate_ignored:
+        saturation = f"; saturation off (stored on, but {loaded.saturate_ignored})"
+    elif loaded.gate_saturate:
+        saturation = "; saturated: raised to the concept's strength from there"
+    else:
+        saturation = ""
     return (f"prompts whose update is under {floor:.0%} of {ref:.4g} (the concepts' median "
-            f"||dW||) get none, full from {2 * floor:.0%}"
-            + ("; saturated: raised to the concept's strength from there"
-               if loaded.gate_saturate else ""))
+            f"||dW||) get none, full from {2 * floor:.0%}" + saturation)
 
 
 def signatures_text(loaded) -> str | None:

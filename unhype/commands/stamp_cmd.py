@@ -70,7 +70,7 @@ def run(args) -> int:
     floor = None if args.gate_floor is None else check_floor(args.gate_floor)
     loaded = load_hypernet(args.hypernet)
     if args.gate_saturate or (floor is not None and args.gate_saturate is None
-                              and loaded.gate_saturate):
+                              and loaded.stored_saturate):
         # the floor the file will have: saturation needs one above 0, as in the trainer
         refusal = saturate_refusal(loaded.meta.training.get("mode"),
                                    loaded.gate_floor if floor is None else floor)
