@@ -57,6 +57,7 @@ class Spec(NamedTuple):
     consistency: float = 0.0  # > 0: --adversarial_loss consistency at this --consistency_weight
     saturate: bool = False  # --gate_saturate (inference only: the same weights)
     preset: str = "xattn_kv"  # --target_preset (the toy's default: the paper's layers)
+    composites: int = 0  # --composite_prompts
 
 
 def split_strength(spec: str) -> tuple[str, float]:
@@ -86,8 +87,9 @@ def at_strength(method, strength: float, spec: str):
 def parse_variant(spec: str) -> Spec:
     """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
     -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, eta: ESD eta, cons[W]:
-    the consistency adversarial loss at weight W (1), sat: the saturated gate floor, else: lr
-    schedule, a layer preset name such as attn_all: --target_preset); an
+    the consistency adversarial loss at weight W (1), sat: the saturated gate floor, compN:
+    --composite_prompts N, else: lr schedule, a layer preset name such as attn_all:
+    --target_preset); an
     '@strength' suffix is not part of the trained variant (split_strength)."""
     head, *extras = split_strength(spec)[0].split("+")
     variant, mode = head.split("/")
@@ -103,6 +105,8 @@ def parse_variant(spec: str) -> Spec:
             out = out._replace(saturate=True)
         elif e in SD_PRESETS:
             out = out._replace(preset=e)
+        elif e.startswith("comp") and e[4:].isdigit():
+            out = out._replace(composites=int(e[4:]))
         elif e.startswith("cons"):
             out = out._replace(consistency=float(e[4:] or 1))
         elif e[:1] == "r" and e[1:].isdigit():
@@ -126,7 +130,8 @@ def spec_of_file(meta) -> Spec:
                 t.get("adversarial_fraction", 1.0), t.get("eta", 1.0),
                 t.get("consistency_weight", 1.0)
                 if t.get("adversarial_loss") == "consistency" else 0.0,
-                t.get("gate_saturate", False) is True, t.get("target_preset") or "xattn_kv")
+                t.get("gate_saturate", False) is True, t.get("target_preset") or "xattn_kv",
+                t.get("composite_prompts") or 0)
 
 
 def describe(v: Spec) -> str:
@@ -137,7 +142,8 @@ def describe(v: Spec) -> str:
         (f", eta {v.eta:g}" if v.eta != 1 else "") + \
         (f", {v.schedule} lr" if v.schedule != "constant" else "") + \
         (f", layers {v.preset}" if v.preset != "xattn_kv" else "") + \
-        (", saturated gate" if v.saturate else "")
+        (", saturated gate" if v.saturate else "") + \
+        (f", {v.composites} composite prompts per concept" if v.composites else "")
 
 
 def unhype_name(spec: str) -> str:
@@ -163,7 +169,7 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
                    "lr_scheduler": v.schedule, "network_dim": v.rank, "eta": v.eta,
                    "adversarial_loss": "consistency" if v.consistency else "removal",
                    "consistency_weight": v.consistency or 1.0, "gate_saturate": v.saturate,
-                   "target_preset": v.preset,
+                   "target_preset": v.preset, "composite_prompts": v.composites,
                    **over})
     run = prepare(cfg, quiet=True, backend=backend)
     run.cache = latent_cache(run)
