@@ -105,6 +105,14 @@ def test_an_anchor_naming_another_erased_concept_is_warned_about(capsys):
     assert "warning" not in capsys.readouterr().err  # 'squared' is another word
 
 
+def test_composite_note_only_where_composites_helped():
+    assert "--composite_prompts 15" in C.composite_note(2, "direct", False, 0)
+    assert C.composite_note(1, "direct", False, 0) is None
+    assert C.composite_note(2, "direct", False, 30) is None
+    assert C.composite_note(2, "direct", True, 0) is None  # saturated: already erased
+    assert C.composite_note(2, "fields", False, 0) is None
+
+
 def test_exposure_note():
     assert C.exposure_note(1, 400, 8) is None
     note = C.exposure_note(3, 400, 8, accumulation=2)
@@ -122,7 +130,7 @@ def test_multi_concept_run_logs_and_stores_each_concept(tiny_sd1, tmp_path, caps
     err = capsys.readouterr().err
     assert "concept 'car' has anchor 'a dog on a road', which names 'dog'" in err
     assert "note: 2 concepts share 3 steps x 4 prompts" in err and "~6 prompt draws" in err
-    assert "--composite_prompts 15 also trains on such prompts" in err
+    assert "--composite_prompts" not in err  # fields mode: no note (see composite_note)
     assert loop.train(session, progress=False) == 0
     err = capsys.readouterr().err
     records = [json.loads(ln) for ln in (tmp_path / "erase-loss.jsonl").read_text().splitlines()]

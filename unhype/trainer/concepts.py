@@ -350,6 +350,17 @@ def composite_items(concepts: list[Concept], retained: list[str], per_concept: i
     return items
 
 
+def composite_note(n_concepts: int, mode: str, saturate: bool, composites: int) -> str | None:
+    """For a direct-mode, unsaturated run of several concepts without composites: the recipe
+    where they helped on the toy (a saturated file already erased those prompts; fields mode at
+    the same steps lost more to the thinner exposure than it gained)."""
+    if n_concepts < 2 or composites or mode != "direct" or saturate:
+        return None
+    return ("a file of several concepts can fire weakly for a prompt that names a concept "
+            "beside other things ('a blue heart and a red circle'); --composite_prompts 15 also "
+            "trains on such prompts (docs/training.md, 'Prompts that name other things too')")
+
+
 def concept_table(concepts: list[Concept]) -> list[dict]:
     return [c.metadata() for c in concepts]
 

@@ -35,8 +35,9 @@ from unhype.trainer import distributed as tdist
 from unhype.trainer import losses, memory
 from unhype.trainer.adversary import adversarial_batch
 from unhype.trainer.backends.base import Backend, Cond
-from unhype.trainer.concepts import (Concept, composite_items, concept_table, exposure_note,
-                                     resolve_concepts, resolve_retain, warn_anchor_conflicts)
+from unhype.trainer.concepts import (Concept, composite_items, composite_note, concept_table,
+                                     exposure_note, resolve_concepts, resolve_retain,
+                                     warn_anchor_conflicts)
 from unhype.trainer.config import TrainConfig, check_output_dir, pick_device
 from unhype.atomic import atomic_write_text
 from unhype.distributed import Dist, split
@@ -265,11 +266,9 @@ def prepare(cfg: TrainConfig, quiet: bool = False, backend: Backend | None = Non
                              cfg.gradient_accumulation_steps)
         if note:
             say(f"unhype train: note: {note}")
-        if len(concepts) > 1 and not composites:
-            say("unhype train: note: a file of several concepts can fire weakly for a prompt "
-                "that names a concept beside other things ('a red circle, a blue heart'); "
-                "--composite_prompts 15 also trains on such prompts (docs/training.md, "
-                "'Prompts that name other things too')")
+        note = composite_note(len(concepts), cfg.mode, cfg.gate_saturate, len(composites))
+        if note:
+            say(f"unhype train: note: {note}")
     return run
 
 
