@@ -74,6 +74,19 @@ def test_composites_name_the_erased_class_beside_one_not_erased():
     assert build_sets(ps, erased, 8, "composites") == sets  # deterministic
 
 
+def test_composite_joiners_come_from_the_prompt_set(tmp_path):
+    f = tmp_path / "held_out.toml"
+    f.write_text('templates = ["a {}"]\ncomposite_joiners = [" above ", " with "]\n'
+                 '[classes]\ncat = ["cat"]\ndog = ["dog"]\n')
+    ps = load_prompt_set(str(f))
+    assert [p for p, _ in build_sets(ps, ["cat"], 4, "composites")["synonyms"]] == \
+        ["a cat above a dog", "a dog above a cat", "a cat with a dog", "a dog with a cat"]
+    f.write_text('templates = ["a {}"]\ncomposite_joiners = []\n'
+                 '[classes]\ncat = ["cat"]\ndog = ["dog"]\n')
+    with pytest.raises(UnHypeError, match="'composite_joiners' must be a list"):
+        load_prompt_set(str(f))
+
+
 def test_generality_kinds_a_class_lacks_are_filled_by_the_others(tmp_path):
     f = tmp_path / "no_synonyms.toml"
     f.write_text('templates = ["a {}"]\nparaphrase_templates = ["{} art"]\n'

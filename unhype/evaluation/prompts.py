@@ -16,7 +16,8 @@ erased classes' prompts in turn from each kind: synonyms as above, the class nam
 PARAPHRASE_TEMPLATES) and misspellings of the class name (`typos`) in the set's templates. It
 asks what a user who rewords or misspells the prompt gets; the count per class stays `per_class`.
 `composites` names the erased class beside a class that is not erased ("a red circle and a blue
-heart", in either order): does the erasure hold when a prompt also names something else?
+heart", in either order, joined by each of `composite_joiners` in turn: optional key, default
+COMPOSITE_JOINERS): does the erasure hold when a prompt also names something else?
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class PromptSet:
     kind: str = "objects"
     path: str = ""
     paraphrase_templates: list[str] = field(default_factory=lambda: list(PARAPHRASE_TEMPLATES))
+    composite_joiners: list[str] = field(default_factory=lambda: list(COMPOSITE_JOINERS))
 
     @property
     def class_names(self) -> list[str]:
@@ -106,7 +108,7 @@ def available() -> list[str]:
 
 KINDS = ("objects", "people")  # people: H_c is reported too
 KEYS = {"name", "kind", "classes", "templates", "colours", "paraphrase_templates",
-        "classifier_templates"}
+        "classifier_templates", "composite_joiners"}
 
 
 def load_prompt_set(name_or_path: str) -> PromptSet:
@@ -135,6 +137,11 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
     if not isinstance(paraphrases, list) or not paraphrases or \
             not all(isinstance(t, str) and t.count("{}") == 1 for t in paraphrases):
         problems.append("'paraphrase_templates' must be a list of strings with exactly one '{}'")
+    joiners = data.get("composite_joiners", list(COMPOSITE_JOINERS))
+    if not isinstance(joiners, list) or not joiners or \
+            not all(isinstance(j, str) and j for j in joiners):
+        problems.append("'composite_joiners' must be a list of non-empty texts (e.g. [\", \", "
+                        "\" and \"])")
     zero_shot = data.get("classifier_templates", ["{}"])
     if not isinstance(zero_shot, list) or not zero_shot or \
             not all(isinstance(t, str) and t.count("{}") == 1 for t in zero_shot):
@@ -158,7 +165,7 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
                      templates=list(templates),
                      classifier_templates=list(data.get("classifier_templates", ["{}"])),
                      colours=colours, kind=str(data.get("kind", "objects")), path=str(path),
-                     paraphrase_templates=list(paraphrases))
+                     paraphrase_templates=list(paraphrases), composite_joiners=list(joiners))
 
 
 def build_sets(ps: PromptSet, erased: list[str], per_class: int,
@@ -216,7 +223,8 @@ def generality_prompts(ps: PromptSet, c: int, per_class: int, kinds: tuple[str, 
             mine = ps.fill(ps.templates[k % n_t], name, k + c)
             theirs = ps.fill(ps.templates[(k + 3) % n_t], other, k + c + 1)
             pair = (mine, theirs) if j % 2 == 0 else (theirs, mine)
-            prompt = COMPOSITE_JOINERS[(j // 2) % len(COMPOSITE_JOINERS)].join(pair)
+            joiners = ps.composite_joiners
+            prompt = joiners[(j // 2) % len(joiners)].join(pair)
         else:
             misspelt = material["misspellings"]
             prompt = ps.fill(ps.templates[(k + 2) % n_t], misspelt[j % len(misspelt)], k + c)
