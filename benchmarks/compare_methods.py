@@ -15,6 +15,9 @@ Results of each (setting, method) are cached under --out, with the settings they
 in <--out>/<setting>/trained/ as soon as their training ends (unhype.evaluation.trained, as
 `unhype eval` keeps them): a rerun, at another strength ('spm@2') or with other evaluation
 settings (--per-class, --eval-seed, ...), loads them instead of training again; --force retrains.
+UnHype files are kept the same way in <--out>/<setting>/unhype-<variant>/ (with the settings they
+were trained with, trained-with.json), so a copy of a folder run with another --generality
+evaluates the same weights.
 """
 
 from __future__ import annotations
@@ -211,6 +214,39 @@ def trained_file(args, spec, concepts):
     return UnHypeMethod.from_loaded(loaded, split_strength(spec)[1], name=unhype_name(spec))
 
 
+TRAINED_WITH = "trained-with.json"  # beside a file train_unhype wrote: what it was trained with
+
+
+def trained_with(args, spec: str, concepts) -> dict:
+    return {"spec": spec, "concepts": list(concepts), "steps": args.steps, "seed": args.seed,
+            "toy_weights": None if args.toy_weights is None else str(args.toy_weights)}
+
+
+def kept_file(args, tag: str, spec: str, concepts):
+    """The file this harness trained for `spec` in an earlier run on this --out
+    (<out>/<setting>/unhype-<spec>/hypernet.safetensors: written once training ended, so a row
+    interrupted during its images, another strength, or rows evaluated another way, e.g. a
+    copy of the folder run with another --generality, do not train it again) when its concepts,
+    variant, steps and seed are this run's; --force trains again."""
+    from unhype.evaluation.methods import UnHypeMethod
+    from unhype.fileformat import load_hypernet, read_meta
+
+    path = args.out / tag / f"unhype-{variant_key(spec)}" / "hypernet.safetensors"
+    if args.force or not path.is_file():
+        return None
+    sidecar = path.with_name(TRAINED_WITH)
+    made = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    meta = read_meta(path)
+    if made != trained_with(args, spec, concepts) or \
+            spec_of_file(meta) != parse_variant(spec):
+        say(f"  {tag}: training {spec} again: {path} was trained with other settings")
+        return None
+    say(f"  {tag}: {spec}: loaded {path} (trained by an earlier run; --force retrains)")
+    method = UnHypeMethod.from_loaded(load_hypernet(path), 1.0, name=unhype_name(spec))
+    method.info = {"train_seconds": 0.0}
+    return method
+
+
 def with_counts(row: dict, per_class: int, n_erased: int, n_classes: int) -> dict:
     """The row with the image counts behind its accuracies (rows cached before the harness
     recorded them: derived from the prompt-set layout, prompts.build_sets), and its H_o
@@ -281,7 +317,7 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
     from unhype.evaluation.methods import Method
     from unhype.evaluation.trained import TrainedStore
 
-    rows, built = {}, {}  # built: baselines trained in this setting, reused at other strengths
+    rows, built = {}, {}  # methods trained or loaded in this setting, reused at other strengths
     store = TrainedStore(args.out / tag)
     plan = [("base", None)] + [(b, None) for b in args.baselines] + \
         [("unhype", v) for v in args.variants]
@@ -303,9 +339,17 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
         if kind == "base":
             method = Method()
         elif kind == "unhype":
-            method = trained_file(args, variant, concepts) or \
-                train_unhype(backend, concepts, variant, args.steps, args.seed,
-                             args.out / tag / key)
+            trained, strength = split_strength(variant)
+            folder = args.out / tag / f"unhype-{variant_key(trained)}"
+            if trained not in built:  # at strength 1; other strengths share its weights
+                built[trained] = trained_file(args, trained, concepts) or \
+                    kept_file(args, tag, trained, concepts)
+            if built.get(trained) is None:
+                built[trained] = train_unhype(backend, concepts, trained, args.steps,
+                                              args.seed, folder)
+                atomic_write_text(folder / TRAINED_WITH,
+                                  json.dumps(trained_with(args, trained, concepts)))
+            method = at_strength(built[trained], strength, variant)
         else:
             name, strength = split_strength(kind)
             if name not in built:

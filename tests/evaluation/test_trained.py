@@ -219,3 +219,40 @@ def test_compare_methods_keeps_its_trained_baselines(random_toy, tmp_path, monke
     assert "trained with other settings (settings.steps)" in capsys.readouterr().err
     _compare(random_toy, out, "--steps", "3", "--force")
     assert len(trainings) == 2 and "loaded its trained weights" not in capsys.readouterr().err
+
+
+def test_compare_methods_keeps_its_unhype_files(random_toy, tmp_path, monkeypatch, capsys):
+    """An UnHype variant is trained once per setting: its strength-2 row and a rerun evaluated
+    another way load the file; a training setting (steps) trains it again."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import compare_methods
+
+    calls = []
+    real = compare_methods.train_unhype
+
+    def counting(backend, concepts, spec, *a, **k):
+        calls.append(spec)
+        return real(backend, concepts, spec, *a, **k)
+
+    monkeypatch.setattr(compare_methods, "train_unhype", counting)
+    out, variants = tmp_path / "out", ["--variants", "per_layer/direct,per_layer/direct@2"]
+    _compare(random_toy, out, *variants, baselines="")
+    assert calls == ["per_layer/direct"]
+    one = json.loads((out / "single-circle" / "unhype-per_layer-direct.json").read_text())
+    two = json.loads((out / "single-circle" / "unhype-per_layer-direct-x2.json").read_text())
+    assert two["name"] == one["name"] + ", strength 2"
+    assert two["settings"]["per_class"] == 1
+
+    capsys.readouterr()
+    _compare(random_toy, out, *variants, "--per-class", "2", baselines="")
+    assert calls == ["per_layer/direct"]  # evaluated again, not trained again
+    assert "per_layer/direct: loaded" in capsys.readouterr().err
+    again = json.loads((out / "single-circle" / "unhype-per_layer-direct.json").read_text())
+    assert again["settings"]["per_class"] == 2
+
+    _compare(random_toy, out, *variants, "--steps", "3", baselines="")
+    assert calls == ["per_layer/direct"] * 2
+    assert "was trained with other settings" in capsys.readouterr().err
