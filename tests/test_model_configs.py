@@ -4,6 +4,7 @@ the meta device, and the OpenAI CLIP tokenizer."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,7 @@ def test_written_once_and_bad_requests_refused(cache, tmp_path):
     blocked.write_text("")
     elsewhere = config_folder("sd15", cache=blocked)  # unwritable cache: a temporary folder
     assert (elsewhere / "model_index.json").is_file() and blocked.is_file()
+    assert config_folder("sd15", cache=blocked) == elsewhere  # once per process, not per call
     with pytest.raises(UnHypeError, match="unknown built-in config 'sd3'"):
         config_folder("sd3", cache=cache)
     assert builtin_for("sd1") == "sd15" and builtin_for("sdxl") == "sdxl-base"
@@ -109,3 +111,16 @@ def test_written_once_and_bad_requests_refused(cache, tmp_path):
         builtin_for("sd1", "sdxl-base")
     with pytest.raises(UnHypeError, match="no built-in config for a flux checkpoint"):
         builtin_for("flux")
+
+
+def test_a_temporary_config_folder_is_removed_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    code = ("from unhype.model_configs import config_folder; "
+            f"print(config_folder('sd15', cache={str(blocked)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    folder = Path(out.stdout.strip())
+    assert folder.name == "sd15" and not folder.parent.exists()

@@ -57,20 +57,39 @@ class Dist:
         return buf.to(tensor.device)
 
     def tell(self, key: str, text: str) -> None:
-        """The main process leaves `text` under `key` in the process group's store, for `told`."""
+        """The main process leaves `text` under `key` in the process group's store, for `told`
+        (every other process calls `told(key)` at the same point of its work)."""
         if self.world > 1 and self.is_main:
-            _store().set(f"unhype/{key}", text)
+            store = _store()
+            if store is None:
+                self._send_text(text)
+            else:
+                store.set(f"unhype/{key}", text)
 
     def told(self, key: str, poll_s: float = 0.2) -> str:
         """What the main process `tell`s under `key` (the others wait for it). Polled, not a
         collective: a wait of hours (the main process training a baseline) meets no NCCL / gloo
         timeout, and Ctrl-C stops it at once. A main process that dies never tells, but then the
-        launcher ends every process."""
+        launcher ends every process. (A torch without the store: a broadcast on a gloo group of
+        its own whose timeout is a week.)"""
         key = f"unhype/{key}"
         store = _store()
+        if store is None:
+            return self._send_text(None)
         while not store.check([key]):
             time.sleep(poll_s)
         return store.get(key).decode()
+
+    def _send_text(self, text: str | None) -> str:
+        """`text` from the main process to every other one, on `_patient_group()`."""
+        group = _patient_group()
+        data = torch.tensor(list(text.encode()) if self.is_main else [], dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        torch.distributed.broadcast(size, src=0, group=group)
+        if not self.is_main:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        torch.distributed.broadcast(data, src=0, group=group)
+        return data.numpy().tobytes().decode()
 
     def broadcast(self, tensors: dict[str, Tensor] | None, names: list[str]) -> dict[str, Tensor]:
         """The main process's `tensors` (others pass None) on every process, on the CPU."""
@@ -106,10 +125,29 @@ class Dist:
 
 
 def _store():
-    """The key-value store every process of the group shares (the launcher's rendezvous)."""
-    from torch.distributed.distributed_c10d import _get_default_store
+    """The key-value store every process of the group shares (the launcher's rendezvous), or
+    None: torch has no public way to it, and a torch without this private one falls back to
+    `Dist._send_text`."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
 
-    return _get_default_store()
+        return _get_default_store()
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return None
+
+
+_PATIENT = None
+
+
+def _patient_group():
+    """A gloo group of every process whose collectives wait a week (made on first use, by every
+    process at the same point): the main process may train for hours before it sends."""
+    global _PATIENT
+    if _PATIENT is None:
+        from datetime import timedelta
+
+        _PATIENT = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+    return _PATIENT
 
 
 def split(n: int, rank: int, world: int) -> slice:

@@ -18,6 +18,7 @@ name one instead.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -85,10 +86,7 @@ def config_folder(name: str, cache: str | Path | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     except OSError:
-        staging = Path(tempfile.mkdtemp(prefix=f"unhype-{name}-"))
-        target = staging / name
-        write_config_folder(name, target)
-        return target
+        return scratch_config_folder(name)
     try:
         write_config_folder(name, staging / name)
         try:
@@ -99,6 +97,20 @@ def config_folder(name: str, cache: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+_SCRATCH: dict[str, Path] = {}  # built-in configs written to /tmp by this process
+
+
+def scratch_config_folder(name: str) -> Path:
+    """Built-in config `name` in a temporary folder (the cache is not writable): written once
+    per process and removed when it exits."""
+    if name in _SCRATCH and (_SCRATCH[name] / "model_index.json").is_file():
+        return _SCRATCH[name]
+    staging = Path(tempfile.mkdtemp(prefix=f"unhype-{name}-"))
+    atexit.register(shutil.rmtree, staging, True)
+    _SCRATCH[name] = write_config_folder(name, staging / name)
+    return _SCRATCH[name]
 
 
 def write_config_folder(name: str, path: Path) -> Path:

@@ -177,3 +177,20 @@ def test_unhype_eval_bad_input(tmp_path, capsys):
     twice = tmp_path / "none.safetensors"
     assert main(["eval", "--hypernet", str(twice), "--hypernet", str(twice)]) == 2
     assert "is given twice" in capsys.readouterr().err
+
+
+def test_a_trained_baseline_leaves_no_temporary_folder(toy_backend, tmp_path, monkeypatch):
+    """ESD-x / SPM borrow the trainer's preparation, which wants an output folder; the scratch
+    folder they give it is removed (each training once left an empty one in /tmp)."""
+    import tempfile
+
+    from unhype.baselines.registry import build
+    from unhype.evaluation.harness import ToyGenerator
+    from unhype.evaluation.prompts import load_prompt_set
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gen = ToyGenerator(toy_backend.toy, steps=2)
+    for name in ("esd_x", "spm"):
+        method = build(name, gen, toy_backend, ["circle"], load_prompt_set("toy"), 1, 0)
+        assert method.info["settings"]["steps"] == 1
+    assert list(tmp_path.iterdir()) == []

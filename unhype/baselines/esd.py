@@ -48,13 +48,14 @@ def trainer_run(backend, concepts: list[str], seed: int = 0, ddim_steps: int = 2
     values = {"pretrained_model_name_or_path": "toy" if toy else "given",
               "concepts": ",".join(concepts), "template_set": template_set or
               ("toy" if toy else "objects"), "train_batch_size": batch, "seed": seed,
-              "ddim_steps": ddim_steps, "latent_cache": 1,
-              "output_dir": output_dir or tempfile.mkdtemp(prefix="unhype-baseline-"),
-              **(extra or {})}
+              "ddim_steps": ddim_steps, "latent_cache": 1, **(extra or {})}
     if toy:
         values["retain_prompts"] = "toy"
-    cfg = resolve(values)
-    return prepare(cfg, quiet=True, backend=backend)
+    if output_dir is not None:
+        return prepare(resolve({**values, "output_dir": output_dir}), quiet=True, backend=backend)
+    # a baseline saves nothing through the trainer: its folder only has to pass prepare's checks
+    with tempfile.TemporaryDirectory(prefix="unhype-baseline-") as scratch:
+        return prepare(resolve({**values, "output_dir": scratch}), quiet=True, backend=backend)
 
 
 _CACHES: dict = {}
