@@ -757,11 +757,7 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
     lines += ["- " + goal_line(single, n, "single-concept", 0.95, top) for n in single
               if n.startswith("UnHype")]
     if harder:
-        lines += ["", "Acc_g per kind of prompt, mean over the targets (n/a: a row measured "
-                  "before the harness split it by kind):", "",
-                  "| method | " + " | ".join(generality) + " |", "|---|" + "---|" * len(generality)]
-        lines += [f"| {n} | " + " | ".join(fmt(r.get(f"acc_g_{k}")) for k in generality) + " |"
-                  for n, r in single.items()]
+        lines += kind_table(single, generality, ", mean over the targets")
     return lines
 
 
@@ -776,8 +772,10 @@ def multi_section(out_dir: Path, per_class: int, n_classes: int) -> list[str]:
     n_erased = int(folders[0].name.split("-")[1])
     rows = [with_counts(json.loads(p.read_text()), per_class, n_erased, n_classes)
             for p in sorted(folders[0].glob("*.json"))]
-    lines = ["", f"## Multi-concept, {settings.get('steps', '?')} steps for every trained method "
-             f"({out_dir.name})", "",
+    generality = settings.get("generality", ["synonyms"])
+    harder = generality != ["synonyms"]
+    lines = ["", f"## Multi-concept, {settings.get('steps', '?')} steps for every trained method"
+             + (", harder generality set" if harder else "") + f" ({out_dir.name})", "",
              "| method | Acc_e | Acc_s | Acc_g | H_o | H_o 95% interval | "
              + " | ".join(CHANGE_HEAD) + " | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["h_o"]):
@@ -785,10 +783,23 @@ def multi_section(out_dir: Path, per_class: int, n_classes: int) -> list[str]:
                      f"{fmt(r['acc_g'])} | {fmt(r['h_o'])} | {fmt_ci(r)} | "
                      f"{' | '.join(fmt_change(r))} | {r.get('train_seconds', 0):.0f} |")
     by_name = {r["name"]: r for r in rows}
-    lines += ["", f"{per_class} images per class and set."] + \
+    lines += ["", f"{per_class} images per class and set." + (
+        f" Acc_g: the erased classes prompted by {generality_words(generality)} (eval seed "
+        f"{settings.get('eval_seed', '?')})." if harder else "")] + \
         ["- " + goal_line(by_name, n, "multi-concept", 0.90, ceiling(by_name)) for n in by_name
          if n.startswith("UnHype")]
+    if harder:
+        lines += kind_table(by_name, generality)
     return lines
+
+
+def kind_table(rows: dict, generality: list[str], over: str = "") -> list[str]:
+    """Acc_g per kind of prompt, one line per method (`over`: ', mean over the targets')."""
+    return ["", f"Acc_g per kind of prompt{over} (n/a: a row measured before the harness split "
+            "it by kind):", "", "| method | " + " | ".join(generality) + " |",
+            "|---|" + "---|" * len(generality)] + \
+        [f"| {n} | " + " | ".join(fmt(r.get(f"acc_g_{k}")) for k in generality) + " |"
+         for n, r in rows.items()]
 
 
 if __name__ == "__main__":

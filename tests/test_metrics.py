@@ -228,3 +228,33 @@ def test_compare_methods_averages_acc_g_per_kind_only_where_every_target_has_it(
     out = mean_rows(per_target)
     assert out["SPM"]["acc_g_paraphrases"] == 0.5 and out["SPM"]["acc_g_misspellings"] == 0.25
     assert "acc_g_paraphrases" not in out["old"]  # one target lacks it: no mean of one
+
+
+def test_compare_methods_names_a_multi_concept_run_of_the_harder_set(tmp_path):
+    """--multi-also on a folder measured with the harder generality set says so, and gives
+    Acc_g per kind; a MACE folder's section stays as it was."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compare_methods import multi_section
+
+    def folder(name, generality, **kinds):
+        out = tmp_path / name
+        (out / "multi-5").mkdir(parents=True)
+        (out / "settings.json").write_text(json.dumps(
+            {"steps": 400, "per_class": 50, "generality": generality, "eval_seed": 1234}))
+        for method, g in (("base model", 0.9), ("SPM", 0.3), ("UnHype", 0.05)):
+            row = {"name": method, "acc_e": g, "acc_s": 0.98, "acc_g": g,
+                   "h_o": h_o(g, 0.98, g), **{f"acc_g_{k}": g * v for k, v in kinds.items()}}
+            (out / "multi-5" / f"{method}.json").write_text(json.dumps(row))
+        return out
+
+    hard = "\n".join(multi_section(folder("hard", ["synonyms", "composites"], synonyms=0.5,
+                                          composites=1.5), 50, 10))
+    assert "## Multi-concept, 400 steps for every trained method, harder generality set" in hard
+    assert "prompted by synonyms (never trained on), the name beside a class not erased" in hard
+    assert "| method | synonyms | composites |" in hard and "| SPM | 15.0 | 45.0 |" in hard
+    mace = "\n".join(multi_section(folder("mace", ["synonyms"]), 50, 10))
+    assert "harder" not in mace and "per kind" not in mace
