@@ -5,12 +5,16 @@ Columns: the share of images classified as the erased class for its plain name (
 paraphrases (templates never trained on) and for typos; and the attack success rate over the
 prompts whose base-model image shows the concept. Methods are built as in compare_methods.py
 (same steps and seed). With several targets (`--target circle,square,triangle`) each is erased
-by its own model, every (target, method) row is saved as it finishes (a rerun resumes;
-`--force` recomputes), and a table over the targets pools the attacks with a 95% interval.
+by its own model (with `--together`, one model erases them all and is attacked on each in
+turn: the multi-concept setting), every (target, method) row is saved as it finishes (a rerun
+resumes; `--force` recomputes), and a table over the targets pools the attacks with a 95%
+interval. With `--trained-from` a compare_methods.py output folder lends its trained baselines
+and UnHype files, so the attack is measured on the very weights of its H_o table.
 The tables are printed and written to --out/robustness.{md,json}.
 
-    python benchmarks/robustness.py [--target circle[,square,...]] [--steps 300] [--eps 0.5]
-        [--attack-steps 20] [--unhype-file 'runs/x/{target}/hypernet.safetensors']
+    python benchmarks/robustness.py [--target circle[,square,...]] [--together] [--steps 300]
+        [--eps 0.5] [--attack-steps 20] [--unhype-file 'runs/x/{target}/hypernet.safetensors']
+        [--trained-from runs/compare] [--h-o-from runs/compare/summary.json]
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="circle", help="erased class; comma-separated: one "
                     "model per target, and a table over them")
+    ap.add_argument("--together", action="store_true",
+                    help="one model erases every --target (multi-concept), attacked on each")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variants", default="per_layer/fields",
                     help="UnHype variants trained in-process, as compare_methods.py's "
-                    "(default per_layer/fields, none when --unhype-file is given)")
+                    "(default per_layer/fields, none when --unhype-file is given); '@2' "
+                    "at the end: the same file at inference strength 2")
     ap.add_argument("--baselines", default="negative_prompt,uce,esd_x,esd_u,spm",
                     help="as compare_methods.py's: 'spm@2' is SPM at LoRA strength 2")
     ap.add_argument("--eps", type=float, default=0.5, help="relative L2 bound per token")
@@ -50,9 +57,15 @@ def main(argv=None):
     ap.add_argument("--toy-weights", dest="toy_weights", default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 2, or 1 when the CPUs are already busy)")
-    ap.add_argument("--h-o-from", dest="h_o_from", type=Path, default=None,
-                    help="a compare_methods.py summary.json: the table over targets gets each "
-                    "method's single-concept H_o from it (matched by name)")
+    ap.add_argument("--trained-from", dest="trained_from", type=Path, default=None,
+                    help="a compare_methods.py --out folder: baselines (ESD-x/u, SPM) and "
+                    "--variants are loaded from its setting folders (single-<target>, or "
+                    "multi-<n> with --together) when trained there with these steps, seed and "
+                    "concepts; the others are trained and kept there for the next run")
+    ap.add_argument("--h-o-from", dest="h_o_from", type=Path, action="append", default=[],
+                    help="a compare_methods.py summary.json (repeatable): the table over "
+                    "targets gets each method's H_o from it (matched by name; single-concept, "
+                    "or multi-concept with --together)")
     ap.add_argument("--force", action="store_true", help="recompute saved rows")
     ap.add_argument("--cached-only", dest="cached_only", action="store_true",
                     help="tables from saved rows only (methods without one are left out)")
@@ -80,17 +93,14 @@ def main(argv=None):
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     clf = load_classifier(args.classifier, ps.class_names, ps.class_prompts(),
                           toy_weights=args.toy_weights)
-    rows = {}
+    rows, built = {}, {}  # built: methods by (concepts, kind), shared by targets --together
     for target in targets:
-        rows[target] = run_target(args, target, backend, gen, ps, clf)
+        rows[target] = run_target(args, target, backend, gen, ps, clf, built)
     sections = [target_table(args, ps.class_names[ps.index(t)], clf.description, rows[t])
                 for t in targets]
     if len(targets) > 1:
-        h_o = {}
-        if args.h_o_from:
-            summary = json.loads(args.h_o_from.read_text())
-            h_o = {name: r["h_o"] for name, r in summary["single_mean"].items()}
-        sections.insert(0, pooled_table(args, targets, clf.description, rows, h_o))
+        sections.insert(0, pooled_table(args, targets, clf.description, rows,
+                                        h_o_of(args.h_o_from, args.together)))
     text = "\n\n".join(sections)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,24 +111,80 @@ def main(argv=None):
     (args.out / "robustness.md").write_text(text + "\n")
 
 
-def method_specs(args, target, gen, backend, ps):
+def h_o_of(summaries, together: bool) -> dict:
+    """{method name: H_o} from compare_methods.py summary.json files (a later file's row wins):
+    the single-concept means, or the multi-concept rows for a --together table."""
+    h_o = {}
+    for path in summaries:
+        summary = json.loads(Path(path).read_text())
+        h_o.update({name: r["h_o"] for name, r in
+                    (summary.get("multi" if together else "single_mean") or {}).items()})
+    return h_o
+
+
+def erased_concepts(args, target, ps) -> tuple[list[str], str]:
+    """The concepts the models attacked on `target` erase, and their compare_methods.py setting
+    folder: the target alone (single-<target>), or every target with --together (multi-<n>)."""
+    names = [t.strip() for t in args.target.split(",") if t.strip()] if args.together \
+        else [target]
+    for t in names:
+        ps.index(t)  # an unknown class fails here, with the classes it knows
+    return names, f"multi-{len(names)}" if args.together else f"single-{target}"
+
+
+def compare_args(args):
+    """compare_methods.py's options for loading from --trained-from: its store and kept files
+    are keyed by these (robustness --force recomputes rows, not trainings)."""
+    return argparse.Namespace(out=args.trained_from, steps=args.steps, seed=args.seed,
+                              toy_weights=args.toy_weights, force=False)
+
+
+def method_specs(args, target, gen, backend, ps, built=None):
     """(row name, builder) for each method of this target, in table order; the name is known
-    before building, so a saved row skips the build (and a file's weights are not loaded)."""
-    from benchmarks.compare_methods import (at_strength, describe, spec_of_file, split_strength,
-                                            train_unhype, unhype_name, variant_key,
-                                            with_strength)
+    before building, so a saved row skips the build (and a file's weights are not loaded).
+    `built` caches the models by (concepts, method), so --together builds each one once."""
+    from benchmarks.compare_methods import (TRAINED_WITH, at_strength, baseline, describe,
+                                            kept_file, parse_variant, spec_of_file,
+                                            split_strength, train_unhype, trained_with,
+                                            variant_key, with_strength)
+    from unhype.atomic import atomic_write_text
     from unhype.baselines.registry import build
     from unhype.evaluation.methods import UnHypeMethod
+    from unhype.evaluation.trained import TrainedStore
     from unhype.fileformat import load_hypernet, read_meta
 
-    name = ps.class_names[ps.index(target)]
-    specs, built = [], {}
+    concepts, tag = erased_concepts(args, target, ps)
+    built = {} if built is None else built
+    specs = []
+
+    def make_baseline(kind):
+        if args.trained_from is None:
+            return build(kind, gen, backend, concepts, ps, args.steps, args.seed)
+        return baseline(compare_args(args), kind, gen, backend, concepts, ps,
+                        TrainedStore(args.trained_from / tag))
+
+    def make_unhype(spec):
+        if args.trained_from is None:
+            return train_unhype(backend, concepts, spec, args.steps, args.seed,
+                                args.out / target / f"unhype-{variant_key(spec)}")
+        method = kept_file(compare_args(args), tag, spec, concepts)
+        if method is None:
+            folder = args.trained_from / tag / f"unhype-{variant_key(spec)}"
+            method = train_unhype(backend, concepts, spec, args.steps, args.seed, folder)
+            atomic_write_text(folder / TRAINED_WITH,
+                              json.dumps(trained_with(compare_args(args), spec, concepts)))
+        return method
+
+    def cached(kind, make):
+        key = (tuple(concepts), kind)
+        if key not in built:
+            built[key] = make(kind)
+        return built[key]
+
     for b in [b.strip() for b in args.baselines.split(",") if b.strip()]:
         def make(b=b):
             kind, strength = split_strength(b)
-            if kind not in built:
-                built[kind] = build(kind, gen, backend, [name], ps, args.steps, args.seed)
-            return at_strength(built[kind], strength, b)
+            return at_strength(cached(kind, make_baseline), strength, b)
         specs.append((b, make))
     for template in args.unhype_file:
         path = template.replace("{target}", target)
@@ -131,13 +197,19 @@ def method_specs(args, target, gen, backend, ps):
             specs.append((row_name, lambda path=path, strength=strength, row_name=row_name:
                           UnHypeMethod.from_loaded(load_hypernet(path), strength, name=row_name)))
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        specs.append((unhype_name(v) + f" ({args.steps} steps)",
-                      lambda v=v: train_unhype(backend, [name], v, args.steps, args.seed,
-                                               args.out / target / f"unhype-{variant_key(v)}")))
+        spec, strength = split_strength(v)
+        row_name = with_strength(f"{describe(parse_variant(spec))} ({args.steps} steps)",
+                                 strength)
+
+        def make(v=v, spec=spec, strength=strength, row_name=row_name):
+            method = at_strength(cached(spec, make_unhype), strength, v)
+            method.name = row_name
+            return method
+        specs.append((row_name, make))
     return specs
 
 
-def run_target(args, target, backend, gen, ps, clf) -> dict:
+def run_target(args, target, backend, gen, ps, clf, built=None) -> dict:
     """Every method's row for one erased target; each row saved under --out/<target>/."""
     from unhype.evaluation.attack import (AttackSettings, attack_success, paraphrase_prompts,
                                           typo_prompts)
@@ -156,7 +228,8 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
     folder = args.out / target
     folder.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for title, make in [("base model", Method)] + method_specs(args, target, gen, backend, ps):
+    for title, make in [("base model", Method)] + method_specs(args, target, gen, backend, ps,
+                                                               built):
         saved = folder / f"{slug(title)}.json"
         if saved.is_file() and not args.force:
             row = json.loads(saved.read_text())
@@ -236,13 +309,15 @@ def main_table_name(method: str) -> str:
 def pooled_table(args, targets, description, rows_by_target, h_o=None) -> str:
     h_o = h_o or {}
     lines = [f"Robustness on the toy world over {len(targets)} targets ({', '.join(targets)}), "
-             f"each erased by its own model ({args.steps} training steps; attack eps {args.eps}, "
+             + ("all erased by one model" if args.together else "each erased by its own model")
+             + f" ({args.steps} training steps; attack eps {args.eps}, "
              f"{args.attack_steps} PGD steps, {args.attack_prompts} attack prompts per target; "
              f"classifier {description}). Shares of images showing the erased class, %, mean "
              "over the targets (lower is better); attack success pooled over the targets, with "
              "its 95% Jeffreys interval (overlapping intervals are not told apart)."
-             + (f" H_o: the method's single-concept H_o from {args.h_o_from} (same files or "
-                "settings, eval seed of that run)." if h_o else ""),
+             + (f" H_o: the method's {'multi' if args.together else 'single'}-concept H_o "
+                f"from {', '.join(str(p) for p in args.h_o_from)} (same files or settings, eval "
+                "seed of that run)." if h_o else ""),
              "", "| method | " + ("H_o | " if h_o else "") + "plain name | paraphrases | "
              "typos | attack success rate | 95% interval | per target |",
              "|---|" + ("---|" if h_o else "") + "---|---|---|---|---|---|"]

@@ -256,3 +256,67 @@ def test_compare_methods_keeps_its_unhype_files(random_toy, tmp_path, monkeypatc
     _compare(random_toy, out, *variants, "--steps", "3", baselines="")
     assert calls == ["per_layer/direct"] * 2
     assert "was trained with other settings" in capsys.readouterr().err
+
+
+def test_robustness_attacks_the_files_compare_methods_trained(random_toy, tmp_path, monkeypatch,
+                                                              capsys):
+    """benchmarks/robustness.py --trained-from: the baselines and UnHype files of a
+    compare_methods run, single-concept and (--together) multi-concept, are attacked without
+    training anything; other training settings train again and keep the result there."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import compare_methods
+    import robustness
+
+    import benchmarks.compare_methods  # the module robustness.py imports it as
+    import unhype.baselines.registry as registry
+
+    compare, calls = tmp_path / "compare", []
+    real_build, real_train = registry.build, compare_methods.train_unhype
+
+    def counting_build(name, *a, **k):
+        calls.append(name)
+        return real_build(name, *a, **k)
+
+    def counting_train(backend, concepts, spec, *a, **k):
+        calls.append(spec)
+        return real_train(backend, concepts, spec, *a, **k)
+
+    monkeypatch.setattr(registry, "build", counting_build)
+    for module in (compare_methods, benchmarks.compare_methods):
+        monkeypatch.setattr(module, "train_unhype", counting_train)
+    _compare(random_toy, compare, "--variants", "per_layer/direct", "--multi", "circle,square")
+    assert calls == ["esd_x", "per_layer/direct"] * 2  # single-circle, then multi-2
+    calls.clear()
+
+    def attack(out, *extra, steps="2"):
+        robustness.main(["--steps", steps, "--baselines", "esd_x,esd_x@2",
+                         "--variants", "per_layer/direct,per_layer/direct@2",
+                         "--trained-from", str(compare), "--attack-prompts", "1",
+                         "--attack-steps", "1", "--threads", "1",
+                         "--toy-weights", str(random_toy), "--out", str(out), *extra])
+        return json.loads((out / "robustness.json").read_text())["rows"]
+
+    capsys.readouterr()
+    single = attack(tmp_path / "single", "--target", "circle")
+    assert calls == []  # every method loaded from the compare_methods run
+    err = capsys.readouterr().err
+    assert "per_layer/direct: loaded" in err and "esd_x: loaded" in err
+    assert set(single) == {"base model", "ESD-x (LoRA r4)", "ESD-x (LoRA r4), strength 2",
+                           "UnHype per_layer/direct (2 steps)",
+                           "UnHype per_layer/direct (2 steps), strength 2"}
+
+    together = attack(tmp_path / "multi", "--target", "circle,square", "--together",
+                      "--h-o-from", str(compare / "summary.json"))
+    assert calls == []  # the multi-2 files, loaded once for both targets
+    assert set(together) == {"circle", "square"}
+    assert set(together["circle"]) == set(single)
+    table = (tmp_path / "multi" / "robustness.md").read_text()
+    assert "all erased by one model" in table and "multi-concept H_o" in table
+
+    attack(tmp_path / "three", "--target", "circle", steps="3")
+    assert calls == ["esd_x", "per_layer/direct"]  # other steps: trained once, at both strengths
+    kept = compare / "single-circle" / "unhype-per_layer-direct" / "trained-with.json"
+    assert json.loads(kept.read_text())["steps"] == 3
