@@ -61,6 +61,7 @@ class Spec(NamedTuple):
     saturate: bool = False  # --gate_saturate (inference only: the same weights)
     preset: str = "xattn_kv"  # --target_preset (the toy's default: the paper's layers)
     composites: int = 0  # --composite_prompts
+    steps: int = 0  # --max_train_steps of this variant; 0: the run's --steps
 
 
 def split_strength(spec: str) -> tuple[str, float]:
@@ -91,8 +92,9 @@ def parse_variant(spec: str) -> Spec:
     """'per_layer/fields', 'per_layer/direct+adv0.5', 'per_layer/direct+r4+adv0.5+mix0.5+cosine'
     -> Spec (r: rank, adv: adversarial eps, mix: adversarial fraction, eta: ESD eta, cons[W]:
     the consistency adversarial loss at weight W (1), sat: the saturated gate floor, compN:
-    --composite_prompts N, else: lr schedule, a layer preset name such as attn_all:
-    --target_preset); an
+    --composite_prompts N, sN: N training steps instead of the run's --steps (a recipe that needs
+    more, such as toy_robust_attn's 800), else: lr schedule, a layer preset name such as
+    attn_all: --target_preset); an
     '@strength' suffix is not part of the trained variant (split_strength)."""
     head, *extras = split_strength(spec)[0].split("+")
     variant, mode = head.split("/")
@@ -114,6 +116,8 @@ def parse_variant(spec: str) -> Spec:
             out = out._replace(consistency=float(e[4:] or 1))
         elif e[:1] == "r" and e[1:].isdigit():
             out = out._replace(rank=int(e[1:]))
+        elif e[:1] == "s" and e[1:].isdigit():
+            out = out._replace(steps=int(e[1:]))
         else:
             out = out._replace(schedule=e)
     return out
@@ -125,8 +129,14 @@ def variant_key(spec: str) -> str:
     return spec.replace("/", "-").replace("+", "-").replace("@", "-x")
 
 
+def trained_steps(spec: str, steps: int) -> int:
+    """The training steps of variant `spec` in a run of `steps` (its '+sN', else the run's)."""
+    return parse_variant(spec).steps or steps
+
+
 def spec_of_file(meta) -> Spec:
-    """The Spec a trained hypernetwork file (its metadata) was trained with."""
+    """The Spec a trained hypernetwork file (its metadata) was trained with, steps aside (0:
+    `trained_with` holds a kept file's steps; compare with `parse_variant(...)._replace(steps=0)`)."""
     t = meta.training
     return Spec(meta.config.variant, t.get("mode"), t.get("adversarial_eps") or 0.0,
                 t.get("lr_scheduler", "constant"), meta.config.rank,
@@ -146,7 +156,8 @@ def describe(v: Spec) -> str:
         (f", {v.schedule} lr" if v.schedule != "constant" else "") + \
         (f", layers {v.preset}" if v.preset != "xattn_kv" else "") + \
         (", saturated gate" if v.saturate else "") + \
-        (f", {v.composites} composite prompts per concept" if v.composites else "")
+        (f", {v.composites} composite prompts per concept" if v.composites else "") + \
+        (f", {v.steps} steps" if v.steps else "")
 
 
 def unhype_name(spec: str) -> str:
@@ -165,7 +176,8 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     over = {"learning_rate": 1e-3, "retain_learning_rate": 1e-3} if v.mode == "direct" else {}
     cfg = resolve({"config_file": str(ROOT / "unhype/trainer/configs/toy_demo.toml"),
                    "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
-                   "variant": v.variant, "mode": v.mode, "max_train_steps": steps, "seed": seed,
+                   "variant": v.variant, "mode": v.mode, "max_train_steps": v.steps or steps,
+                   "seed": seed,
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
                    "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1,
                    "adversarial_eps": v.adv, "adversarial_fraction": v.fraction,
@@ -206,7 +218,7 @@ def trained_file(args, spec, concepts):
         return None
     meta = read_meta(path)
     if [c["target"] for c in meta.concepts] != list(concepts) or \
-            spec_of_file(meta) != parse_variant(spec):
+            spec_of_file(meta) != parse_variant(spec)._replace(steps=0):
         return None
     loaded = load_hypernet(path)
     steps = loaded.meta.training.get("steps_done")
@@ -218,7 +230,8 @@ TRAINED_WITH = "trained-with.json"  # beside a file train_unhype wrote: what it 
 
 
 def trained_with(args, spec: str, concepts) -> dict:
-    return {"spec": spec, "concepts": list(concepts), "steps": args.steps, "seed": args.seed,
+    return {"spec": spec, "concepts": list(concepts), "steps": trained_steps(spec, args.steps),
+            "seed": args.seed,
             "toy_weights": None if args.toy_weights is None else str(args.toy_weights)}
 
 
@@ -238,7 +251,7 @@ def kept_file(args, tag: str, spec: str, concepts):
     made = json.loads(sidecar.read_text()) if sidecar.is_file() else None
     meta = read_meta(path)
     if made != trained_with(args, spec, concepts) or \
-            spec_of_file(meta) != parse_variant(spec):
+            spec_of_file(meta) != parse_variant(spec)._replace(steps=0):
         say(f"  {tag}: training {spec} again: {path} was trained with other settings")
         return None
     say(f"  {tag}: {spec}: loaded {path} (trained by an earlier run; --force retrains)")

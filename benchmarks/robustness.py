@@ -198,8 +198,9 @@ def method_specs(args, target, gen, backend, ps, built=None):
                           UnHypeMethod.from_loaded(load_hypernet(path), strength, name=row_name)))
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         spec, strength = split_strength(v)
-        row_name = with_strength(f"{describe(parse_variant(spec))} ({args.steps} steps)",
-                                 strength)
+        v_spec = parse_variant(spec)
+        row_name = with_strength(f"{describe(v_spec._replace(steps=0))} "
+                                 f"({v_spec.steps or args.steps} steps)", strength)
 
         def make(v=v, spec=spec, strength=strength, row_name=row_name):
             method = at_strength(cached(spec, make_unhype), strength, v)
@@ -301,9 +302,14 @@ def pooled(rows_by_target: dict, method: str) -> dict | None:
     return out
 
 
-def main_table_name(method: str) -> str:
-    """A row name as compare_methods.py writes it: without the ' (400 steps)' a file's row has."""
-    return re.sub(r" \(\d+ steps\)", "", method)
+def main_table_names(method: str) -> list[str]:
+    """The names compare_methods.py may give this row: without the ' (400 steps)' a file's row
+    has (the run's steps), or with ', 800 steps' after the recipe (a '+s800' variant)."""
+    match = re.search(r" \((\d+) steps\)", method)
+    if match is None:
+        return [method]
+    recipe, rest = method[:match.start()], method[match.end():]
+    return [recipe + rest, f"{recipe}, {match.group(1)} steps{rest}"]
 
 
 def pooled_table(args, targets, description, rows_by_target, h_o=None) -> str:
@@ -327,7 +333,7 @@ def pooled_table(args, targets, description, rows_by_target, h_o=None) -> str:
             continue
         lo, hi = r["asr_interval"] or (None, None)
         per = " / ".join(pct(v) for v in r["per_target"].values())
-        ho = h_o.get(main_table_name(method))
+        ho = next((h_o[n] for n in main_table_names(method) if n in h_o), None)
         ho = ("n/a | " if ho is None else f"{100 * ho:.1f} | ") if h_o else ""
         lines.append(f"| {method} | {ho}{pct(r['name'])} | {pct(r['paraphrase'])} | "
                      f"{pct(r['typo'])} | {pct(r['asr'])} ({r['adv_hits']}/{r['attacked']}) | "

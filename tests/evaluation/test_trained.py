@@ -320,3 +320,42 @@ def test_robustness_attacks_the_files_compare_methods_trained(random_toy, tmp_pa
     assert calls == ["esd_x", "per_layer/direct"]  # other steps: trained once, at both strengths
     kept = compare / "single-circle" / "unhype-per_layer-direct" / "trained-with.json"
     assert json.loads(kept.read_text())["steps"] == 3
+
+
+def test_compare_methods_variant_with_its_own_steps(random_toy, tmp_path, monkeypatch, capsys):
+    """'+sN' trains that variant for N steps whatever --steps says (a recipe such as
+    toy_robust_attn needs more than the others): the file, its row name and its kept-file record
+    say N, a rerun loads it, and robustness.py finds its H_o under either way of naming it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import compare_methods
+    from robustness import main_table_names
+
+    from unhype.fileformat import read_meta
+
+    assert compare_methods.parse_variant("per_layer/direct+r4+sat+s800").steps == 800
+    assert compare_methods.parse_variant("per_layer/direct+sat").steps == 0  # 'sat' is no steps
+    calls = []
+    real = compare_methods.train_unhype
+
+    def counting(backend, concepts, spec, steps, *a, **k):
+        calls.append((spec, steps))
+        return real(backend, concepts, spec, steps, *a, **k)
+
+    monkeypatch.setattr(compare_methods, "train_unhype", counting)
+    out = tmp_path / "out"
+    _compare(random_toy, out, "--variants", "per_layer/direct+s3", baselines="")
+    folder = out / "single-circle" / "unhype-per_layer-direct-s3"
+    assert read_meta(folder / "hypernet.safetensors").training["steps_done"] == 3
+    assert json.loads((folder / "trained-with.json").read_text())["steps"] == 3
+    row = json.loads((out / "single-circle" / "unhype-per_layer-direct-s3.json").read_text())
+    assert row["name"] == "UnHype per_layer/direct, 3 steps"
+
+    capsys.readouterr()
+    _compare(random_toy, out, "--variants", "per_layer/direct+s3", "--per-class", "2",
+             baselines="")
+    assert len(calls) == 1 and "per_layer/direct+s3: loaded" in capsys.readouterr().err
+    assert main_table_names("UnHype per_layer/direct (3 steps), strength 2") == [
+        "UnHype per_layer/direct, strength 2", "UnHype per_layer/direct, 3 steps, strength 2"]
