@@ -165,8 +165,9 @@ def method_specs(args, target, gen, backend, ps, built=None):
 
     def make_unhype(spec):
         if args.trained_from is None:
+            folder = args.out / (tag if args.together else target)  # one file per model
             return train_unhype(backend, concepts, spec, args.steps, args.seed,
-                                args.out / target / f"unhype-{variant_key(spec)}")
+                                folder / f"unhype-{variant_key(spec)}")
         method = kept_file(compare_args(args), tag, spec, concepts)
         if method is None:
             folder = args.trained_from / tag / f"unhype-{variant_key(spec)}"

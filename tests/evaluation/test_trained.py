@@ -359,3 +359,27 @@ def test_compare_methods_variant_with_its_own_steps(random_toy, tmp_path, monkey
     assert len(calls) == 1 and "per_layer/direct+s3: loaded" in capsys.readouterr().err
     assert main_table_names("UnHype per_layer/direct (3 steps), strength 2") == [
         "UnHype per_layer/direct, strength 2", "UnHype per_layer/direct, 3 steps, strength 2"]
+
+
+def test_robustness_together_trains_one_file_for_every_target(random_toy, tmp_path):
+    """benchmarks/robustness.py --together without --trained-from: one hypernetwork erasing every
+    target is trained (in --out/multi-<n>/) and attacked on each."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import robustness
+
+    from unhype.fileformat import read_meta
+
+    out = tmp_path / "out"
+    robustness.main(["--target", "circle,square", "--together", "--steps", "2", "--baselines", "",
+                     "--variants", "per_layer/direct", "--attack-prompts", "1",
+                     "--attack-steps", "1", "--threads", "1", "--toy-weights", str(random_toy),
+                     "--out", str(out)])
+    files = sorted(out.rglob("hypernet.safetensors"))
+    assert files == [out / "multi-2" / "unhype-per_layer-direct" / "hypernet.safetensors"]
+    assert [c["target"] for c in read_meta(files[0]).concepts] == ["circle", "square"]
+    rows = json.loads((out / "robustness.json").read_text())["rows"]
+    assert set(rows) == {"circle", "square"}
+    assert "UnHype per_layer/direct (2 steps)" in rows["square"]
