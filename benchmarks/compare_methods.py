@@ -136,7 +136,8 @@ def trained_steps(spec: str, steps: int) -> int:
 
 def spec_of_file(meta) -> Spec:
     """The Spec a trained hypernetwork file (its metadata) was trained with, steps aside (0:
-    `trained_with` holds a kept file's steps; compare with `parse_variant(...)._replace(steps=0)`)."""
+    `trained_with` holds a kept file's steps; compare with
+    `parse_variant(...)._replace(steps=0)`)."""
     t = meta.training
     return Spec(meta.config.variant, t.get("mode"), t.get("adversarial_eps") or 0.0,
                 t.get("lr_scheduler", "constant"), meta.config.rank,
@@ -260,6 +261,17 @@ def kept_file(args, tag: str, spec: str, concepts):
     return method
 
 
+def kept_or_trained(args, backend, tag: str, spec: str, concepts):
+    """The file kept for `spec` in <out>/<setting>/ (`kept_file`), else trained now and kept
+    there with the record of what it was trained with."""
+    method = kept_file(args, tag, spec, concepts)
+    if method is None:
+        folder = args.out / tag / f"unhype-{variant_key(spec)}"
+        method = train_unhype(backend, concepts, spec, args.steps, args.seed, folder)
+        atomic_write_text(folder / TRAINED_WITH, json.dumps(trained_with(args, spec, concepts)))
+    return method
+
+
 def with_counts(row: dict, per_class: int, n_erased: int, n_classes: int) -> dict:
     """The row with the image counts behind its accuracies (rows cached before the harness
     recorded them: derived from the prompt-set layout, prompts.build_sets), and its H_o
@@ -353,15 +365,9 @@ def method_rows(args, backend, gen, ps, clf, concepts, tag):
             method = Method()
         elif kind == "unhype":
             trained, strength = split_strength(variant)
-            folder = args.out / tag / f"unhype-{variant_key(trained)}"
             if trained not in built:  # at strength 1; other strengths share its weights
                 built[trained] = trained_file(args, trained, concepts) or \
-                    kept_file(args, tag, trained, concepts)
-            if built.get(trained) is None:
-                built[trained] = train_unhype(backend, concepts, trained, args.steps,
-                                              args.seed, folder)
-                atomic_write_text(folder / TRAINED_WITH,
-                                  json.dumps(trained_with(args, trained, concepts)))
+                    kept_or_trained(args, backend, tag, trained, concepts)
             method = at_strength(built[trained], strength, variant)
         else:
             name, strength = split_strength(kind)

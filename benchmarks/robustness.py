@@ -143,11 +143,9 @@ def method_specs(args, target, gen, backend, ps, built=None):
     """(row name, builder) for each method of this target, in table order; the name is known
     before building, so a saved row skips the build (and a file's weights are not loaded).
     `built` caches the models by (concepts, method), so --together builds each one once."""
-    from benchmarks.compare_methods import (TRAINED_WITH, at_strength, baseline, describe,
-                                            kept_file, parse_variant, spec_of_file,
-                                            split_strength, train_unhype, trained_with,
-                                            variant_key, with_strength)
-    from unhype.atomic import atomic_write_text
+    from benchmarks.compare_methods import (at_strength, baseline, describe, kept_or_trained,
+                                            parse_variant, spec_of_file, split_strength,
+                                            train_unhype, variant_key, with_strength)
     from unhype.baselines.registry import build
     from unhype.evaluation.methods import UnHypeMethod
     from unhype.evaluation.trained import TrainedStore
@@ -168,13 +166,7 @@ def method_specs(args, target, gen, backend, ps, built=None):
             folder = args.out / (tag if args.together else target)  # one file per model
             return train_unhype(backend, concepts, spec, args.steps, args.seed,
                                 folder / f"unhype-{variant_key(spec)}")
-        method = kept_file(compare_args(args), tag, spec, concepts)
-        if method is None:
-            folder = args.trained_from / tag / f"unhype-{variant_key(spec)}"
-            method = train_unhype(backend, concepts, spec, args.steps, args.seed, folder)
-            atomic_write_text(folder / TRAINED_WITH,
-                              json.dumps(trained_with(compare_args(args), spec, concepts)))
-        return method
+        return kept_or_trained(compare_args(args), backend, tag, spec, concepts)
 
     def cached(kind, make):
         key = (tuple(concepts), kind)
