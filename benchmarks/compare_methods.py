@@ -177,8 +177,8 @@ def train_unhype(backend, concepts, spec, steps, seed, out_dir):
     over = {"learning_rate": 1e-3, "retain_learning_rate": 1e-3} if v.mode == "direct" else {}
     cfg = resolve({"config_file": str(ROOT / "unhype/trainer/configs/toy_demo.toml"),
                    "pretrained_model_name_or_path": "toy", "concepts": ",".join(concepts),
-                   "variant": v.variant, "mode": v.mode, "max_train_steps": v.steps or steps,
-                   "seed": seed,
+                   "variant": v.variant, "mode": v.mode,
+                   "max_train_steps": trained_steps(spec, steps), "seed": seed,
                    "output_dir": str(out_dir), "output_name": "hypernet", "eval": False,
                    "save_every_n_steps": 0, "cpu_threads": 0, "sample_seeds": 1,
                    "adversarial_eps": v.adv, "adversarial_fraction": v.fraction,

@@ -145,7 +145,8 @@ def method_specs(args, target, gen, backend, ps, built=None):
     `built` caches the models by (concepts, method), so --together builds each one once."""
     from benchmarks.compare_methods import (at_strength, baseline, describe, kept_or_trained,
                                             parse_variant, spec_of_file, split_strength,
-                                            train_unhype, variant_key, with_strength)
+                                            train_unhype, trained_steps, variant_key,
+                                            with_strength)
     from unhype.baselines.registry import build
     from unhype.evaluation.methods import UnHypeMethod
     from unhype.evaluation.trained import TrainedStore
@@ -191,9 +192,8 @@ def method_specs(args, target, gen, backend, ps, built=None):
                           UnHypeMethod.from_loaded(load_hypernet(path), strength, name=row_name)))
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         spec, strength = split_strength(v)
-        v_spec = parse_variant(spec)
-        row_name = with_strength(f"{describe(v_spec._replace(steps=0))} "
-                                 f"({v_spec.steps or args.steps} steps)", strength)
+        row_name = with_strength(f"{describe(parse_variant(spec)._replace(steps=0))} "
+                                 f"({trained_steps(spec, args.steps)} steps)", strength)
 
         def make(v=v, spec=spec, strength=strength, row_name=row_name):
             method = at_strength(cached(spec, make_unhype), strength, v)
