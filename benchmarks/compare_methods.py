@@ -749,11 +749,27 @@ def run_settings(out_dir: Path) -> dict:
     return {}
 
 
+def section_targets(out_dir: Path, targets: list[str]) -> list[str]:
+    """The targets another run's single-concept rows are averaged over: every `single-<t>`
+    folder it has (a run over more targets than this one's gets its own mean), in the order of
+    this run's `targets`, then the toy world's class order."""
+    from unhype.toy.data import SHAPES
+
+    have = {p.name.removeprefix("single-") for p in out_dir.glob("single-*") if p.is_dir()}
+    order = list(targets) + [s for s in SHAPES if s not in targets]
+    return [t for t in order if t in have] + sorted(have - set(order))
+
+
 def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes: int) -> list[str]:
-    """The cached single-concept rows of another run, averaged over `targets` (rows missing
-    for a target are left out of that method's mean and flagged in the table)."""
+    """The cached single-concept rows of another run, averaged over its own targets
+    (`section_targets`; methods without a row for every one of them are left out)."""
     settings = run_settings(out_dir)
     per_class = settings.get("per_class", per_class)
+    own = section_targets(out_dir, targets)
+    if not own:
+        return ["", f"## Single concept ({out_dir.name}): no rows"]
+    over = "" if own == list(targets) else f", {len(own)} targets"
+    targets = own
     per_target = []
     for t in targets:
         rows = [with_counts(json.loads(p.read_text()), per_class, 1, n_classes)
@@ -767,10 +783,10 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
     generality = settings.get("generality", ["synonyms"])
     harder = generality != ["synonyms"]
     lines = ["", f"## Single concept, {settings.get('steps', '?')} steps for every trained method"
-             + (", harder generality set" if harder else "") + f" ({out_dir.name})", "",
+             + (", harder generality set" if harder else "") + over + f" ({out_dir.name})", "",
              table(single, None), "",
-             f"{per_class} images per class and set; methods without a row for every target "
-             f"left out." + (f" Acc_g: the erased class prompted by {generality_words(generality)}"
+             f"Mean over {', '.join(targets)}; {per_class} images per class and set; methods "
+             f"without a row for every target left out." + (f" Acc_g: the erased class prompted by {generality_words(generality)}"
                              f" (eval seed {settings.get('eval_seed', '?')})." if harder else "")]
     top = ceiling(single, complete)
     lines += ["- " + goal_line(single, n, "single-concept", 0.95, top) for n in single

@@ -258,3 +258,43 @@ def test_compare_methods_names_a_multi_concept_run_of_the_harder_set(tmp_path):
     assert "| method | synonyms | composites |" in hard and "| SPM | 15.0 | 45.0 |" in hard
     mace = "\n".join(multi_section(folder("mace", ["synonyms"]), 50, 10))
     assert "harder" not in mace and "per kind" not in mace
+
+
+def test_compare_methods_single_also_averages_over_that_runs_own_targets(tmp_path):
+    """--single-also on a run over more targets than the main table's (e.g. every class) gives
+    the mean over all of its targets, names them, and leaves out a method one of them lacks."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compare_methods import section_targets, single_section
+
+    out = tmp_path / "all"
+    (out).mkdir()
+    (out / "settings.json").write_text(json.dumps(
+        {"steps": 400, "per_class": 50, "generality": ["synonyms"], "eval_seed": 1234}))
+    leaks = {"circle": 0.0, "square": 0.0, "triangle": 0.0, "star": 0.4}
+    for target, leak in leaks.items():
+        folder = out / f"single-{target}"
+        folder.mkdir()
+        for method, e in (("base model", 1.0), ("SPM", leak), ("UnHype", 0.0)):
+            row = {"name": method, "acc_e": e, "acc_s": 0.98, "acc_g": e, "h_o": h_o(e, 0.98, e)}
+            (folder / f"{method}.json").write_text(json.dumps(row))
+        if target != "star":  # a method without a row for every target
+            (folder / "ESD.json").write_text(json.dumps(
+                {"name": "ESD", "acc_e": 0.0, "acc_s": 0.5, "acc_g": 0.0, "h_o": h_o(0, 0.5, 0)}))
+    main_targets = ["circle", "square", "triangle"]
+    assert section_targets(out, main_targets) == ["circle", "square", "triangle", "star"]
+    text = "\n".join(single_section(out, main_targets, 50, 10))
+    assert "## Single concept, 400 steps for every trained method, 4 targets (all)" in text
+    assert "Mean over circle, square, triangle, star;" in text
+    spm = next(line for line in text.splitlines() if line.startswith("| SPM |"))
+    assert f"| {100 * sum(h_o(e, 0.98, e) for e in leaks.values()) / 4:.1f} |" in spm
+    assert "| ESD |" not in text
+    # a folder over the main table's targets keeps its heading as before
+    for p in (out / "single-star").glob("*"):
+        p.unlink()
+    (out / "single-star").rmdir()
+    text = "\n".join(single_section(out, main_targets, 50, 10))
+    assert "every trained method (all)" in text and "| ESD |" in text
