@@ -383,3 +383,67 @@ def test_robustness_together_trains_one_file_for_every_target(random_toy, tmp_pa
     rows = json.loads((out / "robustness.json").read_text())["rows"]
     assert set(rows) == {"circle", "square"}
     assert "UnHype per_layer/direct (2 steps)" in rows["square"]
+
+
+def test_erased_quality_judges_the_files_compare_methods_trained(random_toy, tmp_path,
+                                                                  monkeypatch, capsys):
+    """benchmarks/erased_quality.py --trained-from: the erased images of the very files behind
+    a compare_methods run's rows (their H_o the same, nothing trained), a table of means over
+    the targets, and a rerun that reads the saved rows instead of drawing again."""
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import erased_quality
+
+    import benchmarks.compare_methods  # the module robustness.py imports it as
+    import unhype.baselines.registry as registry
+    import unhype.evaluation.harness as harness
+
+    compare = tmp_path / "compare"
+    _compare(random_toy, compare, "--variants", "per_layer/direct", "--targets", "circle,square")
+    calls = []
+    monkeypatch.setattr(registry, "build", lambda name, *a, **k: calls.append(name))
+    monkeypatch.setattr(benchmarks.compare_methods, "train_unhype",
+                        lambda backend, concepts, spec, *a, **k: calls.append(spec))
+    real_evaluate = harness.evaluate
+
+    def counting_evaluate(gen, methods, *a, **k):
+        calls.extend(m.name for m in methods)
+        return real_evaluate(gen, methods, *a, **k)
+
+    monkeypatch.setattr(harness, "evaluate", counting_evaluate)
+    out = tmp_path / "quality"
+    argv = ["--target", "circle,square", "--trained-from", str(compare), "--baselines",
+            "esd_x,esd_x@2", "--variants", "per_layer/direct", "--steps", "2", "--per-class", "1",
+            "--batch-size", "8", "--eval-seed", "1234", "--threads", "1",
+            "--toy-weights", str(random_toy), "--out", str(out)]
+    erased_quality.main(argv)
+    names = ["base model", "ESD-x (LoRA r4)", "ESD-x (LoRA r4), strength 2",
+             "UnHype per_layer/direct (2 steps)"]
+    assert calls == names * 2  # evaluated only: no baseline built, nothing trained
+    rows = json.loads((out / "erased_quality.json").read_text())["rows"]
+    assert list(rows) == ["circle", "square"] and list(rows["circle"]) == names
+    for target in ("circle", "square"):  # the same files and seed: compare_methods' H_o
+        for name, key in (("ESD-x (LoRA r4)", "esd_x"), ("base model", "base"),
+                          ("UnHype per_layer/direct (2 steps)", "unhype-per_layer-direct")):
+            kept = json.loads((compare / f"single-{target}" / f"{key}.json").read_text())
+            assert rows[target][name]["h_o"] == pytest.approx(kept["h_o"])
+        assert 0 <= rows[target]["base model"]["confidence"] <= 1
+    table = (out / "erased_quality.md").read_text()
+    mean = (rows["circle"]["ESD-x (LoRA r4)"]["confidence"]
+            + rows["square"]["ESD-x (LoRA r4)"]["confidence"]) / 2
+    assert "Erased images over circle, square (one model per target)" in table
+    assert f"| {mean:.3f} |" in next(line for line in table.splitlines()
+                                       if line.startswith("| ESD-x (LoRA r4) |"))
+    assert (out / "erased-circle.png").stat().st_size > 0
+
+    calls.clear()
+    erased_quality.main(argv)  # every row saved: nothing drawn again, the same table
+    assert calls == [] and (out / "erased_quality.md").read_text() == table
+
+    with pytest.raises(SystemExit):
+        erased_quality.main(["--variants", "per_layer/direct", "--out", str(out)])
+    assert "need --trained-from" in capsys.readouterr().err
