@@ -388,8 +388,8 @@ def test_robustness_together_trains_one_file_for_every_target(random_toy, tmp_pa
 def test_erased_quality_judges_the_files_compare_methods_trained(random_toy, tmp_path,
                                                                   monkeypatch, capsys):
     """benchmarks/erased_quality.py --trained-from: the erased images of the very files behind
-    a compare_methods run's rows (their H_o the same, nothing trained), a table of means over
-    the targets, and a rerun that reads the saved rows instead of drawing again."""
+    a compare_methods run's rows (their H_o the same, nothing trained or built), and a rerun
+    that reads the saved rows instead of drawing again."""
     import sys
     from pathlib import Path
 
@@ -403,7 +403,7 @@ def test_erased_quality_judges_the_files_compare_methods_trained(random_toy, tmp
     import unhype.evaluation.harness as harness
 
     compare = tmp_path / "compare"
-    _compare(random_toy, compare, "--variants", "per_layer/direct", "--targets", "circle,square")
+    _compare(random_toy, compare, "--variants", "per_layer/direct")
     calls = []
     monkeypatch.setattr(registry, "build", lambda name, *a, **k: calls.append(name))
     monkeypatch.setattr(benchmarks.compare_methods, "train_unhype",
@@ -416,28 +416,23 @@ def test_erased_quality_judges_the_files_compare_methods_trained(random_toy, tmp
 
     monkeypatch.setattr(harness, "evaluate", counting_evaluate)
     out = tmp_path / "quality"
-    argv = ["--target", "circle,square", "--trained-from", str(compare), "--baselines",
+    argv = ["--target", "circle", "--trained-from", str(compare), "--baselines",
             "esd_x,esd_x@2", "--variants", "per_layer/direct", "--steps", "2", "--per-class", "1",
             "--batch-size", "8", "--eval-seed", "1234", "--threads", "1",
             "--toy-weights", str(random_toy), "--out", str(out)]
     erased_quality.main(argv)
     names = ["base model", "ESD-x (LoRA r4)", "ESD-x (LoRA r4), strength 2",
              "UnHype per_layer/direct (2 steps)"]
-    assert calls == names * 2  # evaluated only: no baseline built, nothing trained
-    rows = json.loads((out / "erased_quality.json").read_text())["rows"]
-    assert list(rows) == ["circle", "square"] and list(rows["circle"]) == names
-    for target in ("circle", "square"):  # the same files and seed: compare_methods' H_o
-        for name, key in (("ESD-x (LoRA r4)", "esd_x"), ("base model", "base"),
-                          ("UnHype per_layer/direct (2 steps)", "unhype-per_layer-direct")):
-            kept = json.loads((compare / f"single-{target}" / f"{key}.json").read_text())
-            assert rows[target][name]["h_o"] == pytest.approx(kept["h_o"])
-        assert 0 <= rows[target]["base model"]["confidence"] <= 1
+    assert calls == names  # evaluated only: no baseline built, nothing trained
+    rows = json.loads((out / "erased_quality.json").read_text())["rows"]["circle"]
+    assert list(rows) == names
+    for name, key in (("ESD-x (LoRA r4)", "esd_x"), ("base model", "base"),
+                      ("UnHype per_layer/direct (2 steps)", "unhype-per_layer-direct")):
+        kept = json.loads((compare / "single-circle" / f"{key}.json").read_text())
+        assert rows[name]["h_o"] == pytest.approx(kept["h_o"])  # same files, same seed
+    assert all(0 <= r["confidence"] <= 1 and r["n"] == 2 for r in rows.values())
     table = (out / "erased_quality.md").read_text()
-    mean = (rows["circle"]["ESD-x (LoRA r4)"]["confidence"]
-            + rows["square"]["ESD-x (LoRA r4)"]["confidence"]) / 2
-    assert "Erased images over circle, square (one model per target)" in table
-    assert f"| {mean:.3f} |" in next(line for line in table.splitlines()
-                                       if line.startswith("| ESD-x (LoRA r4) |"))
+    assert "| UnHype per_layer/direct (2 steps) |" in table
     assert (out / "erased-circle.png").stat().st_size > 0
 
     calls.clear()
@@ -447,3 +442,24 @@ def test_erased_quality_judges_the_files_compare_methods_trained(random_toy, tmp
     with pytest.raises(SystemExit):
         erased_quality.main(["--variants", "per_layer/direct", "--out", str(out)])
     assert "need --trained-from" in capsys.readouterr().err
+
+
+def test_erased_quality_means_over_targets_leave_out_a_method_one_lacks():
+    import sys
+    from argparse import Namespace
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from erased_quality import mean_table
+
+    def row(conf, share, e=0.0):
+        return {"h_o": 0.99, "acc_e": e, "acc_g": 0.0, "confidence": conf, "confident": share}
+
+    rows = {"circle": {"base model": row(0.998, 1.0, 1.0), "SPM": row(0.9, 0.5)},
+            "square": {"base model": row(0.996, 1.0, 1.0), "SPM": row(0.7, 0.25),
+                       "ESD": row(0.5, 0.0)}}
+    table = mean_table(Namespace(eval_seed=1234, per_class=50, steps=400), rows)
+    assert "Erased images over circle, square (one model per target)" in table
+    assert "| SPM | 99.0 | 0 | 0 | 0.800 | 38% |" in table
+    assert "| base model | 99.0 | 100 | 0 | 0.997 | 100% |" in table
+    assert "ESD" not in table
