@@ -143,9 +143,10 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
     rows, grid = {}, []
     for title, make in method_list(args, target, gen, backend, ps):
         saved, shown = folder / f"{slug(title)}.json", folder / f"{slug(title)}.safetensors"
-        if saved.is_file() and shown.is_file() and not args.force:
-            row = json.loads(saved.read_text())
-            rows[row.pop("method")] = row
+        row = json.loads(saved.read_text()) if saved.is_file() and shown.is_file() else None
+        if row is not None and not args.force and row.get("settings", measured(args)) == \
+                measured(args):
+            rows[row.pop("method")] = {k: v for k, v in row.items() if k != "settings"}
             grid.append(load_file(str(shown))["erased"])
             continue
         t = time.time()
@@ -160,7 +161,8 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
                "n": len(conf), "seconds": round(time.time() - t, 1)}
         with atomic_path(shown) as tmp:
             save_file({"erased": r["images"]["erased"][:args.grid].contiguous()}, str(tmp))
-        atomic_write_text(saved, json.dumps({"method": method.name, **row}))
+        atomic_write_text(saved, json.dumps({"method": method.name, **row,
+                                             "settings": measured(args)}))
         rows[method.name] = row
         grid.append(r["images"]["erased"][:args.grid])
         print(f"  {target}: {method.name:40s} confidence {row['confidence']:.3f}", file=sys.stderr,
@@ -168,6 +170,13 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
     with atomic_path(args.out / f"erased-{target}.png") as tmp:
         save_image(torch.cat(grid), str(tmp), nrow=args.grid, padding=1, format="png")
     return rows
+
+
+def measured(args) -> dict:
+    """What a saved row was measured with: a rerun with other settings measures it again."""
+    return {"eval_seed": args.eval_seed, "per_class": args.per_class, "steps": args.steps,
+            "seed": args.seed, "batch_size": args.batch_size, "grid": args.grid,
+            "toy_weights": None if args.toy_weights is None else str(args.toy_weights)}
 
 
 def slug(name: str) -> str:

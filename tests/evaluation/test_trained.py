@@ -438,6 +438,8 @@ def test_erased_quality_judges_the_files_compare_methods_trained(random_toy, tmp
     calls.clear()
     erased_quality.main(argv)  # every row saved: nothing drawn again, the same table
     assert calls == [] and (out / "erased_quality.md").read_text() == table
+    erased_quality.main([*argv, "--eval-seed", "777"])  # rows of another seed: drawn again
+    assert calls == names and "eval seed 777" in (out / "erased_quality.md").read_text()
 
     with pytest.raises(SystemExit):
         erased_quality.main(["--variants", "per_layer/direct", "--out", str(out)])
