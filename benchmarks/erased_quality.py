@@ -152,8 +152,7 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
         t = time.time()
         method = make()
         res = evaluate(gen, [method], ps, [target], clf, args.per_class, args.eval_seed,
-                       args.batch_size,
-                       progress=False, keep_images=10 ** 9)
+                       args.batch_size, progress=False, keep_images=10 ** 9)
         r = res["methods"][method.name]
         conf = clf.confidence(torch.cat([r["images"]["erased"], r["images"]["synonyms"]]))
         row = {"h_o": r["h_o"], "acc_e": r["acc_e"], "acc_s": r["acc_s"], "acc_g": r["acc_g"],
@@ -168,7 +167,7 @@ def run_target(args, target, backend, gen, ps, clf) -> dict:
         print(f"  {target}: {method.name:40s} confidence {row['confidence']:.3f}", file=sys.stderr,
               flush=True)
     with atomic_path(args.out / f"erased-{target}.png") as tmp:
-        save_image(torch.cat(grid), str(tmp), nrow=args.grid, padding=1, format="png")
+        save_image(torch.cat(grid), str(tmp), nrow=len(grid[0]), padding=1, format="png")
     return rows
 
 
