@@ -61,24 +61,10 @@ def main(argv=None):
         if spec not in ("base", "spm") and "=" not in spec:
             ap.error(f"{spec!r}: NAME=FILE, spm or base")
 
-    import torch
+    from robustness import toy_world
 
-    from unhype.evaluation.harness import ToyGenerator
-    from unhype.evaluation.prompts import load_prompt_set
-    from unhype.evaluation.zero_shot import load_classifier
-    from unhype.toy.model import set_threads
-    from unhype.trainer.backends.toy import ToyBackend
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        set_threads()
     t0 = time.time()
-    backend = ToyBackend("cpu", args.toy_weights)
-    gen = ToyGenerator(backend.toy)
-    ps = load_prompt_set("toy")
-    clf = load_classifier("judge", ps.class_names, ps.class_prompts(),
-                          toy_weights=args.toy_weights)
+    backend, gen, ps, clf = toy_world(args.threads, args.toy_weights)
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     for t in targets:
         ps.index(t)  # an unknown class fails here, before any work, with the classes it knows

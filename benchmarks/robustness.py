@@ -74,25 +74,9 @@ def main(argv=None):
     if args.unhype_file and args.variants == ap.get_default("variants"):
         args.variants = ""
 
-    from unhype.trainer.backends.toy import ToyBackend
-    from unhype.evaluation.harness import ToyGenerator
-    from unhype.evaluation.prompts import load_prompt_set
-    from unhype.evaluation.zero_shot import load_classifier
-    from unhype.toy.model import set_threads
-
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        set_threads()
     t0 = time.time()
-    backend = ToyBackend("cpu", args.toy_weights)
-    gen = ToyGenerator(backend.toy)
-    ps = load_prompt_set("toy")
+    backend, gen, ps, clf = toy_world(args.threads, args.toy_weights, args.classifier)
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
-    clf = load_classifier(args.classifier, ps.class_names, ps.class_prompts(),
-                          toy_weights=args.toy_weights)
     rows, built = {}, {}  # built: methods by (concepts, kind), shared by targets --together
     for target in targets:
         rows[target] = run_target(args, target, backend, gen, ps, clf, built)
@@ -109,6 +93,27 @@ def main(argv=None):
          "settings": {k: str(v) for k, v in vars(args).items()},
          "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
     (args.out / "robustness.md").write_text(text + "\n")
+
+
+def toy_world(threads: int | None, toy_weights, classifier: str = "judge"):
+    """(backend, generator, prompt set, classifier) of the toy world, with `threads` torch
+    threads (None: 2, or 1 when the CPUs are already busy)."""
+    import torch
+
+    from unhype.evaluation.harness import ToyGenerator
+    from unhype.evaluation.prompts import load_prompt_set
+    from unhype.evaluation.zero_shot import load_classifier
+    from unhype.toy.model import set_threads
+    from unhype.trainer.backends.toy import ToyBackend
+
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        set_threads()
+    backend = ToyBackend("cpu", toy_weights)
+    ps = load_prompt_set("toy")
+    clf = load_classifier(classifier, ps.class_names, ps.class_prompts(), toy_weights=toy_weights)
+    return backend, ToyGenerator(backend.toy), ps, clf
 
 
 def h_o_of(summaries, together: bool) -> dict:
