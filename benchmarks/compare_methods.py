@@ -769,9 +769,8 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
     if not own:
         return ["", f"## Single concept ({out_dir.name}): no rows"]
     over = "" if own == list(targets) else f", {len(own)} targets"
-    targets = own
     per_target = []
-    for t in targets:
+    for t in own:
         rows = [with_counts(json.loads(p.read_text()), per_class, 1, n_classes)
                 for p in sorted((out_dir / f"single-{t}").glob("*.json"))]
         per_target.append({r["name"]: r for r in rows})
@@ -785,9 +784,10 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
     lines = ["", f"## Single concept, {settings.get('steps', '?')} steps for every trained method"
              + (", harder generality set" if harder else "") + over + f" ({out_dir.name})", "",
              table(single, None), "",
-             f"Mean over {', '.join(targets)}; {per_class} images per class and set; methods "
-             f"without a row for every target left out." + (f" Acc_g: the erased class prompted by {generality_words(generality)}"
-                             f" (eval seed {settings.get('eval_seed', '?')})." if harder else "")]
+             f"Mean over {', '.join(own)}; {per_class} images per class and set; methods "
+             f"without a row for every target left out."
+             + (f" Acc_g: the erased class prompted by {generality_words(generality)}"
+                f" (eval seed {settings.get('eval_seed', '?')})." if harder else "")]
     top = ceiling(single, complete)
     lines += ["- " + goal_line(single, n, "single-concept", 0.95, top) for n in single
               if n.startswith("UnHype")]
