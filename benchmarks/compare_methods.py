@@ -784,10 +784,11 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
     lines = ["", f"## Single concept, {settings.get('steps', '?')} steps for every trained method"
              + (", harder generality set" if harder else "") + over + f" ({out_dir.name})", "",
              table(single, None), "",
-             f"Mean over {', '.join(own)}; {per_class} images per class and set; methods "
+             f"Mean over {', '.join(own)}; {per_class} images per class and set; eval seed "
+             f"{settings.get('eval_seed', '?')}, training seed {settings.get('seed', 0)}; methods "
              f"without a row for every target left out."
-             + (f" Acc_g: the erased class prompted by {generality_words(generality)}"
-                f" (eval seed {settings.get('eval_seed', '?')})." if harder else "")]
+             + (f" Acc_g: the erased class prompted by {generality_words(generality)}."
+                if harder else "")]
     top = ceiling(single, complete)
     lines += ["- " + goal_line(single, n, "single-concept", 0.95, top) for n in single
               if n.startswith("UnHype")]

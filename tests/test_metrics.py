@@ -289,6 +289,11 @@ def test_compare_methods_single_also_averages_over_that_runs_own_targets(tmp_pat
     text = "\n".join(single_section(out, main_targets, 50, 10))
     assert "## Single concept, 400 steps for every trained method, 4 targets (all)" in text
     assert "Mean over circle, square, triangle, star;" in text
+    # which seeds: a section on the validation seed or another training seed says so
+    assert "eval seed 1234, training seed 0;" in text
+    (out / "settings.json").write_text(json.dumps(
+        {"steps": 400, "per_class": 50, "generality": ["synonyms"], "eval_seed": 777, "seed": 2}))
+    assert "eval seed 777, training seed 2;" in "\n".join(single_section(out, main_targets, 50, 10))
     spm = next(line for line in text.splitlines() if line.startswith("| SPM |"))
     assert f"| {100 * sum(h_o(e, 0.98, e) for e in leaks.values()) / 4:.1f} |" in spm
     assert "| ESD |" not in text
