@@ -728,7 +728,7 @@ def record_settings(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "settings.json", json.dumps(
         {"steps": args.steps, "per_class": args.per_class, "generality": args.generality,
-         "eval_seed": args.eval_seed}))
+         "eval_seed": args.eval_seed, "seed": args.seed}))
 
 
 def generality_words(kinds) -> str:
@@ -785,7 +785,7 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
              + (", harder generality set" if harder else "") + over + f" ({out_dir.name})", "",
              table(single, None), "",
              f"Mean over {', '.join(own)}; {per_class} images per class and set; eval seed "
-             f"{settings.get('eval_seed', '?')}, training seed {settings.get('seed', 0)}; methods "
+             f"{settings.get('eval_seed', '?')}, training seed {settings.get('seed', '?')}; methods "
              f"without a row for every target left out."
              + (f" Acc_g: the erased class prompted by {generality_words(generality)}."
                 if harder else "")]

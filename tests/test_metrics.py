@@ -273,7 +273,7 @@ def test_compare_methods_single_also_averages_over_that_runs_own_targets(tmp_pat
     out = tmp_path / "all"
     (out).mkdir()
     (out / "settings.json").write_text(json.dumps(
-        {"steps": 400, "per_class": 50, "generality": ["synonyms"], "eval_seed": 1234}))
+        {"steps": 400, "per_class": 50, "generality": ["synonyms"], "eval_seed": 1234, "seed": 0}))
     leaks = {"circle": 0.0, "square": 0.0, "triangle": 0.0, "star": 0.4}
     for target, leak in leaks.items():
         folder = out / f"single-{target}"
