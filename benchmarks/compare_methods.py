@@ -576,6 +576,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=("single", "multi"), default=None,
                     help="compute one setting's rows into the cache and stop (to split a run "
                     "over processes); a run without it then prints and writes everything")
+    ap.add_argument("--title", default="Results: UnHype and baselines on the toy world",
+                    help="the page's heading")
     ap.add_argument("--note", default="", help="a line for docs/results.md (e.g. which weights)")
     ap.add_argument("--cached-only", dest="cached_only", action="store_true",
                     help="assemble the table from cached rows only (missing ones: n/a)")
@@ -659,7 +661,7 @@ def main(argv=None):
 
 def docs_text(text, single, per_target, targets, multi, multi_rows, args, minutes, clf):
     lines = [
-        "# Results: UnHype and baselines on the toy world",
+        f"# {args.title}",
         "",
         "Written by `python benchmarks/compare_methods.py` (never by hand); rerun it to update.",
         "",
@@ -720,7 +722,7 @@ def row_minutes(per_target: list[dict], multi_rows: dict | None) -> float:
 def shown_settings(args) -> dict:
     """The run's options for the page's settings line (the note has a line of its own)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k != "note"}
+            if k not in ("note", "title")}
 
 
 def record_settings(args) -> None:

@@ -217,8 +217,12 @@ def test_compare_methods_keeps_its_trained_baselines(random_toy, tmp_path, monke
     _compare(random_toy, out, "--steps", "3")  # a training setting: trained again
     assert trainings == [(4, 3, 0)]
     assert "trained with other settings (settings.steps)" in capsys.readouterr().err
-    _compare(random_toy, out, "--steps", "3", "--force")
+    page = tmp_path / "page.md"
+    _compare(random_toy, out, "--steps", "3", "--force", "--docs", str(page),
+             "--title", "Every class as the target")
     assert len(trainings) == 2 and "loaded its trained weights" not in capsys.readouterr().err
+    text = page.read_text()  # a page of its own: its heading, not the main page's
+    assert text.startswith("# Every class as the target\n") and '"title"' not in text
 
 
 def test_compare_methods_keeps_its_unhype_files(random_toy, tmp_path, monkeypatch, capsys):
