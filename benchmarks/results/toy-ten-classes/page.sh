@@ -9,5 +9,6 @@ $PY benchmarks/compare_methods.py --targets circle,square,triangle,diamond,cross
   --multi '' --steps 400 --per-class 50 --variants "$ATTN,$ATTN@1.5,$ATTN@2" \
   --baselines negative_prompt,uce,esd_x,esd_u,spm,spm@2 --threads 1 --out $R/ten --cached-only \
   --single-also $R/val777 --single-also $R/seed0 --single-also $R/seed1 --single-also $R/seed2 \
-  --docs docs/results-ten.md --title "Every toy class as the target: toy_robust_attn against the baselines" \
+  --single-also $R/s3seed0 --single-also $R/s3seed1 --single-also $R/s3seed2 \
+  --docs docs/results-ten.md --title "Every toy class as the target, and three training seeds: UnHype against the baselines" \
   --note "$(cat $R/note.txt)"
