@@ -65,7 +65,7 @@ def unet_inputs(family, unet, batch=2):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("preset", ["xattn_kv", "attn_all"])
+@pytest.mark.parametrize("preset", ["xattn_kv", "attn_all", "attn_ff"])
 def test_diffusers_loads_every_key_and_matches_dynamic_lora(tmp_path, family, preset):
     pipe = tiny_pipeline(family)
     from unhype.families import get_family

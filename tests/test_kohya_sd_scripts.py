@@ -108,7 +108,8 @@ def merge_and_check_keys(lora_module, network_args, tensors):
     return merging
 
 
-@pytest.mark.parametrize("family,preset", [("sd1", None), ("sd1", "attn_all"), ("sd2", None),
+@pytest.mark.parametrize("family,preset", [("sd1", None), ("sd1", "attn_all"), ("sd1", "attn_ff"),
+                                           ("sd2", None),
                                            ("sdxl", None)])
 def test_sd_scripts_consumes_every_key_and_merges_the_update(tmp_path, family, preset):
     import networks.lora as kohya_lora

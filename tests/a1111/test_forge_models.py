@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(
     reason="FORGE_PATH (a Forge checkout) not set")
 
 PRESET_SIZES = {  # targets per preset (unhype.families)
-    "sd1": {"xattn_kv": 32, "xattn_all": 64, "attn_all": 128},
-    "sd2": {"xattn_kv": 32, "xattn_all": 64, "attn_all": 128},
-    "sdxl": {"xattn_kv": 140, "xattn_all": 280, "attn_all": 560},
+    "sd1": {"xattn_kv": 32, "xattn_all": 64, "attn_all": 128, "attn_ff": 160},
+    "sd2": {"xattn_kv": 32, "xattn_all": 64, "attn_all": 128, "attn_ff": 160},
+    "sdxl": {"xattn_kv": 140, "xattn_all": 280, "attn_all": 560, "attn_ff": 700},
     "flux": {"paper": 95, "attn_v_out_all": 114, "attn_all": 266},
 }
 

@@ -206,6 +206,7 @@ def test_nan_message_names_checkpoint(tiny_sd1, tmp_path, monkeypatch, capsys):
     {"mode": "direct"},
     {"variant": "shared", "latent_cache": 1},
     {"train_batch_size": 1, "network_dim": 2, "target_preset": "xattn_all"},
+    {"variant": "shared", "mode": "direct", "target_preset": "attn_ff"},
 ])
 def test_modes_variants_and_options_train(tiny_sd1, tmp_path, over):
     code, session = run_training(tiny_sd1, tmp_path, max_train_steps=2, **over)
