@@ -559,6 +559,10 @@ def main(argv=None):
     ap.add_argument("--multi-also", dest="multi_also", action="append", default=[],
                     help="also tabulate the cached multi-concept rows of another --out folder "
                          "(e.g. a run with more steps)")
+    ap.add_argument("--over-seeds", dest="over_seeds", action="append", default=[],
+                    help="DIR,DIR,...: --only single runs of one setting with different --seed "
+                    "(the same targets and evaluation): a section with each method's H_o per "
+                    "training seed, mean, range and seeds above every baseline")
     ap.add_argument("--include", action="append", default=[],
                     help="append a markdown table another benchmark wrote (robustness.py's "
                          "robustness.md, bench_speed.py's output)")
@@ -587,9 +591,11 @@ def main(argv=None):
     args.variants = list(ALL_VARIANTS) if args.variants == "all" else \
         [v.strip() for v in args.variants.split(",") if v.strip()]
     missing = [p for p in args.include + args.multi_also + args.single_also
+               + [d for group in args.over_seeds for d in group.split(",")]
                if not Path(p).exists()]
     if missing:  # before hours of work, not after
-        ap.error(f"--include / --single-also / --multi-also: not found: {', '.join(missing)}")
+        ap.error(f"--include / --single-also / --multi-also / --over-seeds: not found: "
+                 f"{', '.join(missing)}")
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     try:
         args.generality = list(parse_generality(args.generality))
@@ -703,6 +709,9 @@ def docs_text(text, single, per_target, targets, multi, multi_rows, args, minute
         lines += single_section(Path(extra), targets, args.per_class, args.n_classes)
     for extra in args.multi_also:
         lines += multi_section(Path(extra), args.per_class, args.n_classes)
+    for group in args.over_seeds:
+        lines += seeds_section([Path(p) for p in group.split(",")], targets, args.per_class,
+                               args.n_classes)
     for path in args.include:  # tables another benchmark printed (robustness, speed)
         where = f"{Path(path).parent.name}/{Path(path).name}"  # two robustness.md files differ
         lines += ["", f"## From `{where}`", "", Path(path).read_text().strip()]
@@ -762,6 +771,20 @@ def section_targets(out_dir: Path, targets: list[str]) -> list[str]:
     return [t for t in order if t in have] + sorted(have - set(order))
 
 
+def section_rows(out_dir: Path, own: list[str], per_class: int, n_classes: int) -> list[dict]:
+    """Another run's cached single-concept rows for the targets `own`, one {method: row} per
+    target, keeping only the methods with a row for every target ([] without a base row)."""
+    per_target = []
+    for t in own:
+        rows = [with_counts(json.loads(p.read_text()), per_class, 1, n_classes)
+                for p in sorted((out_dir / f"single-{t}").glob("*.json"))]
+        per_target.append({r["name"]: r for r in rows})
+    names = [n for n in per_target[0] if all(n in rows for rows in per_target)]
+    if "base model" not in names:
+        return []
+    return [{n: rows[n] for n in names} for rows in per_target]
+
+
 def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes: int) -> list[str]:
     """The cached single-concept rows of another run, averaged over its own targets
     (`section_targets`; methods without a row for every one of them are left out)."""
@@ -771,15 +794,9 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
     if not own:
         return ["", f"## Single concept ({out_dir.name}): no rows"]
     over = "" if own == list(targets) else f", {len(own)} targets"
-    per_target = []
-    for t in own:
-        rows = [with_counts(json.loads(p.read_text()), per_class, 1, n_classes)
-                for p in sorted((out_dir / f"single-{t}").glob("*.json"))]
-        per_target.append({r["name"]: r for r in rows})
-    names = [n for n in per_target[0] if all(n in rows for rows in per_target)]
-    if "base model" not in names:
+    complete = section_rows(out_dir, own, per_class, n_classes)
+    if not complete:
         return ["", f"## Single concept ({out_dir.name}): no complete rows"]
-    complete = [{n: rows[n] for n in names} for rows in per_target]
     single = mean_rows(complete)
     generality = settings.get("generality", ["synonyms"])
     harder = generality != ["synonyms"]
@@ -796,6 +813,52 @@ def single_section(out_dir: Path, targets: list[str], per_class: int, n_classes:
               if n.startswith("UnHype")]
     if harder:
         lines += kind_table(single, generality, ", mean over the targets")
+    return lines
+
+
+def seeds_section(out_dirs: list[Path], targets: list[str], per_class: int,
+                  n_classes: int) -> list[str]:
+    """One setting trained with several seeds (one `--only single` run per training seed, the
+    same targets): each method's single-concept H_o per seed, its mean and range over the seeds,
+    and in how many seeds it is above every baseline. Methods without a row for every target in
+    every run are left out."""
+    runs = []
+    for out_dir in out_dirs:
+        settings = run_settings(out_dir)
+        own = section_targets(out_dir, targets)
+        complete = own and section_rows(out_dir, own, settings.get("per_class", per_class),
+                                        n_classes)
+        if not complete:
+            return ["", f"## Over training seeds: {out_dir.name} has no complete rows"]
+        runs.append((settings, own, mean_rows(complete)))
+    if any(own != runs[0][1] for _, own, _ in runs):
+        raise SystemExit("--over-seeds: the runs' targets differ: "
+                         + "; ".join(f"{d.name}: {', '.join(own)}"
+                                     for d, (_, own, _) in zip(out_dirs, runs)))
+    keys = [(s.get("eval_seed"), s.get("generality", ["synonyms"]), s.get("per_class"))
+            for s, _, _ in runs]
+    if any(k != keys[0] for k in keys):
+        raise SystemExit("--over-seeds: the runs were evaluated differently (eval seed, "
+                         "generality set or images per class); only the training seed may differ")
+    seeds = [s.get("seed", "?") for s, _, _ in runs]
+    names = [n for n in runs[0][2] if all(n in means for _, _, means in runs)]
+    baselines = [n for n in names if not n.startswith("UnHype") and n != "base model"]
+    lines = ["", f"## Single concept over training seeds {', '.join(map(str, seeds))} "
+             f"({', '.join(d.name for d in out_dirs)})", "",
+             "| method | " + " | ".join(f"H_o, seed {s}" for s in seeds)
+             + " | mean | range | seeds above every baseline |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    for n in names:
+        h = [means[n]["h_o"] for _, _, means in runs]
+        wins = sum(all(means[n]["h_o"] > means[b]["h_o"] for b in baselines)
+                   for _, _, means in runs)
+        above = f"{wins} of {len(runs)}" if n.startswith("UnHype") and baselines else ""
+        lines.append(f"| {n} | " + " | ".join(fmt(v) for v in h)
+                     + f" | {fmt(sum(h) / len(h))} | {fmt(min(h))}-{fmt(max(h))} | {above} |")
+    lines += ["", f"Each cell: the mean over {', '.join(runs[0][1])}; {keys[0][2] or per_class} "
+              f"images per class and set, eval seed {keys[0][0]}, Acc_g: the erased class "
+              f"prompted by {generality_words(keys[0][1])}. 'Above every baseline': strictly "
+              "above each baseline's H_o of the same seed."]
     return lines
 
 

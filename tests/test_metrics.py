@@ -303,3 +303,47 @@ def test_compare_methods_single_also_averages_over_that_runs_own_targets(tmp_pat
     (out / "single-star").rmdir()
     text = "\n".join(single_section(out, main_targets, 50, 10))
     assert "every trained method (all)" in text and "| ESD |" in text
+
+
+def test_compare_methods_over_seeds_tabulates_each_training_seed(tmp_path):
+    """--over-seeds: per-seed means over the same targets, their mean and range, and in how many
+    seeds an UnHype row is strictly above every baseline; runs evaluated differently are
+    refused."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compare_methods import seeds_section
+
+    leaks = {0: (0.0, 0.02), 1: (0.04, 0.02), 2: (0.0, 0.0)}  # seed: (UnHype's, SPM's Acc_e)
+    dirs = []
+    for seed, (mine, theirs) in leaks.items():
+        out = tmp_path / f"seed{seed}"
+        dirs.append(out)
+        out.mkdir()
+        (out / "settings.json").write_text(json.dumps(
+            {"steps": 400, "per_class": 50, "generality": ["synonyms"], "eval_seed": 1234,
+             "seed": seed}))
+        for target in ("circle", "ring"):
+            folder = out / f"single-{target}"
+            folder.mkdir()
+            for method, e in (("base model", 1.0), ("SPM", theirs), ("UnHype x", mine)):
+                row = {"name": method, "acc_e": e, "acc_s": 0.98, "acc_g": e,
+                       "h_o": h_o(e, 0.98, e)}
+                (folder / f"{method}.json").write_text(json.dumps(row))
+    text = "\n".join(seeds_section(dirs, ["circle", "ring"], 50, 10))
+    assert "## Single concept over training seeds 0, 1, 2 (seed0, seed1, seed2)" in text
+    assert "| method | H_o, seed 0 | H_o, seed 1 | H_o, seed 2 | mean | range |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| UnHype x |"))
+    ours = [h_o(e, 0.98, e) for e, _ in leaks.values()]
+    assert f"| {100 * sum(ours) / 3:.1f} | {100 * min(ours):.1f}-{100 * max(ours):.1f} |" in row
+    # above SPM in seed 0 only: seed 1 below, seed 2 equal (not strictly above)
+    assert row.endswith("| 1 of 3 |")
+    assert next(line for line in text.splitlines() if line.startswith("| SPM |")).endswith("|  |")
+    (dirs[2] / "settings.json").write_text(json.dumps(
+        {"steps": 400, "per_class": 50, "generality": ["synonyms"], "eval_seed": 777, "seed": 2}))
+    with pytest.raises(SystemExit, match="evaluated differently"):
+        seeds_section(dirs, ["circle", "ring"], 50, 10)
