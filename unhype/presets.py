@@ -8,12 +8,10 @@ SD_PRESETS = {
     "xattn_all": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
     "attn_all": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-    # every linear layer of the transformer blocks: attn_all and the feed-forward (GEGLU
-    # projection in, linear out); the layers SPM's adapters and kohya's UNet LoRAs cover
-    "attn_ff": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-                "ff.net.0.proj", "ff.net.2"),
 }
+# every linear layer of the transformer blocks: attn_all and the feed-forward (GEGLU projection
+# in, linear out); the layers SPM's adapters and kohya's UNet LoRAs cover
+SD_PRESETS["attn_ff"] = SD_PRESETS["attn_all"] + ("ff.net.0.proj", "ff.net.2")
 SD_DEFAULT = "xattn_kv"
 
 FLUX_PRESETS = {
